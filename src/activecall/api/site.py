@@ -1,0 +1,95 @@
+"""The HTTP side of the daemon: one twisted.web Site for /health, /metrics and,
+later, the REST and WebSocket API."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterable
+
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+log = Logger(namespace="activecall.http")
+
+
+def path_skipped(path: str, skip_paths: Iterable[str]) -> bool:
+    """``http_access_skip_paths``: exact paths, or prefixes ending in ``*``."""
+    for pattern in skip_paths:
+        if pattern.endswith("*"):
+            if path.startswith(pattern[:-1]):
+                return True
+        elif path == pattern:
+            return True
+    return False
+
+
+class JSONResource(resource.Resource):
+    """GET returns ``provider()`` as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, provider: Callable[[], dict]):
+        super().__init__()
+        self.provider = provider
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.provider()).encode() + b"\n"
+
+
+class MetricsResource(resource.Resource):
+    """Prometheus text exposition of the daemon's registry."""
+
+    isLeaf = True
+
+    def __init__(self, metrics, before_render: Callable[[], None] = lambda: None):
+        super().__init__()
+        self.metrics = metrics
+        self.before_render = before_render
+
+    def render_GET(self, request):
+        self.before_render()
+        request.setHeader(b"content-type", self.metrics.content_type.encode())
+        return self.metrics.render()
+
+
+class ActiveCallSite(server.Site):
+    """A Site whose access log goes to twisted.logger, skipping configured paths."""
+
+    def __init__(self, root, skip_paths=(), **kw):
+        super().__init__(root, **kw)
+        self.skip_paths = tuple(skip_paths)
+
+    def log(self, request):
+        path = request.path.decode("utf-8", "replace")
+        if path_skipped(path, self.skip_paths):
+            return
+        started = getattr(request, "started", None)
+        ms = (time.monotonic() - started) * 1000 if started else 0.0
+        log.info(
+            '{client} "{method} {uri}" {code} {length} {ms:.1f}ms',
+            client=request.getClientAddress().host if request.getClientAddress() else "-",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("utf-8", "replace"),
+            code=request.code,
+            length=request.sentLength,
+            ms=ms,
+        )
+
+
+class _TimedRequest(server.Request):
+    def process(self):
+        self.started = time.monotonic()
+        return super().process()
+
+
+def build_site(health: Callable[[], dict], metrics, skip_paths=(), on_metrics=lambda: None):
+    """The daemon's root resource tree: /health and /metrics."""
+    root = resource.Resource()
+    root.putChild(b"health", JSONResource(health))
+    root.putChild(b"metrics", MetricsResource(metrics, on_metrics))
+    site = ActiveCallSite(root, skip_paths=skip_paths, requestFactory=_TimedRequest)
+    site.root = root
+    return site

@@ -1,0 +1,143 @@
+"""The daemon: one MultiService whose children are the long-lived parts.
+
+Start-up and graceful shutdown are one service tree.  Children start in the
+order they were added and stop one by one in reverse order (first stop
+accepting work, then end calls, unregister, flush CDRs), all within
+``graceful_shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from activecall import __version__
+from activecall.api.site import build_site
+from activecall.config import Config, parse_hostport, redacted
+from activecall.logs import make_observer
+from activecall.metrics import Metrics
+
+log = Logger(namespace="activecall")
+
+
+class ActiveCallService(service.MultiService):
+    """The whole daemon.  ``reactor`` is injected so tests can use their own."""
+
+    def __init__(self, config: Config, warnings=(), reactor=None, observer=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.warnings = list(warnings)
+        self.observer = observer
+        self.metrics = Metrics()
+        self.started_at: Optional[float] = None
+        #: session id -> call session (filled by the call layer)
+        self.calls: dict = {}
+        #: account -> registration state (filled by the SIP registration client)
+        self.registrations: dict = {}
+        self.http_site = build_site(
+            self.health,
+            self.metrics,
+            skip_paths=config.http_access_skip_paths,
+            on_metrics=self._refresh_gauges,
+        )
+        host, port = parse_hostport(config.http_addr)
+        self.http_service = internet.TCPServer(port, self.http_site, interface=host)
+        self.http_service.setName("http")
+        self.http_service.setServiceParent(self)
+
+    # -- twistd integration ---------------------------------------------------
+
+    def setServiceParent(self, parent):
+        """Give twistd's application our log observer (level filter + log_file)."""
+        if self.observer is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.observer)
+        return super().setServiceParent(parent)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def startService(self):
+        self.started_at = time.monotonic()
+        for w in self.warnings:
+            log.warn("configuration: {warning}", warning=w)
+        log.info(
+            "activecall {version} starting (config {source}, pid {pid})",
+            version=__version__, source=self.config.source, pid=os.getpid(),
+        )
+        log.debug("configuration: {cfg}", cfg=redacted(self.config))
+        super().startService()
+        log.info("HTTP listening on {addr}", addr=self.http_address())
+        if self.config.call:
+            log.warn(
+                "--call {uri}: outbound SIP calls are not available in this build yet",
+                uri=self.config.call,
+            )
+
+    def stopService(self):
+        """Stop children one by one in reverse order, within the grace period."""
+        log.info("activecall stopping")
+        self.running = 0
+        timeout = self.config.graceful_shutdown_timeout if self.config.graceful_shutdown else 0.5
+
+        @defer.inlineCallbacks
+        def stop_in_order():
+            for child in reversed(list(self)):
+                try:
+                    yield defer.maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {name} failed", name=child.name)
+
+        d = stop_in_order()
+        d.addTimeout(timeout, self.reactor)
+
+        def timed_out(failure):
+            failure.trap(defer.TimeoutError, defer.CancelledError)
+            log.warn("graceful shutdown took longer than {t}s; stopping anyway", t=timeout)
+
+        d.addErrback(timed_out)
+        d.addCallback(lambda _: log.info("activecall stopped"))
+        return d
+
+    # -- status ----------------------------------------------------------------------
+
+    def uptime(self) -> float:
+        return 0.0 if self.started_at is None else time.monotonic() - self.started_at
+
+    def http_address(self) -> str:
+        port = getattr(self.http_service, "_port", None)
+        if port is None:
+            return self.config.http_addr
+        addr = port.getHost()
+        return f"{addr.host}:{addr.port}"
+
+    def health(self) -> dict:
+        """The /health document."""
+        return {
+            "status": "ok" if self.running else "stopping",
+            "version": __version__,
+            "uptime": round(self.uptime(), 3),
+            "active_calls": len(self.calls),
+            "sip_registrations": [
+                {"account": account, **state} for account, state in sorted(self.registrations.items())
+            ],
+        }
+
+    def _refresh_gauges(self):
+        self.metrics.uptime_seconds.set(self.uptime())
+
+
+def build_service(config: Config, warnings=()) -> ActiveCallService:
+    """The daemon for ``config``, with its log observer (raises OSError on log_file)."""
+    observer = make_observer(config.log_level, config.log_file)
+    return ActiveCallService(config, warnings, observer=observer)

@@ -1,0 +1,46 @@
+"""``twistd activecall``: command-line options and the service factory."""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from activecall.config import ConfigError, load_config
+
+
+class Options(usage.Options):
+    """The flags of the configuration guide; they override the file."""
+
+    synopsis = "[--conf FILE] [--http ADDR:PORT] [--sip PORT|IP:PORT|IP] [--handler URL|FILE.md] ..."
+    longdesc = (
+        "Runs the activecall voice-agent daemon. Flags override the TOML file given with --conf; "
+        "without --conf the built-in defaults are used."
+    )
+    optParameters = [
+        ["conf", "c", None, "TOML configuration file."],
+        ["http", None, None, "HTTP/WebSocket listen address ADDR:PORT (http_addr)."],
+        ["sip", None, None, "SIP listen port, IP:PORT or IP (udp_port / addr)."],
+        ["handler", None, None, "Inbound call handler: an http(s) webhook URL or a playbook .md file."],
+        ["call", None, None, "Place an outbound SIP call to this URI once started."],
+        ["external-ip", None, None, "Public IP advertised in SIP and SDP (external_ip)."],
+        ["codecs", None, None, "Codec preference, comma separated: pcmu,pcma,g722,opus,telephone_event."],
+    ]
+
+    def overrides(self) -> dict:
+        return {k: self[k] for k in ("http", "sip", "handler", "call", "external-ip", "codecs") if self[k]}
+
+
+def makeService(options):
+    """Load and check the configuration; a bad one stops start-up naming the key."""
+    from activecall.service import build_service
+
+    try:
+        config, warnings = load_config(options["conf"], options.overrides())
+    except ConfigError as e:
+        raise SystemExit(f"activecall: configuration error: {e}")
+    try:
+        return build_service(config, warnings)
+    except OSError as e:
+        raise SystemExit(
+            f"activecall: configuration error: {config.source}: key 'log_file': "
+            f"cannot open {config.log_file!r}: {e.strerror}"
+        )
