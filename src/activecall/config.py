@@ -82,7 +82,9 @@ def check_port_or_zero(value: int) -> int:
     return check_port(value)
 
 
-def parse_hostport(value: str, default_port: Optional[int] = None) -> tuple[str, int]:
+def parse_hostport(
+    value: str, default_port: Optional[int] = None, allow_zero: bool = False
+) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port`` / ``host`` into (host, port)."""
     value = value.strip()
     if not value:
@@ -104,12 +106,12 @@ def parse_hostport(value: str, default_port: Optional[int] = None) -> tuple[str,
         return host, default_port
     if not port.isdigit():
         raise ValueError(f"{value!r}: port {port!r} is not a number")
-    return host, check_port(int(port))
+    return host, (check_port_or_zero if allow_zero else check_port)(int(port))
 
 
 def check_listen_addr(value: str) -> str:
-    """``IP:PORT`` for a listening socket (``0.0.0.0:8080``, ``[::]:8080``)."""
-    host, port = parse_hostport(value)
+    """``IP:PORT`` for a listening socket (``0.0.0.0:8080``, ``[::]:8080``; port 0 = any free port)."""
+    host, port = parse_hostport(value, allow_zero=True)
     check_ip(host)
     return value
 
@@ -370,7 +372,7 @@ class Config:
 
     @property
     def http_host_port(self) -> tuple[str, int]:
-        return parse_hostport(self.http_addr)
+        return parse_hostport(self.http_addr, allow_zero=True)
 
     @property
     def sip_tcp_port(self) -> int:

@@ -14,12 +14,13 @@ from typing import Optional
 
 from twisted.application import internet, service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from activecall import __version__
 from activecall.api.site import build_site
-from activecall.config import Config, parse_hostport, redacted
+from activecall.config import Config, redacted
 from activecall.logs import make_observer
 from activecall.metrics import Metrics
 
@@ -51,9 +52,10 @@ class ActiveCallService(service.MultiService):
             skip_paths=config.http_access_skip_paths,
             on_metrics=self._refresh_gauges,
         )
-        host, port = parse_hostport(config.http_addr)
+        host, port = config.http_host_port
         self.http_service = internet.TCPServer(port, self.http_site, interface=host)
         self.http_service.setName("http")
+        self.http_service.config_key = "http_addr"
         self.http_service.setServiceParent(self)
 
     # -- twistd integration ---------------------------------------------------
@@ -76,13 +78,28 @@ class ActiveCallService(service.MultiService):
             version=__version__, source=self.config.source, pid=os.getpid(),
         )
         log.debug("configuration: {cfg}", cfg=redacted(self.config))
-        super().startService()
+        service.Service.startService(self)
+        self._start_children("startService")
         log.info("HTTP listening on {addr}", addr=self.http_address())
         if self.config.call:
             log.warn(
                 "--call {uri}: outbound SIP calls are not available in this build yet",
                 uri=self.config.call,
             )
+
+    def privilegedStartService(self):
+        service.Service.privilegedStartService(self)
+        self._start_children("privilegedStartService")
+
+    def _start_children(self, method: str):
+        """Start each child; a port we cannot bind stops start-up naming its key."""
+        for child in self:
+            try:
+                getattr(child, method)()
+            except CannotListenError as e:
+                key = getattr(child, "config_key", child.name)
+                where = f"{e.interface or '0.0.0.0'}:{e.port}"
+                raise SystemExit(f"activecall: cannot listen on {key} {where}: {e.socketError}")
 
     def stopService(self):
         """Stop children one by one in reverse order, within the grace period."""
@@ -95,6 +112,8 @@ class ActiveCallService(service.MultiService):
             for child in reversed(list(self)):
                 try:
                     yield defer.maybeDeferred(child.stopService)
+                except defer.CancelledError:
+                    raise  # the grace period ran out
                 except Exception:
                     log.failure("stopping {name} failed", name=child.name)
 
@@ -106,8 +125,15 @@ class ActiveCallService(service.MultiService):
             log.warn("graceful shutdown took longer than {t}s; stopping anyway", t=timeout)
 
         d.addErrback(timed_out)
-        d.addCallback(lambda _: log.info("activecall stopped"))
+        d.addCallback(self._stopped)
         return d
+
+    def _stopped(self, _):
+        log.info("activecall stopped")
+        # twistd re-raises the signal that stopped it so the exit status says
+        # "killed by SIGTERM"; a completed graceful shutdown is a clean exit 0.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
     # -- status ----------------------------------------------------------------------
 

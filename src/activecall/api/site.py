@@ -70,7 +70,7 @@ class ActiveCallSite(server.Site):
         ms = (time.monotonic() - started) * 1000 if started else 0.0
         log.info(
             '{client} "{method} {uri}" {code} {length} {ms:.1f}ms',
-            client=request.getClientAddress().host if request.getClientAddress() else "-",
+            client=getattr(request.getClientAddress(), "host", "-"),
             method=request.method.decode("ascii", "replace"),
             uri=request.uri.decode("utf-8", "replace"),
             code=request.code,

@@ -1,0 +1,116 @@
+"""Test helpers: run the real daemon (or another program) as a subprocess and
+wait on its output with Deferreds, free ports, temporary configs."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+
+from twisted.internet import defer, error, protocol, reactor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+
+
+def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1") -> int:
+    """A port that is free right now on ``host`` for both TCP and UDP."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        try:
+            with socket.socket(socket.AF_INET, other) as s:
+                s.bind((host, port))
+            return port
+        except OSError:
+            continue
+
+
+class OutputWatcher(protocol.ProcessProtocol):
+    """Collects a child's output; ``wait_for(regex)`` fires with the match."""
+
+    def __init__(self, echo=False):
+        self.output = ""
+        self.ended = defer.Deferred()
+        self.exit_code = None
+        self._waiters: list[tuple[re.Pattern, defer.Deferred]] = []
+        self.echo = echo
+
+    def outReceived(self, data: bytes):
+        text = data.decode("utf-8", "replace")
+        if self.echo:
+            sys.stderr.write(text)
+        self.output += text
+        for pattern, d in list(self._waiters):
+            m = pattern.search(self.output)
+            if m:
+                self._waiters.remove((pattern, d))
+                d.callback(m)
+
+    errReceived = outReceived
+
+    def wait_for(self, regex: str, timeout: float = 20.0) -> defer.Deferred:
+        pattern = re.compile(regex)
+        m = pattern.search(self.output)
+        if m:
+            return defer.succeed(m)
+        d = defer.Deferred()
+        self._waiters.append((pattern, d))
+
+        def on_timeout(result, _timeout):
+            raise AssertionError(f"timed out waiting for {regex!r}; output so far:\n{self.output}")
+
+        d.addTimeout(timeout, reactor, onTimeoutCancel=on_timeout)
+        return d
+
+    def processEnded(self, reason):
+        self.exit_code = reason.value.exitCode
+        for pattern, d in self._waiters:
+            if not d.called:
+                d.errback(AssertionError(
+                    f"process ended (exit {self.exit_code}) before {pattern.pattern!r}:\n{self.output}"))
+        self._waiters = []
+        self.ended.callback(self.exit_code)
+
+    def signal(self, name="TERM"):
+        if self.exit_code is None:
+            try:
+                self.transport.signalProcess(name)
+            except error.ProcessExitedAlready:
+                pass
+
+    def kill(self):
+        """Cleanup: SIGKILL if still running; fires when the process is gone."""
+        self.signal("KILL")
+        return self.ended if not self.ended.called else None
+
+
+def spawn(argv, env=None, path=None, echo=False) -> OutputWatcher:
+    watcher = OutputWatcher(echo=echo)
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    reactor.spawnProcess(watcher, argv[0], argv, env=full_env, path=path or ROOT)
+    return watcher
+
+
+def spawn_daemon(testcase, conf_path=None, *flags, reactor_name="asyncio") -> OutputWatcher:
+    """Start ``twistd -n activecall`` and make sure the test cleans it up."""
+    argv = [TWISTD, "--nodaemon", "--pidfile=", f"--reactor={reactor_name}", "activecall"]
+    if conf_path:
+        argv += ["--conf", conf_path]
+    argv += list(flags)
+    watcher = spawn(argv)
+
+    testcase.addCleanup(watcher.kill)
+    return watcher
+
+
+def write_config(testcase, text: str) -> str:
+    path = os.path.abspath(testcase.mktemp() + ".toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path

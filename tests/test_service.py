@@ -1,0 +1,168 @@
+"""The service tree in-process: ordered graceful shutdown, the grace period,
+the log observer handed to twistd, /health and /metrics resources."""
+
+import json
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
+
+from activecall.api.site import path_skipped
+from activecall.config import load_config
+from activecall.logs import make_observer
+from activecall.service import ActiveCallService
+
+
+class Recorder(service.Service):
+    def __init__(self, name, journal, deferred=None):
+        self.setName(name)
+        self.journal = journal
+        self.deferred = deferred
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self.journal.append(("stop", self.name))
+        return self.deferred
+
+
+def make(clock=None, **overrides):
+    cfg, _ = load_config(None, None)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, http_addr="127.0.0.1:0", **overrides)
+    return ActiveCallService(cfg, reactor=clock or task.Clock())
+
+
+class ShutdownTests(unittest.TestCase):
+    def test_children_stop_one_by_one_in_reverse_order(self):
+        clock = task.Clock()
+        svc = make(clock)
+        svc.removeService(svc.http_service)
+        journal = []
+        slow = defer.Deferred()
+        Recorder("first", journal).setServiceParent(svc)
+        Recorder("second", journal, slow).setServiceParent(svc)
+        Recorder("third", journal).setServiceParent(svc)
+        svc.startService()
+        done = svc.stopService()
+        # "first" waits until "second" has finished stopping
+        self.assertEqual(journal, [("stop", "third"), ("stop", "second")])
+        slow.callback(None)
+        self.assertEqual(journal[-1], ("stop", "first"))
+        self.successResultOf(done)
+
+    def test_grace_period_bounds_shutdown(self):
+        clock = task.Clock()
+        svc = make(clock, graceful_shutdown_timeout=3.0)
+        svc.removeService(svc.http_service)
+        Recorder("stuck", [], defer.Deferred()).setServiceParent(svc)
+        svc.startService()
+        done = svc.stopService()
+        self.assertNoResult(done)
+        clock.advance(2.9)
+        self.assertNoResult(done)
+        clock.advance(0.2)
+        self.successResultOf(done)
+
+    def test_no_graceful_shutdown_stops_quickly(self):
+        clock = task.Clock()
+        svc = make(clock, graceful_shutdown=False)
+        svc.removeService(svc.http_service)
+        Recorder("stuck", [], defer.Deferred()).setServiceParent(svc)
+        svc.startService()
+        done = svc.stopService()
+        clock.advance(0.6)
+        self.successResultOf(done)
+
+    def test_clean_signal_exit(self):
+        clock = task.Clock()
+        clock._exitSignal = 15
+        svc = make(clock)
+        svc.removeService(svc.http_service)
+        svc.startService()
+        self.successResultOf(svc.stopService())
+        self.assertIsNone(clock._exitSignal)
+
+
+class ObserverTests(unittest.TestCase):
+    def test_observer_is_given_to_the_application(self):
+        cfg, _ = load_config(None)
+        observer = make_observer("info")
+        svc = ActiveCallService(cfg, reactor=task.Clock(), observer=observer)
+        app = service.Application("activecall")
+        svc.setServiceParent(app)
+        self.assertIs(app.getComponent(ILogObserver), observer)
+
+    def test_level_filter_and_log_file(self):
+        import io
+
+        path = self.mktemp()
+        stream = io.StringIO()
+        observer = make_observer("warn", path, stream=stream)
+        for level, text in [(LogLevel.debug, "dbg"), (LogLevel.info, "inf"),
+                            (LogLevel.warn, "wrn"), (LogLevel.error, "err")]:
+            observer({"log_level": level, "log_format": text, "log_time": 0, "log_namespace": "t"})
+        out = stream.getvalue()
+        self.assertNotIn("dbg", out)
+        self.assertNotIn("inf", out)
+        self.assertIn("wrn", out)
+        self.assertIn("err", out)
+        with open(path) as f:
+            self.assertEqual(f.read(), out)
+
+
+class HTTPResourceTests(unittest.TestCase):
+    def render(self, site, path):
+        request = DummyRequest([path.encode()])
+        resource = site.getResourceFor(request)
+        body = resource.render(request)
+        return request, body
+
+    def test_health(self):
+        svc = make()
+        svc.registrations["1001@pbx"] = {"state": "registered", "expires": 3600}
+        svc.calls["c1"] = object()
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        request, body = self.render(svc.http_site, "health")
+        doc = json.loads(body)
+        self.assertEqual(doc["status"], "ok")
+        self.assertEqual(doc["active_calls"], 1)
+        self.assertEqual(doc["sip_registrations"],
+                         [{"account": "1001@pbx", "state": "registered", "expires": 3600}])
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"application/json"])
+
+    def test_metrics(self):
+        svc = make()
+        svc.metrics.calls_total.labels(call_type="sip", reason="caller").inc()
+        request, body = self.render(svc.http_site, "metrics")
+        text = body.decode()
+        self.assertIn('activecall_calls_total{call_type="sip",reason="caller"} 1.0', text)
+        self.assertIn("activecall_uptime_seconds", text)
+
+    def test_access_log_skip_patterns(self):
+        skip = ["/health", "/metrics*"]
+        self.assertTrue(path_skipped("/health", skip))
+        self.assertFalse(path_skipped("/health/x", skip))
+        self.assertTrue(path_skipped("/metrics", skip))
+        self.assertTrue(path_skipped("/metrics/extra", skip))
+        self.assertFalse(path_skipped("/call", skip))
+        self.assertFalse(path_skipped("/anything", []))
+
+    def test_access_log_goes_to_twisted_logger(self):
+        svc = make(http_access_skip_paths=("/metrics*",))
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for path in (b"/health", b"/metrics"):
+            request = DummyRequest([path.strip(b"/")])
+            request.path = path
+            request.uri = path
+            request.method = b"GET"
+            request.code = 200
+            request.sentLength = 10
+            svc.http_site.log(request)
+        lines = [e.get("uri") for e in events if e.get("log_namespace") == "activecall.http"]
+        self.assertEqual(lines, ["/health"])
