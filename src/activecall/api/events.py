@@ -1,0 +1,532 @@
+"""Server → client events of the WebSocket protocol (ws-api.md §3), one frozen
+dataclass each, plus the small wire machinery that commands.py shares.
+
+Field names are the wire names (camelCase) so a reader can grep the protocol
+document and the code for the same word.  Unset optional fields are ``None``
+and are left *out* of the JSON, never sent as ``null``: existing clients of
+the original test ``"field" in msg``.  Every ``timestamp`` is integer
+milliseconds since the Unix epoch (``now_ms``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Optional, Union
+
+# -- the wire machinery --------------------------------------------------------
+
+
+class WireError(ValueError):
+    """A JSON value that does not fit the expected shape; ``path`` names the field."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
+def wire(name: str, **kw):
+    """A field whose wire name is not a valid Python name (``from``)."""
+    return field(metadata={"wire": name}, **kw)
+
+
+def _wire_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("wire", f.name)
+
+
+#: the field that keeps unknown keys of an option object, so they round-trip
+OTHER_KEYS = "other_keys"
+
+
+def to_wire(value: Any) -> Any:
+    """A plain JSON value for ``value``; ``None`` fields of dataclasses are left out."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        tag = getattr(type(value), "TAG_KEY", None)
+        if tag:
+            out[tag] = type(value).TAG
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if f.name == OTHER_KEYS:
+                for k, extra in (v or {}).items():
+                    out.setdefault(k, extra)
+                continue
+            if v is None:
+                continue
+            out[_wire_name(f)] = to_wire(v)
+        return out
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return rfc3339(value)
+    if isinstance(value, dict):
+        return {str(k): to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_wire(v) for v in value]
+    return value
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = tuple(a for a in typing.get_args(tp) if a is not type(None))
+        if len(args) == 1:
+            return args[0]
+        return Union[args]
+    return tp
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+
+
+def from_wire(tp, value: Any, path: str) -> Any:
+    """Check and convert the JSON ``value`` into type ``tp`` (strict: no silent coercion)."""
+    tp = _strip_optional(tp)
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return from_wire(arg, value, path)
+            except WireError:
+                continue
+        names = " or ".join(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(tp))
+        raise WireError(path, f"expected {names}, got {_kind(value)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            args = typing.get_args(tp)
+            vt = args[1] if args else Any
+            return {k: from_wire(vt, v, f"{path}.{k}") for k, v in value.items()}
+        raise WireError(path, f"expected an object, got {_kind(value)}")
+    elif origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, list):
+            args = typing.get_args(tp)
+            et = args[0] if args else Any
+            return tuple(from_wire(et, v, f"{path}[{i}]") for i, v in enumerate(value))
+        raise WireError(path, f"expected an array, got {_kind(value)}")
+    elif dataclasses.is_dataclass(tp):
+        return build_from_wire(tp, value, path)
+    else:  # pragma: no cover - a programming error in a dataclass annotation
+        raise TypeError(f"unsupported wire type {tp!r}")
+    raise WireError(path, f"expected {_TYPE_NAMES[tp]}, got {_kind(value)}")
+
+
+def build_from_wire(cls, value: Any, path: str = ""):
+    """Build dataclass ``cls`` from a JSON object.
+
+    Missing required fields and wrong types raise ``WireError``.  Unknown keys
+    go to ``other_keys`` when the class has it (option objects round-trip into
+    the CDR) and are ignored otherwise (as the original does).  ``null`` is the
+    same as leaving a field out.
+    """
+    if not isinstance(value, dict):
+        raise WireError(path, f"expected an object, got {_kind(value)}")
+    hints = typing.get_type_hints(cls)
+    by_wire = {_wire_name(f): f for f in dataclasses.fields(cls) if f.name != OTHER_KEYS and f.init}
+    aliases = getattr(cls, "ALIASES", {})
+    kwargs: dict[str, Any] = {}
+    others: dict[str, Any] = {}
+    tag = getattr(cls, "TAG_KEY", None)
+    for key, v in value.items():
+        if key == tag:
+            continue
+        key_name = aliases.get(key, key)
+        f = by_wire.get(key_name)
+        if f is None:
+            others[key] = v
+            continue
+        if v is None or f.name in kwargs:
+            continue
+        sub = f"{path}.{key}" if path else key
+        converted = from_wire(hints[f.name], v, sub)
+        check = f.metadata.get("check")
+        if check is not None:
+            try:
+                converted = check(converted)
+            except ValueError as e:
+                raise WireError(sub, str(e)) from None
+        kwargs[f.name] = converted
+    for f in by_wire.values():
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            name = _wire_name(f)
+            raise WireError(f"{path}.{name}" if path else name, "is required")
+    if others and any(f.name == OTHER_KEYS for f in dataclasses.fields(cls)):
+        kwargs[OTHER_KEYS] = others
+    return cls(**kwargs)
+
+
+class WireObject:
+    """Mixin: ``to_dict()`` / ``to_json()`` with unset fields left out."""
+
+    def to_dict(self) -> dict:
+        return to_wire(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, value: dict, path: str = ""):
+        return build_from_wire(cls, value, path)
+
+
+# -- time ----------------------------------------------------------------------------
+
+
+def now_ms(clock=None) -> int:
+    """Integer milliseconds since the epoch from an ``IReactorTime`` (or the wall clock)."""
+    if clock is None:
+        from twisted.internet import reactor as clock
+    return int(round(clock.seconds() * 1000))
+
+
+def rfc3339(moment: Union[datetime, float]) -> str:
+    """RFC 3339 UTC text (``2025-01-01T12:00:00.123456+00:00``) for a datetime or epoch seconds."""
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, tz=timezone.utc)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat()
+
+
+# -- hangup reasons ---------------------------------------------------------------------
+
+
+class HangupReason(str, enum.Enum):
+    """Clean reason strings for the ``hangup`` event and the CDR.
+
+    The original sent Rust debug text (``"Some(ByCaller)"``); these are the
+    words its ``hangup`` command already accepts.
+    """
+
+    CALLER = "caller"
+    CALLEE = "callee"
+    REFER = "refer"
+    SYSTEM = "system"
+    AUTOHANGUP = "autohangup"
+    INACTIVITY = "inactivityTimeout"
+    NO_ANSWER = "noAnswer"
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    SERVER_UNAVAILABLE = "serverUnavailable"
+
+
+_REASON_WORDS = {r.value.lower(): r for r in HangupReason}
+_REASON_WORDS.update({
+    "bycaller": HangupReason.CALLER, "bycallee": HangupReason.CALLEE,
+    "byrefer": HangupReason.REFER, "bysystem": HangupReason.SYSTEM,
+    "inactivity": HangupReason.INACTIVITY, "cancelled": HangupReason.CANCELED,
+})
+
+
+def hangup_reason(text: Optional[str], initiator: Optional[str] = None) -> str:
+    """The clean reason for a ``hangup`` command's ``reason``/``initiator``.
+
+    Known words (any case, also the original's ``byCaller`` spelling) become the
+    canonical string; ``initiator`` caller/callee/system wins as in the original;
+    any other text is kept as the user wrote it; nothing at all means ``system``.
+    """
+    if initiator and initiator.strip().lower() in ("caller", "callee", "system"):
+        return _REASON_WORDS[initiator.strip().lower()].value
+    if not text or not text.strip():
+        return HangupReason.SYSTEM.value
+    known = _REASON_WORDS.get(re.sub(r"[\s_-]", "", text).lower())
+    return known.value if known else text.strip()
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event(WireObject):
+    """Base of every event; ``TAG`` is the ``event`` value."""
+
+    TAG_KEY: ClassVar[str] = "event"
+    TAG: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attendee(WireObject):
+    """``from``/``to`` of a hangup event."""
+
+    username: str = ""
+    realm: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Answer(Event):
+    TAG: ClassVar[str] = "answer"
+    trackId: str
+    timestamp: int
+    sdp: str = ""
+    refer: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reject(Event):
+    TAG: ClassVar[str] = "reject"
+    trackId: str
+    timestamp: int
+    reason: str
+    code: Optional[int] = None
+    refer: Optional[bool] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ringing(Event):
+    TAG: ClassVar[str] = "ringing"
+    trackId: str
+    timestamp: int
+    earlyMedia: bool = False
+    refer: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hangup(Event):
+    """The call ended; sent for every call type (the original: SIP only), ``reason`` clean."""
+
+    TAG: ClassVar[str] = "hangup"
+    trackId: Optional[str] = None
+    timestamp: int
+    reason: Optional[str] = None
+    initiator: Optional[str] = None
+    startTime: str
+    hangupTime: str
+    answerTime: Optional[str] = None
+    ringingTime: Optional[str] = None
+    from_: Optional[Attendee] = wire("from", default=None)
+    to: Optional[Attendee] = None
+    extra: Optional[dict[str, Any]] = None
+    refer: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackStart(Event):
+    TAG: ClassVar[str] = "trackStart"
+    trackId: str
+    timestamp: int
+    playId: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackEnd(Event):
+    TAG: ClassVar[str] = "trackEnd"
+    trackId: str
+    timestamp: int
+    duration: int = 0
+    ssrc: int = 0
+    playId: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interruption(Event):
+    TAG: ClassVar[str] = "interruption"
+    trackId: str
+    timestamp: int
+    playId: Optional[str] = None
+    subtitle: Optional[str] = None
+    position: Optional[int] = None
+    totalDuration: int = 0
+    current: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Speaking(Event):
+    TAG: ClassVar[str] = "speaking"
+    trackId: str
+    timestamp: int
+    startTime: int
+    isFiller: Optional[bool] = None
+    confidence: Optional[float] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Silence(Event):
+    TAG: ClassVar[str] = "silence"
+    trackId: str
+    timestamp: int
+    startTime: int
+    duration: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsrDelta(Event):
+    TAG: ClassVar[str] = "asrDelta"
+    trackId: str
+    timestamp: int
+    index: int
+    startTime: Optional[int] = None
+    endTime: Optional[int] = None
+    text: str
+    isFiller: Optional[bool] = None
+    confidence: Optional[float] = None
+    taskId: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsrFinal(Event):
+    TAG: ClassVar[str] = "asrFinal"
+    trackId: str
+    timestamp: int
+    index: int
+    startTime: Optional[int] = None
+    endTime: Optional[int] = None
+    text: str
+    isFiller: Optional[bool] = None
+    confidence: Optional[float] = None
+    taskId: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transcript(Event):
+    """Sent after each ``asrFinal``: the configuration guide's listeners wait for it."""
+
+    TAG: ClassVar[str] = "transcript"
+    trackId: str
+    timestamp: int
+    text: str
+    index: Optional[int] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Eou(Event):
+    TAG: ClassVar[str] = "eou"
+    trackId: str
+    timestamp: int
+    completed: bool
+    interruptPoint: Optional[int] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dtmf(Event):
+    TAG: ClassVar[str] = "dtmf"
+    trackId: str
+    timestamp: int
+    digit: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hold(Event):
+    TAG: ClassVar[str] = "hold"
+    trackId: str
+    timestamp: int
+    onHold: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inactivity(Event):
+    TAG: ClassVar[str] = "inactivity"
+    trackId: str
+    timestamp: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Metrics(Event):
+    TAG: ClassVar[str] = "metrics"
+    timestamp: int
+    key: str
+    duration: int = 0
+    data: Any = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Event):
+    """A failure the client can act on; ``sender`` says which part failed."""
+
+    TAG: ClassVar[str] = "error"
+    trackId: str
+    timestamp: int
+    sender: str
+    error: str
+    code: Optional[int] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddHistory(Event):
+    TAG: ClassVar[str] = "addHistory"
+    sender: Optional[str] = None
+    timestamp: int
+    speaker: str
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FunctionCall(Event):
+    TAG: ClassVar[str] = "functionCall"
+    trackId: str
+    callId: str
+    name: str
+    arguments: str
+    timestamp: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interrupt(Event):
+    """Realtime-mode barge-in signal (the original lets clients see it too)."""
+
+    TAG: ClassVar[str] = "interrupt"
+    receiver: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class End(Event):
+    """The last event of every call: the configuration guide's listeners wait for it."""
+
+    TAG: ClassVar[str] = "end"
+    trackId: str
+    timestamp: int
+    reason: Optional[str] = None
+
+
+#: ``event`` tag -> class
+EVENTS: dict[str, type] = {
+    cls.TAG: cls
+    for cls in (
+        Answer, Reject, Ringing, Hangup, TrackStart, TrackEnd, Interruption, Speaking, Silence,
+        AsrDelta, AsrFinal, Transcript, Eou, Dtmf, Hold, Inactivity, Metrics, Error, AddHistory,
+        FunctionCall, Interrupt, End,
+    )
+}
+
+
+def parse_event(text: Union[str, bytes]) -> Event:
+    """An event from a JSON text frame (for test clients and tools)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise WireError("", f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("event"), str):
+        raise WireError("event", "is required")
+    cls = EVENTS.get(value["event"])
+    if cls is None:
+        raise WireError("event", f"unknown event {value['event']!r}")
+    return cls.from_dict(value)
