@@ -1,0 +1,299 @@
+"""Call detail records (sip-media.md §4) and where they go (``[callrecord]``).
+
+One JSON document per call, camelCase keys, unset fields left out.  Secrets
+never reach it: ``option`` and ``extras`` pass through ``redact`` every time
+the record is serialised, whoever built it.
+
+Writers:
+
+- ``LocalCdrWriter``: ``<root>/<YYYYMMDD>/<YYYYMMDD-HHMMSS>_<callId>.json``
+  (local time of the start), written to a temp file, fsynced and renamed, so a
+  crash leaves either the whole file or none.
+- ``HttpCdrWriter``: spools the same local file first, then POSTs multipart
+  (``calllog.json``, plus ``media_<trackId>`` / ``dump_events_<name>`` files
+  with ``with_media``), retrying with backoff.  A failed upload keeps the
+  spool.  After a successful upload the local copies are removed only when
+  ``keep_media_copy = false`` (the original did the opposite of its name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone, tzinfo
+from typing import Any, Callable, Optional, Sequence
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from activecall.api.commands import redact
+from activecall.api.events import WireObject, to_wire
+
+log = Logger(namespace="activecall.cdr")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecorderFile(WireObject):
+    """One recording of the call (``recorder`` entries)."""
+
+    trackId: str
+    path: str
+    size: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallDetailRecord(WireObject):
+    """The CDR of one call.  Times are aware datetimes, written as RFC 3339 UTC."""
+
+    callType: str
+    option: Any = None  # a CallOption or a plain dict; always redacted on output
+    callId: str
+    startTime: datetime
+    ringTime: Optional[datetime] = None
+    answerTime: Optional[datetime] = None
+    endTime: datetime
+    caller: str = ""
+    callee: str = ""
+    statusCode: int = 500
+    #: a clean reason string (``caller``, ``callee``, ``autohangup``… see events.HangupReason)
+    hangupReason: Optional[str] = None
+    hangupMessages: tuple = ()
+    recorder: tuple[RecorderFile, ...] = ()
+    extras: Optional[dict[str, Any]] = None
+    dumpEventFile: Optional[str] = None
+    referCallrecord: Optional["CallDetailRecord"] = None
+
+    def to_dict(self) -> dict:
+        out = to_wire(self)
+        for key in ("hangupMessages", "recorder"):
+            if not out.get(key):
+                out.pop(key, None)
+        for key in ("option", "extras"):
+            if key in out:
+                out[key] = redact(out[key])
+        if self.referCallrecord is not None:
+            out["referCallrecord"] = self.referCallrecord.to_dict()
+        return out
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+
+
+# -- local files --------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
+
+
+def safe_file_part(text: str) -> str:
+    """``text`` usable inside one file name (SIP Call-IDs may contain ``/``)."""
+    cleaned = _UNSAFE.sub("_", text).lstrip(".")
+    return cleaned or "_"
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename (then fsync the directory)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+class LocalCdrWriter:
+    """``type = "local"``: one JSON file per call under ``root``.
+
+    ``tz`` is the zone of the file name's date (default: local time, as the
+    original); ``run`` runs blocking file work (default: a thread).
+    """
+
+    def __init__(self, root: str, tz: Optional[tzinfo] = None,
+                 run: Callable[..., defer.Deferred] = threads.deferToThread):
+        self.root = root
+        self.tz = tz
+        self.run = run
+
+    def path_for(self, record: CallDetailRecord) -> str:
+        start = record.startTime
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=timezone.utc)
+        start = start.astimezone(self.tz)
+        day = start.strftime("%Y%m%d")
+        name = f"{start.strftime('%Y%m%d-%H%M%S')}_{safe_file_part(record.callId)}.json"
+        return os.path.join(self.root, day, name) if self.root else name
+
+    def write(self, record: CallDetailRecord) -> defer.Deferred:
+        """Fires with the written path."""
+        path = self.path_for(record)
+        data = record.to_bytes()
+        d = self.run(write_atomically, path, data)
+        d.addCallback(lambda _: path)
+        return d
+
+    def flush(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+
+# -- http upload ------------------------------------------------------------------------------------
+
+
+def default_http_client(reactor):
+    """A treq client without persistent connections (nothing lingers after a call)."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+class UploadError(Exception):
+    pass
+
+
+@dataclass
+class _Part:
+    field: str
+    path: str
+
+
+class HttpCdrWriter:
+    """``type = "http"``: spool locally, then upload multipart with retries.
+
+    ``backoff`` holds the waits between attempts (so attempts = len + 1).
+    ``flush()`` fires when every upload in flight has finished, for shutdown.
+    """
+
+    def __init__(self, url: str, headers: Sequence[tuple[str, str]] = (), with_media: bool = False,
+                 keep_media_copy: bool = True, spool: Optional[LocalCdrWriter] = None,
+                 reactor=None, clock=None, http_client=None,
+                 backoff: Sequence[float] = (1.0, 2.0, 4.0, 8.0), timeout: float = 30.0):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.url = url
+        self.headers = tuple(headers)
+        self.with_media = with_media
+        self.keep_media_copy = keep_media_copy
+        self.spool = spool
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.http = http_client or default_http_client(reactor)
+        self.backoff = tuple(backoff)
+        self.timeout = timeout
+        self._in_flight: set[defer.Deferred] = set()
+
+    def media_parts(self, record: CallDetailRecord) -> list[_Part]:
+        if not self.with_media:
+            return []
+        parts = [_Part(f"media_{r.trackId}", r.path) for r in record.recorder if os.path.isfile(r.path)]
+        if record.dumpEventFile and os.path.isfile(record.dumpEventFile):
+            parts.append(_Part(f"dump_events_{os.path.basename(record.dumpEventFile)}", record.dumpEventFile))
+        return parts
+
+    def write(self, record: CallDetailRecord) -> defer.Deferred:
+        """Fires with True when uploaded, False when every attempt failed (the spool stays)."""
+        d = self._write(record)
+        self._in_flight.add(d)
+        d.addBoth(self._done, d)
+        return d
+
+    def _done(self, result, d):
+        self._in_flight.discard(d)
+        return result
+
+    @defer.inlineCallbacks
+    def _write(self, record: CallDetailRecord):
+        spooled = None
+        if self.spool is not None:
+            try:
+                spooled = yield self.spool.write(record)
+            except Exception:
+                log.failure("cannot spool the CDR of {call_id}", call_id=record.callId)
+        body = record.to_bytes()
+        parts = self.media_parts(record)
+        attempts = len(self.backoff) + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                yield self._upload(body, parts)
+            except Exception as e:
+                if attempt == attempts:
+                    log.error("CDR upload of {call_id} to {url} failed after {n} attempts ({err}); kept at {path}",
+                              call_id=record.callId, url=self.url, n=attempts, err=e, path=spooled)
+                    return False
+                wait = self.backoff[attempt - 1]
+                log.warn("CDR upload of {call_id} failed ({err}); retry {attempt} in {wait}s",
+                         call_id=record.callId, err=e, attempt=attempt, wait=wait)
+                yield task.deferLater(self.clock, wait, lambda: None)
+                continue
+            break
+        log.info("CDR of {call_id} uploaded to {url}", call_id=record.callId, url=self.url)
+        if not self.keep_media_copy:
+            for path in [p.path for p in parts] + ([spooled] if spooled else []):
+                try:
+                    os.unlink(path)
+                except OSError as e:
+                    log.warn("cannot remove {path}: {err}", path=path, err=e)
+        return True
+
+    @defer.inlineCallbacks
+    def _upload(self, body: bytes, parts: list[_Part]):
+        """One multipart POST: the text field ``calllog.json`` and the file parts, streamed."""
+        from treq.multipart import MultiPartProducer
+        from twisted.web.client import FileBodyProducer
+
+        files = []
+        try:
+            fields: list = [("calllog.json", body.decode("utf-8"))]
+            for part in parts:
+                f = open(part.path, "rb")
+                files.append(f)
+                fields.append((part.field, (os.path.basename(part.path), "application/octet-stream",
+                                            FileBodyProducer(f))))
+            boundary = uuid.uuid4().hex
+            headers = {name: [value] for name, value in self.headers}
+            headers["Content-Type"] = [f"multipart/form-data; boundary={boundary}"]
+            d = self.http.request("POST", self.url, data=MultiPartProducer(fields, boundary=boundary),
+                                  headers=headers)
+            d.addTimeout(self.timeout, self.clock)
+            response = yield d
+            yield response.content()
+            if not 200 <= response.code < 300:
+                raise UploadError(f"HTTP {response.code}")
+        finally:
+            for f in files:
+                f.close()
+
+    def flush(self) -> defer.Deferred:
+        return defer.DeferredList(list(self._in_flight), consumeErrors=True)
+
+
+def writer_for(section, reactor=None):
+    """The writer for a ``[callrecord]`` section (None when there is none)."""
+    if section is None:
+        return None
+    spool = LocalCdrWriter(section.root)
+    if section.type == "http":
+        return HttpCdrWriter(section.url, headers=section.headers, with_media=section.with_media,
+                             keep_media_copy=section.keep_media_copy, spool=spool, reactor=reactor)
+    return spool

@@ -1,0 +1,269 @@
+"""CDR records and writers: the JSON shape field by field, atomic local files,
+multipart upload to a real local twisted.web server with retries."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import os
+from datetime import datetime, timedelta, timezone
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from activecall.api.commands import CallOption
+from activecall.call import cdr
+from activecall.config import CallRecord as CallRecordSection
+from tests.helpers import free_port
+
+START = datetime(2025, 3, 4, 5, 6, 7, 123000, tzinfo=timezone.utc)
+
+
+def sync_run(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+def make_record(**kw) -> cdr.CallDetailRecord:
+    values = dict(
+        callType="sip",
+        option=CallOption.from_dict({"asr": {"provider": "tencent", "secretKey": "SECRET-ASR"},
+                                     "tts": {"apiKey": "sk-SECRET"}, "sip": {"password": "SECRET-PW"},
+                                     "futureKey": 1}),
+        callId="abc-123",
+        startTime=START,
+        ringTime=START + timedelta(seconds=1),
+        answerTime=START + timedelta(seconds=2),
+        endTime=START + timedelta(seconds=62),
+        caller="sip:alice@example.com",
+        callee="sip:bot@example.com",
+        statusCode=200,
+        hangupReason="caller",
+        extras={"X-Tenant-ID": "t1", "X-Api-Key": "SECRET-HDR", "session_id": "abc-123"},
+    )
+    values.update(kw)
+    return cdr.CallDetailRecord(**values)
+
+
+class RecordShapeTests(unittest.TestCase):
+    def test_fields_camel_case_and_rfc3339(self):
+        d = make_record().to_dict()
+        self.assertEqual(d["callType"], "sip")
+        self.assertEqual(d["callId"], "abc-123")
+        self.assertEqual(d["startTime"], "2025-03-04T05:06:07.123000+00:00")
+        self.assertEqual(d["ringTime"], "2025-03-04T05:06:08.123000+00:00")
+        self.assertEqual(d["answerTime"], "2025-03-04T05:06:09.123000+00:00")
+        self.assertEqual(d["endTime"], "2025-03-04T05:07:09.123000+00:00")
+        self.assertEqual(d["caller"], "sip:alice@example.com")
+        self.assertEqual(d["callee"], "sip:bot@example.com")
+        self.assertEqual(d["statusCode"], 200)
+        self.assertEqual(d["hangupReason"], "caller")
+        self.assertEqual(d["option"]["futureKey"], 1)
+        self.assertEqual(d["option"]["asr"]["provider"], "tencent")
+
+    def test_null_and_empty_fields_are_left_out(self):
+        d = make_record(ringTime=None, answerTime=None, extras=None, option=None).to_dict()
+        for key in ("ringTime", "answerTime", "extras", "option", "hangupMessages", "recorder",
+                    "dumpEventFile", "referCallrecord"):
+            self.assertNotIn(key, d)
+        self.assertNotIn("null", json.dumps(d))
+
+    def test_recorder_and_refer_leg(self):
+        leg = make_record(callType="b2bua", callId="ref-1-abc-123", extras=None)
+        d = make_record(recorder=(cdr.RecorderFile(trackId="abc-123", path="/r/abc-123.wav", size=44),),
+                        dumpEventFile="/r/abc-123.events.jsonl", hangupMessages=("BYE from caller",),
+                        referCallrecord=leg).to_dict()
+        self.assertEqual(d["recorder"], [{"trackId": "abc-123", "path": "/r/abc-123.wav", "size": 44}])
+        self.assertEqual(d["dumpEventFile"], "/r/abc-123.events.jsonl")
+        self.assertEqual(d["hangupMessages"], ["BYE from caller"])
+        self.assertEqual(d["referCallrecord"]["callType"], "b2bua")
+        self.assertNotIn("recorder", d["referCallrecord"])
+        self.assertNotIn("SECRET", json.dumps(d))
+
+    def test_secrets_never_appear(self):
+        text = make_record().to_bytes().decode()
+        self.assertNotIn("SECRET", text)
+        d = json.loads(text)
+        self.assertEqual(d["option"]["tts"]["apiKey"], "***")
+        self.assertEqual(d["option"]["sip"]["password"], "***")
+        self.assertEqual(d["extras"]["X-Api-Key"], "***")
+        self.assertEqual(d["extras"]["X-Tenant-ID"], "t1")
+        # a plain dict option is redacted just the same
+        self.assertNotIn("SECRET", make_record(option={"secretKey": "SECRET"}).to_bytes().decode())
+
+
+class LocalWriterTests(unittest.TestCase):
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+
+    @defer.inlineCallbacks
+    def test_writes_dated_path_atomically(self):
+        writer = cdr.LocalCdrWriter(self.root, tz=timezone.utc)  # default runner: a thread
+        path = yield writer.write(make_record())
+        self.assertEqual(path, os.path.join(self.root, "20250304", "20250304-050607_abc-123.json"))
+        with open(path) as f:
+            self.assertEqual(json.load(f), make_record().to_dict())
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["20250304-050607_abc-123.json"])
+
+    def test_file_name_uses_the_zone_and_a_safe_call_id(self):
+        east = timezone(timedelta(hours=8))
+        writer = cdr.LocalCdrWriter("", tz=east)
+        self.assertEqual(writer.path_for(make_record(callId="../a/b@c;x")), "20250304-130607__a_b@c_x.json")
+        self.assertNotIn("/", writer.path_for(make_record(callId="../../etc/passwd")))
+
+    def test_a_failed_write_leaves_the_old_file_and_no_temp(self):
+        path = os.path.join(self.root, "x.json")
+        cdr.write_atomically(path, b"old")
+        real_fsync = os.fsync
+
+        def broken(fd):
+            raise OSError("disk full")
+
+        os.fsync = broken
+        try:
+            self.assertRaises(OSError, cdr.write_atomically, path, b"new")
+        finally:
+            os.fsync = real_fsync
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"old")
+        self.assertEqual(os.listdir(self.root), ["x.json"])
+
+    def test_writer_for_config(self):
+        self.assertIsNone(cdr.writer_for(None))
+        local = cdr.writer_for(CallRecordSection(type="local", root=self.root))
+        self.assertIsInstance(local, cdr.LocalCdrWriter)
+        http = cdr.writer_for(CallRecordSection(type="http", root=self.root, url="http://127.0.0.1:9/x",
+                                                with_media=True, keep_media_copy=False), reactor)
+        self.assertIsInstance(http, cdr.HttpCdrWriter)
+        self.assertEqual(http.spool.root, self.root)
+        self.assertFalse(http.keep_media_copy)
+        self.assertTrue(http.with_media)
+
+
+class UploadSink(resource.Resource):
+    """A CDR receiver: records each request, answers with the next status in ``codes``."""
+
+    isLeaf = True
+
+    def __init__(self, codes=(200,)):
+        super().__init__()
+        self.codes = list(codes)
+        self.requests = []
+
+    def render_POST(self, request):
+        content_type = request.getHeader("content-type")
+        raw = request.content.read()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+        parts = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            parts[name] = (part.get_filename(), part.get_content_type(), part.get_payload(decode=True))
+        self.requests.append({"headers": {k.decode().lower(): v[0].decode()
+                                          for k, v in request.requestHeaders.getAllRawHeaders()},
+                              "content_type": content_type, "parts": parts})
+        request.setResponseCode(self.codes.pop(0) if len(self.codes) > 1 else self.codes[0])
+        return b"ok"
+
+
+class HttpWriterTests(unittest.TestCase):
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.media = os.path.join(self.root, "abc-123.wav")
+        with open(self.media, "wb") as f:
+            f.write(b"RIFF" + bytes(range(256)) * 4)
+        self.dump = os.path.join(self.root, "abc-123.events.jsonl")
+        with open(self.dump, "wb") as f:
+            f.write(b'{"type":"event"}\n')
+
+    def serve(self, sink) -> str:
+        port = reactor.listenTCP(0, server.Site(sink), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}/cdr"
+
+    def writer(self, url, **kw):
+        kw.setdefault("backoff", (0.01, 0.02))
+        return cdr.HttpCdrWriter(url, spool=cdr.LocalCdrWriter(os.path.join(self.root, "cdr"), tz=timezone.utc,
+                                                               run=sync_run), reactor=reactor, **kw)
+
+    def record(self):
+        return make_record(recorder=(cdr.RecorderFile(trackId="abc-123", path=self.media, size=1028),),
+                           dumpEventFile=self.dump)
+
+    @property
+    def spool_path(self):
+        return os.path.join(self.root, "cdr", "20250304", "20250304-050607_abc-123.json")
+
+    @defer.inlineCallbacks
+    def test_multipart_with_media_and_headers(self):
+        sink = UploadSink()
+        writer = self.writer(self.serve(sink), headers=(("X-Auth-Test", "yes"),), with_media=True)
+        ok = yield writer.write(self.record())
+        self.assertIs(ok, True)
+        self.assertEqual(len(sink.requests), 1)
+        req = sink.requests[0]
+        self.assertTrue(req["content_type"].startswith("multipart/form-data; boundary="))
+        self.assertEqual(req["headers"]["x-auth-test"], "yes")
+        parts = req["parts"]
+        self.assertEqual(set(parts), {"calllog.json", "media_abc-123", "dump_events_abc-123.events.jsonl"})
+        filename, _, body = parts["calllog.json"]
+        self.assertIsNone(filename)  # a text field, as the original sends it
+        self.assertEqual(json.loads(body), self.record().to_dict())
+        self.assertNotIn(b"SECRET", body)
+        filename, ctype, body = parts["media_abc-123"]
+        self.assertEqual((filename, ctype), ("abc-123.wav", "application/octet-stream"))
+        with open(self.media, "rb") as f:
+            self.assertEqual(body, f.read())
+        self.assertEqual(parts["dump_events_abc-123.events.jsonl"][2], b'{"type":"event"}\n')
+        # keep_media_copy defaults to true: everything stays
+        for path in (self.media, self.dump, self.spool_path):
+            self.assertTrue(os.path.exists(path), path)
+
+    @defer.inlineCallbacks
+    def test_without_media_only_the_calllog_is_sent(self):
+        sink = UploadSink()
+        ok = yield self.writer(self.serve(sink)).write(self.record())
+        self.assertIs(ok, True)
+        self.assertEqual(set(sink.requests[0]["parts"]), {"calllog.json"})
+
+    @defer.inlineCallbacks
+    def test_keep_media_copy_false_removes_local_copies_after_success(self):
+        sink = UploadSink()
+        ok = yield self.writer(self.serve(sink), with_media=True, keep_media_copy=False).write(self.record())
+        self.assertIs(ok, True)
+        for path in (self.media, self.dump, self.spool_path):
+            self.assertFalse(os.path.exists(path), path)
+
+    @defer.inlineCallbacks
+    def test_retries_with_backoff_until_success(self):
+        sink = UploadSink(codes=(500, 503, 200))
+        ok = yield self.writer(self.serve(sink), keep_media_copy=False, with_media=True).write(self.record())
+        self.assertIs(ok, True)
+        self.assertEqual(len(sink.requests), 3)
+        self.assertFalse(os.path.exists(self.spool_path))
+
+    @defer.inlineCallbacks
+    def test_every_attempt_failing_keeps_the_spool_and_media(self):
+        sink = UploadSink(codes=(500,))
+        ok = yield self.writer(self.serve(sink), keep_media_copy=False, with_media=True).write(self.record())
+        self.assertIs(ok, False)
+        self.assertEqual(len(sink.requests), 3)
+        for path in (self.media, self.dump, self.spool_path):
+            self.assertTrue(os.path.exists(path), path)
+        with open(self.spool_path) as f:
+            self.assertEqual(json.load(f)["callId"], "abc-123")
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_unreachable_server_fails_and_flush_waits(self):
+        writer = self.writer(f"http://127.0.0.1:{free_port()}/cdr", keep_media_copy=False)
+        d = writer.write(self.record())
+        self.assertEqual(len(writer._in_flight), 1)
+        yield writer.flush()
+        self.assertTrue(d.called)
+        ok = yield d
+        self.assertIs(ok, False)
+        self.assertEqual(writer._in_flight, set())
+        self.assertTrue(os.path.exists(self.spool_path))
