@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from activecall.api.commands import redact
 from activecall.api.events import WireObject, to_wire
@@ -275,7 +276,8 @@ class HttpCdrWriter:
             headers["Content-Type"] = [f"multipart/form-data; boundary={boundary}"]
             d = self.http.request("POST", self.url, data=MultiPartProducer(fields, boundary=boundary),
                                   headers=headers)
-            d.addTimeout(self.timeout, self.clock)
+            d.addTimeout(self.timeout, self.clock,
+                         onTimeoutCancel=lambda _, t: Failure(UploadError(f"no answer within {t}s")))
             response = yield d
             yield response.content()
             if not 200 <= response.code < 300:
