@@ -297,3 +297,23 @@ class TokenTests(RestTestBase):
         self.assertFalse(rest.authorized(request, "t"))
         request.requestHeaders.setRawHeaders(b"authorization", [b"bearer t"])
         self.assertTrue(rest.authorized(request, "t"))
+
+
+class SessionTableTests(unittest.TestCase):
+    def test_adapts_the_service_dict(self):
+        class Session:
+            killed = 0
+
+            def summary(self):
+                return rest.CallSummary(id="s.9", callType="sip")
+
+            def kill(self):
+                self.killed += 1
+                return defer.succeed(None)
+
+        session = Session()
+        table = rest.SessionTable({"s.9": session})
+        self.assertEqual([c.id for c in table.list()], ["s.9"])
+        self.assertIs(table.kill("nope"), False)
+        self.assertIs(self.successResultOf(table.kill("s.9")), True)
+        self.assertEqual(session.killed, 1)

@@ -66,6 +66,28 @@ class ActiveCalls(Protocol):
         """End the call; False when there is no such call."""
 
 
+class SessionTable:
+    """``ActiveCalls`` over the daemon's ``{session id: session}`` dict.
+
+    A session provides ``summary() -> CallSummary`` and ``kill()`` (which may
+    return a Deferred); until sessions exist the dict is simply empty.
+    """
+
+    def __init__(self, sessions: dict):
+        self.sessions = sessions
+
+    def list(self) -> list[CallSummary]:
+        return [session.summary() for session in list(self.sessions.values())]
+
+    def kill(self, call_id: str):
+        session = self.sessions.get(call_id)
+        if session is None:
+            return False
+        d = defer.maybeDeferred(session.kill)
+        d.addCallback(lambda _: True)
+        return d
+
+
 # -- helpers --------------------------------------------------------------------------------------------
 
 
