@@ -47,6 +47,7 @@ class DaemonLifecycleTests(unittest.TestCase):
         conf = write_config(self, base_config(log_file=log_file, http_access_skip_paths=["/metrics*"]))
         daemon = spawn_daemon(self, conf)
         m = yield daemon.wait_for(LISTENING)
+        yield daemon.wait_for("activecall ready")
         base = f"http://127.0.0.1:{m.group(1)}"
 
         resp = yield treq.get(base + "/health", persistent=False)
@@ -82,18 +83,23 @@ class DaemonLifecycleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_sigint_also_exits_cleanly(self):
         daemon = spawn_daemon(self, write_config(self, base_config()))
-        yield daemon.wait_for(LISTENING)
+        yield daemon.wait_for("activecall ready")
         daemon.signal("INT")
         code = yield daemon.ended
         self.assertEqual(code, 0, daemon.output)
 
     @defer.inlineCallbacks
     def test_log_level_filters(self):
-        quiet = spawn_daemon(self, write_config(self, base_config(log_level="warn", codecs=["pcmu", "g729"])))
+        port = free_port()
+        quiet = spawn_daemon(self, write_config(self, base_config(log_level="warn", codecs=["pcmu", "g729"])),
+                             "--http", f"127.0.0.1:{port}")
         chatty = spawn_daemon(self, write_config(self, base_config(log_level="debug")))
         yield quiet.wait_for(r"'g729' is not supported")  # a warning passes the filter
+        # an answer means the quiet daemon's reactor runs (its info lines are filtered)
+        resp = yield treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
+        yield resp.content()
         yield chatty.wait_for(r"configuration: \{")  # debug detail
-        yield chatty.wait_for(LISTENING)
+        yield chatty.wait_for("activecall ready")
         for d in (quiet, chatty):
             d.signal("TERM")
         codes = yield defer.gatherResults([quiet.ended, chatty.ended])
@@ -107,6 +113,7 @@ class DaemonLifecycleTests(unittest.TestCase):
         conf = write_config(self, base_config())
         daemon = spawn_daemon(self, conf, "--http", f"127.0.0.1:{port}")
         yield daemon.wait_for(rf"HTTP listening on 127\.0\.0\.1:{port}")
+        yield daemon.wait_for("activecall ready")
         resp = yield treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
         self.assertEqual(resp.code, 200)
         yield resp.content()
@@ -121,6 +128,7 @@ class DaemonLifecycleTests(unittest.TestCase):
         self.addCleanup(daemon.kill)
         yield daemon.wait_for(rf"HTTP listening on 127\.0\.0\.1:{port}")
         self.assertIn("AsyncioSelectorReactor", daemon.output)
+        yield daemon.wait_for("activecall ready")
         resp = yield treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
         self.assertEqual((yield resp.json())["status"], "ok")
         daemon.signal("TERM")

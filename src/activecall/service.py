@@ -19,7 +19,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from activecall import __version__
+from activecall.api.rest import SessionTable, install_api
 from activecall.api.site import build_site
+from activecall.call.handlers import PendingPlaybooks
 from activecall.config import Config, redacted
 from activecall.logs import make_observer
 from activecall.metrics import Metrics
@@ -52,6 +54,10 @@ class ActiveCallService(service.MultiService):
             skip_paths=config.http_access_skip_paths,
             on_metrics=self._refresh_gauges,
         )
+        self.pending_playbooks = PendingPlaybooks(reactor)
+        self.api = install_api(
+            self.http_site.root, config, SessionTable(self.calls), self.pending_playbooks
+        )
         host, port = config.http_host_port
         self.http_service = internet.TCPServer(port, self.http_site, interface=host)
         self.http_service.setName("http")
@@ -81,6 +87,9 @@ class ActiveCallService(service.MultiService):
         service.Service.startService(self)
         self._start_children("startService")
         log.info("HTTP listening on {addr}", addr=self.http_address())
+        # after-startup: signal handlers are installed by then, so SIGTERM is graceful
+        when_running = getattr(self.reactor, "callWhenRunning", lambda f: f())  # task.Clock has none
+        when_running(lambda: log.info("activecall ready"))
         if self.config.call:
             log.warn(
                 "--call {uri}: outbound SIP calls are not available in this build yet",
@@ -129,6 +138,7 @@ class ActiveCallService(service.MultiService):
         return d
 
     def _stopped(self, _):
+        self.pending_playbooks.clear()
         log.info("activecall stopped")
         # twistd re-raises the signal that stopped it so the exit status says
         # "killed by SIGTERM"; a completed graceful shutdown is a clean exit 0.
