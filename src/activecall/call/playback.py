@@ -1,0 +1,212 @@
+"""The server-side track of a call: ``tts``, ``play``, ``interrupt``, ``pause``.
+
+One active track at a time, with active-call's playId rules (ws-api.md §5):
+
+- ``tts`` with the active TTS track's playId (both absent counts as equal)
+  queues its text on that track: no new trackStart, no interruption;
+- a different playId, or any ``play``, stops the active track
+  (``interruption`` first if it was TTS and had started, then ``trackEnd``)
+  and starts a new one (``trackStart``);
+- a TTS track ends only after ``endOfStream`` and once all audio was played;
+- ``autoHangup`` / ``waitInputTimeout`` act on the natural end of the
+  *current* track only, never on an interrupted or superseded one.
+
+Synthesis is serial per track: texts are synthesised one after another and
+their audio appended, so sentences play in order.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from typing import Callable, Optional
+
+import numpy as np
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from activecall.api import events as ev
+from activecall.media.tracks import FileTrack, MediaLoader, Track, TrackError, TtsTrack
+
+log = Logger(namespace="activecall.playback")
+
+
+class SynthesisUnavailable(Exception):
+    """No TTS option/provider for a ``tts`` command."""
+
+
+class Playback:
+    """Owns the server-side track; the session drives ``tick`` and receives events."""
+
+    def __init__(self, track_id: str, emit: Callable[[ev.Event], None], clock,
+                 synthesizer_for: Callable, loader: Optional[MediaLoader] = None,
+                 on_track_done: Callable[[Track], None] = lambda t: None):
+        self.track_id = track_id
+        self.emit = emit
+        self.clock = clock
+        self.synthesizer_for = synthesizer_for  # SynthesisOption -> provider, raises SynthesisUnavailable
+        self.loader = loader
+        self.on_track_done = on_track_done
+        self.current: Optional[Track] = None
+        self.paused = False
+        self._queue: deque = deque()  # (text, is_base64, option) waiting for the current TTS track
+        self._synthesis: Optional[defer.Deferred] = None
+        self._eos_requested = False
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def tts(self, text: str, option, play_id: Optional[str] = None, end_of_stream: bool = False,
+            auto_hangup: Optional[bool] = None, wait_input_timeout: Optional[int] = None,
+            is_base64: bool = False) -> None:
+        """Queue ``text`` on the current TTS track or start a new one (playId rules)."""
+        provider = None if is_base64 else self.synthesizer_for(option)  # may raise
+        track = self.current
+        if not (isinstance(track, TtsTrack) and not track.stopped and track.play_id == play_id
+                and not track.eos):
+            self.stop_current(interrupted=True)
+            track = TtsTrack(self.track_id, play_id)
+            self._eos_requested = False
+            self._start(track)
+        track.auto_hangup = bool(auto_hangup)
+        track.wait_input_timeout = wait_input_timeout
+        if text:
+            self._queue.append((text, is_base64, provider))
+            track.segments.append(text)
+        if end_of_stream:
+            self._eos_requested = True
+        self._pump()
+
+    @defer.inlineCallbacks
+    def play(self, url: str, play_id: str, auto_hangup: Optional[bool] = None,
+             wait_input_timeout: Optional[int] = None):
+        """Replace whatever plays with the file at ``url``."""
+        self.stop_current(interrupted=True)
+        track = FileTrack(self.track_id, play_id, url)
+        track.auto_hangup = bool(auto_hangup)
+        track.wait_input_timeout = wait_input_timeout
+        self._start(track)
+        try:
+            pcm = yield self.loader.load(url)
+        except (TrackError, Exception) as e:
+            if self.current is track:
+                self.emit(ev.Error(trackId=self.track_id, timestamp=ev.now_ms(self.clock),
+                                   sender=f"filetrack: {url}", error=str(e)))
+                track.set_audio(np.zeros(0, dtype=np.int16))
+            return
+        if not track.stopped:
+            track.set_audio(pcm)
+
+    def interrupt(self, graceful: bool = False) -> None:
+        """Stop the server-side track; ``graceful`` lets the sentence being spoken finish."""
+        track = self.current
+        if track is None:
+            return
+        if graceful and isinstance(track, TtsTrack) and not track.stopped:
+            self._queue.clear()
+            self._eos_requested = True
+            track.auto_hangup = False
+            track.wait_input_timeout = None
+            if self._synthesis is None:
+                track.end_of_stream()
+            return
+        self.stop_current(interrupted=True)
+
+    def pause(self) -> None:
+        self.paused = True
+        if self.current is not None:
+            self.current.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.current is not None:
+            self.current.paused = False
+
+    def stop_current(self, interrupted: bool = True) -> None:
+        track = self.current
+        if track is None or track.stopped:
+            return
+        self._queue.clear()
+        if self._synthesis is not None:
+            d, self._synthesis = self._synthesis, None
+            d.cancel()
+        if interrupted and isinstance(track, TtsTrack) and track.started:
+            self.emit(ev.Interruption(
+                trackId=self.track_id, timestamp=ev.now_ms(self.clock), playId=track.play_id,
+                subtitle=" ".join(track.segments) or None, current=track.played_ms,
+                totalDuration=track.played_ms + int(len(track.buffer) / 16),
+            ))
+        track.interrupted = interrupted
+        track.stop()
+
+    # -- media clock ---------------------------------------------------------------------------
+
+    def tick(self) -> Optional[np.ndarray]:
+        """The frame due now from the current track (None: nothing to send)."""
+        track = self.current
+        if track is None or self.paused:
+            return None
+        return track.next_frame()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _start(self, track: Track) -> None:
+        track.interrupted = False
+        track.paused = self.paused
+        self.current = track
+        self.emit(ev.TrackStart(trackId=self.track_id, timestamp=ev.now_ms(self.clock),
+                                playId=track.play_id))
+        track.ended.addCallback(self._ended)
+
+    def _ended(self, track: Track) -> None:
+        self.emit(ev.TrackEnd(trackId=self.track_id, timestamp=ev.now_ms(self.clock),
+                              duration=track.played_ms, ssrc=track.ssrc, playId=track.play_id))
+        if self.current is track:
+            self.current = None
+        if not track.interrupted:
+            self.on_track_done(track)
+
+    def _pump(self) -> None:
+        """Synthesise queued texts one at a time into the current TTS track."""
+        track = self.current
+        if self._synthesis is not None or not isinstance(track, TtsTrack) or track.stopped:
+            return
+        if not self._queue:
+            if self._eos_requested:
+                track.end_of_stream()
+            return
+        text, is_base64, provider = self._queue.popleft()
+        if is_base64:
+            try:
+                track.feed(np.frombuffer(base64.b64decode(text, validate=True), dtype="<i2"))
+            except (binascii.Error, ValueError) as e:
+                self._report_tts_error(f"invalid base64 PCM: {e}")
+            self._pump()
+            return
+        started = self.clock.seconds()
+        d = defer.maybeDeferred(provider.synthesize, text, track.feed)
+        self._synthesis = d
+
+        def done(result):
+            if self._synthesis is d:
+                self._synthesis = None
+                self.emit(ev.Metrics(
+                    timestamp=ev.now_ms(self.clock), key=f"completed.tts.{provider.name}",
+                    duration=int((self.clock.seconds() - started) * 1000),
+                    data={"playId": track.play_id, "length": len(text)},
+                ))
+                self._pump()
+
+        def failed(failure):
+            if failure.check(defer.CancelledError):
+                return None
+            if self._synthesis is d:
+                self._synthesis = None
+                self._report_tts_error(str(failure.value))
+                self._pump()
+
+        d.addCallbacks(done, failed)
+
+    def _report_tts_error(self, message: str) -> None:
+        self.emit(ev.Error(trackId=self.track_id, timestamp=ev.now_ms(self.clock), sender="tts",
+                           error=message, code=500))

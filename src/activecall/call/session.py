@@ -1,0 +1,371 @@
+"""One call: a state machine (new -> ringing -> answered -> ended) that owns the
+call's leg, its server-side playback, its timers, its event journal and its CDR.
+
+Every way out — the hangup command, a BYE, /kill, inactivity, autoHangup, an
+error, the WebSocket closing, daemon shutdown — goes through ``end()``, which
+runs the teardown exactly once: stop playback, cancel timers, close the leg
+(releasing ports), send ``trackEnd``/``hangup``/``end``, write the CDR.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from activecall.api import commands as cmd
+from activecall.api import events as ev
+from activecall.call.cdr import CallDetailRecord, safe_file_part
+from activecall.call.playback import Playback, SynthesisUnavailable
+from activecall.media.tracks import MediaLoader
+
+log = Logger(namespace="activecall.session")
+
+SERVER_SIDE_TRACK = "server-side-track"
+
+
+class CallState(enum.Enum):
+    NEW = "new"
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    ENDED = "ended"
+
+
+#: SIP-ish status code written to the CDR for each end reason
+STATUS_FOR_REASON = {"canceled": 487, "rejected": 603, "noAnswer": 480, "failed": 500}
+
+
+class EventJournal:
+    """``<dir>/<session>.events.jsonl``: every command and event, one line each,
+    line-buffered so a crash loses nothing already written."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
+        self._file = open(path, "a", buffering=1, encoding="utf-8")
+
+    def write(self, kind: str, timestamp: int, content: str) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"type": kind, "timestamp": timestamp, "content": content},
+                                        ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class CallSession:
+    """One call.  ``emit`` delivers events to the client (the WebSocket)."""
+
+    def __init__(self, session_id: str, call_type: str, *, clock, emit: Callable[[ev.Event], None],
+                 config=None, synthesizer_for: Optional[Callable] = None,
+                 media_loader: Optional[MediaLoader] = None, cdr_writer=None, metrics=None,
+                 dump: bool = True, server_track_id: str = SERVER_SIDE_TRACK):
+        self.id = session_id
+        self.call_type = call_type
+        self.clock = clock
+        self._emit = emit
+        self.config = config
+        self.cdr_writer = cdr_writer
+        self.metrics = metrics
+        self.state = CallState.NEW
+        self.option: Optional[cmd.CallOption] = None
+        self.leg = None  # set by the endpoint: send_frame(frame), close() -> Deferred
+        self.extras: dict[str, Any] = {}
+        self.hangup_headers: dict[str, str] = {}
+        self.start_time = datetime.fromtimestamp(clock.seconds(), timezone.utc)
+        self.ring_time: Optional[datetime] = None
+        self.answer_time: Optional[datetime] = None
+        self.end_time: Optional[datetime] = None
+        self.end_reason: Optional[str] = None
+        self.status_code = 200
+        self.muted = False
+        self._ending = False
+        self._done = False
+        self._waiters: list[defer.Deferred] = []
+        self._inactivity = None
+        self._wait_input = None
+        self._recorders: list = []
+        cache = config.media_cache_path if config is not None else "./config/mediacache"
+        self.playback = Playback(
+            server_track_id, self.emit, clock,
+            synthesizer_for=synthesizer_for or _no_synthesizer,
+            loader=media_loader or MediaLoader(cache),
+            on_track_done=self._track_done,
+        )
+        self.journal: Optional[EventJournal] = None
+        if dump and config is not None:
+            path = os.path.join(config.recording.path, safe_file_part(session_id) + ".events.jsonl")
+            try:
+                self.journal = EventJournal(path)
+            except OSError as e:
+                log.warn("cannot write the event dump {path}: {e}", path=path, e=e)
+        if metrics is not None:
+            metrics.calls_active.labels(call_type=call_type).inc()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def now(self) -> int:
+        return ev.now_ms(self.clock)
+
+    def emit(self, event: ev.Event) -> None:
+        """Send an event to the client and the journal; some events cancel the input timer."""
+        if isinstance(event, (ev.Speaking, ev.Dtmf, ev.AsrDelta, ev.AsrFinal, ev.TrackStart)):
+            self._cancel_wait_input()
+        if self.journal is not None:
+            self.journal.write("event", self.now(), event.to_json())
+        try:
+            self._emit(event)
+        except Exception:
+            log.failure("delivering {tag} failed", tag=event.TAG)
+
+    def error(self, sender: str, message: str, code: Optional[int] = None) -> None:
+        self.emit(ev.Error(trackId=self.id, timestamp=self.now(), sender=sender, error=message,
+                           code=code))
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def receive_frame(self, frame) -> defer.Deferred:
+        """A text frame from the client: parse, journal, dispatch; errors become ``error``."""
+        parsed = cmd.decode_command(frame)
+        if self.journal is not None:
+            text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+            self.journal.write("command", self.now(), text[:65536])
+        if isinstance(parsed, cmd.CommandError):
+            self.emit(parsed.to_event(self.id, self.now()))
+            return defer.succeed(None)
+        return self.handle(parsed)
+
+    def handle(self, command: cmd.Command) -> defer.Deferred:
+        if self.state is CallState.ENDED:
+            self.error("command", f"the call has ended; {command.TAG} ignored")
+            return defer.succeed(None)
+        handler = getattr(self, "on_" + command.TAG, None)
+        if handler is None:
+            self.error("command", f"{command.TAG} is not supported on a {self.call_type} call")
+            return defer.succeed(None)
+        d = defer.maybeDeferred(handler, command)
+
+        def failed(failure):
+            log.failure("command {tag} failed", failure, tag=command.TAG)
+            self.error("command", f"{command.TAG} failed: {failure.getErrorMessage()}")
+
+        d.addErrback(failed)
+        return d
+
+    def on_tts(self, command: cmd.Tts):
+        base = self.option.tts if self.option is not None else None
+        option = command.option.layered_over(base) if command.option is not None else base
+        try:
+            self.playback.tts(
+                command.text, option, play_id=command.playId, end_of_stream=command.endOfStream,
+                auto_hangup=command.autoHangup, wait_input_timeout=command.waitInputTimeout,
+                is_base64=command.base64,
+            )
+        except SynthesisUnavailable as e:
+            self.error("command", str(e))
+
+    def on_play(self, command: cmd.Play):
+        return self.playback.play(command.url, command.effective_play_id, command.autoHangup,
+                                  command.waitInputTimeout)
+
+    def on_interrupt(self, command: cmd.Interrupt):
+        self.playback.interrupt(graceful=command.graceful)
+
+    def on_pause(self, command):
+        self.playback.pause()
+
+    def on_resume(self, command):
+        self.playback.resume()
+
+    def on_hangup(self, command: cmd.Hangup):
+        if command.headers:
+            self.hangup_headers.update(command.headers)
+        return self.end(command.clean_reason, initiator=command.initiator or "caller")
+
+    def on_history(self, command: cmd.History):
+        self.emit(ev.AddHistory(sender=self.id, timestamp=self.now(), speaker=command.speaker,
+                                text=command.text))
+
+    def on_mute(self, command: cmd.Mute):
+        self.muted = True
+
+    def on_unmute(self, command: cmd.Unmute):
+        self.muted = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def ringing(self) -> None:
+        if self.state is CallState.NEW:
+            self.state = CallState.RINGING
+            self.ring_time = self._now_dt()
+
+    def answered(self, sdp: str = "") -> None:
+        """The call is up: ``trackStart{S}`` then ``answer``, timers armed."""
+        if self.state in (CallState.ANSWERED, CallState.ENDED):
+            return
+        self.state = CallState.ANSWERED
+        self.answer_time = self._now_dt()
+        self.emit(ev.TrackStart(trackId=self.id, timestamp=self.now()))
+        self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
+        self._arm_inactivity()
+
+    def audio_received(self) -> None:
+        """The leg got caller audio: the call is not inactive."""
+        if self._inactivity is not None and self._inactivity.active():
+            self._inactivity.reset(self._inactivity_timeout())
+
+    def tick(self):
+        """Media clock: the server-side frame due now (None when nothing plays)."""
+        if self.state is CallState.ENDED:
+            return None
+        frame = self.playback.tick()
+        if frame is not None and self.muted:
+            frame = frame * 0
+        return frame
+
+    def end(self, reason: str = "system", initiator: Optional[str] = None,
+            status_code: Optional[int] = None) -> defer.Deferred:
+        """Tear the call down once; every caller gets a Deferred firing when it is over."""
+        if not self._ending:
+            self._ending = True
+            self.end_reason = reason
+            self.status_code = (status_code if status_code is not None
+                                else STATUS_FOR_REASON.get(reason, 200))
+            d = self._teardown(initiator)
+            d.addErrback(lambda f: log.failure("teardown of {id} failed", f, id=self.id))
+            d.addCallback(lambda _: self._finished())
+        return self.when_ended()
+
+    def when_ended(self) -> defer.Deferred:
+        if self._done:
+            return defer.succeed(self)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _finished(self):
+        self._done = True
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    @defer.inlineCallbacks
+    def _teardown(self, initiator):
+        self.playback.stop_current(interrupted=True)
+        for timer in (self._inactivity, self._wait_input):
+            if timer is not None and timer.active():
+                timer.cancel()
+        previous = self.state
+        self.state = CallState.ENDED
+        self.end_time = self._now_dt()
+        if self.leg is not None:
+            try:
+                yield defer.maybeDeferred(self.leg.close)
+            except Exception:
+                log.failure("closing the leg of {id} failed", id=self.id)
+        if previous is CallState.ANSWERED:
+            self.emit(ev.TrackEnd(trackId=self.id, timestamp=self.now(),
+                                  duration=self._answered_ms(), ssrc=0))
+        self.emit(ev.Hangup(
+            trackId=self.id, timestamp=self.now(), reason=self.end_reason, initiator=initiator,
+            startTime=ev.rfc3339(self.start_time), hangupTime=ev.rfc3339(self.end_time),
+            answerTime=ev.rfc3339(self.answer_time) if self.answer_time else None,
+            ringingTime=ev.rfc3339(self.ring_time) if self.ring_time else None,
+            extra=dict(self.extras) or None,
+        ))
+        if self.metrics is not None:
+            self.metrics.calls_active.labels(call_type=self.call_type).dec()
+            self.metrics.calls_total.labels(call_type=self.call_type, reason=self.end_reason).inc()
+        yield self._write_cdr()
+        if self.journal is not None:
+            self.journal.close()
+
+    @defer.inlineCallbacks
+    def _write_cdr(self):
+        if self.cdr_writer is None:
+            return
+        option = self.option
+        record = CallDetailRecord(
+            callType=self.call_type, option=option, callId=self.id, startTime=self.start_time,
+            ringTime=self.ring_time, answerTime=self.answer_time, endTime=self.end_time,
+            caller=(option.caller if option and option.caller else self.extras.get("caller", "")),
+            callee=(option.callee if option and option.callee else self.extras.get("callee", "")),
+            statusCode=self.status_code, hangupReason=self.end_reason,
+            recorder=tuple(self._recorders), extras=dict(self.extras) or None,
+            dumpEventFile=self.journal.path if self.journal is not None else None,
+        )
+        try:
+            yield self.cdr_writer.write(record)
+        except Exception:
+            log.failure("writing the CDR of {id} failed", id=self.id)
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def _inactivity_timeout(self) -> Optional[float]:
+        if self.option is not None and self.option.inactivityTimeout:
+            return float(self.option.inactivityTimeout)
+        return None
+
+    def _arm_inactivity(self) -> None:
+        timeout = self._inactivity_timeout()
+        if timeout:
+            self._inactivity = self.clock.callLater(timeout, self._inactive)
+
+    def _inactive(self) -> None:
+        self.emit(ev.Inactivity(trackId=self.id, timestamp=self.now()))
+        self.end("inactivityTimeout", initiator="system")
+
+    def _track_done(self, track) -> None:
+        """The current bot track ended naturally: autoHangup, or arm waitInputTimeout."""
+        if getattr(track, "auto_hangup", False):
+            self.end("autohangup", initiator="system")
+            return
+        timeout_ms = getattr(track, "wait_input_timeout", None)
+        if timeout_ms:
+            self._cancel_wait_input()
+            armed_at = self.now()
+            self._wait_input = self.clock.callLater(
+                timeout_ms / 1000.0, self._input_timed_out, armed_at, timeout_ms)
+
+    def _input_timed_out(self, armed_at: int, timeout_ms: int) -> None:
+        self._wait_input = None
+        self.emit(ev.Silence(trackId=self.playback.track_id, timestamp=self.now(),
+                             startTime=armed_at, duration=timeout_ms))
+
+    def _cancel_wait_input(self) -> None:
+        if self._wait_input is not None and self._wait_input.active():
+            self._wait_input.cancel()
+        self._wait_input = None
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _now_dt(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+
+    def _answered_ms(self) -> int:
+        if self.answer_time is None or self.end_time is None:
+            return 0
+        return int((self.end_time - self.answer_time).total_seconds() * 1000)
+
+    def summary(self):
+        from activecall.api.rest import CallSummary
+
+        return CallSummary(
+            id=self.id, callType=self.call_type, option=self.option,
+            ringTime=ev.rfc3339(self.ring_time) if self.ring_time else None,
+            startTime=ev.rfc3339(self.answer_time) if self.answer_time else None,
+        )
+
+    def kill(self) -> defer.Deferred:
+        return self.end("system", initiator="system")
+
+
+def _no_synthesizer(option):
+    raise SynthesisUnavailable("no tts option available")

@@ -1,0 +1,261 @@
+"""Bot-side audio tracks: where the frames a call plays come from.
+
+A track yields 20 ms frames of 16 kHz mono int16 (320 samples) when the
+media clock asks (``next_frame``); it never paces itself.  ``TtsTrack`` is
+filled by a speech synthesiser as audio arrives; ``FileTrack`` plays a wav/mp3
+(any format PyAV reads) from a local path or an http(s) URL cached under
+``media_cache_path``.  Decoding runs in a thread, never on the reactor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections import deque
+from typing import Callable, Optional
+
+import numpy as np
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+log = Logger(namespace="activecall.media.tracks")
+
+SAMPLE_RATE = 16000
+FRAME_SAMPLES = 320  # 20 ms at 16 kHz
+FRAME_MS = 20
+
+
+class TrackError(Exception):
+    """A track could not produce audio (missing file, undecodable data, HTTP error)."""
+
+
+class Track:
+    """Common bookkeeping: id, playId, SSRC, frames played, the finished signal."""
+
+    kind = "track"
+
+    def __init__(self, track_id: str, play_id: Optional[str] = None):
+        self.track_id = track_id
+        self.play_id = play_id
+        self.ssrc = random.getrandbits(32)
+        self.frames_played = 0
+        self.stopped = False
+        self.paused = False
+        self.ended = defer.Deferred()  # fires once when the last frame was played or on stop
+
+    @property
+    def played_ms(self) -> int:
+        return self.frames_played * FRAME_MS
+
+    @property
+    def started(self) -> bool:
+        """True once audio has gone out (the original's 'after it has started a segment')."""
+        return self.frames_played > 0
+
+    def next_frame(self) -> Optional[np.ndarray]:
+        """The next 20 ms frame, or None when nothing is due (starved, paused or over)."""
+        if self.stopped or self.paused:
+            return None
+        frame = self._pull()
+        if frame is not None:
+            self.frames_played += 1
+        elif self._exhausted():
+            self._finish()
+        return frame
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._finish()
+
+    def _finish(self):
+        if not self.ended.called:
+            self.ended.callback(self)
+
+    # subclasses
+    def _pull(self) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def _exhausted(self) -> bool:
+        raise NotImplementedError
+
+
+class PcmBuffer:
+    """A FIFO of int16 samples handing out whole 320-sample frames."""
+
+    def __init__(self):
+        self._chunks: deque[np.ndarray] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, pcm: np.ndarray) -> None:
+        pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+        if pcm.size:
+            self._chunks.append(pcm)
+            self._size += pcm.size
+
+    def pop_frame(self, pad: bool = False) -> Optional[np.ndarray]:
+        """A full frame; with ``pad`` the remainder zero-padded; else None if short."""
+        if self._size == 0 or (self._size < FRAME_SAMPLES and not pad):
+            return None
+        out = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+        filled = 0
+        while filled < FRAME_SAMPLES and self._chunks:
+            chunk = self._chunks[0]
+            take = min(FRAME_SAMPLES - filled, chunk.size)
+            out[filled:filled + take] = chunk[:take]
+            filled += take
+            if take == chunk.size:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[take:]
+        self._size -= filled
+        return out
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+
+
+class TtsTrack(Track):
+    """Synthesised speech, appended as the synthesiser streams it.
+
+    The track ends only after ``end_of_stream()`` and once every queued sample
+    has been played (ws-api.md §5 rule 5).
+    """
+
+    kind = "tts"
+
+    def __init__(self, track_id: str, play_id: Optional[str] = None):
+        super().__init__(track_id, play_id)
+        self.buffer = PcmBuffer()
+        self.eos = False
+        self.segments: list[str] = []  # texts queued on this track, for interruption events
+
+    def feed(self, pcm: np.ndarray) -> None:
+        if not self.stopped:
+            self.buffer.push(pcm)
+
+    def end_of_stream(self) -> None:
+        self.eos = True
+
+    def drop_pending(self) -> None:
+        """Barge-in: forget everything not yet played."""
+        self.buffer.clear()
+
+    def _pull(self):
+        return self.buffer.pop_frame(pad=self.eos)
+
+    def _exhausted(self) -> bool:
+        return self.eos and len(self.buffer) == 0
+
+
+class FileTrack(Track):
+    """Decoded file audio; ``load()`` must complete before frames flow."""
+
+    kind = "file"
+
+    def __init__(self, track_id: str, play_id: Optional[str], source: str):
+        super().__init__(track_id, play_id)
+        self.source = source
+        self.pcm: Optional[np.ndarray] = None
+        self.position = 0
+
+    def set_audio(self, pcm: np.ndarray) -> None:
+        self.pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+
+    @property
+    def total_ms(self) -> int:
+        return 0 if self.pcm is None else int(self.pcm.size * 1000 / SAMPLE_RATE)
+
+    def _pull(self):
+        if self.pcm is None or self.position >= self.pcm.size:
+            return None
+        frame = self.pcm[self.position:self.position + FRAME_SAMPLES]
+        self.position += FRAME_SAMPLES
+        if frame.size < FRAME_SAMPLES:
+            frame = np.concatenate([frame, np.zeros(FRAME_SAMPLES - frame.size, dtype=np.int16)])
+        return frame
+
+    def _exhausted(self) -> bool:
+        return self.pcm is not None and self.position >= self.pcm.size
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def decode_file(path: str) -> np.ndarray:
+    """Any audio file PyAV can read -> 16 kHz mono int16 (blocking; run in a thread)."""
+    import av
+
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError) as e:
+        raise TrackError(f"cannot open {os.path.basename(path)}: {e}") from None
+    try:
+        streams = container.streams.audio
+        if not streams:
+            raise TrackError(f"{os.path.basename(path)} has no audio stream")
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        parts = []
+        for frame in container.decode(streams[0]):
+            for out in resampler.resample(frame):
+                parts.append(out.to_ndarray().reshape(-1))
+        for out in resampler.resample(None):
+            parts.append(out.to_ndarray().reshape(-1))
+    except av.error.FFmpegError as e:
+        raise TrackError(f"cannot decode {os.path.basename(path)}: {e}") from None
+    finally:
+        container.close()
+    if not parts:
+        return np.zeros(0, dtype=np.int16)
+    return np.concatenate(parts).astype(np.int16)
+
+
+def cache_path_for_url(cache_dir: str, url: str) -> str:
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
+    ext = os.path.splitext(url.split("?", 1)[0])[1][:8] or ".bin"
+    return os.path.join(cache_dir, "media", digest + ext)
+
+
+class MediaLoader:
+    """Turns a ``play`` url into PCM: local paths directly, http(s) through a cache."""
+
+    def __init__(self, cache_dir: str, http_get: Optional[Callable] = None,
+                 run: Callable[..., defer.Deferred] = threads.deferToThread):
+        self.cache_dir = cache_dir
+        self.http_get = http_get
+        self.run = run
+
+    @defer.inlineCallbacks
+    def load(self, url: str):
+        if url.startswith(("http://", "https://")):
+            path = yield self._fetch(url)
+        else:
+            path = url[len("file://"):] if url.startswith("file://") else url
+            if not os.path.isfile(path):
+                raise TrackError(f"file not found: {url}")
+        pcm = yield self.run(decode_file, path)
+        return pcm
+
+    @defer.inlineCallbacks
+    def _fetch(self, url: str):
+        from activecall.call.cdr import write_atomically
+
+        path = cache_path_for_url(self.cache_dir, url)
+        if os.path.isfile(path):
+            return path
+        get = self.http_get
+        if get is None:
+            import treq
+
+            get = treq.get
+        response = yield get(url)
+        if response.code != 200:
+            yield response.content()
+            raise TrackError(f"GET {url} answered {response.code}")
+        body = yield response.content()
+        yield self.run(write_atomically, path, body)
+        return path

@@ -1,0 +1,288 @@
+"""The call session and its server-side playback, driven by task.Clock:
+playId rules, interruption order, autoHangup, waitInputTimeout, inactivity,
+one teardown, the event journal and the CDR."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from activecall.api import commands as cmd
+from activecall.api import events as ev
+from activecall.call.cdr import LocalCdrWriter
+from activecall.call.playback import SynthesisUnavailable
+from activecall.call.session import CallSession, CallState
+from activecall.config import load_config
+from activecall.media.tracks import FRAME_SAMPLES
+
+
+class FakeSynth:
+    """Feeds ``frames`` frames per text at once, or waits when ``hold`` is set."""
+
+    name = "fake"
+
+    def __init__(self, frames=3, hold=False):
+        self.frames = frames
+        self.hold = hold
+        self.texts = []
+        self.pending = []
+
+    def synthesize(self, text, feed):
+        self.texts.append(text)
+        d = defer.Deferred(lambda _: None)
+        if self.hold:
+            self.pending.append((d, feed))
+            return d
+        feed(np.full(self.frames * FRAME_SAMPLES, 1000, dtype=np.int16))
+        return defer.succeed(None)
+
+
+def immediate(f, *a, **kw):
+    return defer.maybeDeferred(f, *a, **kw)
+
+
+class SessionTestBase(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.events = []
+        root = os.path.abspath(self.mktemp())
+        cfg, _ = load_config(None)
+        self.cfg = dataclasses.replace(
+            cfg, recording=dataclasses.replace(cfg.recording, path=os.path.join(root, "rec")),
+            media_cache_path=os.path.join(root, "cache"))
+        self.synth = FakeSynth()
+        self.cdr = LocalCdrWriter(os.path.join(root, "cdr"), run=immediate)
+
+    def make(self, option=None, **kw):
+        s = CallSession("s1", "webSocket", clock=self.clock, emit=self.events.append, config=self.cfg,
+                        synthesizer_for=lambda opt: self.synth, cdr_writer=self.cdr, **kw)
+        s.option = option or cmd.CallOption(tts=cmd.SynthesisOption(provider="fake"))
+        return s
+
+    def tags(self):
+        return [(e.TAG, getattr(e, "playId", None)) for e in self.events]
+
+    def run_ticks(self, session, n):
+        frames = []
+        for _ in range(n):
+            frames.append(session.tick())
+        return frames
+
+
+class PlayIdRulesTests(SessionTestBase):
+    def test_same_play_id_queues_on_the_same_track(self):
+        s = self.make()
+        s.answered()
+        self.events.clear()
+        s.handle(cmd.Tts(text="one", playId="p1"))
+        s.handle(cmd.Tts(text="two", playId="p1", endOfStream=True))
+        self.assertEqual(self.tags()[0], ("trackStart", "p1"))
+        self.assertEqual(self.synth.texts, ["one", "two"])
+        frames = self.run_ticks(s, 7)
+        self.assertEqual(sum(f is not None for f in frames), 6)
+        self.assertEqual([t for t, _ in self.tags() if t in ("trackStart", "trackEnd", "interruption")],
+                         ["trackStart", "trackEnd"])
+
+    def test_both_absent_play_ids_are_equal(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="a"))
+        s.handle(cmd.Tts(text="b"))
+        self.assertEqual([t for t, _ in self.tags()], ["trackStart", "metrics", "metrics"])
+
+    def test_new_play_id_interrupts_then_starts(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="first", playId="p1"))
+        self.run_ticks(s, 1)  # audio started
+        self.events.clear()
+        s.handle(cmd.Tts(text="second", playId="p2"))
+        self.assertEqual(self.tags()[:3], [("interruption", "p1"), ("trackEnd", "p1"), ("trackStart", "p2")])
+        interruption = self.events[0]
+        self.assertEqual(interruption.current, 20)
+        self.assertEqual(interruption.subtitle, "first")
+
+    def test_no_interruption_before_audio_started(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="first", playId="p1"))
+        self.events.clear()
+        s.handle(cmd.Tts(text="second", playId="p2"))
+        self.assertEqual(self.tags()[:2], [("trackEnd", "p1"), ("trackStart", "p2")])
+
+    def test_track_ends_only_after_end_of_stream(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="a", playId="p"))
+        self.run_ticks(s, 10)
+        self.assertNotIn("trackEnd", [t for t, _ in self.tags()])
+        s.handle(cmd.Tts(text="", playId="p", endOfStream=True))
+        self.run_ticks(s, 1)
+        self.assertEqual(self.tags()[-1], ("trackEnd", "p"))
+
+    def test_no_tts_option_is_an_error_event(self):
+        s = self.make(option=cmd.CallOption())
+        s.playback.synthesizer_for = lambda opt: (_ for _ in ()).throw(SynthesisUnavailable("no tts option available"))
+        s.handle(cmd.Tts(text="x"))
+        self.assertEqual(self.events[-1].TAG, "error")
+        self.assertEqual(self.events[-1].error, "no tts option available")
+        self.assertEqual(self.events[-1].sender, "command")
+
+    def test_base64_pcm(self):
+        import base64
+
+        s = self.make()
+        pcm = np.arange(FRAME_SAMPLES * 2, dtype="<i2")
+        s.handle(cmd.Tts(text=base64.b64encode(pcm.tobytes()).decode(), base64=True, endOfStream=True))
+        frames = self.run_ticks(s, 3)
+        np.testing.assert_array_equal(np.concatenate(frames[:2]), pcm)
+        self.assertEqual(self.synth.texts, [])
+        self.assertEqual(self.tags()[-1][0], "trackEnd")
+
+    def test_interrupt_stops_with_interruption_then_track_end(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="a", playId="p"))
+        self.run_ticks(s, 1)
+        self.events.clear()
+        s.handle(cmd.Interrupt())
+        self.assertEqual(self.tags(), [("interruption", "p"), ("trackEnd", "p")])
+        self.assertIsNone(s.tick())
+
+    def test_graceful_interrupt_finishes_the_current_sentence(self):
+        self.synth.hold = True
+        s = self.make()
+        s.handle(cmd.Tts(text="one", playId="p"))
+        s.handle(cmd.Tts(text="two", playId="p"))
+        s.handle(cmd.Interrupt(graceful=True))
+        d, feed = self.synth.pending.pop(0)
+        feed(np.ones(FRAME_SAMPLES * 2, dtype=np.int16))
+        d.callback(None)
+        frames = self.run_ticks(s, 3)
+        self.assertEqual(sum(f is not None for f in frames), 2)
+        self.assertEqual(self.synth.texts, ["one"])  # "two" was dropped
+        self.assertIn(("trackEnd", "p"), self.tags())
+        self.assertNotIn("interruption", [t for t, _ in self.tags()])
+
+    def test_pause_and_resume(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="a", playId="p", endOfStream=True))
+        self.assertIsNotNone(s.tick())
+        s.handle(cmd.Pause())
+        self.assertEqual(self.run_ticks(s, 5), [None] * 5)
+        s.handle(cmd.Resume())
+        self.assertEqual(sum(f is not None for f in self.run_ticks(s, 3)), 2)
+
+
+class TimersTests(SessionTestBase):
+    def test_auto_hangup_after_the_matching_track_end(self):
+        s = self.make()
+        s.answered()
+        s.handle(cmd.Tts(text="bye", playId="p", autoHangup=True, endOfStream=True))
+        self.run_ticks(s, 4)
+        self.assertEqual(s.state, CallState.ENDED)
+        self.assertEqual(s.end_reason, "autohangup")
+        hangup = [e for e in self.events if e.TAG == "hangup"][0]
+        self.assertEqual(hangup.reason, "autohangup")
+
+    def test_superseded_track_does_not_auto_hangup(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="bye", playId="p1", autoHangup=True, endOfStream=True))
+        s.handle(cmd.Tts(text="other", playId="p2", endOfStream=True))
+        self.run_ticks(s, 10)
+        self.assertNotEqual(s.state, CallState.ENDED)
+
+    def test_wait_input_timeout_ms(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="q", playId="p", waitInputTimeout=1500, endOfStream=True))
+        self.run_ticks(s, 4)
+        armed = ev.now_ms(self.clock)
+        self.clock.advance(1.4)
+        self.assertNotIn("silence", [t for t, _ in self.tags()])
+        self.clock.advance(0.2)
+        silence = self.events[-1]
+        self.assertEqual(silence.TAG, "silence")
+        self.assertEqual(silence.trackId, "server-side-track")
+        self.assertEqual((silence.startTime, silence.duration), (armed, 1500))
+
+    def test_wait_input_cancelled_by_speech(self):
+        s = self.make()
+        s.handle(cmd.Tts(text="q", playId="p", waitInputTimeout=1000, endOfStream=True))
+        self.run_ticks(s, 4)
+        s.emit(ev.Speaking(trackId="s1", timestamp=0, startTime=0))
+        self.clock.advance(2)
+        self.assertNotIn("silence", [t for t, _ in self.tags()])
+
+    def test_inactivity(self):
+        s = self.make(option=cmd.CallOption(inactivityTimeout=10))
+        s.answered()
+        self.clock.advance(6)
+        s.audio_received()
+        self.clock.advance(6)
+        self.assertNotEqual(s.state, CallState.ENDED)
+        self.clock.advance(5)
+        self.assertEqual(s.state, CallState.ENDED)
+        self.assertEqual(s.end_reason, "inactivityTimeout")
+        self.assertIn("inactivity", [t for t, _ in self.tags()])
+
+
+class TeardownTests(SessionTestBase):
+    def test_one_teardown_for_many_ways_out(self):
+        closed = []
+
+        class Leg:
+            def close(self):
+                closed.append(1)
+
+        s = self.make()
+        s.leg = Leg()
+        s.answered()
+        self.clock.advance(2)
+        d1 = s.end("caller", initiator="caller")
+        d2 = s.kill()
+        d3 = s.handle(cmd.Hangup(reason="callee"))
+        self.assertIs(self.successResultOf(d1), s)
+        self.assertIs(self.successResultOf(d2), s)
+        self.successResultOf(d3)
+        self.assertEqual(closed, [1])
+        self.assertEqual(s.end_reason, "caller")
+        names = [t for t, _ in self.tags()]
+        self.assertEqual(names.count("hangup"), 1)
+        self.assertEqual(names[-3:], ["trackEnd", "hangup", "error"])  # the late hangup is refused
+        track_end = [e for e in self.events if e.TAG == "trackEnd"][-1]
+        self.assertEqual(track_end.duration, 2000)
+
+    def test_cdr_and_journal(self):
+        s = self.make(option=cmd.CallOption(caller="sip:a@x", callee="sip:b@y",
+                                            tts=cmd.SynthesisOption(provider="fake", secretKey="SECRET")))
+        s.receive_frame('{"command":"history","speaker":"user","text":"hi"}')
+        s.receive_frame("not json")
+        s.answered()
+        self.successResultOf(s.end("caller"))
+        cdr_files = [os.path.join(d, f) for d, _, fs in os.walk(self.cdr.root) for f in fs]
+        self.assertEqual(len(cdr_files), 1)
+        with open(cdr_files[0]) as f:
+            cdr = json.load(f)
+        self.assertEqual(cdr["callId"], "s1")
+        self.assertEqual(cdr["hangupReason"], "caller")
+        self.assertEqual(cdr["caller"], "sip:a@x")
+        self.assertNotIn("SECRET", json.dumps(cdr))
+        self.assertTrue(cdr["dumpEventFile"].endswith("s1.events.jsonl"))
+        with open(cdr["dumpEventFile"]) as f:
+            lines = [json.loads(line) for line in f]
+        kinds = [(line["type"], json.loads(line["content"]).get("event") or json.loads(line["content"]).get("command"))
+                 for line in lines if line["content"].startswith("{")]
+        self.assertIn(("command", "history"), kinds)
+        self.assertIn(("event", "addHistory"), kinds)
+        self.assertIn(("event", "hangup"), kinds)
+        errors = [e for e in self.events if e.TAG == "error"]
+        self.assertEqual(len(errors), 1)  # the bad frame got an error event
+
+    def test_play_missing_file_reports_and_ends(self):
+        s = self.make()
+        s.playback.loader.run = immediate
+        s.handle(cmd.Play(url="/nonexistent.wav"))
+        tags = [t for t, _ in self.tags()]
+        self.assertEqual(tags[:2], ["trackStart", "error"])
+        self.assertTrue(self.events[1].sender.startswith("filetrack: "))
+        s.tick()
+        self.assertEqual(self.tags()[-1], ("trackEnd", "/nonexistent.wav"))
