@@ -1,0 +1,892 @@
+"""SIP messages (RFC 3261 §7, §20, §25): parse bytes into objects and back.
+
+Hand-written because no maintained SIP library exists for Twisted.  These are
+pure functions and plain classes: no I/O, no reactor.  Parsing is defensive:
+whatever bytes arrive, ``parse_message`` either returns a ``Request`` /
+``Response`` or raises ``SIPParseError``, which says whether enough of the
+request was understood to answer it with a 400.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Union
+
+SIP_VERSION = "SIP/2.0"
+#: RFC 3261 §8.1.1.7: every branch we create starts with this.
+BRANCH_MAGIC = "z9hG4bK"
+#: a datagram larger than this is not worth parsing; streams cap one message.
+MAX_MESSAGE_SIZE = 65535
+
+#: compact form (RFC 3261 §7.3.3, RFC 3515, RFC 3891, RFC 4028 ...) -> full name
+COMPACT_FORMS = {
+    "i": "Call-ID",
+    "m": "Contact",
+    "f": "From",
+    "t": "To",
+    "v": "Via",
+    "l": "Content-Length",
+    "c": "Content-Type",
+    "k": "Supported",
+    "s": "Subject",
+    "e": "Content-Encoding",
+    "o": "Event",
+    "u": "Allow-Events",
+    "r": "Refer-To",
+    "b": "Referred-By",
+    "x": "Session-Expires",
+    "a": "Accept-Contact",
+    "j": "Reject-Contact",
+    "d": "Request-Disposition",
+    "y": "Identity",
+    "n": "Identity-Info",
+}
+
+#: lower-case name -> canonical spelling used when serialising
+_CANONICAL = {
+    name.lower(): name
+    for name in (
+        "Accept", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow", "Allow-Events",
+        "Authentication-Info", "Authorization", "Call-ID", "Call-Info", "Contact",
+        "Content-Disposition", "Content-Encoding", "Content-Language", "Content-Length",
+        "Content-Type", "CSeq", "Date", "Error-Info", "Event", "Expires", "From", "In-Reply-To",
+        "Max-Forwards", "Min-Expires", "MIME-Version", "Organization", "P-Asserted-Identity",
+        "Priority", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Require", "RAck",
+        "Reason", "Record-Route", "Refer-To", "Referred-By", "Reply-To", "Require",
+        "Retry-After", "Route", "RSeq", "Server", "Session-Expires", "Subject",
+        "Subscription-State", "Supported", "Timestamp", "To", "Unsupported", "User-Agent",
+        "Via", "Warning", "WWW-Authenticate", "Replaces", "Privacy", "Identity",
+        "Identity-Info", "Accept-Contact", "Reject-Contact", "Request-Disposition", "Min-SE",
+    )
+}
+
+#: headers whose value is a comma-separated list (RFC 3261 §7.3.1); split on parse
+LIST_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Via", "Route", "Record-Route", "Contact", "Allow", "Supported", "Require",
+        "Proxy-Require", "Unsupported", "Accept", "Accept-Encoding", "Accept-Language",
+        "Content-Encoding", "Content-Language", "Allow-Events", "In-Reply-To", "Warning",
+        "Call-Info", "Alert-Info", "Error-Info", "Reply-To", "P-Asserted-Identity", "Privacy",
+    )
+)
+
+#: headers without which no response can be formed (RFC 3261 §8.1.1)
+MANDATORY = ("via", "from", "to", "call-id", "cseq")
+
+REASON_PHRASES = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 199: "Early Dialog Terminated",
+    200: "OK", 202: "Accepted", 204: "No Notification",
+    300: "Multiple Choices", 301: "Moved Permanently", 302: "Moved Temporarily",
+    305: "Use Proxy", 380: "Alternative Service",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 410: "Gone",
+    413: "Request Entity Too Large", 414: "Request-URI Too Long", 415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme", 420: "Bad Extension", 421: "Extension Required",
+    422: "Session Interval Too Small", 423: "Interval Too Brief",
+    480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected", 483: "Too Many Hops", 484: "Address Incomplete", 485: "Ambiguous",
+    486: "Busy Here", 487: "Request Terminated", 488: "Not Acceptable Here",
+    489: "Bad Event", 491: "Request Pending", 493: "Undecipherable",
+    500: "Server Internal Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Server Time-out", 505: "Version Not Supported",
+    513: "Message Too Large",
+    600: "Busy Everywhere", 603: "Decline", 604: "Does Not Exist Anywhere", 606: "Not Acceptable",
+}
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9\-._]+")
+# RFC 3261 §25.1 characters allowed unescaped in the user and password parts
+_USER_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,;?/")
+_PASSWORD_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,")
+
+
+class SIPParseError(ValueError):
+    """A malformed message.  ``can_respond``: a 400 can be built from ``partial``."""
+
+    def __init__(self, reason: str, can_respond: bool = False, partial: Optional["Request"] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.can_respond = can_respond and partial is not None
+        self.partial = partial
+
+
+# -- small lexical helpers -----------------------------------------------------
+
+
+def canonical_name(name: str) -> str:
+    """The long, conventionally spelt form of a header name (``i`` -> ``Call-ID``)."""
+    low = name.strip().lower()
+    if low in COMPACT_FORMS:
+        return COMPACT_FORMS[low]
+    return _CANONICAL.get(low, name.strip())
+
+
+def split_outside_quotes(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` where it is outside double quotes and ``<...>``."""
+    parts, current = [], []
+    in_quotes = escaped = False
+    depth = 0
+    for ch in text:
+        if in_quotes:
+            current.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_quotes = False
+            continue
+        if ch == '"':
+            in_quotes = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">" and depth:
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def unquote(value: str) -> str:
+    """``"a \\"b\\""`` -> ``a "b"``; an unquoted value is returned stripped."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
+def quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unescape(text: str) -> str:
+    """Decode %-escapes; a stray ``%`` is an error, as RFC 3261 §25.1 says."""
+    if "%" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    raw = text.encode("utf-8")
+    while i < len(raw):
+        b = raw[i]
+        if b == 0x25:  # '%'
+            hexpart = raw[i + 1:i + 3]
+            if len(hexpart) != 2 or not all(c in b"0123456789abcdefABCDEF" for c in hexpart):
+                raise SIPParseError(f"bad %-escape in {text!r}")
+            out.append(int(hexpart, 16))
+            i += 3
+        else:
+            out.append(b)
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _escape(text: str, safe: set) -> str:
+    return "".join(
+        ch if ch in safe else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in text
+    )
+
+
+def parse_params(text: str) -> dict[str, Optional[str]]:
+    """``;a=1;lr;b="x;y"`` -> {"a": "1", "lr": None, "b": '"x;y"'} (names lower-cased)."""
+    params: dict[str, Optional[str]] = {}
+    for piece in split_outside_quotes(text, ";"):
+        piece = piece.strip()
+        if not piece:
+            continue
+        name, eq, value = piece.partition("=")
+        name = name.strip().lower()
+        if not name or not _TOKEN_RE.fullmatch(name):
+            raise SIPParseError(f"bad parameter {piece!r}")
+        params[name] = value.strip() if eq else None
+    return params
+
+
+def format_params(params: dict[str, Optional[str]]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+def _parse_host(text: str) -> str:
+    """A hostname, IPv4 address or ``[IPv6]`` reference (brackets kept off)."""
+    if text.startswith("["):
+        if not text.endswith("]"):
+            raise SIPParseError(f"bad IPv6 reference {text!r}")
+        inner = text[1:-1]
+        try:
+            return str(ipaddress.IPv6Address(inner))
+        except ValueError:
+            raise SIPParseError(f"bad IPv6 address {inner!r}") from None
+    if not text or not _HOSTNAME_RE.fullmatch(text):
+        raise SIPParseError(f"bad host {text!r}")
+    return text
+
+
+def format_host(host: str) -> str:
+    """Bracket an IPv6 literal for use in a URI or Via."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _parse_hostport(text: str) -> tuple[str, Optional[int]]:
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise SIPParseError(f"bad IPv6 reference {text!r}")
+        host, rest = _parse_host(text[:end + 1]), text[end + 1:]
+    else:
+        host_text, colon, port_text = text.partition(":")
+        host, rest = _parse_host(host_text), colon + port_text
+    port = None
+    if rest:
+        if not rest.startswith(":") or not rest[1:].isdigit() or len(rest) > 6:
+            raise SIPParseError(f"bad port in {text!r}")
+        port = int(rest[1:])
+        if port > 65535:
+            raise SIPParseError(f"port out of range in {text!r}")
+    return host, port
+
+
+# -- URIs -----------------------------------------------------------------------
+
+
+@dataclass
+class URI:
+    """A sip:, sips: or tel: URI (RFC 3261 §19.1, RFC 3966).
+
+    ``user`` and ``password`` hold decoded text; ``params`` have lower-case
+    names and raw values (``None`` for a flag such as ``lr``).
+    """
+
+    scheme: str = "sip"
+    user: Optional[str] = None
+    host: str = ""
+    port: Optional[int] = None
+    password: Optional[str] = None
+    params: dict = field(default_factory=dict)
+    headers: dict = field(default_factory=dict)
+
+    @property
+    def transport(self) -> Optional[str]:
+        value = self.params.get("transport")
+        return value.upper() if value else None
+
+    def __str__(self) -> str:
+        if self.scheme == "tel":
+            return f"tel:{self.user or ''}{format_params(self.params)}"
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(_escape(self.user, _USER_SAFE))
+            if self.password is not None:
+                out.append(":" + _escape(self.password, _PASSWORD_SAFE))
+            out.append("@")
+        out.append(format_host(self.host))
+        if self.port is not None:
+            out.append(f":{self.port}")
+        out.append(format_params(self.params))
+        if self.headers:
+            out.append("?" + "&".join(f"{k}={v}" for k, v in self.headers.items()))
+        return "".join(out)
+
+    def copy(self, **changes) -> "URI":
+        values = dict(
+            scheme=self.scheme, user=self.user, host=self.host, port=self.port,
+            password=self.password, params=dict(self.params), headers=dict(self.headers),
+        )
+        values.update(changes)
+        return URI(**values)
+
+
+def parse_uri(text: str) -> URI:
+    """Parse a sip:/sips:/tel: URI; anything else raises ``SIPParseError``."""
+    text = text.strip()
+    scheme, colon, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not colon or scheme not in ("sip", "sips", "tel"):
+        raise SIPParseError(f"unsupported URI {text!r}")
+    if scheme == "tel":
+        number, _, params = rest.partition(";")
+        if not number:
+            raise SIPParseError(f"empty tel URI {text!r}")
+        return URI(scheme="tel", user=_unescape(number), params=parse_params(params))
+    rest, _, header_text = rest.partition("?")
+    user = password = None
+    if "@" in rest:
+        userinfo, _, rest = rest.partition("@")
+        user_text, has_pw, pw_text = userinfo.partition(":")
+        user = _unescape(user_text)
+        password = _unescape(pw_text) if has_pw else None
+    hostport, _, param_text = rest.partition(";")
+    host, port = _parse_hostport(hostport)
+    headers = {}
+    if header_text:
+        for pair in header_text.split("&"):
+            name, _, value = pair.partition("=")
+            headers[name] = value
+    return URI(scheme, user, host, port, password, parse_params(param_text), headers)
+
+
+# -- name-addr / addr-spec (From, To, Contact, Route, Refer-To ...) --------------------
+
+
+@dataclass
+class Address:
+    """``"Display" <uri>;params`` (name-addr) or ``uri;params`` (addr-spec).
+
+    ``wildcard`` is the ``Contact: *`` of a REGISTER that removes all bindings.
+    """
+
+    uri: Optional[URI] = None
+    display_name: Optional[str] = None
+    params: dict = field(default_factory=dict)
+    wildcard: bool = False
+
+    @property
+    def tag(self) -> Optional[str]:
+        return self.params.get("tag")
+
+    def __str__(self) -> str:
+        if self.wildcard:
+            return "*"
+        name = ""
+        if self.display_name:
+            name = quote(self.display_name) + " "
+        return f"{name}<{self.uri}>{format_params(self.params)}"
+
+    def copy(self, **changes) -> "Address":
+        values = dict(
+            uri=self.uri.copy() if self.uri else None, display_name=self.display_name,
+            params=dict(self.params), wildcard=self.wildcard,
+        )
+        values.update(changes)
+        return Address(**values)
+
+
+def parse_address(text: str) -> Address:
+    """Parse name-addr or addr-spec with header parameters (RFC 3261 §20.10)."""
+    text = text.strip()
+    if text == "*":
+        return Address(wildcard=True)
+    display = None
+    if "<" in text:
+        if text.startswith('"'):
+            m = re.match(r'"((?:[^"\\]|\\.)*)"\s*', text)
+            if not m:
+                raise SIPParseError(f"unterminated quoted display name in {text!r}")
+            display = re.sub(r"\\(.)", r"\1", m.group(1))
+            text = text[m.end():]
+        lt = text.find("<")
+        gt = text.find(">", lt)
+        if lt < 0 or gt < 0:
+            raise SIPParseError(f"unbalanced <> in address {text!r}")
+        if lt > 0 and display is None:
+            display = text[:lt].strip() or None
+        elif text[:lt].strip():
+            raise SIPParseError(f"junk before <> in address {text!r}")
+        uri = parse_uri(text[lt + 1:gt])
+        tail = text[gt + 1:].strip()
+        if tail and not tail.startswith(";"):
+            raise SIPParseError(f"junk after <> in address {text!r}")
+        return Address(uri, display, parse_params(tail))
+    uri_text, _, param_text = text.partition(";")
+    return Address(parse_uri(uri_text), None, parse_params(param_text))
+
+
+# -- Via ------------------------------------------------------------------------------
+
+
+@dataclass
+class Via:
+    """One Via entry: ``SIP/2.0/UDP host:port;branch=z9hG4bK...;rport;received=ip``."""
+
+    transport: str = "UDP"
+    host: str = ""
+    port: Optional[int] = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def branch(self) -> Optional[str]:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> Optional[str]:
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> Optional[int]:
+        """The ``rport`` value filled in by the server (None when absent or empty)."""
+        value = self.params.get("rport")
+        return int(value) if value and value.isdigit() else None
+
+    @property
+    def wants_rport(self) -> bool:
+        return "rport" in self.params
+
+    @property
+    def sent_by(self) -> tuple[str, int]:
+        """(host, port) with the default port of the transport filled in."""
+        return self.host.lower(), self.port or default_port(self.transport)
+
+    def __str__(self) -> str:
+        port = f":{self.port}" if self.port is not None else ""
+        return f"SIP/2.0/{self.transport} {format_host(self.host)}{port}{format_params(self.params)}"
+
+    def copy(self) -> "Via":
+        return Via(self.transport, self.host, self.port, dict(self.params))
+
+
+def default_port(transport: str) -> int:
+    return 5061 if transport.upper() in ("TLS", "WSS") else 5060
+
+
+def parse_via(text: str) -> Via:
+    m = re.match(r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9\-]+)\s+", text, re.IGNORECASE)
+    if not m:
+        raise SIPParseError(f"bad Via {text!r}")
+    rest = text[m.end():]
+    hostport, _, param_text = rest.partition(";")
+    host, port = _parse_hostport(hostport)
+    return Via(m.group(1).upper(), host, port, parse_params(param_text))
+
+
+# -- CSeq ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CSeq:
+    seq: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.method}"
+
+
+def parse_cseq(text: str) -> CSeq:
+    parts = text.split()
+    if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
+        raise SIPParseError(f"bad CSeq {text!r}")
+    seq = int(parts[0])
+    if seq >= 2**31 or not _TOKEN_RE.fullmatch(parts[1]):
+        raise SIPParseError(f"bad CSeq {text!r}")
+    return CSeq(seq, parts[1].upper())
+
+
+# -- headers ---------------------------------------------------------------------------
+
+
+class Headers:
+    """Ordered header list with case-insensitive lookups by long or compact name.
+
+    List-valued headers (Via, Contact, Route ...) are kept one value per entry,
+    so ``get_all("Via")`` is the list of Via values whether they arrived on one
+    line or many.
+    """
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()):
+        self._items: list[tuple[str, str]] = []
+        for name, value in items:
+            self.add(name, value)
+
+    def add(self, name: str, value: str) -> None:
+        name = canonical_name(name)
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name} value contains a line break")
+        self._items.append((name, str(value)))
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        key = canonical_name(name).lower()
+        for n, v in self._items:
+            if n.lower() == key:
+                return v
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        key = canonical_name(name).lower()
+        return [v for n, v in self._items if n.lower() == key]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of ``name`` with one, at the first one's position."""
+        name = canonical_name(name)
+        key = name.lower()
+        for i, (n, _) in enumerate(self._items):
+            if n.lower() == key:
+                self._items[i] = (name, str(value))
+                self._items = self._items[:i + 1] + [
+                    item for item in self._items[i + 1:] if item[0].lower() != key
+                ]
+                return
+        self.add(name, value)
+
+    def prepend(self, name: str, value: str) -> None:
+        self._items.insert(0, (canonical_name(name), str(value)))
+
+    def remove(self, name: str) -> None:
+        key = canonical_name(name).lower()
+        self._items = [item for item in self._items if item[0].lower() != key]
+
+    def remove_first(self, name: str) -> None:
+        key = canonical_name(name).lower()
+        for i, (n, _) in enumerate(self._items):
+            if n.lower() == key:
+                del self._items[i]
+                return
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def copy(self) -> "Headers":
+        h = Headers()
+        h._items = list(self._items)
+        return h
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+# -- messages -----------------------------------------------------------------------------
+
+
+class Message:
+    """What requests and responses share: headers, body and typed accessors."""
+
+    headers: Headers
+    body: bytes
+
+    # typed views (parsed on each access, so edits to ``headers`` always show)
+    @property
+    def call_id(self) -> Optional[str]:
+        return self.headers.get("Call-ID")
+
+    @property
+    def cseq(self) -> CSeq:
+        return parse_cseq(self.headers.get("CSeq") or "")
+
+    @property
+    def vias(self) -> list[Via]:
+        return [parse_via(v) for v in self.headers.get_all("Via")]
+
+    @property
+    def top_via(self) -> Via:
+        value = self.headers.get("Via")
+        if value is None:
+            raise SIPParseError("no Via")
+        return parse_via(value)
+
+    @property
+    def from_(self) -> Address:
+        return parse_address(self.headers.get("From") or "")
+
+    @property
+    def to(self) -> Address:
+        return parse_address(self.headers.get("To") or "")
+
+    @property
+    def contacts(self) -> list[Address]:
+        return [parse_address(v) for v in self.headers.get_all("Contact")]
+
+    @property
+    def content_type(self) -> Optional[str]:
+        value = self.headers.get("Content-Type")
+        return value.split(";")[0].strip().lower() if value else None
+
+    def _head_lines(self) -> list[str]:
+        lines = [f"{n}: {v}" for n, v in self.headers if n != "Content-Length"]
+        lines.append(f"Content-Length: {len(self.body)}")
+        return lines
+
+    def to_bytes(self) -> bytes:
+        """Serialise; Content-Length is always recomputed from the body."""
+        head = "\r\n".join([self.start_line()] + self._head_lines())
+        return head.encode("utf-8") + b"\r\n\r\n" + self.body
+
+    def start_line(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __bytes__(self) -> bytes:
+        return self.to_bytes()
+
+
+class Request(Message):
+    def __init__(self, method: str, uri: Union[URI, str], headers: Optional[Headers] = None,
+                 body: bytes = b"", version: str = SIP_VERSION):
+        self.method = method.upper()
+        self.uri = parse_uri(uri) if isinstance(uri, str) else uri
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        self.version = version
+
+    def start_line(self) -> str:
+        return f"{self.method} {self.uri} {self.version}"
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri} call-id={self.call_id!r}>"
+
+
+class Response(Message):
+    def __init__(self, status: int, reason: Optional[str] = None, headers: Optional[Headers] = None,
+                 body: bytes = b"", version: str = SIP_VERSION):
+        self.status = status
+        self.reason = REASON_PHRASES.get(status, "Unknown") if reason is None else reason
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        self.version = version
+
+    @property
+    def is_provisional(self) -> bool:
+        return self.status < 200
+
+    def start_line(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason} call-id={self.call_id!r}>"
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def split_head(data: bytes) -> tuple[bytes, bytes]:
+    """(head, body) split at the first empty line; tolerates bare LF line ends."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        idx = data.find(sep)
+        if idx >= 0:
+            return data[:idx], data[idx + len(sep):]
+    raise SIPParseError("no empty line after the headers")
+
+
+def unfold(head: str) -> list[str]:
+    """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
+    lines: list[str] = []
+    for line in re.split(r"\r?\n", head):
+        if line[:1] in (" ", "\t") and lines:
+            lines[-1] = lines[-1].rstrip() + " " + line.strip()
+        else:
+            lines.append(line)
+    return lines
+
+
+_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) (\S+) (SIP/\d\.\d)")
+_STATUS_LINE = re.compile(r"(SIP/\d\.\d) ([1-6]\d\d)(?: (.*))?")
+
+
+def parse_message(data: bytes, stream: bool = False) -> Union[Request, Response]:
+    """Parse one whole message.  Raises only ``SIPParseError``.
+
+    ``stream``: the bytes were framed by Content-Length already (TCP/TLS), so a
+    shorter body is an error rather than a truncated datagram.
+    """
+    try:
+        return _parse_message(data, stream)
+    except SIPParseError:
+        raise
+    except Exception as e:  # a bug must not take the daemon down
+        raise SIPParseError(f"unparsable message ({e.__class__.__name__}: {e})") from e
+
+
+def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise SIPParseError("message too large")
+    data = data.lstrip(b"\r\n")
+    if not data:
+        raise SIPParseError("empty message")
+    head, body = split_head(data)
+    lines = unfold(_decode(head))
+    start = lines[0].strip()
+    msg: Union[Request, Response]
+    m = _REQUEST_LINE.fullmatch(start)
+    if m:
+        if m.group(3) != SIP_VERSION:
+            raise SIPParseError(f"unsupported version {m.group(3)}")
+        uri_text = m.group(2)
+        msg = Request(m.group(1), URI(), Headers(), b"")
+    else:
+        m = _STATUS_LINE.fullmatch(start)
+        if not m:
+            raise SIPParseError(f"bad start line {start[:80]!r}")
+        msg = Response(int(m.group(2)), (m.group(3) or "").strip(), Headers(), b"")
+        uri_text = None
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon or not _TOKEN_RE.fullmatch(name):
+            raise _fail(msg, f"bad header line {line[:80]!r}")
+        value = value.strip()
+        if name.lower() in LIST_HEADERS or canonical_name(name).lower() in LIST_HEADERS:
+            for item in split_outside_quotes(value, ","):
+                if item.strip():
+                    msg.headers.add(name, item.strip())
+        else:
+            msg.headers.add(name, value)
+    # a response can be formed once these five are there and Via/CSeq parse
+    for key in MANDATORY:
+        if key not in msg.headers:
+            raise SIPParseError(f"missing {canonical_name(key)} header")
+    try:
+        msg.top_via
+        cseq = msg.cseq
+    except SIPParseError as e:
+        raise SIPParseError(str(e)) from None
+    if isinstance(msg, Request):
+        try:
+            msg.uri = parse_uri(uri_text)
+        except SIPParseError as e:
+            raise _fail(msg, f"bad Request-URI: {e}") from None
+        if cseq.method != msg.method:
+            raise _fail(msg, "CSeq method does not match the request method")
+    for view in ("from_", "to", "vias"):
+        try:
+            getattr(msg, view)
+        except SIPParseError as e:
+            raise _fail(msg, str(e)) from None
+    msg.body = _body(msg, body, stream)
+    return msg
+
+
+def _fail(msg: Union[Request, Response], reason: str) -> SIPParseError:
+    """An error after the start line: answerable if it is a request with the five headers."""
+    answerable = isinstance(msg, Request) and all(k in msg.headers for k in MANDATORY)
+    if answerable:
+        try:
+            msg.top_via
+            msg.cseq
+        except SIPParseError:
+            answerable = False
+    return SIPParseError(reason, can_respond=answerable, partial=msg if answerable else None)
+
+
+def _body(msg: Union[Request, Response], body: bytes, stream: bool) -> bytes:
+    length_text = msg.headers.get("Content-Length")
+    if length_text is None:
+        if stream:
+            raise _fail(msg, "no Content-Length on a stream transport")
+        return body
+    if not length_text.strip().isdigit() or len(length_text.strip()) > 9:
+        raise _fail(msg, f"bad Content-Length {length_text!r}")
+    length = int(length_text)
+    if length > len(body):
+        raise _fail(msg, f"Content-Length {length} but only {len(body)} body bytes")
+    # RFC 3261 §18.3: extra datagram bytes after Content-Length are discarded
+    return body[:length]
+
+
+def frame_stream(buffer: bytes) -> Optional[int]:
+    """Length of the first whole message in a stream buffer, or None if more is needed.
+
+    Leading CRLFs (RFC 5626 keep-alives) must have been stripped by the caller.
+    Raises ``SIPParseError`` for an unusable Content-Length or an oversized head.
+    """
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        idx = buffer.find(sep)
+        if idx >= 0:
+            head_end = idx + len(sep)
+            break
+    else:
+        if len(buffer) > MAX_MESSAGE_SIZE:
+            raise SIPParseError("header section too large")
+        return None
+    length = 0
+    for line in unfold(_decode(buffer[:idx])):
+        name, colon, value = line.partition(":")
+        if colon and name.strip().lower() in ("content-length", "l"):
+            value = value.strip()
+            if not value.isdigit() or len(value) > 9:
+                raise SIPParseError(f"bad Content-Length {value!r}")
+            length = int(value)
+    if head_end + length > MAX_MESSAGE_SIZE:
+        raise SIPParseError("message too large")
+    if len(buffer) < head_end + length:
+        return None
+    return head_end + length
+
+
+# -- building ----------------------------------------------------------------------------------
+
+
+def generate_tag() -> str:
+    """A From/To tag: 32 random bits are enough for RFC 3261 §19.3; we use 64."""
+    return secrets.token_hex(8)
+
+
+def generate_branch() -> str:
+    """A Via branch unique in space and time, with the RFC 3261 magic cookie."""
+    return BRANCH_MAGIC + secrets.token_hex(10)
+
+
+def generate_call_id(host: Optional[str] = None) -> str:
+    value = secrets.token_hex(12)
+    return f"{value}@{host}" if host else value
+
+
+def make_response(request: Request, status: int, reason: Optional[str] = None,
+                  to_tag: Optional[str] = None, headers: Iterable[tuple[str, str]] = (),
+                  body: bytes = b"") -> Response:
+    """A response to ``request`` (RFC 3261 §8.2.6).
+
+    Copies Via (all, in order), From, To, Call-ID and CSeq; adds ``to_tag`` to
+    To when the request's To has none (never on 100 Trying, §8.2.6.2).
+    Record-Route and Contact belong to the dialog layer.
+    """
+    response = Response(status, reason, Headers(), body)
+    for via in request.headers.get_all("Via"):
+        response.headers.add("Via", via)
+    response.headers.add("From", request.headers.get("From") or "")
+    to_value = request.headers.get("To") or ""
+    if to_tag and status > 100:
+        try:
+            to_addr = parse_address(to_value)
+            if to_addr.tag is None:
+                to_addr.params["tag"] = to_tag
+                to_value = str(to_addr)
+        except SIPParseError:
+            pass  # a 400 for a request with an unparsable To: echo it as it came
+    response.headers.add("To", to_value)
+    response.headers.add("Call-ID", request.headers.get("Call-ID") or "")
+    response.headers.add("CSeq", request.headers.get("CSeq") or "")
+    for name, value in headers:
+        response.headers.add(name, value)
+    return response
+
+
+def make_request(method: str, uri: Union[URI, str], *, via: Via, from_: Address, to: Address,
+                 call_id: str, cseq: int, contact: Optional[Address] = None,
+                 max_forwards: int = 70, headers: Iterable[tuple[str, str]] = (),
+                 body: bytes = b"", content_type: Optional[str] = None) -> Request:
+    """A new request with the mandatory headers in the conventional order."""
+    request = Request(method, uri, Headers(), body)
+    h = request.headers
+    h.add("Via", str(via))
+    h.add("Max-Forwards", str(max_forwards))
+    h.add("From", str(from_))
+    h.add("To", str(to))
+    h.add("Call-ID", call_id)
+    h.add("CSeq", f"{cseq} {request.method}")
+    if contact is not None:
+        h.add("Contact", str(contact))
+    for name, value in headers:
+        h.add(name, value)
+    if body and content_type:
+        h.add("Content-Type", content_type)
+    return request
