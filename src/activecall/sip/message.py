@@ -713,6 +713,8 @@ def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
     head, body = split_head(data)
     lines = unfold(_decode(head))
     start = lines[0].strip()
+    if "\r" in start:
+        raise SIPParseError("stray CR in the start line")
     msg: Union[Request, Response]
     m = _REQUEST_LINE.fullmatch(start)
     if m:
@@ -731,7 +733,7 @@ def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
             continue
         name, colon, value = line.partition(":")
         name = name.strip()
-        if not colon or not _TOKEN_RE.fullmatch(name):
+        if not colon or not _TOKEN_RE.fullmatch(name) or "\r" in value:
             raise _fail(msg, f"bad header line {line[:80]!r}")
         value = value.strip()
         if name.lower() in LIST_HEADERS or canonical_name(name).lower() in LIST_HEADERS:
