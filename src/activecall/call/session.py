@@ -76,7 +76,10 @@ class CallSession:
         self.metrics = metrics
         self.state = CallState.NEW
         self.option: Optional[cmd.CallOption] = None
-        self.leg = None  # set by the endpoint: send_frame(frame), close() -> Deferred
+        self.leg = None  # set by the connector; close() -> Deferred releases its resources
+        self.connector = None  # call-type glue: invite/accept/reject/ringing/refer/sendDtmf
+        #: callables fed every inbound 16 kHz frame (VAD, ASR, recorder)
+        self.audio_sinks: list[Callable] = []
         self.extras: dict[str, Any] = {}
         self.hangup_headers: dict[str, str] = {}
         self.start_time = datetime.fromtimestamp(clock.seconds(), timezone.utc)
@@ -159,6 +162,16 @@ class CallSession:
         d.addErrback(failed)
         return d
 
+    def _delegate(self, command):
+        """Call-type specific commands go to the connector (WebSocket, SIP, WebRTC)."""
+        method = getattr(self.connector, command.TAG, None) if self.connector is not None else None
+        if method is None:
+            self.error("command", f"{command.TAG} is not supported on a {self.call_type} call")
+            return None
+        return method(command)
+
+    on_invite = on_accept = on_reject = on_ringing = on_refer = on_sendDtmf = _delegate
+
     def on_tts(self, command: cmd.Tts):
         base = self.option.tts if self.option is not None else None
         option = command.option.layered_over(base) if command.option is not None else base
@@ -215,6 +228,16 @@ class CallSession:
         self.emit(ev.TrackStart(trackId=self.id, timestamp=self.now()))
         self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
         self._arm_inactivity()
+
+    def audio_in(self, pcm) -> None:
+        """Caller audio (16 kHz mono int16) from the leg, to the processors."""
+        self.audio_received()
+        for sink in list(self.audio_sinks):
+            try:
+                sink(pcm)
+            except Exception:
+                log.failure("an audio processor of {id} failed; removed", id=self.id)
+                self.audio_sinks.remove(sink)
 
     def audio_received(self) -> None:
         """The leg got caller audio: the call is not inactive."""

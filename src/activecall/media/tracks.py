@@ -162,9 +162,12 @@ class FileTrack(Track):
         self.source = source
         self.pcm: Optional[np.ndarray] = None
         self.position = 0
+        self.loaded = defer.Deferred()  # fires when the decoded audio is in
 
     def set_audio(self, pcm: np.ndarray) -> None:
         self.pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+        if not self.loaded.called:
+            self.loaded.callback(self)
 
     @property
     def total_ms(self) -> int:

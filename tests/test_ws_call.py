@@ -1,0 +1,206 @@
+"""/call over a real WebSocket on loopback (Autobahn client): invite order,
+binary audio both ways, error events for bad frames, hangup, ping, CDR."""
+
+import dataclasses
+import json
+import os
+import wave
+
+import numpy as np
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from activecall.api.ws import endpoint_resource
+from activecall.call.manager import CallManager
+from activecall.call.websocket_call import WebSocketConnector
+from activecall.config import CallRecord, load_config
+
+
+class ManualMediaClock:
+    """The shared media clock's interface, ticked by the test."""
+
+    def __init__(self):
+        self.subscribers = []
+
+    def add(self, fn):
+        self.subscribers.append(fn)
+
+    def remove(self, fn):
+        self.subscribers.remove(fn)
+
+    def tick(self, n=1):
+        for _ in range(n):
+            for fn in list(self.subscribers):
+                fn()
+
+
+class Client(WebSocketClientProtocol):
+    def onOpen(self):
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        if isBinary:
+            self.factory.audio.append(payload)
+        else:
+            event = json.loads(payload)
+            self.factory.events.append(event)
+            for name, d in list(self.factory.waiting):
+                if event["event"] == name:
+                    self.factory.waiting.remove((name, d))
+                    d.callback(event)
+
+    def onPing(self, payload):
+        self.factory.pings.append(payload)
+        super().onPing(payload)
+
+    def onClose(self, wasClean, code, reason):
+        if not self.factory.closed.called:
+            self.factory.closed.callback(code)
+
+
+class ClientFactory(WebSocketClientFactory):
+    protocol = Client
+
+    def __init__(self, url):
+        super().__init__(url)
+        self.opened = defer.Deferred()
+        self.closed = defer.Deferred()
+        self.events = []
+        self.audio = []
+        self.pings = []
+        self.waiting = []
+
+    def wait_event(self, name):
+        for event in self.events:
+            if event["event"] == name:
+                return defer.succeed(event)
+        d = defer.Deferred()
+        self.waiting.append((name, d))
+        d.addTimeout(10, reactor)
+        return d
+
+
+class CallEndpointTests(unittest.TestCase):
+    def setUp(self):
+        root = os.path.abspath(self.mktemp())
+        cfg, _ = load_config(None)
+        self.cfg = dataclasses.replace(
+            cfg, media_cache_path=os.path.join(root, "cache"),
+            recording=dataclasses.replace(cfg.recording, path=os.path.join(root, "rec")),
+            callrecord=CallRecord(root=os.path.join(root, "cdr")))
+        self.media_clock = ManualMediaClock()
+        self.manager = CallManager(self.cfg, reactor, self.media_clock)
+        site_root = resource.Resource()
+        site_root.putChild(b"call", endpoint_resource(
+            self.manager, "webSocket",
+            lambda session, proto: WebSocketConnector(session, proto, self.media_clock), "/call"))
+        self.port = reactor.listenTCP(0, server.Site(site_root), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.root = root
+
+    @defer.inlineCallbacks
+    def connect(self, query="id=c1"):
+        port = self.port.getHost().port
+        factory = ClientFactory(f"ws://127.0.0.1:{port}/call?{query}")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        proto = yield endpoint.connect(factory)
+        yield factory.opened
+        self.addCleanup(lambda: proto.transport.loseConnection() if proto.transport.connected else None)
+        return proto, factory
+
+    def send(self, proto, obj):
+        proto.sendMessage(json.dumps(obj).encode() if not isinstance(obj, str) else obj.encode())
+
+    @defer.inlineCallbacks
+    def test_invite_order_audio_in_and_hangup(self):
+        proto, f = yield self.connect()
+        received = []
+        proto.sendMessage(b"\x01\x00" * 160, isBinary=True)  # before invite: queued
+        self.send(proto, {"command": "invite", "option": {"codec": "pcm"}})
+        yield f.wait_event("answer")
+        self.assertEqual([e["event"] for e in f.events[:2]], ["trackStart", "answer"])
+        self.assertEqual(f.events[0]["trackId"], "c1")
+        self.assertNotIn("playId", f.events[0])  # optional fields left out
+        self.assertEqual(f.events[1]["sdp"], "")
+        self.assertIs(f.events[1]["refer"], False)
+        session = self.manager.sessions["c1"]
+        session.audio_sinks.append(received.append)
+        proto.sendMessage(b"\x02\x00" * 320, isBinary=True)
+        self.send(proto, {"command": "history", "speaker": "user", "text": "hi"})
+        yield f.wait_event("addHistory")
+        self.assertEqual(sum(len(r) for r in received), 320)
+        self.assertEqual(session.leg.frames_in, 2)  # the queued frame and the live one
+        self.send(proto, {"command": "hangup", "reason": "caller"})
+        hangup = yield f.wait_event("hangup")
+        self.assertEqual(hangup["reason"], "caller")
+        code = yield f.closed
+        self.assertEqual(code, 1000)
+        self.assertNotIn("c1", self.manager.sessions)
+        cdrs = [n for _, _, names in os.walk(os.path.join(self.root, "cdr")) for n in names]
+        self.assertEqual(len(cdrs), 1)
+        self.assertTrue(os.path.exists(os.path.join(self.root, "rec", "c1.events.jsonl")))
+
+    @defer.inlineCallbacks
+    def test_bad_frames_get_error_events_and_the_socket_stays_open(self):
+        proto, f = yield self.connect()
+        for frame in ("{nope", '{"command":"fly"}', '{"command":"tts"}', '{"command":"tts","text":5}'):
+            self.send(proto, frame)
+        self.send(proto, {"command": "history", "speaker": "a", "text": "b"})
+        yield f.wait_event("addHistory")
+        errors = [e for e in f.events if e["event"] == "error"]
+        self.assertEqual(len(errors), 4)
+        self.assertTrue(all(e["sender"] == "command" for e in errors))
+        self.assertIn("fly", errors[1]["error"])
+
+    @defer.inlineCallbacks
+    def test_play_sends_paced_binary_frames(self):
+        path = os.path.join(self.root, "tone.wav")
+        os.makedirs(self.root, exist_ok=True)
+        t = np.arange(1600) / 16000
+        with wave.open(path, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes((np.sin(2 * np.pi * 500 * t) * 5000).astype("<i2").tobytes())
+        proto, f = yield self.connect()
+        self.send(proto, {"command": "invite", "option": {}})
+        yield f.wait_event("answer")
+        self.send(proto, {"command": "play", "url": path, "autoHangup": True})
+        self.send(proto, {"command": "history", "speaker": "a", "text": "b"})
+        yield f.wait_event("addHistory")
+        self.assertEqual(f.events[-2]["event"], "trackStart")
+        self.assertEqual(f.events[-2]["playId"], path)
+        session = self.manager.sessions["c1"]
+        track = session.playback.current
+        yield track.loaded
+        self.media_clock.tick(6)  # 100 ms of audio = 5 frames, then the end
+        end = yield f.wait_event("trackEnd")
+        self.assertEqual(end["duration"], 100)
+        hangup = yield f.wait_event("hangup")
+        self.assertEqual(hangup["reason"], "autohangup")
+        yield f.closed
+        self.assertEqual(len(f.audio), 5)
+        self.assertTrue(all(len(frame) == 640 for frame in f.audio))
+
+    @defer.inlineCallbacks
+    def test_client_close_ends_the_call(self):
+        proto, f = yield self.connect("id=c2&ping=0")
+        self.send(proto, {"command": "invite", "option": {}})
+        yield f.wait_event("answer")
+        session = self.manager.sessions["c2"]
+        proto.sendClose()
+        yield session.when_ended()
+        self.assertEqual(session.end_reason, "caller")
+
+    @defer.inlineCallbacks
+    def test_duplicate_id_is_refused(self):
+        proto, f = yield self.connect("id=dup")
+        proto2, f2 = yield self.connect("id=dup")
+        code = yield f2.closed
+        self.assertEqual(f2.events[0]["event"], "error")
+        self.assertIn("already active", f2.events[0]["error"])
+        self.assertNotEqual(code, 1000)
+        self.assertIn("dup", self.manager.sessions)
