@@ -1,0 +1,90 @@
+"""Providers by name: ``create_vad``, ``create_recognizer``, ``create_synthesizer``.
+
+The options dicts are those of the API and playbooks.  The VAD is selected by
+``type`` (default ``silero``), ASR and TTS by ``provider`` (default the
+offline ``pocketsphinx`` / ``flite``).  An unknown name raises
+``ProviderNotFound`` listing the registered ones; the session turns that into
+an ``error`` event instead of silently disabling the call's processing.
+
+Factories import their libraries lazily, so a missing optional package only
+hurts the calls that ask for that provider, with a message naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+from activecall.speech.base import (
+    AsrOptions, ProviderNotFound, TtsOptions, VadOptions,
+)
+
+VAD_PROVIDERS: dict[str, Callable] = {}
+ASR_PROVIDERS: dict[str, Callable] = {}
+TTS_PROVIDERS: dict[str, Callable] = {}
+
+
+def register(table: dict, *names: str):
+    """Decorator: add a factory under one or more names."""
+
+    def deco(factory):
+        for n in names:
+            table[n] = factory
+        return factory
+
+    return deco
+
+
+def _lookup(table: dict, kind: str, name: str) -> Callable:
+    try:
+        return table[name]
+    except KeyError:
+        raise ProviderNotFound(kind, name, table) from None
+
+
+def create_vad(options: Optional[Mapping[str, Any]], on_event: Callable, **deps):
+    """A VAD for one stream; ``deps`` may hold ``batcher`` (silero)."""
+    opts = VadOptions.from_dict(options)
+    return _lookup(VAD_PROVIDERS, "vad", opts.type)(opts, on_event, **deps)
+
+
+def create_recognizer(options: Optional[Mapping[str, Any]], on_result: Callable, **deps):
+    """A streaming recogniser for one stream; ``deps``: ``reactor``, ``run_in_thread``, ``agent``."""
+    opts = AsrOptions.from_dict(options)
+    return _lookup(ASR_PROVIDERS, "asr", opts.provider)(opts, on_result, **deps)
+
+
+def create_synthesizer(options: Optional[Mapping[str, Any]], cache=None, **deps):
+    """A synthesiser; with ``cache`` (a ``TtsCache``) repeated texts cost nothing."""
+    opts = TtsOptions.from_dict(options)
+    synth = _lookup(TTS_PROVIDERS, "tts", opts.provider)(opts, **deps)
+    if cache is not None:
+        from activecall.speech.cache import CachedSynthesizer
+        synth = CachedSynthesizer(synth, cache, opts)
+    return synth
+
+
+# -- the built-in providers ----------------------------------------------------------------------
+
+
+@register(VAD_PROVIDERS, "silero")
+def _silero(opts, on_event, batcher=None, **_):
+    from activecall.speech.vad.silero import SileroVad
+    return SileroVad(opts, on_event, batcher=batcher)
+
+
+@register(VAD_PROVIDERS, "webrtcvad", "webrtc")
+def _webrtc(opts, on_event, **_):
+    from activecall.speech.vad.webrtc import WebRtcVad
+    return WebRtcVad(opts, on_event)
+
+
+@register(VAD_PROVIDERS, "nop")
+def _nop(opts, on_event, **_):
+    from activecall.speech.vad.base import NopVad
+    return NopVad(opts, on_event)
+
+
+@register(TTS_PROVIDERS, "flite")
+def _flite(opts, reactor=None, **_):
+    from activecall.speech.tts.flite import FliteSynthesizer
+    return FliteSynthesizer(opts, reactor=reactor)

@@ -1,0 +1,1 @@
+"""Speech synthesisers: flite (offline default), openai."""

@@ -1,0 +1,1 @@
+"""Voice activity detectors: silero (ONNX, default), webrtcvad, nop."""
