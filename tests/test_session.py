@@ -286,3 +286,71 @@ class TeardownTests(SessionTestBase):
         self.assertTrue(self.events[1].sender.startswith("filetrack: "))
         s.tick()
         self.assertEqual(self.tags()[-1], ("trackEnd", "/nonexistent.wav"))
+
+
+class RecordingTests(SessionTestBase):
+    def enable(self, **kw):
+        self.cfg = dataclasses.replace(self.cfg, recording=dataclasses.replace(self.cfg.recording, **kw))
+
+    def read_wav(self, path):
+        import wave
+
+        with wave.open(path) as w:
+            self.assertEqual((w.getnchannels(), w.getsampwidth(), w.getframerate()), (2, 2, 16000))
+            return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
+
+    def test_auto_start_records_caller_left_bot_right(self):
+        self.enable(enabled=True, auto_start=True)
+        s = self.make()
+        s.answered()
+        s.handle(cmd.Tts(text="x", playId="p", endOfStream=True))  # 3 frames of 1000
+        for _ in range(3):
+            s.audio_in(np.full(FRAME_SAMPLES, -500, dtype=np.int16))
+            s.tick()
+        path = s.recorder.path
+        self.successResultOf(s.end("caller"))
+        self.assertEqual(os.path.basename(path), "s1.wav")
+        data = self.read_wav(path)
+        self.assertEqual(data.shape, (3 * FRAME_SAMPLES, 2))
+        self.assertTrue((data[:, 0] == -500).all())
+        self.assertTrue((data[:, 1] == 1000).all())
+        cdr_file = [os.path.join(d, f) for d, _, fs in os.walk(self.cdr.root) for f in fs][0]
+        with open(cdr_file) as f:
+            rec = json.load(f)["recorder"][0]
+        self.assertEqual(rec["path"], path)
+        self.assertEqual(rec["size"], 44 + 3 * FRAME_SAMPLES * 4)
+
+    def test_header_valid_while_recording(self):
+        self.enable(enabled=True, auto_start=True, ptime=20)
+        s = self.make()
+        s.answered()
+        s.audio_in(np.ones(FRAME_SAMPLES * 2, dtype=np.int16))
+        data = self.read_wav(s.recorder.path)  # not closed yet: a crash now keeps this
+        self.assertEqual(data.shape[0], FRAME_SAMPLES * 2)
+        s.end("caller")
+
+    def test_enabled_without_auto_start_needs_the_option(self):
+        self.enable(enabled=True, auto_start=False)
+        s = self.make()
+        s.answered()
+        self.assertIsNone(s.recorder)
+        s2 = CallSession("s2", "webSocket", clock=self.clock, emit=self.events.append, config=self.cfg)
+        s2.option = cmd.CallOption(recorder=cmd.RecorderOption(recorderFile="rec-{id}"))
+        s2.answered()
+        self.assertEqual(os.path.basename(s2.recorder.path), "rec-s2.wav")
+        s2.end("caller")
+
+    def test_disabled_refuses_a_requested_recording(self):
+        self.enable(enabled=False)
+        s = self.make(option=cmd.CallOption(recorder=cmd.RecorderOption()))
+        s.answered()
+        self.assertIsNone(s.recorder)
+        self.assertEqual(self.events[-1].TAG, "error")
+        self.assertIn("disabled", self.events[-1].error)
+
+    def test_recorder_file_cannot_escape(self):
+        self.enable(enabled=True)
+        s = self.make(option=cmd.CallOption(recorder=cmd.RecorderOption(recorderFile="../../etc/x")))
+        s.answered()
+        self.assertIsNone(s.recorder)
+        self.assertIn("leaves the recording directory", self.events[-1].error)

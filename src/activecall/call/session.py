@@ -20,8 +20,9 @@ from twisted.logger import Logger
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
-from activecall.call.cdr import CallDetailRecord, safe_file_part
+from activecall.call.cdr import CallDetailRecord, RecorderFile, safe_file_part
 from activecall.call.playback import Playback, SynthesisUnavailable
+from activecall.media.recorder import BOT, CALLER, WavRecorder, recording_path
 from activecall.media.tracks import MediaLoader
 
 log = Logger(namespace="activecall.session")
@@ -95,6 +96,7 @@ class CallSession:
         self._inactivity = None
         self._wait_input = None
         self._recorders: list = []
+        self.recorder: Optional[WavRecorder] = None
         cache = config.media_cache_path if config is not None else "./config/mediacache"
         self.playback = Playback(
             server_track_id, self.emit, clock,
@@ -228,6 +230,29 @@ class CallSession:
         self.emit(ev.TrackStart(trackId=self.id, timestamp=self.now()))
         self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
         self._arm_inactivity()
+        self.start_recording()
+
+    def start_recording(self) -> None:
+        """``[recording]``: ``enabled`` allows it; ``auto_start`` or the call's
+        ``recorder`` option starts it (the original ignored both settings)."""
+        if self.recorder is not None or self.config is None:
+            return
+        policy = self.config.recording
+        requested = self.option is not None and self.option.recorder is not None
+        if not policy.enabled:
+            if requested:
+                self.error("recorder", "recording is disabled in the configuration ([recording] enabled)")
+            return
+        if not (policy.auto_start or requested):
+            return
+        template = self.option.recorder.recorderFile if requested else None
+        try:
+            path = recording_path(policy.path, self.id, template)
+            self.recorder = WavRecorder(path, ptime_ms=policy.ptime)
+        except (OSError, ValueError) as e:
+            self.error("recorder", f"cannot record: {e}")
+            return
+        self.audio_sinks.append(lambda pcm: self.recorder.write(CALLER, pcm))
 
     def audio_in(self, pcm) -> None:
         """Caller audio (16 kHz mono int16) from the leg, to the processors."""
@@ -251,6 +276,8 @@ class CallSession:
         frame = self.playback.tick()
         if frame is not None and self.muted:
             frame = frame * 0
+        if frame is not None and self.recorder is not None:
+            self.recorder.write(BOT, frame)
         return frame
 
     def end(self, reason: str = "system", initiator: Optional[str] = None,
@@ -293,6 +320,10 @@ class CallSession:
                 yield defer.maybeDeferred(self.leg.close)
             except Exception:
                 log.failure("closing the leg of {id} failed", id=self.id)
+        if self.recorder is not None:
+            self.recorder.close()
+            self._recorders.append(RecorderFile(trackId=self.id, path=self.recorder.path,
+                                                size=self.recorder.size))
         if previous is CallState.ANSWERED:
             self.emit(ev.TrackEnd(trackId=self.id, timestamp=self.now(),
                                   duration=self._answered_ms(), ssrc=0))
