@@ -892,3 +892,26 @@ def make_request(method: str, uri: Union[URI, str], *, via: Via, from_: Address,
     if body and content_type:
         h.add("Content-Type", content_type)
     return request
+
+
+# -- addressing ------------------------------------------------------------------------------
+
+RELIABLE_TRANSPORTS = frozenset(("TCP", "TLS", "WS", "WSS"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a message goes to or came from: host, port and transport name."""
+
+    host: str
+    port: int
+    transport: str = "UDP"
+
+    @property
+    def reliable(self) -> bool:
+        """TCP/TLS deliver or fail: no retransmission timers (RFC 3261 §17)."""
+        return self.transport.upper() in RELIABLE_TRANSPORTS
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
