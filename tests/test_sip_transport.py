@@ -1,0 +1,321 @@
+"""SIP transports (activecall.sip.transport): in-memory protocols and real loopback sockets."""
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from activecall.config import Config
+from activecall.sip import transport as t
+from activecall.sip.message import Target, make_response, parse_message, parse_via
+from tests.helpers import free_port
+
+INVITE = (
+    b"INVITE sip:bob@127.0.0.1 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 10.9.9.9:5062;branch=z9hG4bKtest;rport\r\n"
+    b"From: <sip:alice@10.9.9.9>;tag=a\r\nTo: <sip:bob@127.0.0.1>\r\n"
+    b"Call-ID: transport-test\r\nCSeq: 1 INVITE\r\nContent-Length: 3\r\n\r\nabc"
+)
+
+
+class FakeDatagramTransport:
+    def __init__(self):
+        self.written = []
+
+    def write(self, data, addr):
+        self.written.append((data, addr))
+
+
+class Collector:
+    def __init__(self):
+        self.messages = []
+        self.waiting = []
+
+    def __call__(self, msg, source, transport):
+        self.messages.append((msg, source, transport))
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback((msg, source, transport))
+
+    def next(self, timeout=5):
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d.addTimeout(timeout, reactor)
+
+
+class PureTests(unittest.TestCase):
+    def test_stamp_via_received_and_rport(self):
+        request = parse_message(INVITE)
+        t.stamp_via(request, "203.0.113.5", 40000)
+        via = request.top_via
+        self.assertEqual((via.received, via.rport), ("203.0.113.5", 40000))
+        self.assertEqual(t.response_target(via), Target("203.0.113.5", 40000, "UDP"))
+
+    def test_stamp_via_same_host_without_rport(self):
+        request = parse_message(INVITE.replace(b";rport", b""))
+        t.stamp_via(request, "10.9.9.9", 40000)
+        self.assertNotIn("received", request.top_via.params)
+        self.assertEqual(t.response_target(request.top_via), Target("10.9.9.9", 5062, "UDP"))
+
+    def test_response_target_defaults(self):
+        self.assertEqual(t.response_target(parse_via("SIP/2.0/TLS [2001:db8::1]")),
+                         Target("2001:db8::1", 5061, "TLS"))
+        self.assertEqual(t.response_target(parse_via("SIP/2.0/TCP h;received=192.0.2.1")),
+                         Target("192.0.2.1", 5060, "TCP"))
+
+    def test_split_pem(self):
+        pem = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n" * 2
+        self.assertEqual(len(t.split_pem(pem)), 2)
+
+
+def manager(clock=None, **overrides):
+    values = dict(addr="127.0.0.1", udp_port=5060, tcp_port=0)
+    values.update(overrides)
+    return t.TransportManager(Config(**values), Collector(), reactor=clock or reactor)
+
+
+class DatagramTests(unittest.TestCase):
+    def setUp(self):
+        self.manager = manager(task.Clock())
+        self.wire = FakeDatagramTransport()
+        self.manager.udp.makeConnection(self.wire)
+
+    def test_request_is_stamped_and_delivered(self):
+        self.manager.udp.datagramReceived(INVITE, ("198.51.100.7", 7777))
+        (msg, source, transport), = self.manager.on_message.messages
+        self.assertEqual((source, transport), (("198.51.100.7", 7777), "UDP"))
+        self.assertEqual(msg.top_via.received, "198.51.100.7")
+        self.assertEqual(msg.top_via.rport, 7777)
+        self.assertEqual(msg.body, b"abc")
+
+    def test_malformed_answerable_gets_400_to_source(self):
+        self.manager.udp.datagramReceived(INVITE.replace(b"1 INVITE", b"1 BYE"), ("198.51.100.7", 7777))
+        (data, addr), = self.wire.written
+        self.assertEqual(addr, ("198.51.100.7", 7777))
+        response = parse_message(data)
+        self.assertEqual(response.status, 400)
+        self.assertIn("CSeq", response.reason)
+        self.assertEqual(self.manager.on_message.messages, [])
+
+    def test_garbage_and_keepalives_dropped(self):
+        for data in (b"\r\n\r\n", b"\x00", b"GET / HTTP/1.1\r\n\r\n", os.urandom(300), INVITE[:40]):
+            self.manager.udp.datagramReceived(data, ("198.51.100.7", 7777))
+        self.assertEqual(self.wire.written, [])
+        self.assertEqual(self.manager.on_message.messages, [])
+
+    def test_handler_exception_is_contained(self):
+        def boom(*args):
+            raise RuntimeError("handler bug")
+
+        self.manager.on_message = boom
+        self.manager.udp.datagramReceived(INVITE, ("198.51.100.7", 7777))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_send_response_udp_uses_received_rport(self):
+        self.manager.udp.datagramReceived(INVITE, ("198.51.100.7", 7777))
+        (msg, _, _), = self.manager.on_message.messages
+        d = self.manager.send_response(make_response(msg, 180, to_tag="x"), Target("198.51.100.7", 7777, "UDP"))
+        self.successResultOf(d)
+        (data, addr), = self.wire.written
+        self.assertEqual(addr, ("198.51.100.7", 7777))
+        self.assertEqual(parse_message(data).status, 180)
+
+    def test_local_via_and_contact_use_external_ip(self):
+        m = manager(task.Clock(), external_ip="203.0.113.9", udp_port=5070, tcp_port=5071)
+        self.assertEqual(str(m.local_via("TCP")), "SIP/2.0/TCP 203.0.113.9:5071;rport")
+        self.assertEqual(m.contact_uri("bot"), "sip:bot@203.0.113.9:5070")
+        self.assertEqual(m.contact_uri(transport="TCP"), "sip:203.0.113.9:5071;transport=tcp")
+
+    def test_advertised_host_for_wildcard_addr(self):
+        m = manager(task.Clock(), addr="0.0.0.0")
+        self.assertNotEqual(m.advertised_host, "0.0.0.0")
+
+
+class StreamTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.manager = manager(self.clock)
+        self.proto = t.SIPStreamFactory(self.manager, "TCP").buildProtocol(None)
+        self.wire = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.8", 40001))
+        self.proto.makeConnection(self.wire)
+
+    def test_framing_across_chunks_with_keepalives(self):
+        data = b"\r\n" + INVITE + INVITE.replace(b"z9hG4bKtest", b"z9hG4bKtwo")
+        for i in range(0, len(data), 7):
+            self.proto.dataReceived(data[i:i + 7])
+        self.assertEqual([m.top_via.branch for m, _, _ in self.manager.on_message.messages],
+                         ["z9hG4bKtest", "z9hG4bKtwo"])
+        self.assertEqual(self.manager.on_message.messages[0][1:], (("198.51.100.8", 40001), "TCP"))
+        self.assertEqual(self.proto.buffer, b"")
+
+    def test_ping_pong(self):
+        self.proto.dataReceived(b"\r\n\r\n")
+        self.assertEqual(self.wire.value(), b"\r\n")
+
+    def test_response_goes_back_on_the_connection(self):
+        self.proto.dataReceived(INVITE)
+        (msg, source, transport), = self.manager.on_message.messages
+        response = make_response(msg, 200, to_tag="x")
+        self.successResultOf(self.manager.send_response(response, Target(source[0], source[1], transport)))
+        self.assertEqual(parse_message(self.wire.value(), stream=True).status, 200)
+
+    def test_missing_content_length_gets_400_but_stream_continues(self):
+        bad = INVITE.replace(b"Content-Length: 3\r\n", b"")[:-3]
+        self.proto.dataReceived(bad + INVITE)
+        response = parse_message(self.wire.value(), stream=True)
+        self.assertEqual(response.status, 400)
+        self.assertEqual(len(self.manager.on_message.messages), 1)
+
+    def test_bad_content_length_closes(self):
+        self.proto.dataReceived(INVITE.replace(b"Content-Length: 3", b"Content-Length: -1"))
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_oversized_header_closes(self):
+        self.proto.dataReceived(b"A" * (70000))
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_idle_close(self):
+        self.clock.advance(t.IDLE_TIMEOUT - 1)
+        self.proto.dataReceived(b"\r\n\r\n")
+        self.clock.advance(t.IDLE_TIMEOUT - 1)
+        self.assertFalse(self.wire.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_connection_table(self):
+        self.assertIs(self.manager.connections[("TCP", "198.51.100.8", 40001)], self.proto)
+        self.proto.connectionLost(None)
+        self.assertEqual(self.manager.connections, {})
+
+
+# -- real sockets ----------------------------------------------------------------------------------
+
+
+def make_ca_and_cert(directory):
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost, as PEM files."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(name("activecall test CA")).issuer_name(name("activecall test CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {name: os.path.join(directory, name) for name in ("ca.pem", "cert.pem", "key.pem")}
+    with open(paths["ca.pem"], "wb") as f:
+        f.write(ca_cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths["cert.pem"], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths["key.pem"], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return paths
+
+
+class LoopbackTests(unittest.TestCase):
+    """Two managers talking over real sockets on 127.0.0.1."""
+
+    def start(self, **overrides):
+        port = free_port()
+        m = manager(udp_port=port, tcp_port=port, **overrides)
+        m.startService()
+        self.addCleanup(m.stopService)
+        return m
+
+    def request_from(self, sender, transport):
+        request = parse_message(INVITE)
+        request.headers.set("Via", str(sender.local_via(transport)) + ";branch=z9hG4bKloop")
+        return request
+
+    @defer.inlineCallbacks
+    def round_trip(self, transport, a, b):
+        arrived = b.on_message.next()
+        yield a.send_request(self.request_from(a, transport), Target("127.0.0.1", b.port_for(transport), transport))
+        msg, source, got_transport = yield arrived
+        self.assertEqual(got_transport, transport)
+        self.assertEqual(msg.body, b"abc")
+        answered = a.on_message.next()
+        yield b.send_response(make_response(msg, 486, to_tag="b"), Target(source[0], source[1], transport))
+        response, _, _ = yield answered
+        self.assertEqual(response.status, 486)
+        defer.returnValue(source)
+
+    @defer.inlineCallbacks
+    def test_udp(self):
+        a, b = self.start(), self.start()
+        source = yield self.round_trip("UDP", a, b)
+        self.assertEqual(source, ("127.0.0.1", a.port_for("UDP")))
+
+    @defer.inlineCallbacks
+    def test_tcp_connection_reuse(self):
+        a, b = self.start(), self.start()
+        yield self.round_trip("TCP", a, b)
+        yield self.round_trip("TCP", a, b)
+        self.assertEqual(len(set(a.connections.values())), 1)
+        self.assertEqual(len(set(b.connections.values())), 1)
+
+    @defer.inlineCallbacks
+    def test_tcp_connect_refused(self):
+        a = self.start()
+        yield self.assertFailure(a.send_request(parse_message(INVITE), Target("127.0.0.1", free_port(), "TCP")),
+                                 t.SendError)
+
+    def tls_pair(self, **client):
+        paths = make_ca_and_cert(self._tmpdir())
+        server = self.start(tls_port=free_port(), tls_cert_file=paths["cert.pem"], tls_key_file=paths["key.pem"])
+        client = self.start(**{k: (paths["ca.pem"] if v == "CA" else v) for k, v in client.items()})
+        return client, server
+
+    def _tmpdir(self):
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+    @defer.inlineCallbacks
+    def test_tls_verified_with_ca_file(self):
+        client, server = self.tls_pair(tls_ca_file="CA")
+        yield self.round_trip("TLS", client, server)
+
+    @defer.inlineCallbacks
+    def test_tls_unknown_ca_refused(self):
+        client, server = self.tls_pair()  # system trust does not know our throwaway CA
+        request = self.request_from(client, "TLS")
+        yield self.assertFailure(client.send_request(request, Target("127.0.0.1", server.port_for("TLS"), "TLS")),
+                                 t.SendError)
+        self.assertEqual(server.on_message.messages, [])
+
+    @defer.inlineCallbacks
+    def test_tls_verification_disabled_for_lab(self):
+        client, server = self.tls_pair(tls_verify_peer=False)
+        yield self.round_trip("TLS", client, server)
+
+    def test_bind_failure_names_the_key(self):
+        a = self.start()
+        clash = manager(udp_port=free_port(), tcp_port=a.port_for("TCP"))
+        self.assertRaises(CannotListenError, clash.startService)
+        self.assertEqual(clash.config_key, "tcp_port")
+        return clash.stopService()
