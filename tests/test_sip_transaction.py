@@ -479,3 +479,21 @@ class MatchingTests(LayerTestCase):
     def test_stray_ack_to_tu(self):
         self.deliver(request_bytes("ACK", branch="z9hG4bKnothing"))
         self.assertEqual(len(self.tu.acks), 1)
+
+
+class LayerStopTests(LayerTestCase):
+    def test_stop_terminates_everything(self):
+        txn, _ = self.outgoing("OPTIONS")
+        self.deliver(request_bytes("INVITE"))
+        self.layer.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((self.layer.client_transactions, self.layer.server_transactions), ({}, {}))
+        self.assertEqual(txn.state, State.TERMINATED)
+        self.failureResultOf(txn.final, defer.CancelledError)
+
+    def test_tu_sees_settled_transaction(self):
+        txn, _ = self.outgoing("OPTIONS")
+        states = []
+        txn.final.addCallback(lambda r: states.append(("K" in txn.timers, txn.state)))
+        self.reply(txn, 200)
+        self.assertEqual(states, [(True, State.COMPLETED)])

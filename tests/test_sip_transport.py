@@ -319,3 +319,41 @@ class LoopbackTests(unittest.TestCase):
         self.assertRaises(CannotListenError, clash.startService)
         self.assertEqual(clash.config_key, "tcp_port")
         return clash.stopService()
+
+
+class LayerOverLoopbackTests(unittest.TestCase):
+    """TransactionLayer on top of two real TransportManagers: an OPTIONS round trip."""
+
+    start = LoopbackTests.start
+
+    @defer.inlineCallbacks
+    def _options(self, transport):
+        from activecall.sip.message import make_request, parse_address
+        from activecall.sip.transaction import TransactionLayer, TransactionUser
+
+        class Answer(TransactionUser):
+            def request_received(self, request, txn):
+                txn.respond(200, headers=[("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS")])
+
+        a, b = self.start(), self.start()
+        layer_a = TransactionLayer(a)
+        layer_b = TransactionLayer(b, Answer())
+        self.addCleanup(layer_a.stop)
+        self.addCleanup(layer_b.stop)
+        a.on_message, b.on_message = layer_a.message_received, layer_b.message_received
+        options = make_request(
+            "OPTIONS", f"sip:127.0.0.1:{b.port_for(transport)}", via=a.local_via(transport),
+            from_=parse_address("<sip:probe@127.0.0.1>;tag=p"), to=parse_address("<sip:127.0.0.1>"),
+            call_id="options-1", cseq=1,
+        )
+        txn = layer_a.send_request(options, Target("127.0.0.1", b.port_for(transport), transport))
+        response = yield txn.final
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers.get_all("Allow")[-1], "OPTIONS")
+        self.assertTrue(response.top_via.branch.startswith("z9hG4bK"))
+
+    def test_options_udp(self):
+        return self._options("UDP")
+
+    def test_options_tcp(self):
+        return self._options("TCP")

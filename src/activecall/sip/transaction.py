@@ -251,11 +251,11 @@ class InviteClientTransaction(ClientTransaction):
                 self.timers.stop_all()
                 self._pending_cancel = None
                 self._send_ack(response)
-                self._final(response)
                 if self.reliable:
                     self._terminate()
                 else:
                     self.timers.start("D", 32.0, self._terminate)
+                self._final(response)  # last: the TU sees a settled transaction
         elif self.state is State.COMPLETED and status >= 300:
             self._send_ack(response)  # our ACK was lost: the final came again
         elif self.state is State.ACCEPTED and 200 <= status < 300:
@@ -296,11 +296,11 @@ class NonInviteClientTransaction(ClientTransaction):
             return
         self.state = State.COMPLETED
         self.timers.stop_all()
-        self._final(response)
         if self.reliable:
             self._terminate()
         else:
             self.timers.start("K", self.layer.t4, self._terminate)
+        self._final(response)  # last: the TU sees a settled transaction
 
 
 def make_ack_for_non_2xx(invite: Request, response: Response) -> Request:
@@ -702,6 +702,17 @@ class TransactionLayer:
             log.failure("TU failed on CANCEL")
         if invite.state is State.PROCEEDING:
             invite.respond(487)
+
+    def stop(self) -> None:
+        """Drop every transaction and its timers (daemon shutdown, tests).
+
+        Pending client transactions fail with ``CancelledError``.
+        """
+        for table in (self.client_transactions, self.server_transactions):
+            for txn in list(table.values()):
+                if isinstance(txn, ClientTransaction) and not txn.final.called:
+                    txn._fail(defer.CancelledError("transaction layer stopped"))
+                txn._terminate()
 
     # -- internals --
 
