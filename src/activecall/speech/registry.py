@@ -88,3 +88,15 @@ def _nop(opts, on_event, **_):
 def _flite(opts, reactor=None, **_):
     from activecall.speech.tts.flite import FliteSynthesizer
     return FliteSynthesizer(opts, reactor=reactor)
+
+
+@register(ASR_PROVIDERS, "pocketsphinx")
+def _pocketsphinx(opts, on_result, **deps):
+    from activecall.speech.asr.pocketsphinx import PocketsphinxRecognizer
+    return PocketsphinxRecognizer(opts, on_result, **deps)
+
+
+@register(ASR_PROVIDERS, "sensevoice")
+def _sensevoice(opts, on_result, **deps):
+    from activecall.speech.asr.sensevoice import SenseVoiceRecognizer
+    return SenseVoiceRecognizer(opts, on_result, **deps)

@@ -1,0 +1,1 @@
+"""Streaming recognisers: pocketsphinx (offline default), sensevoice (sherpa-onnx), openai."""

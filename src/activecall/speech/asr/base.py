@@ -1,0 +1,201 @@
+"""What streaming recognisers share: utterance bookkeeping, the serial work chain, endpointing.
+
+A recogniser turns 16 kHz frames into utterances.  By default it finds their
+ends itself with webrtcvad (cheap enough to run inline on the reactor, and the
+pre-roll buffer keeps the audio from before the VAD was sure); with
+``extra.endpointing = "external"`` everything fed is one utterance until the
+session calls ``end_utterance()`` (e.g. on its own silero ``SpeechEnded``).
+
+Decoding work runs on a worker thread, one job at a time per stream (the
+decoders are not re-entrant), chained on a Deferred.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from activecall.speech.base import (
+    SAMPLE_RATE, AsrOptions, AsrResult, IStreamingRecognizer, OptionError, SpeechEnded, SpeechStarted,
+    VadOptions,
+)
+
+log = Logger(namespace="activecall.speech.asr")
+
+PRE_ROLL_MS = 200  # audio kept before the VAD's speech start
+
+
+def _in_thread(f, *args):
+    return threads.deferToThread(f, *args)
+
+
+class _Utterance:
+    def __init__(self, index: int, start_sample: int, started_at: float):
+        self.index = index
+        self.start_sample = start_sample
+        self.started_at = started_at  # reactor.seconds() when its first audio arrived
+        self.answered = False
+        self.pending: list[np.ndarray] = []
+        self.pending_samples = 0
+        self.last_text = ""
+
+
+@implementer(IStreamingRecognizer)
+class StreamingRecognizer:
+    """Subclasses implement ``_begin()``, ``_decode(pcm) -> partial text`` and ``_finish(pcm) -> text``,
+    all called on the worker thread, in order."""
+
+    name = "recognizer"
+    partial_every_ms = 320  # how much audio to gather before each decode step
+
+    def __init__(self, options: AsrOptions, on_result: Callable[[AsrResult], None], reactor=None,
+                 run_in_thread: Callable = _in_thread):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.options = options
+        self.on_result = on_result
+        self.run_in_thread = run_in_thread
+        mode = options.extra.get("endpointing", "vad")
+        if mode not in ("vad", "external"):
+            raise OptionError(f"asr.extra.endpointing: 'vad' or 'external', got {mode!r}")
+        self._vad = None
+        if mode == "vad":
+            from activecall.speech.vad.webrtc import WebRtcVad
+            silence = int(options.extra.get("silence_ms", 500))
+            self._vad = WebRtcVad(VadOptions(type="webrtcvad", speechPadding=150, silencePadding=silence, mode=2),
+                                  self._on_vad)
+        self._chain: defer.Deferred = defer.succeed(None)
+        self._fed = 0  # samples fed so far (stream clock)
+        self._ring = np.zeros(0, dtype=np.int16)  # recent audio, ends at self._fed
+        self._utt: Optional[_Utterance] = None
+        self._next_index = 0
+        self.closed = False
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def feed(self, pcm) -> None:
+        if self.closed:
+            return
+        pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+        self._fed += pcm.size
+        keep = (PRE_ROLL_MS + 400) * SAMPLE_RATE // 1000
+        self._ring = np.concatenate([self._ring, pcm])[-keep:]
+        if self._vad is None:
+            if self._utt is None:
+                self._start(self._fed - pcm.size, pcm)
+            else:
+                self._add(pcm)
+            return
+        was_open = self._utt is not None
+        self._vad.feed(pcm)  # may open (with pre-roll, this frame included) or close the utterance
+        if was_open and self._utt is not None:
+            self._add(pcm)
+
+    def _on_vad(self, event) -> None:
+        if isinstance(event, SpeechStarted) and self._utt is None:
+            start = max(0, event.start_ms * SAMPLE_RATE // 1000 - PRE_ROLL_MS * SAMPLE_RATE // 1000)
+            start = max(start, self._fed - self._ring.size)
+            self._start(start, self._ring[start - (self._fed - self._ring.size):])
+        elif isinstance(event, SpeechEnded) and self._utt is not None:
+            self._end()
+
+    def end_utterance(self) -> None:
+        if self._utt is not None:
+            self._end()
+
+    def close(self) -> defer.Deferred:
+        """Finalise an open utterance; fires after its result was delivered."""
+        if not self.closed:
+            self.closed = True
+            self.end_utterance()
+        d = defer.Deferred()
+        self._chain.addBoth(lambda r: d.callback(None))
+        return d
+
+    # -- utterances --------------------------------------------------------------------------
+
+    def _start(self, start_sample: int, pcm: np.ndarray) -> None:
+        utt = _Utterance(self._next_index, start_sample, self.reactor.seconds())
+        self._next_index += 1
+        self._utt = utt
+        self._enqueue(self._begin).addCallback(lambda _: None)
+        self._add(pcm)
+
+    def _add(self, pcm: np.ndarray) -> None:
+        utt = self._utt
+        utt.pending.append(pcm)
+        utt.pending_samples += pcm.size
+        if utt.pending_samples * 1000 >= self.partial_every_ms * SAMPLE_RATE:
+            audio = self._take(utt)
+            self._enqueue(self._decode, audio).addCallback(self._partial, utt)
+
+    def _take(self, utt: _Utterance) -> np.ndarray:
+        audio = np.concatenate(utt.pending) if utt.pending else np.zeros(0, dtype=np.int16)
+        utt.pending, utt.pending_samples = [], 0
+        return audio
+
+    def _end(self) -> None:
+        utt, self._utt = self._utt, None
+        end_sample = self._fed
+        self._enqueue(self._finish, self._take(utt)).addCallback(self._final, utt, end_sample)
+
+    def _enqueue(self, fn, *args) -> defer.Deferred:
+        """Run ``fn`` on the worker thread after every job queued before it."""
+        result = defer.Deferred()
+
+        def step(_):
+            def failed(f):
+                self._failed(f)
+                result.callback(None)
+
+            return self.run_in_thread(fn, *args).addCallbacks(result.callback, failed)
+
+        self._chain.addCallback(step)
+        return result
+
+    def _failed(self, failure) -> None:
+        log.failure("{name} decoding failed", failure, name=self.name)
+
+    def _ms(self, sample: int) -> int:
+        return sample * 1000 // SAMPLE_RATE
+
+    def _ttfb(self, utt: _Utterance) -> Optional[int]:
+        if utt.answered:
+            return None
+        utt.answered = True
+        return int((self.reactor.seconds() - utt.started_at) * 1000)
+
+    def _partial(self, text: Optional[str], utt: _Utterance) -> None:
+        if not text or text == utt.last_text:
+            return
+        utt.last_text = text
+        self._deliver(AsrResult(index=utt.index, text=text, final=False, start_ms=self._ms(utt.start_sample),
+                                end_ms=self._ms(self._fed), ttfb_ms=self._ttfb(utt)))
+
+    def _final(self, text: Optional[str], utt: _Utterance, end_sample: int) -> None:
+        if not text:
+            return
+        self._deliver(AsrResult(index=utt.index, text=text, final=True, start_ms=self._ms(utt.start_sample),
+                                end_ms=self._ms(end_sample), ttfb_ms=self._ttfb(utt)))
+
+    def _deliver(self, result: AsrResult) -> None:
+        try:
+            self.on_result(result)
+        except Exception:
+            log.failure("ASR result handler failed on {result!r}", result=result)
+
+    # -- decoder hooks (worker thread) -----------------------------------------------------------
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _decode(self, pcm: np.ndarray) -> Optional[str]:
+        raise NotImplementedError
+
+    def _finish(self, pcm: np.ndarray) -> Optional[str]:
+        raise NotImplementedError
