@@ -1,0 +1,80 @@
+"""The one shared media clock: every 20 ms, every active leg sends its due frame.
+
+Ticks are scheduled against absolute deadlines (``start + n * 20 ms``) from
+one ``IReactorTime``, never chained relative sleeps, so timing errors do not
+accumulate.  A late wake-up calls each subscriber once per frame it owes
+(bounded by ``max_catch_up``, beyond which the clock re-anchors rather than
+bursting seconds of audio).  There is one clock per daemon, never one
+``LoopingCall`` per call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.logger import Logger
+
+log = Logger(namespace="activecall.media.clock")
+
+FRAME_SECONDS = 0.020
+
+
+class MediaClock:
+    """Calls every subscriber once per 20 ms frame while it has subscribers."""
+
+    def __init__(self, reactor, interval: float = FRAME_SECONDS, max_catch_up: int = 10):
+        self.reactor = reactor
+        self.interval = interval
+        self.max_catch_up = max_catch_up
+        self._subscribers: list[Callable[[], None]] = []
+        self._call = None
+        self._start = 0.0
+        self.ticks = 0  # frames delivered since the clock (re)started
+        self.late_ticks = 0  # wake-ups that owed more than one frame
+        self.reanchors = 0
+
+    def add(self, subscriber: Callable[[], None]) -> None:
+        self._subscribers.append(subscriber)
+        if self._call is None:
+            self._start = self.reactor.seconds()
+            self.ticks = 0
+            self._schedule()
+
+    def remove(self, subscriber: Callable[[], None]) -> None:
+        try:
+            self._subscribers.remove(subscriber)
+        except ValueError:
+            return
+        if not self._subscribers and self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+    def _schedule(self) -> None:
+        deadline = self._start + (self.ticks + 1) * self.interval
+        self._call = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), self._tick)
+
+    def _tick(self) -> None:
+        self._call = None
+        now = self.reactor.seconds()
+        owed = int((now - self._start) / self.interval + 1e-9) - self.ticks
+        if owed > self.max_catch_up:
+            # far behind (a stalled reactor): re-anchor instead of bursting audio
+            self.reanchors += 1
+            self._start = now - self.interval * (self.ticks + 1)
+            owed = 1
+        if owed > 1:
+            self.late_ticks += 1
+        for _ in range(max(owed, 1)):
+            self.ticks += 1
+            for subscriber in list(self._subscribers):
+                try:
+                    subscriber()
+                except Exception:
+                    log.failure("a media clock subscriber failed; removed")
+                    self.remove(subscriber)
+        if self._subscribers:
+            self._schedule()
