@@ -1,0 +1,139 @@
+"""Offline TTS: flite streams 16 kHz audio, is killed on cancel, and the cache
+answers a repeated prompt without a process."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from activecall.speech import registry
+from activecall.speech.base import OptionError, ProviderNotFound, SpeechError, TtsOptions
+from activecall.speech.cache import TtsCache, cache_key
+from activecall.speech.tts.sentences import split_sentences
+
+LONG = " and ".join(["this rather long clause keeps the synthesiser busy"] * 7) + "."  # one sentence
+
+
+class FliteTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_streams_16k_per_sentence(self):
+        synth = registry.create_synthesizer({"provider": "flite", "speaker": "kal"})  # an 8 kHz voice
+        chunks = []
+        samples = yield synth.synthesize("Hello there. How are you today?", chunks.append)
+        self.assertEqual(synth.processes_spawned, 2)
+        self.assertEqual(samples, sum(c.size for c in chunks))
+        self.assertTrue(all(c.dtype == np.int16 and c.size <= 1600 for c in chunks))
+        self.assertGreater(samples / 16000, 1.0)  # about 2 s of speech, resampled to 16 kHz
+        self.assertLess(samples / 16000, 5.0)
+
+    @defer.inlineCallbacks
+    def test_speed_shortens_audio(self):
+        slow = yield registry.create_synthesizer({"provider": "flite"}).synthesize("One two three four five.", list().append)
+        fast = yield registry.create_synthesizer({"provider": "flite", "speed": 2.0}).synthesize(
+            "One two three four five.", list().append)
+        self.assertLess(fast, slow * 0.7)
+
+    def test_cancel_kills_the_process(self):
+        synth = registry.create_synthesizer({"provider": "flite"})
+        chunks, pending = [], []
+        ended = defer.Deferred()
+        original = reactor.spawnProcess
+
+        def spy(proto, *args, **kw):
+            transport = original(proto, *args, **kw)
+            proto.done.addErrback(lambda f: ended.callback(f.value) or None)
+            reactor.callLater(0, lambda: pending[0].cancel())  # while flite is still running
+            return transport
+
+        self.patch(reactor, "spawnProcess", spy)
+        d = synth.synthesize(LONG, chunks.append)
+        pending.append(d)
+        self.assertFailure(d, defer.CancelledError)
+
+        def check(reason):
+            self.assertIn("signal 9", str(reason))
+            self.assertEqual(chunks, [])
+            self.assertEqual(synth.processes_spawned, 1)
+
+        return d.addCallback(lambda _: ended).addCallback(check)
+
+    def test_unknown_voice(self):
+        e = self.assertRaises(SpeechError, registry.create_synthesizer, {"provider": "flite", "speaker": "bob"})
+        self.assertIn("rms", str(e))
+
+    def test_unknown_provider(self):
+        e = self.assertRaises(ProviderNotFound, registry.create_synthesizer, {"provider": "msedge"})
+        self.assertTrue(str(e).startswith("unknown tts provider 'msedge'; available: "), str(e))
+        self.assertIn("flite", e.available)
+
+    def test_bad_speed(self):
+        self.assertRaises(OptionError, TtsOptions.from_dict, {"speed": 10})
+        self.assertRaises(OptionError, TtsOptions.from_dict, {"speed": "fast"})
+
+
+class SentenceTests(unittest.TestCase):
+    def test_split(self):
+        self.assertEqual(split_sentences("Hi. How are you?  Fine!"), ["Hi.", "How are you?", "Fine!"])
+        self.assertEqual(split_sentences("你好。再见！"), ["你好。", "再见！"])
+        self.assertEqual(split_sentences("  "), [])
+        parts = split_sentences("word " * 200, max_chars=100)
+        self.assertTrue(all(len(p) <= 100 for p in parts))
+        self.assertEqual(" ".join(parts).split(), ["word"] * 200)
+
+
+class CacheTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_second_synthesis_spawns_no_process(self):
+        cache = TtsCache(self.mktemp())
+        synth = registry.create_synthesizer({"provider": "flite"}, cache=cache)
+        first, second = [], []
+        yield synth.synthesize("Your call is important to us.", first.append)
+        self.assertEqual(synth.inner.processes_spawned, 1)
+        yield synth.synthesize("Your call is important to us.", second.append)
+        self.assertEqual(synth.inner.processes_spawned, 1)
+        self.assertEqual(cache.hits, 1)
+        np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+        # another voice or speed is another entry
+        other = registry.create_synthesizer({"provider": "flite", "speed": 1.5}, cache=cache)
+        yield other.synthesize("Your call is important to us.", list().append)
+        self.assertEqual(other.inner.processes_spawned, 1)
+        self.assertEqual(len([n for n in os.listdir(cache.path) if n.endswith(".pcm")]), 2)
+
+    def test_lru_bound_and_atomic_files(self):
+        cache = TtsCache(self.mktemp(), max_bytes=3000)
+        for i, key in enumerate("abc"):
+            cache.put(key, np.full(500, i, dtype=np.int16))  # 1000 bytes each
+            os.utime(cache._file(key), ns=(i * 10 ** 9, i * 10 ** 9))
+        self.assertIsNotNone(cache.get("a"))  # a becomes the most recent
+        cache.put("d", np.zeros(500, dtype=np.int16))
+        self.assertIsNone(cache.get("b"))  # least recently used went
+        for key in "acd":
+            self.assertIsNotNone(cache.get(key))
+        self.assertEqual([n for n in os.listdir(cache.path) if n.startswith(".tmp-")], [])
+
+    def test_key_depends_on_every_part(self):
+        base = cache_key("flite", "rms", 1.0, "hi")
+        self.assertNotEqual(base, cache_key("flite", "kal16", 1.0, "hi"))
+        self.assertNotEqual(base, cache_key("flite", "rms", 1.2, "hi"))
+        self.assertNotEqual(base, cache_key("openai", "rms", 1.0, "hi"))
+        self.assertNotEqual(base, cache_key("flite", "rms", 1.0, "hi!"))
+
+    def test_cancelled_synthesis_is_not_stored(self):
+        cache = TtsCache(self.mktemp())
+        synth = registry.create_synthesizer({"provider": "flite"}, cache=cache)
+        ended = []
+        original = reactor.spawnProcess
+
+        def spy(proto, *args, **kw):
+            ended.append(proto.done.addErrback(lambda f: None))  # the killed process is reaped
+            return original(proto, *args, **kw)
+
+        self.patch(reactor, "spawnProcess", spy)
+        d = synth.synthesize(LONG, list().append)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        return defer.gatherResults(ended).addCallback(
+            lambda _: self.assertEqual(os.listdir(cache.path), []))
