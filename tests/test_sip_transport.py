@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from activecall.config import Config
 from activecall.sip import transport as t
-from activecall.sip.message import Target, make_response, parse_message, parse_via
+from activecall.sip.message import SIPParseError, Target, make_response, parse_message, parse_via
 from tests.helpers import free_port
 
 INVITE = (
@@ -72,6 +72,25 @@ class PureTests(unittest.TestCase):
         self.assertEqual(t.response_target(parse_via("SIP/2.0/TCP h;received=192.0.2.1")),
                          Target("192.0.2.1", 5060, "TCP"))
 
+    def test_response_target_reliable_ignores_rport(self):
+        # over TCP/TLS rport is the peer's ephemeral port: a new connection goes to the sent-by port
+        via = parse_via("SIP/2.0/TCP pbx.example:5070;branch=z9hG4bKx;rport=40123;received=192.0.2.7")
+        self.assertEqual(t.response_target(via), Target("192.0.2.7", 5070, "TCP"))
+        via = parse_via("SIP/2.0/UDP pbx.example:5070;branch=z9hG4bKx;rport=40123;received=192.0.2.7")
+        self.assertEqual(t.response_target(via), Target("192.0.2.7", 40123, "UDP"))
+
+    def test_bad_request_names_the_problem_in_a_warning(self):
+        error = None
+        try:
+            parse_message(INVITE.replace(b"1 INVITE", b"1 BYE"))
+        except SIPParseError as e:
+            error = e
+        response = t.bad_request(error, 'active"call/1.0')
+        warning, = response.headers.get_all("Warning")
+        self.assertTrue(warning.startswith('399 activecall1.0 "CSeq method'), warning)
+        self.assertEqual(parse_message(response.to_bytes()).headers.get_all("Warning"), [warning])
+        self.assertIsNone(t.bad_request(SIPParseError("garbage")))
+
     def test_split_pem(self):
         pem = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n" * 2
         self.assertEqual(len(t.split_pem(pem)), 2)
@@ -104,6 +123,7 @@ class DatagramTests(unittest.TestCase):
         response = parse_message(data)
         self.assertEqual(response.status, 400)
         self.assertIn("CSeq", response.reason)
+        self.assertIn("CSeq method", response.headers.get("Warning"))
         self.assertEqual(self.manager.on_message.messages, [])
 
     def test_garbage_and_keepalives_dropped(self):

@@ -84,19 +84,34 @@ def stamp_via(request: Request, source_host: str, source_port: int) -> None:
 
 
 def response_target(via: Via) -> Target:
-    """Where a response goes when it cannot use the request's connection."""
+    """Where a response goes when it cannot use the request's connection.
+
+    UDP: ``received``:``rport`` when the client asked for rport (RFC 3581 §4),
+    else ``received`` (or sent-by) with the sent-by port.  TCP/TLS: a new
+    connection to ``received`` (or sent-by) at the sent-by port — ``rport``
+    there is the peer's ephemeral source port, which accepts no connections
+    (RFC 3261 §18.2.2).
+    """
     host = via.received or via.host
-    port = via.rport or via.port or default_port(via.transport)
-    return Target(host, port, via.transport)
+    sent_by_port = via.port or default_port(via.transport)
+    if Target(host, 0, via.transport).reliable:
+        return Target(host, sent_by_port, via.transport)
+    return Target(host, via.rport or sent_by_port, via.transport)
 
 
-def bad_request(error: SIPParseError) -> Optional[Response]:
-    """The 400 for a malformed request, if one can be formed."""
+def bad_request(error: SIPParseError, agent: str = "activecall") -> Optional[Response]:
+    """The 400 for a malformed request, if one can be formed.
+
+    The problem is named twice: in the reason phrase, which every log shows,
+    and in a ``Warning: 399`` header (RFC 3261 §20.43) for tools that read it.
+    """
     if not error.can_respond:
         return None
-    detail = "".join(ch for ch in error.reason if 32 <= ord(ch) < 127)[:100]
+    detail = "".join(ch for ch in error.reason if 32 <= ord(ch) < 127 and ch not in '"\\')[:100]
+    agent = "".join(ch for ch in agent if ch.isalnum() or ch in "-._!%*+`'~") or "activecall"
     try:
-        return make_response(error.partial, 400, f"Bad Request ({detail})")
+        return make_response(error.partial, 400, f"Bad Request ({detail})",
+                             headers=[("Warning", f'399 {agent} "{detail}"')])
     except (SIPParseError, ValueError):
         return None
 
@@ -324,7 +339,7 @@ class TransportManager(service.Service):
         try:
             msg = parse_message(data, stream=stream)
         except SIPParseError as e:
-            response = bad_request(e)
+            response = bad_request(e, self.config.useragent.split("/")[0])
             log.info("malformed message from {source} over {transport}: {reason}{action}",
                      source=source, transport=transport, reason=e.reason,
                      action="; answered 400" if response else "; dropped")
