@@ -296,6 +296,13 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(m.frame_stream(compact), len(compact))
         self.assertRaises(SIPParseError, m.frame_stream, INVITE.replace(b"Content-Length: 4", b"Content-Length: x"))
 
+    def test_bare_lf_head_with_crlf_crlf_in_the_body(self):
+        # the earliest blank line ends the head, whichever line ending it uses
+        body = b"v=0\r\n\r\nx"
+        data = INVITE.replace(b"\r\n", b"\n").replace(b"Content-Length: 4\n\nv=0\n", b"Content-Length: 8\n\n") + body
+        self.assertEqual(m.parse_message(data).body, body)
+        self.assertEqual(m.frame_stream(data + INVITE), len(data))
+
 
 class BuildTests(unittest.TestCase):
     def test_make_response_copies_and_tags(self):
@@ -337,6 +344,32 @@ class BuildTests(unittest.TestCase):
         self.assertTrue(parsed.top_via.wants_rport)
         self.assertEqual(parsed.body, b"x")
         self.assertEqual(parsed.headers.get("Max-Forwards"), "70")
+
+    def test_copy_is_independent(self):
+        request = m.parse_message(INVITE)
+        twin = request.copy()
+        twin.headers.set("Max-Forwards", "1")
+        twin.uri.params["transport"] = "tcp"
+        self.assertEqual(request.headers.get("Max-Forwards"), "70")
+        self.assertEqual(request.uri.params, {})
+        self.assertEqual(twin.to_bytes().count(b"\r\n"), request.to_bytes().count(b"\r\n"))
+        response = m.make_response(request, 486, to_tag="t")
+        echo = response.copy()
+        echo.headers.remove("Via")
+        self.assertEqual(len(response.headers.get_all("Via")), 1)
+
+    def test_next_attempt_is_a_new_transaction_in_the_same_dialog(self):
+        request = m.parse_message(INVITE)
+        request.headers.add("Authorization", "Digest old")
+        retry = m.next_attempt(request)
+        self.assertEqual(retry.cseq, m.CSeq(314160, "INVITE"))
+        self.assertEqual(request.cseq, m.CSeq(314159, "INVITE"))
+        self.assertTrue(retry.top_via.branch.startswith(m.BRANCH_MAGIC))
+        self.assertNotEqual(retry.top_via.branch, request.top_via.branch)
+        self.assertTrue(retry.top_via.wants_rport)
+        self.assertEqual((retry.call_id, retry.from_.tag, retry.body),
+                         (request.call_id, request.from_.tag, request.body))
+        self.assertEqual(m.parse_message(retry.to_bytes()).cseq.seq, 314160)
 
     def test_headers_api(self):
         h = m.Headers([("v", "a"), ("X-Foo", "1"), ("Via", "b")])

@@ -632,6 +632,10 @@ class Request(Message):
     def start_line(self) -> str:
         return f"{self.method} {self.uri} {self.version}"
 
+    def copy(self) -> "Request":
+        """An independent copy: editing its headers or URI leaves this one alone."""
+        return Request(self.method, self.uri.copy(), self.headers.copy(), self.body, self.version)
+
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.uri} call-id={self.call_id!r}>"
 
@@ -652,6 +656,9 @@ class Response(Message):
     def start_line(self) -> str:
         return f"{self.version} {self.status} {self.reason}"
 
+    def copy(self) -> "Response":
+        return Response(self.status, self.reason, self.headers.copy(), self.body, self.version)
+
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason} call-id={self.call_id!r}>"
 
@@ -666,13 +673,22 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
+def _head_end(data: bytes) -> Optional[tuple[int, int]]:
+    """(end of head, start of body) at the first empty line, or None.
+
+    The earliest of CRLF CRLF and LF LF wins: a head with bare LF line ends may
+    be followed by a body (SDP) that contains CRLF CRLF.
+    """
+    found = [(idx, idx + len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (idx := data.find(sep)) >= 0]
+    return min(found) if found else None
+
+
 def split_head(data: bytes) -> tuple[bytes, bytes]:
     """(head, body) split at the first empty line; tolerates bare LF line ends."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = data.find(sep)
-        if idx >= 0:
-            return data[:idx], data[idx + len(sep):]
-    raise SIPParseError("no empty line after the headers")
+    bounds = _head_end(data)
+    if bounds is None:
+        raise SIPParseError("no empty line after the headers")
+    return data[:bounds[0]], data[bounds[1]:]
 
 
 def unfold(head: str) -> list[str]:
@@ -800,15 +816,12 @@ def frame_stream(buffer: bytes) -> Optional[int]:
     Leading CRLFs (RFC 5626 keep-alives) must have been stripped by the caller.
     Raises ``SIPParseError`` for an unusable Content-Length or an oversized head.
     """
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = buffer.find(sep)
-        if idx >= 0:
-            head_end = idx + len(sep)
-            break
-    else:
+    bounds = _head_end(buffer)
+    if bounds is None:
         if len(buffer) > MAX_MESSAGE_SIZE:
             raise SIPParseError("header section too large")
         return None
+    idx, head_end = bounds
     length = 0
     for line in unfold(_decode(buffer[:idx])):
         name, colon, value = line.partition(":")
@@ -892,6 +905,24 @@ def make_request(method: str, uri: Union[URI, str], *, via: Via, from_: Address,
     if body and content_type:
         h.add("Content-Type", content_type)
     return request
+
+
+def next_attempt(request: Request) -> Request:
+    """``request`` ready to send again after a 401/407 (RFC 3261 §22.2) or a 491/503.
+
+    Same Call-ID, From tag, To, body and headers; CSeq + 1 and a fresh branch
+    on our top Via, so it is a new transaction.  Credentials are the caller's
+    (``DigestClient.authorize`` on the copy).
+    """
+    retry = request.copy()
+    cseq = retry.cseq
+    retry.headers.set("CSeq", str(CSeq(cseq.seq + 1, cseq.method)))
+    if "Via" in retry.headers:
+        via = retry.top_via
+        via.params["branch"] = generate_branch()
+        retry.headers.remove_first("Via")
+        retry.headers.prepend("Via", str(via))
+    return retry
 
 
 # -- addressing ------------------------------------------------------------------------------
