@@ -91,6 +91,18 @@ class SyntaxTests(unittest.TestCase):
         self.assertEqual((again.realm, again.algorithm, again.stale, again.opaque, again.proxy),
                          ("pbx", "SHA-256", True, "o", True))
 
+    def test_algorithm_spelling_echoed(self):
+        challenge = auth.parse_challenge('Digest realm="r", nonce="n", algorithm=md5-Sess, qop="auth"')
+        self.assertEqual(challenge.base_algorithm, "MD5")
+        self.assertTrue(challenge.supported)
+        answer = auth.build_authorization(challenge, "u", "p", "REGISTER", "sip:r", cnonce="c")
+        self.assertIn("algorithm=md5-Sess,", str(answer))
+        parsed = auth.parse_authorization(str(answer))
+        self.assertTrue(auth.verify_authorization(parsed, "p", "REGISTER"))
+        self.assertEqual(answer.response, auth.digest_response(
+            algorithm="MD5-SESS", username="u", realm="r", password="p", method="REGISTER", uri="sip:r",
+            nonce="n", qop="auth", nc="00000001", cnonce="c"))
+
     def test_quoted_commas(self):
         c = auth.parse_challenge('Digest realm="a, b", nonce="x", domain="sip:a sip:b"')
         self.assertEqual(c.realm, "a, b")

@@ -109,13 +109,18 @@ def _parse_digest_params(value: str) -> dict[str, str]:
 
 
 def parse_challenge(value: str, proxy: bool = False) -> Challenge:
-    """Parse one digest challenge header value."""
+    """Parse one digest challenge header value.
+
+    The algorithm keeps the server's spelling (``MD5-sess``): it is compared
+    case-insensitively here but echoed verbatim, as some registrars compare it
+    byte for byte.
+    """
     p = _parse_digest_params(value)
     if "realm" not in p or "nonce" not in p:
         raise AuthError("challenge without realm or nonce")
     qop = tuple(q.strip().lower() for q in p.get("qop", "").split(",") if q.strip())
     return Challenge(
-        realm=p["realm"], nonce=p["nonce"], algorithm=p.get("algorithm", "MD5").upper(),
+        realm=p["realm"], nonce=p["nonce"], algorithm=p.get("algorithm", "MD5").strip(),
         qop=qop, opaque=p.get("opaque"), stale=p.get("stale", "").lower() == "true",
         domain=p.get("domain"), proxy=proxy,
     )
@@ -146,7 +151,7 @@ def parse_authorization(value: str) -> Authorization:
         return Authorization(
             username=p.pop("username"), realm=p.pop("realm"), nonce=p.pop("nonce"),
             uri=p.pop("uri"), response=p.pop("response"),
-            algorithm=p.pop("algorithm", "MD5").upper(), qop=p.pop("qop", None),
+            algorithm=p.pop("algorithm", "MD5").strip(), qop=p.pop("qop", None),
             nc=p.pop("nc", None), cnonce=p.pop("cnonce", None), opaque=p.pop("opaque", None),
             extra=p,
         )
