@@ -120,12 +120,19 @@ class HTTPResourceTests(unittest.TestCase):
         body = resource.render(request)
         return request, body
 
+    @defer.inlineCallbacks
     def test_health(self):
         svc = make()
         svc.registrations["1001@pbx"] = {"state": "registered", "expires": 3600}
-        svc.calls["c1"] = object()
+        ended = []
+
+        class FakeCall:
+            def end(self, reason, initiator=None):
+                ended.append(reason)
+                return defer.succeed(self)
+
+        svc.calls["c1"] = FakeCall()
         svc.startService()
-        self.addCleanup(svc.stopService)
         request, body = self.render(svc.http_site, "health")
         doc = json.loads(body)
         self.assertEqual(doc["status"], "ok")
@@ -133,6 +140,8 @@ class HTTPResourceTests(unittest.TestCase):
         self.assertEqual(doc["sip_registrations"],
                          [{"account": "1001@pbx", "state": "registered", "expires": 3600}])
         self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"application/json"])
+        yield svc.stopService()
+        self.assertEqual(ended, ["system"])  # shutdown hangs up active calls
 
     def test_metrics(self):
         svc = make()

@@ -2,14 +2,11 @@
 binary audio both ways, error events for bad frames, hangup, ping, CDR."""
 
 import dataclasses
-import json
 import os
 import wave
 
 import numpy as np
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -17,6 +14,7 @@ from activecall.api.ws import endpoint_resource
 from activecall.call.manager import CallManager
 from activecall.call.websocket_call import WebSocketConnector
 from activecall.config import CallRecord, load_config
+from tests.wsclient import connect, send_json
 
 
 class ManualMediaClock:
@@ -37,52 +35,6 @@ class ManualMediaClock:
                 fn()
 
 
-class Client(WebSocketClientProtocol):
-    def onOpen(self):
-        self.factory.opened.callback(self)
-
-    def onMessage(self, payload, isBinary):
-        if isBinary:
-            self.factory.audio.append(payload)
-        else:
-            event = json.loads(payload)
-            self.factory.events.append(event)
-            for name, d in list(self.factory.waiting):
-                if event["event"] == name:
-                    self.factory.waiting.remove((name, d))
-                    d.callback(event)
-
-    def onPing(self, payload):
-        self.factory.pings.append(payload)
-        super().onPing(payload)
-
-    def onClose(self, wasClean, code, reason):
-        if not self.factory.closed.called:
-            self.factory.closed.callback(code)
-
-
-class ClientFactory(WebSocketClientFactory):
-    protocol = Client
-
-    def __init__(self, url):
-        super().__init__(url)
-        self.opened = defer.Deferred()
-        self.closed = defer.Deferred()
-        self.events = []
-        self.audio = []
-        self.pings = []
-        self.waiting = []
-
-    def wait_event(self, name):
-        for event in self.events:
-            if event["event"] == name:
-                return defer.succeed(event)
-        d = defer.Deferred()
-        self.waiting.append((name, d))
-        d.addTimeout(10, reactor)
-        return d
-
-
 class CallEndpointTests(unittest.TestCase):
     def setUp(self):
         root = os.path.abspath(self.mktemp())
@@ -101,18 +53,11 @@ class CallEndpointTests(unittest.TestCase):
         self.addCleanup(self.port.stopListening)
         self.root = root
 
-    @defer.inlineCallbacks
     def connect(self, query="id=c1"):
-        port = self.port.getHost().port
-        factory = ClientFactory(f"ws://127.0.0.1:{port}/call?{query}")
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        proto = yield endpoint.connect(factory)
-        yield factory.opened
-        self.addCleanup(lambda: proto.transport.loseConnection() if proto.transport.connected else None)
-        return proto, factory
+        return connect(self, self.port.getHost().port, "/call", query)
 
     def send(self, proto, obj):
-        proto.sendMessage(json.dumps(obj).encode() if not isinstance(obj, str) else obj.encode())
+        send_json(proto, obj)
 
     @defer.inlineCallbacks
     def test_invite_order_audio_in_and_hangup(self):

@@ -21,7 +21,12 @@ from twisted.python.components import Componentized
 from activecall import __version__
 from activecall.api.rest import SessionTable, install_api
 from activecall.api.site import build_site
+from activecall.api.ws import endpoint_resource
 from activecall.call.handlers import PendingPlaybooks
+from activecall.call.manager import CallManager
+from activecall.call.speech import attach_processors, synthesizer_factory
+from activecall.call.websocket_call import WebSocketConnector
+from activecall.media.clock import MediaClock
 from activecall.config import Config, redacted
 from activecall.logs import make_observer
 from activecall.metrics import Metrics
@@ -58,11 +63,24 @@ class ActiveCallService(service.MultiService):
         self.api = install_api(
             self.http_site.root, config, SessionTable(self.calls), self.pending_playbooks
         )
+        # -- calls: sessions, the /call WebSocket endpoint, speech -----------------
+        self.media_clock = MediaClock(reactor)
+        self.call_manager = CallManager(
+            config, reactor, self.media_clock, sessions=self.calls, metrics=self.metrics,
+            synthesizer_for=synthesizer_factory(config.media_cache_path),
+            pending_playbooks=self.pending_playbooks, processor_factory=attach_processors,
+        )
+        self.api.call.websocket = endpoint_resource(
+            self.call_manager, "webSocket",
+            lambda session, proto: WebSocketConnector(session, proto, self.media_clock), "/call",
+        )
         host, port = config.http_host_port
         self.http_service = internet.TCPServer(port, self.http_site, interface=host)
         self.http_service.setName("http")
         self.http_service.config_key = "http_addr"
         self.http_service.setServiceParent(self)
+        # added after http, so on shutdown calls end (BYE, CDRs flushed) before HTTP closes
+        CallsService(self.call_manager).setServiceParent(self)
 
     # -- twistd integration ---------------------------------------------------
 
@@ -171,6 +189,19 @@ class ActiveCallService(service.MultiService):
 
     def _refresh_gauges(self):
         self.metrics.uptime_seconds.set(self.uptime())
+
+
+class CallsService(service.Service):
+    """Ends every call on shutdown and waits for their CDRs."""
+
+    name = "calls"
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return self.manager.end_all("system")
 
 
 def build_service(config: Config, warnings=()) -> ActiveCallService:

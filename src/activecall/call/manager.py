@@ -28,7 +28,7 @@ class CallManager:
 
     def __init__(self, config, clock, media_clock, sessions: Optional[dict] = None, metrics=None,
                  synthesizer_for: Optional[Callable] = None, cdr_writer=None, media_loader=None,
-                 pending_playbooks=None):
+                 pending_playbooks=None, processor_factory=None):
         self.config = config
         self.clock = clock
         self.media_clock = media_clock
@@ -38,6 +38,7 @@ class CallManager:
         self.cdr_writer = cdr_writer if cdr_writer is not None else writer_for(config.callrecord, clock)
         self.media_loader = media_loader or MediaLoader(config.media_cache_path)
         self.pending_playbooks = pending_playbooks
+        self.processor_factory = processor_factory
 
     def open_session(self, session_id: str, call_type: str, emit, dump: bool = True,
                      server_track_id: str = "server-side-track") -> CallSession:
@@ -47,7 +48,7 @@ class CallManager:
             session_id, call_type, clock=self.clock, emit=emit, config=self.config,
             synthesizer_for=self.synthesizer_for, media_loader=self.media_loader,
             cdr_writer=self.cdr_writer, metrics=self.metrics, dump=dump,
-            server_track_id=server_track_id,
+            server_track_id=server_track_id, processor_factory=self.processor_factory,
         )
         session.manager = self
         self.sessions[session_id] = session

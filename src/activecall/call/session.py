@@ -67,7 +67,8 @@ class CallSession:
     def __init__(self, session_id: str, call_type: str, *, clock, emit: Callable[[ev.Event], None],
                  config=None, synthesizer_for: Optional[Callable] = None,
                  media_loader: Optional[MediaLoader] = None, cdr_writer=None, metrics=None,
-                 dump: bool = True, server_track_id: str = SERVER_SIDE_TRACK):
+                 dump: bool = True, server_track_id: str = SERVER_SIDE_TRACK,
+                 processor_factory: Optional[Callable] = None):
         self.id = session_id
         self.call_type = call_type
         self.clock = clock
@@ -97,6 +98,9 @@ class CallSession:
         self._wait_input = None
         self._recorders: list = []
         self.recorder: Optional[WavRecorder] = None
+        #: builds VAD/ASR for the call from its option when it is answered
+        self.processor_factory = processor_factory
+        self.processors = None
         cache = config.media_cache_path if config is not None else "./config/mediacache"
         self.playback = Playback(
             server_track_id, self.emit, clock,
@@ -231,6 +235,8 @@ class CallSession:
         self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
         self._arm_inactivity()
         self.start_recording()
+        if self.processor_factory is not None:
+            self.processors = self.processor_factory(self)
 
     def start_recording(self) -> None:
         """``[recording]``: ``enabled`` allows it; ``auto_start`` or the call's
@@ -320,6 +326,11 @@ class CallSession:
                 yield defer.maybeDeferred(self.leg.close)
             except Exception:
                 log.failure("closing the leg of {id} failed", id=self.id)
+        if self.processors is not None:
+            try:
+                yield self.processors.close()
+            except Exception:
+                log.failure("closing the speech processors of {id} failed", id=self.id)
         if self.recorder is not None:
             self.recorder.close()
             self._recorders.append(RecorderFile(trackId=self.id, path=self.recorder.path,

@@ -1,0 +1,113 @@
+"""Glue between a call session and the speech providers.
+
+- ``synthesizer_factory``: turns a call's ``SynthesisOption`` into a
+  synthesiser (with the TTS cache).  With no option at all the offline
+  default (flite) speaks — the original answered ``no tts option available``;
+  a fresh install should talk without configuration.
+- ``attach_processors``: VAD and ASR on the caller's audio, their results sent
+  as ``speaking`` / ``silence`` / ``asrDelta`` / ``asrFinal`` / ``metrics``
+  events.  An unknown provider gives an ``error`` event naming the available
+  ones (the original silently disabled every processor of the call).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from activecall.api import events as ev
+from activecall.call.playback import SynthesisUnavailable
+from activecall.speech import registry
+from activecall.speech.base import (
+    AsrResult, SilenceTimeout, SpeechEnded, SpeechError, SpeechStarted,
+)
+
+log = Logger(namespace="activecall.call.speech")
+
+
+def _option_dict(option) -> dict:
+    if option is None:
+        return {}
+    return option.to_dict() if hasattr(option, "to_dict") else dict(option)
+
+
+def synthesizer_factory(media_cache_path: str, reactor=None):
+    """``synthesizer_for(option)`` for sessions, sharing one TTS cache."""
+    from activecall.speech.cache import TtsCache
+
+    cache = TtsCache(os.path.join(media_cache_path, "tts"))
+
+    def synthesizer_for(option):
+        try:
+            return registry.create_synthesizer(_option_dict(option), cache=cache)
+        except SpeechError as e:
+            raise SynthesisUnavailable(str(e)) from None
+
+    return synthesizer_for
+
+
+class SpeechProcessors:
+    """The VAD and recogniser of one call, fed the caller's 16 kHz frames."""
+
+    def __init__(self, session, vad=None, recognizer=None, asr_provider: str = ""):
+        self.session = session
+        self.vad = vad
+        self.recognizer = recognizer
+        self.asr_provider = asr_provider
+
+    def feed(self, pcm) -> None:
+        if self.vad is not None:
+            self.vad.feed(pcm)
+        if self.recognizer is not None:
+            self.recognizer.feed(pcm)
+
+    def close(self) -> defer.Deferred:
+        """Finish open segments/utterances (their last events still reach the client)."""
+        ds = [defer.maybeDeferred(part.close) for part in (self.vad, self.recognizer) if part is not None]
+        return defer.DeferredList(ds, consumeErrors=True)
+
+
+def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
+    """Build VAD/ASR from ``session.option``; errors become ``error`` events."""
+    option = session.option
+    if option is None or (option.vad is None and option.asr is None):
+        return None
+    processors = SpeechProcessors(session)
+    s = session
+
+    def on_vad(event):
+        if isinstance(event, SpeechStarted):
+            s.emit(ev.Speaking(trackId=s.id, timestamp=s.now(), startTime=event.start_ms, confidence=1.0))
+        elif isinstance(event, SpeechEnded):
+            s.emit(ev.Silence(trackId=s.id, timestamp=s.now(), startTime=event.start_ms,
+                              duration=event.duration_ms))
+        elif isinstance(event, SilenceTimeout):
+            s.emit(ev.Silence(trackId=s.id, timestamp=s.now(), startTime=event.start_ms,
+                              duration=event.duration_ms))
+
+    def on_asr(result: AsrResult):
+        cls = ev.AsrFinal if result.final else ev.AsrDelta
+        s.emit(cls(trackId=s.id, timestamp=s.now(), index=result.index, startTime=result.start_ms,
+                   endTime=result.end_ms, text=result.text, confidence=result.confidence))
+        if result.ttfb_ms is not None:
+            s.emit(ev.Metrics(timestamp=s.now(), key=f"ttfb.asr.{processors.asr_provider}",
+                              duration=result.ttfb_ms, data={"index": result.index}))
+        if result.final:
+            s.emit(ev.Transcript(trackId=s.id, timestamp=s.now(), text=result.text, index=result.index))
+
+    try:
+        if option.vad is not None:
+            deps = {"batcher": vad_batcher} if vad_batcher is not None else {}
+            processors.vad = registry.create_vad(_option_dict(option.vad), on_vad, **deps)
+        if option.asr is not None:
+            asr_options = _option_dict(option.asr)
+            processors.asr_provider = asr_options.get("provider") or "pocketsphinx"
+            processors.recognizer = registry.create_recognizer(asr_options, on_asr, reactor=s.clock)
+    except SpeechError as e:
+        processors.close()
+        s.error("processor", str(e), code=400)
+        return None
+    s.audio_sinks.append(processors.feed)
+    return processors
