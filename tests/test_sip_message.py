@@ -296,6 +296,15 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(m.frame_stream(compact), len(compact))
         self.assertRaises(SIPParseError, m.frame_stream, INVITE.replace(b"Content-Length: 4", b"Content-Length: x"))
 
+    def test_message_length_resumes_the_head_search(self):
+        head_end = INVITE.index(b"\r\n\r\n") + 4
+        # the blank line straddles what was searched before: still found
+        self.assertEqual(m.message_length(INVITE[:head_end], searched=head_end - 2), len(INVITE))
+        self.assertIsNone(m.message_length(INVITE[:head_end - 1], searched=head_end - 5))
+        # the head is complete, the body is not: the length is known already
+        self.assertEqual(m.message_length(INVITE[:-2]), len(INVITE))
+        self.assertIsNone(m.frame_stream(INVITE[:-2]))
+
     def test_bare_lf_head_with_crlf_crlf_in_the_body(self):
         # the earliest blank line ends the head, whichever line ending it uses
         body = b"v=0\r\n\r\nx"

@@ -177,6 +177,17 @@ class StreamTests(unittest.TestCase):
         self.assertEqual(self.manager.on_message.messages[0][1:], (("198.51.100.8", 40001), "TCP"))
         self.assertEqual(self.proto.buffer, b"")
 
+    def test_byte_by_byte_with_pings_between_messages(self):
+        # one byte per segment: the head search resumes where it stopped, and a ping
+        # split across segments is still a ping
+        data = INVITE + b"\r\n\r\n" + INVITE.replace(b"z9hG4bKtest", b"z9hG4bKtwo") + b"\r\n"
+        for i in range(len(data)):
+            self.proto.dataReceived(data[i:i + 1])
+        self.assertEqual([m.top_via.branch for m, _, _ in self.manager.on_message.messages],
+                         ["z9hG4bKtest", "z9hG4bKtwo"])
+        self.assertEqual(self.wire.value(), b"\r\n")
+        self.assertEqual(self.proto.buffer, b"\r\n")  # a lone CRLF waits: it may be half a ping
+
     def test_ping_pong(self):
         self.proto.dataReceived(b"\r\n\r\n")
         self.assertEqual(self.wire.value(), b"\r\n")

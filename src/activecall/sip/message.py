@@ -673,13 +673,13 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-def _head_end(data: bytes) -> Optional[tuple[int, int]]:
-    """(end of head, start of body) at the first empty line, or None.
+def _head_end(data: bytes, start: int = 0) -> Optional[tuple[int, int]]:
+    """(end of head, start of body) at the first empty line at or after ``start``, or None.
 
     The earliest of CRLF CRLF and LF LF wins: a head with bare LF line ends may
     be followed by a body (SDP) that contains CRLF CRLF.
     """
-    found = [(idx, idx + len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (idx := data.find(sep)) >= 0]
+    found = [(idx, idx + len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (idx := data.find(sep, start)) >= 0]
     return min(found) if found else None
 
 
@@ -810,13 +810,17 @@ def _body(msg: Union[Request, Response], body: bytes, stream: bool) -> bytes:
     return body[:length]
 
 
-def frame_stream(buffer: bytes) -> Optional[int]:
-    """Length of the first whole message in a stream buffer, or None if more is needed.
+def message_length(buffer: bytes, searched: int = 0) -> Optional[int]:
+    """Total length of the first message in a stream buffer once its head is complete.
 
-    Leading CRLFs (RFC 5626 keep-alives) must have been stripped by the caller.
-    Raises ``SIPParseError`` for an unusable Content-Length or an oversized head.
+    None while the blank line after the headers has not arrived; the body may
+    still be arriving when a length is returned.  ``searched``: how many bytes
+    an earlier call already scanned without finding the blank line, so a head
+    dribbled in byte by byte costs linear, not quadratic, time.  Leading CRLFs
+    (RFC 5626 keep-alives) must have been stripped by the caller.  Raises
+    ``SIPParseError`` for an unusable Content-Length or an oversized message.
     """
-    bounds = _head_end(buffer)
+    bounds = _head_end(buffer, max(0, searched - 3))
     if bounds is None:
         if len(buffer) > MAX_MESSAGE_SIZE:
             raise SIPParseError("header section too large")
@@ -832,9 +836,15 @@ def frame_stream(buffer: bytes) -> Optional[int]:
             length = int(value)
     if head_end + length > MAX_MESSAGE_SIZE:
         raise SIPParseError("message too large")
-    if len(buffer) < head_end + length:
-        return None
     return head_end + length
+
+
+def frame_stream(buffer: bytes) -> Optional[int]:
+    """Length of the first whole message in a stream buffer, or None if more is needed."""
+    total = message_length(buffer)
+    if total is None or len(buffer) < total:
+        return None
+    return total
 
 
 # -- building ----------------------------------------------------------------------------------

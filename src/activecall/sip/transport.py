@@ -39,7 +39,7 @@ from activecall.sip.message import (
     Via,
     default_port,
     format_host,
-    frame_stream,
+    message_length,
     make_response,
     parse_message,
 )
@@ -159,7 +159,11 @@ class SIPStreamProtocol(protocol.Protocol, TimeoutMixin):
     def __init__(self, manager: "TransportManager", transport_name: str):
         self.manager = manager
         self.transport_name = transport_name
-        self.buffer = b""
+        self.buffer = bytearray()
+        #: length of the message being received, once its head is complete
+        self._expected: Optional[int] = None
+        #: bytes of the buffer already scanned for the end of the head
+        self._searched = 0
         self.peer: Optional[tuple] = None
         self.ready: defer.Deferred = defer.Deferred()
         #: opened by us: someone waits on ``ready`` and must hear of a failure
@@ -200,28 +204,39 @@ class SIPStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.resetTimeout()
         self.buffer += data
         while self.buffer:
-            if self.buffer.startswith(b"\r\n\r\n"):
-                self.buffer = self.buffer[4:]
-                self.transport.write(b"\r\n")  # RFC 5626 §4.4.1: pong for a ping
-                continue
-            stripped = self.buffer.lstrip(b"\r\n")
-            if len(stripped) != len(self.buffer):
-                if not stripped and len(self.buffer) < 4:
-                    return  # maybe the start of a double-CRLF ping
-                self.buffer = stripped
-                continue
-            try:
-                length = frame_stream(self.buffer)
-            except SIPParseError as e:
-                log.info("closing {transport} connection from {peer}: {reason}",
-                         transport=self.transport_name, peer=self.peer, reason=e.reason)
-                self.buffer = b""
-                self.transport.loseConnection()
+            if self._expected is None:
+                if self.buffer[:1] in (b"\r", b"\n"):
+                    self._keepalive()
+                    if self.buffer[:1] in (b"\r", b"\n"):
+                        return  # maybe the start of a double-CRLF ping
+                    continue
+                try:
+                    self._expected = message_length(self.buffer, self._searched)
+                except SIPParseError as e:
+                    log.info("closing {transport} connection from {peer}: {reason}",
+                             transport=self.transport_name, peer=self.peer, reason=e.reason)
+                    del self.buffer[:]
+                    self.transport.loseConnection()
+                    return
+                if self._expected is None:
+                    self._searched = len(self.buffer)
+                    return
+            if len(self.buffer) < self._expected:
                 return
-            if length is None:
-                return
-            data, self.buffer = self.buffer[:length], self.buffer[length:]
-            self.manager._incoming(data, self.peer, self.transport_name, reply=self._reply, stream=True)
+            message = bytes(self.buffer[:self._expected])
+            del self.buffer[:self._expected]
+            self._expected, self._searched = None, 0
+            self.manager._incoming(message, self.peer, self.transport_name, reply=self._reply, stream=True)
+
+    def _keepalive(self) -> None:
+        """Consume CRLFs between messages; answer a double-CRLF ping with a pong (RFC 5626 §4.4.1)."""
+        while self.buffer.startswith(b"\r\n\r\n"):
+            del self.buffer[:4]
+            self.transport.write(b"\r\n")
+        crlfs = len(self.buffer) - len(self.buffer.lstrip(b"\r\n"))
+        if crlfs == len(self.buffer) and crlfs < 4:
+            return  # keep it: the rest of a ping may follow
+        del self.buffer[:crlfs]
 
 
 class SIPStreamFactory(protocol.Factory):
