@@ -380,6 +380,24 @@ class BuildTests(unittest.TestCase):
                          (request.call_id, request.from_.tag, request.body))
         self.assertEqual(m.parse_message(retry.to_bytes()).cseq.seq, 314160)
 
+    def test_target_for_uri(self):
+        target = m.target_for_uri
+        self.assertEqual(target(m.parse_uri("sip:bob@pbx.example")), m.Target("pbx.example", 5060, "UDP"))
+        self.assertEqual(target(m.parse_uri("sip:bob@pbx.example"), "tcp"), m.Target("pbx.example", 5060, "TCP"))
+        self.assertEqual(target(m.parse_uri("sip:bob@[2001:db8::1]:5070;transport=TCP")),
+                         m.Target("2001:db8::1", 5070, "TCP"))
+        self.assertEqual(target(m.parse_uri("sips:bob@pbx.example")), m.Target("pbx.example", 5061, "TLS"))
+        self.assertEqual(target(m.parse_uri("sips:bob@pbx.example;transport=tcp")), m.Target("pbx.example", 5061, "TLS"))
+        self.assertEqual(target(m.parse_uri("sip:bob@pbx.example;maddr=192.0.2.9")), m.Target("192.0.2.9", 5060, "UDP"))
+        self.assertRaises(SIPParseError, target, m.parse_uri("tel:+15551234"))
+
+    def test_next_hop_prefers_the_first_route(self):
+        request = m.parse_message(INVITE)
+        self.assertEqual(m.next_hop(request), m.Target("biloxi.example.com", 5060, "UDP"))
+        request.headers.add("Route", "<sip:proxy1.example:5080;transport=tcp;lr>")
+        request.headers.add("Route", "<sip:proxy2.example;lr>")
+        self.assertEqual(m.next_hop(request), m.Target("proxy1.example", 5080, "TCP"))
+
     def test_headers_api(self):
         h = m.Headers([("v", "a"), ("X-Foo", "1"), ("Via", "b")])
         self.assertEqual(h.get_all("via"), ["a", "b"])

@@ -80,6 +80,8 @@ class CallSession:
         self.option: Optional[cmd.CallOption] = None
         self.leg = None  # set by the connector; close() -> Deferred releases its resources
         self.connector = None  # call-type glue: invite/accept/reject/ringing/refer/sendDtmf
+        #: callables told every event the call emits (the playbook runner listens here)
+        self.listeners: list[Callable[[ev.Event], None]] = []
         #: callables fed every inbound 16 kHz frame (VAD, ASR, recorder)
         self.audio_sinks: list[Callable] = []
         self.extras: dict[str, Any] = {}
@@ -133,6 +135,11 @@ class CallSession:
             self._emit(event)
         except Exception:
             log.failure("delivering {tag} failed", tag=event.TAG)
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.failure("a listener of {id} failed on {tag}", id=self.id, tag=event.TAG)
 
     def error(self, sender: str, message: str, code: Optional[int] = None) -> None:
         self.emit(ev.Error(trackId=self.id, timestamp=self.now(), sender=sender, error=message,

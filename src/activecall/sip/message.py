@@ -956,3 +956,25 @@ class Target:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+
+def target_for_uri(uri: URI, default_transport: str = "UDP") -> Target:
+    """Where a request for ``uri`` goes (RFC 3263 §4 without NAPTR/SRV lookups).
+
+    ``maddr`` overrides the host; ``transport=`` picks the transport, a sips:
+    URI means TLS; the port is the URI's or the transport's default.
+    """
+    if uri.scheme not in ("sip", "sips"):
+        raise SIPParseError(f"cannot route to a {uri.scheme}: URI")
+    transport = uri.transport or ("TLS" if uri.scheme == "sips" else default_transport.upper())
+    if uri.scheme == "sips" and transport == "TCP":
+        transport = "TLS"  # sips over "tcp" means TLS (RFC 3261 §26.2.2)
+    host = uri.params.get("maddr") or uri.host
+    return Target(host, uri.port or default_port(transport), transport)
+
+
+def next_hop(request: Request, default_transport: str = "UDP") -> Target:
+    """The first Route entry if there is one (loose routing), else the Request-URI."""
+    routes = request.headers.get_all("Route")
+    uri = parse_address(routes[0]).uri if routes else request.uri
+    return target_for_uri(uri, default_transport)
