@@ -296,6 +296,15 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(m.frame_stream(compact), len(compact))
         self.assertRaises(SIPParseError, m.frame_stream, INVITE.replace(b"Content-Length: 4", b"Content-Length: x"))
 
+    def test_conflicting_content_lengths(self):
+        twice = INVITE.replace(b"Content-Length: 4\r\n", b"Content-Length: 4\r\nl: 0\r\n")
+        self.assertRaises(SIPParseError, m.frame_stream, twice)
+        err = self.assertRaises(SIPParseError, m.parse_message, twice)
+        self.assertTrue(err.can_respond)
+        same = INVITE.replace(b"Content-Length: 4\r\n", b"Content-Length: 4\r\nl: 4\r\n")
+        self.assertEqual(m.frame_stream(same), len(same))
+        self.assertEqual(m.parse_message(same).body, b"v=0\n")
+
     def test_message_length_resumes_the_head_search(self):
         head_end = INVITE.index(b"\r\n\r\n") + 4
         # the blank line straddles what was searched before: still found

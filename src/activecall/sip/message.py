@@ -796,7 +796,10 @@ def _fail(msg: Union[Request, Response], reason: str) -> SIPParseError:
 
 
 def _body(msg: Union[Request, Response], body: bytes, stream: bool) -> bytes:
-    length_text = msg.headers.get("Content-Length")
+    values = {v.strip() for v in msg.headers.get_all("Content-Length")}
+    if len(values) > 1:
+        raise _fail(msg, "conflicting Content-Length headers")
+    length_text = values.pop() if values else None
     if length_text is None:
         if stream:
             raise _fail(msg, "no Content-Length on a stream transport")
@@ -826,14 +829,18 @@ def message_length(buffer: bytes, searched: int = 0) -> Optional[int]:
             raise SIPParseError("header section too large")
         return None
     idx, head_end = bounds
-    length = 0
+    length: Optional[int] = None
     for line in unfold(_decode(buffer[:idx])):
         name, colon, value = line.partition(":")
         if colon and name.strip().lower() in ("content-length", "l"):
             value = value.strip()
             if not value.isdigit() or len(value) > 9:
                 raise SIPParseError(f"bad Content-Length {value!r}")
+            if length is not None and int(value) != length:
+                # which one frames the stream is anyone's guess: a smuggling attempt or a bug
+                raise SIPParseError("conflicting Content-Length headers")
             length = int(value)
+    length = length or 0
     if head_end + length > MAX_MESSAGE_SIZE:
         raise SIPParseError("message too large")
     return head_end + length
