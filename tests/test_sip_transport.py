@@ -353,7 +353,7 @@ class LoopbackTests(unittest.TestCase):
 
 
 class LayerOverLoopbackTests(unittest.TestCase):
-    """TransactionLayer on top of two real TransportManagers: an OPTIONS round trip."""
+    """TransactionLayer on top of two real TransportManagers: OPTIONS, and an INVITE cancelled while ringing."""
 
     start = LoopbackTests.start
 
@@ -388,3 +388,63 @@ class LayerOverLoopbackTests(unittest.TestCase):
 
     def test_options_tcp(self):
         return self._options("TCP")
+
+    @defer.inlineCallbacks
+    def _cancelled_invite(self, transport):
+        """INVITE -> 100/180 -> CANCEL -> 200 + 487 -> ACK (inside the transaction), over real sockets."""
+        from activecall.sip.message import make_request, parse_address
+        from activecall.sip.transaction import State, TransactionLayer, TransactionUser
+
+        ringing, cancelled = [], []
+
+        class Ring(TransactionUser):
+            def request_received(self, request, txn):
+                ringing.append(txn)
+                txn.respond(180)
+
+            def cancel_received(self, cancel, invite):
+                cancelled.append(invite)
+
+        a, b = self.start(), self.start()
+        layer_a, layer_b = TransactionLayer(a), TransactionLayer(b, Ring())
+        self.addCleanup(layer_a.stop)
+        self.addCleanup(layer_b.stop)
+        acked = defer.Deferred()
+
+        def b_receives(msg, source, via_transport):
+            layer_b.message_received(msg, source, via_transport)
+            if getattr(msg, "method", None) == "ACK" and not acked.called:
+                acked.callback(msg)
+
+        a.on_message, b.on_message = layer_a.message_received, b_receives
+        target = Target("127.0.0.1", b.port_for(transport), transport)
+        invite = make_request(
+            "INVITE", f"sip:bot@127.0.0.1:{target.port}", via=a.local_via(transport),
+            from_=parse_address("<sip:caller@127.0.0.1>;tag=c"), to=parse_address("<sip:bot@127.0.0.1>"),
+            call_id=f"cancel-{transport}", cseq=1, body=b"v=0\r\n", content_type="application/sdp",
+        )
+        provisionals, cancel_answers = [], []
+
+        def provisional(response):
+            provisionals.append(response.status)
+            if response.status == 180:
+                cancel_answers.append(layer_a.cancel(txn))
+
+        txn = layer_a.send_request(invite, target, on_provisional=provisional)
+        final = yield txn.final
+        cancel_response = yield cancel_answers[0]
+        ack = yield acked
+        self.assertEqual(final.status, 487)
+        self.assertEqual(cancel_response.status, 200)
+        self.assertIn(180, provisionals)
+        self.assertEqual(cancelled, ringing)
+        self.assertEqual(ack.cseq.seq, 1)
+        self.assertEqual(ack.top_via.branch, invite.top_via.branch)  # the non-2xx ACK is hop-by-hop
+        self.assertEqual(ack.to.tag, final.to.tag)
+        self.assertIn(ringing[0].state, (State.CONFIRMED, State.TERMINATED))
+
+    def test_cancelled_invite_udp(self):
+        return self._cancelled_invite("UDP")
+
+    def test_cancelled_invite_tcp(self):
+        return self._cancelled_invite("TCP")
