@@ -72,3 +72,35 @@ class MediaClockTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.reactor.advance(0.02)
         self.assertEqual(len(self.calls), 2)
+
+    def test_subscribers_added_and_removed_inside_a_tick_share_the_one_timer(self):
+        order = []
+
+        def late_joiner():
+            order.append("b")
+
+        def starter():
+            order.append("a")
+            if order == ["a"]:
+                self.clock.add(late_joiner)  # a leg started from inside a tick
+
+        self.clock.add(starter)
+        self.reactor.advance(0.02)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.reactor.advance(0.02)
+        self.assertEqual(order, ["a", "a", "b"])
+
+        def leaver():
+            self.clock.remove(starter)
+            self.clock.remove(late_joiner)
+            self.clock.remove(leaver)
+
+        self.clock.add(leaver)
+        self.reactor.advance(0.02)
+        self.assertEqual(len(self.clock), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        # it starts again cleanly afterwards
+        self.clock.add(self.sub)
+        self.reactor.advance(0.02)
+        self.assertEqual(len(self.calls), 1)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)

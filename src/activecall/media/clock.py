@@ -29,13 +29,14 @@ class MediaClock:
         self._subscribers: list[Callable[[], None]] = []
         self._call = None
         self._start = 0.0
+        self._ticking = False  # inside _tick: _call is None but a reschedule follows
         self.ticks = 0  # frames delivered since the clock (re)started
         self.late_ticks = 0  # wake-ups that owed more than one frame
         self.reanchors = 0
 
     def add(self, subscriber: Callable[[], None]) -> None:
         self._subscribers.append(subscriber)
-        if self._call is None:
+        if self._call is None and not self._ticking:
             self._start = self.reactor.seconds()
             self.ticks = 0
             self._schedule()
@@ -68,13 +69,17 @@ class MediaClock:
             owed = 1
         if owed > 1:
             self.late_ticks += 1
-        for _ in range(max(owed, 1)):
-            self.ticks += 1
-            for subscriber in list(self._subscribers):
-                try:
-                    subscriber()
-                except Exception:
-                    log.failure("a media clock subscriber failed; removed")
-                    self.remove(subscriber)
-        if self._subscribers:
+        self._ticking = True
+        try:
+            for _ in range(max(owed, 1)):
+                self.ticks += 1
+                for subscriber in list(self._subscribers):
+                    try:
+                        subscriber()
+                    except Exception:
+                        log.failure("a media clock subscriber failed; removed")
+                        self.remove(subscriber)
+        finally:
+            self._ticking = False
+        if self._subscribers and self._call is None:
             self._schedule()
