@@ -100,3 +100,15 @@ def _pocketsphinx(opts, on_result, **deps):
 def _sensevoice(opts, on_result, **deps):
     from activecall.speech.asr.sensevoice import SenseVoiceRecognizer
     return SenseVoiceRecognizer(opts, on_result, **deps)
+
+
+@register(ASR_PROVIDERS, "openai")
+def _openai_asr(opts, on_result, **deps):
+    from activecall.speech.asr.openai import OpenAIRecognizer
+    return OpenAIRecognizer(opts, on_result, **deps)
+
+
+@register(TTS_PROVIDERS, "openai")
+def _openai_tts(opts, **deps):
+    from activecall.speech.tts.openai import OpenAISynthesizer
+    return OpenAISynthesizer(opts, **deps)
