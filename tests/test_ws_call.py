@@ -149,3 +149,48 @@ class CallEndpointTests(unittest.TestCase):
         self.assertIn("already active", f2.events[0]["error"])
         self.assertNotEqual(code, 1000)
         self.assertIn("dup", self.manager.sessions)
+
+
+class CallCodecTests(CallEndpointTests):
+    """G.711 on /call: any chunk size in, 160-byte frames out; unknown codecs refused."""
+
+    @defer.inlineCallbacks
+    def test_pcmu_chunks_in_and_frames_out(self):
+        from activecall.media.codecs import create
+
+        encoder = create("pcmu")
+        t = np.arange(1600) / 16000
+        tone = (np.sin(2 * np.pi * 400 * t) * 8000).astype(np.int16)
+        wire = b"".join(encoder.encode(tone[i:i + 320]) for i in range(0, 1600, 320))
+        self.assertEqual(len(wire), 800)
+        proto, f = yield self.connect()
+        self.send(proto, {"command": "invite", "option": {"codec": "pcmu"}})
+        yield f.wait_event("answer")
+        got = []
+        self.manager.sessions["c1"].audio_sinks.append(got.append)
+        for i in range(0, len(wire), 97):  # odd chunk sizes
+            proto.sendMessage(wire[i:i + 97], isBinary=True)
+        self.send(proto, {"command": "history", "speaker": "a", "text": "b"})
+        yield f.wait_event("addHistory")
+        pcm = np.concatenate(got)
+        self.assertEqual(pcm.size, 1600)
+        spectrum = np.abs(np.fft.rfft(pcm.astype(float)))
+        self.assertAlmostEqual(np.argmax(spectrum) * 16000 / pcm.size, 400, delta=15)
+        import base64
+
+        self.send(proto, {"command": "tts", "text": base64.b64encode(tone.astype("<i2").tobytes()).decode(),
+                          "base64": True, "endOfStream": True})
+        self.send(proto, {"command": "history", "speaker": "a", "text": "c"})
+        yield f.wait_event("addHistory", text="c")
+        self.media_clock.tick(6)
+        yield f.wait_event("trackEnd")
+        self.assertEqual([len(a) for a in f.audio], [160] * 5)
+
+    @defer.inlineCallbacks
+    def test_unknown_codec_is_an_invite_error(self):
+        proto, f = yield self.connect()
+        self.send(proto, {"command": "invite", "option": {"codec": "opus"}})
+        err = yield f.wait_event("error")
+        self.assertEqual(err["sender"], "invite")
+        self.assertIn("not available on /call", err["error"])
+        self.assertNotIn("answer", [e["event"] for e in f.events])

@@ -18,9 +18,9 @@ class Client(WebSocketClientProtocol):
         else:
             event = json.loads(payload)
             self.factory.events.append(event)
-            for name, d in list(self.factory.waiting):
-                if event["event"] == name:
-                    self.factory.waiting.remove((name, d))
+            for matches, d in list(self.factory.waiting):
+                if matches(event):
+                    self.factory.waiting.remove((matches, d))
                     d.callback(event)
 
     def onPing(self, payload):
@@ -44,12 +44,17 @@ class ClientFactory(WebSocketClientFactory):
         self.pings = []
         self.waiting = []
 
-    def wait_event(self, name):
+    def wait_event(self, name, **fields):
+        """The first event ``name`` whose fields match ``fields`` (already seen or to come)."""
+
+        def matches(event):
+            return event["event"] == name and all(event.get(k) == v for k, v in fields.items())
+
         for event in self.events:
-            if event["event"] == name:
+            if matches(event):
                 return defer.succeed(event)
         d = defer.Deferred()
-        self.waiting.append((name, d))
+        self.waiting.append((matches, d))
         d.addTimeout(10, reactor)
         return d
 

@@ -17,6 +17,7 @@ import numpy as np
 from twisted.logger import Logger
 
 from activecall.api import commands as cmd
+from activecall.playbook.runner import start_playbook
 
 log = Logger(namespace="activecall.call.websocket")
 
@@ -50,11 +51,23 @@ class PcmCodec:
         return pcm16k.astype("<i2").tobytes()
 
 
+def start_pending_playbook(session) -> None:
+    """A playbook posted to ``/api/playbook/run`` for this session id starts with the connection
+    (ws-api.md §1); it speaks once the call is answered."""
+    manager = getattr(session, "manager", None)
+    pending = getattr(manager, "pending_playbooks", None)
+    taken = pending.take(session.id) if pending is not None else None
+    if taken is not None:
+        start_playbook(session, taken.content if taken.content is not None else taken.name, extras=taken.extras)
+
+
 def codec_for(option: cmd.CallOption):
     """The /call codec for ``option.codec`` (absent or ``pcm``: raw PCM)."""
     name = (option.codec or "pcm").lower()
     if name in ("pcm", "l16", "linear16"):
         return PcmCodec(option.sampleRate or 16000)
+    if name not in ("pcmu", "pcma", "g722"):
+        raise ValueError(f"codec {option.codec!r} is not available on /call (pcm, pcmu, pcma, g722)")
     from activecall.media import codecs
 
     return codecs.stream_codec(name)
@@ -96,6 +109,7 @@ class WebSocketConnector:
         self.protocol = protocol
         self.media_clock = media_clock
         self.queued: deque[bytes] = deque(maxlen=MAX_QUEUED_FRAMES)
+        start_pending_playbook(session)
 
     def binary_received(self, payload: bytes) -> None:
         leg = self.session.leg
@@ -116,6 +130,9 @@ class WebSocketConnector:
             session.error("invite", str(e), code=400)
             return
         session.option = option
+        if option.playbook and getattr(session, "playbook_runner", None) is None:
+            if start_playbook(session, option.playbook) is None:
+                return  # refused: error{sender: "playbook"} sent, the call is ending
         session.leg = WebSocketAudioLeg(session, self.protocol.send_audio, codec, self.media_clock)
         session.answered(sdp="")
         while self.queued:
