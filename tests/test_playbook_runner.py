@@ -1,0 +1,939 @@
+"""The playbook runner on a real CallSession driven by task.Clock, with a scripted fake LLM (exact turns,
+tags, barge-in, follow-up, DTMF, collectors, posthook), and against a real local OpenAI-compatible SSE
+server for the LLM path (playbook.md §5)."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from activecall.api import commands as cmd
+from activecall.api import events as ev
+from activecall.call.session import CallSession
+from activecall.config import load_config
+from activecall.media.tracks import FRAME_SAMPLES
+from activecall.playbook import tags
+from activecall.playbook.echo import EchoLLM, echo_reply
+from activecall.playbook.llm import LLMClient, LLMError, LLMReply, LLMSettings
+from activecall.playbook.parser import parse_playbook
+from activecall.playbook.runner import PlaybookRunner, playbook_call_option, start_playbook
+
+T0 = 1_700_000_000
+
+
+class FakeSynth:
+    name = "fake"
+
+    def __init__(self):
+        self.texts = []
+
+    def synthesize(self, text, feed):
+        self.texts.append(text)
+        feed(np.full(3 * FRAME_SAMPLES, 1000, dtype=np.int16))  # 60 ms per text
+        return defer.succeed(None)
+
+
+class StreamCall:
+    """One streamed LLM request the test answers by hand."""
+
+    def __init__(self, messages, on_delta):
+        self.messages = messages
+        self.on_delta = on_delta
+        self.text = ""
+        self.cancelled = False
+        self.d = defer.Deferred(canceller=self._cancel)
+
+    def _cancel(self, d):
+        self.cancelled = True
+
+    def send(self, *chunks):
+        for chunk in chunks:
+            self.text += chunk
+            self.on_delta(chunk)
+
+    def end(self):
+        self.d.callback(LLMReply(self.text, finish_reason="stop"))
+
+    def reply(self, *chunks):
+        self.send(*chunks)
+        self.end()
+
+
+class FakeLLM:
+    """Scripted model: each stream() takes the next step of ``script`` (a list of chunks to send and end,
+    an exception to fail with, or None to leave the request open); complete() answers from ``completions``."""
+
+    def __init__(self, *script):
+        self.script = list(script)
+        self.calls = []
+        self.completions = []
+        self.completed = []
+
+    def stream(self, messages, on_delta, tools=None):
+        call = StreamCall([dict(m) for m in messages], on_delta)
+        self.calls.append(call)
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, Exception):
+            call.d.errback(step)
+        elif step is not None:
+            call.reply(*([step] if isinstance(step, str) else step))
+        return call.d
+
+    def complete(self, messages, tools=None):
+        self.completed.append([dict(m) for m in messages])
+        answer = self.completions.pop(0) if self.completions else "ok"
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(LLMReply(answer))
+
+
+class FakeResponse:
+    def __init__(self, code, body):
+        self.code = code
+        self.body = body
+
+    def content(self):
+        return defer.succeed(self.body)
+
+
+class FakeHttp:
+    """treq-like: records requests; ``answers`` are (code, body), an exception, or None (never answers)."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.requests = []
+
+    def request(self, method, url, data=None, headers=None):
+        self.requests.append({"method": method, "url": url, "data": data, "headers": headers})
+        answer = self.answers.pop(0) if self.answers else (200, b"{}")
+        if answer is None:
+            return defer.Deferred()
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(FakeResponse(*answer))
+
+
+class ReferConnector:
+    """A call type that can transfer (records refer commands)."""
+
+    def __init__(self):
+        self.refers = []
+
+    def refer(self, command):
+        self.refers.append(command)
+
+
+PLAYBOOK = """---
+llm:
+  provider: openai
+  baseUrl: http://127.0.0.1:9/v1
+  model: test-model
+{extra}
+---
+You are a test bot for {{{{ session_id }}}}.
+"""
+
+
+class RunnerTestBase(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(T0)
+        self.events = []
+        root = os.path.abspath(self.mktemp())
+        cfg, _ = load_config(None)
+        self.cfg = dataclasses.replace(
+            cfg, recording=dataclasses.replace(cfg.recording, path=os.path.join(root, "rec")),
+            media_cache_path=os.path.join(root, "cache"), playbook_dir=os.path.join(root, "playbook"))
+        os.makedirs(self.cfg.playbook_dir)
+        self.synth = FakeSynth()
+        self.commands = []
+
+    def make_session(self, connector=None):
+        s = CallSession("s1", "webSocket", clock=self.clock, emit=self.events.append, config=self.cfg,
+                        synthesizer_for=lambda opt: self.synth, dump=False)
+        s.option = cmd.CallOption(tts=cmd.SynthesisOption(provider="fake"))
+        s.connector = connector
+        original = s.handle
+
+        def handle(command):
+            self.commands.append(command)
+            return original(command)
+
+        s.handle = handle
+        return s
+
+    def begin(self, text=None, *script, extra="", greeting=None, answered=True, connector=None, http=None):
+        """A runner over a fresh session with playbook front matter ``extra``."""
+        if greeting is not None:
+            extra += f"\ngreeting: {json.dumps(greeting)}"
+        source = text if text is not None else PLAYBOOK.format(extra=extra)
+        self.playbook = parse_playbook(source, "test.md", environ={})
+        self.session = self.make_session(connector)
+        self.llm = FakeLLM(*script)
+        self.http = http or FakeHttp()
+        self.runner = PlaybookRunner(self.session, self.playbook, clock=self.clock,
+                                     llm_client_factory=lambda cfg: self.llm, http=self.http)
+        self.runner.attach()
+        if answered:
+            self.session.answered()
+        return self.runner
+
+    # helpers
+
+    def tts(self):
+        return [c for c in self.commands if isinstance(c, cmd.Tts)]
+
+    def sent(self):
+        """Commands as compact tuples."""
+        out = []
+        for c in self.commands:
+            if isinstance(c, cmd.Tts):
+                out.append(("tts", c.text, c.playId, c.endOfStream, bool(c.autoHangup)))
+            elif isinstance(c, cmd.Play):
+                out.append(("play", c.url))
+            elif isinstance(c, cmd.Refer):
+                out.append(("refer", c.callee))
+            elif isinstance(c, cmd.Interrupt):
+                out.append(("interrupt",))
+            else:
+                out.append((c.TAG,))
+        return out
+
+    def play_out(self, limit=500):
+        """Tick the media clock until the bot's track is done."""
+        for _ in range(limit):
+            if self.session.playback.current is None:
+                return
+            self.clock.advance(0.02)
+            self.session.tick()
+        self.fail("playback never ended")
+
+    def tick(self, n):
+        for _ in range(n):
+            self.clock.advance(0.02)
+            self.session.tick()
+
+    def user(self, text, **kw):
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text=text, **kw))
+
+    def digit(self, d):
+        self.session.emit(ev.Dtmf(trackId="s1", timestamp=self.session.now(), digit=d))
+
+    def silence(self):
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=0, duration=0))
+
+    def history(self):
+        return [(m["role"], m["content"]) for m in self.runner.history[1:]]
+
+    def of(self, tag):
+        return [e for e in self.events if e.TAG == tag]
+
+
+class StartTests(RunnerTestBase):
+    def test_greeting_is_the_first_command_and_media_waits_for_answer(self):
+        self.begin(None, greeting="Hello {{ session_id }}!", answered=False)
+        self.assertEqual(self.commands, [])
+        self.session.answered()
+        self.assertEqual(self.sent(), [("tts", "Hello s1!", "greeting", True, False)])
+        self.assertEqual(self.llm.calls, [])
+        self.assertEqual(self.of("addHistory")[0].speaker, "assistant")
+
+    def test_without_greeting_the_llm_speaks_first(self):
+        self.begin(None, "Hi there, how can I help?")
+        self.assertEqual(len(self.llm.calls), 1)
+        messages = self.llm.calls[0].messages
+        self.assertEqual([m["role"] for m in messages], ["system"])
+        self.assertIn("You are a test bot for s1.", messages[0]["content"])
+        self.assertIn("<hangup/>", messages[0]["content"])  # tool instructions
+        self.assertEqual(self.sent(), [("tts", "Hi there, how can I help?", "llm-1", True, False)])
+        keys = [e.key for e in self.of("metrics") if e.key.startswith("llm")]
+        self.assertEqual(keys, ["llm_call_start", "llm_response"])
+
+    def test_initial_scene_play_comes_before_the_greeting(self):
+        path = os.path.join(self.cfg.playbook_dir, "beep.wav")
+        self.begin(PLAYBOOK.format(extra='greeting: "Welcome."').replace(
+            "You are", f'<play file="{path}"/>\nYou are'))
+        self.assertEqual(self.sent(), [("play", path)])  # the greeting waits for the file's trackEnd
+        self.play_out()
+        self.assertEqual(self.sent()[-1], ("tts", "Welcome.", "greeting", True, False))
+
+
+class ReplyTests(RunnerTestBase):
+    def test_sentences_share_one_play_id_and_the_last_ends_the_stream(self):
+        self.begin(None, ["Hello! How can ", "I help you today?"])
+        self.assertEqual(self.sent(), [
+            ("tts", "Hello!", "llm-1", False, False),
+            ("tts", "How can I help you today?", "llm-1", True, False),
+        ])
+        self.assertTrue(all(c.streaming for c in self.tts()))
+        self.assertEqual(self.tts()[0].waitInputTimeout, 10000)
+
+    def test_a_reply_ending_in_a_newline_gets_an_empty_end_of_stream(self):
+        self.begin(None, "Hello! How can I help you today?\n")
+        self.assertEqual(self.sent(), [
+            ("tts", "Hello!", "llm-1", False, False),
+            ("tts", "How can I help you today?", "llm-1", False, False),
+            ("tts", "", "llm-1", True, False),
+        ])
+
+    def test_refer_and_hangup_tags(self):
+        connector = ReferConnector()
+        self.begin(None, ['Hello! <refer to="sip:1', '23"/> How are you? <hangup/>'], connector=connector)
+        self.assertEqual(self.sent(), [
+            ("tts", "Hello!", "llm-1", False, False),
+            ("refer", "sip:123"),
+            ("tts", "How are you?", "llm-1", False, False),
+            ("tts", "", "llm-1", True, True),
+        ])
+        self.assertEqual(connector.refers[0].callee, "sip:123")
+        self.assertNotIn("hangup", [c.TAG for c in self.commands])
+        self.assertEqual(self.history(), [("assistant", 'Hello! <refer to="sip:123"/> How are you? <hangup/>')])
+        self.play_out()
+        self.assertEqual(self.session.end_reason, "autohangup")
+        self.assertTrue(self.runner.stopped)
+
+    def test_tags_never_reach_the_tts(self):
+        self.begin(None, ['Sure <set_var key="a" value="1"/>thing. <goto scene="nowhere"/>Bye <bogus x=1> now.'])
+        self.assertEqual(self.synth.texts, ["Sure", "thing.", "Bye", "now."])
+        for text in self.synth.texts:
+            self.assertNotIn("<", text)
+
+    def test_set_var_after_hangup_lands_in_the_bye_headers(self):
+        self.begin(None, 'Goodbye. <hangup/><set_var key="outcome" value="resolved"/>', extra="""sip:
+  hangup_headers:
+    X-Outcome: "{{ outcome }}"
+    X-Session: "{{ session_id }}"
+    X-Missing: "{{ nothing }}"
+""")
+        self.assertEqual(self.session.extras["outcome"], "resolved")
+        self.assertEqual(self.session.hangup_headers, {"X-Outcome": "resolved", "X-Session": "s1", "X-Missing": ""})
+        self.assertEqual(self.sent()[-2:], [("tts", "Goodbye.", "llm-1", False, False), ("tts", "", "llm-1", True, True)])
+
+    def test_refer_on_a_call_that_cannot_transfer_ends_it_after_the_reply(self):
+        self.begin(None, 'Transferring you now. <refer to="sip:agent@pbx"/>')
+        self.assertEqual(self.sent(), [("tts", "Transferring you now.", "llm-1", False, False),
+                                       ("tts", "", "llm-1", True, False)])
+        self.assertIsNone(self.session.end_reason)
+        self.play_out()
+        self.assertEqual(self.session.end_reason, "refer")
+
+    def test_goto_switches_the_system_prompt_without_a_new_turn(self):
+        text = """---
+llm: {provider: openai}
+---
+Shared rules.
+# Scene: start
+Greet. Your name is {{ bot }}.
+# Scene: billing
+Talk about invoices for {{ bot }}.
+"""
+        self.begin(text, 'One moment. <set_var key="bot" value="Ann"/><goto scene="billing"/>')
+        self.assertEqual(len(self.llm.calls), 1)
+        system = self.runner.history[0]["content"]
+        self.assertTrue(system.startswith("Shared rules.\n\nTalk about invoices for Ann."), system)
+        self.assertEqual(self.runner.scene_id, "billing")
+
+    def test_play_mid_reply_keeps_the_order(self):
+        path = os.path.join(self.cfg.playbook_dir, "hold.wav")
+        self.begin(None, f'Please hold. <play file="{path}"/>Thanks for waiting.')
+        self.assertEqual(self.sent(), [
+            ("tts", "Please hold.", "llm-1", False, False),
+            ("tts", "", "llm-1", True, False),
+        ])
+        self.play_out()
+        self.assertEqual(self.sent()[2], ("play", path))
+        self.play_out()
+        self.assertEqual(self.sent()[3], ("tts", "Thanks for waiting.", "llm-1.2", True, False))
+
+    def test_http_tag_runs_in_the_background_and_feeds_the_next_turn(self):
+        http = FakeHttp(None)
+        self.begin(None, ["Let me check. ", '<http url="http://api/x" method="POST" body=\'{"a":1}\' set_var="r"/>'],
+                 "Your order shipped.", http=http)
+        self.assertEqual(http.requests[0]["method"], "POST")
+        self.assertEqual(http.requests[0]["data"], b'{"a":1}')
+        self.assertEqual(self.sent()[-1][3], True)  # the reply finished without waiting for HTTP
+        self.user("Any news?")
+        self.assertEqual(len(self.llm.calls), 1)  # the next turn waits for the pending request...
+        self.clock.advance(10)  # ...which times out after the tag's 10 s
+        self.assertEqual(len(self.llm.calls), 2)
+        self.assertIn(("system", "HTTP POST http://api/x failed: timed out"), self.history())
+
+    def test_http_tag_result_becomes_a_system_message_and_a_variable(self):
+        http = FakeHttp((200, b'{"status": "shipped"}'))
+        self.begin(None, 'Checking. <http url="http://api/{{ session_id }}" set_var="order"/>', http=http)
+        self.assertEqual(http.requests[0]["url"], "http://api/s1")
+        self.assertEqual(self.session.extras["order"], '{"status": "shipped"}')
+        self.assertIn(("system", 'HTTP GET http://api/s1 returned (200): {"status": "shipped"}'), self.history())
+
+    def test_llm_error_speaks_the_fallback_line(self):
+        self.begin(None, LLMError("LLM HTTP 500: boom", 500), extra='  fallback: "Sorry, say again?"')
+        errors = self.of("error")
+        self.assertEqual((errors[0].sender, errors[0].error, errors[0].code), ("llm", "LLM HTTP 500: boom", 500))
+        self.assertEqual(self.sent(), [("tts", "Sorry, say again?", "llm-1", True, False)])
+
+    def test_llm_error_mid_reply_still_ends_with_the_fallback(self):
+        self.begin(None, None)
+        self.llm.calls[0].send("Let me see. ")
+        self.llm.calls[0].d.errback(LLMError("LLM stream broken: lost"))
+        self.assertEqual([t.text for t in self.tts()], ["Let me see.", self.playbook.config.llm.fallback])
+        self.assertTrue(self.tts()[-1].endOfStream)
+
+
+class JsonModeTests(RunnerTestBase):
+    def test_text_and_wait_input_timeout(self):
+        self.begin(None, '{"text": "Hello there.", "waitInputTimeout": 5000}')
+        [tts] = self.tts()
+        self.assertEqual((tts.text, tts.waitInputTimeout, tts.endOfStream), ("Hello there.", 5000, True))
+        self.assertEqual(self.history(), [("assistant", "Hello there.")])
+
+    def test_hangup_tool_folds_into_the_tts(self):
+        self.begin(None, '```json\n{"text": "Bye.", "tools": [{"name": "hangup"}]}\n```')
+        [tts] = self.tts()
+        self.assertEqual((tts.text, tts.autoHangup), ("Bye.", True))
+        self.play_out()
+        self.assertEqual(self.session.end_reason, "autohangup")
+
+    def test_refer_tool(self):
+        connector = ReferConnector()
+        self.begin(None, '{"tools": [{"name": "refer", "caller": "sip:bot@x", "callee": "sip:human@x"}]}',
+                 connector=connector)
+        self.assertEqual((connector.refers[0].caller, connector.refers[0].callee), ("sip:bot@x", "sip:human@x"))
+
+    def test_http_tool_re_asks_at_most_three_rounds(self):
+        again = '{"tools": [{"name": "http", "url": "http://api/x"}]}'
+        http = FakeHttp((200, b"one"), (200, b"two"), (200, b"three"))
+        self.begin(None, None, http=http)
+        self.llm.completions = [again, again, again]
+        self.llm.calls[0].reply(again)
+        self.assertEqual(len(self.llm.completed), 2)  # 3 rounds in all
+        self.assertEqual(len(http.requests), 3)
+        self.assertEqual(self.llm.completed[0][-1], {"role": "system", "content": "HTTP tool response (200): one"})
+        [tts] = self.tts()
+        self.assertEqual(tts.text, "")  # no text after the last round: nothing to say
+
+    def test_http_tool_then_answer(self):
+        http = FakeHttp((200, b'{"balance": 12}'))
+        self.begin(None, '{"tools": [{"name": "http", "url": "http://api/b", "method": "POST", "body": {"id": 7}}]}',
+                 http=http)
+        self.assertEqual(http.requests[0]["data"], b'{"id": 7}')
+
+    def test_http_tool_answer_is_spoken(self):
+        http = FakeHttp((200, b'{"balance": 12}'))
+        runner = self.begin(None, None, http=http)
+        self.llm.completions = ['{"text": "Your balance is 12 euros."}']
+        self.llm.calls[0].reply('{"tools": [{"name": "http", "url": "http://api/b"}]}')
+        self.assertEqual(self.tts()[-1].text, "Your balance is 12 euros.")
+        self.assertEqual(runner.history[-1], {"role": "assistant", "content": "Your balance is 12 euros."})
+
+
+class BargeInTests(RunnerTestBase):
+    def speaking(self, **kw):
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=0, **kw))
+
+    def delta(self, text, **kw):
+        self.session.emit(ev.AsrDelta(trackId="s1", timestamp=self.session.now(), index=0, text=text, **kw))
+
+    def start_speaking(self, extra=""):
+        self.begin(None, None, extra=extra)
+        self.llm.calls[0].send("This is a long answer. ", "It goes on and on. ")
+        self.tick(1)
+        self.assertTrue(self.runner.is_speaking)
+
+    def test_interrupt_only_after_the_guard_and_it_flushes_and_cancels(self):
+        self.start_speaking()
+        self.clock.advance(0.5)
+        self.speaking()
+        self.assertNotIn(("interrupt",), self.sent())
+        self.clock.advance(0.4)
+        self.speaking()
+        self.assertEqual(self.sent()[-1], ("interrupt",))
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.assertEqual([e.TAG for e in self.events[-2:]], ["interruption", "trackEnd"])
+        self.assertIsNone(self.session.playback.current)
+        self.assertFalse(self.runner.is_speaking)
+        self.assertEqual(self.history(), [("assistant", "This is a long answer. It goes on and on. ")])
+
+    def test_filler_words_do_not_interrupt_but_wait_does(self):
+        self.start_speaking(extra="interruption: {strategy: both, fillerWordFilter: true}")
+        self.clock.advance(1)
+        self.speaking(isFiller=True)
+        self.delta("uh")
+        self.delta("Um.")
+        self.assertNotIn(("interrupt",), self.sent())
+        self.delta("Wait")
+        self.assertEqual(self.sent()[-1], ("interrupt",))
+
+    def test_a_fresh_final_suppresses_the_interrupt(self):
+        self.start_speaking()
+        self.clock.advance(1)
+        self.runner.last_final_ms = self.session.now() - 300
+        self.speaking()
+        self.assertNotIn(("interrupt",), self.sent())
+        self.clock.advance(0.3)
+        self.speaking()
+        self.assertIn(("interrupt",), self.sent())
+
+    def test_strategies(self):
+        for strategy, speaking, delta in (("vad", True, False), ("asr", False, True), ("none", False, False)):
+            self.commands.clear()
+            self.start_speaking(extra=f"interruption: {{strategy: {strategy}}}")
+            self.clock.advance(1)
+            self.delta("hello")
+            self.assertEqual(("interrupt",) in self.sent(), delta, strategy)
+            self.speaking()
+            self.assertEqual(("interrupt",) in self.sent(), speaking or delta, strategy)
+
+    def test_a_new_final_supersedes_the_running_reply(self):
+        self.start_speaking()
+        self.clock.advance(1)
+        self.user("Stop, I have a question.")
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.assertEqual(len(self.llm.calls), 2)
+        self.assertEqual(self.llm.calls[1].messages[-1], {"role": "user", "content": "Stop, I have a question."})
+        self.llm.calls[1].reply("Go ahead.")
+        self.assertEqual(self.sent()[-1], ("tts", "Go ahead.", "llm-2", True, False))
+        self.assertIn(("interruption", "llm-1"), [(e.TAG, getattr(e, "playId", None)) for e in self.events])
+
+
+class TurnTests(RunnerTestBase):
+    def test_each_final_is_a_turn_with_history(self):
+        self.begin(None, "Hi!", "Your order 42 shipped.")
+        self.play_out()
+        self.user("Where is my order?")
+        messages = self.llm.calls[1].messages
+        self.assertEqual([m["role"] for m in messages], ["system", "assistant", "user"])
+        self.assertEqual(messages[-1]["content"], "Where is my order?")
+        self.assertEqual(self.history()[-1], ("assistant", "Your order 42 shipped."))
+        users = [e for e in self.of("addHistory") if e.speaker == "user"]
+        self.assertEqual((users[0].sender, users[0].text), ("llm", "Where is my order?"))
+
+    def test_empty_finals_are_ignored(self):
+        self.begin(None, "Hi!")
+        self.user("  ")
+        self.assertEqual(len(self.llm.calls), 1)
+
+    def test_eou_while_idle_starts_a_turn(self):
+        self.begin(None, "Hi!", "Yes?")
+        self.play_out()
+        self.session.emit(ev.Eou(trackId="s1", timestamp=self.session.now(), completed=True))
+        self.assertEqual(len(self.llm.calls), 2)
+
+    def test_context_repair_glues_a_split_utterance(self):
+        self.begin(None, "Hi!", "OK.", "Fine.", extra="  language: en\n  features: [context_repair]")
+        self.play_out()
+        self.user("I want to")
+        self.play_out()
+        self.clock.advance(1)
+        self.user("change my address")
+        self.assertEqual(self.llm.calls[2].messages[-1], {"role": "user", "content": "I want to, change my address"})
+        self.assertNotIn(("assistant", "OK."), self.history())
+
+    def test_rolling_summary(self):
+        self.begin(None, "Hi!", "Reply.", extra="  features: [rolling_summary]\n  summaryLimit: 4")
+        self.play_out()
+        self.runner.history[1:] = [{"role": "user" if i % 2 else "assistant", "content": f"m{i}"} for i in range(12)]
+        self.llm.completions = ["They talked about m1 to m6."]
+        self.user("New question")
+        self.assertEqual(self.llm.completed[0][-1]["role"], "user")
+        self.assertTrue(self.runner.history[0]["content"].endswith("[Previous Context Summary]: They talked about m1 to m6."))
+        self.assertEqual([m["content"] for m in self.runner.history[1:]],
+                         ["m7", "m8", "m9", "m10", "m11", "New question", "Reply."])
+
+
+class FollowUpTests(RunnerTestBase):
+    def test_follow_up_then_hang_up(self):
+        self.begin(None, "Hello?", "Still there?", "Hello??", extra="followUp: {timeout: 5000, maxCount: 2}")
+        self.assertEqual(self.tts()[0].waitInputTimeout, 5000)
+        self.play_out()
+        self.clock.advance(2)
+        self.silence()  # too early
+        self.assertEqual(len(self.llm.calls), 1)
+        self.clock.advance(3)  # the session's waitInputTimeout fires silence itself
+        self.assertEqual(len(self.llm.calls), 2)
+        self.assertEqual(self.llm.calls[1].messages, self.llm.calls[0].messages + [
+            {"role": "assistant", "content": "Hello?"}])  # history unchanged but for the last reply
+        self.play_out()
+        self.clock.advance(5)
+        self.assertEqual(len(self.llm.calls), 3)
+        self.play_out()
+        self.clock.advance(5)
+        self.assertEqual(self.session.end_reason, "Max follow-up reached")
+
+    def test_a_final_resets_the_count(self):
+        self.begin(None, "A.", "B.", "C.", "D.", extra="followUp: {timeout: 1000, maxCount: 1}")
+        self.play_out()
+        self.clock.advance(1)
+        self.assertEqual(self.runner.followup_count, 1)
+        self.play_out()
+        self.user("Yes")
+        self.assertEqual(self.runner.followup_count, 0)
+        self.play_out()
+        self.clock.advance(1)
+        self.assertEqual(len(self.llm.calls), 4)
+        self.assertIsNone(self.session.end_reason)
+
+    def test_scene_followup_tag_wins(self):
+        self.begin(PLAYBOOK.format(extra="followUp: {timeout: 9000, maxCount: 1}").replace(
+            "You are", '<followup timeout="2000" max="0"/>You are'), "Hi.")
+        self.play_out()
+        self.clock.advance(2)
+        self.assertEqual(self.session.end_reason, "Max follow-up reached")
+
+
+DTMF_PLAYBOOK = """---
+llm: {provider: openai}
+greeting: "Menu."
+dtmf:
+  "1": {action: goto, scene: sales}
+  "9": {action: hangup}
+  "0": {action: transfer, target: "sip:operator@pbx"}
+---
+# Scene: main
+Main menu.
+<dtmf digit="9" action="goto" scene="support"/>
+# Scene: sales
+Sales. <play file="%s"/>
+# Scene: support
+Support.
+"""
+
+
+class DtmfTests(RunnerTestBase):
+    def dtmf_run(self, *script, connector=None):
+        self.path = os.path.join(self.cfg.playbook_dir, "chime.wav")
+        return self.begin(DTMF_PLAYBOOK % self.path, *script, connector=connector)
+
+    def test_scene_action_beats_global(self):
+        self.dtmf_run("Support here.")
+        self.digit("9")
+        self.assertEqual(self.runner.scene_id, "support")
+        self.assertIsNone(self.session.end_reason)
+        self.assertEqual(len(self.llm.calls), 1)
+        self.assertTrue(self.llm.calls[0].messages[0]["content"].startswith("Support."))
+
+    def test_goto_plays_the_scene_file_then_a_new_turn(self):
+        self.dtmf_run("Sales here.")
+        self.digit("1")
+        self.assertEqual(self.sent()[-1], ("play", self.path))
+        self.play_out()
+        self.assertEqual(self.sent()[-1], ("tts", "Sales here.", "llm-1", True, False))
+
+    def test_hangup_and_unmapped(self):
+        self.dtmf_run()
+        self.digit("5")
+        self.assertIsNone(self.session.end_reason)
+        self.runner.scene_id = "sales"
+        self.digit("9")
+        self.assertEqual(self.session.end_reason, "DTMF Hangup")
+
+    def test_transfer(self):
+        connector = ReferConnector()
+        self.dtmf_run(connector=connector)
+        self.digit("0")
+        self.assertEqual(connector.refers[0].callee, "sip:operator@pbx")
+
+
+COLLECTORS = """dtmfCollectors:
+  pin:
+    description: "4-digit PIN"
+    digits: 4
+    validation: {pattern: "^[0-9]+$", errorMessage: "Digits only please."}
+    retryTimes: 1
+  account:
+    minDigits: 3
+    maxDigits: 8
+    finishKey: "#"
+    timeout: 20
+    interDigitTimeout: 3
+"""
+
+
+class CollectorTests(RunnerTestBase):
+    def collect(self, kind, *script):
+        self.begin(None, f'Please enter it. <collect type="{kind}" var="v" prompt="Enter now."/>', *script,
+                 extra=COLLECTORS)
+        self.play_out()
+
+    def test_prompt_lists_collectors(self):
+        self.collect("pin")
+        system = self.runner.history[0]["content"]
+        self.assertIn("- `account`: account (3-8 digits, press # to finish)", system)
+        self.assertIn("- `pin`: 4-digit PIN (4 digits)", system)
+        self.assertLess(system.index("`account`"), system.index("`pin`"))
+
+    def test_auto_finish_at_the_digit_count(self):
+        self.collect("pin", "Thanks.")
+        self.assertEqual([t.text for t in self.tts()], ["Please enter it.", "Enter now.", ""])
+        self.user("ignored while collecting")
+        for d in "1234":
+            self.digit(d)
+        self.assertEqual(self.session.extras["v"], "1234")
+        self.assertIn(("system", "[DTMF collection completed for 'v': 1234]"), self.history())
+        self.assertNotIn(("user", "ignored while collecting"), self.history())
+        self.assertEqual(len(self.llm.calls), 2)
+
+    def test_finish_key_and_inter_digit_timeout(self):
+        self.collect("account", "Got it.", "Got it again.")
+        for d in "12345#":
+            self.digit(d)
+        self.assertEqual(self.session.extras["v"], "12345")
+        self.runner._start_collection(None, tags.Collect("account", "w"))
+        for d in "987":
+            self.digit(d)
+        self.clock.advance(2.9)
+        self.assertNotIn("w", self.session.extras)
+        self.clock.advance(0.1)
+        self.assertEqual(self.session.extras["w"], "987")
+
+    def test_too_short_retries_then_fails(self):
+        self.collect("account", "Let us try another way.")
+        self.digit("1")
+        self.digit("#")
+        self.assertEqual(self.tts()[-1].text, "Expected at least 3 digits, got 1")
+        for d in "12#":
+            self.digit(d)
+        for d in "9#":
+            self.digit(d)
+        self.assertIsNotNone(self.runner.collection)  # 3 retries allowed
+        for d in "5#":
+            self.digit(d)
+        notes = [c for r, c in self.history() if r == "system"]
+        self.assertTrue(notes[-1].startswith("[DTMF collection failed for 'v' after 3 retries: "
+                                             "Expected at least 3 digits, got 1"), notes[-1])
+        self.assertIsNone(self.runner.collection)
+
+    def test_validation_error_message(self):
+        self.collect("pin")
+        for d in "12*4":
+            self.digit(d)
+        self.assertEqual(self.tts()[-1].text, "Digits only please.")
+        self.assertEqual(self.runner.collection.retries, 1)
+
+    def test_overall_timeout_without_digits(self):
+        self.collect("account", "Are you there?")
+        self.clock.advance(19.9)
+        self.assertIsNotNone(self.runner.collection)
+        self.clock.advance(0.1)
+        self.assertIn(("system", "[DTMF collection timed out for 'v'. No digits were entered. Please guide the user.]"),
+                      self.history())
+        self.assertEqual(len(self.llm.calls), 2)
+
+    def test_unknown_type(self):
+        self.collect("zip")
+        self.assertIn(("system", "[Unknown DTMF collector type 'zip'. Available types: account, pin]"),
+                      self.history())
+        self.assertIsNone(self.runner.collection)
+
+    def test_hangup_still_ends_the_call_while_collecting(self):
+        self.collect("pin")
+        self.session.end("caller", initiator="caller")
+        self.assertTrue(self.runner.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class PosthookTests(RunnerTestBase):
+    HOOK = """posthook:
+  url: http://hooks/done
+  summary: short
+  headers: {X-Token: abc}
+"""
+
+    def test_posthook_is_retried_then_delivered(self):
+        http = FakeHttp(ConnectionError("refused"), (500, b"busy"), (200, b"ok"))
+        self.begin(None, "Hi.", extra=self.HOOK, http=http)
+        self.llm.completions = ["The caller greeted."]
+        self.session.end("caller", initiator="caller")
+        self.assertEqual(len(http.requests), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(http.requests), 2)
+        self.clock.advance(2)
+        self.assertEqual(len(http.requests), 3)
+        self.assertTrue(self.runner.done.called)
+        request = http.requests[-1]
+        self.assertEqual((request["method"], request["url"]), ("POST", "http://hooks/done"))
+        self.assertEqual(request["headers"]["X-Token"], ["abc"])
+        body = json.loads(request["data"])
+        self.assertEqual(set(body), {"sessionId", "summary", "history", "timestamp"})
+        self.assertEqual(body["sessionId"], "s1")
+        self.assertEqual(body["summary"], "The caller greeted.")
+        self.assertEqual(body["history"], [{"role": "assistant", "content": "Hi."}])
+        self.assertIn("one or two sentences", self.llm.completed[0][-1]["content"])
+
+    def test_posthook_gives_up_after_three_attempts(self):
+        http = FakeHttp((503, b""), (503, b""), (503, b""), (200, b""))
+        self.begin(None, "Hi.", extra="posthook: {url: 'http://hooks/x', includeHistory: false}", http=http)
+        self.session.end("caller")
+        self.clock.advance(1)
+        self.clock.advance(2)
+        self.clock.advance(4)
+        self.assertEqual(len(http.requests), 3)
+        body = json.loads(http.requests[0]["data"])
+        self.assertIsNone(body["summary"])
+        self.assertIsNone(body["history"])
+        self.assertTrue(self.runner.done.called)
+
+
+class EchoTests(RunnerTestBase):
+    def test_echo_mode_holds_a_conversation_offline(self):
+        self.playbook = parse_playbook("---\nllm: {provider: echo}\ngreeting: Hi.\n---\nEcho.\n", "echo.md",
+                                       environ={})
+        self.session = self.make_session()
+        runner = start_playbook(self.session, self.playbook, clock=self.clock)
+        self.session.answered()
+        self.user("the weather is nice")
+        self.assertEqual(self.tts()[-1].text, "Press 1 to hear the menu again, or 0 to hang up.")
+        self.assertEqual(runner.history[-1]["content"],
+                         "You said: the weather is nice. Press 1 to hear the menu again, or 0 to hang up.")
+        self.play_out()
+        self.user("goodbye")
+        self.assertTrue(self.tts()[-1].autoHangup)
+        self.play_out()
+        self.assertEqual(self.session.end_reason, "autohangup")
+
+    def test_echo_lines(self):
+        self.assertEqual(echo_reply([{"role": "system", "content": "x"}]),
+                         "I am listening. Say something and I will repeat it.")
+        self.assertEqual(echo_reply([{"role": "user", "content": "你好"}]), "你说的是：你好。按1重听菜单，按0挂断。")
+        self.assertEqual(echo_reply([{"role": "system", "content": "x"},
+                                     {"role": "system", "content": "[DTMF collection completed for 'v': 42]"}]),
+                         "You entered 4 2.")
+
+    def test_auto_without_endpoint_is_echo(self):
+        from activecall.playbook.runner import default_llm_client_factory
+
+        book = parse_playbook("---\nllm: {provider: auto}\n---\nx\n", environ={})
+        self.assertIsInstance(default_llm_client_factory()(book.config.llm), EchoLLM)
+        book = parse_playbook("---\nllm: {provider: auto, baseUrl: 'http://h/v1'}\n---\nx\n", environ={})
+        self.assertIsInstance(default_llm_client_factory()(book.config.llm), LLMClient)
+
+
+class StartPlaybookTests(RunnerTestBase):
+    def test_playbook_media_options_fill_what_the_call_left_out(self):
+        book = parse_playbook("---\nllm: {provider: echo}\nasr: {provider: pocketsphinx}\n"
+                              "tts: {provider: flite, speaker: slt}\nvad: {type: webrtcvad, silenceTimeout: 800}\n---\nx\n",
+                              environ={})
+        option = playbook_call_option(book)
+        self.assertEqual(option.asr.provider, "pocketsphinx")
+        self.assertEqual((option.tts.provider, option.tts.speaker), ("flite", "slt"))
+        self.assertEqual((option.vad.type, option.vad.silenceTimeout), ("webrtcvad", 800))
+        session = self.make_session()
+        start_playbook(session, book, clock=self.clock)
+        self.assertEqual(session.option.tts.provider, "fake")  # the call's own choice wins
+        self.assertEqual(session.option.asr.provider, "pocketsphinx")
+
+    def test_named_playbook_under_the_directory(self):
+        with open(os.path.join(self.cfg.playbook_dir, "hi.md"), "w") as f:
+            f.write("---\nllm: {provider: echo}\ngreeting: Hello from a file.\n---\nx\n")
+        session = self.make_session()
+        runner = start_playbook(session, "hi.md", clock=self.clock)
+        session.answered()
+        self.assertEqual(runner.playbook.source, os.path.join(self.cfg.playbook_dir, "hi.md"))
+        self.assertEqual(self.tts()[0].text, "Hello from a file.")
+
+    def test_refused_names_and_bad_playbooks_end_the_call_with_an_error(self):
+        for name in ("../etc/passwd", "/etc/passwd", "missing.md", "---\nllm: [\n---\n"):
+            self.events.clear()
+            session = self.make_session()
+            self.assertIsNone(start_playbook(session, name, clock=self.clock))
+            [error] = self.of("error")
+            self.assertEqual(error.sender, "playbook")
+            self.assertEqual(session.end_reason, "failed")
+
+
+# -- against a real OpenAI-compatible server ---------------------------------------------------------------
+
+
+class SSEServer(resource.Resource):
+    """POST /v1/chat/completions: records the request body, streams ``replies`` in chunks."""
+
+    isLeaf = True
+
+    def __init__(self, *replies):
+        super().__init__()
+        self.replies = list(replies)
+        self.bodies = []
+        self.status = 200
+
+    def render_POST(self, request):
+        self.bodies.append(json.loads(request.content.read()))
+        if self.status != 200:
+            request.setResponseCode(self.status)
+            return json.dumps({"error": {"message": "model overloaded"}}).encode()
+        request.setHeader(b"content-type", b"text/event-stream")
+        text = self.replies.pop(0) if self.replies else "OK."
+        for i in range(0, len(text), 7):
+            delta = {"choices": [{"index": 0, "delta": {"content": text[i:i + 7]}, "finish_reason": None}]}
+            request.write(f"data: {json.dumps(delta)}\n\n".encode())
+        request.write(b"data: [DONE]\n\n")
+        request.finish()
+        return server.NOT_DONE_YET
+
+
+class RealServerTests(RunnerTestBase):
+    @defer.inlineCallbacks
+    def serve(self, *replies):
+        self.server = SSEServer(*replies)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(self.server))
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}/v1"
+
+    def wait_for(self, predicate):
+        d = defer.Deferred()
+
+        def check(n=0):
+            if predicate():
+                d.callback(None)
+            elif n > 500:
+                d.errback(AssertionError("condition never met"))
+            else:
+                reactor.callLater(0.01, check, n + 1)
+
+        check()
+        return d
+
+    @defer.inlineCallbacks
+    def test_transcript_goes_to_the_server_and_the_stream_is_spoken(self):
+        base = yield self.serve("Welcome! Ask me anything.", 'Your order ships today. <hangup/>')
+        text = PLAYBOOK.replace("http://127.0.0.1:9/v1", base).format(extra="  apiKey: sk-test")
+        self.playbook = parse_playbook(text, "real.md", environ={})
+        self.session = self.make_session()
+        settings = LLMSettings.from_playbook(self.playbook.config.llm, environ={})
+        runner = PlaybookRunner(self.session, self.playbook, clock=reactor,
+                                llm_client_factory=lambda cfg: LLMClient(settings), http=FakeHttp()).attach()
+        self.session.answered()
+        yield self.wait_for(lambda: runner.reply is None and self.tts())
+        self.assertEqual([t.text for t in self.tts()], ["Welcome!", "Ask me anything."])
+        self.assertEqual(self.server.bodies[0]["model"], "test-model")
+        self.assertTrue(self.server.bodies[0]["stream"])
+        self.user("Where is my order?")
+        yield self.wait_for(lambda: runner.reply is None and len(self.tts()) > 2)
+        body = self.server.bodies[1]
+        self.assertEqual(body["messages"][-1], {"role": "user", "content": "Where is my order?"})
+        self.assertEqual(body["messages"][-2], {"role": "assistant", "content": "Welcome! Ask me anything."})
+        self.assertEqual(self.sent()[-2:], [("tts", "Your order ships today.", "llm-2", False, False),
+                                            ("tts", "", "llm-2", True, True)])
+        assistant = [e.text for e in self.of("addHistory") if e.speaker == "assistant"]
+        self.assertEqual(assistant, ["Welcome! Ask me anything.", "Your order ships today."])
+
+    @defer.inlineCallbacks
+    def test_server_error_becomes_the_fallback_line(self):
+        base = yield self.serve()
+        self.server.status = 503
+        text = PLAYBOOK.replace("http://127.0.0.1:9/v1", base).format(extra="")
+        self.playbook = parse_playbook(text, "real.md", environ={})
+        self.session = self.make_session()
+        runner = PlaybookRunner(self.session, self.playbook, clock=reactor,
+                                llm_client_factory=lambda cfg: LLMClient(LLMSettings.from_playbook(cfg, {})),
+                                http=FakeHttp()).attach()
+        self.session.answered()
+        yield self.wait_for(lambda: self.tts())
+        self.assertEqual(self.tts()[0].text, self.playbook.config.llm.fallback)
+        [error] = self.of("error")
+        self.assertEqual((error.sender, error.code), ("llm", 503))
+        self.assertIn("model overloaded", error.error)
+        self.assertIsNone(runner.reply)
