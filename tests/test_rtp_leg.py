@@ -1,0 +1,205 @@
+"""Two RTP legs talking over real loopback UDP: offer/answer, audio both ways,
+RFC 4733 DTMF once per press, SDES-SRTP, hold silence, strangers, latching,
+port release, RTCP."""
+
+import socket
+
+import numpy as np
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from activecall.media.rtp import PortPool, PortsExhausted, RtpPacket, parse_rtcp
+from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
+from activecall.media.tracks import FRAME_SAMPLES
+from tests.helpers import free_port
+
+
+class FakeSession:
+    """What a leg needs from a call: tick() for bot audio, audio_in, emit."""
+
+    def __init__(self, name, freq=None):
+        self.id = name
+        self.received = []
+        self.events = []
+        self.freq = freq
+        self.n = 0
+
+    def tick(self):
+        if self.freq is None:
+            return None
+        t = (np.arange(FRAME_SAMPLES) + self.n * FRAME_SAMPLES) / 16000
+        self.n += 1
+        return (np.sin(2 * np.pi * self.freq * t) * 8000).astype(np.int16)
+
+    def audio_in(self, pcm):
+        self.received.append(pcm)
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def now(self):
+        return 0
+
+
+class Ticker:
+    def __init__(self):
+        self.subs = []
+
+    def add(self, f):
+        self.subs.append(f)
+
+    def remove(self, f):
+        self.subs.remove(f)
+
+
+def dominant_hz(pcm):
+    spectrum = np.abs(np.fft.rfft(pcm.astype(float)))
+    return np.argmax(spectrum) * 16000 / len(pcm)
+
+
+class RtpLegTests(unittest.TestCase):
+    def setUp(self):
+        base = free_port()
+        base -= base % 2
+        self.pool = PortPool(reactor, base, base + 40, interface="127.0.0.1")
+        self.ticker = Ticker()
+        self.clock = task.Clock()
+
+    def leg(self, session, **kw):
+        leg = RtpLeg(session, self.ticker, self.clock, host="127.0.0.1", **kw)
+        leg.allocate(self.pool)
+        self.addCleanup(leg.close)
+        return leg
+
+    @defer.inlineCallbacks
+    def run_ticks(self, n):
+        """Tick every leg n times, letting the reactor deliver the datagrams in between."""
+        for _ in range(n):
+            for f in list(self.ticker.subs):
+                f()
+            yield task.deferLater(reactor, 0.002, lambda: None)
+
+    @defer.inlineCallbacks
+    def call(self, a_kw=None, b_kw=None, srtp=False, codecs_b=None):
+        self.alice = FakeSession("alice", freq=440)
+        self.bob = FakeSession("bob", freq=1000)
+        a = self.leg(self.alice, **(a_kw or {}))
+        b = self.leg(self.bob, **(b_kw or {}))
+        if codecs_b:
+            b.codecs = codecs_b
+        offer = a.offer(srtp=srtp)
+        answer = b.answer(offer)
+        a.apply_answer(answer)
+        a.start()
+        b.start()
+        yield self.run_ticks(25)
+        return a, b
+
+    @defer.inlineCallbacks
+    def test_audio_both_ways_pcmu(self):
+        a, b = yield self.call()
+        self.assertEqual(a.encoder.name, "pcmu")
+        got_bob = np.concatenate(self.bob.received)
+        got_alice = np.concatenate(self.alice.received)
+        self.assertAlmostEqual(dominant_hz(got_bob[-3200:]), 440, delta=10)
+        self.assertAlmostEqual(dominant_hz(got_alice[-3200:]), 1000, delta=10)
+        self.assertGreater(a.packets_out, 20)
+        self.assertEqual(b.strangers, 0)
+
+    @defer.inlineCallbacks
+    def test_answer_keeps_offer_order_and_g722(self):
+        a, b = yield self.call(a_kw={"codecs": ("g722", "pcmu", "telephone_event")})
+        self.assertEqual(b.encoder.name, "g722")
+        self.assertAlmostEqual(dominant_hz(np.concatenate(self.bob.received)[-3200:]), 440, delta=10)
+
+    @defer.inlineCallbacks
+    def test_dtmf_each_digit_once(self):
+        a, b = yield self.call()
+        a.send_dtmf("15#")
+        yield self.run_ticks(40)
+        digits = [e.digit for e in self.bob.events if e.TAG == "dtmf"]
+        self.assertEqual(digits, ["1", "5", "#"])
+
+    @defer.inlineCallbacks
+    def test_srtp_audio(self):
+        a, b = yield self.call(srtp=True)
+        self.assertIsNotNone(a.srtp)
+        self.assertIsNotNone(b.srtp)
+        self.assertAlmostEqual(dominant_hz(np.concatenate(self.bob.received)[-3200:]), 440, delta=10)
+
+    def test_plain_answer_to_mandatory_srtp_offer_is_refused(self):
+        a = self.leg(FakeSession("a"))
+        b = self.leg(FakeSession("b"))
+        offer = a.offer(srtp=True)
+        plain = b.answer(offer.replace("RTP/SAVP", "RTP/AVP").replace("a=crypto", "a=x-crypto"))
+        self.assertRaises(MediaNegotiationError, a.apply_answer, plain)
+        self.assertRaises(MediaNegotiationError, b.answer, a.offer(srtp=False), srtp_required=True)
+
+    def test_no_common_codec_is_488(self):
+        a = self.leg(FakeSession("a"), codecs=("opus",))
+        b = self.leg(FakeSession("b"), codecs=("pcma",))
+        with self.assertRaises(MediaNegotiationError) as cm:
+            b.answer(a.offer())
+        self.assertEqual(cm.exception.status, 488)
+
+    @defer.inlineCallbacks
+    def test_hold_silences_inbound(self):
+        a, b = yield self.call()
+        hold = a.offer().replace("a=sendrecv", "a=sendonly")
+        answer, on_hold = b.reoffer(hold)
+        self.assertTrue(on_hold)
+        self.assertIn("a=recvonly", answer)
+        self.bob.received.clear()
+        yield self.run_ticks(10)
+        self.assertTrue(all(not f.any() for f in self.bob.received))
+        answer, on_hold = b.reoffer(a.offer())
+        self.assertFalse(on_hold)
+
+    @defer.inlineCallbacks
+    def test_strangers_ignored_without_latching_and_followed_with_it(self):
+        a, b = yield self.call(b_kw={"latching": False})
+        packet = RtpPacket(0, 1, 1, 1234, b"\xff" * 160).serialize()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.sendto(packet, ("127.0.0.1", b.local_port))
+            yield self.run_ticks(2)
+            self.assertGreaterEqual(b.strangers, 1)
+            # with latching, a new source is ignored while the real one streams ...
+            before = a.remote_rtp
+            s.sendto(packet, ("127.0.0.1", a.local_port))
+            yield self.run_ticks(2)
+            self.assertEqual(a.remote_rtp, before)
+            # ... and followed once the old one went quiet (a NAT rebinding)
+            yield b.close()
+            self.clock.advance(1.0)
+            s.sendto(packet, ("127.0.0.1", a.local_port))
+            yield self.run_ticks(2)
+            self.assertEqual(a.remote_rtp, s.getsockname())
+
+    @defer.inlineCallbacks
+    def test_rtcp_report_and_bye(self):
+        a, b = yield self.call()
+        got = []
+        orig = b._rtcp_received
+        b._rtcp_received = lambda data, addr: (got.append(parse_rtcp(data)), orig(data, addr))
+        self.clock.advance(5)
+        yield self.run_ticks(1)
+        self.assertTrue(any(type(p).__name__ == "SenderReport" for ps in got for p in ps))
+        yield a.close()
+        yield self.run_ticks(1)
+        self.assertTrue(any(type(p).__name__ == "Bye" for ps in got for p in ps))
+
+    @defer.inlineCallbacks
+    def test_ports_released_and_exhaustion(self):
+        small = PortPool(reactor, self.pool.start, self.pool.start + 3, interface="127.0.0.1")
+        legs = []
+        for _ in range(2):
+            leg = RtpLeg(FakeSession("x"), self.ticker, self.clock, host="127.0.0.1")
+            leg.allocate(small)
+            legs.append(leg)
+        extra = RtpLeg(FakeSession("y"), self.ticker, self.clock, host="127.0.0.1")
+        self.assertRaises(PortsExhausted, extra.allocate, small)
+        yield legs[0].close()
+        extra.allocate(small)
+        legs.append(extra)
+        yield defer.gatherResults([leg.close() for leg in legs[1:]])
