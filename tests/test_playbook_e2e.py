@@ -1,0 +1,185 @@
+"""Playbooks end to end through the real daemon: a /call WebSocket client speaks flite audio, the bot
+greets, pocketsphinx hears the words, the LLM (a local fake OpenAI server started here, or the built-in
+offline echo) answers, and the reply comes back as TTS audio and addHistory events."""
+
+import json
+import os
+
+import numpy as np
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial import unittest
+from twisted.web import resource, server
+from twisted.web.client import HTTPConnectionPool
+
+from activecall.speech.testing import synthesize_pcm
+from tests.helpers import free_port, spawn_daemon, write_config
+from tests.wsclient import connect, send_json
+
+SENTENCE = "I would like to check the status of my order."
+
+
+class FakeOpenAI(resource.Resource):
+    """POST /v1/chat/completions: records every request body and streams the next scripted reply."""
+
+    isLeaf = True
+
+    def __init__(self, *replies):
+        super().__init__()
+        self.replies = list(replies)
+        self.requests = []
+
+    def render_POST(self, request):
+        self.requests.append({"auth": request.getHeader("authorization"), "body": json.loads(request.content.read())})
+        request.setHeader(b"content-type", b"text/event-stream")
+        text = self.replies.pop(0) if self.replies else "OK."
+        for word in text.split(" "):
+            chunk = {"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
+            request.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        request.write(b"data: [DONE]\n\n")
+        request.finish()
+        return server.NOT_DONE_YET
+
+
+def wait_until(client, predicate, timeout=30.0):
+    """Fires with the first event matching ``predicate`` (already received or yet to come)."""
+    d = defer.Deferred()
+
+    def check(elapsed=0.0):
+        for event in client.events:
+            if predicate(event):
+                d.callback(event)
+                return
+        if elapsed > timeout:
+            d.errback(AssertionError(f"no matching event; got {[e['event'] for e in client.events]}"))
+            return
+        reactor.callLater(0.05, check, elapsed + 0.05)
+
+    check()
+    return d
+
+
+def is_event(name, **fields):
+    return lambda e: e["event"] == name and all(e.get(k) == v for k, v in fields.items())
+
+
+class PlaybookEndToEndTests(unittest.TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        self.playbook_dir = os.path.join(self.root, "playbook")
+        os.makedirs(self.playbook_dir)
+        self.port = free_port()
+        conf = write_config(self, f'''
+addr = "127.0.0.1"
+udp_port = {free_port()}
+http_addr = "127.0.0.1:{self.port}"
+media_cache_path = "{self.root}/cache"
+playbook_dir = "{self.playbook_dir}"
+[recording]
+path = "{self.root}/rec"
+''')
+        self.daemon = spawn_daemon(self, conf)
+        return self.daemon.wait_for("activecall ready")
+
+    @defer.inlineCallbacks
+    def speak(self, proto, text):
+        speech = yield synthesize_pcm(text)
+        silence = np.zeros(16000, dtype=np.int16)
+        audio = np.concatenate([silence[:8000], speech, silence, silence])
+        for i in range(0, audio.size, 320):
+            proto.sendMessage(audio[i:i + 320].astype("<i2").tobytes(), isBinary=True)
+
+    @defer.inlineCallbacks
+    def test_llm_playbook_greets_hears_and_answers(self):
+        llm = FakeOpenAI("Your order has shipped and arrives tomorrow. Goodbye! <hangup/>")
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(llm))
+        self.addCleanup(listening.stopListening)
+        with open(os.path.join(self.playbook_dir, "shop.md"), "w") as f:
+            f.write(f"""---
+llm:
+  provider: openai
+  baseUrl: http://127.0.0.1:{listening.getHost().port}/v1
+  apiKey: sk-e2e
+  model: e2e-model
+greeting: "Hello, this is the shop. How can I help you?"
+asr: {{provider: pocketsphinx}}
+vad: {{type: webrtcvad}}
+tts: {{provider: flite}}
+---
+You are the shop's phone assistant.
+""")
+        proto, client = yield connect(self, self.port, "/call", "id=e2e-llm")
+        send_json(proto, {"command": "invite", "option": {"codec": "pcm", "playbook": "shop.md"}})
+        yield client.wait_event("answer")
+        greeting_end = yield wait_until(client, is_event("trackEnd", playId="greeting"))
+        self.assertGreater(greeting_end["duration"], 1000)
+        greeting_frames = len(client.audio)
+        self.assertGreaterEqual(greeting_frames, greeting_end["duration"] // 20 - 1)
+        self.assertEqual(llm.requests, [])  # a greeting, not an LLM turn
+
+        yield self.speak(proto, SENTENCE)
+        final = yield client.wait_event("asrFinal")
+        reply_end = yield wait_until(client, is_event("trackEnd", playId="llm-1"))
+        self.assertEqual(len(llm.requests), 1)
+        request = llm.requests[0]
+        self.assertEqual(request["auth"], "Bearer sk-e2e")
+        self.assertEqual(request["body"]["model"], "e2e-model")
+        self.assertTrue(request["body"]["stream"])
+        messages = request["body"]["messages"]
+        self.assertEqual(messages[0]["role"], "system")
+        self.assertIn("shop's phone assistant", messages[0]["content"])
+        self.assertEqual(messages[-1], {"role": "user", "content": final["text"]})
+        self.assertIn("order", final["text"])
+
+        history = [(e["speaker"], e["text"]) for e in client.events if e["event"] == "addHistory"]
+        self.assertEqual(history, [
+            ("assistant", "Hello, this is the shop. How can I help you?"),
+            ("user", final["text"]),
+            ("assistant", "Your order has shipped and arrives tomorrow. Goodbye!"),
+        ])
+        self.assertTrue(all(e.get("sender") == "llm" for e in client.events if e["event"] == "addHistory"))
+        self.assertGreater(reply_end["duration"], 1500)
+        pcm = np.frombuffer(b"".join(client.audio[greeting_frames:]), dtype="<i2")
+        self.assertGreater(np.abs(pcm).mean(), 100)  # the reply was spoken
+        metrics = [e["key"] for e in client.events if e["event"] == "metrics"]
+        self.assertIn("llm_call_start", metrics)
+        self.assertIn("llm_response", metrics)
+        code = yield client.closed  # <hangup/>: the call ends once the reply has played
+        self.assertEqual(code, 1000)
+
+    @defer.inlineCallbacks
+    def test_echo_playbook_from_the_run_api_talks_offline(self):
+        content = """---
+llm: {provider: echo}
+greeting: "Echo test. Say something."
+asr: {provider: pocketsphinx}
+vad: {type: webrtcvad}
+tts: {provider: flite}
+---
+Diagnostics line.
+"""
+        response = yield treq.post(f"http://127.0.0.1:{self.port}/api/playbook/run", json={"content": content},
+                                   pool=HTTPConnectionPool(reactor, persistent=False))
+        session_id = (yield response.json())["session_id"]
+        proto, client = yield connect(self, self.port, "/call", f"id={session_id}")
+        send_json(proto, {"command": "invite", "option": {"codec": "pcm"}})
+        yield wait_until(client, is_event("trackEnd", playId="greeting"))
+        yield self.speak(proto, SENTENCE)
+        final = yield client.wait_event("asrFinal")
+        said = yield wait_until(client, lambda e: e["event"] == "addHistory" and e["text"].startswith("You said"))
+        self.assertIn(final["text"].rstrip("."), said["text"])
+        yield wait_until(client, is_event("trackEnd", playId="llm-1"))
+        send_json(proto, {"command": "hangup"})
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_a_missing_playbook_is_an_error_and_the_socket_closes(self):
+        proto, client = yield connect(self, self.port, "/call", "id=e2e-missing")
+        send_json(proto, {"command": "invite", "option": {"codec": "pcm", "playbook": "../secrets.md"}})
+        error = yield client.wait_event("error")
+        self.assertEqual(error["sender"], "playbook")
+        self.assertNotIn("answer", [e["event"] for e in client.events])
+        yield client.closed
