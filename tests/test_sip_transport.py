@@ -222,6 +222,16 @@ class StreamTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertTrue(self.wire.disconnecting)
 
+    def test_outbound_connection_listed_only_when_ready(self):
+        # a TLS connection we opened is not reused while its certificate is unverified
+        proto = t.SIPStreamProtocol(self.manager, "TLS")
+        proto.outbound = True
+        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.9", 5061)))
+        self.assertNotIn(("TLS", "198.51.100.9", 5061), self.manager.connections)
+        self.assertNoResult(proto.ready)
+        proto.handshakeCompleted()
+        self.assertIs(self.successResultOf(proto.ready), proto)
+
     def test_connection_table(self):
         self.assertIs(self.manager.connections[("TCP", "198.51.100.8", 40001)], self.proto)
         self.proto.connectionLost(None)
@@ -330,6 +340,9 @@ class LoopbackTests(unittest.TestCase):
     def test_tls_verified_with_ca_file(self):
         client, server = self.tls_pair(tls_ca_file="CA")
         yield self.round_trip("TLS", client, server)
+        conn, = set(client.connections.values())  # under the dialled name and the peer address
+        self.assertIn(("TLS", "127.0.0.1", server.port_for("TLS")), client.connections)
+        self.assertTrue(conn.ready.called)
 
     @defer.inlineCallbacks
     def test_tls_unknown_ca_refused(self):
@@ -338,6 +351,7 @@ class LoopbackTests(unittest.TestCase):
         yield self.assertFailure(client.send_request(request, Target("127.0.0.1", server.port_for("TLS"), "TLS")),
                                  t.SendError)
         self.assertEqual(server.on_message.messages, [])
+        self.assertEqual(client.connections, {})
 
     @defer.inlineCallbacks
     def test_tls_verification_disabled_for_lab(self):

@@ -174,7 +174,8 @@ class SIPStreamProtocol(protocol.Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.peer = (peer.host, peer.port)
         self.setTimeout(self.manager.idle_timeout)
-        self.manager._connection_made(self)
+        if not self.outbound:
+            self.manager._connection_made(self)  # ours are listed once ready (verified, for TLS)
         if self.transport_name != "TLS":
             self.ready.callback(self)
 
@@ -463,7 +464,10 @@ class TransportManager(service.Service):
 
         def connected(conn):
             self._connecting.pop(key, None)
-            self.connections[key] = conn  # also keyed by the peer IP in connectionMade
+            # listed under the name we dialled and the peer's address, and only now:
+            # a TLS connection still shaking hands is not one to reuse yet
+            self._connection_made(conn)
+            self.connections[key] = conn
             for w in waiters:
                 w.callback(conn)
             return conn
