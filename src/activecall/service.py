@@ -74,6 +74,23 @@ class ActiveCallService(service.MultiService):
             self.call_manager, "webSocket",
             lambda session, proto: WebSocketConnector(session, proto, self.media_clock), "/call",
         )
+        # -- WebRTC (issue 6): /call/webrtc over aiortc, and the browser console at / --------
+        # PeerConnections is added before HTTP and the calls service, so on shutdown it stops
+        # after every call has ended and closes any peer connection still open; its own
+        # ``before shutdown`` trigger also closes them if the grace period runs out (an open
+        # aiortc peer connection would hang the process at exit).
+        from activecall.api.rest import install_console
+        from activecall.webrtc.leg import PeerConnections, WebRTCConnector
+
+        self.webrtc = PeerConnections(reactor, grace=config.graceful_shutdown_timeout)
+        self.webrtc.setServiceParent(self)
+        self.api.call.putChild(b"webrtc", endpoint_resource(
+            self.call_manager, "webrtc",
+            lambda session, proto: WebRTCConnector(session, proto, self.media_clock, config, self.webrtc),
+            "/call/webrtc",
+        ))
+        install_console(self.http_site.root)
+        # -- end of the WebRTC block ---------------------------------------------------------
         host, port = config.http_host_port
         self.http_service = internet.TCPServer(port, self.http_site, interface=host)
         self.http_service.setName("http")

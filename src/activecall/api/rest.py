@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import resource, server, static
 
 from activecall.api.commands import redact
 from activecall.api.events import rfc3339
@@ -445,6 +445,77 @@ class Records(resource.Resource):
         return server.NOT_DONE_YET
 
 
+# -- recordings and the console --------------------------------------------------------------------------
+
+
+def recording_file(recording_dir: str, name: str) -> Optional[str]:
+    """The path of ``name`` directly under ``recording_dir``, or None when the name tries to leave it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or ".." in name:
+        return None
+    base = os.path.realpath(recording_dir)
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.dirname(path) != base:
+        return None
+    return path
+
+
+class Recordings(resource.Resource):
+    """``GET /api/recordings`` -> ``[{"name", "size", "updated"}]`` (WAV files, newest first);
+    ``GET /api/recordings/{name}`` -> the file (Range supported, for the console's player).
+    Read-only, files directly under ``[recording] path`` only; traversal is refused (400)."""
+
+    def __init__(self, recording_dir: str):
+        super().__init__()
+        self.recording_dir = recording_dir
+
+    def getChild(self, path, request):
+        if path == b"" and not request.postpath:
+            return self
+        name = _segment(path)
+        target = recording_file(self.recording_dir, name) if name is not None and not request.postpath else None
+        if target is None:
+            return resource.ErrorPage(400, "Bad Request", "Invalid filename")
+        if not os.path.isfile(target):
+            return resource.ErrorPage(404, "Not Found", "Recording not found")
+        return static.File(target, defaultType="audio/wav")
+
+    def render_GET(self, request):
+        entries = []
+        for path in glob.glob(os.path.join(glob.escape(self.recording_dir), "*.wav")):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            entries.append({"name": os.path.basename(path), "size": st.st_size, "updated": rfc3339(st.st_mtime),
+                            "_sort": st.st_mtime})
+        entries.sort(key=lambda e: e["_sort"], reverse=True)
+        for e in entries:
+            del e["_sort"]
+        return send_json(request, entries)
+
+
+def console_directory() -> str:
+    """The browser console's files, shipped in the package (``activecall/static``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+
+
+class _StaticFiles(static.File):
+    """Static files without directory listings."""
+
+    def directoryListing(self):
+        return resource.NoResource("No such file")
+
+
+def install_console(root: resource.Resource, directory: Optional[str] = None) -> None:
+    """``/`` serves the console page and ``/static/*`` its files.  Not behind the token: the page
+    only holds code; it asks for the token and sends it with every API call."""
+    directory = directory or console_directory()
+    files = _StaticFiles(directory)
+    files.indexNames = []
+    root.putChild(b"static", files)
+    root.putChild(b"", static.File(os.path.join(directory, "index.html"), defaultType="text/html"))
+
+
 # -- wiring ---------------------------------------------------------------------------------------------------
 
 
@@ -468,6 +539,7 @@ def install_api(root: resource.Resource, config, calls: ActiveCalls, pending_pla
     playbook.putChild(b"run", PlaybookRun(config.playbook_dir, pending_playbooks, new_id))
     api.putChild(b"playbook", playbook)
     api.putChild(b"records", Records(config.recording.path, cdr_root, run))
+    api.putChild(b"recordings", Recordings(config.recording.path))
 
     kill = KillCall(calls, "status")
     call = CallRoutes(calls)

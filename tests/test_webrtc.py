@@ -1,0 +1,272 @@
+"""/call/webrtc: the SDP candidate edits, codec preferences, the recordings route,
+and real calls through the daemon with an aiortc peer playing the browser
+(every codec; bot audio back; hangup from either side; clean shutdown)."""
+
+import asyncio
+import fractions
+import glob
+import json
+import os
+
+import av
+import numpy as np
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from activecall.api.rest import recording_file
+from activecall.webrtc.candidates import advertise_external_ip, candidate_addresses, strip_ipv6_candidates
+from activecall.webrtc.leg import FrameChunker, as_deferred, codec_preferences, handshake_seconds, pcm_frame
+from activecall.api import commands as cmd
+from tests.helpers import free_port, spawn_daemon, write_config
+from tests.wsclient import connect, send_json
+
+OFFER_TAIL = (
+    "a=candidate:1 1 udp 2130706431 192.0.2.2 50000 typ host\r\n"
+    "a=candidate:2 1 udp 2130706175 fd00::2 50001 typ host\r\n"
+    "a=candidate:3 1 udp 2130705919 0a1b2c3d-aaaa.local 50002 typ host\r\n"
+    "a=candidate:4 1 udp 1694498815 203.0.113.9 50003 typ srflx raddr 192.0.2.2 rport 50000\r\n"
+)
+SDP = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 50000 UDP/TLS/RTP/SAVPF 111\r\n"
+       "c=IN IP4 192.0.2.2\r\n" + OFFER_TAIL)
+
+
+class CandidateTests(unittest.TestCase):
+    def test_ipv6_candidates_stripped_others_kept(self):
+        out = strip_ipv6_candidates(SDP)
+        self.assertEqual(candidate_addresses(out), ["192.0.2.2", "0a1b2c3d-aaaa.local", "203.0.113.9"])
+        self.assertTrue(out.endswith("\r\n"))
+        self.assertIn("m=audio 50000", out)
+
+    def test_external_ip_adds_srflx_for_ipv4_hosts_and_rewrites_c(self):
+        out = advertise_external_ip(strip_ipv6_candidates(SDP), "198.51.100.7")
+        self.assertIn("c=IN IP4 198.51.100.7\r\n", out)
+        self.assertIn(" 198.51.100.7 50000 typ srflx raddr 192.0.2.2 rport 50000", out)
+        # the host candidate stays (peers on the LAN) and only one IPv4 host gets a twin
+        self.assertEqual(candidate_addresses(out).count("198.51.100.7"), 1)
+        self.assertIn("192.0.2.2", candidate_addresses(out))
+        line = [x for x in out.split("\r\n") if "198.51.100.7 50000" in x][0]
+        priority = int(line.split()[3])
+        self.assertLess(priority, 2130706431)  # below the host candidate
+
+
+class OptionTests(unittest.TestCase):
+    def test_codec_preferences_put_the_chosen_codec_first(self):
+        self.assertIsNone(codec_preferences(None))
+        self.assertIsNone(codec_preferences("pcm"))
+        for name, mime in (("opus", "audio/opus"), ("PCMU", "audio/PCMU"), ("pcma", "audio/PCMA"),
+                           ("g722", "audio/G722")):
+            prefs = codec_preferences(name)
+            self.assertEqual(prefs[0].mimeType.lower(), mime.lower())
+            self.assertEqual(len(prefs), len(RTCRtpSender.getCapabilities("audio").codecs))
+        with self.assertRaises(ValueError):
+            codec_preferences("speex")
+
+    def test_handshake_timeout(self):
+        self.assertEqual(handshake_seconds(cmd.CallOption()), 30.0)
+        self.assertEqual(handshake_seconds(cmd.CallOption(handshakeTimeout="5s")), 5.0)
+        self.assertEqual(handshake_seconds(cmd.CallOption(handshakeTimeout=7)), 7.0)
+
+    def test_chunker_turns_any_rate_into_20ms_16k_frames(self):
+        chunker = FrameChunker()
+        t = np.arange(960 * 5) / 48000
+        tone = (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16)
+        frames = []
+        for i in range(5):
+            frame = av.AudioFrame.from_ndarray(np.repeat(tone[i * 960:(i + 1) * 960], 2).reshape(1, -1),
+                                               format="s16", layout="stereo")
+            frame.sample_rate = 48000
+            frame.pts = i * 960
+            frame.time_base = fractions.Fraction(1, 48000)
+            frames.extend(chunker.feed(frame))
+        self.assertGreaterEqual(len(frames), 4)
+        self.assertTrue(all(f.size == 320 and f.dtype == np.int16 for f in frames))
+        self.assertGreater(np.abs(np.concatenate(frames[1:])).mean(), 3000)
+
+    def test_pcm_frame(self):
+        frame = pcm_frame(np.ones(320, dtype=np.int16), 640)
+        self.assertEqual((frame.sample_rate, frame.samples, frame.pts), (16000, 320, 640))
+
+
+class RecordingFileTests(unittest.TestCase):
+    def test_only_files_directly_under_the_directory(self):
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        self.assertEqual(recording_file(root, "a.wav"), os.path.join(os.path.realpath(root), "a.wav"))
+        for bad in ("", ".", "..", "../x.wav", "a/b.wav", "..\\x", "/etc/passwd", "x\0.wav"):
+            self.assertIsNone(recording_file(root, bad), bad)
+
+
+class ToneTrack(MediaStreamTrack):
+    """The 'browser microphone': a 440 Hz tone at 48 kHz, paced like a real device."""
+
+    kind = "audio"
+
+    def __init__(self):
+        super().__init__()
+        self.pts = 0
+        self.start = None
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_event_loop()
+        if self.start is None:
+            self.start = loop.time()
+        wait = self.start + self.pts / 48000 - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        t = (self.pts + np.arange(960)) / 48000
+        pcm = (np.sin(2 * np.pi * 440 * t) * 6000).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = 48000
+        frame.pts = self.pts
+        frame.time_base = fractions.Fraction(1, 48000)
+        self.pts += 960
+        return frame
+
+
+class Peer:
+    """An aiortc peer connection on the test's asyncio reactor, collecting what it hears."""
+
+    def __init__(self):
+        self.pc = RTCPeerConnection()
+        self.pc.addTrack(ToneTrack())
+        self.received = []
+        self.connected = defer.Deferred()
+        self.pc.on("track", lambda track: asyncio.ensure_future(self._listen(track)))
+        self.pc.on("connectionstatechange", self._state)
+
+    def _state(self):
+        if self.pc.connectionState == "connected" and not self.connected.called:
+            self.connected.callback(None)
+
+    async def _listen(self, track):
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.received.append(frame.to_ndarray().reshape(-1))
+
+    async def _offer(self):
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    def offer(self):
+        return as_deferred(self._offer())
+
+    def answer(self, sdp):
+        return as_deferred(self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer")))
+
+    def close(self):
+        return as_deferred(self.pc.close())
+
+
+def sleep(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class WebRTCCallTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        self.port = free_port()
+        conf = write_config(self, f'''
+addr = "127.0.0.1"
+udp_port = {free_port()}
+http_addr = "127.0.0.1:{self.port}"
+media_cache_path = "{self.root}/cache"
+external_ip = "198.51.100.7"
+[recording]
+enabled = true
+auto_start = true
+path = "{self.root}/rec"
+[callrecord]
+type = "local"
+root = "{self.root}/cdr"
+''')
+        self.daemon = spawn_daemon(self, conf)
+        yield self.daemon.wait_for("activecall ready")
+
+    @defer.inlineCallbacks
+    def call(self, call_id, option):
+        peer = Peer()
+        self.addCleanup(peer.close)
+        offer = yield peer.offer()
+        proto, client = yield connect(self, self.port, "/call/webrtc", f"id={call_id}")
+        send_json(proto, {"command": "invite", "option": dict(option, sdp=offer)})
+        answer = yield client.wait_event("answer")
+        yield peer.answer(answer["sdp"])
+        yield peer.connected
+        return peer, proto, client, answer
+
+    @defer.inlineCallbacks
+    def test_every_codec_connects_and_carries_audio_both_ways(self):
+        for codec, mime in (("opus", "opus/48000/2"), ("pcmu", "PCMU/8000"), ("pcma", "PCMA/8000"),
+                            ("g722", "G722/8000")):
+            peer, proto, client, answer = yield self.call(f"c-{codec}", {"codec": codec,
+                                                                          "tts": {"provider": "flite"}})
+            sdp = answer["sdp"]
+            rtpmap = [line for line in sdp.split("\r\n") if line.startswith("a=rtpmap:")][0]
+            self.assertIn(mime, rtpmap, codec)
+            self.assertIn("a=candidate:", sdp)  # gathering was complete
+            self.assertNotIn("fd00::2", sdp)  # IPv6 stripped (enableIpv6 unset)
+            self.assertIn("198.51.100.7", sdp)  # external_ip advertised
+            send_json(proto, {"command": "tts", "text": "Hello from the server.", "playId": "p1",
+                              "endOfStream": True})
+            yield client.wait_event("trackEnd")
+            yield sleep(0.3)
+            heard = np.concatenate(peer.received).astype(np.float64)
+            self.assertGreater(np.abs(heard).mean(), 50, codec)  # the bot's speech, not silence
+            send_json(proto, {"command": "hangup"})
+            hangup = yield client.wait_event("hangup")
+            self.assertEqual(hangup["initiator"], "caller")
+            yield client.closed
+            yield peer.close()
+        yield sleep(0.5)
+        cdrs = glob.glob(os.path.join(self.root, "cdr", "*", "*.json"))
+        self.assertEqual(len(cdrs), 4)
+        for path in cdrs:
+            with open(path) as f:
+                self.assertEqual(json.load(f)["callType"], "webrtc")
+        self.daemon.signal("TERM")
+        self.assertEqual((yield self.daemon.ended), 0, self.daemon.output)
+
+    @defer.inlineCallbacks
+    def test_browser_closing_its_peer_connection_ends_the_call(self):
+        peer, proto, client, _ = yield self.call("c-close", {})
+        yield sleep(1.0)  # some of the tone reaches the recording
+        yield peer.close()
+        hangup = yield client.wait_event("hangup")
+        self.assertEqual(hangup["initiator"], "caller")
+        yield client.closed
+        self.daemon.signal("TERM")
+        self.assertEqual((yield self.daemon.ended), 0, self.daemon.output)
+        wavs = glob.glob(os.path.join(self.root, "rec", "*.wav"))
+        self.assertEqual(len(wavs), 1)
+        import wave
+        with wave.open(wavs[0]) as w:
+            caller = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)[:, 0]
+        self.assertGreater(np.abs(caller.astype(np.float64)).mean(), 500)  # the tone came in
+
+    @defer.inlineCallbacks
+    def test_shutdown_with_a_live_call_closes_the_peer_connection(self):
+        peer, proto, client, _ = yield self.call("c-shutdown", {})
+        self.daemon.signal("TERM")
+        hangup = yield client.wait_event("hangup")
+        self.assertEqual(hangup["reason"], "system")
+        self.assertEqual((yield self.daemon.ended), 0, self.daemon.output)
+
+    @defer.inlineCallbacks
+    def test_invite_without_an_offer_is_an_error(self):
+        proto, client = yield connect(self, self.port, "/call/webrtc", "id=c-nooffer")
+        send_json(proto, {"command": "invite", "option": {}})
+        error = yield client.wait_event("error")
+        self.assertIn("offer", error["error"])
+        send_json(proto, {"command": "invite", "option": {"sdp": "v=0\r\nnonsense\r\n"}})
+        error = yield client.wait_event("hangup")
+        self.assertEqual(error["reason"], "failed")
