@@ -30,6 +30,10 @@ from activecall.media.clock import MediaClock
 from activecall.config import Config, redacted
 from activecall.logs import make_observer
 from activecall.metrics import Metrics
+from activecall.sip.registration import RegistrationService  # SIP block
+from activecall.sip.transport import TransportManager  # SIP block
+from activecall.sip.useragent import TransactionLayerService, UserAgent, place_cli_call  # SIP block
+from twisted.internet.interfaces import IReactorUDP  # SIP block
 
 log = Logger(namespace="activecall")
 
@@ -74,6 +78,27 @@ class ActiveCallService(service.MultiService):
             self.call_manager, "webSocket",
             lambda session, proto: WebSocketConnector(session, proto, self.media_clock), "/call",
         )
+        # -- SIP (issue 3): transports, user agent, registration -----------------------
+        # Added before HTTP and the calls service, so on shutdown call sessions end first,
+        # then the user agent hangs up what is left (BYE / CANCEL / 503), then accounts
+        # unregister (Expires: 0), then transactions are dropped and the transports close.  The call layer plugs in
+        # with ``self.user_agent.invite_handler = callable(InboundCall)``; until then every
+        # inbound INVITE gets 503 "No invite handler configured".  A task.Clock reactor
+        # (unit tests of the service tree) has no network, so SIP is left out there.
+        self.sip_transport = self.user_agent = self.sip_registration = None
+        if IReactorUDP.providedBy(reactor):
+            self.sip_transport = TransportManager(config, reactor=reactor)
+            self.user_agent = UserAgent(config, self.sip_transport, reactor=reactor)
+            self.sip_transport.on_message = self.user_agent.layer.message_received
+            self.sip_registration = RegistrationService(
+                config, self.user_agent, reactor, states=self.registrations,
+                gauge=self.metrics.sip_registration_up,
+            )
+            self.sip_transport.setServiceParent(self)
+            TransactionLayerService(self.user_agent.layer).setServiceParent(self)
+            self.sip_registration.setServiceParent(self)
+            self.user_agent.setServiceParent(self)
+        # -- end of the SIP block ------------------------------------------------------------
         # -- WebRTC (issue 6): /call/webrtc over aiortc, and the browser console at / --------
         # PeerConnections is added before HTTP and the calls service, so on shutdown it stops
         # after every call has ended and closes any peer connection still open; its own
@@ -125,11 +150,9 @@ class ActiveCallService(service.MultiService):
         # after-startup: signal handlers are installed by then, so SIGTERM is graceful
         when_running = getattr(self.reactor, "callWhenRunning", lambda f: f())  # task.Clock has none
         when_running(lambda: log.info("activecall ready"))
-        if self.config.call:
-            log.warn(
-                "--call {uri}: outbound SIP calls are not available in this build yet",
-                uri=self.config.call,
-            )
+        if self.config.call:  # SIP block: --call places one outbound call once started
+            if self.user_agent is not None:
+                place_cli_call(self.user_agent, self.config.call, self.config)
 
     def privilegedStartService(self):
         service.Service.privilegedStartService(self)

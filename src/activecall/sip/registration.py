@@ -281,10 +281,11 @@ class Registration:
         self.last_error = error
         self.granted = None
         self._set_state("failed")
+        self._cancel_timer()
+        if not self._stopping:  # the retry is armed before logging: an observer may stop us
+            self._timer = self.reactor.callLater(delay, self._register)
         log.error("registration of {key} at {server} failed: {error}; retrying in {delay:.0f}s", key=self.key,
                   server=str(self.uri), error=error, delay=delay)
-        self._cancel_timer()
-        self._timer = self.reactor.callLater(delay, self._register)
 
     # -- state --
 

@@ -1011,6 +1011,20 @@ class OutboundCall(SipCall):
 # -- the user agent --------------------------------------------------------------------------------
 
 
+class TransactionLayerService(service.Service):
+    """Drops every transaction and its timers on shutdown: added after the transports, so it
+    stops just before them, once calls have ended and accounts have unregistered."""
+
+    name = "sip-transactions"
+
+    def __init__(self, layer: TransactionLayer):
+        self.layer = layer
+
+    def stopService(self):
+        super().stopService()
+        self.layer.stop()
+
+
 def reject_without_handler(call: InboundCall) -> None:
     """The default invite handler: 503, as the original does when no ``[handler]`` is configured."""
     call.reject(503, "No invite handler configured")
@@ -1047,11 +1061,16 @@ class UserAgent(service.Service, TransactionUser):
         #: (Call-ID, From tag) -> inbound call, to recognise INVITE retransmissions after the 2xx
         self._inbound_origins: dict[tuple, InboundCall] = {}
         self._pending: dict[InviteServerTransaction, InboundCall] = {}
+        self._forget_later: list = []
 
     # -- service --
 
     def stopService(self) -> defer.Deferred:
-        """Hang up every call (BYE / CANCEL / 503), wait a bounded time, then drop transactions."""
+        """Hang up every call (BYE / CANCEL / 503) and wait for them, a bounded time.
+
+        The transaction layer keeps running (unregistering still needs it);
+        ``TransactionLayerService`` stops it just before the transports close.
+        """
         super().stopService()
         waits = []
         for call in list(self.calls):
@@ -1066,12 +1085,15 @@ class UserAgent(service.Service, TransactionUser):
         d = defer.gatherResults(waits, consumeErrors=True)
         d.addTimeout(self.shutdown_timeout, self.reactor)
 
-        def stop_layer(result):
+        def finished(result):
             if isinstance(result, Failure):
                 log.warn("calls did not end within {t}s of shutdown", t=self.shutdown_timeout)
-            self.layer.stop()
+            for delayed in self._forget_later:
+                if delayed.active():
+                    delayed.cancel()
+            self._forget_later = []
 
-        return d.addBoth(stop_layer)
+        return d.addBoth(finished)
 
     # -- helpers shared by calls --
 
@@ -1106,7 +1128,11 @@ class UserAgent(service.Service, TransactionUser):
             key = (call.call_id, call.dialog.remote_tag)
             if self._inbound_origins.get(key) is call:
                 # remembered a little longer: a late INVITE retransmission is still recognised
-                self.reactor.callLater(64 * self.layer.t1, self._inbound_origins.pop, key, None)
+                self._forget_later.append(self.reactor.callLater(64 * self.layer.t1, self._forget_origin, key))
+
+    def _forget_origin(self, key: tuple) -> None:
+        self._inbound_origins.pop(key, None)
+        self._forget_later = [c for c in self._forget_later if c.active()]
 
     def call_for_dialog(self, dialog_id: str) -> Optional[SipCall]:
         """The live call whose public dialog id is ``dialog_id``."""
@@ -1275,7 +1301,7 @@ def place_cli_call(ua: UserAgent, target_uri: str, config) -> Optional[OutboundC
 
 
 __all__ = [
-    "UserAgent", "InboundCall", "OutboundCall", "SipCall", "IncomingRefer", "CallStateError", "CallFailed",
+    "UserAgent", "TransactionLayerService", "InboundCall", "OutboundCall", "SipCall", "IncomingRefer", "CallStateError", "CallFailed",
     "Provisional", "Established", "SdpUpdated", "HoldChanged", "Dtmf", "TransferRequested", "TransferProgress",
     "Ended", "reject_without_handler", "place_cli_call", "apply_rewrites", "credentials_for", "sdp_direction", "with_direction",
     "mirror_direction", "minimal_offer", "parse_dtmf_info", "parse_sipfrag", "reason_header",
