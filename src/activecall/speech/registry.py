@@ -112,3 +112,15 @@ def _openai_asr(opts, on_result, **deps):
 def _openai_tts(opts, **deps):
     from activecall.speech.tts.openai import OpenAISynthesizer
     return OpenAISynthesizer(opts, **deps)
+
+
+@register(ASR_PROVIDERS, "deepgram")
+def _deepgram_asr(opts, on_result, **deps):
+    from activecall.speech.asr.deepgram import DeepgramRecognizer
+    return DeepgramRecognizer(opts, on_result, **deps)
+
+
+@register(TTS_PROVIDERS, "deepgram")
+def _deepgram_tts(opts, **deps):
+    from activecall.speech.tts.deepgram import DeepgramSynthesizer
+    return DeepgramSynthesizer(opts, **deps)
