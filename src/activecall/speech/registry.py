@@ -124,3 +124,15 @@ def _deepgram_asr(opts, on_result, **deps):
 def _deepgram_tts(opts, **deps):
     from activecall.speech.tts.deepgram import DeepgramSynthesizer
     return DeepgramSynthesizer(opts, **deps)
+
+
+@register(ASR_PROVIDERS, "aliyun")
+def _aliyun_asr(opts, on_result, **deps):
+    from activecall.speech.asr.aliyun import AliyunRecognizer
+    return AliyunRecognizer(opts, on_result, **deps)
+
+
+@register(TTS_PROVIDERS, "aliyun")
+def _aliyun_tts(opts, **deps):
+    from activecall.speech.tts.aliyun import AliyunSynthesizer
+    return AliyunSynthesizer(opts, **deps)
