@@ -175,6 +175,9 @@ class WsServer:
         self._new: list[defer.Deferred] = []
         factory = WebSocketServerFactory("ws://127.0.0.1")
         factory.protocol = _VendorProtocol
+        # no close-handshake timer: when a client aborts instead of answering our close frame, Autobahn
+        # would leave that timer pending on the reactor after the test
+        factory.setProtocolOptions(closeHandshakeTimeout=0)
         factory.server = self
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.base = f"ws://127.0.0.1:{self.port.getHost().port}"

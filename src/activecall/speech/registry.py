@@ -136,3 +136,15 @@ def _aliyun_asr(opts, on_result, **deps):
 def _aliyun_tts(opts, **deps):
     from activecall.speech.tts.aliyun import AliyunSynthesizer
     return AliyunSynthesizer(opts, **deps)
+
+
+@register(ASR_PROVIDERS, "tencent")
+def _tencent_asr(opts, on_result, **deps):
+    from activecall.speech.asr.tencent import TencentRecognizer
+    return TencentRecognizer(opts, on_result, **deps)
+
+
+@register(TTS_PROVIDERS, "tencent", "tencent_basic")
+def _tencent_tts(opts, **deps):
+    from activecall.speech.tts.tencent import TencentSynthesizer
+    return TencentSynthesizer(opts, **deps)
