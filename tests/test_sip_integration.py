@@ -208,6 +208,22 @@ class SippUASTests(unittest.TestCase):
         yield sipp_result(uas)
 
     @defer.inlineCallbacks
+    def test_daemon_call_flag_places_a_call_and_byes_on_shutdown(self):
+        port = udp_port()
+        uas = sipp(self, "-p", str(port), builtin="uas")
+        yield when(port_bound(port), 5, "sipp uas to bind its port")
+        conf = write_config(self, "\n".join([
+            'addr = "127.0.0.1"', f"udp_port = {udp_port()}", "tcp_port = 0", f'http_addr = "127.0.0.1:{free_port()}"',
+            "",
+        ]))
+        daemon = spawn_daemon(self, conf, "--call", f"sip:service@{LOCAL}:{port}")
+        yield daemon.wait_for(r"--call sip:service@\S+: answered", timeout=8)
+        daemon.signal("TERM")
+        yield when(daemon.ended, 8, "the daemon to stop")
+        # sipp answered our shutdown BYE with 200 (it lingers a few seconds before exiting: not awaited)
+        self.assertRegex(daemon.output, r"--call sip:service@\S+: ended \(local, 200\)")
+
+    @defer.inlineCallbacks
     def test_www_challenge_verified_by_sipp(self):
         peer = LoopbackUA(self)
         port = udp_port()

@@ -306,6 +306,15 @@ class InboundTests(unittest.TestCase):
         h.deliver(peer_request("UPDATE", to_tag=ok.to.tag, cseq=3, body=sdp()))
         self.assertFalse(call.on_hold)
 
+    def test_unusable_offer_is_488_and_the_call_goes_on(self):
+        h = Harness(self)
+        call, ok = h.established_inbound()
+        h.deliver(peer_request("INVITE", to_tag=ok.to.tag, cseq=2, body=b"v=0\r\nthis is no sdp\r\n"))
+        self.assertEqual(h.net.last().status, 488)
+        h.deliver(peer_request("INVITE", to_tag=ok.to.tag, cseq=3, body=sdp("sendonly")))
+        self.assertEqual(sdp_direction(h.net.last().body), ("recvonly", False))
+        self.assertIsNone(call.end)
+
     def test_reinvite_with_lower_cseq_is_500(self):
         h = Harness(self)
         call, ok = h.established_inbound()

@@ -81,10 +81,10 @@ class ActiveCallService(service.MultiService):
         # -- SIP (issue 3): transports, user agent, registration -----------------------
         # Added before HTTP and the calls service, so on shutdown call sessions end first,
         # then the user agent hangs up what is left (BYE / CANCEL / 503), then accounts
-        # unregister (Expires: 0), then transactions are dropped and the transports close.  The call layer plugs in
-        # with ``self.user_agent.invite_handler = callable(InboundCall)``; until then every
-        # inbound INVITE gets 503 "No invite handler configured".  A task.Clock reactor
-        # (unit tests of the service tree) has no network, so SIP is left out there.
+        # unregister (Expires: 0), then transactions are dropped and the transports close.
+        # The call layer plugs in with ``self.user_agent.invite_handler = callable(InboundCall)``;
+        # until then every inbound INVITE gets 503 "No invite handler configured".  A task.Clock
+        # reactor (unit tests of the service tree) has no network, so SIP is left out there.
         self.sip_transport = self.user_agent = self.sip_registration = None
         if IReactorUDP.providedBy(reactor):
             self.sip_transport = TransportManager(config, reactor=reactor)

@@ -14,6 +14,7 @@ here: SDP bodies go in and out as bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -24,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from activecall.sip import sdp
 from activecall.sip.auth import DigestClient
 from activecall.sip.dialog import Dialog, DialogId, DialogState, DialogTable, response_dialog_id
 from activecall.sip.message import (
@@ -157,75 +159,30 @@ def reason_header(code: int, text: Optional[str]) -> Optional[str]:
     return f"SIP;cause={code};text={quote(clean)}"
 
 
-def _sdp_sections(body: bytes) -> tuple[list[str], list[int]]:
-    lines = [line for line in body.decode("utf-8", "replace").splitlines() if line.strip()]
-    media_starts = [i for i, line in enumerate(lines) if line.startswith("m=")]
-    return lines, media_starts
-
-
-def _audio_range(lines: list[str], media_starts: list[int]) -> Optional[tuple[int, int]]:
-    for n, start in enumerate(media_starts):
-        if lines[start].startswith("m=audio"):
-            end = media_starts[n + 1] if n + 1 < len(media_starts) else len(lines)
-            return start, end
-    return None
-
-
-DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
-
-
 def sdp_direction(body: bytes) -> tuple[str, bool]:
     """(direction of the first audio stream, is it a hold?) per RFC 3264 §5.1 / §8.4.
 
-    Hold is ``sendonly``, ``inactive`` or a ``c=`` of 0.0.0.0 (media level, else session).
-    A tiny line-level reading so re-INVITEs need no media engine.
+    Hold is ``sendonly``, ``inactive`` or a ``c=`` of 0.0.0.0 (media level, else
+    session).  Raises ``SDPParseError`` / ``NegotiationError`` for an unusable body.
     """
-    lines, media_starts = _sdp_sections(body)
-    session_end = media_starts[0] if media_starts else len(lines)
-    audio = _audio_range(lines, media_starts) or (session_end, session_end)
-
-    def scan(start, end):
-        direction = connection = None
-        for line in lines[start:end]:
-            if line[2:].strip() in DIRECTIONS and line.startswith("a="):
-                direction = line[2:].strip()
-            elif line.startswith("c="):
-                connection = line.split()[-1] if line.split() else None
-        return direction, connection
-
-    session_dir, session_conn = scan(0, session_end)
-    media_dir, media_conn = scan(audio[0] + 1, audio[1])
-    direction = media_dir or session_dir or "sendrecv"
-    connection = media_conn or session_conn
-    held = direction in ("sendonly", "inactive") or connection in ("0.0.0.0", "::")
-    return direction, held
-
-
-def mirror_direction(direction: str) -> str:
-    """RFC 3264 §6.1: sendonly→recvonly, recvonly→sendonly, inactive→inactive, else sendrecv."""
-    return {"sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}.get(direction, "sendrecv")
+    session = sdp.parse(body)
+    _, media = sdp.audio_media(session)
+    return sdp.media_direction(session, media), sdp.is_hold(session, media)
 
 
 def with_direction(body: bytes, direction: str) -> bytes:
     """``body`` with its audio stream set to ``direction`` and the o= version bumped (RFC 3264 §8)."""
-    lines, media_starts = _sdp_sections(body)
-    audio = _audio_range(lines, media_starts)
-    session_end = media_starts[0] if media_starts else len(lines)
-    out = []
-    for i, line in enumerate(lines):
-        if line.startswith("o="):
-            parts = line.split()
-            if len(parts) >= 3 and parts[2].isdigit():
-                parts[2] = str(int(parts[2]) + 1)
-                line = " ".join(parts)
-        # direction lines are dropped at session and media level; one goes at the end of the audio stream
-        if not (line.startswith("a=") and line[2:].strip() in DIRECTIONS):
-            out.append(line)
-        if audio is not None and i == audio[1] - 1:
-            out.append(f"a={direction}")
-    if audio is None:
-        out.insert(session_end, f"a={direction}")
-    return ("\r\n".join(out) + "\r\n").encode()
+    session = sdp.parse(body)
+    index, media = sdp.audio_media(session)
+    streams = list(session.media)
+    streams[index] = dataclasses.replace(media, direction=direction)
+    origin = session.origin
+    if origin.session_version.isdigit():
+        origin = dataclasses.replace(origin, session_version=str(int(origin.session_version) + 1))
+    return dataclasses.replace(session, origin=origin, direction=None, media=tuple(streams)).to_bytes()
+
+
+mirror_direction = sdp.mirror_direction
 
 
 def minimal_offer(host: str, port: int, session_id: Optional[int] = None) -> bytes:
@@ -568,8 +525,8 @@ class SipCall:
         if request.body and request.content_type in (None, SDP):
             try:
                 answer = self._answer_offer(request.body)
-            except Exception as e:
-                log.failure("answering a {method} offer failed", method=request.method)
+            except (sdp.SDPParseError, sdp.NegotiationError) as e:
+                log.info("unusable {method} offer on {id}: {err}", method=request.method, id=self.dialog_id, err=e)
                 self.ua.respond(txn, 488, reason_phrase(488, e))
                 return
         else:
