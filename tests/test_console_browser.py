@@ -168,6 +168,12 @@ class CDP(WebSocketClientFactory):
             f.write(base64.b64decode(shot["data"]))
         return path
 
+    @defer.inlineCallbacks
+    def navigate(self, url):
+        yield self.send("Page.navigate", {"url": url})
+        yield self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'",
+                            what=f"{url} to load")
+
     def click(self, selector):
         return self.evaluate(f"document.querySelector({json.dumps(selector)}).click(), true")
 
@@ -259,7 +265,8 @@ class ConsoleBrowserTests(unittest.TestCase):
             raise unittest.SkipTest("Debian's chromium is not installed (apt-get install chromium)")
 
     @defer.inlineCallbacks
-    def test_console_webrtc_call_in_chromium(self):
+    def start(self, settings=""):
+        """The daemon (greeting.md in its playbooks, recording on, local CDRs) and a browser."""
         root = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(root, "playbook"))
         with open(os.path.join(root, "playbook", "greeting.md"), "w") as f:
@@ -271,6 +278,7 @@ udp_port = {free_port()}
 http_addr = "127.0.0.1:{port}"
 media_cache_path = "{root}/cache"
 playbook_dir = "{root}/playbook"
+{settings}
 [recording]
 enabled = true
 auto_start = true
@@ -283,10 +291,15 @@ root = "{root}/cdr"
         mic = yield fake_microphone_wav(os.path.join(root, "speech48k.wav"))
         yield daemon.wait_for("activecall ready")
         cdp = yield open_browser(self, mic)
+        return root, port, daemon, cdp
+
+    @defer.inlineCallbacks
+    def test_console_webrtc_call_in_chromium(self):
+        root, port, daemon, cdp = yield self.start()
         base = f"http://127.0.0.1:{port}"
 
         # -- the console loads, lists the playbooks ------------------------------------------------------
-        yield cdp.send("Page.navigate", {"url": base + "/"})
+        yield cdp.navigate(base + "/")
         yield cdp.wait_for("document.querySelector('#playbooks li[data-name=\"greeting.md\"]') !== null",
                            what="the playbook list")
         yield cdp.click('#playbooks li[data-name="greeting.md"]')
@@ -360,3 +373,26 @@ root = "{root}/cdr"
         digits = {w for t in texts for w in t.split()} & {"one", "two", "three", "four", "five"}
         self.assertGreaterEqual(len(digits), 3, (texts, live))
         self.assertGreater(np.abs(frames[:, 1].astype(np.float64)).mean(), 20)  # the bot spoke, right channel
+
+    @defer.inlineCallbacks
+    def test_console_with_an_api_token(self):
+        root, port, daemon, cdp = yield self.start('http_token = "browser-secret"')
+        yield cdp.navigate(f"http://127.0.0.1:{port}/")
+        notice = yield cdp.wait_for("!document.getElementById('notice').hidden && "
+                                    "document.getElementById('notice').textContent", what="the token notice")
+        self.assertIn("token", notice)
+        self.assertEqual((yield cdp.evaluate("document.querySelectorAll('#playbooks li').length")), 0)
+        yield cdp.evaluate("document.getElementById('token').value = 'browser-secret'; true")
+        yield cdp.click("#token-save")
+        yield cdp.wait_for("document.querySelector('#playbooks li[data-name=\"greeting.md\"]') !== null",
+                           what="the playbooks once the token is saved")
+        self.assertEqual((yield cdp.evaluate("localStorage.getItem('activecall.token')")), "browser-secret")
+        yield cdp.click("#call-start")  # the WebSocket carries ?token=
+        yield cdp.wait_for("window.activecall.pc && window.activecall.pc.connectionState === 'connected'",
+                           what="a call through the token-protected endpoint")
+        yield cdp.wait_for("document.querySelector('#timeline li.trackStart') !== null", what="events")
+        yield cdp.screenshot("console-token.png")
+        yield cdp.click("#call-hangup")
+        yield cdp.wait_for("document.getElementById('call-state').textContent === 'ended'", what="the call to end")
+        daemon.signal("TERM")
+        self.assertEqual((yield daemon.ended), 0, daemon.output)
