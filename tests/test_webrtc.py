@@ -17,7 +17,8 @@ from twisted.trial import unittest
 
 from activecall.api.rest import recording_file
 from activecall.webrtc.candidates import advertise_external_ip, candidate_addresses, strip_ipv6_candidates
-from activecall.webrtc.leg import FrameChunker, as_deferred, codec_preferences, handshake_seconds, pcm_frame
+from activecall.webrtc.leg import (FrameChunker, PeerConnections, as_deferred, codec_preferences,
+                                    handshake_seconds, pcm_frame)
 from activecall.api import commands as cmd
 from tests.helpers import free_port, spawn_daemon, write_config
 from tests.wsclient import connect, send_json
@@ -270,3 +271,62 @@ root = "{self.root}/cdr"
         send_json(proto, {"command": "invite", "option": {"sdp": "v=0\r\nnonsense\r\n"}})
         error = yield client.wait_event("hangup")
         self.assertEqual(error["reason"], "failed")
+
+
+class FakeLeg:
+    def __init__(self):
+        self.session = self
+        self.ended = defer.Deferred()
+        self.closed = 0
+
+    def when_ended(self):
+        return self.ended
+
+    def close(self):
+        self.closed += 1
+        return defer.succeed(None)
+
+
+class FakeReactor(task.Clock):
+    def __init__(self):
+        super().__init__()
+        self.triggers = []
+
+    def addSystemEventTrigger(self, phase, event, f):
+        self.triggers.append((phase, event, f))
+        return len(self.triggers)
+
+
+class PeerConnectionsTests(unittest.TestCase):
+    def test_before_shutdown_closes_legs_left_open_after_the_grace_period(self):
+        clock = FakeReactor()
+        registry = PeerConnections(clock, grace=5)
+        registry.startService()
+        [(phase, event, trigger)] = clock.triggers
+        self.assertEqual((phase, event), ("before", "shutdown"))
+        ending, stuck = FakeLeg(), FakeLeg()
+        registry.add(ending)
+        registry.add(stuck)
+        d = trigger()
+        ending.ended.callback(None)  # this call ends normally; the other never does
+        clock.advance(4.9)
+        self.assertFalse(d.called)
+        self.assertEqual(stuck.closed, 0)
+        clock.advance(0.2)
+        self.assertTrue(d.called)
+        self.assertEqual(stuck.closed, 1)
+
+    def test_nothing_open_means_nothing_to_wait_for(self):
+        clock = FakeReactor()
+        registry = PeerConnections(clock)
+        registry.startService()
+        self.assertIsNone(clock.triggers[0][2]())
+
+    def test_stop_service_closes_every_leg(self):
+        registry = PeerConnections(FakeReactor())
+        legs = [FakeLeg(), FakeLeg()]
+        for leg in legs:
+            registry.add(leg)
+        registry.startService()
+        self.successResultOf(registry.stopService())
+        self.assertEqual([leg.closed for leg in legs], [1, 1])
