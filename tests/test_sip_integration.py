@@ -217,11 +217,14 @@ class SippUASTests(unittest.TestCase):
             "",
         ]))
         daemon = spawn_daemon(self, conf, "--call", f"sip:service@{LOCAL}:{port}")
-        yield daemon.wait_for(r"--call sip:service@\S+: answered", timeout=8)
+        # the call is a full session with RTP media: its events go to the log
+        yield daemon.wait_for(r'answer: \{"event":"answer"', timeout=8)
         daemon.signal("TERM")
         yield when(daemon.ended, 8, "the daemon to stop")
-        # sipp answered our shutdown BYE with 200 (it lingers a few seconds before exiting: not awaited)
-        self.assertRegex(daemon.output, r"--call sip:service@\S+: ended \(local, 200\)")
+        # shutdown hung the call up with a BYE (sipp answers 200; it lingers before exiting: not awaited)
+        self.assertRegex(daemon.output, r'hangup: \{"event":"hangup".*"reason":"system"')
+        self.assertRegex(daemon.output, r"outbound call c\.\S+ ended: local \(200\)")  # sipp's 200 to our BYE
+        self.assertRegex(daemon.output, r"UDP Port \d+ Closed")  # the RTP ports were released
 
     @defer.inlineCallbacks
     def test_www_challenge_verified_by_sipp(self):

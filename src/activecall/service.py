@@ -32,7 +32,7 @@ from activecall.logs import make_observer
 from activecall.metrics import Metrics
 from activecall.sip.registration import RegistrationService  # SIP block
 from activecall.sip.transport import TransportManager  # SIP block
-from activecall.sip.useragent import TransactionLayerService, UserAgent, place_cli_call  # SIP block
+from activecall.sip.useragent import TransactionLayerService, UserAgent  # SIP block
 from twisted.internet.interfaces import IReactorUDP  # SIP block
 
 log = Logger(namespace="activecall")
@@ -98,6 +98,19 @@ class ActiveCallService(service.MultiService):
             TransactionLayerService(self.user_agent.layer).setServiceParent(self)
             self.sip_registration.setServiceParent(self)
             self.user_agent.setServiceParent(self)
+            # SIP calls as sessions: inbound routing ([handler]) and the /call/sip endpoint
+            from activecall.call.sip_call import SipCalls, SipConnector
+            from activecall.media.rtp import PortPool
+
+            self.rtp_ports = PortPool(reactor, config.rtp_start_port, config.rtp_end_port,
+                                      interface=config.rtp_bind_ip or config.addr)
+            self.sip_calls = SipCalls(config, self.user_agent, self.call_manager, self.media_clock,
+                                      self.rtp_ports, reactor, metrics=self.metrics)
+            self.user_agent.invite_handler = self.sip_calls.on_invite
+            self.api.call.putChild(b"sip", endpoint_resource(
+                self.call_manager, "sip",
+                lambda session, proto: SipConnector(session, proto, self.sip_calls), "/call/sip",
+            ))
         # -- end of the SIP block ------------------------------------------------------------
         # -- WebRTC (issue 6): /call/webrtc over aiortc, and the browser console at / --------
         # PeerConnections is added before HTTP and the calls service, so on shutdown it stops
@@ -152,7 +165,7 @@ class ActiveCallService(service.MultiService):
         when_running(lambda: log.info("activecall ready"))
         if self.config.call:  # SIP block: --call places one outbound call once started
             if self.user_agent is not None:
-                place_cli_call(self.user_agent, self.config.call, self.config)
+                self.sip_calls.place_cli_call(self.config.call)
 
     def privilegedStartService(self):
         service.Service.privilegedStartService(self)

@@ -10,8 +10,8 @@ concealment (Opus PLC) or the leg can repeat/fade the last frame.
 
 The target depth follows the measured interarrival jitter (RFC 3550 §6.4.1):
 ``ceil(k * jitter / frame) + 1`` frames, clamped to ``[min_depth, max_depth]``.
-A buffer that has grown past the target sheds one frame per pop (latency
-shrinks quickly after a burst); an underrun conceals, and after
+A buffer that stays more than ``shed_slack`` frames past the target sheds
+one frame per pop (latency shrinks gradually; a burst is played, not cut); an underrun conceals, and after
 ``rebuffer_after`` empty pops (a talk pause or DTX) the buffer primes again
 to the current target before playing.
 """
@@ -66,6 +66,7 @@ class JitterBuffer:
         initial_depth: int = 2,
         jitter_factor: float = 3.0,
         rebuffer_after: int = 5,
+        shed_slack: int = 3,
         reset_gap: int = 500,
     ):
         self.clock_rate = clock_rate
@@ -75,6 +76,7 @@ class JitterBuffer:
         self.max_depth = max_depth
         self.jitter_factor = jitter_factor
         self.rebuffer_after = rebuffer_after
+        self.shed_slack = shed_slack
         self.reset_gap = reset_gap
         self.target = max(min_depth, min(initial_depth, max_depth))
         # seconds, RFC 3550 smoothed interarrival jitter; it starts at the value that
@@ -138,14 +140,15 @@ class JitterBuffer:
                 return None
             self._next = min(self._packets)
             self._empty_pops = 0
-        while len(self._packets) > self.target + 1:
-            # too deep after a burst: skip gaps and shed the oldest frames rather than keep the latency
+        if len(self._packets) > self.target + self.shed_slack:
+            # persistently too deep (a sender clock running fast, a burst that never drained):
+            # shed one frame per pop so latency shrinks without cutting a burst of speech
             if self._next not in self._packets:
                 self._next = min(self._packets)
-                continue
-            self._take(self._next)
-            self._next += 1
-            self.stats.shed += 1
+            else:
+                self._take(self._next)
+                self._next += 1
+                self.stats.shed += 1
         frame = self._packets.pop(self._next, None)
         if frame is not None:
             self._next += 1

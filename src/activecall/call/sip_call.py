@@ -1,0 +1,387 @@
+"""SIP calls as sessions: the ``/call/sip`` connector and inbound routing.
+
+Inbound INVITEs go to the configured handler (sip-media.md §5):
+
+- **webhook** → 2xx keeps the INVITE pending under its dialog id until a client
+  opens ``/call/sip?id=<dialogId>`` and sends ``ringing``/``accept``/``reject``;
+- **playbook** rules → the call is answered at once and the playbook runs,
+  with no WebSocket (events go to the call's journal);
+- no handler, no matching rule, handler failure → 503 with a ``Reason``.
+
+Outbound: ``invite`` on ``/call/sip`` dials ``option.callee`` with our RTP
+offer (SDES-SRTP when ``sip.enableSrtp``, else ``enable_srtp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from activecall.api import commands as cmd
+from activecall.api import events as ev
+from activecall.call import handlers
+from activecall.media.rtp import PortsExhausted
+from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
+from activecall.sip.useragent import (
+    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,
+)
+
+log = Logger(namespace="activecall.call.sip")
+
+
+class SipLeg:
+    """The session's leg for a SIP call: the signalling dialog plus its RTP leg.
+    Closing it hangs up (BYE/CANCEL with the call's hangup headers) and frees the ports."""
+
+    def __init__(self, session, sip_call, rtp: RtpLeg):
+        self.session = session
+        self.sip_call = sip_call
+        self.rtp = rtp
+        self.closing = False
+
+    @defer.inlineCallbacks
+    def close(self):
+        self.closing = True
+        if self.sip_call is not None and not self.sip_call.is_ended:
+            headers = list(self.session.hangup_headers.items())
+            try:
+                if getattr(self.sip_call, "state", None) in ("pending", "ringing"):
+                    self.sip_call.reject(487 if self.session.end_reason == "canceled" else 480,
+                                         self.session.end_reason)
+                else:
+                    yield self.sip_call.hangup(headers=headers)
+            except (CallStateError, CallFailed, Exception) as e:
+                log.debug("hanging up {id}: {e}", id=self.session.id, e=e)
+        yield self.rtp.close()
+
+
+class SipCalls:
+    """Everything SIP calls need from the daemon, and the pending inbound calls."""
+
+    def __init__(self, config, user_agent, manager, media_clock, port_pool, reactor, metrics=None):
+        self.config = config
+        self.ua = user_agent
+        self.manager = manager
+        self.media_clock = media_clock
+        self.pool = port_pool
+        self.reactor = reactor
+        self.metrics = metrics
+        self.pending: dict[str, object] = {}  # dialog id -> InboundCall awaiting /call/sip
+        self.handler = handlers.handler_for(config.handler, config.playbook_dir, reactor)
+
+    def new_rtp_leg(self, session) -> RtpLeg:
+        leg = RtpLeg(session, self.media_clock, self.reactor,
+                     host=self.config.rtp_bind_ip or self.ua.transport.advertised_host,
+                     external_ip=self.config.external_ip, codecs=self.config.codecs,
+                     latching=self.config.enable_rtp_latching, metrics=self.metrics)
+        leg.allocate(self.pool)
+        return leg
+
+    def wants_srtp(self, option) -> bool:
+        """The seed's chain: per-call ``sip.enableSrtp`` > ``enable_srtp`` > plain RTP."""
+        sip = option.sip if option is not None else None
+        value = getattr(sip, "enableSrtp", None) if sip is not None else None
+        if value is None and sip is not None and sip.other_keys:
+            value = sip.other_keys.get("enableSrtp")
+        return self.config.enable_srtp if value is None else bool(value)
+
+    # -- inbound ------------------------------------------------------------------------------
+
+    def on_invite(self, call) -> None:
+        """The UserAgent's invite handler."""
+        if self.handler is None:
+            call.reject(503, "No invite handler configured")
+            return
+        invite = call.incoming_invite()
+        d = self.handler.on_invite(invite)
+        d.addCallback(self._decided, call, invite)
+        d.addErrback(lambda f: (log.failure("invite handler failed", f),
+                                self._reject(call, 503, f"Failed to process invite: {f.getErrorMessage()}")))
+
+    def _reject(self, call, code, reason):
+        try:
+            call.reject(code, reason)
+        except CallStateError:
+            pass
+
+    def _decided(self, decision, call, invite) -> None:
+        if call.is_ended:
+            return
+        if isinstance(decision, handlers.Reject):
+            self._reject(call, decision.code, decision.reason)
+        elif isinstance(decision, handlers.Pending):
+            self.pending[decision.dialog_id] = call
+            call.when_ended().addBoth(lambda _: self.pending.pop(decision.dialog_id, None))
+            log.info("inbound call {id} pending for /call/sip", id=decision.dialog_id)
+        elif isinstance(decision, handlers.RouteToPlaybook):
+            self._answer_with_playbook(call, invite, decision)
+
+    def _answer_with_playbook(self, call, invite, decision) -> None:
+        from activecall.playbook.runner import start_playbook
+
+        session = self.manager.open_session(invite.dialog_id, "sip", emit=_log_event)
+        session.extras.update({"caller": invite.caller, "callee": invite.callee, **decision.extras})
+        connector = SipConnector(session, None, self)
+        session.connector = connector
+        source = decision.content if decision.content is not None else (decision.path or decision.name)
+        if start_playbook(session, source) is None:
+            self._reject(call, 503, "Playbook Not Found")
+            return
+        connector.answer_inbound(call, session.option or cmd.CallOption())
+
+    # -- --call ---------------------------------------------------------------------------------
+
+    def place_cli_call(self, target_uri: str):
+        """``--call SIP_URI``: dial once, with RTP media, running the ``--handler`` playbook."""
+        import uuid
+
+        from activecall.config import PlaybookHandler
+        from activecall.playbook.runner import start_playbook
+
+        session = self.manager.open_session(f"c.{uuid.uuid4()}", "sip", emit=_log_event)
+        session.connector = SipConnector(session, None, self)
+        handler = self.config.handler
+        if isinstance(handler, PlaybookHandler) and handler.default:
+            if start_playbook(session, handler.default) is None:
+                return session
+        option = session.option or cmd.CallOption()
+        session.handle(cmd.Invite(option=dataclasses.replace(option, callee=target_uri)))
+        return session
+
+    # -- helpers used by the connector -----------------------------------------------------------
+
+    def take_pending(self, dialog_id: str):
+        return self.pending.pop(dialog_id, None)
+
+
+def _log_event(event) -> None:
+    """Calls without a WebSocket (--call, playbook routing): events go to the log."""
+    if event.TAG in ("answer", "reject", "hangup", "error", "ringing", "asrFinal", "dtmf"):
+        log.info("{tag}: {event}", tag=event.TAG, event=event.to_json())
+
+
+class SipConnector:
+    """The call-type glue for ``/call/sip`` sessions (and playbook-routed inbound calls)."""
+
+    def __init__(self, session, protocol, calls: SipCalls):
+        self.session = session
+        self.protocol = protocol
+        self.calls = calls
+        self.inbound = None
+        self.ringing_call = None
+
+    def binary_received(self, payload: bytes) -> None:
+        self.session.error("command", "binary audio is only accepted on /call")
+
+    # -- inbound: ringing / accept / reject ------------------------------------------------------
+
+    def _pending(self):
+        if self.ringing_call is not None and not self.ringing_call.is_ended:
+            return self.ringing_call
+        call = self.calls.take_pending(self.session.id)
+        self.ringing_call = call
+        return call
+
+    def ringing(self, command: cmd.Ringing) -> None:
+        call = self._pending()
+        if call is None:
+            self.session.error("ringing", "no pending call", code=481)
+            return
+        early = None
+        if command.earlyMedia or command.ringtone:
+            option = self.session.option or cmd.CallOption()
+            try:
+                leg = self._leg_for(call, option)
+            except MediaNegotiationError:
+                return
+            early = leg.rtp.answer(call.offer, srtp_required=self.calls.wants_srtp(option)).encode()
+            leg.rtp.start()
+        call.ringing(early_media_sdp=early)
+        self.session.ringing()
+        if command.ringtone:
+            self.session.playback.play(command.ringtone, command.ringtone)
+
+    def accept(self, command: cmd.Accept) -> None:
+        call = self._pending()
+        if call is None:
+            s = self.session
+            s.emit(ev.Reject(trackId=s.id, timestamp=s.now(), reason="no pending call", code=486))
+            s.error("command", "accept: no pending call for this id", code=486)
+            s.end("rejected", initiator="system", status_code=486)
+            return
+        option = command.option.merged_over(self.session.option)
+        self.session.option = option
+        self.answer_inbound(call, option)
+        if option.playbook:
+            from activecall.playbook.runner import start_playbook
+
+            start_playbook(self.session, option.playbook)
+
+    def reject(self, command: cmd.Reject) -> None:
+        call = self._pending()
+        if call is None:
+            return
+        try:
+            call.reject(command.code or 603, command.reason)
+        except CallStateError as e:
+            self.session.error("reject", str(e))
+        self.session.end("rejected", initiator="callee", status_code=command.code or 603)
+
+    def _leg_for(self, call, option) -> SipLeg:
+        s = self.session
+        if isinstance(s.leg, SipLeg):
+            return s.leg
+        try:
+            rtp = self.calls.new_rtp_leg(s)
+        except PortsExhausted as e:
+            call.reject(503, "No media ports available")
+            s.error("accept", str(e), code=503)
+            s.end("failed", initiator="system", status_code=503)
+            raise MediaNegotiationError(str(e)) from None
+        s.leg = SipLeg(s, call, rtp)
+        call.add_listener(self._sip_event)
+        return s.leg
+
+    def answer_inbound(self, call, option) -> None:
+        """Answer ``call`` with our SDP; the session is answered when the ACK comes."""
+        s = self.session
+        self.inbound = call
+        s.option = option
+        s.extras.setdefault("caller", call.caller)
+        s.extras.setdefault("callee", call.callee)
+        try:
+            leg = self._leg_for(call, option)
+            answer = leg.rtp.answer(call.offer, srtp_required=self.calls.wants_srtp(option)) \
+                if leg.rtp.negotiated is None else None
+        except MediaNegotiationError as e:
+            if s.leg is not None and not call.is_ended:
+                call.reject(488, str(e))
+            s.error("accept", f"cannot answer: {e}", code=488)
+            s.end("failed", initiator="system", status_code=488)
+            return
+        if answer is None:  # early media already negotiated
+            answer = leg.rtp.answer(call.offer)
+        d = call.answer(answer.encode())
+        leg.rtp.start()
+        d.addCallback(lambda _: s.answered(sdp=answer))
+        d.addErrback(lambda f: s.end("failed", initiator="system", status_code=408))
+
+    # -- outbound --------------------------------------------------------------------------------
+
+    def invite(self, command: cmd.Invite) -> None:
+        s = self.session
+        option = command.option.merged_over(s.option)
+        s.option = option
+        if not option.callee:
+            s.error("invite", "option.callee is required for an outbound SIP call", code=400)
+            return
+        callee = option.callee if option.callee.startswith(("sip:", "sips:")) else "sip:" + option.callee
+        try:
+            rtp = self.calls.new_rtp_leg(s)
+        except PortsExhausted as e:
+            s.error("invite", str(e), code=503)
+            s.end("failed", initiator="system", status_code=503)
+            return
+        offer = rtp.offer(srtp=self.calls.wants_srtp(option))
+        sip = option.sip
+        headers = dict(sip.headers) if sip is not None and sip.headers else {}
+        credentials = None
+        if sip is not None and sip.username:
+            from activecall.config import Credential
+
+            credentials = Credential(username=sip.username, password=sip.password or "", realm=sip.realm)
+        if sip is not None and sip.hangup_headers:
+            s.hangup_headers.update(sip.hangup_headers)
+        try:
+            call = self.calls.ua.place_call(callee, offer.encode(), caller=option.caller, headers=headers,
+                                            credentials=credentials, call_id=s.id)
+        except Exception as e:
+            rtp.close()
+            s.error("invite", f"cannot call {callee}: {e}", code=400)
+            s.end("failed", initiator="system", status_code=400)
+            return
+        s.extras.setdefault("callee", callee)
+        s.leg = SipLeg(s, call, rtp)
+        call.add_listener(self._sip_event)
+        call.when_answered().addCallbacks(self._outbound_answered, self._outbound_failed)
+
+    def _outbound_answered(self, _):
+        leg = self.session.leg
+        try:
+            leg.rtp.apply_answer(leg.sip_call.remote_sdp)
+        except MediaNegotiationError as e:
+            self.session.error("invite", f"unusable answer: {e}", code=488)
+            self.session.end("failed", initiator="system", status_code=488)
+            return
+        leg.rtp.start()
+        self.session.answered(sdp=leg.sip_call.remote_sdp.decode("utf-8", "replace"))
+
+    def _outbound_failed(self, failure):
+        s = self.session
+        error = failure.value
+        code = getattr(error, "status", None) or 500
+        reason = getattr(error, "reason", None) or failure.getErrorMessage()
+        if s.leg is not None and s.leg.closing:
+            return None  # we hung up ourselves (CANCEL)
+        s.emit(ev.Reject(trackId=s.id, timestamp=s.now(), reason=str(reason), code=code, refer=False))
+        s.error("invite", f"call failed: {code} {reason}", code=code)
+        s.end("rejected" if 400 <= code < 700 else "failed", initiator="callee", status_code=code)
+        return None
+
+    # -- events from the SIP dialog ----------------------------------------------------------------
+
+    def _sip_event(self, event) -> None:
+        s = self.session
+        if isinstance(event, Provisional):
+            s.ringing()
+            s.emit(ev.Ringing(trackId=s.id, timestamp=s.now(), earlyMedia=event.sdp is not None))
+            if event.sdp:
+                try:
+                    s.leg.rtp.apply_answer(event.sdp)
+                    s.leg.rtp.start()
+                except MediaNegotiationError as e:
+                    log.warn("early media SDP unusable: {e}", e=e)
+        elif isinstance(event, HoldChanged):
+            s.leg.rtp.on_hold = event.on_hold
+            s.emit(ev.Hold(trackId=s.id, timestamp=s.now(), onHold=event.on_hold))
+        elif isinstance(event, Dtmf):
+            s.emit(ev.Dtmf(trackId=s.id, timestamp=s.now(), digit=event.digit))
+        elif isinstance(event, SdpUpdated):
+            pass  # the answer to our offer is applied when the call is answered
+        elif isinstance(event, Ended):
+            if s.leg is not None and s.leg.closing:
+                return
+            if event.reason == "cancelled":
+                s.end("canceled", initiator="caller", status_code=487)
+            elif event.by == "remote":
+                s.end("caller" if self.inbound is not None else "callee",
+                      initiator="caller" if self.inbound is not None else "callee")
+            elif s.state.value != "ended":
+                s.end("failed" if event.reason in ("failed", "timeout", "no-ack") else "system",
+                      initiator="system", status_code=event.status)
+
+    # -- in call -----------------------------------------------------------------------------------
+
+    def sendDtmf(self, command: cmd.SendDtmf) -> None:
+        leg = self.session.leg
+        if not isinstance(leg, SipLeg):
+            self.session.error("command", "sendDtmf needs an answered SIP call")
+            return
+        try:
+            leg.rtp.send_dtmf(command.digits, command.duration)
+        except ValueError as e:
+            self.session.error("command", str(e))
+
+    def refer(self, command: cmd.Refer) -> None:
+        leg = self.session.leg
+        if not isinstance(leg, SipLeg):
+            self.session.error("command", "refer needs an answered SIP call")
+            return
+        target = command.callee if command.callee.startswith(("sip:", "sips:")) else "sip:" + command.callee
+        self.session.playback.stop_current(interrupted=True)
+        d = leg.sip_call.transfer(target)
+        d.addCallbacks(
+            lambda _: self.session.end("refer", initiator="system"),
+            lambda f: self.session.error("refer", f"transfer to {target} failed: {f.getErrorMessage()}"))
