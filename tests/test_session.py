@@ -247,7 +247,7 @@ class TeardownTests(SessionTestBase):
         self.assertEqual(s.end_reason, "caller")
         names = [t for t, _ in self.tags()]
         self.assertEqual(names.count("hangup"), 1)
-        self.assertEqual(names[-3:], ["trackEnd", "hangup", "error"])  # the late hangup is refused
+        self.assertEqual(names[-4:], ["trackEnd", "hangup", "end", "error"])  # the late hangup is refused
         track_end = [e for e in self.events if e.TAG == "trackEnd"][-1]
         self.assertEqual(track_end.duration, 2000)
 

@@ -83,6 +83,7 @@ class CallEndpointTests(unittest.TestCase):
         self.assertEqual(hangup["reason"], "caller")
         code = yield f.closed
         self.assertEqual(code, 1000)
+        self.assertEqual([e["event"] for e in f.events[-3:]], ["trackEnd", "hangup", "end"])
         self.assertNotIn("c1", self.manager.sessions)
         cdrs = [n for _, _, names in os.walk(os.path.join(self.root, "cdr")) for n in names]
         self.assertEqual(len(cdrs), 1)

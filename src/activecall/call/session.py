@@ -142,6 +142,8 @@ class CallSession:
                 log.failure("a listener of {id} failed on {tag}", id=self.id, tag=event.TAG)
 
     def error(self, sender: str, message: str, code: Optional[int] = None) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.labels(kind=sender.split(":")[0]).inc()
         self.emit(ev.Error(trackId=self.id, timestamp=self.now(), sender=sender, error=message,
                            code=code))
 
@@ -352,6 +354,8 @@ class CallSession:
             ringingTime=ev.rfc3339(self.ring_time) if self.ring_time else None,
             extra=dict(self.extras) or None,
         ))
+        # the configuration guide's listeners wait for "end": always the last event of a call
+        self.emit(ev.End(trackId=self.id, timestamp=self.now(), reason=self.end_reason))
         if self.metrics is not None:
             self.metrics.calls_active.labels(call_type=self.call_type).dec()
             self.metrics.calls_total.labels(call_type=self.call_type, reason=self.end_reason).inc()
