@@ -107,6 +107,7 @@ class ActiveCallService(service.MultiService):
             self.sip_calls = SipCalls(config, self.user_agent, self.call_manager, self.media_clock,
                                       self.rtp_ports, reactor, metrics=self.metrics)
             self.user_agent.invite_handler = self.sip_calls.on_invite
+            self.call_manager.sip_calls = self.sip_calls  # for refer (B2BUA) from any call type
             self.api.call.putChild(b"sip", endpoint_resource(
                 self.call_manager, "sip",
                 lambda session, proto: SipConnector(session, proto, self.sip_calls), "/call/sip",

@@ -39,6 +39,7 @@ class CallManager:
         self.media_loader = media_loader or MediaLoader(config.media_cache_path)
         self.pending_playbooks = pending_playbooks
         self.processor_factory = processor_factory
+        self.sip_calls = None  # set by the service when SIP runs (refer bridges through it)
 
     def open_session(self, session_id: str, call_type: str, emit, dump: bool = True,
                      server_track_id: str = "server-side-track") -> CallSession:

@@ -97,6 +97,11 @@ class Playback:
         if not track.stopped:
             track.set_audio(pcm)
 
+    def start_track(self, track: Track) -> None:
+        """Replace whatever plays with ``track`` (a bridge to another party, for instance)."""
+        self.stop_current(interrupted=True)
+        self._start(track)
+
     def interrupt(self, graceful: bool = False) -> None:
         """Stop the server-side track; ``graceful`` lets the sentence being spoken finish."""
         track = self.current

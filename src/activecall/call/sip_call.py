@@ -375,9 +375,16 @@ class SipConnector:
             self.session.error("command", str(e))
 
     def refer(self, command: cmd.Refer) -> None:
+        """The original's B2BUA transfer; ``options.mode = "sip"`` sends a real SIP REFER instead."""
+        mode = (command.options.other_keys or {}).get("mode") if command.options is not None else None
+        if mode != "sip":
+            from activecall.call.bridge import start_refer
+
+            start_refer(self.session, command, self.calls)
+            return
         leg = self.session.leg
         if not isinstance(leg, SipLeg):
-            self.session.error("command", "refer needs an answered SIP call")
+            self.session.error("command", "a SIP REFER needs an answered SIP call")
             return
         target = command.callee if command.callee.startswith(("sip:", "sips:")) else "sip:" + command.callee
         self.session.playback.stop_current(interrupted=True)

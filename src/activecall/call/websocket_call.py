@@ -138,5 +138,11 @@ class WebSocketConnector:
         while self.queued:
             session.leg.receive(self.queued.popleft())
 
+    def refer(self, command: cmd.Refer) -> None:
+        """Bridge this WebSocket call to a SIP callee (the original's B2BUA refer)."""
+        from activecall.call.bridge import start_refer
+
+        start_refer(self.session, command, getattr(self.session.manager, "sip_calls", None))
+
     def accept(self, command: cmd.Accept) -> None:
         self.session.error("command", "accept is for a pending inbound SIP call (use /call/sip)")
