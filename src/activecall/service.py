@@ -108,6 +108,9 @@ class ActiveCallService(service.MultiService):
                                       self.rtp_ports, reactor, metrics=self.metrics)
             self.user_agent.invite_handler = self.sip_calls.on_invite
             self.call_manager.sip_calls = self.sip_calls  # for refer (B2BUA) from any call type
+            from activecall.api.originate import OriginateCall
+
+            self.api.guarded[b"api"].wrapped.putChild(b"calls", OriginateCall(self.sip_calls))
             self.api.call.putChild(b"sip", endpoint_resource(
                 self.call_manager, "sip",
                 lambda session, proto: SipConnector(session, proto, self.sip_calls), "/call/sip",

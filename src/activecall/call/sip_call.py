@@ -131,6 +131,22 @@ class SipCalls:
             return
         connector.answer_inbound(call, session.option or cmd.CallOption())
 
+    # -- originate (POST /api/calls) -------------------------------------------------------------
+
+    def originate(self, session_id: str, option: cmd.CallOption):
+        """An outbound call with no WebSocket: its events go to the journal and the log."""
+        from activecall.playbook.runner import start_playbook
+
+        session = self.manager.open_session(session_id, "sip", emit=_log_event)
+        session.connector = SipConnector(session, None, self)
+        if option.playbook:
+            session.option = option
+            if start_playbook(session, option.playbook) is None:
+                return session
+            option = session.option
+        session.handle(cmd.Invite(option=option))
+        return session
+
     # -- --call ---------------------------------------------------------------------------------
 
     def place_cli_call(self, target_uri: str):
