@@ -24,7 +24,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
 from activecall.media.codecs import Resampler
-from activecall.speech.testing import synthesize_pcm
+from activecall.speech.testing import synthesize_pcm, word_error_rate
 from tests.helpers import ROOT, free_port, spawn, spawn_daemon, write_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -325,7 +325,7 @@ root = "{root}/cdr"
         call_id = yield cdp.evaluate("window.activecall.callId")
         # Chromium's first seconds of capture are choppy: the sentence repeats, one transcript must have it
         yield cdp.wait_for(
-            "[...document.querySelectorAll('#timeline li.asrFinal')].some(li => /account/.test(li.textContent))",
+            "[...document.querySelectorAll('#timeline li.asrFinal')].some(li => /account number/.test(li.textContent))",
             timeout=30, what="a transcript of the fake microphone in the timeline")
         # the bot speaks over the control socket (the console's Say box sends a tts command)
         stats = """(async () => {
@@ -368,10 +368,9 @@ root = "{root}/cdr"
             frames = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
         shutil.copy(os.path.join(root, "rec", call_id + ".wav"), os.path.join(ARTIFACTS, "webrtc-call.wav"))
         texts = yield threads.deferToThread(lambda: [recognise(u) for u in utterances(frames[:, 0])])
-        # Chromium's capture is choppy at first and under load, so the words are checked, not the WER
-        self.assertTrue(any("account number" in t for t in texts), (texts, live))
-        digits = {w for t in texts for w in t.split()} & {"one", "two", "three", "four", "five"}
-        self.assertGreaterEqual(len(digits), 3, (texts, live))
+        # Chromium's capture is choppy at first and under load: one repetition must come through well
+        self.assertLessEqual(min(word_error_rate(SENTENCE, t) for t in texts), 0.45, (texts, live))
+        self.assertTrue(any("number" in t.split() for t in texts), (texts, live))
         self.assertGreater(np.abs(frames[:, 1].astype(np.float64)).mean(), 20)  # the bot spoke, right channel
 
     @defer.inlineCallbacks

@@ -405,7 +405,7 @@ class PeerConnections(service.Service):
             d = defer.Deferred()
             leg.session.when_ended().addBoth(lambda _, d=d: d.callback(None) if not d.called else None)
             waits.append(d)
-        d = defer.DeferredList(waits)
+        d = defer.DeferredList(waits, consumeErrors=True)  # a timeout cancels the waits: no unhandled errors
         d.addTimeout(self.grace, self.reactor)
         d.addErrback(lambda f: f.trap(defer.TimeoutError, defer.CancelledError))
         d.addCallback(lambda _: self.close_all())
