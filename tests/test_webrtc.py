@@ -273,6 +273,59 @@ root = "{self.root}/cdr"
         self.assertEqual(error["reason"], "failed")
 
 
+class WebRTCReferTests(unittest.TestCase):
+    """Issue 6 item 2: a browser (here an aiortc peer) bridged to a SIP callee, audio both ways."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_refer_bridges_the_browser_to_a_sip_callee(self):
+        from tests.test_sip_integration import LOCAL, port_bound, sipp, sipp_result, udp_port, when
+
+        root = os.path.abspath(self.mktemp())
+        http_port = free_port()
+        base = free_port() // 2 * 2
+        conf = write_config(self, f'''
+addr = "127.0.0.1"
+udp_port = {udp_port()}
+tcp_port = 0
+http_addr = "127.0.0.1:{http_port}"
+rtp_start_port = {base}
+rtp_end_port = {base + 20}
+media_cache_path = "{root}/cache"
+[recording]
+path = "{root}/rec"
+''')
+        daemon = spawn_daemon(self, conf)
+        uas_port = udp_port()
+        uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), "-rtp_echo", builtin="uas")
+        yield when(port_bound(uas_port), 5, "sipp uas to bind")
+        yield daemon.wait_for("activecall ready")
+        peer = Peer()
+        self.addCleanup(peer.close)
+        offer = yield peer.offer()
+        proto, client = yield connect(self, http_port, "/call/webrtc", "id=wr1&ping=0")
+        send_json(proto, {"command": "invite", "option": {"sdp": offer, "codec": "pcmu",
+                                                          "caller": "sip:alice@example.com"}})
+        answer = yield client.wait_event("answer")
+        yield peer.answer(answer["sdp"])
+        yield peer.connected
+        send_json(proto, {"command": "refer", "caller": "sip:agent@example.com",
+                          "callee": f"sip:bob@{LOCAL}:{uas_port}"})
+        yield client.wait_event("answer", refer=True)
+        start = len(peer.received)
+        yield sleep(2.0)  # the browser's 440 Hz tone goes to sipp and is echoed back to the browser
+        heard = np.concatenate(peer.received[start:]).astype(np.float64)  # PCMU: 8 kHz mono frames
+        self.assertGreater(heard.size, 8000, "no bridged audio came back")
+        spectrum = np.abs(np.fft.rfft(heard))
+        self.assertLess(abs(np.argmax(spectrum) * 8000 / heard.size - 440), 20)
+        send_json(proto, {"command": "hangup"})
+        yield client.wait_event("hangup")
+        yield sipp_result(uas, timeout=15)  # sipp got our BYE on the referred leg
+        daemon.signal("TERM")
+        self.assertEqual((yield daemon.ended), 0, daemon.output)
+
+
 class FakeLeg:
     def __init__(self):
         self.session = self

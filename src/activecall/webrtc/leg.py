@@ -337,6 +337,14 @@ class WebRTCConnector:
         d.addCallbacks(answered, failed)
         return d
 
+    def refer(self, command: cmd.Refer) -> None:
+        """Bridge this browser call to a SIP callee (the original's B2BUA refer): the caller's audio
+        reaches the callee through the session's audio sinks, the callee's voice becomes the
+        server-side track this leg already plays."""
+        from activecall.call.bridge import start_refer
+
+        start_refer(self.session, command, getattr(self.session.manager, "sip_calls", None))
+
     def accept(self, command: cmd.Accept) -> None:
         self.session.error("command", "accept is for a pending inbound SIP call (use /call/sip)")
 
