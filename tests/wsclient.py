@@ -28,6 +28,7 @@ class Client(WebSocketClientProtocol):
         super().onPing(payload)
 
     def onClose(self, wasClean, code, reason):
+        self.factory.close_info = (wasClean, code, reason)
         if not self.factory.closed.called:
             self.factory.closed.callback(code)
 

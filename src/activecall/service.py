@@ -242,6 +242,9 @@ class ActiveCallService(service.MultiService):
             "sip_registrations": [
                 {"account": account, **state} for account, state in sorted(self.registrations.items())
             ],
+            # leak indicators: both return to their idle values when every call has ended
+            "rtp_ports_in_use": self.rtp_ports.in_use if getattr(self, "rtp_ports", None) else 0,
+            "media_clock_legs": len(self.media_clock),
         }
 
     def _refresh_gauges(self):

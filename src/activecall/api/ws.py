@@ -125,8 +125,10 @@ class CallEndpointFactory(WebSocketServerFactory):
         self.connector_factory = connector_factory
         self.path = path
         self.clock = clock or manager.clock
+        # a busy client gets time to answer our close frame: an abort after the
+        # default 1 s would reset the connection and lose the last events (hangup, end)
         self.setProtocolOptions(maxMessagePayloadSize=MAX_FRAME_BYTES,
-                                maxFramePayloadSize=MAX_FRAME_BYTES)
+                                maxFramePayloadSize=MAX_FRAME_BYTES, closeHandshakeTimeout=10)
 
     def connector_for(self, session, protocol):
         return self.connector_factory(session, protocol)

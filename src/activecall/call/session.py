@@ -323,6 +323,7 @@ class CallSession:
 
     @defer.inlineCallbacks
     def _teardown(self, initiator):
+        log.info("call {id} ending: {reason} (by {by})", id=self.id, reason=self.end_reason, by=initiator or "-")
         self.playback.stop_current(interrupted=True)
         for timer in (self._inactivity, self._wait_input):
             if timer is not None and timer.active():
