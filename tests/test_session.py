@@ -354,3 +354,22 @@ class RecordingTests(SessionTestBase):
         s.answered()
         self.assertIsNone(s.recorder)
         self.assertIn("leaves the recording directory", self.events[-1].error)
+
+
+class MuteTests(SessionTestBase):
+    def test_mute_bot_caller_and_all(self):
+        s = self.make()
+        got = []
+        s.audio_sinks.append(got.append)
+        s.handle(cmd.Tts(text="x", playId="p", endOfStream=True))
+        s.handle(cmd.Mute(trackId="server-side-track"))
+        self.assertFalse(s.tick().any())  # the bot's frame goes out silent
+        s.audio_in(np.ones(FRAME_SAMPLES, dtype=np.int16))
+        self.assertTrue(got[-1].any())  # the caller is not muted
+        s.handle(cmd.Mute(trackId="s1"))
+        s.audio_in(np.ones(FRAME_SAMPLES, dtype=np.int16))
+        self.assertFalse(got[-1].any())
+        s.handle(cmd.Unmute())
+        self.assertTrue(s.tick().any())
+        s.handle(cmd.Mute(trackId="nope"))
+        self.assertEqual(self.events[-1].TAG, "error")

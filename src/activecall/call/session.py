@@ -92,7 +92,7 @@ class CallSession:
         self.end_time: Optional[datetime] = None
         self.end_reason: Optional[str] = None
         self.status_code = 200
-        self.muted = False
+        self.muted_tracks: set = set()
         self._ending = False
         self._done = False
         self._waiters: list[defer.Deferred] = []
@@ -221,11 +221,25 @@ class CallSession:
         self.emit(ev.AddHistory(sender=self.id, timestamp=self.now(), speaker=command.speaker,
                                 text=command.text))
 
+    def _tracks(self, track_id):
+        """The tracks a mute/unmute names: the caller's (session id), the bot's, or both."""
+        if track_id is None:
+            return {self.id, self.playback.track_id}
+        if track_id not in (self.id, self.playback.track_id):
+            self.error("command", f"no track {track_id!r} (tracks: {self.id}, {self.playback.track_id})")
+            return set()
+        return {track_id}
+
     def on_mute(self, command: cmd.Mute):
-        self.muted = True
+        self.muted_tracks |= self._tracks(command.trackId)
 
     def on_unmute(self, command: cmd.Unmute):
-        self.muted = False
+        self.muted_tracks -= self._tracks(command.trackId)
+
+    @property
+    def muted(self) -> bool:
+        """The bot's audio is muted (silence goes out instead)."""
+        return self.playback.track_id in self.muted_tracks
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -272,6 +286,8 @@ class CallSession:
     def audio_in(self, pcm) -> None:
         """Caller audio (16 kHz mono int16) from the leg, to the processors."""
         self.audio_received()
+        if self.id in self.muted_tracks:
+            pcm = pcm * 0  # the caller is muted: processors, recorder and bridges hear silence
         for sink in list(self.audio_sinks):
             try:
                 sink(pcm)
