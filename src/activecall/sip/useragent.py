@@ -668,6 +668,20 @@ class IncomingRefer:
         return d
 
 
+def _sips_requested(request: Request) -> bool:
+    """RFC 3261 §12.1.1: a UAS's Contact must be a SIPS URI when the request's Request-URI, or its top
+    Record-Route (else its Contact), is one.  Otherwise ours is ``sip:...;transport=tls``: libre (baresip 1.0)
+    cannot even send its ACK to a ``sips:`` target."""
+    if request.uri.scheme == "sips":
+        return True
+    try:
+        record_route = request.headers.get_all("Record-Route")
+        peer = parse_address(record_route[0]) if record_route else (request.contacts or [None])[0]
+    except SIPParseError:
+        return False
+    return peer is not None and peer.uri is not None and peer.uri.scheme == "sips"
+
+
 class InboundCall(SipCall):
     """An INVITE we received.  The invite handler calls ``ringing``, ``answer`` or ``reject``.
 
@@ -683,6 +697,8 @@ class InboundCall(SipCall):
         self.txn = txn
         transport = txn.source.transport
         contact = Address(parse_uri(ua.transport.contact_uri(transport=transport)))
+        if contact.uri.scheme == "sips" and not _sips_requested(invite):
+            contact.uri.scheme = "sip"  # keeps ;transport=tls
         self.dialog = Dialog.as_uas(invite, generate_tag(), contact, transport=transport)
         self.offer = invite.body if invite.content_type in (None, SDP) else b""
         self.remote_sdp = self.offer
