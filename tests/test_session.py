@@ -325,9 +325,35 @@ class RecordingTests(SessionTestBase):
         s = self.make()
         s.answered()
         s.audio_in(np.ones(FRAME_SAMPLES * 2, dtype=np.int16))
+        self.clock.advance(1.0)  # written once it is older than the recorder's lag
+        s.audio_in(np.ones(FRAME_SAMPLES, dtype=np.int16))
         data = self.read_wav(s.recorder.path)  # not closed yet: a crash now keeps this
-        self.assertEqual(data.shape[0], FRAME_SAMPLES * 2)
+        self.assertEqual(data.shape[0], 16000 - 9600)  # up to now minus the 600 ms lag
+        self.assertTrue((data[:FRAME_SAMPLES * 2, 0] == 1).all())
+        self.assertFalse(data[FRAME_SAMPLES * 2:, 0].any())  # the quiet second in between
         s.end("caller")
+        data = self.read_wav(s.recorder.path)
+        self.assertEqual(data.shape[0], 16000)  # the late frame sits one second in
+        self.assertTrue((data[-FRAME_SAMPLES:, 0] == 1).all())
+
+    def test_recorder_keeps_bursts_whole_and_places_gaps(self):
+        from activecall.media.recorder import BOT, CALLER, WavRecorder
+
+        clock = task.Clock()
+        path = self.mktemp() + ".wav"
+        rec = WavRecorder(path, clock=clock, ptime_ms=20)
+        frame = np.ones(FRAME_SAMPLES, dtype=np.int16)
+        for i in range(10):  # the bot speaks steadily for 200 ms
+            rec.write(BOT, frame * 2)
+            if i == 7:  # the caller's first 8 frames arrive late, all at once
+                for _ in range(8):
+                    rec.write(CALLER, frame)
+            clock.advance(0.02)
+        rec.close()
+        data = self.read_wav(path)
+        self.assertEqual(data.shape[0], 10 * FRAME_SAMPLES)
+        self.assertTrue((data[:, 1] == 2).all())
+        self.assertTrue((data[:8 * FRAME_SAMPLES, 0] == 1).all())  # the burst is whole, not cut
 
     def test_enabled_without_auto_start_needs_the_option(self):
         self.enable(enabled=True, auto_start=False)

@@ -277,7 +277,7 @@ class CallSession:
         template = self.option.recorder.recorderFile if requested else None
         try:
             path = recording_path(policy.path, self.id, template)
-            self.recorder = WavRecorder(path, ptime_ms=policy.ptime)
+            self.recorder = WavRecorder(path, ptime_ms=policy.ptime, clock=self.clock)
         except (OSError, ValueError) as e:
             self.error("recorder", f"cannot record: {e}")
             return

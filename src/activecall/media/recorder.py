@@ -1,10 +1,11 @@
 """Call recording: a stereo 16-bit WAV at 16 kHz, caller left, bot right.
 
-Audio is collected per channel and flushed every ``ptime`` ms as one
-interleaved block, the quieter channel zero-padded, so the channels stay
-aligned in time.  After every flush the RIFF header is rewritten with the new
-sizes and the file is flushed to the OS, so a crash or SIGTERM loses at most
-the last ``ptime`` of audio and the file is always a valid WAV.
+Audio is collected per channel and written every ``ptime`` ms as one
+interleaved block, a channel with nothing to say zero-padded, so the channels
+stay aligned in time (see ``WavRecorder`` for late and bursty audio).  After
+every flush the RIFF header is rewritten with the new sizes and the file is
+flushed to the OS, so a crash or SIGTERM loses at most the last ``ptime`` plus
+``lag`` of audio and the file is always a valid WAV.
 """
 
 from __future__ import annotations
@@ -46,16 +47,42 @@ def recording_path(directory: str, session_id: str, template: Optional[str] = No
     return os.path.join(directory, safe_file_part(session_id) + ".wav")
 
 
-class WavRecorder:
-    """Writes two channels of 16 kHz int16 audio; ``write(channel, pcm)`` then ``flush``."""
+class _Channel:
+    """One channel's audio waiting to be written: chunks at absolute sample positions."""
 
-    def __init__(self, path: str, rate: int = 16000, ptime_ms: int = 200):
+    def __init__(self):
+        self.chunks: list[tuple[int, np.ndarray]] = []
+        self.cursor = 0  # where the next chunk goes
+
+    @property
+    def end(self) -> int:
+        return self.cursor
+
+
+class WavRecorder:
+    """Writes two channels of 16 kHz int16 audio; ``write(channel, pcm)`` then ``close``.
+
+    Each channel's audio is laid end to end, so a burst of late packets is kept
+    whole instead of being cut by padding.  With a ``clock``, a channel that
+    went quiet (nothing for ``gap_ms``: the bot is not speaking, the caller's
+    stream paused) resumes at the current time, leaving silence, and the file
+    is written up to ``lag_ms`` behind now so audio arriving a little late
+    still lands in place.  Without a clock both channels are simply padded to
+    the longer one at every flush.
+    """
+
+    def __init__(self, path: str, rate: int = 16000, ptime_ms: int = 200, clock=None,
+                 lag_ms: int = 600, gap_ms: int = 300):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
         self.rate = rate
         self.block_samples = max(1, rate * ptime_ms // 1000)
-        self._pending = [[], []]
-        self._pending_len = [0, 0]
+        self.clock = clock
+        self.start = clock.seconds() if clock is not None else 0.0
+        self.lag = rate * lag_ms // 1000
+        self.gap = rate * gap_ms // 1000
+        self._channels = (_Channel(), _Channel())
+        self.written = 0  # samples per channel already in the file
         self.data_bytes = 0
         self._file = open(path, "wb")
         self._file.write(wav_header(0, rate))
@@ -69,27 +96,52 @@ class WavRecorder:
     def size(self) -> int:
         return 44 + self.data_bytes
 
+    def _now(self) -> int:
+        return int((self.clock.seconds() - self.start) * self.rate)
+
     def write(self, channel: int, pcm: np.ndarray) -> None:
         if self._file is None:
             return
         pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
-        self._pending[channel].append(pcm)
-        self._pending_len[channel] += pcm.size
-        if max(self._pending_len) >= self.block_samples:
+        if not pcm.size:
+            return
+        ch = self._channels[channel]
+        position = ch.cursor
+        if self.clock is not None:
+            now = self._now()
+            if now - (position + pcm.size) > self.gap:
+                position = now - pcm.size  # the channel was quiet: resume at the present
+        position = max(position, self.written)  # never before what is already on disk
+        ch.chunks.append((position, pcm))
+        ch.cursor = position + pcm.size
+        if self.clock is None:
+            if max(c.end for c in self._channels) - self.written >= self.block_samples:
+                self.flush()
+        elif self._now() - self.lag - self.written >= self.block_samples:
             self.flush()
 
-    def flush(self) -> None:
-        """Interleave what both channels have, pad the shorter one with silence, write."""
-        if self._file is None or max(self._pending_len) == 0:
+    def flush(self, final: bool = False) -> None:
+        """Write both channels up to the flush point, silence where a channel has nothing."""
+        if self._file is None:
             return
-        n = max(self._pending_len)
+        upto = max(c.end for c in self._channels)
+        if self.clock is not None and not final:
+            upto = min(upto, self._now() - self.lag)
+        n = upto - self.written
+        if n <= 0:
+            return
         block = np.zeros((n, 2), dtype="<i2")
-        for ch in (CALLER, BOT):
-            if self._pending_len[ch]:
-                samples = np.concatenate(self._pending[ch])
-                block[:samples.size, ch] = samples
-            self._pending[ch] = []
-            self._pending_len[ch] = 0
+        for index, ch in enumerate(self._channels):
+            keep = []
+            for position, pcm in ch.chunks:
+                first, last = max(position, self.written), min(position + pcm.size, upto)
+                if last > first:
+                    block[first - self.written:last - self.written, index] = pcm[first - position:last - position]
+                if position + pcm.size > upto:
+                    rest = max(position, upto)
+                    keep.append((rest, pcm[rest - position:]))
+            ch.chunks = keep
+        self.written = upto
         raw = block.tobytes()
         self._file.seek(0, os.SEEK_END)
         self._file.write(raw)
@@ -101,7 +153,7 @@ class WavRecorder:
     def close(self) -> None:
         if self._file is None:
             return
-        self.flush()
+        self.flush(final=True)
         try:
             os.fsync(self._file.fileno())
         except OSError:
