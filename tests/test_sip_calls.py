@@ -33,8 +33,6 @@ PLAYBOOK = """---
 llm:
   provider: echo
   greeting: "Hello."
-asr:
-  provider: pocketsphinx
 tts:
   provider: flite
 vad:

@@ -69,6 +69,17 @@ class SpeechProcessors:
         return defer.DeferredList(ds, consumeErrors=True)
 
 
+def _narrowband(session) -> bool:
+    """The caller's audio went through an 8 kHz codec (G.711 on SIP or /call)."""
+    leg = getattr(session, "leg", None)
+    rtp = getattr(leg, "rtp", None)
+    encoder = getattr(rtp, "encoder", None)
+    if encoder is not None:
+        return encoder.name in ("pcmu", "pcma")
+    codec = getattr(getattr(leg, "codec", None), "name", None)
+    return codec in ("pcmu", "pcma")
+
+
 def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
     """Build VAD/ASR from ``session.option``; errors become ``error`` events."""
     option = session.option
@@ -103,6 +114,12 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
             processors.vad = registry.create_vad(_option_dict(option.vad), on_vad, **deps)
         if option.asr is not None:
             asr_options = _option_dict(option.asr)
+            if _narrowband(s) and (asr_options.get("provider") or "pocketsphinx") == "pocketsphinx":
+                # telephone audio: start pocketsphinx's cepstral mean where G.711 speech lies
+                # (the first utterance of a call: WER 0.55 -> 0.05, docs/speech.md)
+                extra = dict(asr_options.get("extra") or {})
+                extra.setdefault("cmninit", "narrowband")
+                asr_options["extra"] = extra
             processors.asr_provider = asr_options.get("provider") or "pocketsphinx"
             processors.recognizer = registry.create_recognizer(asr_options, on_asr, reactor=s.clock)
     except SpeechError as e:
