@@ -289,7 +289,10 @@ def main():
             print(f"# work directory kept: {work}")
     finally:
         if sniffer is not None:
-            sniffer.stop()
+            try:
+                sniffer.stop()
+            except Exception as e:  # never leave the daemon or sipp running
+                print(f"# sniffer did not stop cleanly: {e}")
         for p in procs:
             if p.poll() is None:
                 p.terminate()
