@@ -16,6 +16,7 @@ are never hand-written here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from math import gcd
 from typing import Optional
@@ -46,11 +47,16 @@ def _as_int16(pcm) -> np.ndarray:
 # -- resampling -----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
 def _lowpass(cutoff: float, taps: int, beta: float = 8.0) -> np.ndarray:
-    """Kaiser-windowed sinc; ``cutoff`` as a fraction of Nyquist, unity DC gain."""
+    """Kaiser-windowed sinc; ``cutoff`` as a fraction of Nyquist, unity DC gain.
+
+    Cached (read-only): every codec of every call shares the few filters there are."""
     n = np.arange(taps) - (taps - 1) / 2
     h = cutoff * np.sinc(cutoff * n) * np.kaiser(taps, beta)
-    return h / h.sum()
+    h = h / h.sum()
+    h.setflags(write=False)
+    return h
 
 
 class Resampler:

@@ -50,6 +50,8 @@ class MediaNegotiationError(Exception):
 
 
 class _Receiver(protocol.DatagramProtocol):
+    noisy = False  # no "Starting protocol" log line per port, per call
+
     def __init__(self, leg: "RtpLeg", rtcp: bool):
         self.leg = leg
         self.rtcp = rtcp
