@@ -379,8 +379,9 @@ class Silence(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AsrDelta(Event):
-    TAG: ClassVar[str] = "asrDelta"
+class _AsrResult(Event):
+    """The fields shared by interim (asrDelta) and final (asrFinal) results."""
+
     trackId: str
     timestamp: int
     index: int
@@ -393,17 +394,13 @@ class AsrDelta(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AsrFinal(Event):
+class AsrDelta(_AsrResult):
+    TAG: ClassVar[str] = "asrDelta"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsrFinal(_AsrResult):
     TAG: ClassVar[str] = "asrFinal"
-    trackId: str
-    timestamp: int
-    index: int
-    startTime: Optional[int] = None
-    endTime: Optional[int] = None
-    text: str
-    isFiller: Optional[bool] = None
-    confidence: Optional[float] = None
-    taskId: Optional[str] = None
 
 
 @dataclass(frozen=True, kw_only=True)

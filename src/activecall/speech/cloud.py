@@ -406,6 +406,7 @@ class CloudRecognizer:
 class PcmBody(protocol.Protocol):
     """An HTTP response body of s16le PCM: whole samples to ``sink`` as they arrive (``convert`` may resample).
 
+    ``convert`` may have ``flush()``, called at the end of the body for its last samples.
     ``done`` fires with the sample count; ``stop()`` (on cancel) aborts the
     transfer and nothing more reaches the sink.  A RIFF header at the start is
     skipped, for services that wrap raw PCM in a streaming WAV.
@@ -458,6 +459,12 @@ class PcmBody(protocol.Protocol):
         if self.stopped:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
+            flush = getattr(self.convert, "flush", None)
+            if flush is not None:  # a resampler's delay line still holds the last milliseconds
+                tail = flush()
+                if tail.size:
+                    self.samples += tail.size
+                    self.sink(tail)
             self.done.callback(self.samples)
         else:
             self.done.errback(SpeechError(f"audio stream broke off: {reason.getErrorMessage()}"))

@@ -19,13 +19,12 @@ import json
 import os
 
 import numpy as np
-from twisted.internet import defer, protocol
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.internet import defer
 from zope.interface import implementer
 
 from activecall.media.codecs import Resampler
 from activecall.speech.base import SAMPLE_RATE, ISynthesizer, SpeechError, TtsOptions
+from activecall.speech.cloud import post_streaming_pcm
 from activecall.speech.openai_api import api_key, api_url, error_message
 
 
@@ -34,50 +33,24 @@ DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
 
 
-class _PcmBody(protocol.Protocol):
-    """Receives the response body: whole int16 samples, resampled, to the sink as they come."""
+class _From24k:
+    """The service's 24 kHz PCM to 16 kHz as it streams, without the filter's delay."""
 
-    def __init__(self, sink, done: defer.Deferred):
-        self.sink = sink
-        self.done = done
+    def __init__(self):
         self.resampler = Resampler(SERVICE_RATE, SAMPLE_RATE)
-        self.leftover = b""
-        self.skip = int(round(self.resampler.delay))  # the filter's delay: leading samples to drop
-        self.samples = 0
-        self.stopped = False
+        self.skip = int(round(self.resampler.delay))  # leading samples that are only filter delay
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.stopped:
-            return
-        data = self.leftover + data
-        cut = len(data) - len(data) % 2
-        self.leftover = data[cut:]
-        self._push(self.resampler(np.frombuffer(data[:cut], dtype="<i2")))
-
-    def _push(self, pcm: np.ndarray) -> None:
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        out = self.resampler(pcm)
         if self.skip:
-            dropped = min(self.skip, pcm.size)
-            pcm, self.skip = pcm[dropped:], self.skip - dropped
-        if pcm.size:
-            self.samples += pcm.size
-            self.sink(pcm)
+            dropped = min(self.skip, out.size)
+            out, self.skip = out[dropped:], self.skip - dropped
+        return out
 
-    def stop(self) -> None:
-        """Cancelled: drop the rest and abort the connection."""
-        self.stopped = True
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
-        if self.stopped:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            # flush the filter's delay line so the last few milliseconds are not lost
-            tail = int(np.ceil(self.resampler.delay * SERVICE_RATE / SAMPLE_RATE)) + 1
-            self._push(self.resampler(np.zeros(tail, dtype=np.int16)))
-            self.done.callback(self.samples)
-        else:
-            self.done.errback(reason)
+    def flush(self) -> np.ndarray:
+        """Push zeros through the delay line so the last few milliseconds are not lost."""
+        tail = int(np.ceil(self.resampler.delay * SERVICE_RATE / SAMPLE_RATE)) + 1
+        return self(np.zeros(tail, dtype=np.int16))
 
 
 @implementer(ISynthesizer)
@@ -113,42 +86,9 @@ class OpenAISynthesizer:
         return body
 
     def synthesize(self, text: str, sink) -> defer.Deferred:
-        state = {"request": None, "body": None, "cancelled": False}
-
-        def cancel(_):
-            state["cancelled"] = True
-            if state["body"] is not None:
-                state["body"].stop()
-            elif state["request"] is not None:
-                state["request"].cancel()
-
-        result = defer.Deferred(cancel)
-
-        def got_response(response):
-            if state["cancelled"]:
-                return None
-            if response.code != 200:
-                return response.content().addCallback(lambda body: defer.fail(SpeechError(
-                    f"openai speech failed: {error_message(response.code, body)}")))
-            done = defer.Deferred()
-            state["body"] = _PcmBody(sink, done)
-            response.deliverBody(state["body"])
-            return done
-
-        def finished(samples):
-            if not state["cancelled"]:
-                result.callback(samples)
-
-        def failed(f):
-            if not state["cancelled"]:
-                result.errback(f)
-
-        request = self.http.post(
-            self.url,
-            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
-            data=json.dumps(self.request_body(text)).encode("utf-8"),
-            timeout=self.timeout,
-        )
-        state["request"] = request
-        request.addCallback(got_response).addCallbacks(finished, failed)
-        return result
+        return post_streaming_pcm(
+            self.http, self.url,
+            {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+            json.dumps(self.request_body(text)).encode("utf-8"), sink,
+            lambda status, body: f"openai speech failed: {error_message(status, body)}",
+            convert=_From24k(), timeout=self.timeout)
