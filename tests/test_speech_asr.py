@@ -8,6 +8,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from activecall.speech import registry
+from activecall.speech.asr.pool import default_pool
 from activecall.speech.audio import resample
 from activecall.speech.base import ProviderNotFound, SpeechError
 from activecall.speech.testing import frames, labelled_speech, synthesize_pcm, word_error_rate
@@ -55,6 +56,9 @@ class MuLawTests(unittest.TestCase):
 
 class PocketsphinxTests(unittest.TestCase):
     MAX_WER = 0.3  # per sentence; flite rms scores ~0.02-0.15 on these
+
+    def setUp(self):
+        self.addCleanup(default_pool().stop)  # its worker processes must not outlive the test
 
     @defer.inlineCallbacks
     def recognise(self, pcm, **options):

@@ -9,6 +9,7 @@ from twisted.trial import unittest
 
 from activecall.media.codecs import PcmuCodec
 from activecall.speech import registry
+from activecall.speech.asr.pool import default_pool
 from activecall.speech.asr.pocketsphinx import NARROWBAND_CMN, cmn_init
 from activecall.speech.base import OptionError
 from activecall.speech.testing import frames, synthesize_pcm, word_error_rate
@@ -28,6 +29,9 @@ def g711_leg(pcm16k: np.ndarray) -> np.ndarray:
 
 class NarrowbandStartTests(unittest.TestCase):
     timeout = 240  # six decoder loads and decodes; generous for a loaded CI machine
+
+    def setUp(self):
+        self.addCleanup(default_pool().stop)  # its worker processes must not outlive the test
 
     @defer.inlineCallbacks
     def first_utterance_wer(self, **extra) -> float:

@@ -27,6 +27,7 @@ from activecall.call.manager import CallManager
 from activecall.call.speech import attach_processors, synthesizer_factory
 from activecall.call.websocket_call import WebSocketConnector
 from activecall.media.clock import MediaClock
+from activecall.speech.asr.pool import PoolService as AsrPoolService
 from activecall.config import Config, redacted
 from activecall.logs import make_observer
 from activecall.metrics import Metrics
@@ -78,6 +79,9 @@ class ActiveCallService(service.MultiService):
             self.call_manager, "webSocket",
             lambda session, proto: WebSocketConnector(session, proto, self.media_clock), "/call",
         )
+        # -- ASR worker processes (speech/asr/pool.py): the first child, so they stop last, after
+        # the calls' final utterances were decoded.
+        AsrPoolService().setServiceParent(self)
         # -- SIP (issue 3): transports, user agent, registration -----------------------
         # Added before HTTP and the calls service, so on shutdown call sessions end first,
         # then the user agent hangs up what is left (BYE / CANCEL / 503), then accounts

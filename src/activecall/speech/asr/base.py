@@ -6,8 +6,10 @@ pre-roll buffer keeps the audio from before the VAD was sure); with
 ``extra.endpointing = "external"`` everything fed is one utterance until the
 session calls ``end_utterance()`` (e.g. on its own silero ``SpeechEnded``).
 
-Decoding work runs on a worker thread, one job at a time per stream (the
-decoders are not re-entrant), chained on a Deferred.
+Decoding hooks run one job at a time per stream (the decoders are not
+re-entrant): by default on a thread, chained on a Deferred.  A thread is only
+right for a library that releases the GIL while it works; pocketsphinx does
+not, so it overrides ``_run`` and decodes in worker processes (``pool.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class _Utterance:
 @implementer(IStreamingRecognizer)
 class StreamingRecognizer:
     """Subclasses implement ``_begin()``, ``_decode(pcm) -> partial text`` and ``_finish(pcm) -> text``,
-    all called on the worker thread, in order."""
+    called in order through ``_run`` (on the worker thread by default)."""
 
     name = "recognizer"
     partial_every_ms = 320  # how much audio to gather before each decode step
@@ -69,7 +71,8 @@ class StreamingRecognizer:
             silence = int(options.extra.get("silence_ms", 500))
             self._vad = WebRtcVad(VadOptions(type="webrtcvad", speechPadding=150, silencePadding=silence, mode=2),
                                   self._on_vad)
-        self._chain: defer.Deferred = defer.succeed(None)
+        self._chain: defer.Deferred = defer.succeed(None)  # the thread jobs, one after another
+        self._last: defer.Deferred = defer.succeed(None)  # the newest job's result
         self._fed = 0  # samples fed so far (stream clock)
         self._ring = np.zeros(0, dtype=np.int16)  # recent audio, ends at self._fed
         self._utt: Optional[_Utterance] = None
@@ -114,7 +117,7 @@ class StreamingRecognizer:
             self.closed = True
             self.end_utterance()
         d = defer.Deferred()
-        self._chain.addBoth(lambda r: d.callback(None))
+        self._last.addBoth(lambda r: (d.callback(None), r)[1])
         return d
 
     # -- utterances --------------------------------------------------------------------------
@@ -145,18 +148,25 @@ class StreamingRecognizer:
         self._enqueue(self._finish, self._take(utt)).addCallback(self._final, utt, end_sample)
 
     def _enqueue(self, fn, *args) -> defer.Deferred:
-        """Run ``fn`` on the worker thread after every job queued before it."""
+        """Run the hook ``fn`` after every job queued before it; fires with its result (None if it failed)."""
         result = defer.Deferred()
 
-        def step(_):
-            def failed(f):
-                self._failed(f)
-                result.callback(None)
+        def failed(f):
+            self._failed(f)
+            return None
 
-            return self.run_in_thread(fn, *args).addCallbacks(result.callback, failed)
-
-        self._chain.addCallback(step)
+        defer.maybeDeferred(self._run, fn, *args).addErrback(failed).chainDeferred(result)
+        self._last = result
         return result
+
+    def _run(self, fn, *args) -> defer.Deferred:
+        """``fn(*args)`` via ``run_in_thread``, one at a time (decoders are not re-entrant).
+
+        Subclasses whose hooks already return Deferreds answered in order (the
+        worker-process recognisers) override this to pipeline instead."""
+        done = defer.Deferred()
+        self._chain.addCallback(lambda _: defer.maybeDeferred(self.run_in_thread, fn, *args).chainDeferred(done))
+        return done
 
     def _failed(self, failure) -> None:
         log.failure("{name} decoding failed", failure, name=self.name)
@@ -189,7 +199,7 @@ class StreamingRecognizer:
         except Exception:
             log.failure("ASR result handler failed on {result!r}", result=result)
 
-    # -- decoder hooks (worker thread) -----------------------------------------------------------
+    # -- decoder hooks (through _run) -----------------------------------------------------------
 
     def _begin(self) -> None:
         raise NotImplementedError

@@ -13,16 +13,19 @@ far from where live CMN starts and it adapts only during that utterance.
 (first-utterance WER ~0.1–0.4); it hurts wideband audio, so set it only for
 8 kHz legs.  A raw 13-value comma-separated vector is accepted too.  Partial results
 (``asrDelta``) come every 320 ms of speech; the final one when the utterance
-ends.  The decoder (~0.3 s to load) is built on the worker thread.
+ends.  Decoding runs in the shared worker processes (``pool.py``,
+``worker.py``), never in the daemon's process: pocketsphinx holds the GIL
+while it loads (~0.35 s) and decodes, which stalled the reactor from a thread.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib.util
 
 import numpy as np
 
 from activecall.speech.asr.base import StreamingRecognizer
+from activecall.speech.asr.pool import default_pool
 from activecall.speech.base import OptionError, SpeechError
 
 #: Cepstral mean of flite speech (awb, slt; 4 sentences) after PCMU 8 kHz and the daemon's
@@ -46,48 +49,42 @@ def cmn_init(value):
 
 
 class PocketsphinxRecognizer(StreamingRecognizer):
+    """Utterances found here (on the reactor), decoded by a worker process of ``pool`` (default: the shared one)."""
+
     name = "pocketsphinx"
 
-    def __init__(self, options, on_result, **kw):
+    def __init__(self, options, on_result, pool=None, **kw):
         language = (options.language or "en").lower()
         if not language.startswith("en") and "hmm" not in options.extra:
             raise SpeechError(f"asr provider 'pocketsphinx' bundles only English; language {options.language!r} "
                               "needs asr.extra.hmm/lm/dict model paths")
-        try:
-            import pocketsphinx  # noqa: F401
-        except ImportError:
-            raise SpeechError("asr provider 'pocketsphinx' needs the package pocketsphinx") from None
+        if importlib.util.find_spec("pocketsphinx") is None:  # found, not loaded: the workers load it
+            raise SpeechError("asr provider 'pocketsphinx' needs the package pocketsphinx")
         self.cmninit = cmn_init(options.extra.get("cmninit"))
         super().__init__(options, on_result, **kw)
-        self._decoder = None
-        self._started = False
-
-    def _make_decoder(self):
-        from pocketsphinx import Decoder
-        config = {k: self.options.extra[k] for k in ("hmm", "lm", "dict") if k in self.options.extra}
+        config = {k: str(options.extra[k]) for k in ("hmm", "lm", "dict") if k in options.extra}
         if self.cmninit:
             config["cmninit"] = self.cmninit
-        return Decoder(loglevel="FATAL", **config)
+        self.pool = pool if pool is not None else default_pool()
+        self._stream = self.pool.stream(config, self.name)
+        self._utterance = 0
 
-    def _begin(self) -> None:
-        if self._decoder is None:
-            self._decoder = self._make_decoder()
-        self._decoder.start_utt()
-        self._started = True
+    def close(self):
+        """Finalise an open utterance, then give the worker its decoder back."""
+        return super().close().addCallback(lambda _: self._stream.close())
 
-    def _hyp(self) -> str:
-        hyp = self._decoder.hyp()
-        return hyp.hypstr if hyp is not None else ""
+    def _run(self, fn, *args):
+        return fn(*args)  # the hooks send to the worker at once; its replies come back in order
 
-    def _decode(self, pcm: np.ndarray) -> Optional[str]:
-        if pcm.size:
-            self._decoder.process_raw(pcm.astype("<i2").tobytes(), False, False)
-        return self._hyp()
+    def _start(self, start_sample, pcm):
+        self._utterance = self._next_index
+        super()._start(start_sample, pcm)
 
-    def _finish(self, pcm: np.ndarray) -> Optional[str]:
-        if not self._started:
-            return None
-        self._decode(pcm)
-        self._decoder.end_utt()
-        self._started = False
-        return self._hyp()
+    def _begin(self):
+        return self._stream.begin(self._utterance)
+
+    def _decode(self, pcm: np.ndarray):
+        return self._stream.audio(pcm.astype("<i2").tobytes())
+
+    def _finish(self, pcm: np.ndarray):
+        return self._stream.end(pcm.astype("<i2").tobytes())
