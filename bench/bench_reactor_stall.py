@@ -87,7 +87,9 @@ def run(args):
     print(f"streams={args.streams} seconds={args.seconds} cpus={os.cpu_count()} ticks={len(ms)}")
     print(f"tick lateness ms: p50={percentile(ms, 50):.1f} p99={percentile(ms, 99):.1f} max={max(ms):.1f} "
           f"ticks>40ms={sum(1 for x in ms if x > 40)} ticks>100ms={sum(1 for x in ms if x > 100)}")
-    print(f"gap between clock wake-ups ms: p99={percentile(gaps, 99):.1f} max={max(gaps):.1f}")
+    worst = int(np.argmax(gaps))
+    print(f"gap between clock wake-ups ms: p99={percentile(gaps, 99):.1f} max={gaps[worst]:.1f} "
+          f"(at {wakeups[worst] - wakeups[0]:.2f} s)")
     print(f"media clock: late_ticks={clock.late_ticks} reanchors={clock.reanchors}; "
           f"daemon-process CPU {cpu / wall:.0%} of one core; finals={finals}")
 

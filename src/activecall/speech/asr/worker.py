@@ -115,7 +115,14 @@ def handle(decoders: Decoders, kind: bytes, stream: int, payload: bytes) -> byte
     return fr.encode(fr.TEXT, stream, text.encode("utf-8"))
 
 
+NICE = 5  # when the CPUs are short, the daemon's media playout goes before decoding
+
+
 def main() -> int:
+    try:
+        os.nice(NICE)
+    except OSError:
+        pass
     # Our replies go to a private copy of stdout; fd 1 becomes stderr, so anything a C library
     # prints cannot corrupt the frame stream.
     out = os.fdopen(os.dup(1), "wb", buffering=0)
