@@ -690,6 +690,13 @@ class CollectorTests(RunnerTestBase):
         self.clock.advance(0.1)
         self.assertEqual(self.session.extras["w"], "987")
 
+    def test_too_long_with_a_finish_key_is_rejected(self):
+        self.collect("account", "Let us try another way.")
+        for d in "123456789#":  # maxDigits 8, but the caller typed on to the finish key
+            self.digit(d)
+        self.assertNotIn("v", self.session.extras)
+        self.assertEqual(self.tts()[-1].text, "Expected at most 8 digits, got 9")
+
     def test_too_short_retries_then_fails(self):
         self.collect("account", "Let us try another way.")
         self.digit("1")

@@ -402,6 +402,8 @@ class PlaybookRunner:
         problem = None
         if len(c.digits) < config.minimum:
             problem = f"Expected at least {config.minimum} digits, got {len(c.digits)}"
+        elif config.maximum and len(c.digits) > config.maximum:
+            problem = f"Expected at most {config.maximum} digits, got {len(c.digits)}"
         elif config.validation is not None and re.search(config.validation.pattern, c.digits) is None:
             problem = config.validation.error_message
         if problem is None:
