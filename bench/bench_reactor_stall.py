@@ -8,6 +8,7 @@ shows up here as 100 ms+ lateness; decoding in worker processes should leave
 only scheduling noise.
 
     .venv/bin/python bench/bench_reactor_stall.py --streams 4 --seconds 20
+    .venv/bin/python bench/bench_reactor_stall.py --gil   # which native calls hold the GIL
 """
 
 from __future__ import annotations
@@ -94,11 +95,80 @@ def run(args):
           f"daemon-process CPU {cpu / wall:.0%} of one core; finals={finals}")
 
 
+# -- --gil: which native calls let the reactor thread run while they work in another thread ---------
+
+def gil_probe(job, seconds: float = 2.0) -> tuple[float, float]:
+    """Run ``job`` in a loop on a thread; (max ms the main thread woke late from 1 ms sleeps, ms per job)."""
+    import threading
+    stop = threading.Event()
+    calls = []
+
+    def loop():
+        while not stop.is_set():
+            t = time.perf_counter()
+            job()
+            calls.append(time.perf_counter() - t)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    worst = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        time.sleep(0.001)
+        worst = max(worst, time.perf_counter() - t - 0.001)
+    stop.set()
+    thread.join()
+    return worst * 1000, (sum(calls) / len(calls) * 1000) if calls else 0.0
+
+
+def per_frame_us(fn, frames: int = 2000) -> float:
+    t = time.perf_counter()
+    for _ in range(frames):
+        fn()
+    return (time.perf_counter() - t) / frames * 1e6
+
+
+def gil_report() -> None:
+    rng = np.random.default_rng(1)
+    speechy = (rng.standard_normal(16000 * 2) * 3000).astype(np.int16)
+    print("native call in a thread -> worst main-thread wake-up lateness (ms) / ms per call")
+    print("  nothing: %.1f" % gil_probe(lambda: time.sleep(0.01))[0])
+    from pocketsphinx import Decoder
+    decoder = Decoder(loglevel="FATAL")
+    decoder.start_utt()
+    chunk = speechy[:5120].tobytes()
+    print("  pocketsphinx process_raw 320 ms: %.1f / %.1f" % gil_probe(lambda: decoder.process_raw(chunk, False, False)))
+    print("  pocketsphinx Decoder() (model load): %.1f / %.1f" % gil_probe(lambda: Decoder(loglevel="FATAL"), 3))
+    from activecall.speech.vad.silero import SileroModel, CONTEXT
+    model = SileroModel()
+    jobs = [(np.zeros((2, 128), np.float32), np.zeros(CONTEXT, np.float32),
+             rng.standard_normal((10, 512)).astype(np.float32) * 0.1) for _ in range(100)]
+    print("  silero run_streams, 100 streams x 10 windows: %.1f / %.1f" % gil_probe(lambda: model.run_streams(jobs)))
+    big = [(j[0], j[1], rng.standard_normal((1, 512)).astype(np.float32)) for j in jobs * 10]
+    print("  silero one run, 1000 windows: %.1f / %.1f" % gil_probe(lambda: model.run_streams(big)))
+    print("codec work inline on the reactor, µs per 20 ms frame (one call, one direction)")
+    from activecall.media import codecs
+    frame = speechy[:320]
+    for cls in (codecs.PcmuCodec, codecs.G722Codec, codecs.OpusCodec):
+        try:
+            enc, dec = cls(), cls()
+        except Exception as e:  # an optional codec library missing
+            print(f"  {cls.__name__}: unavailable ({e})")
+            continue
+        payload = enc.encode(frame)
+        print(f"  {cls.__name__}: encode {per_frame_us(lambda: enc.encode(frame)):.0f}, "
+              f"decode {per_frame_us(lambda: dec.decode(payload)):.0f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--gil", action="store_true", help="only check which native calls release the GIL")
     args = parser.parse_args()
+    if args.gil:
+        return gil_report()
     failures = []
     task.react(lambda _: run(args).addErrback(failures.append))
     if failures:
