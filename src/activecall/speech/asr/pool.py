@@ -252,6 +252,9 @@ class WorkerPool:
             if timer.active():
                 timer.cancel()
             self._stopping = False
+            if self._trigger is not None and not self.workers:
+                self.reactor.removeSystemEventTrigger(self._trigger)
+                self._trigger = None
             return None
 
         return defer.DeferredList([w.ended for w in workers]).addCallback(done)
