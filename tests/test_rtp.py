@@ -165,14 +165,6 @@ class ReceiveStatsTests(unittest.TestCase):
         self.assertEqual(block.last_sr, rtp.ntp_middle(rtp.ntp_timestamp(100.0)))
 
 
-class Sink(protocol.DatagramProtocol):
-    def __init__(self):
-        self.received = []
-
-    def datagramReceived(self, data, addr):
-        self.received.append(data)
-
-
 def free_range(pairs):
     """An even port range nobody listens on right now (found by binding and releasing)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -194,7 +186,7 @@ class PortPoolTests(unittest.TestCase):
         return defer.gatherResults([p.close() for p in self.pairs])
 
     def allocate(self, pool, rtcp=True):
-        pair = pool.allocate(Sink, Sink if rtcp else None)
+        pair = pool.allocate(rtcp=rtcp)
         self.pairs.append(pair)
         return pair
 
@@ -203,22 +195,35 @@ class PortPoolTests(unittest.TestCase):
         pool = rtp.PortPool(reactor, start + 1, end, "127.0.0.1")  # an odd start rounds up
         pair = self.allocate(pool)
         self.assertEqual(pair.rtp_port % 2, 0)
-        self.assertEqual(pair.rtp.getHost().port, pair.rtp_port)
-        self.assertEqual(pair.rtcp.getHost().port, pair.rtp_port + 1)
-        self.assertEqual(pair.rtp.getHost().host, "127.0.0.1")
+        self.assertEqual(pair.rtp.getsockname(), ("127.0.0.1", pair.rtp_port))
+        self.assertEqual(pair.rtcp.getsockname(), ("127.0.0.1", pair.rtp_port + 1))
+        self.assertFalse(pair.rtp.getblocking())  # read by the media tick, never blocking it
 
-    def test_datagrams_reach_the_protocols(self):
+    def test_datagrams_reach_the_sockets(self):
         start, end = free_range(2)
         pool = rtp.PortPool(reactor, start, end, "127.0.0.1")
-        rtp_sink, rtcp_sink = Sink(), Sink()
-        pair = pool.allocate(lambda: rtp_sink, lambda: rtcp_sink)
-        self.pairs.append(pair)
+        pair = self.allocate(pool)
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.blockers.append(s)
         s.sendto(b"rtp", ("127.0.0.1", pair.rtp_port))
         s.sendto(b"rtcp", ("127.0.0.1", pair.rtcp_port))
-        return task.deferLater(reactor, 0.05, lambda: self.assertEqual((rtp_sink.received, rtcp_sink.received),
-                                                                       ([b"rtp"], [b"rtcp"])))
+        pair.rtp.settimeout(2)
+        pair.rtcp.settimeout(2)
+        self.assertEqual((pair.rtp.recv(100), pair.rtcp.recv(100)), (b"rtp", b"rtcp"))
+
+    def test_close_releases_at_once_and_is_idempotent(self):
+        start, end = free_range(1)
+        pool = rtp.PortPool(reactor, start, end, "127.0.0.1")
+        pair = pool.allocate()
+        rtp_sock = pair.rtp
+        d = pair.close()
+        self.assertEqual(self.successResultOf(d), None)
+        self.assertEqual(rtp_sock.fileno(), -1)
+        self.assertEqual(pool.in_use, 0)
+        pair.close()
+        self.assertEqual(pool.in_use, 0)
+        again = self.allocate(pool)  # the port is free for us and for other processes
+        self.assertEqual(again.rtp_port, start)
 
     def test_busy_ports_are_skipped(self):
         start, end = free_range(3)
@@ -236,7 +241,7 @@ class PortPoolTests(unittest.TestCase):
         self.allocate(pool, rtcp=False)  # muxed: the +1 port stays reserved with the pair
         self.assertEqual(pool.in_use, 2)
         with self.assertRaises(rtp.PortsExhausted) as caught:
-            pool.allocate(Sink)
+            pool.allocate()
         self.assertIn(f"{start}..{end}", str(caught.exception))
         d = first.close()
         self.assertEqual(pool.in_use, 1)

@@ -171,6 +171,7 @@ class RtpLegTests(unittest.TestCase):
             self.assertEqual(a.remote_rtp, before)
             # ... and followed once the old one went quiet (a NAT rebinding)
             yield b.close()
+            yield self.run_ticks(1)  # b's last packets, still queued on a's socket, are read now
             self.clock.advance(1.0)
             s.sendto(packet, ("127.0.0.1", a.local_port))
             yield self.run_ticks(2)
@@ -183,10 +184,12 @@ class RtpLegTests(unittest.TestCase):
         orig = b._rtcp_received
         b._rtcp_received = lambda data, addr: (got.append(parse_rtcp(data)), orig(data, addr))
         self.clock.advance(5)
-        yield self.run_ticks(1)
+        # RTCP is the ticker's job every 25 ticks per leg (0.5 s): a sends its report within 25
+        # ticks once 5 s passed, b reads its RTCP socket within the next 25
+        yield self.run_ticks(50)
         self.assertTrue(any(type(p).__name__ == "SenderReport" for ps in got for p in ps))
         yield a.close()
-        yield self.run_ticks(1)
+        yield self.run_ticks(25)
         self.assertTrue(any(type(p).__name__ == "Bye" for ps in got for p in ps))
 
     @defer.inlineCallbacks

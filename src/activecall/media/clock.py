@@ -52,7 +52,8 @@ class MediaClock:
             self._call = None
 
     def __len__(self) -> int:
-        return len(self._subscribers)
+        """Legs on the clock: a subscriber that carries several (``RtpTicker``) counts each."""
+        return sum(len(s) if hasattr(s, "__len__") else 1 for s in self._subscribers)
 
     def _schedule(self) -> None:
         deadline = self._start + (self.ticks + 1) * self.interval

@@ -9,17 +9,25 @@ adaptive jitter buffer and, on each media-clock tick, is decoded to 16 kHz
 and handed to the session (silence while the peer holds the call).
 
 Outbound: on each tick the session's bot frame (or a queued RFC 4733 digit) is
-encoded and sent.  Unlike the original, which sent nothing while nothing
+encoded and sent.
+
+The sockets are not reactor ports: ``RtpTicker`` (one per media clock) reads
+every leg's socket, decodes, asks every session for its frame, encodes and
+sends, all legs together once per 20 ms, with G.711 coded for all legs in one
+matrix product.  That is what lets one core carry hundreds of legs (see
+docs/benchmarks.md); a packet waits in the kernel at most one tick, which the
+jitter buffer absorbs anyway.  Unlike the original, which sent nothing while nothing
 played, we send silence so NAT bindings and the peer's RTP timeout stay
-happy.  RTCP SR every 5 s (to port+1, or muxed) and a BYE at the end.
+happy.  RTCP SR every ~5 s (to port+1, or muxed) and a BYE at the end.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Optional
 
 import numpy as np
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from activecall.api import events as ev
@@ -27,9 +35,10 @@ from activecall.media import codecs as codec_mod
 from activecall.media.dtmf import DtmfReceiver, DtmfSender
 from activecall.media.jitter import JitterBuffer
 from activecall.media.rtp import (
-    Bye, ReceiveStats, ReportBlock, RtpError, RtpPacket, RtpStream, SourceDescription, is_rtcp,
-    parse_rtcp, random_ssrc, serialize_rtcp,
+    Bye, ReceiveStats, ReportBlock, RtpError, RtpPacket, RtpStream, SourceDescription, parse_rtcp, random_ssrc,
+    serialize_rtcp,
 )
+from activecall.media.rtp_ticker import RtpTicker
 from activecall.media.srtp import (
     NoAcceptableCrypto, SrtpContext, SrtpError, answer_crypto, match_answer, offer_keys,
 )
@@ -41,26 +50,15 @@ log = Logger(namespace="activecall.media.rtp")
 RTCP_INTERVAL = 5.0
 LATCH_QUIET_SECONDS = 0.5
 SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+MAX_READS_PER_TICK = 16  # a flood cannot hold the tick: the rest waits in (or overflows) the kernel buffer
+_HEADER = struct.Struct("!xBHII")  # M+PT, sequence, timestamp, SSRC of a plain 12-byte RTP header
+_QUIET_ERRORS = (BlockingIOError, InterruptedError, ConnectionRefusedError)
 
 
 class MediaNegotiationError(Exception):
     """The remote SDP cannot be used (no common codec, SRTP mismatch): answer 488."""
 
     status = 488
-
-
-class _Receiver(protocol.DatagramProtocol):
-    noisy = False  # no "Starting protocol" log line per port, per call
-
-    def __init__(self, leg: "RtpLeg", rtcp: bool):
-        self.leg = leg
-        self.rtcp = rtcp
-
-    def datagramReceived(self, data, addr):
-        try:
-            self.leg.datagram_received(data, addr, self.rtcp)
-        except Exception:
-            log.failure("RTP packet from {addr} could not be handled", addr=addr)
 
 
 class RtpLeg:
@@ -95,17 +93,22 @@ class RtpLeg:
         self.dtmf_out: Optional[DtmfSender] = None
         self.on_hold = False
         self.running = False
-        self._rtcp_loop = None
+        self._next_report_at = 0.0
         self.packets_in = 0
         self.packets_out = 0
         self.strangers = 0
+        self.send_errors = 0
         self._heard_remote_at: Optional[float] = None
+        self._dtmf_pts = frozenset()
+        self._dtmf_pt = None
+        self._ticker: Optional[RtpTicker] = None
+        self._m_out = metrics.rtp_packets.labels(direction="out") if metrics is not None else None
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def allocate(self, pool) -> None:
         """Bind an RTP/RTCP port pair (raises PortsExhausted)."""
-        self.ports = pool.allocate(lambda: _Receiver(self, False), lambda: _Receiver(self, True))
+        self.ports = pool.allocate(rtcp=True)
 
     @property
     def local_port(self) -> int:
@@ -170,78 +173,139 @@ class RtpLeg:
     def _configure(self, negotiated: sdp_mod.Negotiated) -> None:
         self.negotiated = negotiated
         self.on_hold = negotiated.on_hold
-        self.remote_rtp = negotiated.remote_rtp
-        self.remote_rtcp = negotiated.remote_rtcp
+        self.remote_rtp = tuple(negotiated.remote_rtp) if negotiated.remote_rtp else None
+        self.remote_rtcp = tuple(negotiated.remote_rtcp) if negotiated.remote_rtcp else None
         send = negotiated.send_codec
         if self.encoder is None or self.encoder.payload_type != send.payload_type:
             self.encoder = codec_mod.create_for_payload(send.payload_type, send.encoding, send.clock_rate)
             self.stream = RtpStream(send.payload_type, self.encoder.clock_rate, ssrc=self.ssrc)
             self.jitter = JitterBuffer(clock_rate=self.encoder.clock_rate)
         self.dtmf_in = DtmfReceiver(f.payload_type for f in negotiated.dtmf)
+        self._dtmf_pts = self.dtmf_in.payload_types
         pt = negotiated.dtmf_payload_type
         self.dtmf_out = DtmfSender(clock_rate=self.encoder.clock_rate) if pt is not None else None
         self._dtmf_pt = pt
 
     def start(self) -> None:
-        """Join the media clock and start RTCP reports."""
+        """Join the media clock (through its ``RtpTicker``) and start RTCP reports.
+
+        Whatever queued on the socket before now is stale (nobody was playing
+        it) and is discarded, so the call does not start a second behind."""
         if self.running:
             return
         self.running = True
-        self.media_clock.add(self.on_tick)
-        self._rtcp_loop = task.LoopingCall(self._send_report)
-        self._rtcp_loop.clock = self.reactor
-        self._rtcp_loop.start(RTCP_INTERVAL, now=False)
+        self._discard_queued()
+        self._next_report_at = self.reactor.seconds() + RTCP_INTERVAL
+        self._ticker = RtpTicker.of(self.media_clock, self.reactor, self.metrics)
+        self._ticker.add(self)
 
-    # -- inbound ---------------------------------------------------------------------------------
+    def _discard_queued(self) -> None:
+        sock = self.ports.rtp if self.ports is not None else None
+        for _ in range(4 * MAX_READS_PER_TICK):
+            try:
+                sock.recvfrom(2048)
+            except (OSError, AttributeError):
+                return
 
-    def datagram_received(self, data: bytes, addr, on_rtcp_port: bool) -> None:
-        if on_rtcp_port or is_rtcp(data):
+    # -- inbound (called by the ticker) ---------------------------------------------------------
+
+    def read(self, now: float) -> int:
+        """Read what arrived on the RTP socket since the last tick; the number of RTP packets taken."""
+        sock = self.ports.rtp if self.ports is not None else None
+        if sock is None:
+            return 0
+        taken = 0
+        for _ in range(MAX_READS_PER_TICK):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except _QUIET_ERRORS:
+                break
+            except OSError as e:
+                log.debug("RTP socket read failed: {e}", e=e)
+                break
+            try:
+                taken += self.datagram_received(data, addr, False, now)
+            except Exception:
+                log.failure("RTP packet from {addr} could not be handled", addr=addr)
+        return taken
+
+    def rtcp_tick(self, now: float) -> None:
+        """RTCP housekeeping, which the ticker does for each leg every 0.5 s (reports are rare):
+        read the RTCP socket, and send our sender report once ``RTCP_INTERVAL`` has passed."""
+        if self.running and now >= self._next_report_at:
+            self._next_report_at = now + RTCP_INTERVAL
+            try:
+                self._send_report()
+            except Exception:
+                log.failure("RTCP report failed")
+        sock = self.ports.rtcp if self.ports is not None else None
+        if sock is None:
+            return
+        for _ in range(MAX_READS_PER_TICK):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except OSError:
+                return
+            try:
+                self._rtcp_received(data, addr)
+            except Exception:
+                log.failure("RTCP packet from {addr} could not be handled", addr=addr)
+
+    def datagram_received(self, data: bytes, addr, on_rtcp_port: bool = False, now: Optional[float] = None) -> int:
+        """One datagram from the RTP (or RTCP) port; 1 when it was an RTP packet we accepted, else 0."""
+        if on_rtcp_port or (len(data) > 1 and 192 <= data[1] <= 223):  # RFC 5761: RTCP on a muxed port
             self._rtcp_received(data, addr)
-            return
-        if self.negotiated is None:
-            return
-        now = self.reactor.seconds()
-        if tuple(addr) != tuple(self.remote_rtp) and not self._may_latch(now):
+            return 0
+        negotiated = self.negotiated
+        if negotiated is None:
+            return 0
+        if now is None:
+            now = self.reactor.seconds()
+        if len(addr) > 2:
+            addr = addr[:2]  # IPv6: (host, port, flowinfo, scope)
+        remote = self.remote_rtp
+        if addr != remote and not self._may_latch(now):
             self.strangers += 1
-            return
+            return 0
         if self.srtp is not None:
             try:
                 data = self.srtp.unprotect(data)
             except SrtpError:
                 self.strangers += 1
-                return
-        try:
-            packet = RtpPacket.parse(data)
-        except RtpError:
-            return
-        pt = packet.payload_type
-        if pt not in self.negotiated.receive_payload_types:
-            self.strangers += 1
-            return
-        if tuple(addr) == tuple(self.remote_rtp):
-            self._heard_remote_at = now
+                return 0
+        if len(data) >= 12 and data[0] == 0x80:  # version 2, no padding, extension or CSRCs: the usual case
+            b1, seq, timestamp, ssrc = _HEADER.unpack_from(data)
+            pt, marker, payload = b1 & 0x7F, bool(b1 & 0x80), data[12:]
         else:
-            log.info("RTP latching: {old} -> {new}", old=self.remote_rtp, new=addr)
-            self._heard_remote_at = now
-            self.remote_rtp = tuple(addr)
+            try:
+                packet = RtpPacket.parse(data)
+            except RtpError:
+                return 0
+            pt, marker, payload = packet.payload_type, packet.marker, packet.payload
+            seq, timestamp, ssrc = packet.sequence, packet.timestamp, packet.ssrc
+        if pt not in negotiated.receive_payload_types:
+            self.strangers += 1
+            return 0
+        self._heard_remote_at = now
+        if addr != remote:
+            log.info("RTP latching: {old} -> {new}", old=remote, new=addr)
+            self.remote_rtp = addr
             if self.remote_rtcp is not None:
                 self.remote_rtcp = (addr[0], addr[1] + 1)
-        if packet.ssrc != self.remote_ssrc:
-            self.remote_ssrc = packet.ssrc  # a new source (or the first): start over cleanly
-            self.stats = ReceiveStats(packet.ssrc, self.encoder.clock_rate)
+        if ssrc != self.remote_ssrc:
+            self.remote_ssrc = ssrc  # a new source (or the first): start over cleanly
+            self.stats = ReceiveStats(ssrc, self.encoder.clock_rate)
             if self.jitter is not None:
                 self.jitter.reset()
         self.packets_in += 1
-        if self.metrics is not None:
-            self.metrics.rtp_packets.labels(direction="in").inc()
-        self.stats.update(packet.sequence, packet.timestamp, self.reactor.seconds())
-        if self.dtmf_in.handles(pt):
-            digit = self.dtmf_in.receive(pt, packet.payload)
+        self.stats.update(seq, timestamp, now)
+        if pt in self._dtmf_pts:
+            digit = self.dtmf_in.receive(pt, payload, timestamp)
             if digit is not None:
                 self.session.emit(ev.Dtmf(trackId=self.session.id, timestamp=self.session.now(), digit=digit))
-            return
-        self.jitter.push(packet.sequence, packet.timestamp, packet.payload, self.reactor.seconds(),
-                         payload_type=pt, marker=packet.marker)
+            return 1
+        self.jitter.push(seq, timestamp, payload, now, payload_type=pt, marker=marker)
+        return 1
 
     def _may_latch(self, now: float) -> bool:
         """Symmetric RTP: follow a new source address when nothing came from the
@@ -276,60 +340,91 @@ class RtpLeg:
             self._decoders[pt] = decoder
         return decoder
 
-    # -- the media tick --------------------------------------------------------------------------
-
-    def on_tick(self) -> None:
-        self._play_inbound()
-        self._send_outbound()
-
-    def _play_inbound(self) -> None:
+    def pop_inbound(self):
+        """This tick's inbound frame as ``(decoder, payload)`` to decode, ``(None, pcm)`` ready to
+        play (a concealed frame), or None (nothing to play: buffering, or no stream yet)."""
         if self.jitter is None:
-            return
+            return None
         frame = self.jitter.pop()
         if frame is None:
-            return
+            return None
         if frame.concealed:
-            pcm = SILENCE
-        else:
-            decoder = self._decoder(frame.payload_type)
-            if decoder is None:
-                return
-            try:
-                pcm = decoder.decode(frame.payload)
-            except Exception:
-                log.debug("undecodable RTP payload (PT {pt})", pt=frame.payload_type)
-                return
+            return None, SILENCE
+        decoder = self._decoder(frame.payload_type)
+        if decoder is None:
+            return None
+        return decoder, frame.payload
+
+    def play_inbound(self, pcm) -> None:
+        """Hand a decoded frame to the session (silence while the peer holds the call)."""
         if self.on_hold:
             pcm = np.zeros_like(pcm)  # hold: the caller's line is silent, processors still run
         self.session.audio_in(pcm)
 
-    def _send_outbound(self) -> None:
+    # -- outbound (called by the ticker) --------------------------------------------------------
+
+    def next_outbound(self):
+        """The 16 kHz frame to encode and send this tick, or None when nothing is owed as audio
+        (an RFC 4733 packet went instead, we must not send, or the stream is not set up)."""
         if self.stream is None or self.remote_rtp is None:
-            return
+            return None
         step = self.encoder.timestamp_step
         if self.dtmf_out is not None and self.dtmf_out.busy:
             frame = self.dtmf_out.tick(self.stream.timestamp)
             if frame is not None:
-                packet = self.stream.next_packet(frame.payload, step, marker=frame.marker,
+                header = self.stream.next_header(len(frame.payload), step, marker=frame.marker,
                                                  payload_type=self._dtmf_pt, timestamp=frame.timestamp)
-                self._send(packet)
-                return
+                self._send(header + frame.payload)
+                return None
         pcm = self.session.tick()
         if self.negotiated.local_direction in ("recvonly", "inactive"):
             self.stream.skip(step)
-            return
-        payload = self.encoder.encode(SILENCE if pcm is None else pcm)
-        self._send(self.stream.next_packet(payload, step))
+            return None
+        return SILENCE if pcm is None else pcm
 
-    def _send(self, packet: RtpPacket) -> None:
-        data = packet.serialize()
+    def send_audio(self, payload: bytes) -> bool:
+        """Send this tick's encoded audio; False when the packet could not be sent."""
+        return self._send(self.stream.next_header(len(payload), self.encoder.timestamp_step) + payload,
+                          count=False)
+
+    def _send(self, data: bytes, count: bool = True) -> bool:
         if self.srtp is not None:
             data = self.srtp.protect(data)
-        if self.ports is not None and self.ports.rtp is not None:
-            self.ports.rtp.write(data, self.remote_rtp)
-            self.packets_out += 1
-            if self.metrics is not None:
-                self.metrics.rtp_packets.labels(direction="out").inc()
+        sock = self.ports.rtp if self.ports is not None else None
+        if sock is None:
+            return False
+        try:
+            sock.sendto(data, self.remote_rtp)
+        except OSError as e:
+            self.send_errors += 1
+            if self.send_errors == 1:
+                log.info("RTP send to {addr} failed: {e} (later failures are counted, not logged)",
+                         addr=self.remote_rtp, e=e)
+            return False
+        self.packets_out += 1
+        if count and self._m_out is not None:
+            self._m_out.inc()
+        return True
+
+    def on_tick(self) -> None:
+        """One leg alone through one tick (the ticker batches this across legs; kept for single use)."""
+        self.read(self.reactor.seconds())
+        job = self.pop_inbound()
+        if job is not None:
+            decoder, data = job
+            if decoder is None:
+                self.play_inbound(data)
+            else:
+                try:
+                    pcm = decoder.decode(data)
+                except Exception:
+                    pcm = None
+                if pcm is not None:
+                    self.play_inbound(pcm)
+        pcm = self.next_outbound()
+        if pcm is not None:
+            if self.send_audio(self.encoder.encode(pcm)) and self._m_out is not None:
+                self._m_out.inc()
 
     def send_dtmf(self, digits: str, duration_ms: Optional[int] = None) -> None:
         """Queue RFC 4733 digits (raises ValueError when no telephone-event was negotiated)."""
@@ -358,11 +453,14 @@ class RtpLeg:
         if self.srtp is not None:
             data = self.srtp.protect_rtcp(data)
         if self.remote_rtcp is None:  # rtcp-mux
-            port, target = self.ports.rtp, self.remote_rtp
+            sock, target = self.ports.rtp, self.remote_rtp
         else:
-            port, target = self.ports.rtcp or self.ports.rtp, self.remote_rtcp
-        if port is not None:
-            port.write(data, target)
+            sock, target = self.ports.rtcp or self.ports.rtp, self.remote_rtcp
+        if sock is not None:
+            try:
+                sock.sendto(data, target)
+            except OSError as e:
+                log.debug("RTCP send to {addr} failed: {e}", addr=target, e=e)
 
     def _send_report(self) -> None:
         sr = self.stream.sender_report(self.reactor.seconds(), self._report_blocks())
@@ -374,9 +472,8 @@ class RtpLeg:
         """Leave the clock, send RTCP BYE, release the ports (idempotent)."""
         if self.running:
             self.running = False
-            self.media_clock.remove(self.on_tick)
-            if self._rtcp_loop is not None and self._rtcp_loop.running:
-                self._rtcp_loop.stop()
+            if self._ticker is not None:
+                self._ticker.remove(self)
             if self.stream is not None:
                 try:
                     self._send_rtcp([self.stream.sender_report(self.reactor.seconds()),

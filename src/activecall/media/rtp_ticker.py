@@ -1,0 +1,204 @@
+"""Every RTP leg of one media clock, ticked together.
+
+One ``RtpTicker`` per ``MediaClock`` is the clock's single subscriber for all
+SIP (RTP) legs.  Each 20 ms frame it goes through the legs in phases rather
+than leg by leg:
+
+1. ask each session for its bot frame, encode them all at once
+   (``codecs.encode_frames``, one matrix product for G.711) and send each
+   leg's packet;
+2. read every leg's socket (non-blocking ``recvfrom`` until empty; packets
+   go through latching, SRTP, stats and the jitter buffer), pop each leg's
+   jitter buffer, decode all of this tick's payloads at once
+   (``codecs.decode_payloads``) and hand each session its frame;
+3. for a twenty-fifth of the legs (each leg every 0.5 s), RTCP: read the
+   RTCP socket and send the sender report when one is due.
+
+Per leg and tick that leaves a ``recvfrom``, a ``sendto`` and a few dozen
+Python operations; the numpy work is shared.  Measured in
+docs/benchmarks.md.  A leg whose callback raises is logged and dropped from
+the ticker (as the media clock does with a failing subscriber), never the
+others.
+
+The ticker joins its clock when it gets its first leg and leaves it with its
+last, so an idle daemon has no timer running.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from twisted.logger import Logger
+
+from activecall.media import codecs as codec_mod
+
+log = Logger(namespace="activecall.media.rtp")
+
+RTCP_POLL_TICKS = 25  # each leg's RTCP socket is read every 0.5 s; reports come every ~5 s
+
+_tickers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _limit_blas_threads() -> None:
+    """The batched codecs' matrix products are small: one BLAS thread on the reactor thread.
+
+    A multi-threaded BLAS would wake helper threads every 20 ms (and spin in
+    them) for a ~1 ms product, taking a second core from a daemon that is
+    meant to run on one."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; the limit is an optimisation
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
+
+class RtpTicker:
+    """The media clock's subscriber for all RTP legs (see the module docstring)."""
+
+    _blas_limited = False
+
+    @classmethod
+    def of(cls, media_clock, reactor, metrics=None) -> "RtpTicker":
+        """The ticker of ``media_clock``, made on first use."""
+        ticker = _tickers.get(media_clock)
+        if ticker is None:
+            ticker = _tickers[media_clock] = cls(media_clock, reactor, metrics)
+        elif ticker.metrics is None and metrics is not None:
+            ticker._set_metrics(metrics)
+        return ticker
+
+    def __init__(self, media_clock, reactor, metrics=None):
+        if not RtpTicker._blas_limited:
+            RtpTicker._blas_limited = True
+            _limit_blas_threads()
+        self.media_clock = media_clock
+        self.reactor = reactor
+        self.legs: list = []
+        self.ticks = 0
+        self.failures = 0
+        self.metrics = None
+        self._m_in = self._m_out = None
+        self._attached = False
+        if metrics is not None:
+            self._set_metrics(metrics)
+
+    def _set_metrics(self, metrics) -> None:
+        self.metrics = metrics
+        self._m_in = metrics.rtp_packets.labels(direction="in")
+        self._m_out = metrics.rtp_packets.labels(direction="out")
+
+    def __len__(self) -> int:
+        """Legs carried (the media clock counts them, not the ticker, in /health)."""
+        return len(self.legs)
+
+    def add(self, leg) -> None:
+        if leg in self.legs:
+            return
+        self.legs.append(leg)
+        if not self._attached:
+            self._attached = True
+            self.media_clock.add(self)
+
+    def remove(self, leg) -> None:
+        try:
+            self.legs.remove(leg)
+        except ValueError:
+            return
+        if not self.legs and self._attached:
+            self._attached = False
+            self.media_clock.remove(self)
+
+    def _failed(self, leg) -> None:
+        log.failure("RTP leg of {session} failed on the media tick; its media stopped",
+                    session=getattr(leg.session, "id", "?"))
+        self.failures += 1
+        self.remove(leg)
+
+    def __call__(self) -> None:
+        """One 20 ms frame for every leg: send first, then receive.
+
+        Sending first puts every leg's packet on the wire at the same offset
+        from the clock's deadline each tick, whatever this tick's inbound work
+        turns out to be; that offset is what the far end sees as jitter."""
+        self.ticks += 1
+        legs = list(self.legs)
+        now = self.reactor.seconds()
+        self._send_all(legs)
+        self._receive_all(legs, now)
+        for leg in legs[self.ticks % RTCP_POLL_TICKS::RTCP_POLL_TICKS]:
+            if leg.running:
+                try:
+                    leg.rtcp_tick(now)
+                except Exception:
+                    self._failed(leg)
+
+    def _send_all(self, legs) -> None:
+        """Ask each session for its bot frame, encode them all at once, send each leg's packet."""
+        encoders, frames, send_legs = [], [], []
+        for leg in legs:
+            try:
+                pcm = leg.next_outbound()
+            except Exception:
+                self._failed(leg)
+                continue
+            if pcm is not None:
+                encoders.append(leg.encoder)
+                frames.append(pcm)
+                send_legs.append(leg)
+        if not send_legs:
+            return
+        try:
+            encoded = codec_mod.encode_frames(encoders, frames)
+        except Exception:  # a session handed over something that is not audio: find out whose
+            encoded = [_encode_or_none(leg, pcm) for leg, pcm in zip(send_legs, frames)]
+        sent = 0
+        for leg, payload in zip(send_legs, encoded):
+            if payload is None:
+                continue
+            try:
+                sent += leg.send_audio(payload)
+            except Exception:
+                self._failed(leg)
+        if sent and self._m_out is not None:
+            self._m_out.inc(sent)
+
+    def _receive_all(self, legs, now: float) -> None:
+        """Read every socket, pop every jitter buffer, decode all at once, hand each session its frame."""
+        received = 0
+        decoders, payloads, decode_legs = [], [], []
+        for leg in legs:
+            if not leg.running:
+                continue  # hung up during this tick
+            try:
+                received += leg.read(now)
+                job = leg.pop_inbound()
+                if job is not None:
+                    decoder, data = job
+                    if decoder is None:
+                        leg.play_inbound(data)
+                    else:
+                        decoders.append(decoder)
+                        payloads.append(data)
+                        decode_legs.append(leg)
+            except Exception:
+                self._failed(leg)
+        if received and self._m_in is not None:
+            self._m_in.inc(received)
+        if not decode_legs:
+            return
+        pcms = codec_mod.decode_payloads(decoders, payloads)  # None for a payload its decoder refused
+        for leg, pcm in zip(decode_legs, pcms):
+            if pcm is None or not leg.running:
+                continue
+            try:
+                leg.play_inbound(pcm)
+            except Exception:
+                self._failed(leg)
+
+
+def _encode_or_none(leg, pcm):
+    try:
+        return leg.encoder.encode(pcm)
+    except Exception:
+        log.failure("bot audio of {session} could not be encoded", session=getattr(leg.session, "id", "?"))
+        return None

@@ -1,0 +1,152 @@
+"""The RtpTicker: all RTP legs of a media clock ticked together over real loopback sockets —
+one clock subscriber, a failing leg dropped without the others noticing, a flood bounded per
+tick, stale packets discarded at start, packet metrics counted per tick."""
+
+import socket
+
+import numpy as np
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from activecall.media.clock import MediaClock
+from activecall.media.rtp import PortPool, RtpPacket
+from activecall.media.rtp_leg import MAX_READS_PER_TICK, RtpLeg
+from activecall.media.rtp_ticker import RtpTicker
+from activecall.metrics import Metrics
+from tests.helpers import free_port
+
+
+class ToneSession:
+    def __init__(self, name, fail=False):
+        self.id = name
+        self.fail = fail
+        self.received = []
+
+    def tick(self):
+        if self.fail:
+            raise RuntimeError("a broken session")
+        return np.full(320, 1000, dtype=np.int16)
+
+    def audio_in(self, pcm):
+        self.received.append(pcm)
+
+    def emit(self, event):
+        pass
+
+    def now(self):
+        return 0
+
+
+def offer(port):
+    return ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n")
+
+
+class RtpTickerTests(unittest.TestCase):
+    def setUp(self):
+        base = free_port()
+        base -= base % 2
+        self.pool = PortPool(reactor, base, base + 40, interface="127.0.0.1")
+        self.clock = task.Clock()
+        self.media_clock = MediaClock(self.clock)
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind(("127.0.0.1", 0))
+        self.peer.setblocking(False)
+        self.addCleanup(self.peer.close)
+
+    def leg(self, session, metrics=None):
+        leg = RtpLeg(session, self.media_clock, self.clock, host="127.0.0.1", codecs=("pcmu",), metrics=metrics)
+        leg.allocate(self.pool)
+        leg.answer(offer(self.peer.getsockname()[1]))
+        self.addCleanup(leg.close)
+        return leg
+
+    def drain_peer(self):
+        got = []
+        while True:
+            try:
+                got.append(self.peer.recvfrom(2048))
+            except BlockingIOError:
+                return got
+
+    def send_to(self, leg, count, seq=1):
+        for i in range(count):
+            self.peer.sendto(RtpPacket(0, seq + i, 160 * (seq + i), 99, b"\xff" * 160).serialize(),
+                             ("127.0.0.1", leg.local_port))
+
+    @defer.inlineCallbacks
+    def settle(self):
+        """Let loopback datagrams land in the sockets' queues (they are read on the next tick)."""
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+    def test_one_clock_subscriber_for_all_legs_and_none_when_idle(self):
+        legs = [self.leg(ToneSession(f"s{i}")) for i in range(3)]
+        for leg in legs:
+            leg.start()
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        self.assertEqual(self.media_clock._subscribers, [ticker])
+        self.assertEqual(len(self.media_clock), 3)  # /health counts legs, not subscribers
+        self.clock.advance(0.02)
+        self.assertEqual([leg.packets_out for leg in legs], [1, 1, 1])
+        self.assertEqual(len(self.drain_peer()), 3)
+        for leg in legs:
+            leg.close()
+        self.assertEqual((self.media_clock._subscribers, len(self.media_clock)), ([], 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # an idle daemon runs no media timer
+
+    def test_a_failing_leg_is_dropped_and_the_others_carry_on(self):
+        good = self.leg(ToneSession("good"))
+        bad = self.leg(ToneSession("bad", fail=True))
+        good.start()
+        bad.start()
+        self.clock.advance(0.02)
+        self.clock.advance(0.02)
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        self.assertEqual((ticker.legs, ticker.failures), ([good], 1))
+        self.assertEqual((good.packets_out, bad.packets_out), (2, 0))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
+    def test_a_flood_is_read_a_bounded_amount_per_tick(self):
+        leg = self.leg(ToneSession("s"))
+        leg.start()
+        self.send_to(leg, 3 * MAX_READS_PER_TICK)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertEqual(leg.packets_in, MAX_READS_PER_TICK)
+        self.clock.advance(0.02)
+        self.assertEqual(leg.packets_in, 2 * MAX_READS_PER_TICK)
+
+    @defer.inlineCallbacks
+    def test_packets_queued_before_start_are_stale_and_discarded(self):
+        session = ToneSession("s")
+        leg = self.leg(session)
+        self.send_to(leg, 10)
+        yield self.settle()
+        leg.start()
+        self.send_to(leg, 2, seq=100)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertEqual(leg.packets_in, 2)
+
+    @defer.inlineCallbacks
+    def test_audio_and_metrics_both_ways(self):
+        metrics = Metrics()
+        legs = [self.leg(ToneSession(f"s{i}"), metrics=metrics) for i in range(2)]
+        for leg in legs:
+            leg.start()
+        for k in range(6):
+            for leg in legs:
+                self.send_to(leg, 1, seq=10 + k)
+            yield self.settle()
+            self.clock.advance(0.02)
+        got = self.drain_peer()
+        self.assertEqual(len(got), 12)
+        self.assertTrue(all(len(data) == 172 for data, _ in got))
+        for leg in legs:  # the jitter buffer primes on 2 frames, then plays one per tick
+            self.assertGreaterEqual(len(leg.session.received), 4)
+            self.assertTrue(all(f.dtype == np.int16 and f.size == 320 for f in leg.session.received))
+
+        def value(direction):
+            return metrics.registry.get_sample_value("activecall_rtp_packets_total", {"direction": direction})
+        self.assertEqual((value("in"), value("out")), (12.0, 12.0))
