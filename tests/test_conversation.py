@@ -85,3 +85,31 @@ root = "{root}/cdr"
             frames = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
         self.assertGreater(np.abs(frames[:, 0]).mean(), 50)  # the caller's speech, left
         self.assertGreater(np.abs(frames[:, 1]).mean(), 20)  # the bot's reply, right
+
+    @defer.inlineCallbacks
+    def test_a_failing_asr_service_is_an_error_event_and_the_call_goes_on(self):
+        port = free_port()
+        conf = write_config(self, f'''
+addr = "127.0.0.1"
+udp_port = {free_port()}
+http_addr = "127.0.0.1:{port}"
+''')
+        daemon = spawn_daemon(self, conf)
+        yield daemon.wait_for("activecall ready")
+        proto, client = yield connect(self, port, "/call", "id=asrdown")
+        nobody = free_port()  # nothing listens there: the recogniser's connection is refused
+        send_json(proto, {"command": "invite", "option": {
+            "codec": "pcm",
+            "asr": {"provider": "deepgram", "endpoint": f"ws://127.0.0.1:{nobody}", "secretKey": "k-secret"},
+        }})
+        yield client.wait_event("answer")
+        for _ in range(10):
+            proto.sendMessage(np.zeros(320, dtype="<i2").tobytes(), isBinary=True)
+        error = yield client.wait_event("error", sender="asr")
+        self.assertEqual((error["trackId"], error["code"]), ("asrdown", 500))
+        self.assertIn("deepgram", error["error"])
+        self.assertNotIn("k-secret", error["error"])
+        send_json(proto, {"command": "hangup"})  # the call itself is fine
+        yield client.wait_event("hangup")
+        daemon.signal("TERM")
+        self.assertEqual((yield daemon.ended), 0, daemon.output)

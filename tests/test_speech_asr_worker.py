@@ -175,6 +175,8 @@ class WorkerProcessTests(unittest.TestCase):
         results = []
         asr = registry.create_recognizer({"provider": "pocketsphinx", "extra": {"endpointing": "external"}},
                                          results.append, pool=pool)
+        reported = []
+        asr.on_error = reported.append  # what the call turns into error{sender:"asr"}
         chunks = list(frames(pcm))
         for frame in chunks[:len(chunks) // 2]:
             asr.feed(frame)
@@ -194,6 +196,8 @@ class WorkerProcessTests(unittest.TestCase):
         lost = [e for e in self.errors.events if "utterance 0 is lost" in e]
         self.assertEqual(len(lost), 1, self.errors.events)
         self.assertIn("pocketsphinx", lost[0])
+        self.assertEqual(len(reported), 1, reported)
+        self.assertIn("utterance 0 failed", reported[0])
         self.assertNotEqual(pool.workers[0].pid, worker.pid)
 
     @defer.inlineCallbacks

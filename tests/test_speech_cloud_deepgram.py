@@ -136,12 +136,18 @@ class DeepgramRecognizerTests(unittest.TestCase):
             raise ConnectionDeny(401, "Unauthorized")
 
         srv, asr, got = self.make(lambda *a: None, refuse=refuse)
+        errors = []
+        asr.on_error = errors.append  # what the call turns into error{sender:"asr"}
         self.feed(asr, tone(0.2))
         yield asr.close()
         self.assertEqual(got, [])
         [failure] = self.flushLoggedErrors(SpeechError)
         self.assertIn("401", str(failure.value))
         self.assertNotIn(KEY, str(failure.value))
+        [error] = errors
+        self.assertIn("401", error)
+        self.assertTrue(error.startswith("deepgram"), error)
+        self.assertNotIn(KEY, error)
         asr.feed(tone(0.1))  # ignored after the failure
         self.assertEqual(len(srv.connections), 1)
 

@@ -122,6 +122,9 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
                 asr_options["extra"] = extra
             processors.asr_provider = asr_options.get("provider") or "pocketsphinx"
             processors.recognizer = registry.create_recognizer(asr_options, on_asr, reactor=s.clock)
+            # a recogniser that fails mid-call (service down, key refused, a lost utterance) is
+            # reported to the client like a failed TTS: error{sender:"asr", code:500}; the call goes on
+            processors.recognizer.on_error = lambda message: s.error("asr", message, code=500)
     except SpeechError as e:
         processors.close()
         s.error("processor", str(e), code=400)

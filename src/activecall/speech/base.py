@@ -240,6 +240,9 @@ class IStreamingRecognizer(Interface):
     """Speech-to-text of one 16 kHz stream; results go to the callback given at creation."""
 
     name = Attribute("provider name, e.g. 'pocketsphinx'")
+    on_error = Attribute("None, or ``callable(message)`` told when recognition fails (the service is "
+                         "unreachable, refuses us, or an utterance could not be decoded); the call sets it "
+                         "and reports an ``error`` event")
 
     def feed(pcm):
         """Queue int16 samples. Never blocks."""

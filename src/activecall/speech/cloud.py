@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from activecall.speech.asr.base import report_error
 from activecall.speech.audio import as_int16
 from activecall.speech.base import SAMPLE_RATE, AsrOptions, AsrResult, OptionError, SpeechError
 
@@ -161,8 +162,11 @@ class CloudRecognizer:
     Subclass hooks: ``_request() -> (url, headers)``, ``_on_open()`` (call
     ``_ready()`` when audio may flow), ``_on_message(payload, is_binary)``,
     ``_send_end()`` (then call ``_finished()`` when the vendor confirms).
-    Errors go to the log as ``SpeechError`` and stop this stream's recognition.
+    Errors go to the log as ``SpeechError``, to ``on_error`` (the call's ``error``
+    event), and stop this stream's recognition.
     """
+
+    on_error = None  # set by the call: callable(message)
 
     name = "cloud"
     chunk_ms = 100  # audio per binary message
@@ -314,6 +318,8 @@ class CloudRecognizer:
         self.state = "failed"
         self._stop()
         log.failure("asr {name} failed", failure, name=self.name)
+        message = str(failure.value)
+        report_error(self, message if message.startswith(self.name) else f"{self.name}: {message}")
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
             connecting.cancel()

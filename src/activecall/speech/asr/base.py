@@ -31,6 +31,17 @@ log = Logger(namespace="activecall.speech.asr")
 PRE_ROLL_MS = 200  # audio kept before the VAD's speech start
 
 
+def report_error(recognizer, message: str) -> None:
+    """Tell the recogniser's owner (``on_error``) that recognition failed; its bugs are logged, not raised."""
+    on_error = getattr(recognizer, "on_error", None)
+    if on_error is None:
+        return
+    try:
+        on_error(message)
+    except Exception:
+        log.failure("ASR error handler failed on {message!r}", message=message)
+
+
 def _in_thread(f, *args):
     return threads.deferToThread(f, *args)
 
@@ -53,6 +64,7 @@ class StreamingRecognizer:
 
     name = "recognizer"
     partial_every_ms = 320  # how much audio to gather before each decode step
+    on_error: Optional[Callable[[str], None]] = None  # set by the call: failures become ``error`` events
 
     def __init__(self, options: AsrOptions, on_result: Callable[[AsrResult], None], reactor=None,
                  run_in_thread: Callable = _in_thread):
@@ -170,6 +182,7 @@ class StreamingRecognizer:
 
     def _failed(self, failure) -> None:
         log.failure("{name} decoding failed", failure, name=self.name)
+        report_error(self, f"{self.name} decoding failed: {failure.getErrorMessage()}")
 
     def _ms(self, sample: int) -> int:
         return sample * 1000 // SAMPLE_RATE

@@ -24,7 +24,7 @@ import importlib.util
 
 import numpy as np
 
-from activecall.speech.asr.base import StreamingRecognizer
+from activecall.speech.asr.base import StreamingRecognizer, report_error
 from activecall.speech.asr.pool import default_pool
 from activecall.speech.base import OptionError, SpeechError
 
@@ -67,6 +67,7 @@ class PocketsphinxRecognizer(StreamingRecognizer):
             config["cmninit"] = self.cmninit
         self.pool = pool if pool is not None else default_pool()
         self._stream = self.pool.stream(config, self.name)
+        self._stream.on_error = lambda message: report_error(self, message)
         self._utterance = 0
 
     def close(self):

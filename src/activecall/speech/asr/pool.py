@@ -146,6 +146,7 @@ class WorkerStream:
         self.worker: Optional[Worker] = None
         self.utterance: Optional[int] = None
         self._broken = False  # a request of the current utterance failed (already logged)
+        self.on_error = None  # callable(message): the recogniser's owner hears of a lost utterance
 
     def begin(self, utterance: int) -> defer.Deferred:
         self.utterance = utterance
@@ -187,6 +188,11 @@ class WorkerStream:
             else:
                 log.error("{name}: utterance {index} failed: {why}", name=self.name, index=self.utterance,
                           why=failure.getErrorMessage())
+            if self.on_error is not None:
+                try:
+                    self.on_error(f"{self.name}: utterance {self.utterance} failed: {failure.getErrorMessage()}")
+                except Exception:
+                    log.failure("ASR error handler failed")
         return None
 
 
