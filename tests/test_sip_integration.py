@@ -49,11 +49,14 @@ def when(deferred: defer.Deferred, timeout: float, what: str) -> defer.Deferred:
 class LoopbackUA:
     """A user agent (transports + UA + optional registration) on a free loopback port, in this process."""
 
-    def __init__(self, testcase, **overrides):
+    def __init__(self, testcase, advertise=None, **overrides):
         cfg, _ = load_config(None, None)
         self.port = udp_port()
-        self.config = dataclasses.replace(cfg, addr=LOCAL, udp_port=self.port, tcp_port=0, **overrides)
+        overrides.setdefault("addr", LOCAL)
+        self.config = dataclasses.replace(cfg, udp_port=self.port, tcp_port=0, **overrides)
         self.transport = TransportManager(self.config)
+        if advertise is not None:  # bound on 0.0.0.0 but believing our address is this one (a NAT's inside)
+            self.transport._local_ip = advertise
         self.ua = UserAgent(self.config, self.transport, shutdown_timeout=2.0)
         self.transport.on_message = self.ua.layer.message_received
         self.states: dict = {}
@@ -339,6 +342,32 @@ class KamailioTests(unittest.TestCase):
         self.assertEqual(len(peer.calls), 1)
         self.assertEqual(peer.calls[0].invite.uri.host, LOCAL)
         self.assertEqual(peer.calls[0].invite.uri.port, peer.port)
+
+    @defer.inlineCallbacks
+    def test_behind_a_nat_the_binding_moves_to_where_kamailio_sees_us(self):
+        """We believe our address is 192.0.2.55 (unroutable: the inside of a NAT) while our packets
+        reach kamailio from 127.0.0.1.  kamailio's Via received/rport says so; we re-register that
+        address, so a call kamailio relays to our AOR reaches us (at our believed address it could not)."""
+        kamailio, kport = yield start_kamailio(self)
+        peer = LoopbackUA(self, advertise="192.0.2.55", addr="0.0.0.0",
+                          register_users=(self.account(kport, "secret"),))
+        peer.answer_calls()
+        key = f"alice@{LOCAL}:{kport}"
+        settled = defer.Deferred()
+
+        def poll():
+            state = peer.states.get(key, {})
+            if state.get("state") == "registered" and state.get("public_address"):
+                settled.callback(None)
+            else:
+                reactor.callLater(0.05, poll)
+
+        poll()
+        yield when(settled, 5, f"{key} to register from its public address (states: {peer.states})")
+        self.assertEqual(peer.states[key]["public_address"], f"{LOCAL}:{peer.port}")
+        yield sipp_result(sipp(self, f"{LOCAL}:{kport}", "-p", str(udp_port()), "-s", "alice", builtin="uac"))
+        self.assertEqual(len(peer.calls), 1)
+        self.assertEqual((peer.calls[0].invite.uri.host, peer.calls[0].invite.uri.port), (LOCAL, peer.port))
 
     @defer.inlineCallbacks
     def test_wrong_password_logged_clearly_and_retried(self):

@@ -183,3 +183,63 @@ class RegistrationTests(unittest.TestCase):
         self.assertEqual(str(registrar_uri("pbx.example.com:5080")), "sip:pbx.example.com:5080")
         self.assertEqual(str(registrar_uri("sip:pbx.example.com")), "sip:pbx.example.com")
         self.assertEqual(account_key(ACCOUNT), "1001@192.0.2.10:5070")
+
+
+class NatTests(unittest.TestCase):
+    """The registrar says where it saw us (Via received/rport): the binding moves to that address."""
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.states = {}
+        self.registrar = Registrar(self.h)
+
+    def ok_seen_from(self, host, port, contact=True):
+        request = self.registrar.last()
+        via = request.top_via
+        via.params["received"] = host
+        via.params["rport"] = str(port)
+        headers = [("Contact", v) for v in request.headers.get_all("Contact")] if contact else []
+        response = make_response(request, 200, to_tag="reg", headers=headers)
+        response.headers.set("Via", str(via))
+        self.h.deliver(response)
+
+    def test_binding_moves_to_the_public_address_and_unbinds_the_old_one(self):
+        reg = Registration(ACCOUNT, self.h.ua, self.h.clock, self.states)
+        reg.start()
+        first = self.registrar.last()
+        private = first.contacts[0].uri
+        self.ok_seen_from("203.0.113.7", 40123)
+        again = self.registrar.last()
+        self.assertEqual(self.registrar.count(), 2)
+        bindings = {(c.uri.host, c.uri.port): c.params.get("expires") for c in again.contacts}
+        # the public Contact bound (Expires header), the private one unbound in the same request
+        self.assertEqual(bindings, {("203.0.113.7", 40123): None, (private.host, private.port): "0"})
+        self.assertEqual(again.call_id, first.call_id)
+        self.ok_seen_from("203.0.113.7", 40123)  # the same address: settled
+        self.assertEqual(self.registrar.count(), 2)
+        self.assertEqual(reg.state, "registered")
+        self.assertEqual(self.states[reg.key]["public_address"], "203.0.113.7:40123")
+        self.h.clock.advance(120)  # the refresh keeps the public Contact
+        refresh = self.registrar.last()
+        self.assertEqual([(c.uri.host, c.uri.port) for c in refresh.contacts], [("203.0.113.7", 40123)])
+
+    def test_a_registrar_that_keeps_changing_its_mind_moves_us_once_per_cycle(self):
+        reg = Registration(ACCOUNT, self.h.ua, self.h.clock, self.states)
+        reg.start()
+        self.ok_seen_from("203.0.113.7", 40001)
+        self.ok_seen_from("203.0.113.7", 40002)
+        self.assertEqual((self.registrar.count(), reg.state), (2, "registered"))
+
+    def test_no_nat_no_move(self):
+        reg = Registration(ACCOUNT, self.h.ua, self.h.clock, self.states)
+        reg.start()
+        contact = self.registrar.last().contacts[0].uri
+        self.ok_seen_from(contact.host, contact.port)
+        self.assertEqual((self.registrar.count(), reg.state, reg.public), (1, "registered", None))
+
+    def test_external_ip_is_trusted_over_what_the_registrar_saw(self):
+        self.h.ua.config = self.h.ua.config.__class__(**{**vars(self.h.ua.config), "external_ip": "198.51.100.9"})
+        reg = Registration(ACCOUNT, self.h.ua, self.h.clock, self.states)
+        reg.start()
+        self.ok_seen_from("203.0.113.7", 40123)
+        self.assertEqual((self.registrar.count(), reg.state, reg.public), (1, "registered", None))

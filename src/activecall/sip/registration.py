@@ -4,7 +4,13 @@ One ``Registration`` per enabled account keeps a binding alive at its PBX:
 REGISTER with ``Expires``, digest on 401/407, refresh at ~80 % of the expiry
 the registrar granted, retry with capped exponential backoff after a failure,
 re-register when a 200 no longer lists our Contact (the PBX forgot us), and
-``Expires: 0`` on shutdown within a bounded time.  Each account's state —
+``Expires: 0`` on shutdown within a bounded time.
+
+Behind a NAT, the registrar's answer says where it saw us: ``received`` and
+``rport`` in our Via (RFC 3581).  When that differs from our Contact and no
+``external_ip`` is configured, the binding is moved to that public address
+(the old Contact is unbound in the same REGISTER), so the PBX's INVITEs reach
+us through the NAT's mapping.  ``external_ip``, when set, is trusted instead.  Each account's state —
 never its password — is published in a dict (``/health``) and a gauge.
 """
 
@@ -115,6 +121,8 @@ class Registration:
         self._timer = None
         self._stopping = False
         self._forgotten = False
+        self.public: Optional[tuple[str, int]] = None  # where the registrar sees us, when not where we think
+        self._moved = False  # the binding was moved once in this registration cycle
         self._publish()
 
     # -- public --
@@ -158,25 +166,48 @@ class Registration:
         return {
             "state": self.state, "server": str(self.uri), "user": self.user, "expires": self.granted,
             "last_error": self.last_error,
+            "public_address": f"{self.public[0]}:{self.public[1]}" if self.public else None,
         }
 
     # -- sending --
 
     def _contact(self) -> Address:
-        return Address(parse_uri(self.ua.transport.contact_uri(self.user or None, self._transport())))
+        uri = parse_uri(self.ua.transport.contact_uri(self.user or None, self._transport()))
+        if self.public is not None:
+            uri.host, uri.port = self.public
+        return Address(uri)
+
+    def _seen_at(self, response: Response) -> Optional[tuple[str, int]]:
+        """Where the registrar saw our REGISTER come from, when that is not our Contact (a NAT); else None."""
+        if self.ua.config.external_ip:
+            return None  # the operator told us our public address
+        try:
+            via = response.top_via
+        except SIPParseError:
+            return None
+        if via.received is None and via.rport is None:
+            return None
+        contact = self._contact().uri
+        seen = (via.received or via.host, via.rport or via.port or contact.port or 5060)
+        if (seen[0].lower(), seen[1]) == (contact.host.lower(), contact.port or 5060):
+            return None
+        return seen
 
     def _transport(self) -> str:
         return (self.uri.transport or ("TLS" if self.uri.scheme == "sips" else "UDP")).upper()
 
-    def _request(self, expires: int) -> Request:
+    def _request(self, expires: int, unbind: Optional[Address] = None) -> Request:
+        """A REGISTER of our Contact; ``unbind``: an old Contact of ours to remove in the same request."""
         self.cseq += 1
         aor = URI(self.uri.scheme, self.user or None, self.uri.host)
+        headers = [("Expires", str(expires)), ("User-Agent", self.ua.config.useragent),
+                   ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY")]
+        if unbind is not None:
+            headers.insert(0, ("Contact", str(Address(unbind.uri, params={"expires": "0"}))))
         request = make_request(
             "REGISTER", self.uri.copy(), via=self.ua.transport.local_via(self._transport()),
             from_=Address(aor, params={"tag": self.from_tag}), to=Address(aor.copy()), call_id=self.call_id,
-            cseq=self.cseq, contact=self._contact(),
-            headers=[("Expires", str(expires)), ("User-Agent", self.ua.config.useragent),
-                     ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY")],
+            cseq=self.cseq, contact=self._contact(), headers=headers,
         )
         return request
 
@@ -195,12 +226,12 @@ class Registration:
 
         return txn.final.addCallback(attach)
 
-    def _register(self) -> None:
+    def _register(self, unbind: Optional[Address] = None) -> None:
         self._cancel_timer()
         if self._stopping:
             return
         self._set_state("registering")
-        self._send(self._request(self.expires)).addCallbacks(self._response, self._failed)
+        self._send(self._request(self.expires, unbind)).addCallbacks(self._response, self._failed)
 
     # -- responses --
 
@@ -235,6 +266,18 @@ class Registration:
     def _registered(self, response: Response) -> None:
         if self.digest is not None:
             self.digest.accepted()
+        seen = self._seen_at(response)
+        if seen is not None and not self._moved:
+            # behind a NAT: bind the address the registrar sees instead (once per cycle, so a
+            # registrar that reports something new every time cannot keep us re-registering)
+            old = self._contact()
+            self.public = seen
+            self._moved = True
+            log.info("{key}: the registrar sees us at {host}:{port}, not at our Contact {old}; registering that "
+                     "address (NAT)", key=self.key, host=seen[0], port=seen[1], old=str(old.uri))
+            self._register(unbind=old)
+            return
+        self._moved = False
         expiry = granted_expiry(response, self._contact().uri, self.expires)
         if expiry is None:
             if not self._forgotten:
