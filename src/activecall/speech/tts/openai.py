@@ -18,39 +18,16 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from twisted.internet import defer
 from zope.interface import implementer
 
-from activecall.media.codecs import Resampler
-from activecall.speech.base import SAMPLE_RATE, ISynthesizer, SpeechError, TtsOptions
+from activecall.speech.base import ISynthesizer, SpeechError, TtsOptions
 from activecall.speech.cloud import post_streaming_pcm
-from activecall.speech.openai_api import api_key, api_url, error_message
+from activecall.speech.openai_api import From24k, api_key, api_url, error_message
 
 
-SERVICE_RATE = 24000  # the rate of response_format "pcm"
 DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
-
-
-class _From24k:
-    """The service's 24 kHz PCM to 16 kHz as it streams, without the filter's delay."""
-
-    def __init__(self):
-        self.resampler = Resampler(SERVICE_RATE, SAMPLE_RATE)
-        self.skip = int(round(self.resampler.delay))  # leading samples that are only filter delay
-
-    def __call__(self, pcm: np.ndarray) -> np.ndarray:
-        out = self.resampler(pcm)
-        if self.skip:
-            dropped = min(self.skip, out.size)
-            out, self.skip = out[dropped:], self.skip - dropped
-        return out
-
-    def flush(self) -> np.ndarray:
-        """Push zeros through the delay line so the last few milliseconds are not lost."""
-        tail = int(np.ceil(self.resampler.delay * SERVICE_RATE / SAMPLE_RATE)) + 1
-        return self(np.zeros(tail, dtype=np.int16))
 
 
 @implementer(ISynthesizer)
@@ -91,4 +68,4 @@ class OpenAISynthesizer:
             {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
             json.dumps(self.request_body(text)).encode("utf-8"), sink,
             lambda status, body: f"openai speech failed: {error_message(status, body)}",
-            convert=_From24k(), timeout=self.timeout)
+            convert=From24k(), timeout=self.timeout)
