@@ -8,6 +8,8 @@
   as ``speaking`` / ``silence`` / ``asrDelta`` / ``asrFinal`` / ``metrics``
   events.  An unknown provider gives an ``error`` event naming the available
   ones (the original silently disabled every processor of the call).
+  With ``option.realtime`` (or a playbook in realtime mode) the call runs in
+  realtime mode instead (``call/realtime.py``): VAD and ASR are not built.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from twisted.logger import Logger
 
 from activecall.api import events as ev
 from activecall.call.playback import SynthesisUnavailable
+from activecall.call.realtime import attach_realtime, realtime_controller
 from activecall.speech import registry
 from activecall.speech.base import (
     AsrResult, SilenceTimeout, SpeechEnded, SpeechError, SpeechStarted,
@@ -81,8 +84,14 @@ def _narrowband(session) -> bool:
 
 
 def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
-    """Build VAD/ASR from ``session.option``; errors become ``error`` events."""
+    """Build VAD/ASR from ``session.option``; errors become ``error`` events.
+
+    Realtime mode replaces them (the original's "realtime alone if set")."""
     option = session.option
+    if (option is not None and option.realtime is not None) or realtime_controller(session) is not None:
+        if option is not None and (option.vad is not None or option.asr is not None):
+            log.info("call {id}: realtime mode; the vad/asr options are not used", id=session.id)
+        return attach_realtime(session)
     if option is None or (option.vad is None and option.asr is None):
         return None
     processors = SpeechProcessors(session)
