@@ -195,11 +195,12 @@ class RealtimeProcessor(RealtimeHandler):
     def barge_in(self) -> None:
         """The caller talks: the bot stops now, the model's response is cancelled."""
         s = self.session
-        if self.client.response_id is not None:
-            self.cut.add(self.client.response_id)
-        self.client.cancel_response()
         if s.playback.current is not None and not s.playback.current.stopped:
-            s.playback.stop_current(interrupted=True)  # truncation: _track_ended
+            s.playback.stop_current(interrupted=True)  # cancel and truncation: _track_ended
+        streaming = self.client.response_id
+        if streaming is not None and streaming not in self.cut:  # a response with no audio played yet
+            self.cut.add(streaming)
+            self.client.cancel_response()
         s.emit(ev.Interrupt(receiver=s.id))
 
     def speech_stopped(self, audio_end_ms, item_id) -> None:
@@ -231,12 +232,14 @@ class RealtimeProcessor(RealtimeHandler):
             track.wait_input_timeout = self.wait_input_ms
             self.session.playback.start_track(track)
             track.ended.addCallback(lambda _, t=track: self._track_ended(t))  # the playback's callback ate the track
+        if item_id and (not track.items or track.items[-1][0] != item_id) and self.texts.get(item_id):
+            track.add_text(item_id, self.texts[item_id])  # its words came before its audio
         track.feed_item(response_id, item_id, pcm)
 
     def transcript_delta(self, response_id, item_id, text) -> None:
         self.texts[item_id] = self.texts.get(item_id, "") + text
         track = self._live_track()
-        if track is not None and response_id in track.responses:
+        if track is not None and track.items and track.items[-1][0] == item_id:
             track.add_text(item_id, text)
 
     def transcript_done(self, response_id, item_id, text) -> None:
@@ -309,6 +312,11 @@ class RealtimeProcessor(RealtimeHandler):
             self.client.function_output(call_id, {"error": "this call has no scenes"})
         # any other name is the application's tool: the functionCall event is all we do
 
+    def after_current_audio(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the response in progress is done and its audio has played (at once if quiet)."""
+        self.after_audio = action
+        self._maybe_after_audio()
+
     def hang_up_after_audio(self, reason: Optional[str], then: Optional[Callable] = None) -> None:
         s = self.session
         clean = ev.hangup_reason(reason if isinstance(reason, str) else None, "ai")
@@ -319,8 +327,7 @@ class RealtimeProcessor(RealtimeHandler):
                 then()
             s.end(clean, initiator="ai")
 
-        self.after_audio = hang_up
-        self._maybe_after_audio()
+        self.after_current_audio(hang_up)
 
     def transfer_after_audio(self, callee: str, transfer: Optional[Callable] = None) -> None:
         s = self.session
@@ -335,8 +342,7 @@ class RealtimeProcessor(RealtimeHandler):
                 s.handle(cmd.Refer(caller=(option.caller if option is not None and option.caller else ""),
                                    callee=callee))
 
-        self.after_audio = refer
-        self._maybe_after_audio()
+        self.after_current_audio(refer)
 
     # -- failures ---------------------------------------------------------------------------------------
 
