@@ -348,6 +348,16 @@ root = "{root}/cdr"
         self.assertTrue((yield cdp.evaluate(
             f"document.querySelector('#active-calls tr[data-id=\"{call_id}\"]') !== null")))
         live = yield cdp.evaluate("[...document.querySelectorAll('#timeline li.asrFinal')].map(li => li.textContent)")
+
+        # -- the keypad: Chromium's RTCDTMFSender sends RFC 4733 in the call's audio; one dtmf event per key
+        for digit in "15#":
+            yield cdp.click(f'#keypad button[data-digit="{digit}"]')
+            yield cdp.wait_for(f"[...document.querySelectorAll('#timeline li.dtmf')].some(li => "
+                               f"li.textContent.includes('digit {digit}'))", timeout=10,
+                               what=f"the daemon's dtmf event for the key {digit}")
+        yield task.deferLater(reactor, 0.5, lambda: None)  # a press's end packets would have come by now
+        dtmf = yield cdp.evaluate("[...document.querySelectorAll('#timeline li.dtmf')].map(li => li.textContent)")
+        self.assertEqual(len(dtmf), 3, dtmf)  # once per press, not once per packet
         yield cdp.screenshot("console-in-call.png")
 
         # -- hang up: the call ends, its CDR and recording appear in the history -------------------

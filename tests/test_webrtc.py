@@ -7,11 +7,13 @@ import fractions
 import glob
 import json
 import os
+import re
 
 import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
@@ -20,6 +22,7 @@ from activecall.webrtc.candidates import advertise_external_ip, candidate_addres
 from activecall.webrtc.leg import (FrameChunker, PeerConnections, as_deferred, codec_preferences,
                                     handshake_seconds, pcm_frame)
 from activecall.api import commands as cmd
+from activecall.media.dtmf import build_payload
 from tests.helpers import free_port, spawn_daemon, write_config
 from tests.wsclient import connect, send_json
 
@@ -236,6 +239,39 @@ root = "{self.root}/cdr"
                 self.assertEqual(json.load(f)["callType"], "webrtc")
         self.daemon.signal("TERM")
         self.assertEqual((yield self.daemon.ended), 0, self.daemon.output)
+
+    @defer.inlineCallbacks
+    def test_browser_dtmf_becomes_one_event_per_key_press(self):
+        """RFC 4733 packets as a browser's insertDTMF sends them (start, updates, three end packets,
+        over the call's DTLS-SRTP; on an SSRC of their own, since aiortc's sender keeps its audio
+        sequence to itself): each digit once, in order.  Chromium itself: the console's keypad test."""
+        peer, proto, client, answer = yield self.call("c-dtmf", {"codec": "pcmu"})
+        te = re.search(r"a=rtpmap:(\d+) telephone-event/8000", answer["sdp"])
+        self.assertIsNotNone(te, answer["sdp"])  # answered, so a browser would send DTMF at all
+        pt = int(te.group(1))
+        sender = peer.pc.getSenders()[0]
+        seq = 1000
+
+        async def press(digit, timestamp):
+            nonlocal seq
+            event = "0123456789*#".index(digit)
+            for i, (duration, end) in enumerate([(160, False), (320, False), (480, False)] + [(640, True)] * 3):
+                packet = RtpPacket(payload_type=pt, sequence_number=seq, timestamp=timestamp, marker=int(i == 0))
+                packet.ssrc = sender._ssrc ^ 0x5A5A5A5A  # the audio's own SSRC would need its sequence
+                packet.payload = build_payload(event, duration, end=end)
+                seq += 1
+                await sender.transport._send_rtp(packet.serialize())
+                await asyncio.sleep(0.02)
+
+        for n, digit in enumerate("19#"):
+            yield as_deferred(press(digit, 50000 + 8000 * n))
+        for digit in "19#":
+            event = yield client.wait_event("dtmf", digit=digit)
+            self.assertEqual(event["trackId"], "c-dtmf")
+        yield sleep(0.3)
+        self.assertEqual([e["digit"] for e in client.events if e["event"] == "dtmf"], ["1", "9", "#"])
+        send_json(proto, {"command": "hangup"})
+        yield client.wait_event("hangup")
 
     @defer.inlineCallbacks
     def test_browser_closing_its_peer_connection_ends_the_call(self):

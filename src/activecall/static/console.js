@@ -186,7 +186,7 @@ async function startCall() {
   pc.addEventListener("track", (e) => { $("remote-audio").srcObject = e.streams[0] || new MediaStream([e.track]); });
   pc.addEventListener("connectionstatechange", () => {
     addTimeline({ event: "webrtc", text: pc.connectionState }, true);
-    if (pc.connectionState === "connected") setCallState("connected", "connected");
+    if (pc.connectionState === "connected") { setCallState("connected", "connected"); keypad(true); }
     if (pc.connectionState === "failed") { setCallState("failed", "failed"); endCall(); }
   });
   await pc.setLocalDescription(await pc.createOffer());
@@ -242,6 +242,22 @@ function say() {
   $("say-text").value = "";
 }
 
+function keypad(enabled) {
+  document.querySelectorAll("#keypad button").forEach((b) => { b.disabled = !enabled; });
+}
+
+function pressKey(digit) {
+  // RFC 4733 telephone-events in the call's audio stream, as a phone sends them; the daemon
+  // answers each press with a dtmf event, which shows in the timeline
+  const sender = state.pc && state.pc.getSenders().find((s) => s.track && s.track.kind === "audio");
+  if (!sender || !sender.dtmf || !sender.dtmf.canInsertDTMF) {
+    notice("This call cannot send DTMF (no telephone-event was negotiated).");
+    return;
+  }
+  sender.dtmf.insertDTMF(digit, 120, 70);
+  addTimeline({ event: "key", text: `pressed ${digit}` }, true);
+}
+
 function endCall() {
   if (state.pc) { state.pc.close(); state.pc = null; }
   if (state.stream) { state.stream.getTracks().forEach((t) => t.stop()); state.stream = null; }
@@ -251,6 +267,7 @@ function endCall() {
   $("call-start").disabled = false;
   $("call-hangup").disabled = true;
   $("say").disabled = true;
+  keypad(false);
   setTimeout(() => { refreshCalls(); refreshHistory(); refreshHealth(); }, 500);
 }
 
@@ -363,6 +380,7 @@ function init() {
   $("say").addEventListener("click", say);
   $("say-text").addEventListener("keydown", (e) => { if (e.key === "Enter") say(); });
   $("history-refresh").addEventListener("click", refreshHistory);
+  document.querySelectorAll("#keypad button").forEach((b) => b.addEventListener("click", () => pressKey(b.dataset.digit)));
   if (!window.isSecureContext) notice("This page is not a secure context: the microphone and WebRTC need https:// or http://127.0.0.1.");
   refreshAll();
   state.polling = setInterval(() => { refreshCalls(); refreshHealth(); }, 2000);

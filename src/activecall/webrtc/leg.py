@@ -13,7 +13,8 @@ moves audio both ways:
   16 kHz mono int16 (PyAV resampler) -> 20 ms frames -> ``session.audio_in``;
 * out: the shared media clock asks ``session.tick()`` for the bot's frame every
   20 ms (silence when nothing plays) and hands it to ``BotAudioTrack``, whose
-  ``recv()`` aiortc's sender awaits — so the clock paces the RTP stream.
+  ``recv()`` aiortc's sender awaits — so the clock paces the RTP stream;
+* keys the browser presses (RFC 4733, ``webrtc/dtmf.py``) become ``dtmf`` events.
 
 Peer connections must be closed before the reactor stops or aiortc's decoder
 thread keeps the process alive: ``PeerConnections`` (a child service plus a
@@ -37,7 +38,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from activecall.api import commands as cmd
+from activecall.api import events as ev
 from activecall.config import parse_duration
+from activecall.webrtc import dtmf
 from activecall.webrtc.candidates import advertise_external_ip, strip_ipv6_candidates
 
 log = Logger(namespace="activecall.webrtc")
@@ -199,6 +202,7 @@ class WebRTCLeg:
         transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
         if preferences is not None:
             transceiver.setCodecPreferences(preferences)
+        dtmf.watch(self.pc, self._dtmf)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         await self.pc.setLocalDescription(await self.pc.createAnswer())  # gathers every candidate
         sdp = self.pc.localDescription.sdp
@@ -255,6 +259,10 @@ class WebRTCLeg:
                     self.session.audio_in(pcm)
             except Exception:
                 log.failure("call {id}: inbound WebRTC audio failed", id=self.session.id)
+
+    def _dtmf(self, digit: str) -> None:
+        """A key the browser pressed (``RTCDTMFSender.insertDTMF``), once per press."""
+        self.session.emit(ev.Dtmf(trackId=self.session.id, timestamp=self.session.now(), digit=digit))
 
     def on_tick(self) -> None:
         """Media clock: the bot's frame (or silence) for the browser."""
