@@ -954,6 +954,8 @@ class Target:
     host: str
     port: int
     transport: str = "UDP"
+    #: a domain named without a port: its servers are found by DNS SRV (``sip/dns.py``) before sending
+    srv: bool = field(default=False, compare=False)
 
     @property
     def reliable(self) -> bool:
@@ -966,10 +968,12 @@ class Target:
 
 
 def target_for_uri(uri: URI, default_transport: str = "UDP") -> Target:
-    """Where a request for ``uri`` goes (RFC 3263 §4 without NAPTR/SRV lookups).
+    """Where a request for ``uri`` goes (RFC 3263 §4, without NAPTR).
 
     ``maddr`` overrides the host; ``transport=`` picks the transport, a sips:
-    URI means TLS; the port is the URI's or the transport's default.
+    URI means TLS; the port is the URI's or the transport's default.  A host
+    name without a port is marked ``srv``: the transport looks its servers up
+    in DNS SRV first (§4.2).
     """
     if uri.scheme not in ("sip", "sips"):
         raise SIPParseError(f"cannot route to a {uri.scheme}: URI")
@@ -977,7 +981,15 @@ def target_for_uri(uri: URI, default_transport: str = "UDP") -> Target:
     if uri.scheme == "sips" and transport == "TCP":
         transport = "TLS"  # sips over "tcp" means TLS (RFC 3261 §26.2.2)
     host = uri.params.get("maddr") or uri.host
-    return Target(host, uri.port or default_port(transport), transport)
+    return Target(host, uri.port or default_port(transport), transport, srv=uri.port is None and not _is_ip(host))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 def next_hop(request: Request, default_transport: str = "UDP") -> Target:

@@ -29,6 +29,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from activecall.sip.dns import NoSipService, SrvLocator
 from activecall.sip.message import (
     MAX_MESSAGE_SIZE,
     Message,
@@ -282,6 +283,7 @@ class TransportManager(service.Service):
         self._connecting: dict[tuple, list] = {}
         self._server_tls = None
         self._local_ip: Optional[str] = None
+        self.locator = SrvLocator(reactor)  # tests hand it a resolver for their own DNS server
 
     # -- service --
 
@@ -408,6 +410,15 @@ class TransportManager(service.Service):
         return self._send(data, target)
 
     def _send(self, data: bytes, target: Target) -> defer.Deferred:
+        if target.srv:  # a domain: its SIP servers come from DNS SRV (sip/dns.py)
+            d = self.locator.locate(target)
+            d.addCallback(lambda located: self._send(data, located))
+
+            def no_service(failure):
+                failure.trap(NoSipService)
+                raise SendError(failure.getErrorMessage())
+
+            return d.addErrback(no_service)
         transport = target.transport.upper()
         if transport == "UDP":
             return self._send_udp(data, target)
