@@ -162,3 +162,38 @@ http_addr = "127.0.0.1:{port}"
         daemon.signal("TERM")
         self.assertEqual((yield daemon.ended), 0, daemon.output)
         self.assertNotIn(KEY, daemon.output)
+
+    @defer.inlineCallbacks
+    def test_a_realtime_playbook_through_the_daemon(self):
+        """A playbook with ``realtime:``: its scene prompt becomes the model's instructions, the model
+        says the greeting, and the scripted turn's hangup_call ends the call."""
+        srv = WsServer(self, fake_realtime)
+        accepted = srv.next_connection()
+        port = free_port()
+        conf = write_config(self, f'''
+addr = "127.0.0.1"
+udp_port = {free_port()}
+http_addr = "127.0.0.1:{port}"
+''')
+        daemon = spawn_daemon(self, conf)
+        yield daemon.wait_for("activecall ready")
+        playbook = (f"---\nrealtime:\n  endpoint: {srv.base}\n  secretKey: {KEY}\n"
+                    "greeting: Thanks for calling the shop.\n---\n"
+                    "# Scene: orders\nYou take orders for the shop. Be brief.\n")
+        proto, client = yield connect(self, port, "/call", "id=rtpb")
+        send_json(proto, {"command": "invite", "option": {"codec": "pcm", "playbook": playbook}})
+        yield client.wait_event("answer")
+        conn = yield accepted
+        caller = tone(0.5, freq=300)
+        for i in range(0, caller.size, 320):
+            proto.sendMessage(caller[i:i + 320].astype("<i2").tobytes(), isBinary=True)
+        yield client.wait_event("asrFinal", text="I want to cancel my order.")
+        hangup = yield client.wait_event("hangup")
+        self.assertEqual(hangup["initiator"], "ai")
+        updates = [t for t in conn.texts if t["type"] == "session.update"]
+        self.assertIn("You take orders for the shop.", updates[0]["session"]["instructions"])
+        greeting = [t for t in conn.texts if t["type"] == "response.create"]
+        self.assertTrue(any("Thanks for calling the shop." in json.dumps(t) for t in greeting), conn.texts[:4])
+        daemon.signal("TERM")
+        self.assertEqual((yield daemon.ended), 0, daemon.output)
+        self.assertNotIn(KEY, daemon.output)

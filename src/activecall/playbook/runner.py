@@ -1017,8 +1017,11 @@ def start_playbook(session, playbook_or_name, *, extras: Optional[dict] = None, 
         return existing
     try:
         playbook = load_for_session(session, playbook_or_name)
-        runner = PlaybookRunner(session, playbook, clock=clock, llm_client_factory=llm_client_factory, http=http,
-                                fillers=_fillers_for(session))
+        runner_class = PlaybookRunner
+        if playbook.config.realtime is not None:  # speech to speech: the model replaces VAD/ASR/LLM/TTS
+            from activecall.playbook.realtime import RealtimePlaybookRunner as runner_class
+        runner = runner_class(session, playbook, clock=clock, llm_client_factory=llm_client_factory, http=http,
+                              fillers=_fillers_for(session))
     except PlaybookError as e:
         log.warn("call {id}: cannot run playbook: {e}", id=session.id, e=str(e))
         session.error("playbook", str(e))
