@@ -165,6 +165,7 @@ class BaresipInteropTests(unittest.TestCase):
 addr = "127.0.0.1"
 udp_port = {udp_port()}
 tcp_port = 0
+log_level = "debug"  # the test reads the call id from the debug line "inbound call <id> from ..."
 tls_port = {self.tls_port}
 tls_cert_file = "{pki['cert.pem']}"
 tls_key_file = "{pki['key.pem']}"

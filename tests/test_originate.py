@@ -30,6 +30,7 @@ udp_port = {udp_port()}
 tcp_port = 0
 http_addr = "{self.http[7:]}"
 http_token = "sekret"
+log_level = "debug"  # the events of calls without a WebSocket are logged at debug
 rtp_start_port = {base}
 rtp_end_port = {base + 20}
 media_cache_path = "{root}/cache"

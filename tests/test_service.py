@@ -113,6 +113,20 @@ class ObserverTests(unittest.TestCase):
             self.assertEqual(f.read(), out)
 
 
+    def test_time_prefix_is_twisteds_once_per_second(self):
+        import io
+
+        from twisted.logger import formatTime
+
+        stream = io.StringIO()
+        observer = make_observer("info", stream=stream)
+        times = [1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5, 1_700_000_000.5]
+        for t in times:
+            observer({"log_level": LogLevel.info, "log_format": "x", "log_time": t, "log_namespace": "t"})
+        prefixes = [line.split(" ", 1)[0] for line in stream.getvalue().splitlines()]
+        self.assertEqual(prefixes, [formatTime(t) for t in times])
+
+
 class HTTPResourceTests(unittest.TestCase):
     def render(self, site, path):
         request = DummyRequest([path.encode()])

@@ -277,6 +277,35 @@ class TeardownTests(SessionTestBase):
         errors = [e for e in self.events if e.TAG == "error"]
         self.assertEqual(len(errors), 1)  # the bad frame got an error event
 
+    def test_journal_is_flushed_once_per_reactor_turn_and_at_the_end(self):
+        s = self.make()
+        path = s.journal.path
+        s.answered()
+        s.emit(ev.Silence(trackId="s1", timestamp=s.now(), startTime=0, duration=1))
+        with open(path) as f:
+            self.assertEqual(f.read(), "")  # buffered until the turn ends
+        self.clock.advance(0)
+        with open(path) as f:
+            self.assertEqual([json.loads(json.loads(line)["content"])["event"] for line in f],
+                             ["trackStart", "answer", "silence"])
+        s.emit(ev.Silence(trackId="s1", timestamp=s.now(), startTime=0, duration=2))
+        self.successResultOf(s.end("caller"))  # close() writes what the turn has not flushed yet
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        with open(path) as f:
+            self.assertEqual([json.loads(json.loads(line)["content"])["event"] for line in f],
+                             ["trackStart", "answer", "silence", "silence", "trackEnd", "hangup", "end"])
+
+    def test_one_info_line_per_call(self):
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        s = self.make(option=cmd.CallOption(caller="sip:a@x", callee="sip:b@y"))
+        with capturedLogs() as logged:
+            s.answered()
+            self.clock.advance(2)
+            self.successResultOf(s.end("caller", initiator="caller"))
+        infos = [formatEvent(e) for e in logged if e["log_level"] >= LogLevel.info]
+        self.assertEqual(infos, ["call s1 ended: caller by caller (webSocket, sip:a@x -> sip:b@y, answered 2000 ms)"])
+
     def test_play_missing_file_reports_and_ends(self):
         s = self.make()
         s.playback.loader.run = immediate

@@ -217,6 +217,7 @@ class SippUASTests(unittest.TestCase):
         yield when(port_bound(port), 5, "sipp uas to bind its port")
         conf = write_config(self, "\n".join([
             'addr = "127.0.0.1"', f"udp_port = {udp_port()}", "tcp_port = 0", f'http_addr = "127.0.0.1:{free_port()}"',
+            'log_level = "debug"',  # the call's events and its "ended" line are logged at debug
             "",
         ]))
         daemon = spawn_daemon(self, conf, "--call", f"sip:service@{LOCAL}:{port}")

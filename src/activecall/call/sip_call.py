@@ -173,9 +173,27 @@ class SipCalls:
 
 
 def _log_event(event) -> None:
-    """Calls without a WebSocket (--call, playbook routing): events go to the log."""
-    if event.TAG in ("answer", "reject", "hangup", "error", "ringing", "asrFinal", "dtmf"):
-        log.info("{tag}: {event}", tag=event.TAG, event=event.to_json())
+    """Calls without a WebSocket (--call, playbook routing): events go to the log, errors at
+    info, the rest at debug (per-call lines at info cost CPU on busy routes; the session logs
+    one summary line per call at info)."""
+    if event.TAG == "error":
+        log.info("{tag}: {event}", tag=event.TAG, event=_AsJson(event))
+    elif event.TAG in ("answer", "reject", "hangup", "ringing", "asrFinal", "dtmf"):
+        log.debug("{tag}: {event}", tag=event.TAG, event=_AsJson(event))
+
+
+class _AsJson:
+    """An event that is serialised only if a log line is actually written."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event):
+        self.event = event
+
+    def __format__(self, spec) -> str:
+        return self.event.to_json()
+
+    __str__ = __repr__ = lambda self: self.event.to_json()
 
 
 class SipConnector:

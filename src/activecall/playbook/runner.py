@@ -176,8 +176,8 @@ class PlaybookRunner:
         self.history = [{"role": "system", "content": self._system_prompt()}]
         self.last_interaction_ms = self._now()
         self._refresh_hangup_headers()
-        log.info("call {id}: playbook {source} started in scene {scene}", id=self.session.id,
-                 source=self.playbook.source, scene=self.scene_id)
+        log.debug("call {id}: playbook {source} started in scene {scene}", id=self.session.id,
+                  source=self.playbook.source, scene=self.scene_id)
         scene_play = self.playbook.initial.play
         if scene_play:
             self._send(cmd.Play(url=self._render(scene_play), waitInputTimeout=None), wait=True)

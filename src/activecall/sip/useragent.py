@@ -352,9 +352,9 @@ class SipCall:
         if self._transfer is not None and not self._transfer.called:
             self._transfer.errback(Failure(CallFailed(481, "call ended during the transfer")))
         self.ua._call_ended(self)
-        log.info("{direction} call {id} ended: {reason}{status} by {by}{detail}", direction=self.direction,
-                 id=self.dialog_id or self.call_id, reason=reason, status=f" ({status})" if status else "",
-                 by=by, detail=f": {detail}" if detail else "")
+        log.debug("{direction} call {id} ended: {reason}{status} by {by}{detail}", direction=self.direction,
+                   id=self.dialog_id or self.call_id, reason=reason, status=f" ({status})" if status else "",
+                  by=by, detail=f": {detail}" if detail else "")
         self._emit(self.end)
         waiters, self._ended_waiters = self._ended_waiters, []
         for d in waiters:
@@ -1166,8 +1166,8 @@ class UserAgent(service.Service, TransactionUser):
         self._add_dialog(call.dialog, call)
         self._inbound_origins[origin] = call
         self._pending[txn] = call
-        log.info("inbound call {id} from {caller} to {callee}", id=call.dialog_id, caller=call.caller,
-                 callee=call.callee)
+        log.debug("inbound call {id} from {caller} to {callee}", id=call.dialog_id, caller=call.caller,
+                  callee=call.callee)
         try:
             result = self.invite_handler(call)
         except Exception as e:
