@@ -129,6 +129,48 @@ class LocalWriterTests(unittest.TestCase):
             self.assertEqual(f.read(), b"old")
         self.assertEqual(os.listdir(self.root), ["x.json"])
 
+    def test_records_written_during_a_write_go_in_the_next_batch(self):
+        runs = []
+
+        def held(f, *args):
+            d = defer.Deferred()
+            runs.append((f, args, d))
+            return d
+
+        writer = cdr.LocalCdrWriter(self.root, tz=timezone.utc, run=held)
+        first = writer.write(make_record(callId="a"))
+        later = [writer.write(make_record(callId=c)) for c in ("b", "c")]
+        flushed = writer.flush()
+        self.assertEqual(len(runs), 1)  # b and c wait for a's batch
+        f, args, d = runs[0]
+        d.callback(f(*args))
+        self.assertTrue(self.successResultOf(first).endswith("_a.json"))
+        self.assertEqual(len(runs), 2)
+        f, args, d = runs[1]
+        self.assertEqual([os.path.basename(p) for p, _ in args[0]],
+                         ["20250304-050607_b.json", "20250304-050607_c.json"])
+        self.assertNoResult(flushed)
+        d.callback(f(*args))
+        self.assertEqual([os.path.basename(self.successResultOf(d)) for d in later],
+                         ["20250304-050607_b.json", "20250304-050607_c.json"])
+        self.successResultOf(flushed)
+        self.assertEqual(sorted(os.listdir(os.path.join(self.root, "20250304"))),
+                         ["20250304-050607_a.json", "20250304-050607_b.json", "20250304-050607_c.json"])
+
+    def test_one_failed_file_in_a_batch_fails_only_its_own_write(self):
+        os.makedirs(self.root)
+        with open(os.path.join(self.root, "20250304"), "w"):
+            pass  # a file where the day directory should be: that record cannot be written
+        writer = cdr.LocalCdrWriter(self.root, tz=timezone.utc, run=sync_run)
+        other = cdr.LocalCdrWriter(os.path.join(self.root, "ok"), tz=timezone.utc, run=sync_run)
+        results = cdr.write_batch([(writer.path_for(make_record()), b"x"),
+                                   (other.path_for(make_record()), b"y")])
+        self.assertIsInstance(results[0], OSError)
+        self.assertIsNone(results[1])
+        self.failureResultOf(writer.write(make_record()), OSError)
+        with open(other.path_for(make_record()), "rb") as f:
+            self.assertEqual(f.read(), b"y")
+
     def test_writer_for_config(self):
         self.assertIsNone(cdr.writer_for(None))
         local = cdr.writer_for(CallRecordSection(type="local", root=self.root))

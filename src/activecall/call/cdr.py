@@ -8,7 +8,9 @@ Writers:
 
 - ``LocalCdrWriter``: ``<root>/<YYYYMMDD>/<YYYYMMDD-HHMMSS>_<callId>.json``
   (local time of the start), written to a temp file, fsynced and renamed, so a
-  crash leaves either the whole file or none.
+  crash leaves either the whole file or none.  Records that arrive while a
+  write is in flight are written together in the next one (one thread job and
+  one directory fsync per batch, not per call).
 - ``HttpCdrWriter``: spools the same local file first, then POSTs multipart
   (``calllog.json``, plus ``media_<trackId>`` / ``dump_events_<name>`` files
   with ``with_media``), retrying with backoff.  A failed upload keeps the
@@ -97,38 +99,69 @@ def safe_file_part(text: str) -> str:
 
 def write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename (then fsync the directory)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    error = write_batch([(path, data)])[0]
+    if error is not None:
+        raise error
+
+
+def write_batch(items: Sequence[tuple[str, bytes]]) -> list[Optional[BaseException]]:
+    """``write_atomically`` for several files at once: each file is written to a temp file and
+    fsynced, then renamed, then each directory is fsynced once.  Returns one entry per item:
+    None, or the exception that stopped that item (the others are still written)."""
+    results: list[Optional[BaseException]] = [None] * len(items)
+    renamed: list[tuple[int, str, str]] = []
+    for i, (path, data) in enumerate(items):
+        directory = os.path.dirname(path) or "."
+        tmp = None
         try:
-            os.unlink(tmp)
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            renamed.append((i, tmp, path))
+        except Exception as e:
+            results[i] = e
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+    directories = set()
+    for i, tmp, path in renamed:
+        try:
+            os.replace(tmp, path)
+            directories.add(os.path.dirname(path) or ".")
+        except Exception as e:
+            results[i] = e
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    for directory in directories:
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(dir_fd)
         except OSError:
             pass
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return results
 
 
 class LocalCdrWriter:
     """``type = "local"``: one JSON file per call under ``root``.
 
     ``tz`` is the zone of the file name's date (default: local time, as the
-    original); ``run`` runs blocking file work (default: a thread).
+    original); ``run`` runs blocking file work (default: a thread).  One batch
+    is in flight at a time; records written meanwhile wait and go in the next
+    batch, so under load a thread job and a directory fsync serve many calls
+    (each file is still fsynced before its rename, and each ``write`` fires only
+    once its own file is durable).
     """
 
     def __init__(self, root: str, tz: Optional[tzinfo] = None,
@@ -136,6 +169,9 @@ class LocalCdrWriter:
         self.root = root
         self.tz = tz
         self.run = run
+        self._queue: list[tuple[str, bytes, defer.Deferred]] = []
+        self._busy = False
+        self._idle_waiters: list[defer.Deferred] = []
 
     def path_for(self, record: CallDetailRecord) -> str:
         start = record.startTime
@@ -148,14 +184,41 @@ class LocalCdrWriter:
 
     def write(self, record: CallDetailRecord) -> defer.Deferred:
         """Fires with the written path."""
-        path = self.path_for(record)
-        data = record.to_bytes()
-        d = self.run(write_atomically, path, data)
-        d.addCallback(lambda _: path)
+        d = defer.Deferred()
+        self._queue.append((self.path_for(record), record.to_bytes(), d))
+        if not self._busy:
+            self._next_batch()
         return d
 
+    def _next_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        self._busy = True
+        done = defer.maybeDeferred(self.run, write_batch, [(path, data) for path, data, _ in batch])
+        done.addBoth(self._batch_done, batch)
+
+    def _batch_done(self, results, batch) -> None:
+        if isinstance(results, Failure):
+            results = [results] * len(batch)
+        for (path, _, d), error in zip(batch, results):
+            if error is None:
+                d.callback(path)
+            else:
+                d.errback(error if isinstance(error, Failure) else Failure(error))
+        if self._queue:
+            self._next_batch()
+            return
+        self._busy = False
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
     def flush(self) -> defer.Deferred:
-        return defer.succeed(None)
+        """Fires when every record written so far is on disk."""
+        if not self._busy:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
 
 
 # -- http upload ------------------------------------------------------------------------------------
