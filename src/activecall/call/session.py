@@ -44,42 +44,55 @@ STATUS_FOR_REASON = {"canceled": 487, "rejected": 603, "noAnswer": 480, "failed"
 class EventJournal:
     """``<dir>/<session>.events.jsonl``: every command and event, one line each.
 
-    Lines go to the file's buffer and are flushed once per reactor turn (``clock.callLater(0)``)
+    Lines are collected and written with one ``os.write`` per reactor turn (``clock.callLater(0)``)
     and at ``close()``, instead of one write syscall per line: a crash loses at most the lines
     of the turn it happens in, and a SIGTERM none (shutdown ends every call, which closes its
-    journal).  Without a clock every line is flushed at once.
+    journal).  Without a clock every line is written at once.
     """
 
+    _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+
     def __init__(self, path: str, clock=None):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
         self._clock = clock
         self._flush_call = None
-        self._file = open(path, "a", encoding="utf-8")
+        self._lines: list[bytes] = []
+        try:
+            self._fd: Optional[int] = os.open(path, self._FLAGS, 0o666)
+        except FileNotFoundError:  # the first call, or the directory was removed
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._fd = os.open(path, self._FLAGS, 0o666)
 
     def write(self, kind: str, timestamp: int, content: str) -> None:
-        if self._file is None:
+        if self._fd is None:
             return
         # the same text as json.dumps({"type", "timestamp", "content"}, ensure_ascii=False)
-        self._file.write(f'{{"type": {json.dumps(kind)}, "timestamp": {int(timestamp)}, '
-                         f'"content": {json.dumps(content, ensure_ascii=False)}}}\n')
+        self._lines.append(f'{{"type": {json.dumps(kind)}, "timestamp": {int(timestamp)}, '
+                           f'"content": {json.dumps(content, ensure_ascii=False)}}}\n'.encode("utf-8"))
         if self._clock is None:
-            self._file.flush()
+            self.flush()
         elif self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self.flush)
 
     def flush(self) -> None:
         self._flush_call = None
-        if self._file is not None:
-            self._file.flush()
+        if self._fd is None or not self._lines:
+            return
+        data = memoryview(b"".join(self._lines))
+        self._lines = []
+        while data:
+            data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
-        self._flush_call = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        try:
+            self.flush()
+        finally:
+            self._flush_call = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class CallSession:
