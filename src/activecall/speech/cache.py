@@ -10,6 +10,7 @@ cancelled or failed one leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,9 @@ log = Logger(namespace="activecall.speech.cache")
 SUFFIX = ".pcm"
 
 
+@functools.lru_cache(maxsize=4096)
 def cache_key(provider: str, voice: Optional[str], speed: float, text: str) -> str:
+    """The entry's name; memoised, as busy routes speak the same few lines on every call."""
     ident = json.dumps([provider, voice, round(float(speed), 3), text], ensure_ascii=False)
     return hashlib.sha256(ident.encode("utf-8")).hexdigest()
 

@@ -74,6 +74,20 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
     return pcm.astype(np.int16), fmt.sample_rate
 
 
+_FOUND: dict[str, str] = {}
+
+
+def _which(name: str) -> Optional[str]:
+    """``shutil.which``, remembered once found: a synthesiser is made per call and the PATH scan
+    cost 3 % of a playbook call's CPU.  A program not found yet is looked for again."""
+    path = _FOUND.get(name)
+    if path is None or not os.access(path, os.X_OK):
+        path = shutil.which(name)
+        if path:
+            _FOUND[name] = path
+    return path
+
+
 @implementer(ISynthesizer)
 class FliteSynthesizer:
     name = "flite"
@@ -82,7 +96,7 @@ class FliteSynthesizer:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.executable = executable or shutil.which("flite")
+        self.executable = executable or _which("flite")
         if not self.executable:
             raise SpeechError("tts provider 'flite' needs the flite program (Debian: apt-get install flite)")
         self.voice = options.speaker or DEFAULT_VOICE
