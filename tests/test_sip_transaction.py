@@ -481,6 +481,47 @@ class MatchingTests(LayerTestCase):
         self.assertEqual(len(self.tu.acks), 1)
 
 
+class ExpiryQueueTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.expired = []
+        self.queue = tx.ExpiryQueue(self.clock, self.expired.append)
+
+    def test_entries_expire_in_order_on_one_delayed_call(self):
+        for name in "abc":
+            self.queue.add(32, name)
+            self.clock.advance(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(28.5)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(0.5)
+        self.assertEqual(self.expired, ["a"])
+        self.clock.advance(2)
+        self.assertEqual(self.expired, ["a", "b", "c"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancel_moves_the_delayed_call_to_the_next_live_entry(self):
+        a = self.queue.add(32, "a")
+        self.clock.advance(10)
+        b = self.queue.add(32, "b")
+        self.queue.cancel(a)
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [42])
+        self.queue.cancel(b)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing left: nothing pending
+        self.clock.advance(60)
+        self.assertEqual(self.expired, [])
+
+    def test_clear_and_a_clock_stepping_back(self):
+        self.queue.add(32, "a")
+        self.clock.rightNow -= 5  # the wall clock stepped back: "b" expires with "a"
+        self.queue.add(32, "b")
+        self.clock.advance(37)
+        self.assertEqual(self.expired, ["a", "b"])
+        self.queue.add(32, "c")
+        self.queue.clear()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class LayerStopTests(LayerTestCase):
     def test_stop_terminates_everything(self):
         txn, _ = self.outgoing("OPTIONS")

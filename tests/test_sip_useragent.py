@@ -257,6 +257,25 @@ class InboundTests(unittest.TestCase):
         again = h.net.last()
         self.assertEqual((again.status, again.to.tag), (200, ok.to.tag))
 
+    def test_an_ended_call_is_not_kept_for_retransmissions(self):
+        import gc
+        import weakref
+
+        h = Harness(self)
+        call, ok = h.established_inbound()
+        h.deliver(peer_request("BYE", to_tag=ok.to.tag, cseq=2, body=b""))
+        ref = weakref.ref(call)
+        h.calls.clear()
+        del call
+        gc.collect()
+        self.assertIsNone(ref())  # only its CSeq and final response are remembered
+        h.deliver(peer_request("INVITE", body=sdp()))  # a late retransmission of its INVITE
+        self.assertEqual(h.calls, [])
+        self.assertEqual((h.net.last().status, h.net.last().to.tag), (200, ok.to.tag))
+        h.clock.advance(32.1)
+        self.assertEqual(h.ua._inbound_origins, {})
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
     def test_remote_bye(self):
         h = Harness(self)
         call, ok = h.established_inbound()

@@ -21,8 +21,9 @@ requests the TU sends without one.
 
 from __future__ import annotations
 
+import collections
 import enum
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -95,6 +96,78 @@ class Timers:
         return name in self._calls
 
 
+class ExpiryQueue:
+    """Many long timers of the same length in one DelayedCall.
+
+    A transaction lingers 64*T1 (32 s) after its final response to absorb retransmissions;
+    at 300 calls/s a DelayedCall (with its bound methods and closure) per lingering
+    transaction kept ~10 000 of each alive, for every full garbage collection to scan.  Here
+    an entry is one small list in a deque: entries expire in the order they were added,
+    which is their deadline order because every entry of a queue has the same delay (were
+    the clock to step back, an entry expires with the one before it, a little late).
+    """
+
+    def __init__(self, reactor: IReactorTime, on_expired: Callable[[Any], None]):
+        self.reactor = reactor
+        self.on_expired = on_expired
+        self._entries: collections.deque = collections.deque()
+        self._call: Optional[IDelayedCall] = None
+
+    def add(self, delay: float, item) -> list:
+        """``on_expired(item)`` in ``delay`` seconds; returns the handle for ``cancel``."""
+        deadline = self.reactor.seconds() + delay
+        if self._entries and deadline < self._entries[-1][0]:
+            deadline = self._entries[-1][0]
+        entry = [deadline, item]
+        self._entries.append(entry)
+        if self._call is None:
+            self._schedule()
+        return entry
+
+    def cancel(self, entry: list) -> None:
+        entry[1] = None
+        if self._entries and self._entries[0] is entry:
+            # the DelayedCall moves to the next live entry (none left: no DelayedCall pending)
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self._schedule()
+
+    def clear(self) -> None:
+        for entry in self._entries:
+            entry[1] = None
+        self._entries.clear()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def __len__(self) -> int:
+        return sum(1 for entry in self._entries if entry[1] is not None)
+
+    def _schedule(self) -> None:
+        entries = self._entries
+        while entries and entries[0][1] is None:
+            entries.popleft()
+        if not entries:
+            self._call = None
+            return
+        self._call = self.reactor.callLater(max(0.0, entries[0][0] - self.reactor.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self.reactor.seconds() + 1e-9  # the DelayedCall's time may round just below a deadline
+        entries = self._entries
+        while entries and entries[0][0] <= now:
+            entry = entries.popleft()
+            item, entry[1] = entry[1], None
+            if item is not None:
+                try:
+                    self.on_expired(item)
+                except Exception:
+                    log.failure("an expiring timer failed")
+        if self._call is None:  # on_expired may have cancelled the head, which reschedules
+            self._schedule()
+
+
 # -- keys (RFC 3261 §17.1.3, §17.2.3) -----------------------------------------------
 
 
@@ -126,28 +199,47 @@ class Transaction:
 
     def __init__(self, layer: "TransactionLayer", request: Request, target: Target):
         self.layer = layer
-        self.request = request
+        self.request: Optional[Request] = request
+        self.method = request.method
         self.target = target
         self.timers = Timers(layer.reactor)
         self.state: Optional[State] = None
-        #: fires (with None) when the transaction ends, for whatever reason
-        self.terminated = defer.Deferred()
+        self._terminated: Optional[defer.Deferred] = None
+
+    @property
+    def terminated(self) -> defer.Deferred:
+        """Fires (with None) when the transaction ends, for whatever reason."""
+        if self._terminated is None:
+            self._terminated = defer.Deferred()
+            if self.state is State.TERMINATED:
+                self._terminated.callback(None)
+        return self._terminated
 
     @property
     def reliable(self) -> bool:
         return self.target.reliable
 
-    @property
-    def method(self) -> str:
-        return self.request.method
+    def _linger(self) -> None:
+        """Terminate in 64*T1 (timers J and L), on the layer's shared expiry queue.
+
+        The request is no longer needed (a lingering server transaction only absorbs
+        retransmissions and resends its last response): dropped, so that ~10 000 lingering
+        transactions do not keep ~10 000 parsed requests for the garbage collector to scan."""
+        self._lingering = self.layer._lingering.add(64 * self.layer.t1, self)
+        self.request = None
 
     def _terminate(self) -> None:
         if self.state is State.TERMINATED:
             return
         self.state = State.TERMINATED
         self.timers.stop_all()
+        lingering = getattr(self, "_lingering", None)
+        if lingering is not None:
+            self.layer._lingering.cancel(lingering)
+            self._lingering = None
         self.layer._forget(self)
-        self.terminated.callback(None)
+        if self._terminated is not None:
+            self._terminated.callback(None)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.method} {self.key[0]} {self.state and self.state.value}>"
@@ -354,7 +446,10 @@ class ServerTransaction(Transaction):
             self.to_tag = to_tag
         elif self.to_tag is None and status > 100:
             self.to_tag = generate_tag()
-        response = make_response(self.request, status, reason, self.to_tag, headers, body)
+        # once lingering the request is gone; the final response carries the same Via, From,
+        # To, Call-ID and CSeq (and this response is refused by the state machine anyway)
+        answered = self.request if self.request is not None else self.last_response
+        response = make_response(answered, status, reason, self.to_tag, headers, body)
         self.send_response(response)
         return response
 
@@ -413,7 +508,7 @@ class InviteServerTransaction(ServerTransaction):
             return
         if response.status < 300:
             self.state = State.ACCEPTED
-            self.timers.start("L", 64 * self.layer.t1, self._terminate)
+            self._linger()  # timer L
             return
         self.state = State.COMPLETED
         if not self.reliable:
@@ -471,7 +566,7 @@ class NonInviteServerTransaction(ServerTransaction):
         if self.reliable:
             self._terminate()
         else:
-            self.timers.start("J", 64 * self.layer.t1, self._terminate)
+            self._linger()  # timer J
 
     def receive_request(self, request: Request) -> None:
         if self.state in (State.PROCEEDING, State.COMPLETED) and self.last_response is not None:
@@ -572,6 +667,8 @@ class TransactionLayer:
         self.auto_trying = auto_trying
         self.client_transactions: dict[tuple, ClientTransaction] = {}
         self.server_transactions: dict[tuple, ServerTransaction] = {}
+        #: server transactions in their last 64*T1 (timers J and L)
+        self._lingering = ExpiryQueue(reactor, Transaction._terminate)
 
     # -- sending (the TU's entry points) --
 
@@ -713,6 +810,7 @@ class TransactionLayer:
                 if isinstance(txn, ClientTransaction) and not txn.final.called:
                     txn._fail(defer.CancelledError("transaction layer stopped"))
                 txn._terminate()
+        self._lingering.clear()
 
     # -- internals --
 
@@ -756,7 +854,7 @@ class TransactionLayer:
 
 
 __all__ = [
-    "T1", "T2", "T4", "State", "Timers", "TransactionTimeout", "TransportError",
+    "T1", "T2", "T4", "State", "Timers", "ExpiryQueue", "TransactionTimeout", "TransportError",
     "ClientTransaction", "InviteClientTransaction", "NonInviteClientTransaction",
     "ServerTransaction", "InviteServerTransaction", "NonInviteServerTransaction",
     "TwoXXRetransmitter", "TransactionUser", "TransactionLayer", "client_key", "server_key",
