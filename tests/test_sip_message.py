@@ -183,6 +183,30 @@ class ParseTests(unittest.TestCase):
         self.assertEqual((msg.status, msg.reason), (180, "Ringing"))
         self.assertTrue(msg.is_provisional)
 
+    def test_typed_views_are_fresh_copies(self):
+        """The parse cache behind the views never lets one caller's edits reach another."""
+        first, second = m.parse_message(INVITE), m.parse_message(INVITE)
+        via = first.top_via
+        via.params["received"] = "203.0.113.9"
+        first.from_.params["tag"] = "changed"
+        first.from_.uri.params["maddr"] = "192.0.2.1"
+        self.assertIsNone(first.top_via.received)
+        self.assertIsNone(second.top_via.received)
+        self.assertEqual(first.from_.tag, "1928301774")
+        self.assertNotIn("maddr", first.from_.uri.params)
+        self.assertNotIn("maddr", second.from_.uri.params)
+        # an edit to the header itself shows at once
+        first.headers.set("From", "<sip:carol@example.com>;tag=9")
+        self.assertEqual((first.from_.uri.user, first.from_.tag), ("carol", "9"))
+        self.assertEqual(second.from_.tag, "1928301774")
+
+    def test_bad_values_fail_on_every_access(self):
+        msg = m.parse_message(INVITE)
+        msg.headers.set("To", "<sip:unterminated")
+        for _ in range(2):
+            with self.assertRaises(m.SIPParseError):
+                msg.to
+
     def test_round_trip(self):
         msg = m.parse_message(INVITE)
         again = m.parse_message(msg.to_bytes())

@@ -59,6 +59,17 @@ def _lowpass(cutoff: float, taps: int, beta: float = 8.0) -> np.ndarray:
     return h
 
 
+@functools.lru_cache(maxsize=32)
+def _resampler_filter(up: int, factor: int, taps_per_phase: int) -> tuple[np.ndarray, np.ndarray]:
+    """(taps, convolution kernel) of a resampler, shared read-only by every one with these ratios."""
+    # cut a little below the lower Nyquist so the transition band does not alias
+    taps = _lowpass(0.9 / factor, taps_per_phase * factor + 1)[::-1] * up
+    kernel = taps[::-1].copy()  # np.convolve flips: correlate with the taps
+    taps.setflags(write=False)
+    kernel.setflags(write=False)
+    return taps, kernel
+
+
 class Resampler:
     """Streaming rational resampler (zero-stuff by ``up``, FIR, keep every ``down``-th sample).
 
@@ -73,9 +84,7 @@ class Resampler:
         self.up, self.down = dst_rate // g, src_rate // g
         factor = max(self.up, self.down)
         self.passthrough = self.up == self.down
-        # cut a little below the lower Nyquist so the transition band does not alias
-        self._taps = _lowpass(0.9 / factor, taps_per_phase * factor + 1)[::-1] * self.up
-        self._kernel = self._taps[::-1].copy()  # np.convolve flips: correlate with the taps
+        self._taps, self._kernel = _resampler_filter(self.up, factor, taps_per_phase)
         self._history = np.zeros(len(self._taps) - 1)
         self._next = 0  # start of the next output window in (history + new) coordinates
 

@@ -129,6 +129,8 @@ def canonical_name(name: str) -> str:
 
 def split_outside_quotes(text: str, sep: str) -> list[str]:
     """Split on ``sep`` where it is outside double quotes and ``<...>``."""
+    if '"' not in text and "<" not in text:  # nothing to protect: the usual case
+        return text.split(sep)
     parts, current = [], []
     in_quotes = escaped = False
     depth = 0
@@ -297,6 +299,9 @@ class URI:
         return "".join(out)
 
     def copy(self, **changes) -> "URI":
+        if not changes:
+            return URI(self.scheme, self.user, self.host, self.port, self.password, dict(self.params),
+                       dict(self.headers))
         values = dict(
             scheme=self.scheme, user=self.user, host=self.host, port=self.port,
             password=self.password, params=dict(self.params), headers=dict(self.headers),
@@ -362,6 +367,9 @@ class Address:
         return f"{name}<{self.uri}>{format_params(self.params)}"
 
     def copy(self, **changes) -> "Address":
+        if not changes:
+            return Address(self.uri.copy() if self.uri else None, self.display_name, dict(self.params),
+                           self.wildcard)
         values = dict(
             uri=self.uri.copy() if self.uri else None, display_name=self.display_name,
             params=dict(self.params), wildcard=self.wildcard,
@@ -487,11 +495,12 @@ class Headers:
 
     List-valued headers (Via, Contact, Route ...) are kept one value per entry,
     so ``get_all("Via")`` is the list of Via values whether they arrived on one
-    line or many.
+    line or many.  Each entry keeps its lower-cased canonical name beside it, so
+    a lookup compares strings instead of lower-casing every header it passes.
     """
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()):
-        self._items: list[tuple[str, str]] = []
+        self._items: list[tuple[str, str, str]] = []  # (name, value, lower-cased name)
         for name, value in items:
             self.add(name, value)
 
@@ -499,43 +508,43 @@ class Headers:
         name = canonical_name(name)
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name} value contains a line break")
-        self._items.append((name, str(value)))
+        self._items.append((name, str(value), _lower_key(name)))
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        key = canonical_name(name).lower()
-        for n, v in self._items:
-            if n.lower() == key:
+        key = _lookup_key(name)
+        for _, v, k in self._items:
+            if k == key:
                 return v
         return default
 
     def get_all(self, name: str) -> list[str]:
-        key = canonical_name(name).lower()
-        return [v for n, v in self._items if n.lower() == key]
+        key = _lookup_key(name)
+        return [v for _, v, k in self._items if k == key]
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one, at the first one's position."""
         name = canonical_name(name)
-        key = name.lower()
-        for i, (n, _) in enumerate(self._items):
-            if n.lower() == key:
-                self._items[i] = (name, str(value))
-                self._items = self._items[:i + 1] + [
-                    item for item in self._items[i + 1:] if item[0].lower() != key
+        key = _lower_key(name)
+        for i, item in enumerate(self._items):
+            if item[2] == key:
+                self._items = self._items[:i] + [(name, str(value), key)] + [
+                    item for item in self._items[i + 1:] if item[2] != key
                 ]
                 return
         self.add(name, value)
 
     def prepend(self, name: str, value: str) -> None:
-        self._items.insert(0, (canonical_name(name), str(value)))
+        name = canonical_name(name)
+        self._items.insert(0, (name, str(value), _lower_key(name)))
 
     def remove(self, name: str) -> None:
-        key = canonical_name(name).lower()
-        self._items = [item for item in self._items if item[0].lower() != key]
+        key = _lookup_key(name)
+        self._items = [item for item in self._items if item[2] != key]
 
     def remove_first(self, name: str) -> None:
-        key = canonical_name(name).lower()
-        for i, (n, _) in enumerate(self._items):
-            if n.lower() == key:
+        key = _lookup_key(name)
+        for i, item in enumerate(self._items):
+            if item[2] == key:
                 del self._items[i]
                 return
 
@@ -543,7 +552,7 @@ class Headers:
         return self.get(name) is not None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(list(self._items))
+        return iter([(n, v) for n, v, _ in self._items])
 
     def __len__(self) -> int:
         return len(self._items)
@@ -554,7 +563,66 @@ class Headers:
         return h
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({[(n, v) for n, v, _ in self._items]!r})"
+
+
+_LOWER_KEYS: dict[str, str] = {}
+_LOOKUP_KEYS: dict[str, str] = {}
+
+
+def _lower_key(canonical: str) -> str:
+    key = _LOWER_KEYS.get(canonical)
+    if key is None:
+        key = canonical.lower()
+        if len(_LOWER_KEYS) < 1024:  # header names from the wire: bounded
+            _LOWER_KEYS[canonical] = key
+    return key
+
+
+def _lookup_key(name: str) -> str:
+    """``canonical_name(name).lower()``, memoised for the names the code asks for."""
+    key = _LOOKUP_KEYS.get(name)
+    if key is None:
+        key = canonical_name(name).lower()
+        if len(_LOOKUP_KEYS) < 1024:
+            _LOOKUP_KEYS[name] = key
+    return key
+
+
+class _ParseCache:
+    """Parsed header values by their text, for the typed views of ``Message``.
+
+    A call's messages repeat the same From, To, Call-ID and Via texts, and the
+    stack reads ``top_via``/``from_``/``to`` several times per message.  Each view
+    still returns its own copy (callers edit Via params and Address tags), so the
+    cache changes how much parsing is done, never what a caller sees.  Failures
+    are not cached: a bad value raises on every access as before.
+    """
+
+    def __init__(self, parse, immutable: bool = False, limit: int = 4096):
+        self._parse = parse
+        self._immutable = immutable
+        self._limit = limit
+        self._parsed: dict = {}
+
+    def __call__(self, text: str):
+        parsed = self._parsed.get(text)
+        if parsed is None:
+            parsed = self._parse(text)
+            if len(self._parsed) >= self._limit:
+                self._parsed.clear()
+            self._parsed[text] = parsed
+        return parsed if self._immutable else parsed.copy()
+
+    def check(self, text: str) -> None:
+        """Parse ``text`` (raising ``SIPParseError`` if it is bad) and keep the result."""
+        if text not in self._parsed:
+            self(text)
+
+
+_cached_cseq = _ParseCache(parse_cseq, immutable=True)
+_cached_via = _ParseCache(parse_via)
+_cached_address = _ParseCache(parse_address)
 
 
 # -- messages -----------------------------------------------------------------------------
@@ -566,37 +634,38 @@ class Message:
     headers: Headers
     body: bytes
 
-    # typed views (parsed on each access, so edits to ``headers`` always show)
+    # typed views: looked up on each access, so edits to ``headers`` always show; the
+    # parsing behind them is shared by value text (``_ParseCache``), each access a fresh copy
     @property
     def call_id(self) -> Optional[str]:
         return self.headers.get("Call-ID")
 
     @property
     def cseq(self) -> CSeq:
-        return parse_cseq(self.headers.get("CSeq") or "")
+        return _cached_cseq(self.headers.get("CSeq") or "")
 
     @property
     def vias(self) -> list[Via]:
-        return [parse_via(v) for v in self.headers.get_all("Via")]
+        return [_cached_via(v) for v in self.headers.get_all("Via")]
 
     @property
     def top_via(self) -> Via:
         value = self.headers.get("Via")
         if value is None:
             raise SIPParseError("no Via")
-        return parse_via(value)
+        return _cached_via(value)
 
     @property
     def from_(self) -> Address:
-        return parse_address(self.headers.get("From") or "")
+        return _cached_address(self.headers.get("From") or "")
 
     @property
     def to(self) -> Address:
-        return parse_address(self.headers.get("To") or "")
+        return _cached_address(self.headers.get("To") or "")
 
     @property
     def contacts(self) -> list[Address]:
-        return [parse_address(v) for v in self.headers.get_all("Contact")]
+        return [_cached_address(v) for v in self.headers.get_all("Contact")]
 
     @property
     def content_type(self) -> Optional[str]:
@@ -693,6 +762,8 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
 
 def unfold(head: str) -> list[str]:
     """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
+    if "\n " not in head and "\n\t" not in head:  # no continuation lines: the usual case
+        return head.replace("\r\n", "\n").split("\n")
     lines: list[str] = []
     for line in re.split(r"\r?\n", head):
         if line[:1] in (" ", "\t") and lines:
@@ -744,27 +815,36 @@ def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
             raise SIPParseError(f"bad start line {start[:80]!r}")
         msg = Response(int(m.group(2)), (m.group(3) or "").strip(), Headers(), b"")
         uri_text = None
+    items = msg.headers._items
     for line in lines[1:]:
-        if not line.strip():
-            continue
         name, colon, value = line.partition(":")
-        name = name.strip()
-        if not colon or not _TOKEN_RE.fullmatch(name) or "\r" in value:
+        if not colon:
+            if not line.strip():
+                continue
             raise _fail(msg, f"bad header line {line[:80]!r}")
+        spec = _header_spec(name)
+        if spec is None or "\r" in value:
+            raise _fail(msg, f"bad header line {line[:80]!r}")
+        canonical, key, is_list = spec
         value = value.strip()
-        if name.lower() in LIST_HEADERS or canonical_name(name).lower() in LIST_HEADERS:
+        if is_list and ("," in value):
             for item in split_outside_quotes(value, ","):
-                if item.strip():
-                    msg.headers.add(name, item.strip())
-        else:
-            msg.headers.add(name, value)
+                item = item.strip()
+                if item:
+                    items.append((canonical, item, key))
+        elif value or not is_list:
+            items.append((canonical, value, key))
     # a response can be formed once these five are there and Via/CSeq parse
+    headers = msg.headers
+    values = {}
     for key in MANDATORY:
-        if key not in msg.headers:
+        value = headers.get(key)
+        if value is None:
             raise SIPParseError(f"missing {canonical_name(key)} header")
+        values[key] = value
     try:
-        msg.top_via
-        cseq = msg.cseq
+        _cached_via.check(values["via"])
+        cseq = _cached_cseq(values["cseq"])
     except SIPParseError as e:
         raise SIPParseError(str(e)) from None
     if isinstance(msg, Request):
@@ -774,13 +854,35 @@ def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
             raise _fail(msg, f"bad Request-URI: {e}") from None
         if cseq.method != msg.method:
             raise _fail(msg, "CSeq method does not match the request method")
-    for view in ("from_", "to", "vias"):
-        try:
-            getattr(msg, view)
-        except SIPParseError as e:
-            raise _fail(msg, str(e)) from None
+    try:
+        _cached_address.check(values["from"])
+        _cached_address.check(values["to"])
+        for via in headers.get_all("Via"):
+            _cached_via.check(via)
+    except SIPParseError as e:
+        raise _fail(msg, str(e)) from None
     msg.body = _body(msg, body, stream)
     return msg
+
+
+_HEADER_SPECS: dict[str, Optional[tuple[str, str, bool]]] = {}
+
+
+def _header_spec(raw_name: str) -> Optional[tuple[str, str, bool]]:
+    """(canonical name, lower-cased key, list-valued?) for a header name as it came off the
+    wire, or None for a name that is no token.  Memoised: a peer sends the same few names."""
+    spec = _HEADER_SPECS.get(raw_name, False)
+    if spec is False:
+        name = raw_name.strip()
+        if not _TOKEN_RE.fullmatch(name):
+            spec = None
+        else:
+            canonical = canonical_name(name)
+            key = canonical.lower()
+            spec = (canonical, key, name.lower() in LIST_HEADERS or key in LIST_HEADERS)
+        if len(_HEADER_SPECS) < 1024:
+            _HEADER_SPECS[raw_name] = spec
+    return spec
 
 
 def _fail(msg: Union[Request, Response], reason: str) -> SIPParseError:
