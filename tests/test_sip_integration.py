@@ -16,7 +16,7 @@ from activecall.config import Credential, RegisterUser, load_config
 from activecall.sip import auth
 from activecall.sip.registration import RegistrationService
 from activecall.sip.transport import TransportManager
-from activecall.sip.useragent import Ended, Established, HoldChanged, UserAgent, minimal_offer
+from activecall.sip.useragent import Ended, Established, ForkEnded, HoldChanged, UserAgent, minimal_offer
 from tests.helpers import ROOT, free_port, spawn, spawn_daemon, write_config
 
 SIPP = "/usr/bin/sipp"
@@ -190,6 +190,28 @@ class SippUASTests(unittest.TestCase):
         response = yield when(call.when_answered(), 5, "the 200 from sipp uas")
         self.assertEqual(response.status, 200)
         ended = yield when(call.hangup(), 5, "the BYE to be answered")
+        self.assertEqual((ended.reason, ended.status), ("local", 200))
+        yield sipp_result(uas)
+
+    @defer.inlineCallbacks
+    def test_a_second_fork_answering_is_acked_and_ended(self):
+        """sipp answers as two forks (uas_forked.xml checks that each 2xx is ACKed in its own dialog and
+        that fork b gets a BYE); the call goes on with fork a's answer and ends in fork a."""
+        peer = LoopbackUA(self)
+        port = udp_port()
+        uas = sipp(self, "-p", str(port), scenario="uas_forked.xml")
+        yield when(port_bound(port), 5, "sipp uas to bind its port")
+        call = peer.ua.place_call(f"sip:service@{LOCAL}:{port}", minimal_offer(LOCAL, 30000))
+        response = yield when(call.when_answered(), 5, "the first 200 from sipp")
+        self.assertIn(b"o=forka", response.body)
+        fork_ended = defer.Deferred()
+        call.add_listener(lambda e: isinstance(e, ForkEnded) and not fork_ended.called and fork_ended.callback(e))
+        event = yield when(fork_ended, 5, "the second fork's 2xx to be ACKed and its BYE answered")
+        self.assertEqual((event.tag, event.status), ("forkb", 200))
+        self.assertIsNone(call.end)
+        self.assertIn(b"o=forka", call.remote_sdp)
+        self.assertEqual(call.state, "confirmed")
+        ended = yield when(call.hangup(), 5, "the BYE in fork a to be answered")
         self.assertEqual((ended.reason, ended.status), ("local", 200))
         yield sipp_result(uas)
 

@@ -433,6 +433,45 @@ class OutboundTests(unittest.TestCase):
         h.deliver(make_response(bye, 200))
         self.assertEqual(self.successResultOf(ended).reason, "local")
 
+    def test_a_second_fork_answering_is_acked_and_ended(self):
+        """RFC 3261 §13.2.2.4: every 2xx is ACKed; the call keeps the first, the other dialog gets a BYE."""
+        h = Harness(self)
+        call, invite = self.place(h)
+        h.answer_to(invite, 180, to_tag="fork-a")
+        h.answer_to(invite, 180, to_tag="fork-b")
+        h.answer_to(invite, 200, to_tag="fork-a", body=sdp())
+        self.assertEqual(call.state, "confirmed")
+        second = h.answer_to(invite, 200, to_tag="fork-b", body=sdp(port=4100))
+        acks = h.net.requests("ACK")
+        self.assertEqual([a.to.tag for a in acks], ["fork-a", "fork-b"])
+        self.assertEqual(acks[1].cseq.seq, invite.cseq.seq)
+        byes = h.net.requests("BYE")
+        self.assertEqual(len(byes), 1)
+        self.assertEqual((byes[0].to.tag, byes[0].call_id, byes[0].cseq.seq), ("fork-b", invite.call_id, 2))
+        # the call goes on in the first dialog, with the first answer
+        self.assertEqual(call.dialog.remote_tag, "fork-a")
+        self.assertEqual(call.state, "confirmed")
+        self.assertIn(b"4000", call.remote_sdp)
+        # the other fork resends its 2xx (our ACK was lost): the same ACK again, no second BYE
+        h.deliver(second)
+        self.assertEqual([a.to.tag for a in h.net.requests("ACK")], ["fork-a", "fork-b", "fork-b"])
+        self.assertEqual(len(h.net.requests("BYE")), 1)
+        h.deliver(make_response(byes[0], 200))
+        self.assertIsNone(call.end)
+        # the first dialog's own 2xx retransmission is still ACKed in it
+        h.deliver(make_response(invite, 200, to_tag="fork-a", body=sdp()))
+        self.assertEqual(h.net.requests("ACK")[-1].to.tag, "fork-a")
+
+    def test_a_fork_answering_after_the_call_ended_is_ignored(self):
+        h = Harness(self)
+        call, invite = self.place(h)
+        h.answer_to(invite, 200, to_tag="fork-a", body=sdp())
+        call.hangup()
+        h.deliver(make_response(h.net.requests("BYE")[-1], 200))
+        self.assertIsNotNone(call.end)
+        h.answer_to(invite, 200, to_tag="fork-b", body=sdp())
+        self.assertEqual([a.to.tag for a in h.net.requests("ACK")], ["fork-a"])
+
     def test_proxy_challenge_answered_with_digest(self):
         h = Harness(self)
         call, invite = self.place(h, credentials=Credential("alice", "secret"))

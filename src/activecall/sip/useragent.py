@@ -121,6 +121,15 @@ class TransferProgress:
 
 
 @dataclass(frozen=True)
+class ForkEnded:
+    """Another fork of our INVITE answered too: its dialog was ACKed and ended with a BYE, which got
+    ``status`` (408/503 when it went unanswered or could not be sent)."""
+
+    tag: str
+    status: int
+
+
+@dataclass(frozen=True)
 class Ended:
     """The call is over.  ``reason``: local, remote, cancelled, rejected, timeout, failed, no-ack."""
 
@@ -131,7 +140,7 @@ class Ended:
 
 
 CallEvent = Union[Provisional, Established, SdpUpdated, HoldChanged, Dtmf, TransferRequested,
-                  TransferProgress, Ended]
+                  TransferProgress, ForkEnded, Ended]
 
 
 class CallStateError(Exception):
@@ -868,6 +877,8 @@ class OutboundCall(SipCall):
         self._answered: list[defer.Deferred] = []
         self._hangup_headers: Optional[list] = None
         self._authenticated = False
+        #: other forks' 2xx (RFC 3261 §13.2.2.4): To-tag -> (ACK, target), resent if that 2xx comes again
+        self._fork_acks: dict[str, tuple[Request, Target]] = {}
 
     @property
     def call_id(self) -> str:
@@ -948,6 +959,36 @@ class OutboundCall(SipCall):
             d.callback(response)
         if self._hangup_headers is not None:  # hung up while the 2xx was on its way: ACK, then BYE
             self._bye(self._hangup_headers)
+
+    def _forked_2xx(self, response: Response) -> None:
+        """A 2xx from another fork of our INVITE (RFC 3261 §13.2.2.4): the call keeps the answer it
+        took; the other dialog is ACKed, then ended with a BYE.  The same 2xx again gets the
+        same ACK (its UAS resends it until one arrives)."""
+        tag = response.to.tag or ""
+        sent = self._fork_acks.get(tag)
+        if sent is not None:
+            self.ua.layer.send_ack(*sent)
+            return
+        try:
+            fork = Dialog.as_uac(self.invite, response, transport=self.target.transport)
+        except SIPParseError as e:
+            log.info("unusable 2xx from another fork of {uri}: {err}", uri=str(self.invite.uri), err=e)
+            return
+        ack = fork.create_ack(response.cseq.seq)
+        target = fork.target_for(ack)
+        self._fork_acks[tag] = (ack, target)
+        self.ua.layer.send_ack(ack, target)
+        log.info("2xx from another fork of {uri} (To tag {tag}): ACKed and ended with BYE",
+                 uri=str(self.invite.uri), tag=tag)
+        bye = fork.create_request("BYE", headers=list(self.ua.common_headers()))
+
+        def failed(failure):
+            log.info("BYE to another fork failed: {err}", err=failure.getErrorMessage())
+            return 408 if failure.check(TransactionTimeout) else 503
+
+        d = self.ua.layer.send_request(bye, fork.target_for(bye)).final
+        d.addCallbacks(lambda response: response.status, failed)
+        d.addCallback(lambda status: self._emit(ForkEnded(tag, status)))
 
     def _failed(self, failure: Failure) -> None:
         status = 408 if failure.check(TransactionTimeout) else 503
@@ -1209,10 +1250,23 @@ class UserAgent(service.Service, TransactionUser):
             if response.cseq.method != "INVITE" or not 200 <= response.status < 300:
                 return
             call = self._owners.get(response_dialog_id(response))
+            if call is None:
+                forked = self._outbound_call_for(response)
+                if forked is not None:
+                    forked._forked_2xx(response)
+                return
         except SIPParseError:
             return
-        if call is not None:
-            call._retransmitted_2xx(response)
+        call._retransmitted_2xx(response)
+
+    def _outbound_call_for(self, response: Response) -> Optional["OutboundCall"]:
+        """The live call whose INVITE ``response`` answers, whatever dialog it is in (a fork's 2xx)."""
+        call_id, from_tag = response.call_id, response.from_.tag
+        for call in self.calls:
+            if (isinstance(call, OutboundCall) and call.call_id == call_id
+                    and call.invite.from_.tag == from_tag and call.invite.cseq.seq == response.cseq.seq):
+                return call
+        return None
 
     def cancel_received(self, cancel: Request, invite: InviteServerTransaction) -> None:
         call = self._pending.get(invite)
