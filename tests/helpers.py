@@ -30,6 +30,35 @@ def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1") -> int:
             continue
 
 
+def free_ports(count: int, host="127.0.0.1", exclude=()) -> list[int]:
+    """``count`` different ports, each free right now for both TCP and UDP on ``host``.
+
+    They are held while the others are picked, so no two are the same; give every listener of a daemon
+    one of them rather than ``:0``, which the kernel may hand a port that was just picked here.
+    """
+    held, ports = [], []
+    try:
+        while len(ports) < count:
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                if port in exclude:
+                    raise OSError("excluded")
+                udp.bind((host, port))
+            except OSError:
+                tcp.close()
+                udp.close()
+                continue
+            held += [tcp, udp]
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
 class OutputWatcher(protocol.ProcessProtocol):
     """Collects a child's output; ``wait_for(regex)`` fires with the match."""
 

@@ -3,21 +3,26 @@ SIGTERM, bad configuration, log_file, the ``active-call`` console script."""
 
 import json
 import os
+import re
 
 import treq
 from twisted.internet import defer, utils
 from twisted.trial import unittest
 
-from tests.helpers import BIN, ROOT, TWISTD, free_port, spawn, spawn_daemon, write_config
+from tests.helpers import BIN, ROOT, TWISTD, free_port, free_ports, spawn, spawn_daemon, write_config
 
 LISTENING = r"HTTP listening on 127\.0\.0\.1:(\d+)"
 
 
-def base_config(**extra) -> str:
+def base_config(http_port=None, **extra) -> str:
+    """A minimal configuration; ``http_port``: one the test picked (and gives with ``--http``)."""
+    # not http :0, which the kernel may hand the port just picked for SIP
+    sip_port, picked = free_ports(2, exclude=(http_port,))
+    http_port = http_port or picked
     lines = [
         'addr = "127.0.0.1"',
-        f"udp_port = {free_port()}",
-        'http_addr = "127.0.0.1:0"',
+        f"udp_port = {sip_port}",
+        f'http_addr = "127.0.0.1:{http_port}"',
         "rtp_start_port = 30000",
         "rtp_end_port = 30100",
     ]
@@ -91,9 +96,10 @@ class DaemonLifecycleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_log_level_filters(self):
         port = free_port()
-        quiet = spawn_daemon(self, write_config(self, base_config(log_level="warn", codecs=["pcmu", "g729"])),
+        quiet = spawn_daemon(self, write_config(self, base_config(port, log_level="warn",
+                                                                  codecs=["pcmu", "g729"])),
                              "--http", f"127.0.0.1:{port}")
-        chatty = spawn_daemon(self, write_config(self, base_config(log_level="debug")))
+        chatty = spawn_daemon(self, write_config(self, base_config(log_level="debug")))  # its own ports
         yield quiet.wait_for(r"'g729' is not supported")  # a warning passes the filter
         # an answer means the quiet daemon's reactor runs (its info lines are filtered)
         resp = yield treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
@@ -110,7 +116,7 @@ class DaemonLifecycleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_cli_flags_override_file(self):
         port = free_port()
-        conf = write_config(self, base_config())
+        conf = write_config(self, base_config(port))
         daemon = spawn_daemon(self, conf, "--http", f"127.0.0.1:{port}")
         yield daemon.wait_for(rf"HTTP listening on 127\.0\.0\.1:{port}")
         yield daemon.wait_for("activecall ready")
@@ -123,7 +129,7 @@ class DaemonLifecycleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_console_script_runs_the_same_daemon(self):
         port = free_port()
-        conf = write_config(self, base_config())
+        conf = write_config(self, base_config(port))
         daemon = spawn([os.path.join(BIN, "active-call"), "--conf", conf, "--http", f"127.0.0.1:{port}"])
         self.addCleanup(daemon.kill)
         yield daemon.wait_for(rf"HTTP listening on 127\.0\.0\.1:{port}")
@@ -181,5 +187,5 @@ class BadConfigTests(unittest.TestCase):
         self.addCleanup(s.close)
         port = s.getsockname()[1]
         yield self.assertStartFails(
-            base_config().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'),
+            re.sub(r'http_addr = "[^"]*"', f'http_addr = "127.0.0.1:{port}"', base_config()),
             expect=f"cannot listen on http_addr 127.0.0.1:{port}")
