@@ -171,6 +171,21 @@ class SippUACTests(unittest.TestCase):
         self.assertEqual(holds, [(True, "sendonly"), (False, "sendrecv"), (True, "inactive")])
 
     @defer.inlineCallbacks
+    def test_session_timer_422_then_negotiated_and_refreshed(self):
+        """uac_session_timer.xml checks the 422's Min-SE, the 2xx's Session-Expires/Require and the
+        refresh UPDATE's answer; here: one call, with the caller as refresher, ended by its BYE."""
+        peer = LoopbackUA(self)
+        peer.answer_calls(ring_first=False)
+        yield sipp_result(sipp(self, f"{LOCAL}:{peer.port}", "-p", str(udp_port()),
+                               scenario="uac_session_timer.xml"))
+        self.assertEqual(len(peer.calls), 1)
+        call = peer.calls[0]
+        ended = yield when(call.when_ended(), 2, "the call to end")
+        self.assertEqual((ended.reason, ended.by), ("remote", "remote"))
+        self.assertEqual((call.session_timer.negotiated.interval, call.session_timer.we_refresh), (90, False))
+        self.assertFalse(call.session_timer.active)
+
+    @defer.inlineCallbacks
     def test_out_of_dialog_options(self):
         peer = LoopbackUA(self)
         yield sipp_result(sipp(self, f"{LOCAL}:{peer.port}", "-p", str(udp_port()), scenario="options.xml"))

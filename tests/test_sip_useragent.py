@@ -141,7 +141,7 @@ class OutOfDialogTests(unittest.TestCase):
         self.assertIn("REFER", response.headers.get_all("Allow"))
         self.assertIn("application/sdp", response.headers.get_all("Accept"))
         # an empty Supported (we implement no option tags yet) vanishes when parsed; it is sent
-        self.assertIn(("Supported", ""), h.ua.capabilities())
+        self.assertIn(("Supported", "timer"), h.ua.capabilities())
 
     def test_bye_for_unknown_dialog_is_481(self):
         h = Harness(self)
@@ -607,3 +607,136 @@ class HelperTests(unittest.TestCase):
         self.assertIsNone(parse_dtmf_info(b"hello", "text/plain"))
         self.assertEqual(reason_header(503, 'say "no"'), 'SIP;cause=503;text="say \\"no\\""')
         self.assertEqual(reason_header(603, "Q.850;cause=16"), "Q.850;cause=16")
+
+
+class SessionTimerTests(unittest.TestCase):
+    """RFC 4028 on task.Clock: negotiation, refreshes both ways, expiry, 422."""
+
+    def inbound(self, h, session_expires, supported="timer", extra=()):
+        headers = [f"Session-Expires: {session_expires}"] if session_expires else []
+        headers += [f"Supported: {supported}"] if supported else []
+        return h.inbound(extra=headers + list(extra))
+
+    def answer(self, h, call):
+        call.answer(minimal_offer(US, 30000, session_id=7))
+        ok = h.net.responses(200, "INVITE")[-1]
+        h.deliver(h.ack_for(ok))
+        return ok
+
+    def test_caller_refreshes_and_a_missing_refresh_ends_the_call(self):
+        h = Harness(self)
+        call = self.inbound(h, "1800;refresher=uac")
+        ok = self.answer(h, call)
+        self.assertEqual(ok.headers.get("Session-Expires"), "1800;refresher=uac")
+        self.assertEqual(ok.headers.get("Require"), "timer")
+        self.assertIn("timer", ok.headers.get("Supported"))
+        # a refresh (re-INVITE with the same SDP) just before the deadline re-arms the timer
+        h.clock.advance(1700)
+        h.deliver(peer_request("INVITE", to_tag=ok.to.tag, cseq=2, body=sdp(),
+                               extra=["Session-Expires: 1800;refresher=uac", "Supported: timer"]))
+        refresh_ok = h.net.responses(200, "INVITE")[-1]
+        self.assertEqual(refresh_ok.cseq.seq, 2)
+        self.assertEqual(refresh_ok.headers.get("Session-Expires"), "1800;refresher=uac")
+        h.deliver(h.ack_for(refresh_ok))
+        h.clock.advance(1700)
+        self.assertIsNone(call.end)
+        self.assertEqual(h.net.requests("BYE"), [])
+        # then none: BYE at 1800 - min(32, 1800/3) = 1768 s after the last refresh
+        h.clock.advance(67)
+        self.assertIsNone(call.end)
+        h.clock.advance(2)
+        bye = h.net.requests("BYE")[-1]
+        self.assertEqual(bye.to.tag, "peer")
+        self.assertEqual((call.end.reason, call.end.status), ("session-expired", 408))
+
+    def test_refresh_by_update_without_sdp(self):
+        h = Harness(self)
+        call = self.inbound(h, "90;refresher=uac")
+        ok = self.answer(h, call)
+        h.clock.advance(50)
+        h.deliver(peer_request("UPDATE", to_tag=ok.to.tag, cseq=2, extra=["Session-Expires: 90;refresher=uac"]))
+        update_ok = h.net.responses(200, "UPDATE")[-1]
+        self.assertEqual(update_ok.body, b"")
+        self.assertEqual(update_ok.headers.get("Session-Expires"), "90;refresher=uac")
+        h.clock.advance(59)  # 50 + 59 > 60 (90 - 30): still up, the UPDATE refreshed it
+        self.assertIsNone(call.end)
+        h.clock.advance(2)
+        self.assertEqual(call.end.reason, "session-expired")
+
+    def test_we_refresh_when_the_caller_does_not_support_timers(self):
+        h = Harness(self)
+        call = self.inbound(h, "600", supported=None)
+        ok = self.answer(h, call)
+        self.assertEqual(ok.headers.get("Session-Expires"), "600;refresher=uas")
+        self.assertIsNone(ok.headers.get("Require"))
+        h.clock.advance(299)
+        self.assertEqual(h.net.requests("INVITE"), [])
+        h.clock.advance(1)
+        refresh = h.net.requests("INVITE")[-1]
+        self.assertEqual(refresh.headers.get("Session-Expires"), "600;refresher=uac")
+        self.assertEqual(refresh.body, call.local_sdp)
+        h.deliver(make_response(refresh, 200, headers=[("Contact", f"<sip:alice@{PEER[0]}:{PEER[1]}>"),
+                                                       ("Session-Expires", "600;refresher=uac")], body=sdp()))
+        self.assertEqual(h.net.requests("ACK")[-1].cseq.seq, refresh.cseq.seq)
+        h.clock.advance(300)
+        self.assertEqual(len(h.net.requests("INVITE")), 2)  # the next refresh, half an interval later
+        self.assertIsNone(call.end)
+
+    def test_a_refresh_answered_481_ends_the_call(self):
+        h = Harness(self)
+        call = self.inbound(h, "120;refresher=uas")
+        self.answer(h, call)
+        h.clock.advance(60)
+        refresh = h.net.requests("INVITE")[-1]
+        h.deliver(make_response(refresh, 481))
+        self.assertEqual(h.net.requests("BYE")[-1].call_id, call.call_id)
+        self.assertEqual((call.end.reason, call.end.status), ("session-expired", 481))
+
+    def test_too_small_interval_gets_422_with_min_se(self):
+        h = Harness(self)
+        h.deliver(peer_request("INVITE", body=sdp(), extra=["Session-Expires: 30", "Supported: timer"]))
+        response = h.net.responses(422)[-1]
+        self.assertEqual(response.headers.get("Min-SE"), "90")
+        self.assertEqual(h.calls, [])
+        # the caller's own Min-SE raises the floor
+        h.deliver(peer_request("INVITE", call_id="call-2", body=sdp(),
+                               extra=["Session-Expires: 100", "Min-SE: 120"]))
+        self.assertEqual(h.net.responses(422)[-1].headers.get("Min-SE"), "120")
+
+    def test_no_session_expires_no_timer(self):
+        h = Harness(self)
+        call = h.inbound()
+        ok = self.answer(h, call)
+        self.assertIsNone(ok.headers.get("Session-Expires"))
+        self.assertIsNone(call.session_timer)
+        h.clock.advance(7200)
+        self.assertIsNone(call.end)
+
+    def test_outbound_call_offers_a_timer_and_follows_the_answer(self):
+        h = Harness(self)
+        call = h.ua.place_call("sip:bob@192.0.2.10:5070", minimal_offer(US, 30000))
+        invite = h.net.requests("INVITE")[-1]
+        self.assertEqual((invite.headers.get("Session-Expires"), invite.headers.get("Min-SE")), ("1800", "90"))
+        self.assertIn("timer", invite.headers.get("Supported"))
+        # the UAS wants a longer minimum: ask again with it (RFC 4028 7.4)
+        h.answer_to(invite, 422, headers=[("Min-SE", "3600")])
+        retry = h.net.requests("INVITE")[-1]
+        self.assertEqual((retry.cseq.seq, retry.headers.get("Session-Expires")), (2, "3600"))
+        h.answer_to(retry, 200, headers=[("Session-Expires", "3600;refresher=uac"), ("Require", "timer")],
+                    body=sdp())
+        self.assertEqual(call.state, "confirmed")
+        h.clock.advance(1800)
+        refresh = h.net.requests("INVITE")[-1]
+        self.assertEqual((refresh.cseq.seq, refresh.to.tag), (3, "callee"))
+        self.assertEqual(refresh.headers.get("Session-Expires"), "3600;refresher=uac")
+
+    def test_outbound_call_where_the_callee_refreshes(self):
+        h = Harness(self)
+        call = h.ua.place_call("sip:bob@192.0.2.10:5070", minimal_offer(US, 30000))
+        invite = h.net.requests("INVITE")[-1]
+        h.answer_to(invite, 200, headers=[("Session-Expires", "90;refresher=uas")], body=sdp())
+        h.clock.advance(59)
+        self.assertIsNone(call.end)
+        h.clock.advance(2)
+        self.assertEqual(h.net.requests("BYE")[-1].to.tag, "callee")
+        self.assertEqual(call.end.reason, "session-expired")

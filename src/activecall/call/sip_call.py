@@ -393,7 +393,7 @@ class SipConnector:
                 s.end("caller" if self.inbound is not None else "callee",
                       initiator="caller" if self.inbound is not None else "callee")
             elif s.state.value != "ended":
-                s.end("failed" if event.reason in ("failed", "timeout", "no-ack") else "system",
+                s.end("failed" if event.reason in ("failed", "timeout", "no-ack", "session-expired") else "system",
                       initiator="system", status_code=event.status)
 
     # -- in call -----------------------------------------------------------------------------------

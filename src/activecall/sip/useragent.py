@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from activecall.sip import sdp
 from activecall.sip.auth import DigestClient
+from activecall.sip import session_timer
 from activecall.sip.dialog import Dialog, DialogId, DialogState, DialogTable, response_dialog_id
 from activecall.sip.message import (
     URI,
@@ -58,8 +59,8 @@ log = Logger(namespace="activecall.sip.useragent")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY, MESSAGE, PRACK"
 ACCEPT = "application/sdp, application/dtmf-relay, message/sipfrag"
-#: option tags we implement (none of 100rel / timer / replaces yet); an empty Supported is valid
-SUPPORTED = ""
+#: option tags we implement (session timers, RFC 4028; not 100rel or replaces)
+SUPPORTED = "timer"
 SDP = "application/sdp"
 
 
@@ -131,7 +132,7 @@ class ForkEnded:
 
 @dataclass(frozen=True)
 class Ended:
-    """The call is over.  ``reason``: local, remote, cancelled, rejected, timeout, failed, no-ack."""
+    """The call is over.  ``reason``: local, remote, cancelled, rejected, timeout, failed, no-ack, session-expired."""
 
     reason: str
     status: Optional[int] = None
@@ -309,6 +310,8 @@ class SipCall:
         self._acks: dict[int, tuple[Request, Target]] = {}  # ACKs we sent, by CSeq: resent on 2xx retransmission
         self._outgoing_invite = False
         self._transfer: Optional[defer.Deferred] = None
+        #: RFC 4028: the dialog's session timer once one is negotiated
+        self.session_timer: Optional[session_timer.SessionTimer] = None
 
     # -- identity --
 
@@ -355,6 +358,8 @@ class SipCall:
             return
         self.state = "ended"
         self.end = Ended(reason, status, by, detail)
+        if self.session_timer is not None:
+            self.session_timer.cancel()
         if self.dialog is not None:
             self.dialog.state = DialogState.TERMINATED
         if self._reinvite_2xx is not None:
@@ -426,14 +431,15 @@ class SipCall:
         body = f"Signal={digit}\r\nDuration={duration}\r\n".encode()
         return self.send_request("INFO", body=body, content_type="application/dtmf-relay")
 
-    def reinvite(self, sdp: bytes) -> defer.Deferred:
+    def reinvite(self, sdp: bytes, headers: Iterable[tuple[str, str]] = ()) -> defer.Deferred:
         """Send a re-INVITE with a new offer; fires with the 2xx (ACKed) or fails with ``CallFailed``."""
         if self.state != "confirmed":
             return defer.fail(CallStateError(f"re-INVITE in state {self.state}"))
         if self._outgoing_invite:
             return defer.fail(CallStateError("a re-INVITE is already in progress"))
         self._outgoing_invite = True
-        request = self.dialog.create_request("INVITE", headers=self.ua.common_headers(), body=sdp, content_type=SDP)
+        request = self.dialog.create_request("INVITE", headers=self.ua.common_headers() + list(headers), body=sdp,
+                                             content_type=SDP)
 
         def done(response):
             self._outgoing_invite = False
@@ -452,6 +458,71 @@ class SipCall:
             return failure
 
         return self._send_in_dialog(request).addCallbacks(done, failed)
+
+    # -- session timers (RFC 4028) --
+
+    def _start_session_timer(self, terms: Optional[session_timer.Negotiated], we_refresh: bool) -> None:
+        """Arm (or re-arm after a refresh) the dialog's timer; ``terms`` None turns it off."""
+        if terms is None:
+            if self.session_timer is not None:
+                self.session_timer.cancel()
+                self.session_timer = None
+            return
+        if self.session_timer is None:
+            self.session_timer = session_timer.SessionTimer(
+                self.ua.reactor, terms, we_refresh, self._refresh_session, self._session_expired)
+        else:
+            self.session_timer.restart(terms, we_refresh)
+
+    def _refresh_session(self) -> None:
+        """Our turn: a re-INVITE with the SDP we last sent (RFC 4028 §7.4, §9)."""
+        terms = self.session_timer.negotiated
+        if self.state != "confirmed" or self._outgoing_invite or self._reinvite_2xx is not None:
+            self.session_timer.retry_in(2.0)  # busy with another offer/answer; half the interval is left
+            return
+        headers = [("Session-Expires", f"{terms.interval};refresher=uac"), ("Supported", SUPPORTED)]
+
+        def refreshed(response: Response):
+            try:
+                renewed = session_timer.negotiated_by_response(response)
+            except SIPParseError:
+                renewed = terms
+            # we sent the refresh, so we are its "uac"
+            self._start_session_timer(renewed, we_refresh=renewed is not None and renewed.refresher == "uac")
+
+        def failed(failure: Failure):
+            status = failure.value.status if failure.check(CallFailed) else 500
+            if self.end is not None:
+                return
+            if status in (408, 481):  # RFC 4028 §10: the session is gone
+                log.warn("session refresh on {id} failed ({status}): ending the call", id=self.dialog_id,
+                         status=status)
+                self.send_request("BYE").addErrback(lambda f: None)
+                self._end("session-expired", status, "local", f"session refresh failed with {status}")
+            else:  # e.g. 491 glare, 500: the session is still up; try again at the next half interval
+                self._start_session_timer(terms, we_refresh=True)
+
+        self.reinvite(self.local_sdp, headers=headers).addCallbacks(refreshed, failed)
+
+    def _session_expired(self) -> None:
+        """The peer was to refresh and did not (RFC 4028 §10): BYE."""
+        if self.end is not None:
+            return
+        interval = self.session_timer.negotiated.interval
+        log.warn("no session refresh on {id} within {t}s: ending the call with BYE", id=self.dialog_id, t=interval)
+        self.send_request("BYE").addErrback(lambda f: None)
+        self._end("session-expired", 408, "local", f"no session refresh within {interval}s")
+
+    def _uas_timer_terms(self, request: Request, txn: ServerTransaction):
+        """(usable, terms) for a request we answer: a too-small interval has been answered 422 with our
+        Min-SE, an unparsable one 400 (``usable`` False)."""
+        try:
+            return True, session_timer.negotiate_as_uas(request)
+        except session_timer.IntervalTooSmall as e:
+            self.ua.respond(txn, 422, headers=[("Min-SE", str(e.min_se))])
+        except SIPParseError as e:
+            self.ua.respond(txn, 400, f"Bad Request ({str(e)[:60]})")
+        return False, None
 
     def _send_ack(self, response: Response) -> None:
         ack = self.dialog.create_ack(response.cseq.seq)
@@ -531,6 +602,11 @@ class SipCall:
                                                                                                     "answering")):
             self.ua.respond(txn, 500, headers=[("Retry-After", "1")])
             return
+        terms = None
+        if request.headers.get("Session-Expires") is not None:
+            usable, terms = self._uas_timer_terms(request, txn)
+            if not usable:
+                return
         self.dialog.refresh_target(request)
         if request.body and request.content_type in (None, SDP):
             try:
@@ -539,11 +615,18 @@ class SipCall:
                 log.info("unusable {method} offer on {id}: {err}", method=request.method, id=self.dialog_id, err=e)
                 self.ua.respond(txn, 488, reason_phrase(488, e))
                 return
-        else:
+        elif request.method == "INVITE":
             answer = self.local_sdp  # no offer: ours goes in the 2xx, the ACK answers it
+        else:
+            answer = b""  # an UPDATE without an offer (a session refresh): nothing to answer
         headers = [("Contact", str(self.dialog.local_contact))] + list(self.ua.capabilities())
+        headers += timer_headers(terms)
         headers += [("Content-Type", SDP)] if answer else []
         response = self.ua.respond(txn, 200, headers=headers, body=answer)
+        if terms is not None:  # a refresh: the peer is this request's "uac"
+            self._start_session_timer(terms, we_refresh=terms.refresher == "uas")
+        elif self.session_timer is not None:  # an offer without Session-Expires still shows the peer is there
+            self.session_timer.restart(self.session_timer.negotiated, self.session_timer.we_refresh)
         if request.method == "INVITE" and isinstance(txn, InviteServerTransaction):
             retransmitter = self.ua.layer.retransmit_2xx(txn, response)
             self._reinvite_2xx = (request.cseq.seq, retransmitter)
@@ -612,6 +695,16 @@ class SipCall:
         sent = self._acks.get(response.cseq.seq)
         if sent is not None:
             self.ua.layer.send_ack(*sent)
+
+
+def timer_headers(terms: Optional[session_timer.Negotiated]) -> list[tuple[str, str]]:
+    """Session-Expires for a 2xx, with ``Require: timer`` when the UAC is to refresh (RFC 4028 §9)."""
+    if terms is None:
+        return []
+    headers = [("Session-Expires", terms.header())]
+    if terms.refresher == "uac":
+        headers.append(("Require", "timer"))
+    return headers
 
 
 def reason_phrase(status: int, error: Exception) -> str:
@@ -716,6 +809,8 @@ class InboundCall(SipCall):
         self.final_response: Optional[Response] = None
         self._retransmitter = None
         self._answered: list[defer.Deferred] = []
+        #: the session timer our 2xx will set (RFC 4028), from the INVITE's Session-Expires
+        self.timer_terms: Optional[session_timer.Negotiated] = None
         self._accept_timer = ua.reactor.callLater(ua.config.accept_timeout, self._accept_timeout)
 
     @property
@@ -765,9 +860,12 @@ class InboundCall(SipCall):
             return defer.fail(CallStateError(f"answer in state {self.state}"))
         self._cancel_accept_timer()
         self.local_sdp = sdp
-        headers = self._dialog_headers() + list(self.ua.capabilities()) + [("Content-Type", SDP)]
+        headers = self._dialog_headers() + list(self.ua.capabilities()) + timer_headers(self.timer_terms)
+        headers.append(("Content-Type", SDP))
         self.final_response = self.ua.respond(self.txn, 200, headers=headers, body=sdp, to_tag=self.dialog.local_tag)
         self.state = "answering"
+        if self.timer_terms is not None:  # the caller is the INVITE's "uac"
+            self._start_session_timer(self.timer_terms, we_refresh=self.timer_terms.refresher == "uas")
         self._retransmitter = self.ua.layer.retransmit_2xx(self.txn, self.final_response)
         self._retransmitter.done.addCallbacks(lambda _: None, self._no_ack)
         d: defer.Deferred = defer.Deferred()
@@ -877,6 +975,7 @@ class OutboundCall(SipCall):
         self._answered: list[defer.Deferred] = []
         self._hangup_headers: Optional[list] = None
         self._authenticated = False
+        self._interval_raised = False  # a 422 has been answered with a larger Session-Expires
         #: other forks' 2xx (RFC 3261 §13.2.2.4): To-tag -> (ACK, target), resent if that 2xx comes again
         self._fork_acks: dict[str, tuple[Request, Target]] = {}
 
@@ -920,6 +1019,19 @@ class OutboundCall(SipCall):
         if 200 <= status < 300:
             self._established(response)
             return
+        if status == 422 and self._hangup_headers is None and not self._interval_raised:
+            # RFC 4028 §7.4: ask again with the interval the UAS wants
+            min_se = session_timer._min_se_of(response)
+            if min_se:
+                retry = next_attempt(self.invite)
+                retry.headers.set("Session-Expires", str(min_se))
+                retry.headers.set("Min-SE", str(min_se))
+                self._interval_raised = True
+                log.info("422 for INVITE to {uri}: retrying with Session-Expires {se}", uri=str(self.invite.uri),
+                         se=min_se)
+                self.invite = retry
+                self.start()
+                return
         if status in (401, 407) and self.digest is not None and self._hangup_headers is None:
             retry = next_attempt(self.invite)
             if self.digest.authorize(retry, response):
@@ -950,6 +1062,12 @@ class OutboundCall(SipCall):
             self.digest.accepted()
         self._send_ack(response)
         self.state = "confirmed"
+        try:
+            terms = session_timer.negotiated_by_response(response)
+        except SIPParseError as e:
+            log.info("ignoring the 2xx's Session-Expires on {id}: {err}", id=self.dialog_id, err=e)
+            terms = None
+        self._start_session_timer(terms, we_refresh=terms is not None and terms.refresher == "uac")
         if response.body:
             self.remote_sdp = response.body
             self._emit(SdpUpdated(response.body))
@@ -1215,10 +1333,15 @@ class UserAgent(service.Service, TransactionUser):
             self.respond(txn, 400, "Missing Contact")
             return
         try:
+            terms = session_timer.negotiate_as_uas(request)
             call = InboundCall(self, request, txn)
+        except session_timer.IntervalTooSmall as e:
+            self.respond(txn, 422, headers=[("Min-SE", str(e.min_se))])
+            return
         except SIPParseError as e:
             self.respond(txn, 400, f"Bad Request ({e.reason[:60]})")
             return
+        call.timer_terms = terms
         self.calls.append(call)
         self._add_dialog(call.dialog, call)
         self._inbound_origins[origin] = call
@@ -1304,6 +1427,8 @@ class UserAgent(service.Service, TransactionUser):
         else:
             from_uri = URI("sip", "activecall", self.transport.advertised_host)
         extra = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        if not any(name.lower() in ("session-expires", "x") for name, _ in extra):
+            extra = session_timer.request_headers() + extra  # RFC 4028: we offer to refresh
         contact = Address(parse_uri(self.transport.contact_uri(from_uri.user, target.transport)))
         invite = make_request(
             "INVITE", uri, via=self.transport.local_via(target.transport),
