@@ -692,6 +692,20 @@ class SessionTimerTests(unittest.TestCase):
         self.assertEqual(h.net.requests("BYE")[-1].call_id, call.call_id)
         self.assertEqual((call.end.reason, call.end.status), ("session-expired", 481))
 
+    def test_a_refresh_refused_491_is_tried_again_before_the_deadline(self):
+        h = Harness(self)
+        call = self.inbound(h, "800;refresher=uas")
+        self.answer(h, call)
+        h.clock.advance(400)
+        first = h.net.requests("INVITE")[-1]
+        h.deliver(make_response(first, 491))
+        h.clock.advance(99)
+        self.assertEqual(h.net.requests("INVITE")[-1].cseq.seq, first.cseq.seq)
+        h.clock.advance(1)  # 800 / 8 = 100 s later
+        second = h.net.requests("INVITE")[-1]
+        self.assertEqual(second.cseq.seq, first.cseq.seq + 1)
+        self.assertIsNone(call.end)
+
     def test_too_small_interval_gets_422_with_min_se(self):
         h = Harness(self)
         h.deliver(peer_request("INVITE", body=sdp(), extra=["Session-Expires: 30", "Supported: timer"]))

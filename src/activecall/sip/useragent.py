@@ -499,8 +499,10 @@ class SipCall:
                          status=status)
                 self.send_request("BYE").addErrback(lambda f: None)
                 self._end("session-expired", status, "local", f"session refresh failed with {status}")
-            else:  # e.g. 491 glare, 500: the session is still up; try again at the next half interval
-                self._start_session_timer(terms, we_refresh=True)
+            elif self.session_timer is not None:
+                # e.g. 491 glare, 500: the session is still up; try again soon enough to land before the
+                # other side's deadline (interval - min(32, interval/3)), without hammering it
+                self.session_timer.retry_in(max(2.0, terms.interval / 8))
 
         self.reinvite(self.local_sdp, headers=headers).addCallbacks(refreshed, failed)
 
