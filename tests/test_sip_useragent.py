@@ -609,6 +609,27 @@ class HelperTests(unittest.TestCase):
         self.assertEqual(reason_header(603, "Q.850;cause=16"), "Q.850;cause=16")
 
 
+class RequireTests(unittest.TestCase):
+    def test_an_unsupported_requirement_gets_420_naming_it(self):
+        h = Harness(self)
+        h.deliver(peer_request("INVITE", call_id="call-0", body=sdp(),
+                               extra=["Require: 100rel, timer", "Require: replaces"]))
+        response = h.net.responses(420)[-1]
+        self.assertEqual(response.headers.get_all("Unsupported"), ["100rel", "replaces"])
+        self.assertEqual(h.calls, [])
+        # in a dialog too
+        call, ok = h.established_inbound()
+        h.deliver(peer_request("UPDATE", to_tag=ok.to.tag, cseq=2, extra=["Require: foo"]))
+        self.assertEqual(h.net.responses(420)[-1].headers.get("Unsupported"), "foo")
+        self.assertIsNone(call.end)
+
+    def test_require_timer_is_met(self):
+        h = Harness(self)
+        call = h.inbound(extra=["Require: timer", "Session-Expires: 1800"])
+        call.answer(minimal_offer(US, 30000, session_id=7))
+        self.assertEqual(h.net.responses(200, "INVITE")[-1].headers.get("Session-Expires"), "1800;refresher=uac")
+
+
 class SessionTimerTests(unittest.TestCase):
     """RFC 4028 on task.Clock: negotiation, refreshes both ways, expiry, 422."""
 

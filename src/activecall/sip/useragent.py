@@ -699,6 +699,18 @@ class SipCall:
             self.ua.layer.send_ack(*sent)
 
 
+def unsupported_requirements(request: Request) -> list[str]:
+    """The option tags of ``Require`` we do not implement (``timer`` is the one we do), in order."""
+    supported = {t.strip().lower() for t in SUPPORTED.split(",") if t.strip()}
+    tags = []
+    for value in request.headers.get_all("Require"):
+        for tag in value.split(","):
+            tag = tag.strip()
+            if tag and tag.lower() not in supported and tag not in tags:
+                tags.append(tag)
+    return tags
+
+
 def timer_headers(terms: Optional[session_timer.Negotiated]) -> list[tuple[str, str]]:
     """Session-Expires for a 2xx, with ``Require: timer`` when the UAC is to refresh (RFC 4028 §9)."""
     if terms is None:
@@ -1292,6 +1304,10 @@ class UserAgent(service.Service, TransactionUser):
     # -- TransactionUser --
 
     def request_received(self, request: Request, txn: ServerTransaction) -> None:
+        unsupported = unsupported_requirements(request)
+        if unsupported:  # RFC 3261 §8.2.2.3 (CANCEL and ACK never reach here)
+            self.respond(txn, 420, headers=[("Unsupported", ", ".join(unsupported))])
+            return
         if request.to.tag:
             self._in_dialog(request, txn)
             return
