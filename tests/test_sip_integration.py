@@ -186,6 +186,19 @@ class SippUACTests(unittest.TestCase):
         self.assertFalse(call.session_timer.active)
 
     @defer.inlineCallbacks
+    def test_reliable_ringing_pracked_before_the_answer(self):
+        """uac_100rel.xml requires 100rel: it checks the 180's Require/RSeq, PRACKs it and expects the
+        PRACK's 200 before the INVITE's (the answer waited for the PRACK)."""
+        peer = LoopbackUA(self)
+        peer.answer_calls(ring_first=True)
+        yield sipp_result(sipp(self, f"{LOCAL}:{peer.port}", "-p", str(udp_port()), scenario="uac_100rel.xml"))
+        call = peer.calls[0]
+        ended = yield when(call.when_ended(), 2, "the call to end")
+        self.assertEqual((ended.reason, ended.by), ("remote", "remote"))
+        self.assertTrue(call.reliable_provisionals)
+        self.assertTrue(any(isinstance(e, Established) for e in call.events))
+
+    @defer.inlineCallbacks
     def test_out_of_dialog_options(self):
         peer = LoopbackUA(self)
         yield sipp_result(sipp(self, f"{LOCAL}:{peer.port}", "-p", str(udp_port()), scenario="options.xml"))

@@ -141,7 +141,7 @@ class OutOfDialogTests(unittest.TestCase):
         self.assertIn("REFER", response.headers.get_all("Allow"))
         self.assertIn("application/sdp", response.headers.get_all("Accept"))
         # an empty Supported (we implement no option tags yet) vanishes when parsed; it is sent
-        self.assertIn(("Supported", "timer"), h.ua.capabilities())
+        self.assertIn(("Supported", "timer, 100rel"), h.ua.capabilities())
 
     def test_bye_for_unknown_dialog_is_481(self):
         h = Harness(self)
@@ -613,9 +613,9 @@ class RequireTests(unittest.TestCase):
     def test_an_unsupported_requirement_gets_420_naming_it(self):
         h = Harness(self)
         h.deliver(peer_request("INVITE", call_id="call-0", body=sdp(),
-                               extra=["Require: 100rel, timer", "Require: replaces"]))
+                               extra=["Require: foo, timer", "Require: replaces"]))
         response = h.net.responses(420)[-1]
-        self.assertEqual(response.headers.get_all("Unsupported"), ["100rel", "replaces"])
+        self.assertEqual(response.headers.get_all("Unsupported"), ["foo", "replaces"])
         self.assertEqual(h.calls, [])
         # in a dialog too
         call, ok = h.established_inbound()
@@ -775,3 +775,83 @@ class SessionTimerTests(unittest.TestCase):
         h.clock.advance(2)
         self.assertEqual(h.net.requests("BYE")[-1].to.tag, "callee")
         self.assertEqual(call.end.reason, "session-expired")
+
+
+class ReliableProvisionalTests(unittest.TestCase):
+    """RFC 3262 (100rel) on task.Clock: as UAS when the caller requires it, as UAC when a callee uses it."""
+
+    def test_reliable_183_retransmitted_until_prack_and_the_200_waits_for_it(self):
+        h = Harness(self)
+        call = h.inbound(extra=["Require: 100rel"])
+        self.assertTrue(call.reliable_provisionals)
+        call.ringing(early_media_sdp=minimal_offer(US, 30000, session_id=7))
+        first = h.net.responses(183)[-1]
+        self.assertIn("100rel", first.headers.get_all("Require"))
+        rseq = int(first.headers.get("RSeq"))
+        answered = call.answer(minimal_offer(US, 30000, session_id=7))
+        self.assertEqual(h.net.responses(200, "INVITE"), [])  # not before the PRACK
+        h.clock.advance(0.5)
+        self.assertEqual(len(h.net.responses(183)), 2)  # T1
+        h.clock.advance(1.0)
+        self.assertEqual(len(h.net.responses(183)), 3)  # 2*T1
+        # a PRACK for another RSeq matches nothing
+        h.deliver(peer_request("PRACK", to_tag=first.to.tag, cseq=2, extra=[f"RAck: {rseq + 5} 1 INVITE"]))
+        self.assertEqual(h.net.responses(481, "PRACK")[-1].reason, "No Matching Provisional Response")
+        h.deliver(peer_request("PRACK", to_tag=first.to.tag, cseq=3, branch="z9hG4bK-prack-ok",
+                               extra=[f"RAck: {rseq} 1 INVITE"]))
+        self.assertEqual(h.net.responses(200, "PRACK")[-1].cseq.seq, 3)
+        ok = h.net.responses(200, "INVITE")[-1]  # the queued answer went out
+        h.clock.advance(10)
+        self.assertEqual(len(h.net.responses(183)), 3)  # retransmissions stopped
+        h.deliver(h.ack_for(ok))
+        self.assertEqual(self.successResultOf(answered).method, "ACK")
+        self.assertEqual(call.state, "confirmed")
+
+    def test_a_second_reliable_provisional_waits_for_the_first_prack(self):
+        h = Harness(self)
+        call = h.inbound(extra=["Require: 100rel"])
+        call.ringing()
+        call.ringing(early_media_sdp=minimal_offer(US, 30000, session_id=7))
+        self.assertEqual([r.status for r in h.net.responses() if r.status > 100], [180])
+        ringing = h.net.responses(180)[-1]
+        h.deliver(peer_request("PRACK", to_tag=ringing.to.tag, cseq=2,
+                               extra=[f"RAck: {ringing.headers.get('RSeq')} 1 INVITE"]))
+        progress = h.net.responses(183)[-1]
+        self.assertEqual(int(progress.headers.get("RSeq")), int(ringing.headers.get("RSeq")) + 1)
+
+    def test_no_prack_rejects_the_invite_with_504(self):
+        h = Harness(self)
+        call = h.inbound(extra=["Require: 100rel"])
+        call.ringing()
+        h.clock.advance(31.9)
+        self.assertEqual(h.net.responses(504), [])
+        h.clock.advance(0.11)  # 64*T1 after the first
+        self.assertEqual(h.net.responses(504)[-1].cseq.method, "INVITE")
+        self.assertEqual(call.end.reason, "rejected")
+        count = len(h.net.responses(180))
+        h.clock.advance(60)
+        self.assertEqual(len(h.net.responses(180)), count)
+
+    def test_plain_provisionals_when_100rel_is_only_supported(self):
+        h = Harness(self)
+        call = h.inbound(extra=["Supported: 100rel"])
+        call.ringing()
+        self.assertIsNone(h.net.responses(180)[-1].headers.get("RSeq"))
+        h.clock.advance(5)
+        self.assertEqual(len(h.net.responses(180)), 1)
+
+    def test_outbound_call_pracks_a_reliable_provisional_once(self):
+        h = Harness(self)
+        call = h.ua.place_call("sip:bob@192.0.2.10:5070", minimal_offer(US, 30000))
+        invite = h.net.requests("INVITE")[-1]
+        self.assertIn("100rel", invite.headers.get_all("Supported"))
+        progress = h.answer_to(invite, 183, headers=[("Require", "100rel"), ("RSeq", "7")], body=sdp())
+        prack = h.net.requests("PRACK")[-1]
+        self.assertEqual((prack.headers.get("RAck"), prack.to.tag, prack.cseq.seq), ("7 1 INVITE", "callee", 2))
+        h.deliver(progress)  # a retransmission: no second PRACK, no second event
+        self.assertEqual(len(h.net.requests("PRACK")), 1)
+        self.assertEqual(len([e for e in call.events if isinstance(e, Provisional)]), 1)
+        h.deliver(make_response(prack, 200))
+        h.answer_to(invite, 200, body=sdp())
+        self.assertEqual(call.state, "confirmed")
+        self.assertEqual(h.net.requests("ACK")[-1].cseq.seq, 1)

@@ -15,6 +15,7 @@ here: SDP bodies go in and out as bytes.
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -59,8 +60,9 @@ log = Logger(namespace="activecall.sip.useragent")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY, MESSAGE, PRACK"
 ACCEPT = "application/sdp, application/dtmf-relay, message/sipfrag"
-#: option tags we implement (session timers, RFC 4028; not 100rel or replaces)
-SUPPORTED = "timer"
+#: option tags we implement: session timers (RFC 4028) and reliable provisional responses (RFC 3262);
+#: not replaces
+SUPPORTED = "timer, 100rel"
 SDP = "application/sdp"
 
 
@@ -587,13 +589,18 @@ class SipCall:
             self._remote_refer(request, txn)
         elif method == "NOTIFY":
             self._notify(request, txn)
-        elif method in ("MESSAGE", "PRACK"):
+        elif method == "PRACK":
+            self._prack(request, txn)
+        elif method == "MESSAGE":
             self.ua.respond(txn, 200)
         else:
             self.ua.respond(txn, 501)
 
     def _remote_bye(self) -> None:
         self._end("remote", by="remote")
+
+    def _prack(self, request: Request, txn: ServerTransaction) -> None:
+        self.ua.respond(txn, 200)  # no reliable provisional of ours is waiting (as the original did)
 
     def _remote_offer(self, request: Request, txn: ServerTransaction) -> None:
         """re-INVITE / UPDATE: answer with the mirrored direction and report hold/resume."""
@@ -699,6 +706,11 @@ class SipCall:
             self.ua.layer.send_ack(*sent)
 
 
+def option_tags(message, header: str) -> list[str]:
+    """The option tags of every ``header`` (Require, Supported) value, lower-cased."""
+    return [t.strip().lower() for v in message.headers.get_all(header) for t in v.split(",") if t.strip()]
+
+
 def unsupported_requirements(request: Request) -> list[str]:
     """The option tags of ``Require`` we do not implement (``timer`` is the one we do), in order."""
     supported = {t.strip().lower() for t in SUPPORTED.split(",") if t.strip()}
@@ -799,6 +811,20 @@ def _sips_requested(request: Request) -> bool:
     return peer is not None and peer.uri is not None and peer.uri.scheme == "sips"
 
 
+class _ReliableProvisional:
+    """A reliable provisional response of ours (RFC 3262) waiting for its PRACK."""
+
+    __slots__ = ("rseq", "response", "sent_at", "timer")
+
+    def __init__(self, rseq: int, response: Response, sent_at: float):
+        self.rseq, self.response, self.sent_at, self.timer = rseq, response, sent_at, None
+
+    def stop(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
 class InboundCall(SipCall):
     """An INVITE we received.  The invite handler calls ``ringing``, ``answer`` or ``reject``.
 
@@ -825,6 +851,12 @@ class InboundCall(SipCall):
         self._answered: list[defer.Deferred] = []
         #: the session timer our 2xx will set (RFC 4028), from the INVITE's Session-Expires
         self.timer_terms: Optional[session_timer.Negotiated] = None
+        #: RFC 3262: the caller requires reliable provisional responses (we send them only then)
+        self.reliable_provisionals = "100rel" in option_tags(invite, "Require")
+        self._answer_queued = False
+        self._rseq = random.randint(1, 2**30)
+        self._unacked: Optional[_ReliableProvisional] = None  # the one awaiting its PRACK
+        self._after_prack: list[Callable[[], None]] = []  # what waits for that PRACK
         self._accept_timer = ua.reactor.callLater(ua.config.accept_timeout, self._accept_timeout)
 
     @property
@@ -864,14 +896,88 @@ class InboundCall(SipCall):
         if early_media_sdp:
             headers.append(("Content-Type", SDP))
             self.local_sdp = early_media_sdp
-        self.ua.respond(self.txn, 183 if early_media_sdp else 180, headers=headers, body=early_media_sdp or b"",
-                        to_tag=self.dialog.local_tag)
+        self._send_provisional(183 if early_media_sdp else 180, headers, early_media_sdp or b"")
         self.state = "ringing"
 
+    # -- reliable provisional responses (RFC 3262) --
+
+    def _send_provisional(self, status: int, headers: list, body: bytes) -> None:
+        if not self.reliable_provisionals:
+            self.ua.respond(self.txn, status, headers=headers, body=body, to_tag=self.dialog.local_tag)
+            return
+        if self._unacked is not None:  # one unacknowledged reliable provisional at a time (§3)
+            self._after_prack.append(lambda: self._send_provisional(status, headers, body))
+            return
+        self._rseq += 1
+        response = self.ua.respond(self.txn, status, headers=headers + [("Require", "100rel"),
+                                                                         ("RSeq", str(self._rseq))],
+                                   body=body, to_tag=self.dialog.local_tag)
+        self._unacked = _ReliableProvisional(self._rseq, response, self.ua.reactor.seconds())
+        self._retransmit_provisional(self.ua.layer.t1, 0.0)
+
+    def _retransmit_provisional(self, interval: float, elapsed: float) -> None:
+        """Resend at T1, 2·T1, 4·T1 … after the first sending, on deadlines from that moment (§3)."""
+        limit = 64 * self.ua.layer.t1
+        due = min(elapsed + interval, limit)
+        unacked = self._unacked
+
+        def fire():
+            if self._unacked is not unacked or self.state not in ("pending", "ringing"):
+                return
+            if due >= limit:  # no PRACK for 64*T1: reject the INVITE with a 5xx
+                log.info("no PRACK for our reliable {status} on {id}: 504", status=unacked.response.status,
+                         id=self.dialog_id)
+                self._unacked = None
+                self._after_prack = []
+                self.reject(504, "no PRACK for a reliable provisional response")
+                return
+            self.txn.send_response(unacked.response)
+            self._retransmit_provisional(interval * 2, due)
+
+        unacked.timer = self.ua.reactor.callLater(max(0.0, unacked.sent_at + due - self.ua.reactor.seconds()), fire)
+
+    def _stop_provisionals(self) -> None:
+        if self._unacked is not None:
+            self._unacked.stop()
+        self._unacked = None
+        self._after_prack = []
+
+    def _prack(self, request: Request, txn: ServerTransaction) -> None:
+        if not self.reliable_provisionals:
+            super()._prack(request, txn)
+            return
+        rack = (request.headers.get("RAck") or "").split()
+        unacked = self._unacked
+        if (unacked is None or len(rack) != 3 or rack[0] != str(unacked.rseq)
+                or rack[1] != str(self.invite.cseq.seq) or rack[2].upper() != "INVITE"):
+            self.ua.respond(txn, 481, "No Matching Provisional Response")
+            return
+        unacked.stop()
+        self._unacked = None
+        self.ua.respond(txn, 200)
+        while self._after_prack and self._unacked is None and self.state in ("pending", "ringing"):
+            self._after_prack.pop(0)()
+
     def answer(self, sdp: bytes) -> defer.Deferred:
-        """200 OK with ``sdp``, resent until the ACK.  Fires with the ACK; fails ``CallFailed(408)`` without one."""
-        if self.state not in ("pending", "ringing"):
+        """200 OK with ``sdp``, resent until the ACK.  Fires with the ACK; fails ``CallFailed(408)`` without one.
+
+        After a reliable provisional the 200 waits for its PRACK (RFC 3262 §3: its SDP must be settled)."""
+        if self.state not in ("pending", "ringing") or self._answer_queued:
             return defer.fail(CallStateError(f"answer in state {self.state}"))
+        if self._unacked is not None:
+            self._cancel_accept_timer()  # decided: only the PRACK is awaited (64*T1 bounds that)
+            self._answer_queued = True
+            d: defer.Deferred = defer.Deferred()
+            self._answered.append(d)
+
+            def send():
+                self._answer_queued = False
+                waiting, self._answered = self._answered, []
+                self.answer(sdp)
+                self._answered[:0] = waiting
+
+            self._after_prack.append(send)
+            return d
         self._cancel_accept_timer()
         self.local_sdp = sdp
         headers = self._dialog_headers() + list(self.ua.capabilities()) + timer_headers(self.timer_terms)
@@ -962,6 +1068,7 @@ class InboundCall(SipCall):
 
     def _end(self, *args, **kwargs) -> None:
         self._cancel_accept_timer()
+        self._stop_provisionals()
         if self._retransmitter is not None and self.state != "answering":
             self._retransmitter.stop()
         super()._end(*args, **kwargs)
@@ -990,6 +1097,7 @@ class OutboundCall(SipCall):
         self._hangup_headers: Optional[list] = None
         self._authenticated = False
         self._interval_raised = False  # a 422 has been answered with a larger Session-Expires
+        self._rseqs: dict[str, int] = {}  # RFC 3262: the last RSeq we PRACKed, per early dialog (To tag)
         #: other forks' 2xx (RFC 3261 §13.2.2.4): To-tag -> (ACK, target), resent if that 2xx comes again
         self._fork_acks: dict[str, tuple[Request, Target]] = {}
 
@@ -1021,12 +1129,31 @@ class OutboundCall(SipCall):
                 self.ua._forget_dialog(self.dialog)
             self.dialog = Dialog.as_uac(self.invite, response, transport=self.target.transport)
             self.ua._add_dialog(self.dialog, self)
+        if "100rel" in option_tags(response, "Require") and not self._prack_for(response):
+            return  # a retransmission of a reliable provisional we have PRACKed, or one out of order
         sdp = response.body if response.body and response.content_type == SDP else None
         self.state = "ringing" if self.state == "calling" else self.state
         self._emit(Provisional(response.status, response.reason, sdp))
         if sdp is not None and sdp != self.remote_sdp:
             self.remote_sdp = sdp
             self._emit(SdpUpdated(sdp))
+
+    def _prack_for(self, response: Response) -> bool:
+        """PRACK a reliable provisional (RFC 3262 §4) the first time it comes, in RSeq order, in the
+        early dialog it created; False for one to ignore (a retransmission, or RSeq out of order)."""
+        rseq_text = (response.headers.get("RSeq") or "").strip()
+        if not rseq_text.isdigit() or self.dialog is None:
+            return False
+        rseq = int(rseq_text)
+        last = self._rseqs.get(self.dialog.remote_tag)
+        if last is not None and rseq != last + 1:
+            return False
+        self._rseqs[self.dialog.remote_tag] = rseq
+        headers = list(self.ua.common_headers()) + [("RAck", f"{rseq} {response.cseq.seq} INVITE")]
+        prack = self.dialog.create_request("PRACK", headers=headers)
+        self.ua.layer.send_request(prack, self.dialog.target_for(prack)).final.addErrback(
+            lambda f: log.info("PRACK on {id} failed: {err}", id=self.dialog_id, err=f.getErrorMessage()))
+        return True
 
     def _final(self, response: Response) -> None:
         status = response.status
