@@ -30,7 +30,7 @@ class ChurnTests(unittest.TestCase):
         root = os.path.abspath(self.mktemp())
         uas_port = udp_port()
         sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), "-m", "100000", "-timeout", "90s", builtin="uas")
-        yield when(port_bound(uas_port), 5, "sipp uas")
+        yield when(port_bound(uas_port), 15, "sipp uas")
         http_port = free_port()
         base = free_port() // 2 * 2
         conf = write_config(self, f'''

@@ -52,7 +52,7 @@ root = "{root}/cdr"
     def test_originate_list_kill(self):
         uas_port = udp_port()
         uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), builtin="uas")
-        yield when(port_bound(uas_port), 5, "sipp uas")
+        yield when(port_bound(uas_port), 15, "sipp uas")
         yield self.start()
         resp = yield self.post({"callee": "x"}, token="wrong")
         self.assertEqual(resp.code, 401)
@@ -78,7 +78,7 @@ root = "{root}/cdr"
     def test_srtp_required_but_answered_plain_ends_cleanly(self):
         uas_port = udp_port()
         uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), "-trace_msg", builtin="uas")
-        yield when(port_bound(uas_port), 5, "sipp uas")
+        yield when(port_bound(uas_port), 15, "sipp uas")
         yield self.start()
         resp = yield self.post({"callee": f"sip:bob@{LOCAL}:{uas_port}", "sip": {"enableSrtp": True}})
         self.assertEqual(resp.code, 201)

@@ -44,7 +44,7 @@ path = "{root}/rec"
     def test_bridge_to_sip_callee_audio_both_ways(self):
         uas_port = udp_port()
         uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), "-rtp_echo", builtin="uas")
-        yield when(port_bound(uas_port), 5, "sipp uas to bind")
+        yield when(port_bound(uas_port), 15, "sipp uas to bind")
         proto, client = yield self.start()
         send_json(proto, {"command": "refer", "caller": "sip:agent@example.com",
                           "callee": f"sip:bob@{LOCAL}:{uas_port}"})

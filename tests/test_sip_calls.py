@@ -189,7 +189,7 @@ class WebhookAndOutboundTests(DaemonCase):
         yield self.start("")
         uas_port = udp_port()
         uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), builtin="uas")
-        yield when(port_bound(uas_port), 5, "sipp uas to bind")
+        yield when(port_bound(uas_port), 15, "sipp uas to bind")
         proto, client = yield connect(self, self.http_port, "/call/sip", "id=out1")
         send_json(proto, {"command": "invite", "option": {
             "callee": f"sip:bob@127.0.0.1:{uas_port}", "caller": "sip:agent@example.com"}})

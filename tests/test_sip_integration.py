@@ -110,14 +110,15 @@ def port_bound(port: int, host: str = LOCAL) -> defer.Deferred:
     return d
 
 
-def sipp(testcase, *args, scenario=None, builtin=None, calls=1) -> "OutputWatcher":
-    """Run sipp in a temporary directory; the test kills it if it is still running at cleanup."""
+def sipp(testcase, *args, scenario=None, builtin=None, calls=1, timeout="8s") -> "OutputWatcher":
+    """Run sipp in a temporary directory; the test kills it if it is still running at cleanup.
+    ``timeout``: sipp's whole-run limit (a failure when reached)."""
     binary = require(SIPP, "sip-tester")
     workdir = os.path.abspath(testcase.mktemp())
     os.makedirs(workdir)
     argv = [binary]
     argv += ["-sf", os.path.join(SCENARIOS, scenario)] if scenario else ["-sn", builtin]
-    argv += ["-i", LOCAL, "-m", str(calls), "-nostdin", "-timeout", "8s", "-timeout_error",
+    argv += ["-i", LOCAL, "-m", str(calls), "-nostdin", "-timeout", timeout, "-timeout_error",
              "-trace_err", "-error_file", os.path.join(workdir, "errors.log")] + list(args)
     watcher = spawn(argv, path=workdir)
     watcher.workdir = workdir

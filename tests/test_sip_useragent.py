@@ -703,22 +703,23 @@ class SessionTimerTests(unittest.TestCase):
         self.assertEqual(len(h.net.requests("INVITE")), 2)  # the next refresh, half an interval later
         self.assertIsNone(call.end)
 
+    def our_first_refresh(self, h, interval):
+        """A call where we refresh, advanced to our first refresh re-INVITE: (call, that INVITE)."""
+        call = self.inbound(h, f"{interval};refresher=uas")
+        self.answer(h, call)
+        h.clock.advance(interval / 2)
+        return call, h.net.requests("INVITE")[-1]
+
     def test_a_refresh_answered_481_ends_the_call(self):
         h = Harness(self)
-        call = self.inbound(h, "120;refresher=uas")
-        self.answer(h, call)
-        h.clock.advance(60)
-        refresh = h.net.requests("INVITE")[-1]
+        call, refresh = self.our_first_refresh(h, 120)
         h.deliver(make_response(refresh, 481))
         self.assertEqual(h.net.requests("BYE")[-1].call_id, call.call_id)
         self.assertEqual((call.end.reason, call.end.status), ("session-expired", 481))
 
     def test_a_refresh_refused_491_is_tried_again_before_the_deadline(self):
         h = Harness(self)
-        call = self.inbound(h, "800;refresher=uas")
-        self.answer(h, call)
-        h.clock.advance(400)
-        first = h.net.requests("INVITE")[-1]
+        call, first = self.our_first_refresh(h, 800)
         h.deliver(make_response(first, 491))
         h.clock.advance(99)
         self.assertEqual(h.net.requests("INVITE")[-1].cseq.seq, first.cseq.seq)

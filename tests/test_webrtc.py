@@ -334,8 +334,10 @@ path = "{root}/rec"
 ''')
         daemon = spawn_daemon(self, conf)
         uas_port = udp_port()
-        uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), "-rtp_echo", builtin="uas")
-        yield when(port_bound(uas_port), 5, "sipp uas to bind")
+        # the built-in uas pauses 4 s after the BYE: leave room for a slow browser leg before it
+        uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), "-rtp_echo", builtin="uas",
+                   timeout="20s")
+        yield when(port_bound(uas_port), 15, "sipp uas to bind")
         yield daemon.wait_for("activecall ready")
         peer = Peer()
         self.addCleanup(peer.close)
@@ -357,7 +359,7 @@ path = "{root}/rec"
         self.assertLess(abs(np.argmax(spectrum) * 8000 / heard.size - 440), 20)
         send_json(proto, {"command": "hangup"})
         yield client.wait_event("hangup")
-        yield sipp_result(uas, timeout=15)  # sipp got our BYE on the referred leg
+        yield sipp_result(uas, timeout=25)  # sipp got our BYE on the referred leg
         daemon.signal("TERM")
         self.assertEqual((yield daemon.ended), 0, daemon.output)
 
