@@ -124,7 +124,7 @@ class RealDnsTests(unittest.TestCase):
                         if hasattr(resolver, "_connectedProtocols") else None)
 
         uas = sipp(self, "-p", str(sipp_port), builtin="uas")
-        yield when(port_bound(sipp_port), 5, "sipp uas to bind its port")
+        yield when(port_bound(sipp_port), 15, "sipp uas to bind its port")
         peer = LoopbackUA(self)
         peer.transport.locator = SrvLocator(reactor, resolver)
         call = peer.ua.place_call("sip:service@voice.test", minimal_offer(LOCAL, 30000))

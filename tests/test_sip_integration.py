@@ -213,7 +213,7 @@ class SippUASTests(unittest.TestCase):
         peer = LoopbackUA(self)
         port = udp_port()
         uas = sipp(self, "-p", str(port), builtin="uas")
-        yield when(port_bound(port), 5, "sipp uas to bind its port")
+        yield when(port_bound(port), 15, "sipp uas to bind its port")
         call = peer.ua.place_call(f"sip:service@{LOCAL}:{port}", minimal_offer(LOCAL, 30000),
                                   headers={"X-Test": "1"})
         response = yield when(call.when_answered(), 5, "the 200 from sipp uas")
@@ -229,7 +229,7 @@ class SippUASTests(unittest.TestCase):
         peer = LoopbackUA(self)
         port = udp_port()
         uas = sipp(self, "-p", str(port), scenario="uas_forked.xml")
-        yield when(port_bound(port), 5, "sipp uas to bind its port")
+        yield when(port_bound(port), 15, "sipp uas to bind its port")
         call = peer.ua.place_call(f"sip:service@{LOCAL}:{port}", minimal_offer(LOCAL, 30000))
         response = yield when(call.when_answered(), 5, "the first 200 from sipp")
         self.assertIn(b"o=forka", response.body)
@@ -249,7 +249,7 @@ class SippUASTests(unittest.TestCase):
         peer = LoopbackUA(self)
         port = udp_port()
         uas = sipp(self, "-p", str(port), scenario="uas_auth.xml")
-        yield when(port_bound(port), 5, "sipp uas to bind its port")
+        yield when(port_bound(port), 15, "sipp uas to bind its port")
         call = peer.ua.place_call(f"sip:service@{LOCAL}:{port}", minimal_offer(LOCAL, 30000),
                                   credentials=Credential("alice", "secret"))
         response = yield when(call.when_answered(), 5, "the 200 after the digest retry")
@@ -265,7 +265,7 @@ class SippUASTests(unittest.TestCase):
     def test_daemon_call_flag_places_a_call_and_byes_on_shutdown(self):
         port = udp_port()
         uas = sipp(self, "-p", str(port), builtin="uas")
-        yield when(port_bound(port), 5, "sipp uas to bind its port")
+        yield when(port_bound(port), 15, "sipp uas to bind its port")
         conf = write_config(self, "\n".join([
             'addr = "127.0.0.1"', f"udp_port = {udp_port()}", "tcp_port = 0", f'http_addr = "127.0.0.1:{free_port()}"',
             'log_level = "debug"',  # the call's events and its "ended" line are logged at debug
@@ -286,7 +286,7 @@ class SippUASTests(unittest.TestCase):
         peer = LoopbackUA(self)
         port = udp_port()
         uas = sipp(self, "-p", str(port), scenario="uas_auth401.xml")
-        yield when(port_bound(port), 5, "sipp uas to bind its port")
+        yield when(port_bound(port), 15, "sipp uas to bind its port")
         call = peer.ua.place_call(f"sip:service@{LOCAL}:{port}", minimal_offer(LOCAL, 30000),
                                   credentials=Credential("alice", "secret"))
         response = yield when(call.when_answered(), 5, "the 200 after sipp verified the digest")
@@ -348,7 +348,7 @@ def start_kamailio(testcase, password="secret"):
                      "-Y", workdir, "-E", "-DD"], path=workdir)
     testcase.addCleanup(terminate, watcher)
     yield watcher.wait_for(r"Listening on", timeout=8)
-    yield when(port_bound(port), 5, "kamailio to bind its port")
+    yield when(port_bound(port), 15, "kamailio to bind its port")
     return watcher, port
 
 

@@ -820,6 +820,20 @@ class ReliableProvisionalTests(unittest.TestCase):
         progress = h.net.responses(183)[-1]
         self.assertEqual(int(progress.headers.get("RSeq")), int(ringing.headers.get("RSeq")) + 1)
 
+    def test_cancel_while_the_answer_waits_for_the_prack(self):
+        h = Harness(self)
+        call = h.inbound(extra=["Require: 100rel"])
+        call.ringing()
+        answered = call.answer(minimal_offer(US, 30000, session_id=7))
+        invite = h.net.responses(180)[-1]
+        h.deliver(peer_request("CANCEL", branch="z9hG4bK-INVITE-1-call-1"))
+        self.assertEqual(h.net.responses(487)[-1].cseq.method, "INVITE")
+        self.assertEqual(self.failureResultOf(answered, CallFailed).value.status, 487)
+        h.deliver(peer_request("PRACK", to_tag=invite.to.tag, cseq=2,
+                               extra=[f"RAck: {invite.headers.get('RSeq')} 1 INVITE"]))
+        self.assertEqual(h.net.responses(200, "INVITE"), [])  # nothing answered after all
+        self.assertEqual(call.end.reason, "cancelled")
+
     def test_no_prack_rejects_the_invite_with_504(self):
         h = Harness(self)
         call = h.inbound(extra=["Require: 100rel"])

@@ -1072,6 +1072,11 @@ class InboundCall(SipCall):
         if self._retransmitter is not None and self.state != "answering":
             self._retransmitter.stop()
         super()._end(*args, **kwargs)
+        if self._answer_queued:  # the 200 was waiting for a PRACK and will never go out
+            self._answer_queued = False
+            waiters, self._answered = self._answered, []
+            for d in waiters:
+                d.errback(Failure(CallFailed(self.end.status or 487, "the call ended before it was answered")))
 
 
 class OutboundCall(SipCall):
