@@ -196,6 +196,15 @@ class BatchTests(unittest.TestCase):
                 self.assertEqual((g.dtype, g.shape), (w.dtype, w.shape))
                 self.assertLessEqual(np.abs(w.astype(int) - g.astype(int)).max(), 1)
 
+    def test_the_blocked_product_is_the_dense_one(self):
+        """The banded resampling matrices multiplied block by block give the dense product."""
+        rng = np.random.default_rng(1)
+        for m, blocks in zip(codecs._g711_matrices(), codecs._g711_blocks()):
+            self.assertLess(sum(sub.size for *_, sub in blocks), m.size / 2)  # the point of it
+            x = rng.uniform(-30000, 30000, (7, m.shape[0])).astype(np.float32)
+            got = codecs._banded_product(x, blocks, m.shape[1])
+            np.testing.assert_allclose(got, x @ m, rtol=0, atol=0.05)
+
     def test_a_leg_moves_between_paths_without_a_click(self):
         (a,), (b,) = [codecs.create("pcmu")], [codecs.create("pcmu")]
         others = [codecs.create("pcmu") for _ in range(3)]

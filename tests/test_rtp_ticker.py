@@ -150,3 +150,74 @@ class RtpTickerTests(unittest.TestCase):
         def value(direction):
             return metrics.registry.get_sample_value("activecall_rtp_packets_total", {"direction": direction})
         self.assertEqual((value("in"), value("out")), (12.0, 12.0))
+
+    @defer.inlineCallbacks
+    def test_only_sockets_with_data_are_read(self):
+        """The readiness poll: a quiet leg's socket costs no recvfrom, a busy one is read dry."""
+        quiet, busy = self.leg(ToneSession("quiet")), self.leg(ToneSession("busy"))
+        quiet.start()
+        busy.start()
+        calls = {"quiet": 0, "busy": 0}
+        for leg, name in ((quiet, "quiet"), (busy, "busy")):
+            real = leg.ports.rtp
+
+            class Counting:
+                def __init__(self, sock, name):
+                    self.sock, self.name = sock, name
+
+                def recvfrom(self, size):
+                    calls[self.name] += 1
+                    return self.sock.recvfrom(size)
+
+                def __getattr__(self, attr):
+                    return getattr(self.sock, attr)
+            leg.ports.rtp = Counting(real, name)
+            self.addCleanup(setattr, leg.ports, "rtp", real)
+        self.send_to(busy, 3)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertEqual((quiet.packets_in, busy.packets_in), (0, 3))
+        self.assertEqual(calls, {"quiet": 0, "busy": 3})
+
+    @defer.inlineCallbacks
+    def test_a_descriptor_reused_by_a_new_leg_is_still_read(self):
+        """A leg whose socket closed before it left the ticker must not unregister the
+        descriptor a newer leg now owns."""
+        old = self.leg(ToneSession("old"))
+        old.start()
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        fd = old.rtp_fileno()
+        old.ports.rtp.close()  # the descriptor is free while the old leg is still in the ticker
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.assertEqual(sock.fileno(), fd)
+        sock.close()
+        new = self.leg(ToneSession("new"))
+        new.start()
+        self.assertEqual(new.rtp_fileno(), fd)
+        old.ports.rtp = None
+        old.close()
+        self.assertEqual(ticker.legs, [new])
+        self.send_to(new, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertEqual(new.packets_in, 2)
+
+    @defer.inlineCallbacks
+    def test_a_leg_without_a_descriptor_is_read_until_empty(self):
+        leg = self.leg(ToneSession("s"))
+        real = leg.ports.rtp
+
+        class NoFileno:
+            def recvfrom(self, size):
+                return real.recvfrom(size)
+
+            def sendto(self, data, addr):
+                return real.sendto(data, addr)
+        leg.ports.rtp = NoFileno()
+        self.addCleanup(setattr, leg.ports, "rtp", real)
+        leg.start()
+        self.assertEqual(RtpTicker.of(self.media_clock, self.clock)._fd_of, {})
+        self.send_to(leg, 4)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertEqual(leg.packets_in, 4)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, Optional
 
 SEQ_MOD = 1 << 16
@@ -38,6 +39,9 @@ class Frame(NamedTuple):
     payload_type: int = -1
     concealed: bool = False
     marker: bool = False
+
+
+_new_frame = partial(tuple.__new__, Frame)  # a Frame from a full tuple, without the keyword-parsing __new__
 
 
 @dataclass
@@ -99,41 +103,46 @@ class JitterBuffer:
     def playing(self) -> bool:
         return self._next is not None
 
-    def _extend(self, seq: int) -> int:
-        if self._ref is None:
-            return seq + SEQ_MOD  # headroom so a slightly older first packet stays positive
-        return self._ref + seq_delta(seq, self._ref & 0xFFFF)
-
     def push(self, seq: int, timestamp: int, payload: bytes, arrival: float,
              payload_type: int = -1, marker: bool = False) -> bool:
-        """Queue a packet; False when it was dropped (late or duplicate)."""
-        ext = self._extend(seq)
-        if self._ref is not None and abs(ext - self._ref) > self.reset_gap:
-            self.reset()  # the sender restarted its sequence: start over
-            self.stats.resets += 1
-            ext = self._extend(seq)
-        self.stats.received += 1
-        self._update_jitter(timestamp, arrival)
-        if self._next is not None and ext < self._next:
-            self.stats.late += 1
+        """Queue a packet; False when it was dropped (late or duplicate).
+
+        Called for every packet of every leg, so the sequence extension and the
+        jitter update are written out here rather than called."""
+        ref = self._ref
+        if ref is None:
+            ext = seq + SEQ_MOD  # headroom so a slightly older first packet stays positive
+        else:
+            # ref + seq_delta(seq, ref & 0xFFFF): ref's upper bits do not change the 16-bit distance
+            ext = ref + ((seq - ref + 0x8000) & 0xFFFF) - 0x8000
+            if abs(ext - ref) > self.reset_gap:
+                self.reset()  # the sender restarted its sequence: start over
+                self.stats.resets += 1
+                ext = seq + SEQ_MOD
+        stats = self.stats
+        stats.received += 1
+        # RFC 3550 interarrival jitter, in seconds; the target depth follows it
+        transit = arrival - timestamp / self.clock_rate
+        last = self._last_transit
+        self._last_transit = transit
+        if last is not None:
+            d = abs(transit - last)
+            if d < 10.0:  # a timestamp jump (new talkspurt after a long pause) is not jitter
+                self.jitter += (d - self.jitter) / 16.0
+                want = math.ceil(self.jitter_factor * self.jitter / self.frame_seconds - 1e-9) + 1
+                self.target = max(self.min_depth, min(self.max_depth, want))
+        nxt = self._next
+        if nxt is not None and ext < nxt:
+            stats.late += 1
             return False
-        if ext in self._packets:
-            self.stats.duplicates += 1
+        packets = self._packets
+        if ext in packets:
+            stats.duplicates += 1
             return False
-        self._packets[ext] = Frame(seq, timestamp, payload, payload_type, False, marker)
+        packets[ext] = _new_frame((seq, timestamp, payload, payload_type, False, marker))
         if self._ref is None or ext > self._ref:
             self._ref = ext
         return True
-
-    def _update_jitter(self, timestamp: int, arrival: float) -> None:
-        transit = arrival - timestamp / self.clock_rate
-        if self._last_transit is not None:
-            d = abs(transit - self._last_transit)
-            if d < 10.0:  # a timestamp jump (new talkspurt after a long pause) is not jitter
-                self.jitter += (d - self.jitter) / 16.0
-        self._last_transit = transit
-        want = math.ceil(self.jitter_factor * self.jitter / self.frame_seconds - 1e-9) + 1
-        self.target = max(self.min_depth, min(self.max_depth, want))
 
     def pop(self) -> Optional[Frame]:
         """The next frame, a concealed frame for a gap, or None while (re)buffering."""

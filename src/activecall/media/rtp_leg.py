@@ -100,6 +100,7 @@ class RtpLeg:
         self.send_errors = 0
         self._heard_remote_at: Optional[float] = None
         self._dtmf_pts = frozenset()
+        self._receive_pts: frozenset = frozenset()
         self._dtmf_pt = None
         self._ticker: Optional[RtpTicker] = None
         self._m_out = metrics.rtp_packets.labels(direction="out") if metrics is not None else None
@@ -180,6 +181,7 @@ class RtpLeg:
             self.encoder = codec_mod.create_for_payload(send.payload_type, send.encoding, send.clock_rate)
             self.stream = RtpStream(send.payload_type, self.encoder.clock_rate, ssrc=self.ssrc)
             self.jitter = JitterBuffer(clock_rate=self.encoder.clock_rate)
+        self._receive_pts = negotiated.receive_payload_types  # a property that builds a set: once, not per packet
         self.dtmf_in = DtmfReceiver(f.payload_type for f in negotiated.dtmf)
         self._dtmf_pts = self.dtmf_in.payload_types
         pt = negotiated.dtmf_payload_type
@@ -228,6 +230,33 @@ class RtpLeg:
             except Exception:
                 log.failure("RTP packet from {addr} could not be handled", addr=addr)
         return taken
+
+    def read_one(self, now: float) -> int:
+        """One datagram from the RTP socket, which the ticker's readiness poll says is readable;
+        the number of RTP packets taken (0 or 1)."""
+        sock = self.ports.rtp if self.ports is not None else None
+        if sock is None:
+            return 0
+        try:
+            data, addr = sock.recvfrom(2048)
+        except _QUIET_ERRORS:
+            return 0
+        except OSError as e:
+            log.debug("RTP socket read failed: {e}", e=e)
+            return 0
+        try:
+            return self.datagram_received(data, addr, False, now)
+        except Exception:
+            log.failure("RTP packet from {addr} could not be handled", addr=addr)
+            return 0
+
+    def rtp_fileno(self) -> int:
+        """The RTP socket's descriptor for the ticker's readiness poll; -1 when there is none."""
+        sock = self.ports.rtp if self.ports is not None else None
+        try:
+            return sock.fileno() if sock is not None else -1
+        except (AttributeError, OSError, ValueError):
+            return -1
 
     def rtcp_tick(self, now: float) -> None:
         """RTCP housekeeping, which the ticker does for each leg every 0.5 s (reports are rare):
@@ -283,7 +312,7 @@ class RtpLeg:
                 return 0
             pt, marker, payload = packet.payload_type, packet.marker, packet.payload
             seq, timestamp, ssrc = packet.sequence, packet.timestamp, packet.ssrc
-        if pt not in negotiated.receive_payload_types:
+        if pt not in self._receive_pts:
             self.strangers += 1
             return 0
         self._heard_remote_at = now

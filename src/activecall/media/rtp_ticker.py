@@ -7,8 +7,9 @@ than leg by leg:
 1. ask each session for its bot frame, encode them all at once
    (``codecs.encode_frames``, one matrix product for G.711) and send each
    leg's packet;
-2. read every leg's socket (non-blocking ``recvfrom`` until empty; packets
-   go through latching, SRTP, stats and the jitter buffer), pop each leg's
+2. read every leg's socket (one readiness poll — epoll — for all of them,
+   then one ``recvfrom`` per packet waiting, so an empty socket costs nothing;
+   packets go through latching, SRTP, stats and the jitter buffer), pop each leg's
    jitter buffer, decode all of this tick's payloads at once
    (``codecs.decode_payloads``) and hand each session its frame;
 3. for a twenty-fifth of the legs (each leg every 0.5 s), RTCP: read the
@@ -26,6 +27,7 @@ last, so an idle daemon has no timer running.
 
 from __future__ import annotations
 
+import select
 import weakref
 
 from twisted.logger import Logger
@@ -34,6 +36,7 @@ from activecall.media import codecs as codec_mod
 
 log = Logger(namespace="activecall.media.rtp")
 
+MAX_READ_ROUNDS = 16  # as rtp_leg.MAX_READS_PER_TICK: a flood cannot hold the tick
 RTCP_POLL_TICKS = 25  # each leg's RTCP socket is read every 0.5 s; reports come every ~5 s
 
 _tickers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -79,6 +82,9 @@ class RtpTicker:
         self.metrics = None
         self._m_in = self._m_out = None
         self._attached = False
+        self._poller = None  # readiness of the legs' RTP sockets (level-triggered), made on first use
+        self._by_fd: dict = {}  # RTP socket descriptor -> leg
+        self._fd_of: dict = {}  # leg -> its registered descriptor; a leg not here is read until empty
         if metrics is not None:
             self._set_metrics(metrics)
 
@@ -95,6 +101,7 @@ class RtpTicker:
         if leg in self.legs:
             return
         self.legs.append(leg)
+        self._watch(leg)
         if not self._attached:
             self._attached = True
             self.media_clock.add(self)
@@ -104,9 +111,59 @@ class RtpTicker:
             self.legs.remove(leg)
         except ValueError:
             return
+        self._unwatch(leg)
         if not self.legs and self._attached:
             self._attached = False
             self.media_clock.remove(self)
+
+    def _watch(self, leg) -> None:
+        """Register the leg's RTP socket with the readiness poll (a leg without a real socket is
+        read the plain way, until its socket is empty)."""
+        fd = leg.rtp_fileno() if hasattr(leg, "rtp_fileno") else -1
+        if fd < 0:
+            return
+        if self._poller is None:
+            self._poller = select.epoll() if hasattr(select, "epoll") else select.poll()
+        try:
+            self._poller.register(fd, select.POLLIN)
+        except (OSError, ValueError):
+            return
+        self._by_fd[fd] = leg
+        self._fd_of[leg] = fd
+
+    def _unwatch(self, leg) -> None:
+        fd = self._fd_of.pop(leg, None)
+        if fd is None or self._by_fd.get(fd) is not leg:
+            return  # the descriptor was closed and reused by a newer leg, which registered it itself
+        del self._by_fd[fd]
+        try:
+            self._poller.unregister(fd)
+        except (OSError, ValueError, KeyError):
+            pass  # closed before it left the ticker: the kernel already dropped it from the poll
+
+    def _read_ready(self, now: float) -> int:
+        """Read every polled socket that has data: one packet from each ready socket per round,
+        rounds until none is ready (or ``MAX_READ_ROUNDS``, so a flood cannot hold the tick).
+        The RTP packets taken."""
+        received = 0
+        poll, by_fd = self._poller.poll, self._by_fd
+        for _ in range(MAX_READ_ROUNDS):
+            events = poll(0)
+            if not events:
+                break
+            for fd, _mask in events:
+                leg = by_fd.get(fd)
+                if leg is None:  # cannot happen while _watch/_unwatch pair up; never spin on it
+                    try:
+                        self._poller.unregister(fd)
+                    except (OSError, ValueError, KeyError):
+                        pass
+                    continue
+                try:
+                    received += leg.read_one(now)
+                except Exception:
+                    self._failed(leg)
+        return received
 
     def _failed(self, leg) -> None:
         log.failure("RTP leg of {session} failed on the media tick; its media stopped",
@@ -164,13 +221,15 @@ class RtpTicker:
 
     def _receive_all(self, legs, now: float) -> None:
         """Read every socket, pop every jitter buffer, decode all at once, hand each session its frame."""
-        received = 0
+        received = self._read_ready(now) if self._by_fd else 0
+        fd_of = self._fd_of
         decoders, payloads, decode_legs = [], [], []
         for leg in legs:
             if not leg.running:
                 continue  # hung up during this tick
             try:
-                received += leg.read(now)
+                if leg not in fd_of:
+                    received += leg.read(now)
                 job = leg.pop_inbound()
                 if job is not None:
                     decoder, data = job
