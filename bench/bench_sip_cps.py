@@ -96,6 +96,18 @@ def wait_port_bound(port: int, timeout: float) -> bool:
     return False
 
 
+def file_create_cost(directory: str, count: int = 300) -> float:
+    """µs of CPU to create (and close) one empty file in ``directory``: a calibration printed with
+    the results, since ext4 makes file creation far dearer in block groups with many recently
+    deleted inodes (a directory tree test suites keep filling and emptying)."""
+    probe = os.path.join(directory, "create-probe")  # left in place: deleting would itself churn the group
+    os.makedirs(probe, exist_ok=True)
+    start = time.process_time()
+    for i in range(count):
+        os.close(os.open(os.path.join(probe, str(i)), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+    return (time.process_time() - start) / count * 1e6
+
+
 def start_daemon(work: str, core: int, log_level: str):
     sip_port = free_udp_port()
     os.makedirs(os.path.join(work, "playbooks"))
@@ -237,6 +249,7 @@ def main():
     os.sched_setaffinity(0, {args.sipp_core})
 
     work = tempfile.mkdtemp(prefix="bench-sip-cps-")
+    create_cost = file_create_cost(work)
     procs = []
     sniffer = None
     try:
@@ -261,6 +274,9 @@ def main():
             from sip_sniffer import SipSniffer
         except ImportError:
             SipSniffer = None
+        print(f"# work directory {work}: creating a file there costs {create_cost:.0f} us of CPU "
+              "(each call creates two: its CDR and its event journal; ext4 charges far more right "
+              "after many files were deleted, e.g. by a test suite or an earlier bench)", flush=True)
         print(f"# sipp uac (core {args.sipp_core}) -> answerer (core {args.daemon_core}); "
               f"{args.seconds:g} s per step; nice {NICE}; setup = INVITE -> 200 OK", flush=True)
         print("| answerer | target cps | calls | successful | failed | achieved cps | setup p50 ms | "

@@ -245,6 +245,22 @@ class SippUASTests(unittest.TestCase):
         yield sipp_result(uas)
 
     @defer.inlineCallbacks
+    def test_a_fork_answering_after_the_call_ended_is_acked_and_ended(self):
+        """sipp's fork b answers only after the call in fork a is over (uas_late_fork.xml): its 2xx
+        is still ACKed in its own dialog and that dialog ended with a BYE, or sipp fails."""
+        peer = LoopbackUA(self)
+        port = udp_port()
+        uas = sipp(self, "-p", str(port), scenario="uas_late_fork.xml")
+        yield when(port_bound(port), 15, "sipp uas to bind its port")
+        call = peer.ua.place_call(f"sip:service@{LOCAL}:{port}", minimal_offer(LOCAL, 30000))
+        response = yield when(call.when_answered(), 5, "fork a's 200 from sipp")
+        self.assertIn(b"o=forka", response.body)
+        ended = yield when(call.hangup(), 5, "the BYE in fork a to be answered")
+        self.assertEqual((ended.reason, ended.status), ("local", 200))
+        yield sipp_result(uas)
+        self.assertEqual(peer.ua.calls, [])
+
+    @defer.inlineCallbacks
     def test_proxy_challenge_407_answered_with_digest(self):
         peer = LoopbackUA(self)
         port = udp_port()

@@ -462,15 +462,31 @@ class OutboundTests(unittest.TestCase):
         h.deliver(make_response(invite, 200, to_tag="fork-a", body=sdp()))
         self.assertEqual(h.net.requests("ACK")[-1].to.tag, "fork-a")
 
-    def test_a_fork_answering_after_the_call_ended_is_ignored(self):
+    def test_a_fork_answering_after_the_call_ended_is_acked_and_ended(self):
+        """A 2xx to our INVITE that comes after the call is over still gets its ACK (RFC 3261
+        §13.2.2.4): another fork's is ACKed and ended with a BYE, our own dialog's gets the ACK
+        we sent again; after 64*T1 the INVITE is forgotten."""
         h = Harness(self)
         call, invite = self.place(h)
         h.answer_to(invite, 200, to_tag="fork-a", body=sdp())
         call.hangup()
         h.deliver(make_response(h.net.requests("BYE")[-1], 200))
         self.assertIsNotNone(call.end)
-        h.answer_to(invite, 200, to_tag="fork-b", body=sdp())
-        self.assertEqual([a.to.tag for a in h.net.requests("ACK")], ["fork-a"])
+        late = h.answer_to(invite, 200, to_tag="fork-b", body=sdp())
+        self.assertEqual([a.to.tag for a in h.net.requests("ACK")], ["fork-a", "fork-b"])
+        byes = h.net.requests("BYE")
+        self.assertEqual([(b.to.tag, b.cseq.seq) for b in byes], [("fork-a", 2), ("fork-b", 2)])
+        h.deliver(late)  # its UAS resends the 2xx: the same ACK, no second BYE
+        self.assertEqual([a.to.tag for a in h.net.requests("ACK")], ["fork-a", "fork-b", "fork-b"])
+        self.assertEqual(len(h.net.requests("BYE")), 2)
+        h.deliver(make_response(byes[1], 200))
+        h.deliver(make_response(invite, 200, to_tag="fork-a", body=sdp()))  # our ACK was lost
+        self.assertEqual(h.net.requests("ACK")[-1].to.tag, "fork-a")
+        self.assertEqual(len(h.net.requests("ACK")), 4)
+        h.clock.advance(64 * 0.5 + 1)
+        h.deliver(make_response(invite, 200, to_tag="fork-c", body=sdp()))
+        self.assertEqual(len(h.net.requests("ACK")), 4)
+        self.assertEqual(h.ua._ended_invites, {})
 
     def test_proxy_challenge_answered_with_digest(self):
         h = Harness(self)

@@ -1226,33 +1226,9 @@ class OutboundCall(SipCall):
 
     def _forked_2xx(self, response: Response) -> None:
         """A 2xx from another fork of our INVITE (RFC 3261 §13.2.2.4): the call keeps the answer it
-        took; the other dialog is ACKed, then ended with a BYE.  The same 2xx again gets the
-        same ACK (its UAS resends it until one arrives)."""
-        tag = response.to.tag or ""
-        sent = self._fork_acks.get(tag)
-        if sent is not None:
-            self.ua.layer.send_ack(*sent)
-            return
-        try:
-            fork = Dialog.as_uac(self.invite, response, transport=self.target.transport)
-        except SIPParseError as e:
-            log.info("unusable 2xx from another fork of {uri}: {err}", uri=str(self.invite.uri), err=e)
-            return
-        ack = fork.create_ack(response.cseq.seq)
-        target = fork.target_for(ack)
-        self._fork_acks[tag] = (ack, target)
-        self.ua.layer.send_ack(ack, target)
-        log.info("2xx from another fork of {uri} (To tag {tag}): ACKed and ended with BYE",
-                 uri=str(self.invite.uri), tag=tag)
-        bye = fork.create_request("BYE", headers=list(self.ua.common_headers()))
-
-        def failed(failure):
-            log.info("BYE to another fork failed: {err}", err=failure.getErrorMessage())
-            return 408 if failure.check(TransactionTimeout) else 503
-
-        d = self.ua.layer.send_request(bye, fork.target_for(bye)).final
-        d.addCallbacks(lambda response: response.status, failed)
-        d.addCallback(lambda status: self._emit(ForkEnded(tag, status)))
+        took; the other dialog is ACKed, then ended with a BYE (``end_fork``)."""
+        end_fork(self.ua, self.invite, self.target.transport, self._fork_acks, response,
+                 lambda tag, status: self._emit(ForkEnded(tag, status)))
 
     def _failed(self, failure: Failure) -> None:
         status = 408 if failure.check(TransactionTimeout) else 503
@@ -1309,6 +1285,63 @@ def reject_without_handler(call: InboundCall) -> None:
     call.reject(503, "No invite handler configured")
 
 
+def end_fork(ua, invite: Request, transport, fork_acks: dict, response: Response,
+             on_ended: Optional[Callable[[str, int], Any]] = None) -> None:
+    """ACK a 2xx to ``invite`` from a dialog we do not keep, then end that dialog with a BYE
+    (RFC 3261 §13.2.2.4).  The same 2xx again gets the same ACK (its UAS resends it until one
+    arrives) and no second BYE; ``fork_acks`` (To tag -> the ACK sent) remembers them.
+    ``on_ended(tag, status)`` gets the BYE's outcome."""
+    tag = response.to.tag or ""
+    sent = fork_acks.get(tag)
+    if sent is not None:
+        ua.layer.send_ack(*sent)
+        return
+    try:
+        fork = Dialog.as_uac(invite, response, transport=transport)
+    except SIPParseError as e:
+        log.info("unusable 2xx from another fork of {uri}: {err}", uri=str(invite.uri), err=e)
+        return
+    ack = fork.create_ack(response.cseq.seq)
+    target = fork.target_for(ack)
+    fork_acks[tag] = (ack, target)
+    ua.layer.send_ack(ack, target)
+    log.info("2xx from another fork of {uri} (To tag {tag}): ACKed and ended with BYE",
+             uri=str(invite.uri), tag=tag)
+    bye = fork.create_request("BYE", headers=list(ua.common_headers()))
+
+    def failed(failure):
+        log.info("BYE to another fork failed: {err}", err=failure.getErrorMessage())
+        return 408 if failure.check(TransactionTimeout) else 503
+
+    d = ua.layer.send_request(bye, fork.target_for(bye)).final
+    d.addCallbacks(lambda response: response.status, failed)
+    if on_ended is not None:
+        d.addCallback(lambda status: on_ended(tag, status))
+
+
+class _EndedInvite:
+    """What an ended outbound call leaves for 64*T1, so 2xx responses to its INVITE that come
+    late are still dealt with (RFC 3261 §13.2.2.4): its own dialog's 2xx again gets the ACK
+    we sent (that ACK was lost), another fork's is ACKed and ended with a BYE."""
+
+    __slots__ = ("invite", "transport", "remote_tag", "acks", "fork_acks")
+
+    def __init__(self, call: "OutboundCall"):
+        self.invite = call.invite
+        self.transport = call.target.transport
+        self.remote_tag = call.dialog.remote_tag if call.dialog is not None else None
+        self.acks = call._acks
+        self.fork_acks = call._fork_acks
+
+    def late_2xx(self, ua, response: Response) -> None:
+        if self.remote_tag is not None and response.to.tag == self.remote_tag:
+            sent = self.acks.get(response.cseq.seq)
+            if sent is not None:
+                ua.layer.send_ack(*sent)
+            return
+        end_fork(ua, self.invite, self.transport, self.fork_acks, response)
+
+
 class _EndedOrigin:
     """What ``UserAgent._new_invite`` needs of an ended inbound call: its INVITE's CSeq number
     and its final response."""
@@ -1354,6 +1387,9 @@ class UserAgent(service.Service, TransactionUser):
         self._pending: dict[InviteServerTransaction, InboundCall] = {}
         #: ended calls' origins, forgotten 64*T1 after the call ends
         self._forget_later = ExpiryQueue(reactor, self._forget_origin)
+        #: (Call-ID, From tag, CSeq) of an ended outbound call's INVITE -> ``_EndedInvite``, for 64*T1
+        self._ended_invites: dict[tuple, _EndedInvite] = {}
+        self._forget_invites_later = ExpiryQueue(reactor, self._forget_invite)
 
     # -- service --
 
@@ -1381,6 +1417,7 @@ class UserAgent(service.Service, TransactionUser):
             if isinstance(result, Failure):
                 log.warn("calls did not end within {t}s of shutdown", t=self.shutdown_timeout)
             self._forget_later.clear()
+            self._forget_invites_later.clear()
 
         return d.addBoth(finished)
 
@@ -1421,6 +1458,14 @@ class UserAgent(service.Service, TransactionUser):
                 # codecs alive for 32 s: at 300 calls/s, 10 000 calls for every full GC to scan)
                 self._inbound_origins[key] = _EndedOrigin(call.invite.cseq.seq, call.final_response)
                 self._forget_later.add(64 * self.layer.t1, key)
+        elif isinstance(call, OutboundCall):
+            key = (call.call_id, call.invite.from_.tag, call.invite.cseq.seq)
+            if key not in self._ended_invites:
+                self._ended_invites[key] = _EndedInvite(call)
+                self._forget_invites_later.add(64 * self.layer.t1, key)
+
+    def _forget_invite(self, key: tuple) -> None:
+        self._ended_invites.pop(key, None)
 
     def _forget_origin(self, key: tuple) -> None:
         if isinstance(self._inbound_origins.get(key), _EndedOrigin):
@@ -1527,6 +1572,10 @@ class UserAgent(service.Service, TransactionUser):
                 forked = self._outbound_call_for(response)
                 if forked is not None:
                     forked._forked_2xx(response)
+                    return
+                ended = self._ended_invites.get((response.call_id, response.from_.tag, response.cseq.seq))
+                if ended is not None:  # the call is over; its INVITE's 2xx still needs an ACK
+                    ended.late_2xx(self, response)
                 return
         except SIPParseError:
             return
