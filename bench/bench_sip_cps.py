@@ -174,9 +174,19 @@ def sipp_final_stats(path: str) -> dict:
     return dict(zip(rows[0], rows[-1])) if len(rows) > 1 else {}
 
 
-def run_rate(work, label, target_port, target_pid, target_core, rate, seconds, core, sniffer):
+def sipp_error(work, label, rate) -> str:
+    """The last meaningful line of a step's sipp output."""
+    try:
+        with open(os.path.join(work, f"{label}-{rate}", "sipp.out"), errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip() and not line.startswith(("-", "  "))]
+    except OSError as e:
+        return str(e)
+    return lines[-1][:200] if lines else "no output"
+
+
+def run_rate(work, label, target_port, target_pid, target_core, rate, seconds, core, sniffer, attempt=1):
     calls = int(rate * seconds)
-    run_dir = os.path.join(work, f"{label}-{rate}")
+    run_dir = os.path.join(work, f"{label}-{rate}" + (f"-{attempt}" if attempt > 1 else ""))
     os.makedirs(run_dir)
     if sniffer is not None:
         sniffer.reset()
@@ -295,12 +305,27 @@ def main():
                     sniffer = None
             for rate in rates:
                 r = run_rate(work, label, port, proc.pid, args.daemon_core, rate, args.seconds, args.sipp_core, sniffer)
+                if not r["successful"] and not r["failed"]:
+                    # sipp's uac did not run at all (seen twice in ~30 steps: one of the ports picked
+                    # for it was taken by then); say why, then run the step again once
+                    print(f"# {label} at {rate} cps: sipp uac exited {r['exit']} without making a call "
+                          f"({sipp_error(work, label, rate)}); running the step again", flush=True)
+                    r = run_rate(work, label, port, proc.pid, args.daemon_core, rate, args.seconds, args.sipp_core,
+                                 sniffer, attempt=2)
                 results.append(r)
                 print_row(r)
                 time.sleep(2)
             if sniffer is not None:
                 sniffer.stop()
                 sniffer = None
+            if proc is daemon:
+                # past saturation the daemon works off its backlog (retransmissions, stuck calls) for
+                # seconds; stopped now, it does not take the reference's core during its first step
+                daemon.terminate()
+                try:
+                    daemon.wait(30)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
         if args.keep:
             print(f"# work directory kept: {work}")
     finally:
