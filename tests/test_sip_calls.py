@@ -6,6 +6,8 @@
   once, custom X- headers reach the CDR extras;
 - webhook routing: a real HTTP webhook keeps the INVITE pending, a /call/sip
   client accepts it by dialog id;
+- delayed offer: an INVITE without SDP gets our offer in the 200, the ACK's answer is used (and an ACK
+  without one ends the call with a BYE);
 - outbound: /call/sip ``invite`` dials sipp's UAS; ``hangup`` sends the BYE;
 - no handler: 503.
 """
@@ -139,6 +141,37 @@ class PlaybookRoutedCallTests(DaemonCase):
         heard = yield _recognise(line)
         self.assertLess(word_error_rate(SENTENCE, heard), 0.5, heard)
         self.assertGreater(np.abs(frames[:, 1]).mean(), 10)  # the greeting, right channel
+
+
+class DelayedOfferTests(DaemonCase):
+    @defer.inlineCallbacks
+    def test_an_invite_without_sdp_is_answered_with_an_offer(self):
+        """RFC 3261 §13.2.1: sipp's INVITE has no SDP, so our 200 offers (the scenario checks PCMU is
+        in it) and sipp's ACK answers.  Media then flows both ways on the negotiated ports: sipp
+        echoes the greeting back, and the recording's caller channel holds that echo."""
+        yield self.start('[handler]\ntype = "playbook"\ndefault = "test.md"\n')
+        uac = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   "-rtp_echo", scenario="uac_delayed_offer.xml")
+        yield sipp_result(uac, timeout=30)
+        cdr = yield self.wait_cdr()
+        self.assertEqual((cdr["hangupReason"], cdr["statusCode"]), ("caller", 200))
+        with open(cdr["dumpEventFile"]) as f:
+            events = [json.loads(json.loads(line)["content"]) for line in f]
+        answer = next(e for e in events if e.get("event") == "answer")
+        self.assertIn("RTP/AVP 0", answer["sdp"])  # the caller's answer, from its ACK
+        with wave.open(cdr["recorder"][0]["path"]) as w:
+            frames = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
+        self.assertGreater(np.abs(frames[:, 1]).mean(), 10)  # the greeting went out
+        self.assertGreater(np.abs(frames[:, 0]).mean(), 10)  # and came back through sipp's echo
+
+    @defer.inlineCallbacks
+    def test_an_ack_without_the_answer_ends_the_call_with_bye(self):
+        yield self.start('[handler]\ntype = "playbook"\ndefault = "test.md"\n')
+        uac = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   scenario="uac_delayed_offer_no_answer.xml")
+        yield sipp_result(uac, timeout=30)  # sipp fails unless our BYE comes
+        cdr = yield self.wait_cdr()
+        self.assertEqual(cdr["statusCode"], 488)
 
 
 class NoHandlerTests(DaemonCase):

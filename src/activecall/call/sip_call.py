@@ -31,6 +31,11 @@ from activecall.sip.useragent import (
 log = Logger(namespace="activecall.call.sip")
 
 
+def delayed_offer(call) -> bool:
+    """True when the inbound INVITE carried no SDP offer (we offer in the 200, the ACK answers)."""
+    return not (call.offer or b"").strip()
+
+
 class SipLeg:
     """The session's leg for a SIP call: the signalling dialog plus its RTP leg.
     Closing it hangs up (BYE/CANCEL with the call's hangup headers) and frees the ports."""
@@ -224,14 +229,22 @@ class SipConnector:
             self.session.error("ringing", "no pending call", code=481)
             return
         early = None
-        if command.earlyMedia or command.ringtone:
+        if (command.earlyMedia or command.ringtone) and delayed_offer(call):
+            # early media needs an answer to the caller's offer (or a reliable 183 offer answered in a
+            # PRACK, which we do not make): a plain 180, the caller hears its own ringback
+            log.info("no early media for {id}: the INVITE carried no SDP offer", id=self.session.id)
+        elif command.earlyMedia or command.ringtone:
             option = self.session.option or cmd.CallOption()
             try:
                 leg = self._leg_for(call, option)
             except MediaNegotiationError:
                 return
-            early = leg.rtp.answer(call.offer, srtp_required=self.calls.wants_srtp(option)).encode()
-            leg.rtp.start()
+            try:
+                early = leg.rtp.answer(call.offer, srtp_required=self.calls.wants_srtp(option)).encode()
+            except MediaNegotiationError as e:  # the 200 will meet the same offer and get a 488
+                log.info("no early media for {id}: {err}", id=self.session.id, err=e)
+            else:
+                leg.rtp.start()
         call.ringing(early_media_sdp=early)
         self.session.ringing()
         if command.ringtone:
@@ -285,6 +298,9 @@ class SipConnector:
         s.option = option
         s.extras.setdefault("caller", call.caller)
         s.extras.setdefault("callee", call.callee)
+        if delayed_offer(call):
+            self._answer_delayed_offer(call, option)
+            return
         try:
             leg = self._leg_for(call, option)
             answer = leg.rtp.answer(call.offer, srtp_required=self.calls.wants_srtp(option)) \
@@ -300,6 +316,37 @@ class SipConnector:
         d = call.answer(answer.encode())
         leg.rtp.start()
         d.addCallback(lambda _: s.answered(sdp=answer))
+        d.addErrback(lambda f: s.end("failed", initiator="system", status_code=408))
+
+    def _answer_delayed_offer(self, call, option) -> None:
+        """An INVITE without SDP (RFC 3261 §13.2.1, "delayed offer", as some PBXs and gateways send):
+        our 200 carries the offer and the ACK the answer.  An ACK without a usable answer ends the
+        call with a BYE (§13.3.1.4), as a 488 would have before the 200."""
+        s = self.session
+        try:
+            leg = self._leg_for(call, option)
+        except MediaNegotiationError:
+            return  # no ports: _leg_for rejected the call and ended the session
+        offer = leg.rtp.offer(srtp=self.calls.wants_srtp(option))
+
+        def acked(ack):
+            body = getattr(ack, "body", b"") or b""
+            if s.state.value == "ended":
+                return
+            try:
+                if not body.strip():
+                    raise MediaNegotiationError("the ACK carried no SDP answer to our offer")
+                leg.rtp.apply_answer(body.decode("utf-8", "replace"))
+            except MediaNegotiationError as e:
+                log.warn("call {id}: unusable answer to our offer in the ACK: {err}; ending it", id=s.id, err=e)
+                s.error("accept", f"cannot use the caller's answer: {e}", code=488)
+                s.end("failed", initiator="system", status_code=488)
+                return
+            leg.rtp.start()
+            s.answered(sdp=body.decode("utf-8", "replace"))
+
+        d = call.answer(offer.encode())
+        d.addCallback(acked)
         d.addErrback(lambda f: s.end("failed", initiator="system", status_code=408))
 
     # -- outbound --------------------------------------------------------------------------------
