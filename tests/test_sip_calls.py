@@ -174,6 +174,23 @@ class DelayedOfferTests(DaemonCase):
         self.assertEqual(cdr["statusCode"], 488)
 
 
+class ReinviteTests(DaemonCase):
+    @defer.inlineCallbacks
+    def test_a_reinvite_changing_the_codec_moves_the_media(self):
+        """uac_reinvite_codec.xml checks every answer follows its re-INVITE (PCMU, then PCMA, then PCMA
+        recvonly for a hold: the RTP leg renegotiated, not the SIP layer's copy of our first answer);
+        the session reports the hold once."""
+        yield self.start('[handler]\ntype = "playbook"\ndefault = "test.md"\n')
+        uac = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   "-rtp_echo", scenario="uac_reinvite_codec.xml")
+        yield sipp_result(uac, timeout=30)
+        cdr = yield self.wait_cdr()
+        self.assertEqual(cdr["hangupReason"], "caller")
+        with open(cdr["dumpEventFile"]) as f:
+            events = [json.loads(json.loads(line)["content"]) for line in f]
+        self.assertEqual([e["onHold"] for e in events if e.get("event") == "hold"], [True])
+
+
 class NoHandlerTests(DaemonCase):
     @defer.inlineCallbacks
     def test_no_handler_rejects_with_503(self):

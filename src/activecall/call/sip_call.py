@@ -24,6 +24,7 @@ from activecall.api import events as ev
 from activecall.call import handlers
 from activecall.media.rtp import PortsExhausted
 from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
+from activecall.sip import sdp as sdp_mod
 from activecall.sip.useragent import (
     CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,
 )
@@ -45,6 +46,18 @@ class SipLeg:
         self.sip_call = sip_call
         self.rtp = rtp
         self.closing = False
+        if hasattr(sip_call, "offer_answerer"):
+            sip_call.offer_answerer = self._answer_offer
+
+    def _answer_offer(self, offer: bytes) -> bytes:
+        """A re-INVITE/UPDATE offer from the peer: the RTP leg follows it (a new address, codec or
+        direction: a PBX moving the media, a hold) and answers it; the SIP layer reports the hold.
+        Without this the SIP layer would answer with our old SDP and the media would stay put."""
+        try:
+            answer, _ = self.rtp.reoffer(offer.decode("utf-8", "replace"))
+        except MediaNegotiationError as e:
+            raise sdp_mod.NegotiationError(str(e)) from None
+        return answer.encode()
 
     @defer.inlineCallbacks
     def close(self):
