@@ -129,6 +129,31 @@ class LocalWriterTests(unittest.TestCase):
             self.assertEqual(f.read(), b"old")
         self.assertEqual(os.listdir(self.root), ["x.json"])
 
+    def test_a_batch_is_written_whole_before_its_first_fsync(self):
+        """One journal commit for the batch: every temp file holds its data when the first fsync runs,
+        and no final name exists until every file is durable."""
+        os.makedirs(self.root)
+        items = [(os.path.join(self.root, f"{n}.json"), n.encode() * 10) for n in "abc"]
+        seen = []
+        real_fsync = os.fsync
+
+        def watching(fd):
+            if not seen:
+                for name in os.listdir(self.root):
+                    with open(os.path.join(self.root, name), "rb") as f:
+                        seen.append((name, f.read()))
+            return real_fsync(fd)
+
+        os.fsync = watching
+        try:
+            self.assertEqual(cdr.write_batch(items), [None, None, None])
+        finally:
+            os.fsync = real_fsync
+        self.assertEqual(len(seen), 3)
+        self.assertTrue(all(name.endswith(".tmp") for name, _ in seen), seen)
+        self.assertEqual(sorted(data for _, data in seen), [b"a" * 10, b"b" * 10, b"c" * 10])
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.json", "b.json", "c.json"])
+
     def test_records_written_during_a_write_go_in_the_next_batch(self):
         runs = []
 

@@ -125,6 +125,22 @@ class RoutingTests(unittest.TestCase):
         os.symlink(outside, os.path.join(self.dir, "link"))
         self.assertRaises(h.PlaybookNameError, h.resolve_playbook, self.dir, "link/x.md")
 
+    def test_a_file_symlink_is_followed_inside_and_refused_outside(self):
+        secret = os.path.abspath(self.mktemp())
+        with open(secret, "w") as f:
+            f.write("x")
+        os.symlink(secret, os.path.join(self.dir, "out.md"))
+        self.assertRaises(h.PlaybookNameError, h.resolve_playbook, self.dir, "out.md")
+        os.symlink("sales.md", os.path.join(self.dir, "alias.md"))
+        self.assertEqual(h.resolve_playbook(self.dir, "alias.md"),
+                         os.path.join(os.path.realpath(self.dir), "sales.md"))
+
+    def test_a_playbook_directory_reached_through_a_symlink(self):
+        link = os.path.abspath(self.mktemp())
+        os.symlink(self.dir, link)
+        self.assertEqual(h.resolve_playbook(link, "team/night.md"),
+                         os.path.join(os.path.realpath(self.dir), "team", "night.md"))
+
     def test_subfolders_prefix_and_inline_content(self):
         self.assertEqual(h.resolve_playbook(self.dir, "team/night.md"),
                          os.path.join(os.path.realpath(self.dir), "team", "night.md"))

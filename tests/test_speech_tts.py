@@ -103,16 +103,40 @@ class CacheTests(unittest.TestCase):
         self.assertEqual(len([n for n in os.listdir(cache.path) if n.endswith(".pcm")]), 2)
 
     def test_lru_bound_and_atomic_files(self):
-        cache = TtsCache(self.mktemp(), max_bytes=3000)
+        cache = TtsCache(self.mktemp(), max_bytes=3000, memory_bytes=0)  # the disk's own LRU
         for i, key in enumerate("abc"):
             cache.put(key, np.full(500, i, dtype=np.int16))  # 1000 bytes each
             os.utime(cache._file(key), ns=(i * 10 ** 9, i * 10 ** 9))
         self.assertIsNotNone(cache.get("a"))  # a becomes the most recent
         cache.put("d", np.zeros(500, dtype=np.int16))
-        self.assertIsNone(cache.get("b"))  # least recently used went
+        self.assertFalse(os.path.exists(cache._file("b")))  # least recently used went from disk
         for key in "acd":
             self.assertIsNotNone(cache.get(key))
         self.assertEqual([n for n in os.listdir(cache.path) if n.startswith(".tmp-")], [])
+
+    def test_hits_are_served_from_memory_within_its_bound(self):
+        cache = TtsCache(self.mktemp(), memory_bytes=4000)
+        cache.put("a", np.arange(500, dtype=np.int16))  # 1000 bytes
+        os.unlink(cache._file("a"))  # memory still has it: no file is read
+        np.testing.assert_array_equal(cache.get("a"), np.arange(500, dtype=np.int16))
+        self.assertFalse(cache.get("a").flags.writeable)  # shared by every call that plays it
+        for key in "bcde":
+            cache.put(key, np.zeros(500, dtype=np.int16))
+        self.assertIsNone(cache.get("a"))  # pushed out of memory by newer entries, and gone from disk
+        self.assertLessEqual(sum(p.nbytes for p in cache._memory.values()), 4000)
+        cache.put("long", np.zeros(2000, dtype=np.int16))  # over a quarter of the bound: disk only
+        self.assertNotIn("long", cache._memory)
+        self.assertEqual(cache.get("long").size, 2000)
+
+    def test_a_memory_hit_touches_the_file_at_most_once_a_minute(self):
+        cache = TtsCache(self.mktemp())
+        cache.put("a", np.zeros(10, dtype=np.int16))
+        os.utime(cache._file("a"), ns=(0, 0))
+        cache.get("a")
+        self.assertEqual(os.stat(cache._file("a")).st_mtime_ns, 0)  # touched when it was stored
+        cache._touched["a"] -= TtsCache.TOUCH_INTERVAL
+        cache.get("a")
+        self.assertGreater(os.stat(cache._file("a")).st_mtime_ns, 0)
 
     def test_key_depends_on_every_part(self):
         base = cache_key("flite", "rms", 1.0, "hi")

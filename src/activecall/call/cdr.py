@@ -105,29 +105,36 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def write_batch(items: Sequence[tuple[str, bytes]]) -> list[Optional[BaseException]]:
-    """``write_atomically`` for several files at once: each file is written to a temp file and
-    fsynced, then renamed, then each directory is fsynced once.  Returns one entry per item:
-    None, or the exception that stopped that item (the others are still written)."""
+    """``write_atomically`` for several files at once: every file is written to a temp file, then
+    every temp file is fsynced, then each is renamed, then each directory is fsynced once.  Writing
+    them all before the first fsync lets the file system commit the whole batch in one journal
+    transaction (on ext4 the later fsyncs find their inodes already committed), where write-fsync
+    per file cost one commit each.  Returns one entry per item: None, or the exception that stopped
+    that item (the others are still written)."""
     results: list[Optional[BaseException]] = [None] * len(items)
-    renamed: list[tuple[int, str, str]] = []
+    written: list[tuple[int, int, str, str]] = []
     for i, (path, data) in enumerate(items):
         directory = os.path.dirname(path) or "."
-        tmp = None
+        fd = tmp = None
         try:
             os.makedirs(directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            written.append((i, fd, tmp, path))
+        except Exception as e:
+            results[i] = e
+            _discard(fd, tmp)
+    renamed: list[tuple[int, str, str]] = []
+    for i, fd, tmp, path in written:
+        try:
+            os.fsync(fd)
+            os.close(fd)
             renamed.append((i, tmp, path))
         except Exception as e:
             results[i] = e
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            _discard(fd, tmp)
     directories = set()
     for i, tmp, path in renamed:
         try:
@@ -135,10 +142,7 @@ def write_batch(items: Sequence[tuple[str, bytes]]) -> list[Optional[BaseExcepti
             directories.add(os.path.dirname(path) or ".")
         except Exception as e:
             results[i] = e
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _discard(None, tmp)
     for directory in directories:
         try:
             dir_fd = os.open(directory, os.O_RDONLY)
@@ -151,6 +155,20 @@ def write_batch(items: Sequence[tuple[str, bytes]]) -> list[Optional[BaseExcepti
         finally:
             os.close(dir_fd)
     return results
+
+
+def _discard(fd: Optional[int], tmp: Optional[str]) -> None:
+    """Close and remove a temp file that will not be renamed (errors ignored: it is already lost)."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 class LocalCdrWriter:

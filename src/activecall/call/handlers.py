@@ -14,6 +14,8 @@ import itertools
 import json
 import os
 import re
+import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence, Union
 
@@ -177,11 +179,41 @@ def resolve_playbook(playbook_dir: str, name: str) -> str:
     if (not name or "\x00" in name or "\\" in name or os.path.isabs(name)
             or any(p in ("", ".", "..") for p in parts)):
         raise PlaybookNameError(f"invalid playbook name {original!r}")
-    root = os.path.realpath(playbook_dir)
+    root = _real_root(playbook_dir)
+    path = root
+    for part in parts:  # the common case, no symlink below the root: one lstat per part
+        path = os.path.join(path, part)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return os.path.join(root, *parts)  # missing: realpath would give the same name
+        if stat.S_ISLNK(mode):
+            break
+    else:
+        return path
     path = os.path.realpath(os.path.join(root, *parts))
     if os.path.commonpath([root, path]) != root:
         raise PlaybookNameError(f"playbook {original!r} is outside the playbook directory")
     return path
+
+
+_ROOT_TTL = 2.0  # seconds a playbook directory's real path is trusted
+_REAL_ROOTS: dict[str, tuple[float, str]] = {}
+
+
+def _real_root(playbook_dir: str) -> str:
+    """``realpath(playbook_dir)``, kept for a moment: it walks every component of the directory
+    (several lstats), twice per routed call.  A directory swapped for a symlink elsewhere is
+    followed within ``_ROOT_TTL``."""
+    now = time.monotonic()
+    known = _REAL_ROOTS.get(playbook_dir)
+    if known is not None and now - known[0] < _ROOT_TTL:
+        return known[1]
+    root = os.path.realpath(playbook_dir)
+    if len(_REAL_ROOTS) > 64:
+        _REAL_ROOTS.clear()
+    _REAL_ROOTS[playbook_dir] = (now, root)
+    return root
 
 
 def playbook_route(playbook_dir: str, name: str, extras: dict) -> Decision:
