@@ -57,9 +57,14 @@ def _wire_fields(cls) -> tuple:
     return spec
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def to_wire(value: Any) -> Any:
     """A plain JSON value for ``value``; ``None`` fields of dataclasses are left out."""
     cls = type(value)
+    if cls in _PLAIN:  # most values: answered before the dataclass check, which is the dear part
+        return value
     if cls in _WIRE_FIELDS or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
         out: dict[str, Any] = {}
         tag = getattr(cls, "TAG_KEY", None)
