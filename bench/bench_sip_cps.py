@@ -247,6 +247,9 @@ def main():
     parser.add_argument("--cold-tts", action="store_true",
                         help="skip the warm-up call that fills the TTS cache (every call then spawns flite)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--work-parent", default=None,
+                        help="where the work directory (CDRs, event journals) is made; default: the "
+                             "system temp directory. /dev/shm (tmpfs) takes the disk out of the figures")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--nice", type=int, default=0,
                         help="nice value for the daemon, sipp and this driver (e.g. -10 on a shared machine)")
@@ -258,7 +261,7 @@ def main():
     rates = [int(r) for r in args.rates.split(",")]
     os.sched_setaffinity(0, {args.sipp_core})
 
-    work = tempfile.mkdtemp(prefix="bench-sip-cps-")
+    work = tempfile.mkdtemp(prefix="bench-sip-cps-", dir=args.work_parent)
     create_cost = file_create_cost(work)
     procs = []
     sniffer = None
