@@ -282,9 +282,10 @@ class TeardownTests(SessionTestBase):
         path = s.journal.path
         s.answered()
         s.emit(ev.Silence(trackId="s1", timestamp=s.now(), startTime=0, duration=1))
-        with open(path) as f:
-            self.assertEqual(f.read(), "")  # buffered until the turn ends
+        self.assertFalse(os.path.exists(path))  # buffered until the turn ends; created by the first flush
+        self.assertFalse(s.journal.created)
         self.clock.advance(0)
+        self.assertTrue(s.journal.created)
         with open(path) as f:
             self.assertEqual([json.loads(json.loads(line)["content"])["event"] for line in f],
                              ["trackStart", "answer", "silence"])
@@ -294,6 +295,21 @@ class TeardownTests(SessionTestBase):
         with open(path) as f:
             self.assertEqual([json.loads(json.loads(line)["content"])["event"] for line in f],
                              ["trackStart", "answer", "silence", "silence", "trackEnd", "hangup", "end"])
+
+    def test_a_journal_that_cannot_be_created_warns_and_the_cdr_names_no_file(self):
+        s = self.make()
+        os.makedirs(os.path.dirname(os.path.dirname(s.journal.path)), exist_ok=True)
+        with open(os.path.dirname(s.journal.path), "w"):
+            pass  # a file where the recording directory should be
+        s.answered()
+        self.clock.advance(0)
+        self.assertFalse(s.journal.created)
+        self.successResultOf(s.end("caller"))  # the call itself is unaffected
+        cdr_files = [os.path.join(d, f) for d, _, fs in os.walk(self.cdr.root) for f in fs]
+        with open(cdr_files[0]) as f:
+            cdr = json.load(f)
+        self.assertEqual(cdr["hangupReason"], "caller")
+        self.assertNotIn("dumpEventFile", cdr)
 
     def test_one_info_line_per_call(self):
         from twisted.logger import LogLevel, capturedLogs, formatEvent

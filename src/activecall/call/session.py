@@ -48,6 +48,11 @@ class EventJournal:
     and at ``close()``, instead of one write syscall per line: a crash loses at most the lines
     of the turn it happens in, and a SIGTERM none (shutdown ends every call, which closes its
     journal).  Without a clock every line is written at once.
+
+    The file is created by the first flush, not with the session: an inbound call's first lines
+    come with its answer, so creating the file (which on ext4 can wait behind another thread's
+    journal commit) no longer delays the 200 OK.  A journal that cannot be created logs one
+    warning and drops its lines; ``created`` tells the CDR whether there is a file to name.
     """
 
     _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
@@ -57,14 +62,12 @@ class EventJournal:
         self._clock = clock
         self._flush_call = None
         self._lines: list[bytes] = []
-        try:
-            self._fd: Optional[int] = os.open(path, self._FLAGS, 0o666)
-        except FileNotFoundError:  # the first call, or the directory was removed
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self._fd = os.open(path, self._FLAGS, 0o666)
+        self._fd: Optional[int] = None
+        self._done = False  # closed, or the file could not be created
+        self.created = False  # the file exists (the CDR names it)
 
     def write(self, kind: str, timestamp: int, content: str) -> None:
-        if self._fd is None:
+        if self._done:
             return
         # the same text as json.dumps({"type", "timestamp", "content"}, ensure_ascii=False)
         self._lines.append(f'{{"type": {json.dumps(kind)}, "timestamp": {int(timestamp)}, '
@@ -72,11 +75,35 @@ class EventJournal:
         if self._clock is None:
             self.flush()
         elif self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self.flush)
+            self._flush_call = self._clock.callLater(0, self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._flush_call = None
+        self.flush()
+
+    def _open(self) -> bool:
+        try:
+            try:
+                self._fd = os.open(self.path, self._FLAGS, 0o666)
+            except FileNotFoundError:  # the first call, or the directory was removed
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                self._fd = os.open(self.path, self._FLAGS, 0o666)
+        except OSError as e:
+            log.warn("cannot write the event dump {path}: {e}", path=self.path, e=e)
+            self._done = True
+            self._lines = []
+            return False
+        self.created = True
+        return True
 
     def flush(self) -> None:
-        self._flush_call = None
-        if self._fd is None or not self._lines:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if self._done or not self._lines:
+            return
+        if self._fd is None and not self._open():
             return
         data = memoryview(b"".join(self._lines))
         self._lines = []
@@ -84,12 +111,10 @@ class EventJournal:
             data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
         try:
             self.flush()
         finally:
-            self._flush_call = None
+            self._done = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -147,10 +172,7 @@ class CallSession:
         self.journal: Optional[EventJournal] = None
         if dump and config is not None:
             path = os.path.join(config.recording.path, safe_file_part(session_id) + ".events.jsonl")
-            try:
-                self.journal = EventJournal(path, clock)
-            except OSError as e:
-                log.warn("cannot write the event dump {path}: {e}", path=path, e=e)
+            self.journal = EventJournal(path, clock)
         if metrics is not None:
             metrics.calls_active.labels(call_type=call_type).inc()
 
@@ -423,6 +445,8 @@ class CallSession:
     def _write_cdr(self):
         if self.cdr_writer is None:
             return
+        if self.journal is not None:
+            self.journal.flush()  # the file exists once it holds a line: the CDR names only a real file
         option = self.option
         record = CallDetailRecord(
             callType=self.call_type, option=option, callId=self.id, startTime=self.start_time,
@@ -430,7 +454,7 @@ class CallSession:
             caller=self._party("caller"), callee=self._party("callee"),
             statusCode=self.status_code, hangupReason=self.end_reason,
             recorder=tuple(self._recorders), extras=dict(self.extras) or None,
-            dumpEventFile=self.journal.path if self.journal is not None else None,
+            dumpEventFile=self.journal.path if self.journal is not None and self.journal.created else None,
         )
         try:
             yield self.cdr_writer.write(record)
