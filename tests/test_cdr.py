@@ -154,6 +154,22 @@ class LocalWriterTests(unittest.TestCase):
         self.assertEqual(sorted(data for _, data in seen), [b"a" * 10, b"b" * 10, b"c" * 10])
         self.assertEqual(sorted(os.listdir(self.root)), ["a.json", "b.json", "c.json"])
 
+    def test_a_large_batch_is_written_in_slices_of_bounded_open_files(self):
+        os.makedirs(self.root)
+        self.patch(cdr, "BATCH_FILES", 2)
+        items = [(os.path.join(self.root, f"{n}.json"), n.encode()) for n in "abcde"]
+        open_temps = []
+        real_fsync = os.fsync
+
+        def watching(fd):
+            open_temps.append(len([n for n in os.listdir(self.root) if n.endswith(".tmp")]))
+            return real_fsync(fd)
+
+        self.patch(os, "fsync", watching)
+        self.assertEqual(cdr.write_batch(items), [None] * 5)
+        self.assertLessEqual(max(open_temps), 2)
+        self.assertEqual(sorted(os.listdir(self.root)), [f"{n}.json" for n in "abcde"])
+
     def test_records_written_during_a_write_go_in_the_next_batch(self):
         runs = []
 

@@ -104,13 +104,20 @@ def write_atomically(path: str, data: bytes) -> None:
         raise error
 
 
+BATCH_FILES = 64  # temp files held open by one write_batch slice
+
+
 def write_batch(items: Sequence[tuple[str, bytes]]) -> list[Optional[BaseException]]:
     """``write_atomically`` for several files at once: every file is written to a temp file, then
     every temp file is fsynced, then each is renamed, then each directory is fsynced once.  Writing
     them all before the first fsync lets the file system commit the whole batch in one journal
     transaction (on ext4 the later fsyncs find their inodes already committed), where write-fsync
-    per file cost one commit each.  Returns one entry per item: None, or the exception that stopped
+    per file cost one commit each.  At most ``BATCH_FILES`` files are open at once (a backlog after
+    a stall is written in slices).  Returns one entry per item: None, or the exception that stopped
     that item (the others are still written)."""
+    if len(items) > BATCH_FILES:
+        return [result for start in range(0, len(items), BATCH_FILES)
+                for result in write_batch(items[start:start + BATCH_FILES])]
     results: list[Optional[BaseException]] = [None] * len(items)
     written: list[tuple[int, int, str, str]] = []
     for i, (path, data) in enumerate(items):
