@@ -166,7 +166,7 @@ def main():
           "tick CPU p50 / p99 ms | out lateness p50 / p99 / max ms | out missing | in lost | core used by others | "
           "generator send p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    done = []
+    done, diagnostics = [], []
     for n in counts:
         h, g = run_legs(n, args.seconds, args.core, args.generator_core, args.base_port)
         done.append(n)
@@ -175,9 +175,14 @@ def main():
               f"{g.get('late_p99_ms', float('nan')):.2f} / {g.get('late_max_ms', float('nan')):.1f} | "
               f"{g.get('missing', '-')} of {g.get('received', 0)} | {h['inbound_lost']} of {h['packets_in']} | "
               f"{h['others_pct']:.0f}% | {g['send_late_p99_ms']:.2f} |", flush=True)
+        diagnostics.append(
+            f"# {n} legs: clock wake-up after its deadline p50 / p99 / max {h['wake_late_p50_ms']:.2f} / "
+            f"{h['wake_late_p99_ms']:.2f} / {h['wake_late_max_ms']:.1f} ms; tick wall p99 {h['tick_wall_p99_ms']:.2f} ms; "
+            f"{h['gc_collections']} GC collections ({h['gc_full_collections']} full), longest {h['gc_pause_max_ms']:.1f} ms")
         if h["cpu_pct"] > 90 or h["tick_cpu_p50_ms"] > 20:
             print(f"# stopping after {n} legs: the core is saturated (one tick's work does not fit in 20 ms)")
             break
+    print("\n".join(diagnostics), flush=True)
     if args.skip_reference:
         return
     print()

@@ -15,6 +15,7 @@ prints one JSON line: CPU seconds, CPU per leg, media clock late ticks / re-anch
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -32,6 +33,7 @@ from activecall.media.clock import MediaClock  # noqa: E402
 from activecall.media.rtp import PortPool  # noqa: E402
 from activecall.media.rtp_leg import RtpLeg  # noqa: E402
 from activecall.media.tracks import FRAME_SAMPLES  # noqa: E402
+from activecall.service import tune_gc_for_daemon  # noqa: E402
 
 WARMUP = 1.0
 TONE = [(np.sin(2 * np.pi * 440 * (np.arange(FRAME_SAMPLES) + i * FRAME_SAMPLES) / 16000) * 8000)
@@ -79,16 +81,30 @@ def main():
     args = p.parse_args()
 
     result = {}
+    tune_gc_for_daemon()  # as the daemon once started: calls (here, the legs) come after it
     clock = MediaClock(reactor)
-    tick_cpu, tick_wall = [], []
+    tick_cpu, tick_wall, wake_late, gc_pauses = [], [], [], []
     inner_tick = clock._tick
 
     def timed_tick():  # CPU and wall time of each wake-up of the shared clock (all legs, owed frames)
         c, w = time.thread_time(), time.perf_counter()
+        due = clock._start + (clock.ticks + 1) * clock.interval  # this wake-up's deadline
+        late = reactor.seconds() - due
         inner_tick()
         if "t0" in result:
             tick_cpu.append(time.thread_time() - c)
             tick_wall.append(time.perf_counter() - w)
+            wake_late.append(late)
+
+    gc_started = []
+
+    def on_gc(phase, info):  # how long the collector held the thread (a pause delays the next tick)
+        if phase == "start":
+            gc_started[:] = [time.perf_counter()]
+        elif gc_started and "t0" in result:
+            gc_pauses.append((info["generation"], time.perf_counter() - gc_started[0]))
+
+    gc.callbacks.append(on_gc)
 
     clock._tick = timed_tick
     pool = PortPool(reactor, args.base_port, args.base_port + 4 * args.legs + 200, interface="127.0.0.1")
@@ -127,6 +143,12 @@ def main():
             "tick_cpu_p50_ms": 1000 * float(np.percentile(tick_cpu, 50)) if tick_cpu else None,
             "tick_cpu_p99_ms": 1000 * float(np.percentile(tick_cpu, 99)) if tick_cpu else None,
             "tick_wall_p99_ms": 1000 * float(np.percentile(tick_wall, 99)) if tick_wall else None,
+            "wake_late_p50_ms": 1000 * float(np.percentile(wake_late, 50)) if wake_late else None,
+            "wake_late_p99_ms": 1000 * float(np.percentile(wake_late, 99)) if wake_late else None,
+            "wake_late_max_ms": 1000 * max(wake_late) if wake_late else None,
+            "gc_collections": len(gc_pauses),
+            "gc_full_collections": sum(1 for g, _ in gc_pauses if g == 2),
+            "gc_pause_max_ms": 1000 * max((t for _, t in gc_pauses), default=0.0),
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         d = task.deferLater(reactor, 0, lambda: None)

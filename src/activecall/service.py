@@ -40,6 +40,20 @@ from twisted.internet.interfaces import IReactorUDP  # SIP block
 log = Logger(namespace="activecall")
 
 
+def tune_gc_for_daemon() -> None:
+    """The collector settings of a running daemon (called once start-up is done).
+
+    What start-up built lives as long as the daemon: moved out of the collector's way,
+    every full collection scans only the objects calls create (it scanned ~90 000 more).
+    Young collections every 10 000 new objects instead of 700: a call's reference cycles
+    are then mostly garbage by the time they are looked at, instead of being promoted and
+    left for full collections (at 300 calls/s: a 50-70 ms full collection every 3-4 s
+    before, p99 setup 28 ms; one in 40 s after, young ones 2-3 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 class ActiveCallService(service.MultiService):
     """The whole daemon.  ``reactor`` is injected so tests can use their own."""
 
@@ -180,15 +194,7 @@ class ActiveCallService(service.MultiService):
 
     def _ready(self):
         if self.freeze_gc:
-            # what start-up built lives as long as the daemon: moved out of the collector's way,
-            # every full collection scans only the objects calls create (it scanned ~90 000 more)
-            gc.collect()
-            gc.freeze()
-            # young collections every 10 000 new objects instead of 700: a call's reference
-            # cycles are then mostly garbage by the time they are looked at, instead of being
-            # promoted and left for full collections (at 300 calls/s: a 50-70 ms full collection
-            # every 3-4 s before, p99 setup 28 ms; one in 40 s after, young ones 2-3 ms)
-            gc.set_threshold(10_000, 10, 10)
+            tune_gc_for_daemon()
         log.info("activecall ready")
 
     def privilegedStartService(self):
