@@ -221,3 +221,68 @@ class RtpTickerTests(unittest.TestCase):
         yield self.settle()
         self.clock.advance(0.02)
         self.assertEqual(leg.packets_in, 4)
+
+    @defer.inlineCallbacks
+    def test_the_socket_is_connected_to_the_streaming_remote(self):
+        """Once the negotiated remote streams, the leg's socket is connected to it: the kernel
+        drops strangers' datagrams and the leg sends and receives without addresses."""
+        leg = self.leg(ToneSession("s"))
+        leg.start()
+        self.assertFalse(leg.connected)
+        self.send_to(leg, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertTrue(leg.connected and leg.source_filtered)
+        self.assertEqual(leg.ports.rtp.getpeername(), self.peer.getsockname())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            stranger.sendto(RtpPacket(0, 50, 8000, 4321, b"\x00" * 160).serialize(), ("127.0.0.1", leg.local_port))
+            self.send_to(leg, 1, seq=3)
+            yield self.settle()
+            self.clock.advance(0.02)
+        self.assertEqual((leg.packets_in, leg.remote_ssrc), (3, 99))
+        self.drain_peer()
+        self.clock.advance(0.02)
+        self.assertEqual([addr for _, addr in self.drain_peer()], [("127.0.0.1", leg.local_port)])
+
+    @defer.inlineCallbacks
+    def test_what_queued_before_the_connect_is_still_checked(self):
+        """A stranger's datagram queued behind the first packet from the remote arrived before the
+        kernel filtered: it is read with its source and ignored, and only then is the source trusted."""
+        leg = self.leg(ToneSession("s"))
+        leg.start()
+        self.send_to(leg, 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            stranger.sendto(RtpPacket(0, 50, 8000, 4321, b"\x00" * 160).serialize(), ("127.0.0.1", leg.local_port))
+            yield self.settle()
+            self.clock.advance(0.02)
+        self.assertEqual((leg.packets_in, leg.strangers, leg.remote_ssrc), (1, 1, 99))
+        self.assertTrue(leg.source_filtered)
+
+    @defer.inlineCallbacks
+    def test_a_quiet_source_or_a_new_remote_lets_the_socket_go(self):
+        """Latching must be able to follow a NAT rebinding, and a re-INVITE may move the remote:
+        either dissolves the connection, and the socket takes datagrams from anyone again."""
+        leg = self.leg(ToneSession("s"))
+        leg.start()
+        self.send_to(leg, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertTrue(leg.connected)
+        self.clock.advance(1.0)  # quiet for longer than LATCH_QUIET_SECONDS (one late tick, re-anchored)
+        for _ in range(25):  # every leg's RTCP housekeeping runs within 25 ticks
+            self.clock.advance(0.02)
+        self.assertEqual((leg.connected, leg.source_filtered), (False, False))
+        with self.assertRaises(OSError):
+            leg.ports.rtp.getpeername()
+        self.send_to(leg, 2, seq=3)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertTrue(leg.connected)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.bind(("127.0.0.1", 0))
+            other.settimeout(5)
+            leg.reoffer(offer(other.getsockname()[1]))
+            self.assertFalse(leg.connected)
+            self.clock.advance(0.02)
+            data, addr = other.recvfrom(2048)
+            self.assertEqual(addr, ("127.0.0.1", leg.local_port))

@@ -9,9 +9,11 @@ pool is the only part that touches the network: it binds real UDP sockets
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -494,6 +496,40 @@ class PortPair:
                 s.close()
             self.pool._release(self.rtp_port)
         return defer.succeed(None)
+
+
+class _UnspecifiedAddress(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("rest", ctypes.c_char * 26)]
+
+
+def _libc_connect():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        connect = ctypes.CDLL(None, use_errno=True).connect
+    except (OSError, AttributeError):  # pragma: no cover - a Linux without a C library in reach
+        return None
+    connect.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
+    connect.restype = ctypes.c_int
+    return connect
+
+
+_connect = _libc_connect()
+#: UDP sockets can be connected to the far end and disconnected again (Linux: connect(2) with
+#: AF_UNSPEC, which Python's socket module cannot express); elsewhere RTP sockets stay unconnected.
+CAN_DISCONNECT_UDP = _connect is not None
+
+
+def disconnect_udp(sock) -> None:
+    """Dissolve a UDP socket's association with its peer: it receives from anyone again.
+
+    The bound address and port stay (they were bound explicitly)."""
+    if _connect is None:
+        raise OSError("disconnecting a UDP socket is not supported on this platform")
+    address = _UnspecifiedAddress(socket.AF_UNSPEC)
+    if _connect(sock.fileno(), ctypes.byref(address), ctypes.sizeof(address)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
 
 
 class PortPool:

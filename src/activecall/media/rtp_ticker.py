@@ -85,6 +85,7 @@ class RtpTicker:
         self._poller = None  # readiness of the legs' RTP sockets (level-triggered), made on first use
         self._by_fd: dict = {}  # RTP socket descriptor -> leg
         self._fd_of: dict = {}  # leg -> its registered descriptor; a leg not here is read until empty
+        self._checking: list = []  # legs whose socket was just connected, until it is seen empty
         if metrics is not None:
             self._set_metrics(metrics)
 
@@ -112,6 +113,8 @@ class RtpTicker:
         except ValueError:
             return
         self._unwatch(leg)
+        if leg in self._checking:
+            self._checking.remove(leg)
         if not self.legs and self._attached:
             self._attached = False
             self.media_clock.remove(self)
@@ -150,6 +153,10 @@ class RtpTicker:
         for _ in range(MAX_READ_ROUNDS):
             events = poll(0)
             if not events:
+                if self._checking:  # every socket is empty now, including the newly connected ones
+                    checking, self._checking = self._checking, []
+                    for leg in checking:
+                        leg.queue_checked()
                 break
             for fd, _mask in events:
                 leg = by_fd.get(fd)
@@ -164,6 +171,12 @@ class RtpTicker:
                 except Exception:
                     self._failed(leg)
         return received
+
+    def check_queue(self, leg) -> None:
+        """``leg`` connected its socket: tell it (``queue_checked``) once a readiness poll finds
+        every socket empty, so what queued before the connect has been read with its source."""
+        if leg in self._fd_of:
+            self._checking.append(leg)
 
     def _failed(self, leg) -> None:
         log.failure("RTP leg of {session} failed on the media tick; its media stopped",
