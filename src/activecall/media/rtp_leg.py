@@ -108,6 +108,8 @@ class RtpLeg:
         self._dtmf_pts = frozenset()
         self._receive_pts: frozenset = frozenset()
         self._dtmf_pt = None
+        self._step = 0  # the encoder's RTP timestamp units per frame
+        self._sending = False  # the negotiated direction lets us send media
         self._ticker: Optional[RtpTicker] = None
         self._m_out = metrics.rtp_packets.labels(direction="out") if metrics is not None else None
 
@@ -191,6 +193,8 @@ class RtpLeg:
             self.stream = RtpStream(send.payload_type, self.encoder.clock_rate, ssrc=self.ssrc)
             self.jitter = JitterBuffer(clock_rate=self.encoder.clock_rate)
         self._receive_pts = negotiated.receive_payload_types  # a property that builds a set: once, not per packet
+        self._step = self.encoder.timestamp_step  # per-tick values the hot path would otherwise look up each time
+        self._sending = negotiated.local_direction not in ("recvonly", "inactive")
         self.dtmf_in = DtmfReceiver(f.payload_type for f in negotiated.dtmf)
         self._dtmf_pts = self.dtmf_in.payload_types
         pt = negotiated.dtmf_payload_type
@@ -454,7 +458,7 @@ class RtpLeg:
         (an RFC 4733 packet went instead, we must not send, or the stream is not set up)."""
         if self.stream is None or self.remote_rtp is None:
             return None
-        step = self.encoder.timestamp_step
+        step = self._step
         if self.dtmf_out is not None and self.dtmf_out.busy:
             frame = self.dtmf_out.tick(self.stream.timestamp)
             if frame is not None:
@@ -463,15 +467,14 @@ class RtpLeg:
                 self._send(header + frame.payload)
                 return None
         pcm = self.session.tick()
-        if self.negotiated.local_direction in ("recvonly", "inactive"):
+        if not self._sending:
             self.stream.skip(step)
             return None
         return SILENCE if pcm is None else pcm
 
     def send_audio(self, payload: bytes) -> bool:
         """Send this tick's encoded audio; False when the packet could not be sent."""
-        return self._send(self.stream.next_header(len(payload), self.encoder.timestamp_step) + payload,
-                          count=False)
+        return self._send(self.stream.next_header(len(payload), self._step) + payload, count=False)
 
     def _send(self, data: bytes, count: bool = True) -> bool:
         if self.srtp is not None:
