@@ -196,6 +196,14 @@ class BatchTests(unittest.TestCase):
                 self.assertEqual((g.dtype, g.shape), (w.dtype, w.shape))
                 self.assertLessEqual(np.abs(w.astype(int) - g.astype(int)).max(), 1)
 
+    def test_a_batch_larger_than_a_slice_is_coded_in_slices(self):
+        """More legs than ``BATCH_ROWS``: coded slice by slice (cache-sized products), A-law and
+        u-law rows kept apart in each slice, the same codes as one by one."""
+        self.patch(codecs, "BATCH_ROWS", 3)
+        self.assertEqual([len(p) for p in codecs._slices(list(range(10)))], [3, 3, 3, 1])
+        self.assertEqual([len(p) for p in codecs._slices(list(range(7)))], [3, 3, 1])
+        self.test_batch_matches_one_by_one_across_frames()
+
     def test_the_blocked_product_is_the_dense_one(self):
         """The banded resampling matrices multiplied block by block give the dense product."""
         rng = np.random.default_rng(1)

@@ -55,6 +55,12 @@ class MediaClock:
         """Legs on the clock: a subscriber that carries several (``RtpTicker``) counts each."""
         return sum(len(s) if hasattr(s, "__len__") else 1 for s in self._subscribers)
 
+    def next_deadline(self) -> float:
+        """When the frame after the one being delivered is due, in reactor seconds: a subscriber
+        with deferrable work (``RtpTicker``'s receive side) stops before it, so the next
+        frame goes out on time."""
+        return self._start + (self.ticks + 1) * self.interval
+
     def _schedule(self) -> None:
         deadline = self._start + (self.ticks + 1) * self.interval
         self._call = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), self._tick)

@@ -432,17 +432,33 @@ def _one(code, data):
         return None
 
 
+#: legs coded per matrix product: 256 rows of the float32 input (360 KB) stay in a core's L2
+#: cache through the banded product's passes; 1000 rows at once measured 1.5 us per leg and
+#: direction against 0.8-1.05 us in slices of 128-512
+BATCH_ROWS = 256
+
+
+def _slices(batch: list) -> list:
+    """``batch`` cut into as few slices of at most ``BATCH_ROWS`` as it takes, the same size but the last."""
+    n = len(batch)
+    if n <= BATCH_ROWS:
+        return [batch]
+    size = -(-n // -(-n // BATCH_ROWS))
+    return [batch[k:k + size] for k in range(0, n, size)]
+
+
 def encode_frames(codecs, frames) -> list:
-    """``[c.encode(f) for c, f in zip(codecs, frames)]``, with every G.711 whole frame coded in one go.
+    """``[c.encode(f) for c, f in zip(codecs, frames)]``, with every G.711 whole frame coded in one go
+    (in slices of ``BATCH_ROWS``).
 
     A frame its codec refuses comes back as None."""
     out = [None] * len(codecs)
-    batch, alaw = [], []
+    batch, alaw = [], set()
     for i, codec in enumerate(codecs):
         pcm = frames[i]
         if isinstance(codec, _G711Codec) and codec._down._next == 0 and getattr(pcm, "size", -1) == FRAME_SAMPLES:
             if codec._encode_table is ALAW_ENCODE:
-                alaw.append(len(batch))
+                alaw.add(i)
             batch.append(i)
         else:
             out[i] = _one(codec.encode, pcm)
@@ -450,6 +466,12 @@ def encode_frames(codecs, frames) -> list:
         for i in batch:
             out[i] = _one(codecs[i].encode, frames[i])
         return out
+    for part in _slices(batch):
+        _encode_g711(codecs, frames, part, alaw, out)
+    return out
+
+
+def _encode_g711(codecs, frames, batch, alaw_at, out) -> None:
     down, _ = _g711_matrices()
     history = down.shape[0] - FRAME_SAMPLES
     n = len(batch)
@@ -461,26 +483,28 @@ def encode_frames(codecs, frames) -> list:
     np.clip(y, -32768, 32767, out=y)
     index = y.astype(np.int16).view(np.uint16) ^ 0x8000  # == sample + 32768, the tables' index
     coded = ULAW_ENCODE[index]
-    if alaw:
-        coded[alaw] = ALAW_ENCODE[index[alaw]]
+    if alaw_at:
+        alaw = [row for row, i in enumerate(batch) if i in alaw_at]
+        if alaw:
+            coded[alaw] = ALAW_ENCODE[index[alaw]]
     blob = coded.tobytes()
     for row, i in enumerate(batch):
         codecs[i]._down._history = x[row, FRAME_SAMPLES:]
         out[i] = blob[row * _G711_FRAME:(row + 1) * _G711_FRAME]
-    return out
 
 
 def decode_payloads(codecs, payloads) -> list:
-    """``[c.decode(p) for c, p in zip(codecs, payloads)]``, with every 20 ms G.711 payload decoded in one go.
+    """``[c.decode(p) for c, p in zip(codecs, payloads)]``, with every 20 ms G.711 payload decoded in one go
+    (in slices of ``BATCH_ROWS``).
 
     A payload its decoder refuses comes back as None."""
     out = [None] * len(codecs)
-    batch, alaw = [], []
+    batch, alaw = [], set()
     for i, codec in enumerate(codecs):
         payload = payloads[i]
         if isinstance(codec, _G711Codec) and len(payload) == _G711_FRAME and codec._up._next == 0:
             if codec._decode_table is ALAW_DECODE:
-                alaw.append(len(batch))
+                alaw.add(i)
             batch.append(i)
         else:
             out[i] = _one(codec.decode, payload)
@@ -488,6 +512,12 @@ def decode_payloads(codecs, payloads) -> list:
         for i in batch:
             out[i] = _one(codecs[i].decode, payloads[i])
         return out
+    for part in _slices(batch):
+        _decode_g711(codecs, payloads, part, alaw, out)
+    return out
+
+
+def _decode_g711(codecs, payloads, batch, alaw_at, out) -> None:
     _, up = _g711_matrices()
     history = up.shape[0] - _G711_FRAME
     n = len(batch)
@@ -495,8 +525,10 @@ def decode_payloads(codecs, payloads) -> list:
     x = np.empty((n, up.shape[0]), dtype=np.float32)
     x[:, :history] = np.concatenate([codecs[i]._up._history[0::2] for i in batch]).reshape(n, history)
     x[:, history:] = ULAW_DECODE[codes]
-    if alaw:
-        x[alaw, history:] = ALAW_DECODE[codes[alaw]]
+    if alaw_at:
+        alaw = [row for row, i in enumerate(batch) if i in alaw_at]
+        if alaw:
+            x[alaw, history:] = ALAW_DECODE[codes[alaw]]
     y = np.rint(_banded_product(x, _g711_blocks()[1], FRAME_SAMPLES))
     np.clip(y, -32768, 32767, out=y)
     pcm = y.astype(np.int16)
@@ -505,7 +537,6 @@ def decode_payloads(codecs, payloads) -> list:
     for row, i in enumerate(batch):
         codecs[i]._up._history = stuffed[row]
         out[i] = pcm[row]
-    return out
 
 
 CODECS = {c.info.name: c for c in (PcmuCodec, PcmaCodec, G722Codec, OpusCodec, L16Codec)}
