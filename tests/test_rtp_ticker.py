@@ -11,6 +11,7 @@ from twisted.trial import unittest
 from activecall.media.clock import MediaClock
 from activecall.media.rtp import PortPool, RtpPacket
 from activecall.media.rtp_leg import MAX_READS_PER_TICK, RtpLeg
+from activecall.media import rtp_ticker
 from activecall.media.rtp_ticker import RtpTicker
 from activecall.metrics import Metrics
 from tests.helpers import free_port
@@ -286,3 +287,50 @@ class RtpTickerTests(unittest.TestCase):
             self.clock.advance(0.02)
             data, addr = other.recvfrom(2048)
             self.assertEqual(addr, ("127.0.0.1", leg.local_port))
+
+    @defer.inlineCallbacks
+    def test_play_out_that_would_run_into_the_next_deadline_waits_a_tick(self):
+        """An overloaded tick stops playing inbound frames out before the next frame is due and
+        finishes them after the next tick's sends; never more than one tick's frames are carried,
+        and sending never waits."""
+        self.patch(rtp_ticker, "RECEIVE_CHUNK", 1)
+        played = []
+        slow = {"frames": 0, "seconds": 0.0}
+        clock = self.clock
+
+        class SlowSession(ToneSession):
+            def audio_in(self, pcm):  # the next few frames handed over take the core for a while
+                played.append(self.id)
+                if slow["frames"]:
+                    slow["frames"] -= 1
+                    clock.rightNow += slow["seconds"]
+        legs = [self.leg(SlowSession(f"s{i}")) for i in range(4)]
+        for leg in legs:
+            leg.start()
+            self.send_to(leg, 20)
+        yield self.settle()
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        self.clock.advance(0.02)
+        self.assertEqual(played, ["s0", "s1", "s2", "s3"])
+        ticks, out = ticker.ticks, [leg.packets_out for leg in legs]
+
+        # the tick at 0.04 (next due at 0.06): s0, s1, s2 take 8 ms each, so s3's frame waits;
+        # the next tick is due at once, sends, plays s3's carried frame, then its own four
+        played.clear()
+        slow.update(frames=3, seconds=0.008)
+        self.clock.advance(0.02)
+        self.assertEqual(played, ["s0", "s1", "s2", "s3", "s0", "s1", "s2", "s3"])
+        self.assertEqual((ticker.receive_deferred, ticker.receive_dropped), (1, 0))
+
+        # two frames of 30 ms: a tick plays s0 and carries three; the next, already late, plays
+        # one carried frame and drops the other two (more than a tick behind), and so on
+        played.clear()
+        slow.update(frames=2, seconds=0.030)
+        self.clock.advance(0.02)
+        self.assertEqual(played[:2], ["s0", "s1"])
+        self.assertGreaterEqual(ticker.receive_dropped, 2)
+        self.assertLessEqual(len(ticker._carried), len(legs))
+        for _ in range(5):
+            self.clock.advance(0.02)
+        self.assertEqual(ticker._carried, [])  # on time again: nothing left over
+        self.assertEqual([leg.packets_out - n for leg, n in zip(legs, out)], [ticker.ticks - ticks] * 4)

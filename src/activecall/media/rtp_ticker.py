@@ -15,6 +15,14 @@ than leg by leg:
 3. for a twenty-fifth of the legs (each leg every 0.5 s), RTCP: read the
    RTCP socket and send the sender report when one is due.
 
+Sending is what the far end hears late; the receive side can wait.  So when
+a tick's receive work would run into the next frame's deadline (an overloaded
+core, a slow moment of the host), the ticker stops playing out inbound frames
+at the deadline (less ``RECEIVE_MARGIN``) and finishes them first thing in the
+next tick, after that tick's sends.  At most one tick's frames are carried;
+older ones are dropped and counted (``receive_dropped``; the jitter buffer,
+a frame deeper, sheds it later).  Packets are always read off the sockets.
+
 Per leg and tick that leaves a ``recvfrom``, a ``sendto`` and a few dozen
 Python operations; the numpy work is shared.  Measured in
 docs/benchmarks.md.  A leg whose callback raises is logged and dropped from
@@ -37,6 +45,8 @@ from activecall.media import codecs as codec_mod
 log = Logger(namespace="activecall.media.rtp")
 
 MAX_READ_ROUNDS = 16  # as rtp_leg.MAX_READS_PER_TICK: a flood cannot hold the tick
+RECEIVE_CHUNK = 256  # legs played out (popped, decoded as one batch) between two looks at the clock
+RECEIVE_MARGIN = 0.001  # the receive side stops this long before the next frame is due
 RTCP_POLL_TICKS = 25  # each leg's RTCP socket is read every 0.5 s; reports come every ~5 s
 
 _tickers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -80,12 +90,16 @@ class RtpTicker:
         self.ticks = 0
         self.failures = 0
         self.metrics = None
-        self._m_in = self._m_out = None
+        self._m_in = self._m_out = self._m_deferred = self._m_dropped = None
         self._attached = False
         self._poller = None  # readiness of the legs' RTP sockets (level-triggered), made on first use
         self._by_fd: dict = {}  # RTP socket descriptor -> leg
         self._fd_of: dict = {}  # leg -> its registered descriptor; a leg not here is read until empty
         self._checking: list = []  # legs whose socket was just connected, until it is seen empty
+        self._unpolled: list = []  # legs without a pollable descriptor: read until empty each tick
+        self._carried: list = []  # legs whose inbound frame of the last tick is still to be played
+        self.receive_deferred = 0  # inbound frames played a tick late (the tick ran into its deadline)
+        self.receive_dropped = 0  # inbound frames not played at all (more than a tick behind)
         if metrics is not None:
             self._set_metrics(metrics)
 
@@ -93,6 +107,8 @@ class RtpTicker:
         self.metrics = metrics
         self._m_in = metrics.rtp_packets.labels(direction="in")
         self._m_out = metrics.rtp_packets.labels(direction="out")
+        self._m_deferred = metrics.rtp_inbound_frames_late.labels(outcome="deferred")
+        self._m_dropped = metrics.rtp_inbound_frames_late.labels(outcome="dropped")
 
     def __len__(self) -> int:
         """Legs carried (the media clock counts them, not the ticker, in /health)."""
@@ -124,17 +140,23 @@ class RtpTicker:
         read the plain way, until its socket is empty)."""
         fd = leg.rtp_fileno() if hasattr(leg, "rtp_fileno") else -1
         if fd < 0:
+            self._unpolled.append(leg)
             return
         if self._poller is None:
             self._poller = select.epoll() if hasattr(select, "epoll") else select.poll()
         try:
             self._poller.register(fd, select.POLLIN)
         except (OSError, ValueError):
+            self._unpolled.append(leg)
             return
         self._by_fd[fd] = leg
         self._fd_of[leg] = fd
 
     def _unwatch(self, leg) -> None:
+        if leg in self._unpolled:
+            self._unpolled.remove(leg)
+        if leg in self._carried:
+            self._carried = [other for other in self._carried if other is not leg]
         fd = self._fd_of.pop(leg, None)
         if fd is None or self._by_fd.get(fd) is not leg:
             return  # the descriptor was closed and reused by a newer leg, which registered it itself
@@ -194,7 +216,8 @@ class RtpTicker:
         legs = list(self.legs)
         now = self.reactor.seconds()
         self._send_all(legs)
-        self._receive_all(legs, now)
+        next_deadline = getattr(self.media_clock, "next_deadline", None)
+        self._receive_all(legs, now, next_deadline() - RECEIVE_MARGIN if next_deadline is not None else None)
         for leg in legs[self.ticks % RTCP_POLL_TICKS::RTCP_POLL_TICKS]:
             if leg.running:
                 try:
@@ -232,17 +255,51 @@ class RtpTicker:
         if sent and self._m_out is not None:
             self._m_out.inc(sent)
 
-    def _receive_all(self, legs, now: float) -> None:
-        """Read every socket, pop every jitter buffer, decode all at once, hand each session its frame."""
+    def _receive_all(self, legs, now: float, stop_at=None) -> None:
+        """Read every socket, then play out: pop each jitter buffer, decode a chunk at once, hand each
+        session its frame, chunk after chunk, the frames carried from the last tick first.
+        Play-out stops at ``stop_at`` (reactor seconds); what is left is carried to the next tick."""
         received = self._read_ready(now) if self._by_fd else 0
-        fd_of = self._fd_of
+        for leg in self._unpolled:
+            if leg.running:
+                try:
+                    received += leg.read(now)
+                except Exception:
+                    self._failed(leg)
+        if received and self._m_in is not None:
+            self._m_in.inc(received)
+        carried, self._carried = self._carried, []
+        # the carried frames in chunks of their own: a leg is never twice in one decode batch
+        # (both rows would start from the same filter history)
+        chunks = [carried[i:i + RECEIVE_CHUNK] for i in range(0, len(carried), RECEIVE_CHUNK)]
+        n_carried = len(chunks)
+        chunks += [legs[i:i + RECEIVE_CHUNK] for i in range(0, len(legs), RECEIVE_CHUNK)]
+        seconds = self.reactor.seconds
+        for k, chunk in enumerate(chunks):
+            if k and stop_at is not None and seconds() >= stop_at:  # the first chunk always runs
+                self._carry(chunks, k, n_carried)
+                return
+            self._play_out(chunk)
+
+    def _carry(self, chunks, k: int, n_carried: int) -> None:
+        """Leave ``chunks[k:]`` for the next tick, but never more than one tick's frames."""
+        if k < n_carried:  # frames of the last tick are still unplayed: they are dropped
+            dropped = sum(len(c) for c in chunks[k:n_carried])
+            self.receive_dropped += dropped
+            if self._m_dropped is not None:
+                self._m_dropped.inc(dropped)
+            k = n_carried
+        self._carried = [leg for chunk in chunks[k:] for leg in chunk]
+        self.receive_deferred += len(self._carried)
+        if self._m_deferred is not None:
+            self._m_deferred.inc(len(self._carried))
+
+    def _play_out(self, legs) -> None:
         decoders, payloads, decode_legs = [], [], []
         for leg in legs:
             if not leg.running:
                 continue  # hung up during this tick
             try:
-                if leg not in fd_of:
-                    received += leg.read(now)
                 job = leg.pop_inbound()
                 if job is not None:
                     decoder, data = job
@@ -254,8 +311,6 @@ class RtpTicker:
                         decode_legs.append(leg)
             except Exception:
                 self._failed(leg)
-        if received and self._m_in is not None:
-            self._m_in.inc(received)
         if not decode_legs:
             return
         pcms = codec_mod.decode_payloads(decoders, payloads)  # None for a payload its decoder refused
@@ -266,7 +321,6 @@ class RtpTicker:
                 leg.play_inbound(pcm)
             except Exception:
                 self._failed(leg)
-
 
 def _encode_or_none(leg, pcm):
     try:
