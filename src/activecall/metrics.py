@@ -34,11 +34,10 @@ class Metrics:
         self.rtp_packets = Counter(
             "activecall_rtp_packets", "RTP packets", ["direction"], registry=r
         )
-        self.rtp_inbound_frames_late = Counter(
-            "activecall_rtp_inbound_frames_late",
-            "Inbound frames an overloaded media tick could not play out on time: played a tick late "
-            "(deferred) or not at all (dropped)",
-            ["outcome"], registry=r,
+        self.rtp_inbound_frames_deferred = Counter(
+            "activecall_rtp_inbound_frames_deferred",
+            "Inbound frames an overloaded media tick played out a tick late (after the next tick's sends)",
+            registry=r,
         )
         self.sip_messages = Counter(
             "activecall_sip_messages", "SIP messages", ["direction", "transport"], registry=r

@@ -18,10 +18,11 @@ than leg by leg:
 Sending is what the far end hears late; the receive side can wait.  So when
 a tick's receive work would run into the next frame's deadline (an overloaded
 core, a slow moment of the host), the ticker stops playing out inbound frames
-at the deadline (less ``RECEIVE_MARGIN``) and finishes them first thing in the
-next tick, after that tick's sends.  At most one tick's frames are carried;
-older ones are dropped and counted (``receive_dropped``; the jitter buffer,
-a frame deeper, sheds it later).  Packets are always read off the sockets.
+at the deadline (less ``RECEIVE_MARGIN``) and plays them first thing in the
+next tick, after that tick's sends (``receive_deferred`` counts them).  Frames
+carried over are always played, so none is lost and the carry never exceeds
+one tick: under sustained overload the clock falls behind as it would without
+the carry.  Packets are always read off the sockets.
 
 Per leg and tick that leaves a ``recvfrom``, a ``sendto`` and a few dozen
 Python operations; the numpy work is shared.  Measured in
@@ -90,7 +91,7 @@ class RtpTicker:
         self.ticks = 0
         self.failures = 0
         self.metrics = None
-        self._m_in = self._m_out = self._m_deferred = self._m_dropped = None
+        self._m_in = self._m_out = self._m_deferred = None
         self._attached = False
         self._poller = None  # readiness of the legs' RTP sockets (level-triggered), made on first use
         self._by_fd: dict = {}  # RTP socket descriptor -> leg
@@ -99,7 +100,6 @@ class RtpTicker:
         self._unpolled: list = []  # legs without a pollable descriptor: read until empty each tick
         self._carried: list = []  # legs whose inbound frame of the last tick is still to be played
         self.receive_deferred = 0  # inbound frames played a tick late (the tick ran into its deadline)
-        self.receive_dropped = 0  # inbound frames not played at all (more than a tick behind)
         if metrics is not None:
             self._set_metrics(metrics)
 
@@ -107,8 +107,7 @@ class RtpTicker:
         self.metrics = metrics
         self._m_in = metrics.rtp_packets.labels(direction="in")
         self._m_out = metrics.rtp_packets.labels(direction="out")
-        self._m_deferred = metrics.rtp_inbound_frames_late.labels(outcome="deferred")
-        self._m_dropped = metrics.rtp_inbound_frames_late.labels(outcome="dropped")
+        self._m_deferred = metrics.rtp_inbound_frames_deferred
 
     def __len__(self) -> int:
         """Legs carried (the media clock counts them, not the ticker, in /health)."""
@@ -257,8 +256,9 @@ class RtpTicker:
 
     def _receive_all(self, legs, now: float, stop_at=None) -> None:
         """Read every socket, then play out: pop each jitter buffer, decode a chunk at once, hand each
-        session its frame, chunk after chunk, the frames carried from the last tick first.
-        Play-out stops at ``stop_at`` (reactor seconds); what is left is carried to the next tick."""
+        session its frame, chunk after chunk, the frames carried from the last tick first (all of
+        them).  This tick's play-out stops at ``stop_at`` (reactor seconds), but never before its
+        first chunk when nothing was carried; what is left waits for the next tick."""
         received = self._read_ready(now) if self._by_fd else 0
         for leg in self._unpolled:
             if leg.running:
@@ -276,23 +276,13 @@ class RtpTicker:
         chunks += [legs[i:i + RECEIVE_CHUNK] for i in range(0, len(legs), RECEIVE_CHUNK)]
         seconds = self.reactor.seconds
         for k, chunk in enumerate(chunks):
-            if k and stop_at is not None and seconds() >= stop_at:  # the first chunk always runs
-                self._carry(chunks, k, n_carried)
+            if k >= max(n_carried, 1) and stop_at is not None and seconds() >= stop_at:
+                self._carried = [leg for later in chunks[k:] for leg in later]
+                self.receive_deferred += len(self._carried)
+                if self._m_deferred is not None:
+                    self._m_deferred.inc(len(self._carried))
                 return
             self._play_out(chunk)
-
-    def _carry(self, chunks, k: int, n_carried: int) -> None:
-        """Leave ``chunks[k:]`` for the next tick, but never more than one tick's frames."""
-        if k < n_carried:  # frames of the last tick are still unplayed: they are dropped
-            dropped = sum(len(c) for c in chunks[k:n_carried])
-            self.receive_dropped += dropped
-            if self._m_dropped is not None:
-                self._m_dropped.inc(dropped)
-            k = n_carried
-        self._carried = [leg for chunk in chunks[k:] for leg in chunk]
-        self.receive_deferred += len(self._carried)
-        if self._m_deferred is not None:
-            self._m_deferred.inc(len(self._carried))
 
     def _play_out(self, legs) -> None:
         decoders, payloads, decode_legs = [], [], []
