@@ -336,3 +336,28 @@ class RtpTickerTests(unittest.TestCase):
         self.assertGreater(ticker.receive_deferred, 1)
         self.assertEqual([played.count(f"s{i}") for i in range(4)], [ticker.ticks - ticks] * 4)  # one per tick
         self.assertEqual([leg.packets_out - n for leg, n in zip(legs, out)], [ticker.ticks - ticks0] * 4)
+
+    @defer.inlineCallbacks
+    def test_a_connected_leg_whose_peer_went_away_carries_on(self):
+        """A connected UDP socket gets the peer's ICMP port-unreachable back as errors on send and
+        receive: counted, never raised into the tick, never a busy loop on the readiness poll."""
+        leg = self.leg(ToneSession("s"))
+        other = self.leg(ToneSession("other"))
+        leg.start()
+        other.start()
+        self.send_to(leg, 2)
+        self.send_to(other, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertTrue(leg.connected)
+        self.peer.close()  # the far end's port is closed now: every send draws an ICMP error
+        sent = leg.packets_out
+        for _ in range(10):
+            self.clock.advance(0.02)
+            yield self.settle()
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        self.assertEqual((ticker.legs, ticker.failures), ([leg, other], 0))
+        # the error is reported once per ICMP, to the send or (through the poll) the read that follows
+        self.assertGreaterEqual(leg.packets_out + leg.send_errors - sent, 10)
+        self.assertGreaterEqual(leg.packets_out - sent, 5)
+        self.assertEqual(self.flushLoggedErrors(), [])
