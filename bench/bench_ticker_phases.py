@@ -23,20 +23,17 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
-import sys
 import time
 
 import numpy as np
 from twisted.internet import task
 
-sys.path.insert(0, "src")
-
-from activecall.media.clock import MediaClock  # noqa: E402
-from activecall.media.rtp import PortPool, RtpPacket  # noqa: E402
-from activecall.media.rtp_leg import RtpLeg  # noqa: E402
-from activecall.media.rtp_ticker import RECEIVE_CHUNK, RtpTicker  # noqa: E402
-from activecall.media.tracks import FRAME_SAMPLES  # noqa: E402
-from activecall.service import tune_gc_for_daemon  # noqa: E402
+from activecall.media.clock import MediaClock
+from activecall.media.rtp import PortPool, RtpPacket
+from activecall.media.rtp_leg import RtpLeg
+from activecall.media.rtp_ticker import RECEIVE_CHUNK, RtpTicker
+from activecall.media.tracks import FRAME_SAMPLES
+from activecall.service import tune_gc_for_daemon
 
 TONE = [(np.sin(2 * np.pi * 440 * (np.arange(FRAME_SAMPLES) + i * FRAME_SAMPLES) / 16000) * 8000)
         .astype(np.int16) for i in range(50)]
