@@ -15,7 +15,10 @@ legs counted lost.  Steps stop early once a step is clearly overloaded.
 
 Reference in the same run: ``sipp -sn uas -rtp_echo`` (C, one socket, recvfrom + sendto, no codec, no
 timers) echoing the same number of 20 ms streams from the same generator: its CPU for the same packet
-rate is the floor for "receive and send 50 packets/s per stream" on this machine.
+rate is the floor for "receive and send 50 packets/s per stream" on this machine.  With
+``--interleave`` each N's reference runs right after that N's legs, so the two are measured within a
+minute of each other on a host whose speed drifts (docs/benchmarks.md, machine C); without it, all
+references run after all legs steps, as before.
 
     .venv/bin/python bench/bench_rtp_legs.py [--legs 100,500,1000] [--seconds 20]
 """
@@ -153,6 +156,8 @@ def main():
     parser.add_argument("--generator-core", type=int, default=1)
     parser.add_argument("--base-port", type=int, default=44000)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run each N's sipp reference right after that N's legs (a drifting host)")
     parser.add_argument("--nice", type=int, default=0,
                         help="nice value for the harness, generator and sipp (e.g. -10 on a shared machine)")
     args = parser.parse_args()
@@ -166,10 +171,12 @@ def main():
           "tick CPU p50 / p99 ms | out lateness p50 / p99 / max ms | out missing | in lost | core used by others | "
           "generator send p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    done, diagnostics = [], []
+    done, diagnostics, references = [], [], {}
     for n in counts:
         h, g = run_legs(n, args.seconds, args.core, args.generator_core, args.base_port)
         done.append(n)
+        if args.interleave and not args.skip_reference:
+            references[n] = run_echo(n, args.seconds, args.core, args.generator_core)
         print(f"| {n} | {h['cpu_pct']:.1f}% | {h['cpu_per_leg_pct']:.3f}% | {h['cpu_us_per_leg_tick']:.1f} | "
               f"{h['late_ticks']} / {h['reanchors']} | {h['tick_cpu_p50_ms']:.2f} / {h['tick_cpu_p99_ms']:.2f} | {g.get('late_p50_ms', float('nan')):.2f} / "
               f"{g.get('late_p99_ms', float('nan')):.2f} / {g.get('late_max_ms', float('nan')):.1f} | "
@@ -188,11 +195,12 @@ def main():
     if args.skip_reference:
         return
     print()
-    print("# reference: sipp -rtp_echo on the same core, the same streams from the same generator")
+    print("# reference: sipp -rtp_echo on the same core, the same streams from the same generator"
+          + (", each run right after the same N's legs" if args.interleave else ""))
     print("| streams | sipp CPU (% of core) | CPU per stream | echo lateness p50 / p99 / max ms | missing |")
     print("|---|---|---|---|---|", flush=True)
     for n in done:
-        e, g = run_echo(n, args.seconds, args.core, args.generator_core)
+        e, g = references[n] if n in references else run_echo(n, args.seconds, args.core, args.generator_core)
         print(f"| {n} | {e['cpu_pct']:.1f}% | {e['cpu_per_leg_pct']:.3f}% | "
               f"{g.get('late_p50_ms', float('nan')):.2f} / {g.get('late_p99_ms', float('nan')):.2f} / "
               f"{g.get('late_max_ms', float('nan')):.1f} | {g.get('missing', '-')} of {g.get('received', 0)} |",
