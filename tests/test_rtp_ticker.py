@@ -361,3 +361,32 @@ class RtpTickerTests(unittest.TestCase):
         self.assertGreaterEqual(leg.packets_out + leg.send_errors - sent, 10)
         self.assertGreaterEqual(leg.packets_out - sent, 5)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_steady_plain_rtp_takes_the_short_path_and_everything_else_the_general_one(self):
+        """Once the socket filters the source, plain audio packets of the current SSRC skip
+        ``datagram_received``; a new SSRC, telephone-events or RTCP still go through it."""
+        leg = self.leg(ToneSession("s"))
+        leg.start()
+        general = []
+        real = leg.datagram_received
+
+        def counting(data, addr, on_rtcp_port=False, now=None):
+            general.append(data)
+            return real(data, addr, on_rtcp_port, now)
+        leg.datagram_received = counting
+        self.send_to(leg, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertEqual((len(general), leg.source_filtered), (2, True))  # before the source was trusted
+        self.send_to(leg, 3, seq=3)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.clock.advance(0.02)
+        self.assertEqual((len(general), leg.packets_in, leg.stats.received), (2, 5, 5))
+        self.assertEqual(len(leg.jitter) + leg.jitter.stats.played, 5)
+        # a new SSRC (the peer restarted its stream): the general path resets statistics and buffer
+        self.peer.sendto(RtpPacket(0, 900, 9000, 77, b"\xff" * 160).serialize(), ("127.0.0.1", leg.local_port))
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertEqual((len(general), leg.remote_ssrc, leg.stats.received), (3, 77, 1))

@@ -108,6 +108,7 @@ class RtpLeg:
         self._dtmf_pts = frozenset()
         self._receive_pts: frozenset = frozenset()
         self._dtmf_pt = None
+        self._plain_audio_pts: frozenset = frozenset()  # audio PTs read_one may take the fast path for
         self._step = 0  # the encoder's RTP timestamp units per frame
         self._sending = False  # the negotiated direction lets us send media
         self._ticker: Optional[RtpTicker] = None
@@ -197,6 +198,8 @@ class RtpLeg:
         self._sending = negotiated.local_direction not in ("recvonly", "inactive")
         self.dtmf_in = DtmfReceiver(f.payload_type for f in negotiated.dtmf)
         self._dtmf_pts = self.dtmf_in.payload_types
+        # read_one's fast path: plain RTP only (SRTP packets must be unprotected first)
+        self._plain_audio_pts = frozenset() if self.srtp is not None else self._receive_pts - self._dtmf_pts
         pt = negotiated.dtmf_payload_type
         self.dtmf_out = DtmfSender(clock_rate=self.encoder.clock_rate) if pt is not None else None
         self._dtmf_pt = pt
@@ -260,6 +263,16 @@ class RtpLeg:
         except OSError as e:
             log.debug("RTP socket read failed: {e}", e=e)
             return 0
+        if self.source_filtered and self._plain_audio_pts and len(data) > 12 and data[0] == 0x80:
+            # the steady state: plain RTP from the trusted source, with a 12-byte header, on an
+            # audio payload type, from the current SSRC; everything else takes the general path
+            b1, seq, timestamp, ssrc = _HEADER.unpack_from(data)
+            if (b1 & 0x7F) in self._plain_audio_pts and ssrc == self.remote_ssrc:
+                self._heard_remote_at = now
+                self.packets_in += 1
+                self.stats.update(seq, timestamp, now)
+                self.jitter.push(seq, timestamp, data[12:], now, b1 & 0x7F, b1 > 0x7F)
+                return 1
         try:
             taken = self.datagram_received(data, addr, False, now)
         except Exception:
@@ -273,8 +286,8 @@ class RtpLeg:
         """Connect the RTP socket to ``remote_rtp``, which just sent us media.
 
         From then on the kernel drops strangers' datagrams and the hot path can
-        ``send``/``recv`` without an address (measured: ~0.8 µs less per leg and
-        tick, docs/benchmarks.md).  What queued before the connect may still come
+        ``send``/``recv`` without an address (1.5–2 µs less per leg and tick in
+        the 1000-leg bench: docs/media.md).  What queued before the connect may still come
         from anyone, so reads keep checking the source until the ticker has seen
         the socket empty (``queue_checked``).  ``rtcp_tick`` dissolves the
         association when the source goes quiet, so latching can follow a NAT
