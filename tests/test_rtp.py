@@ -105,6 +105,22 @@ class StreamTests(unittest.TestCase):
         self.assertEqual((p.payload_type, p.timestamp), (101, 500))
         self.assertEqual(s.timestamp, 1160)
 
+    def test_the_audio_header_is_next_header_without_options(self):
+        """The tick's written-out header gives the same bytes and bookkeeping as the general one,
+        across the first (marked) packet, a skip and the sequence and timestamp wrap."""
+        streams = [rtp.RtpStream(payload_type=8, clock_rate=8000, ssrc=9, sequence=65534, timestamp=0xFFFFFF00)
+                   for _ in range(2)]
+        general, audio = [], []
+        for k in range(5):
+            if k == 3:
+                for s in streams:
+                    s.skip(320)
+            general.append(streams[0].next_header(160, 160))
+            audio.append(streams[1].next_audio_header(160, 160))
+        self.assertEqual(audio, general)
+        self.assertEqual(streams[1], streams[0])  # sequence, timestamp, counts: the dataclass's fields
+        self.assertEqual([rtp.RtpPacket.parse(h + b"x").marker for h in audio], [True, False, False, True, False])
+
     def test_random_start_values(self):
         a, b = rtp.RtpStream(0, 8000), rtp.RtpStream(0, 8000)
         self.assertNotEqual((a.ssrc, a.sequence, a.timestamp), (b.ssrc, b.sequence, b.timestamp))

@@ -361,6 +361,20 @@ class RtpStream:
         self.octet_count += payload_len
         return header
 
+    def next_audio_header(self, payload_len: int, samples: int) -> bytes:
+        """``next_header`` for the tick's audio packet (our payload type and timestamp), with no
+        optional arguments to sort out: the one call every leg makes every 20 ms."""
+        ts = self.timestamp
+        header = _FIXED_HEADER.pack(0x80, (0x80 if self._marker_next else 0) | (self.payload_type & 0x7F),
+                                    self.sequence, ts, self.ssrc)
+        self._marker_next = False
+        self.last_timestamp = ts
+        self.sequence = (self.sequence + 1) & 0xFFFF
+        self.timestamp = (ts + samples) & 0xFFFFFFFF
+        self.packet_count += 1
+        self.octet_count += payload_len
+        return header
+
     def skip(self, samples: int) -> None:
         """A gap in sending (no packets for ``samples`` clock units): marks the next packet."""
         self.timestamp = (self.timestamp + samples) & 0xFFFFFFFF

@@ -487,7 +487,17 @@ class RtpLeg:
 
     def send_audio(self, payload: bytes) -> bool:
         """Send this tick's encoded audio; False when the packet could not be sent."""
-        return self._send(self.stream.next_header(len(payload), self._step) + payload, count=False)
+        ports = self.ports
+        if self.srtp is not None or not self.connected or ports is None:
+            return self._send(self.stream.next_header(len(payload), self._step) + payload, count=False)
+        # the steady state, written out: plain RTP on a connected socket
+        data = self.stream.next_audio_header(len(payload), self._step) + payload
+        try:
+            ports.rtp.send(data)
+        except OSError as e:
+            return self._send_failed(e)
+        self.packets_out += 1
+        return True
 
     def _send(self, data: bytes, count: bool = True) -> bool:
         if self.srtp is not None:
@@ -501,15 +511,18 @@ class RtpLeg:
             else:
                 sock.sendto(data, self.remote_rtp)
         except OSError as e:
-            self.send_errors += 1
-            if self.send_errors == 1:
-                log.info("RTP send to {addr} failed: {e} (later failures are counted, not logged)",
-                         addr=self.remote_rtp, e=e)
-            return False
+            return self._send_failed(e)
         self.packets_out += 1
         if count and self._m_out is not None:
             self._m_out.inc()
         return True
+
+    def _send_failed(self, e: OSError) -> bool:
+        self.send_errors += 1
+        if self.send_errors == 1:
+            log.info("RTP send to {addr} failed: {e} (later failures are counted, not logged)",
+                     addr=self.remote_rtp, e=e)
+        return False
 
     def on_tick(self) -> None:
         """One leg alone through one tick (the ticker batches this across legs; kept for single use)."""
