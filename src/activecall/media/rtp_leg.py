@@ -453,7 +453,7 @@ class RtpLeg:
             return None
         if frame.concealed:
             return None, SILENCE
-        decoder = self._decoder(frame.payload_type)
+        decoder = self._decoders.get(frame.payload_type) or self._decoder(frame.payload_type)
         if decoder is None:
             return None
         return decoder, frame.payload
