@@ -390,3 +390,28 @@ class RtpTickerTests(unittest.TestCase):
         yield self.settle()
         self.clock.advance(0.02)
         self.assertEqual((len(general), leg.remote_ssrc, leg.stats.received), (3, 77, 1))
+
+    @defer.inlineCallbacks
+    def test_a_socket_that_cannot_be_disconnected_still_sends_where_the_sdp_says(self):
+        """Should dissolving the association ever fail, the leg goes back to naming the destination
+        of every packet (a re-INVITE's new address is honoured) and never connects again."""
+        from activecall.media import rtp_leg
+
+        def refuse(sock):
+            raise OSError(95, "Operation not supported")
+        self.patch(rtp_leg, "disconnect_udp", refuse)
+        leg = self.leg(ToneSession("s"))
+        leg.start()
+        self.send_to(leg, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertTrue(leg.connected)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.bind(("127.0.0.1", 0))
+            other.settimeout(5)
+            leg.reoffer(offer(other.getsockname()[1]))
+            self.assertEqual((leg.connected, leg.source_filtered, leg._may_connect), (False, False, False))
+            self.clock.advance(0.02)
+            data, addr = other.recvfrom(2048)
+            self.assertEqual(addr, ("127.0.0.1", leg.local_port))
+        self.assertEqual(leg.send_errors, 0)

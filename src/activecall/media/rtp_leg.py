@@ -270,8 +270,12 @@ class RtpLeg:
             if (b1 & 0x7F) in self._plain_audio_pts and ssrc == self.remote_ssrc:
                 self._heard_remote_at = now
                 self.packets_in += 1
-                self.stats.update(seq, timestamp, now)
-                self.jitter.push(seq, timestamp, data[12:], now, b1 & 0x7F, b1 > 0x7F)
+                try:
+                    self.stats.update(seq, timestamp, now)
+                    self.jitter.push(seq, timestamp, data[12:], now, b1 & 0x7F, b1 > 0x7F)
+                except Exception:
+                    log.failure("RTP packet from {addr} could not be handled", addr=addr)
+                    return 0
                 return 1
         try:
             taken = self.datagram_received(data, addr, False, now)
@@ -316,10 +320,11 @@ class RtpLeg:
         try:
             disconnect_udp(sock)
         except OSError as e:
+            # still associated in the kernel: we send with sendto (which names its destination) and
+            # check sources from now on, but only the old peer's datagrams can arrive
             self._may_connect = False
-            log.warn("RTP socket could not be disconnected ({e}); it stays connected to {addr}, "
+            log.warn("RTP socket could not be disconnected ({e}); it only hears {addr} from now on, "
                      "so latching cannot follow a new source", e=e, addr=self.remote_rtp)
-            self.connected = self.source_filtered = True
 
     def rtp_fileno(self) -> int:
         """The RTP socket's descriptor for the ticker's readiness poll; -1 when there is none."""
