@@ -415,3 +415,35 @@ class RtpTickerTests(unittest.TestCase):
             data, addr = other.recvfrom(2048)
             self.assertEqual(addr, ("127.0.0.1", leg.local_port))
         self.assertEqual(leg.send_errors, 0)
+
+    @defer.inlineCallbacks
+    def test_a_late_tick_reads_one_packet_per_socket(self):
+        """After a stall every socket holds a backlog: a tick already past its deadline reads one
+        packet from each (the stream's own rate) and leaves the rest for ticks with time to spare."""
+        legs = [self.leg(ToneSession(f"s{i}")) for i in range(3)]
+        for leg in legs:
+            leg.start()
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        self.clock.advance(0.02)  # nothing queued yet
+        reads = {}
+        slow = {"reads": 6}
+        clock = self.clock
+        for leg in legs:
+            real = leg.read_one
+
+            def read_one(now, real=real):
+                reads[ticker.ticks] = reads.get(ticker.ticks, 0) + 1
+                if slow["reads"]:
+                    slow["reads"] -= 1
+                    clock.rightNow += 0.005  # each of the next six reads takes 5 ms
+                return real(now)
+            leg.read_one = read_one
+        for leg in legs:
+            self.send_to(leg, 5)
+        yield self.settle()
+        tick = ticker.ticks + 1
+        self.clock.advance(0.02)  # due at 0.04, next at 0.06: round 1 ends at 0.055, round 2 at 0.07
+        self.assertEqual(reads[tick], 6)  # two rounds; the third would start past the deadline
+        for _ in range(5):
+            self.clock.advance(0.02)
+        self.assertEqual(sum(leg.packets_in for leg in legs), 15)  # the backlog read later, nothing lost

@@ -22,7 +22,8 @@ at the deadline (less ``RECEIVE_MARGIN``) and plays them first thing in the
 next tick, after that tick's sends (``receive_deferred`` counts them).  Frames
 carried over are always played, so none is lost and the carry never exceeds
 one tick: under sustained overload the clock falls behind as it would without
-the carry.  Packets are always read off the sockets.
+the carry.  Past the deadline, sockets are read one packet each per tick (the
+stream's own rate); a backlog waits in the kernel for a tick with time to spare.
 
 Per leg and tick that leaves a ``recvfrom``, a ``sendto`` and a few dozen
 Python operations; the numpy work is shared.  Measured in
@@ -165,13 +166,19 @@ class RtpTicker:
         except (OSError, ValueError, KeyError):
             pass  # closed before it left the ticker: the kernel already dropped it from the poll
 
-    def _read_ready(self, now: float) -> int:
+    def _read_ready(self, now: float, stop_at=None) -> int:
         """Read every polled socket that has data: one packet from each ready socket per round,
         rounds until none is ready (or ``MAX_READ_ROUNDS``, so a flood cannot hold the tick).
+        Past ``stop_at`` only the first round runs: after a stall every socket holds several
+        packets, and reading them all in one tick would make that tick late too; one a tick
+        keeps up with the stream, and the rest waits in the kernel for a tick with time to spare.
         The RTP packets taken."""
         received = 0
         poll, by_fd = self._poller.poll, self._by_fd
-        for _ in range(MAX_READ_ROUNDS):
+        seconds = self.reactor.seconds
+        for round_ in range(MAX_READ_ROUNDS):
+            if round_ and stop_at is not None and seconds() >= stop_at:
+                break
             events = poll(0)
             if not events:
                 if self._checking:  # every socket is empty now, including the newly connected ones
@@ -259,7 +266,7 @@ class RtpTicker:
         session its frame, chunk after chunk, the frames carried from the last tick first (all of
         them).  This tick's play-out stops at ``stop_at`` (reactor seconds), but never before its
         first chunk when nothing was carried; what is left waits for the next tick."""
-        received = self._read_ready(now) if self._by_fd else 0
+        received = self._read_ready(now, stop_at) if self._by_fd else 0
         for leg in self._unpolled:
             if leg.running:
                 try:
