@@ -25,42 +25,14 @@ import socket
 import statistics
 import time
 
-import numpy as np
 from twisted.internet import task
 
 from activecall.media.clock import MediaClock
 from activecall.media.rtp import PortPool, RtpPacket
 from activecall.media.rtp_leg import RtpLeg
 from activecall.media.rtp_ticker import RECEIVE_CHUNK, RtpTicker
-from activecall.media.tracks import FRAME_SAMPLES
 from activecall.service import tune_gc_for_daemon
-
-TONE = [(np.sin(2 * np.pi * 440 * (np.arange(FRAME_SAMPLES) + i * FRAME_SAMPLES) / 16000) * 8000)
-        .astype(np.int16) for i in range(50)]
-
-
-class ToneSession:
-    def __init__(self, name):
-        self.id, self.n = name, 0
-
-    def tick(self):
-        self.n += 1
-        return TONE[self.n % 50]
-
-    def audio_in(self, pcm):
-        pass
-
-    def emit(self, event):
-        pass
-
-    def now(self):
-        return 0
-
-
-def offer(port: int) -> str:
-    return ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\na=sendrecv\r\n")
-
+from rtp_fixtures import ToneSession, offer  # bench/, the script's own folder
 
 def main():
     p = argparse.ArgumentParser()

@@ -80,6 +80,30 @@ class RtpTickerTests(unittest.TestCase):
         """Let loopback datagrams land in the sockets' queues (they are read on the next tick)."""
         yield task.deferLater(reactor, 0.01, lambda: None)
 
+    @defer.inlineCallbacks
+    def streaming_leg(self):
+        """A started leg whose remote has sent it media: its socket is connected to the remote."""
+        leg = self.leg(ToneSession("s"))
+        leg.start()
+        self.send_to(leg, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertTrue(leg.connected)
+        return leg
+
+    def reinvite_elsewhere(self, leg):
+        """Re-INVITE ``leg`` to a new address and check that its next packet goes there; the leg's
+        (connected, source_filtered, _may_connect) right after the re-INVITE."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.bind(("127.0.0.1", 0))
+            other.settimeout(5)
+            leg.reoffer(offer(other.getsockname()[1]))
+            state = (leg.connected, leg.source_filtered, leg._may_connect)
+            self.clock.advance(0.02)
+            _, addr = other.recvfrom(2048)
+            self.assertEqual(addr, ("127.0.0.1", leg.local_port))
+        return state
+
     def test_one_clock_subscriber_for_all_legs_and_none_when_idle(self):
         legs = [self.leg(ToneSession(f"s{i}")) for i in range(3)]
         for leg in legs:
@@ -263,12 +287,7 @@ class RtpTickerTests(unittest.TestCase):
     def test_a_quiet_source_or_a_new_remote_lets_the_socket_go(self):
         """Latching must be able to follow a NAT rebinding, and a re-INVITE may move the remote:
         either dissolves the connection, and the socket takes datagrams from anyone again."""
-        leg = self.leg(ToneSession("s"))
-        leg.start()
-        self.send_to(leg, 2)
-        yield self.settle()
-        self.clock.advance(0.02)
-        self.assertTrue(leg.connected)
+        leg = yield self.streaming_leg()
         self.clock.advance(1.0)  # quiet for longer than LATCH_QUIET_SECONDS (one late tick, re-anchored)
         for _ in range(25):  # every leg's RTCP housekeeping runs within 25 ticks
             self.clock.advance(0.02)
@@ -279,14 +298,7 @@ class RtpTickerTests(unittest.TestCase):
         yield self.settle()
         self.clock.advance(0.02)
         self.assertTrue(leg.connected)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
-            other.bind(("127.0.0.1", 0))
-            other.settimeout(5)
-            leg.reoffer(offer(other.getsockname()[1]))
-            self.assertFalse(leg.connected)
-            self.clock.advance(0.02)
-            data, addr = other.recvfrom(2048)
-            self.assertEqual(addr, ("127.0.0.1", leg.local_port))
+        self.assertFalse(self.reinvite_elsewhere(leg)[0])
 
     @defer.inlineCallbacks
     def test_play_out_that_would_run_into_the_next_deadline_waits_a_tick(self):
@@ -400,20 +412,8 @@ class RtpTickerTests(unittest.TestCase):
         def refuse(sock):
             raise OSError(95, "Operation not supported")
         self.patch(rtp_leg, "disconnect_udp", refuse)
-        leg = self.leg(ToneSession("s"))
-        leg.start()
-        self.send_to(leg, 2)
-        yield self.settle()
-        self.clock.advance(0.02)
-        self.assertTrue(leg.connected)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
-            other.bind(("127.0.0.1", 0))
-            other.settimeout(5)
-            leg.reoffer(offer(other.getsockname()[1]))
-            self.assertEqual((leg.connected, leg.source_filtered, leg._may_connect), (False, False, False))
-            self.clock.advance(0.02)
-            data, addr = other.recvfrom(2048)
-            self.assertEqual(addr, ("127.0.0.1", leg.local_port))
+        leg = yield self.streaming_leg()
+        self.assertEqual(self.reinvite_elsewhere(leg), (False, False, False))
         self.assertEqual(leg.send_errors, 0)
 
     @defer.inlineCallbacks
