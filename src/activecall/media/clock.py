@@ -62,8 +62,7 @@ class MediaClock:
         return self._start + (self.ticks + 1) * self.interval
 
     def _schedule(self) -> None:
-        deadline = self._start + (self.ticks + 1) * self.interval
-        self._call = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), self._tick)
+        self._call = self.reactor.callLater(max(0.0, self.next_deadline() - self.reactor.seconds()), self._tick)
 
     def _tick(self) -> None:
         self._call = None

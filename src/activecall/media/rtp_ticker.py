@@ -25,8 +25,9 @@ one tick: under sustained overload the clock falls behind as it would without
 the carry.  Past the deadline, sockets are read one packet each per tick (the
 stream's own rate); a backlog waits in the kernel for a tick with time to spare.
 
-Per leg and tick that leaves a ``recvfrom``, a ``sendto`` and a few dozen
-Python operations; the numpy work is shared.  Measured in
+Per leg and tick that leaves a ``recv``, a ``send`` (their addressed forms
+until the leg's socket is connected to its remote) and a few dozen Python
+operations; the numpy work is shared.  Measured in
 docs/benchmarks.md.  A leg whose callback raises is logged and dropped from
 the ticker (as the media clock does with a failing subscriber), never the
 others.
@@ -129,8 +130,6 @@ class RtpTicker:
         except ValueError:
             return
         self._unwatch(leg)
-        if leg in self._checking:
-            self._checking.remove(leg)
         if not self.legs and self._attached:
             self._attached = False
             self.media_clock.remove(self)
@@ -153,8 +152,11 @@ class RtpTicker:
         self._fd_of[leg] = fd
 
     def _unwatch(self, leg) -> None:
+        """Forget ``leg`` everywhere the ticker keeps it: the poll, the plain reads, the carry."""
         if leg in self._unpolled:
             self._unpolled.remove(leg)
+        if leg in self._checking:
+            self._checking.remove(leg)
         if leg in self._carried:
             self._carried = [other for other in self._carried if other is not leg]
         fd = self._fd_of.pop(leg, None)
@@ -318,6 +320,7 @@ class RtpTicker:
                 leg.play_inbound(pcm)
             except Exception:
                 self._failed(leg)
+
 
 def _encode_or_none(leg, pcm):
     try:
