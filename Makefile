@@ -11,9 +11,11 @@ CONF ?= etc/activecall.toml
 
 .PHONY: setup deps run test bench clean
 
-setup: $(VENV)/.stamp-install deps
+setup: deps $(VENV)/.stamp-install
 
-$(VENV)/.stamp-install: setup.cfg pyproject.toml requirements-test.txt
+# the editable install also compiles the C extension (src/activecall/media/_rtpcore.c) in place,
+# so it runs after deps (which provides the compiler)
+$(VENV)/.stamp-install: setup.cfg setup.py pyproject.toml requirements-test.txt src/activecall/media/_rtpcore.c | deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e . -r requirements-test.txt
@@ -23,7 +25,7 @@ $(VENV)/.stamp-install: setup.cfg pyproject.toml requirements-test.txt
 	touch $@
 
 deps:
-	tools/install-debian-deps
+	PYTHON=$(PYTHON) tools/install-debian-deps
 
 run: setup
 	$(BIN)/twistd --nodaemon --pidfile= --reactor=asyncio activecall --conf $(CONF)
@@ -35,4 +37,4 @@ bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) _trial_temp* build src/*.egg-info
+	rm -rf $(VENV) _trial_temp* build src/*.egg-info src/activecall/media/_rtpcore*.so

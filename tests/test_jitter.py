@@ -1,10 +1,11 @@
 """The adaptive jitter buffer: reorder, wraparound, late drop, concealment, adaptation."""
 
 import random
+import sys
 
 from twisted.trial import unittest
 
-from activecall.media.jitter import JitterBuffer, seq_delta
+from activecall.media.jitter import JB_CAPACITY, JitterBuffer, seq_delta
 
 FRAME = 0.02
 
@@ -158,3 +159,64 @@ class JitterBufferTests(unittest.TestCase):
         self.assertEqual([f.seq for f in out], list(range(len(out))))
         self.assertFalse(any(f.concealed for f in out))
         self.assertEqual(jb.stats.late, 0)
+
+
+class JitterBufferLimitsTests(unittest.TestCase):
+    """What the C buffer adds to the behaviour above: a bounded size and checked arguments."""
+
+    def test_a_burst_past_the_capacity_sheds_the_oldest(self):
+        jb = JitterBuffer(initial_depth=2)
+        feed(jb, range(JB_CAPACITY + 16), arrival=lambda i: 0.0)
+        self.assertEqual((len(jb), jb.stats.shed), (JB_CAPACITY, 16))
+        jb.push(3, 480, b"old", 0.0)  # older than everything held, in a full buffer: it is the one to go
+        self.assertEqual((len(jb), jb.stats.shed), (JB_CAPACITY, 17))
+        self.assertEqual(jb.pop().seq, 17)  # the oldest held was 16; a pop of a too-deep buffer sheds one more
+
+    def test_a_full_buffer_that_plays_moves_its_play_out_point(self):
+        jb = JitterBuffer(initial_depth=1)
+        feed(jb, [0])
+        self.assertEqual(jb.pop().seq, 0)
+        feed(jb, range(1, JB_CAPACITY + 5), arrival=lambda i: 0.0)
+        self.assertEqual(len(jb), JB_CAPACITY)
+        self.assertEqual(jb.pop().seq, 6)  # 1..4 went to make room, 5 was shed by the pop: never a gap
+
+    def test_frames_are_tuples_with_field_names(self):
+        jb = JitterBuffer(initial_depth=1)
+        jb.push(7, 1120, b"p", 0.0, payload_type=8, marker=True)
+        frame = jb.pop()
+        self.assertEqual(frame, (7, 1120, b"p", 8, False, True))
+        self.assertEqual((frame.seq, frame.payload_type, frame.marker), (7, 8, True))
+        gap = jb.pop()
+        self.assertEqual((gap.seq, gap.timestamp, gap.payload, gap.payload_type, gap.concealed), (8, 1280, b"", -1, True))
+
+    def test_bad_arguments_are_refused(self):
+        self.assertRaises(ValueError, JitterBuffer, max_depth=JB_CAPACITY)
+        self.assertRaises(ValueError, JitterBuffer, min_depth=0)
+        self.assertRaises(ValueError, JitterBuffer, clock_rate=0)
+        jb = JitterBuffer()
+        self.assertRaises(ValueError, jb.push, 65536, 0, b"", 0.0)
+        self.assertRaises(TypeError, jb.push, "1", 0, b"", 0.0)
+        self.assertEqual(len(jb), 0)
+
+    def test_payloads_are_released(self):
+        """Every reference the buffer takes is given back: played, shed, flushed or reset."""
+        payload = bytes(range(160))
+        before = sys.getrefcount(payload)
+        jb = JitterBuffer(initial_depth=3)
+        for i in range(2000):
+            jb.push(i & 0xFFFF, 160 * i, payload, i * FRAME if i % 7 else 0.0)
+            if i % 3:
+                jb.pop()
+            if i % 500 == 499:
+                jb.flush()
+        feed(jb, range(5000, 5000 + JB_CAPACITY + 3), arrival=lambda i: 0.0)  # (a reset: a jump)
+        for i in range(90):
+            jb.push(i, 0, payload, 0.0)
+        frames = [jb.pop() for _ in range(5)]
+        del frames
+        jb.reset()
+        self.assertEqual(sys.getrefcount(payload), before)
+        for i in range(10):
+            jb.push(i, 0, payload, 0.0)
+        del jb
+        self.assertEqual(sys.getrefcount(payload), before)

@@ -125,6 +125,15 @@ class StreamTests(unittest.TestCase):
         a, b = rtp.RtpStream(0, 8000), rtp.RtpStream(0, 8000)
         self.assertNotEqual((a.ssrc, a.sequence, a.timestamp), (b.ssrc, b.sequence, b.timestamp))
 
+    def test_fields_wrap_like_the_wire(self):
+        s = rtp.RtpStream(payload_type=0, clock_rate=8000, ssrc=-1, sequence=0x1FFFF, timestamp=1 << 32)
+        self.assertEqual((s.ssrc, s.sequence, s.timestamp), (0xFFFFFFFF, 0xFFFF, 0))
+        s.sequence = 65536 + 3
+        self.assertEqual(s.sequence, 3)
+        self.assertRaises(TypeError, setattr, s, "timestamp", 1.5)
+        self.assertNotEqual(s, rtp.RtpStream(0, 8000))
+        self.assertRaises(TypeError, hash, s)  # mutable, compared by value: unhashable, as the dataclass was
+
     def test_sender_report(self):
         s = rtp.RtpStream(payload_type=0, clock_rate=8000, ssrc=7, sequence=0, timestamp=0)
         s.next_packet(b"x" * 160, 160)
@@ -172,6 +181,13 @@ class ReceiveStatsTests(unittest.TestCase):
         self.assertFalse(stats.update(30000, 0, 1.0))
         self.assertTrue(stats.update(30001, 160, 1.02))
         self.assertEqual((stats.base_seq, stats.expected, stats.received), (30001, 1, 1))
+
+    def test_sequence_numbers_are_checked(self):
+        stats = rtp.ReceiveStats(ssrc=1, clock_rate=8000)
+        self.assertRaises(ValueError, stats.update, 65536, 0, 0.0)
+        self.assertRaises(ValueError, rtp.ReceiveStats, 1, 0)
+        self.assertIsNone(stats.max_seq)
+        self.assertEqual((stats.expected, stats.lost), (0, 0))
 
     def test_dlsr(self):
         stats = rtp.ReceiveStats(ssrc=1, clock_rate=8000)

@@ -447,3 +447,92 @@ class RtpTickerTests(unittest.TestCase):
         for _ in range(5):
             self.clock.advance(0.02)
         self.assertEqual(sum(leg.packets_in for leg in legs), 15)  # the backlog read later, nothing lost
+
+    @defer.inlineCallbacks
+    def test_a_late_tick_reads_trusted_sockets_one_packet_each(self):
+        """The same rule in the C loop, for legs whose sockets filter the source: a tick whose
+        sends ran past the next frame's deadline reads one packet per socket."""
+        clock, slow, seen = self.clock, {"armed": False}, []
+        legs = []
+
+        class SlowTick(ToneSession):
+            def tick(self):
+                if self.id == "s0":  # what the legs had taken when each tick began
+                    seen.append([leg.packets_in for leg in legs])
+                if slow["armed"] and self.id == "s0":  # this tick's send phase overruns its frame
+                    slow["armed"] = False
+                    clock.rightNow += 0.025
+                return super().tick()
+        for i in range(3):
+            leg = self.leg(SlowTick(f"s{i}"))
+            leg.start()
+            self.send_to(leg, 2)
+            legs.append(leg)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.clock.advance(0.02)
+        self.assertTrue(all(leg.source_filtered for leg in legs))
+        for leg in legs:
+            self.send_to(leg, 6, seq=3)
+        yield self.settle()
+        slow["armed"] = True
+        seen.clear()
+        self.clock.advance(0.02)  # the slow tick, then at once the one it made late
+        self.assertEqual(seen[:2], [[2, 2, 2], [3, 3, 3]])  # the slow tick read one packet per socket
+        self.assertEqual([leg.packets_in for leg in legs], [2 + 6] * 3)  # the backlog read later, nothing lost
+
+    @defer.inlineCallbacks
+    def test_a_leg_failing_inside_the_native_loops_is_dropped_with_its_error(self):
+        """An exception from a leg's Python side, called by the C read or play-out loop, reaches
+        the ticker's failure handler with its traceback; the other legs carry on."""
+        reader, player, good = (self.leg(ToneSession(name)) for name in ("reader", "player", "good"))
+        for leg in (reader, player, good):
+            leg.start()
+            self.send_to(leg, 2)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.clock.advance(0.02)
+        self.assertTrue(reader.source_filtered and player.source_filtered)
+
+        def broken_general_path(data, now):
+            raise RuntimeError("general path broke")
+        reader._received_from_remote = broken_general_path
+        self.peer.sendto(RtpPacket(0, 3, 480, 1234, b"\xff" * 160).serialize(),  # a new SSRC: general path
+                         ("127.0.0.1", reader.local_port))
+
+        def broken_decoder(pt):
+            raise ValueError("no decoder today")
+        player._decoders.clear()
+        player._decoder = broken_decoder
+        self.send_to(player, 2, seq=3)
+        self.send_to(good, 2, seq=3)
+        yield self.settle()
+        self.clock.advance(0.02)
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        self.assertEqual((ticker.legs, ticker.failures), ([good], 2))
+        errors = self.flushLoggedErrors(RuntimeError, ValueError)
+        self.assertEqual(sorted(str(e.value) for e in errors), ["general path broke", "no decoder today"])
+        self.assertTrue(all(e.tb is not None or e.frames for e in errors))
+        received = len(good.session.received)
+        self.clock.advance(0.02)
+        self.assertEqual(len(good.session.received), received + 1)
+
+    def test_the_descriptor_is_forgotten_before_the_socket_closes(self):
+        leg = self.leg(ToneSession("s"))
+        self.assertEqual(leg._rtp_fd, leg.ports.rtp.fileno())
+        leg.close()
+        self.assertEqual(leg._rtp_fd, -1)
+
+    def test_a_leg_in_a_reference_cycle_is_collected(self):
+        import gc
+        import weakref
+        session = ToneSession("s")
+        leg = self.leg(session)
+        leg.start()
+        session.leg = leg  # session <-> leg, as a real call's objects are
+        leg.close()
+        ref = weakref.ref(leg)
+        self._cleanups = [c for c in self._cleanups if getattr(c[0], "__self__", None) is not leg]
+        del leg, session
+        gc.collect()
+        self.assertIsNone(ref())

@@ -9,16 +9,16 @@ pool is the only part that touches the network: it binds real UDP sockets
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import struct
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from activecall.media import _rtpcore
 
 log = Logger(namespace="activecall.media.rtp")
 
@@ -306,24 +306,23 @@ def ntp_middle(ntp: int) -> int:
 # -- streams --------------------------------------------------------------------------------
 
 
-@dataclass
-class RtpStream:
+class RtpStream(_rtpcore.RtpStream):
     """Our outgoing stream: sequence and timestamp bookkeeping and the counts an SR reports.
 
     Sequence numbers and timestamps start at random values (RFC 3550 §5.1);
     ``skip`` advances the timestamp over a pause and marks the next packet, as
-    the original does when more than 50 ms passed between sends.
+    the original does when more than 50 ms passed between sends.  The
+    bookkeeping and the headers (``next_header``, ``next_audio_header``) are
+    C (``_rtpcore.c``): the media tick sends every leg's packet through them.
     """
 
-    payload_type: int
-    clock_rate: int
-    ssrc: int = field(default_factory=random_ssrc)
-    sequence: int = field(default_factory=lambda: random_ssrc() & 0xFFFF)
-    timestamp: int = field(default_factory=random_ssrc)
-    packet_count: int = 0
-    octet_count: int = 0
-    last_timestamp: int = 0
-    _marker_next: bool = True
+    __slots__ = ()
+
+    def __init__(self, payload_type: int, clock_rate: int, ssrc: Optional[int] = None,
+                 sequence: Optional[int] = None, timestamp: Optional[int] = None):
+        super().__init__(payload_type, clock_rate, random_ssrc() if ssrc is None else ssrc,
+                         random_ssrc() & 0xFFFF if sequence is None else sequence,
+                         random_ssrc() if timestamp is None else timestamp)
 
     def next_packet(self, payload: bytes, samples: int, *, marker: bool = False,
                     payload_type: Optional[int] = None, timestamp: Optional[int] = None) -> RtpPacket:
@@ -332,116 +331,25 @@ class RtpStream:
         ``timestamp`` overrides the stream's (RFC 4733 events keep their start
         timestamp); the stream clock still advances by ``samples``.
         """
-        packet = RtpPacket(
-            payload_type=self.payload_type if payload_type is None else payload_type, sequence=self.sequence,
-            timestamp=(self.timestamp if timestamp is None else timestamp) & 0xFFFFFFFF, ssrc=self.ssrc,
-            payload=payload, marker=marker or self._marker_next)
-        self._marker_next = False
-        self.last_timestamp = packet.timestamp
-        self.sequence = (self.sequence + 1) & 0xFFFF
-        self.timestamp = (self.timestamp + samples) & 0xFFFFFFFF
-        self.packet_count += 1
-        self.octet_count += len(payload)
-        return packet
-
-    def next_header(self, payload_len: int, samples: int, *, marker: bool = False,
-                    payload_type: Optional[int] = None, timestamp: Optional[int] = None) -> bytes:
-        """The serialised 12-byte header ``next_packet`` would give, without building a packet object.
-
-        The media tick's path: one ``struct`` call per packet instead of a dataclass and a join."""
-        ts = (self.timestamp if timestamp is None else timestamp) & 0xFFFFFFFF
-        b1 = (0x80 if marker or self._marker_next else 0) | ((self.payload_type if payload_type is None
-                                                              else payload_type) & 0x7F)
-        header = _FIXED_HEADER.pack(0x80, b1, self.sequence, ts, self.ssrc)
-        self._marker_next = False
-        self.last_timestamp = ts
-        self.sequence = (self.sequence + 1) & 0xFFFF
-        self.timestamp = (self.timestamp + samples) & 0xFFFFFFFF
-        self.packet_count += 1
-        self.octet_count += payload_len
-        return header
-
-    def next_audio_header(self, payload_len: int, samples: int) -> bytes:
-        """``next_header`` for the tick's audio packet (our payload type and timestamp), with no
-        optional arguments to sort out: the one call every leg makes every 20 ms."""
-        ts = self.timestamp
-        header = _FIXED_HEADER.pack(0x80, (0x80 if self._marker_next else 0) | (self.payload_type & 0x7F),
-                                    self.sequence, ts, self.ssrc)
-        self._marker_next = False
-        self.last_timestamp = ts
-        self.sequence = (self.sequence + 1) & 0xFFFF
-        self.timestamp = (ts + samples) & 0xFFFFFFFF
-        self.packet_count += 1
-        self.octet_count += payload_len
-        return header
-
-    def skip(self, samples: int) -> None:
-        """A gap in sending (no packets for ``samples`` clock units): marks the next packet."""
-        self.timestamp = (self.timestamp + samples) & 0xFFFFFFFF
-        self._marker_next = True
+        header = self.next_header(len(payload), samples, marker=marker, payload_type=payload_type,
+                                  timestamp=timestamp)
+        return RtpPacket.parse(header + payload)
 
     def sender_report(self, unix_now: float, reports=()) -> SenderReport:
         return SenderReport(self.ssrc, ntp_timestamp(unix_now), self.timestamp, self.packet_count,
                             self.octet_count, tuple(reports))
 
 
-MAX_DROPOUT = 3000
-MAX_MISORDER = 100
 SEQ_MOD = 1 << 16
 
 
-class ReceiveStats:
-    """RFC 3550 A.1/A.3/A.8 receive statistics for one remote SSRC."""
+class ReceiveStats(_rtpcore.ReceiveStats):
+    """RFC 3550 A.1/A.3/A.8 receive statistics for one remote SSRC.
 
-    def __init__(self, ssrc: int, clock_rate: int):
-        self.ssrc = ssrc
-        self.clock_rate = clock_rate
-        self.max_seq = None
-        self.cycles = 0
-        self.base_seq = 0
-        self.bad_seq = SEQ_MOD + 1
-        self.received = 0
-        self.expected_prior = 0
-        self.received_prior = 0
-        self.jitter = 0.0  # timestamp units
-        self._transit = None
-        self.last_sr = 0
-        self._last_sr_arrival = None
+    ``update`` (sequence validity with the restart after a big jump, and the
+    interarrival jitter) is C (``_rtpcore.c``); the reports are built here."""
 
-    def update(self, sequence: int, timestamp: int, arrival: float) -> bool:
-        """Account one packet (``arrival`` in seconds); False for one RFC 3550 would not count as valid."""
-        if self.max_seq is None:
-            self._init(sequence)
-        else:
-            delta = (sequence - self.max_seq) % SEQ_MOD
-            if delta < MAX_DROPOUT:
-                if sequence < self.max_seq:
-                    self.cycles += SEQ_MOD
-                self.max_seq = sequence
-            elif delta <= SEQ_MOD - MAX_MISORDER:
-                # a large jump: restart only if the next packet follows it (the peer restarted)
-                if sequence == self.bad_seq:
-                    self._init(sequence)
-                else:
-                    self.bad_seq = (sequence + 1) % SEQ_MOD
-                    return False
-            # else: duplicate or reordered, counted below
-        self.received += 1
-        transit = arrival * self.clock_rate - timestamp
-        if self._transit is not None:
-            d = abs(transit - self._transit)
-            self.jitter += (d - self.jitter) / 16
-        self._transit = transit
-        return True
-
-    def _init(self, sequence: int) -> None:
-        self.base_seq = sequence
-        self.max_seq = sequence
-        self.bad_seq = SEQ_MOD + 1
-        self.cycles = 0
-        self.received = 0
-        self.received_prior = 0
-        self.expected_prior = 0
+    __slots__ = ()
 
     @property
     def extended_max(self) -> int:
@@ -512,38 +420,18 @@ class PortPair:
         return defer.succeed(None)
 
 
-class _UnspecifiedAddress(ctypes.Structure):
-    _fields_ = [("family", ctypes.c_ushort), ("rest", ctypes.c_char * 26)]
-
-
-def _libc_connect():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        connect = ctypes.CDLL(None, use_errno=True).connect
-    except (OSError, AttributeError):  # pragma: no cover - a Linux without a C library in reach
-        return None
-    connect.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
-    connect.restype = ctypes.c_int
-    return connect
-
-
-_connect = _libc_connect()
 #: UDP sockets can be connected to the far end and disconnected again (Linux: connect(2) with
 #: AF_UNSPEC, which Python's socket module cannot express); elsewhere RTP sockets stay unconnected.
-CAN_DISCONNECT_UDP = _connect is not None
+CAN_DISCONNECT_UDP = hasattr(_rtpcore, "disconnect_udp")
 
 
 def disconnect_udp(sock) -> None:
     """Dissolve a UDP socket's association with its peer: it receives from anyone again.
 
     The bound address and port stay (they were bound explicitly)."""
-    if _connect is None:
+    if not CAN_DISCONNECT_UDP:
         raise OSError("disconnecting a UDP socket is not supported on this platform")
-    address = _UnspecifiedAddress(socket.AF_UNSPEC)
-    if _connect(sock.fileno(), ctypes.byref(address), ctypes.sizeof(address)) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+    _rtpcore.disconnect_udp(sock)
 
 
 class PortPool:

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from activecall.api import events as ev
 from activecall.media import codecs as codec_mod
+from activecall.media._rtpcore import RtpLegCore
 from activecall.media.dtmf import DtmfReceiver, DtmfSender
 from activecall.media.jitter import JitterBuffer
 from activecall.media.rtp import (
@@ -62,9 +63,14 @@ class MediaNegotiationError(Exception):
     status = 488
 
 
-class RtpLeg:
+class RtpLeg(RtpLegCore):
     """One call's RTP session.  ``allocate`` binds ports; ``offer``/``answer``
-    negotiate; ``start`` joins the media clock; ``close`` releases everything."""
+    negotiate; ``start`` joins the media clock; ``close`` releases everything.
+
+    The state the media tick touches for every packet (the socket's
+    descriptor, the flags and counters, the stream, statistics and jitter
+    buffer) lives in the C base ``RtpLegCore``, whose loops do the steady
+    state of sending and receiving (``_rtpcore.c``); everything else is here."""
 
     def __init__(self, session, media_clock, reactor, *, host: str, external_ip: Optional[str] = None,
                  codecs=("pcmu", "pcma", "g722", "opus", "telephone_event"), latching: bool = True,
@@ -87,6 +93,7 @@ class RtpLeg:
         self.stream: Optional[RtpStream] = None
         self.encoder = None
         self._decoders: dict[int, object] = {}
+        self._silence = SILENCE  # a concealed gap's frame
         self.jitter: Optional[JitterBuffer] = None
         self.stats: Optional[ReceiveStats] = None
         self.remote_ssrc: Optional[int] = None
@@ -119,6 +126,7 @@ class RtpLeg:
     def allocate(self, pool) -> None:
         """Bind an RTP/RTCP port pair (raises PortsExhausted)."""
         self.ports = pool.allocate(rtcp=True)
+        self._rtp_fd = self.rtp_fileno()  # the C loops' handle on the socket, -1 again before it closes
 
     @property
     def local_port(self) -> int:
@@ -249,7 +257,9 @@ class RtpLeg:
 
     def read_one(self, now: float) -> int:
         """One datagram from the RTP socket, which the ticker's readiness poll says is readable;
-        the number of RTP packets taken (0 or 1)."""
+        the number of RTP packets taken (0 or 1).  A source-filtered leg is read by the ticker's
+        C loop instead (``_rtpcore.read_ready``), which hands what it does not take itself to
+        ``_received_from_remote``."""
         sock = self.ports.rtp if self.ports is not None else None
         if sock is None:
             return 0
@@ -263,20 +273,6 @@ class RtpLeg:
         except OSError as e:
             log.debug("RTP socket read failed: {e}", e=e)
             return 0
-        if self.source_filtered and self._plain_audio_pts and len(data) > 12 and data[0] == 0x80:
-            # the steady state: plain RTP from the trusted source, with a 12-byte header, on an
-            # audio payload type, from the current SSRC; everything else takes the general path
-            b1, seq, timestamp, ssrc = _HEADER.unpack_from(data)
-            if (b1 & 0x7F) in self._plain_audio_pts and ssrc == self.remote_ssrc:
-                self._heard_remote_at = now
-                self.packets_in += 1
-                try:
-                    self.stats.update(seq, timestamp, now)
-                    self.jitter.push(seq, timestamp, data[12:], now, b1 & 0x7F, b1 > 0x7F)
-                except Exception:
-                    log.failure("RTP packet from {addr} could not be handled", addr=addr)
-                    return 0
-                return 1
         try:
             taken = self.datagram_received(data, addr, False, now)
         except Exception:
@@ -285,6 +281,18 @@ class RtpLeg:
         if taken and not self.connected and self._may_connect:
             self._connect()
         return taken
+
+    def _received_from_remote(self, data: bytes, now: float) -> int:
+        """A datagram the kernel let through from ``remote_rtp`` that the C loop's short path did
+        not take (a new SSRC, telephone-event, RTCP, SRTP, header extensions): the general path."""
+        try:
+            return self.datagram_received(data, self.remote_rtp, False, now)
+        except Exception:
+            log.failure("RTP packet from {addr} could not be handled", addr=self.remote_rtp)
+            return 0
+
+    def _read_failed(self, e: OSError) -> None:
+        log.debug("RTP socket read failed: {e}", e=e)
 
     def _connect(self) -> None:
         """Connect the RTP socket to ``remote_rtp``, which just sent us media.
@@ -448,21 +456,6 @@ class RtpLeg:
             self._decoders[pt] = decoder
         return decoder
 
-    def pop_inbound(self):
-        """This tick's inbound frame as ``(decoder, payload)`` to decode, ``(None, pcm)`` ready to
-        play (a concealed frame), or None (nothing to play: buffering, or no stream yet)."""
-        if self.jitter is None:
-            return None
-        frame = self.jitter.pop()
-        if frame is None:
-            return None
-        if frame.concealed:
-            return None, SILENCE
-        decoder = self._decoders.get(frame.payload_type) or self._decoder(frame.payload_type)
-        if decoder is None:
-            return None
-        return decoder, frame.payload
-
     def play_inbound(self, pcm) -> None:
         """Hand a decoded frame to the session (silence while the peer holds the call)."""
         if self.on_hold:
@@ -491,18 +484,10 @@ class RtpLeg:
         return SILENCE if pcm is None else pcm
 
     def send_audio(self, payload: bytes) -> bool:
-        """Send this tick's encoded audio; False when the packet could not be sent."""
-        ports = self.ports
-        if self.srtp is not None or not self.connected or ports is None:
-            return self._send(self.stream.next_header(len(payload), self._step) + payload, count=False)
-        # the steady state, written out: plain RTP on a connected socket
-        data = self.stream.next_audio_header(len(payload), self._step) + payload
-        try:
-            ports.rtp.send(data)
-        except OSError as e:
-            return self._send_failed(e)
-        self.packets_out += 1
-        return True
+        """Send this tick's encoded audio; False when the packet could not be sent.  The ticker's
+        C loop (``_rtpcore.send_audio``) sends the steady state (plain RTP on a connected socket)
+        itself and calls this for the rest (SRTP, an unconnected socket)."""
+        return self._send(self.stream.next_header(len(payload), self._step) + payload, count=False)
 
     def _send(self, data: bytes, count: bool = True) -> bool:
         if self.srtp is not None:
@@ -605,6 +590,7 @@ class RtpLeg:
                     log.failure("RTCP BYE failed")
         if self.ports is not None:
             ports, self.ports = self.ports, None
+            self._rtp_fd = -1  # before the descriptor is closed (and could be reused)
             self.connected = self.source_filtered = False
             return ports.close()
         return defer.succeed(None)

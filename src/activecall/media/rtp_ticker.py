@@ -25,12 +25,13 @@ one tick: under sustained overload the clock falls behind as it would without
 the carry.  Past the deadline, sockets are read one packet each per tick (the
 stream's own rate); a backlog waits in the kernel for a tick with time to spare.
 
-Per leg and tick that leaves a ``recv``, a ``send`` (their addressed forms
-until the leg's socket is connected to its remote) and a few dozen Python
-operations; the numpy work is shared.  Measured in
-docs/benchmarks.md.  A leg whose callback raises is logged and dropped from
-the ticker (as the media clock does with a failing subscriber), never the
-others.
+The per-packet loops of the three phases are C (``_rtpcore.c``: ``send_audio``,
+``read_ready``, ``pop_inbound``), which handle the steady state themselves and
+call the leg's Python methods for everything else.  Per leg and tick that
+leaves a ``recv``, a ``send`` and the session's own calls; the numpy coding is
+shared.  Measured in docs/benchmarks.md.  A leg whose callback raises is
+logged and dropped from the ticker (as the media clock does with a failing
+subscriber), never the others.
 
 The ticker joins its clock when it gets its first leg and leaves it with its
 last, so an idle daemon has no timer running.
@@ -43,6 +44,7 @@ import weakref
 
 from twisted.logger import Logger
 
+from activecall.media import _rtpcore
 from activecall.media import codecs as codec_mod
 
 log = Logger(namespace="activecall.media.rtp")
@@ -53,6 +55,7 @@ RECEIVE_MARGIN = 0.001  # the receive side stops this long before the next frame
 RTCP_POLL_TICKS = 25  # each leg's RTCP socket is read every 0.5 s; reports come every ~5 s
 
 _tickers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CAN_POLL = hasattr(select, "epoll") and hasattr(_rtpcore, "read_ready")  # Linux
 
 
 def _limit_blas_threads() -> None:
@@ -135,16 +138,16 @@ class RtpTicker:
             self.media_clock.remove(self)
 
     def _watch(self, leg) -> None:
-        """Register the leg's RTP socket with the readiness poll (a leg without a real socket is
-        read the plain way, until its socket is empty)."""
-        fd = leg.rtp_fileno() if hasattr(leg, "rtp_fileno") else -1
-        if fd < 0:
+        """Register the leg's RTP socket with the readiness poll (a leg without a real socket, or
+        a system without epoll, is read the plain way, until its socket is empty)."""
+        fd = leg.rtp_fileno()
+        if fd < 0 or not _CAN_POLL:
             self._unpolled.append(leg)
             return
         if self._poller is None:
-            self._poller = select.epoll() if hasattr(select, "epoll") else select.poll()
+            self._poller = select.epoll()
         try:
-            self._poller.register(fd, select.POLLIN)
+            self._poller.register(fd, select.EPOLLIN)
         except (OSError, ValueError):
             self._unpolled.append(leg)
             return
@@ -174,32 +177,13 @@ class RtpTicker:
         Past ``stop_at`` only the first round runs: after a stall every socket holds several
         packets, and reading them all in one tick would make that tick late too; one a tick
         keeps up with the stream, and the rest waits in the kernel for a tick with time to spare.
-        The RTP packets taken."""
-        received = 0
-        poll, by_fd = self._poller.poll, self._by_fd
-        seconds = self.reactor.seconds
-        for round_ in range(MAX_READ_ROUNDS):
-            if round_ and stop_at is not None and seconds() >= stop_at:
-                break
-            events = poll(0)
-            if not events:
-                if self._checking:  # every socket is empty now, including the newly connected ones
-                    checking, self._checking = self._checking, []
-                    for leg in checking:
-                        leg.queue_checked()
-                break
-            for fd, _mask in events:
-                leg = by_fd.get(fd)
-                if leg is None:  # cannot happen while _watch/_unwatch pair up; never spin on it
-                    try:
-                        self._poller.unregister(fd)
-                    except (OSError, ValueError, KeyError):
-                        pass
-                    continue
-                try:
-                    received += leg.read_one(now)
-                except Exception:
-                    self._failed(leg)
+        The RTP packets taken.  The loop is C (``_rtpcore.read_ready``)."""
+        received, saw_empty = _rtpcore.read_ready(
+            self._poller.fileno(), self._by_fd, now, stop_at, self.reactor.seconds, MAX_READ_ROUNDS, self._failed)
+        if saw_empty and self._checking:  # every socket is empty now, including the newly connected ones
+            checking, self._checking = self._checking, []
+            for leg in checking:
+                leg.queue_checked()
         return received
 
     def check_queue(self, leg) -> None:
@@ -209,6 +193,7 @@ class RtpTicker:
             self._checking.append(leg)
 
     def _failed(self, leg) -> None:
+        """``leg`` raised on the tick (called in its ``except`` block, also by the C loops)."""
         log.failure("RTP leg of {session} failed on the media tick; its media stopped",
                     session=getattr(leg.session, "id", "?"))
         self.failures += 1
@@ -252,14 +237,7 @@ class RtpTicker:
             encoded = codec_mod.encode_frames(encoders, frames)
         except Exception:  # a session handed over something that is not audio: find out whose
             encoded = [_encode_or_none(leg, pcm) for leg, pcm in zip(send_legs, frames)]
-        sent = 0
-        for leg, payload in zip(send_legs, encoded):
-            if payload is None:
-                continue
-            try:
-                sent += leg.send_audio(payload)
-            except Exception:
-                self._failed(leg)
+        sent = _rtpcore.send_audio(send_legs, encoded, self._failed)
         if sent and self._m_out is not None:
             self._m_out.inc(sent)
 
@@ -294,22 +272,9 @@ class RtpTicker:
             self._play_out(chunk)
 
     def _play_out(self, legs) -> None:
-        decoders, payloads, decode_legs = [], [], []
-        for leg in legs:
-            if not leg.running:
-                continue  # hung up during this tick
-            try:
-                job = leg.pop_inbound()
-                if job is not None:
-                    decoder, data = job
-                    if decoder is None:
-                        leg.play_inbound(data)
-                    else:
-                        decoders.append(decoder)
-                        payloads.append(data)
-                        decode_legs.append(leg)
-            except Exception:
-                self._failed(leg)
+        """Pop every running leg's jitter buffer (C: ``_rtpcore.pop_inbound``, which plays a
+        concealed gap's frame at once), decode the payloads together, hand each session its frame."""
+        decoders, payloads, decode_legs = _rtpcore.pop_inbound(legs, self._failed)
         if not decode_legs:
             return
         pcms = codec_mod.decode_payloads(decoders, payloads)  # None for a payload its decoder refused
