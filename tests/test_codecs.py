@@ -234,3 +234,26 @@ class BatchTests(unittest.TestCase):
         decoded = codecs.decode_payloads(legs, [b"\xff" * 160, b"\xff" * 80, b"\xff" * 160, b"\xff\xfe\xfd"])
         self.assertEqual([len(p) for p in decoded[:3]], [320, 160, 320])
         self.assertIsNone(decoded[3])  # a payload libopus refuses: None for that leg, the others decoded
+
+    def test_filter_histories_live_in_shared_rows_given_back_with_the_codec(self):
+        """Every G.711 codec's resampling histories are rows of two shared matrices (the batch
+        reads and writes them with one indexed copy); a dropped codec's rows are zeroed and reused,
+        and the matrices grow when every row is taken."""
+        import gc
+        bank = codecs._DOWN_BANK
+        many = [codecs.create("pcma") for _ in range(bank.matrix.shape[0] + 5)]  # more than it had
+        rows = {c._down._row for c in many}
+        self.assertEqual(len(rows), len(many))
+        self.assertGreaterEqual(bank.matrix.shape[0], len(many))
+        frames = self.frames(len(many), 0)
+        codecs.encode_frames(many, frames)
+        last = many[-1]
+        self.assertTrue(np.any(last._down._history != 0))
+        np.testing.assert_array_equal(last._down._history, bank.matrix[last._down._row])
+        row = last._down._row
+        del many, last
+        gc.collect()
+        self.assertFalse(np.any(bank.matrix[row] != 0))
+        fresh = codecs.create("pcmu")
+        self.assertIn(fresh._down._row, rows)  # a free row is used again
+        self.assertFalse(np.any(fresh._down._history != 0))
