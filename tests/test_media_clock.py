@@ -104,3 +104,63 @@ class MediaClockTests(unittest.TestCase):
         self.reactor.advance(0.02)
         self.assertEqual(len(self.calls), 1)
         self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+
+
+class PreciseWakeUpTests(unittest.TestCase):
+    """On the real reactor (Linux) the clock wakes through a timerfd armed with absolute deadlines;
+    how precisely is measured by bench/bench_rtp_legs.py, not asserted here."""
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        from activecall.media.timerfd import PreciseTimer
+        if not PreciseTimer.available(reactor):
+            raise unittest.SkipTest("no timerfd on this platform")
+        self.reactor = reactor
+
+    def test_ticks_on_the_grid_through_the_timerfd_and_leaves_nothing_behind(self):
+        from twisted.internet import defer
+
+        clock = MediaClock(self.reactor)
+        self.addCleanup(clock.close)
+        seen, done = [], defer.Deferred()
+
+        def sub():
+            seen.append(self.reactor.seconds())
+            if len(seen) == 10:
+                clock.remove(sub)
+                done.callback(None)
+        clock.add(sub)
+        self.assertIsNotNone(clock._timer)
+        self.assertIn(clock._timer, self.reactor.getReaders())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # no reactor timer for the media clock
+
+        def check(_):
+            self.assertEqual(clock.ticks, 10)
+            deadlines = [clock._start + (k + 1) * clock.interval for k in range(10)]
+            self.assertTrue(all(t >= d - 0.001 for t, d in zip(seen, deadlines)))  # on the grid, never early
+            self.assertNotIn(clock._timer, self.reactor.getReaders())  # idle: nothing watched
+            self.assertFalse(clock._timer.active())
+        return done.addCallback(check)
+
+    def test_a_clock_without_subscribers_can_start_again_and_close(self):
+        from twisted.internet import defer, task
+
+        clock = MediaClock(self.reactor)
+        ticks = []
+        clock.add(lambda: ticks.append(1))
+        d = task.deferLater(self.reactor, 0.1, lambda: None)
+
+        def stop(_):
+            self.assertGreater(len(ticks), 0)
+            fd = clock._timer.fileno()
+            clock.close()
+            self.assertIsNone(clock._timer)
+            self.assertEqual(len(clock), 0)
+            import os
+            self.assertRaises(OSError, os.fstat, fd)  # the descriptor is closed
+        return d.addCallback(stop)
+
+    def test_task_clock_and_precise_false_use_reactor_timers(self):
+        self.assertFalse(MediaClock(task.Clock())._precise)
+        self.assertFalse(MediaClock(self.reactor, precise=False)._precise)

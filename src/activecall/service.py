@@ -240,6 +240,7 @@ class ActiveCallService(service.MultiService):
 
     def _stopped(self, _):
         self.pending_playbooks.clear()
+        self.media_clock.close()  # every call has ended; its timerfd goes
         log.info("activecall stopped")
         # twistd re-raises the signal that stopped it so the exit status says
         # "killed by SIGTERM"; a completed graceful shutdown is a clean exit 0.
