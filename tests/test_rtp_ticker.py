@@ -536,3 +536,38 @@ class RtpTickerTests(unittest.TestCase):
         del leg, session
         gc.collect()
         self.assertIsNone(ref())
+
+    @defer.inlineCallbacks
+    def test_garbage_from_the_trusted_source_is_dropped_and_the_leg_carries_on(self):
+        """Whatever the remote sends once its source is trusted (the C read loop's short path
+        only takes well-formed plain RTP of the current stream) never fails the leg."""
+        import random
+        leg = yield self.streaming_leg()
+        self.send_to(leg, 1, seq=3)
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertTrue(leg.source_filtered)
+        rng = random.Random(7)
+        header = RtpPacket(0, 4, 640, 99, b"").serialize()
+        garbage = [b"", b"\x80", header, header[:11], b"\x80\xc8" + bytes(30),  # empty, short, no payload, RTCP SR
+                   b"\x90" + header[1:] + b"\x00\x01\x00\x09",  # extension header cut short
+                   b"\xa0" + header[1:] + b"\xff" * 4,  # padding longer than the packet
+                   b"\x40" + header[1:] + b"\x00" * 160,  # RTP version 1
+                   header + b"\x00" * 3000]  # larger than any read buffer
+        garbage += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) for _ in range(200)]
+        for k, data in enumerate(garbage):
+            self.peer.sendto(data, ("127.0.0.1", leg.local_port))
+            if k % 16 == 15:
+                yield self.settle()
+                self.clock.advance(0.02)
+        yield self.settle()
+        for _ in range(20):
+            self.clock.advance(0.02)
+        ticker = RtpTicker.of(self.media_clock, self.clock)
+        self.assertEqual((ticker.legs, ticker.failures), ([leg], 0))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        before = leg.packets_in
+        self.send_to(leg, 3, seq=5)  # the real stream goes on
+        yield self.settle()
+        self.clock.advance(0.02)
+        self.assertGreaterEqual(leg.packets_in, before + 3)
