@@ -82,13 +82,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def core_busy_seconds(core: int) -> float:
+def core_seconds(core: int) -> tuple[float, float]:
+    """(busy, stolen) seconds of ``core`` since boot: busy is user, nice, system, irq and softirq time
+    (anyone's); stolen is what the hypervisor ran elsewhere while this guest wanted the core."""
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith(f"cpu{core} "):
                 v = [int(x) for x in line.split()[1:]]
-                return (sum(v[:8]) - v[3] - v[4]) / TICKS
-    return float("nan")
+                return (v[0] + v[1] + v[2] + v[5] + v[6]) / TICKS, (v[7] if len(v) > 7 else 0) / TICKS
+    return float("nan"), float("nan")
 
 
 def free_udp_port() -> int:
@@ -106,14 +108,15 @@ def run_legs(n, seconds, core, gen_core, base_port):
                                "--gen-port", str(gen_port), "--seconds", str(seconds),
                                "--base-port", str(base_port)])
         ports = json.loads(read_line(harness, "LEGS ", 120))
-        busy0 = core_busy_seconds(core)
+        busy0, stolen0 = core_seconds(core)
         gen.stdin.write(json.dumps({"targets": [["127.0.0.1", p] for p in ports], "seconds": seconds + 1.5,
                                    "skip_seconds": 1.0}) + "\n")
         harness.stdin.write("GO\n")
         h = _read_json_line(harness, seconds + 60)
-        others = core_busy_seconds(core) - busy0
+        busy1, stolen1 = core_seconds(core)
         g = _read_json_line(gen, seconds + 60)
-        h["others_pct"] = max(0.0, 100 * (others - h["cpu_s"]) / (seconds + 1.0))
+        h["others_pct"] = max(0.0, 100 * (busy1 - busy0 - h["cpu_s"]) / (seconds + 1.0))
+        h["stolen_pct"] = 100 * (stolen1 - stolen0) / (seconds + 1.0)
         return h, g
     finally:
         stop(harness)
@@ -187,7 +190,8 @@ def main():
             f"{h['wake_late_p99_ms']:.2f} / {h['wake_late_max_ms']:.1f} ms; tick wall p99 {h['tick_wall_p99_ms']:.2f} ms; "
             f"{h['gc_collections']} GC collections ({h['gc_full_collections']} full), longest {h['gc_pause_max_ms']:.1f} ms; "
             f"inbound frames played a tick late {h['receive_deferred']} "
-            f"({100 * h['receive_deferred'] / max(1, h['packets_in']):.3f}%)")
+            f"({100 * h['receive_deferred'] / max(1, h['packets_in']):.3f}%); "
+            f"the hypervisor stole {h['stolen_pct']:.1f}% of the harness's core")
         if h["cpu_pct"] > 90 or h["tick_cpu_p50_ms"] > 20:
             print(f"# stopping after {n} legs: the core is saturated (one tick's work does not fit in 20 ms)")
             break
