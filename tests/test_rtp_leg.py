@@ -151,10 +151,17 @@ class RtpLegTests(unittest.TestCase):
         self.assertTrue(on_hold)
         self.assertIn("a=recvonly", answer)
         self.bob.received.clear()
+        sent, stamp = b.packets_out, b.stream.timestamp
         yield self.run_ticks(10)
         self.assertTrue(all(not f.any() for f in self.bob.received))
+        # recvonly: b sends nothing, its timestamp runs on, and its next packet will be marked
+        self.assertEqual(b.packets_out, sent)
+        self.assertGreaterEqual((b.stream.timestamp - stamp) % (1 << 32), 10 * 160)
+        self.assertTrue(b.stream._marker_next)
         answer, on_hold = b.reoffer(a.offer())
         self.assertFalse(on_hold)
+        yield self.run_ticks(3)
+        self.assertGreater(b.packets_out, sent)
 
     @defer.inlineCallbacks
     def test_strangers_ignored_without_latching_and_followed_with_it(self):
