@@ -131,6 +131,8 @@ class StreamTests(unittest.TestCase):
         s.sequence = 65536 + 3
         self.assertEqual(s.sequence, 3)
         self.assertRaises(TypeError, setattr, s, "timestamp", 1.5)
+        self.assertRaises(ValueError, s.next_header, -1, 160)
+        self.assertRaises(ValueError, s.next_audio_header, -1, 160)
         self.assertNotEqual(s, rtp.RtpStream(0, 8000))
         self.assertRaises(TypeError, hash, s)  # mutable, compared by value: unhashable, as the dataclass was
 

@@ -214,6 +214,10 @@ static PyObject *RtpStream_next_header(RtpStreamObject *self, PyObject *args, Py
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "nO|$pOO", kwlist, &payload_len, &samples_obj, &marker,
                                      &pt_obj, &ts_obj))
         return NULL;
+    if (payload_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "payload_len must not be negative");
+        return NULL;
+    }
     uint32_t samples, ts = 0;
     int pt = -1;
     if (as_u32(samples_obj, &samples) < 0)
@@ -240,6 +244,10 @@ static PyObject *RtpStream_next_audio_header(RtpStreamObject *self, PyObject *co
     Py_ssize_t payload_len = PyLong_AsSsize_t(args[0]);
     if (payload_len == -1 && PyErr_Occurred())
         return NULL;
+    if (payload_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "payload_len must not be negative");
+        return NULL;
+    }
     uint32_t samples;
     if (as_u32(args[1], &samples) < 0)
         return NULL;
@@ -1318,13 +1326,13 @@ static PyObject *core_send_audio(PyObject *module, PyObject *const *args, Py_ssi
         return NULL;
     }
     PyObject *legs = args[0], *payloads = args[1], *failed = args[2];
-    Py_ssize_t n = PyList_GET_SIZE(legs);
-    if (PyList_GET_SIZE(payloads) != n) {
+    if (PyList_GET_SIZE(payloads) != PyList_GET_SIZE(legs)) {
         PyErr_SetString(PyExc_ValueError, "send_audio: as many payloads as legs");
         return NULL;
     }
     long long sent = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    /* the sizes are read on every round: a leg's Python code runs in between */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(legs) && i < PyList_GET_SIZE(payloads); i++) {
         PyObject *obj = PyList_GET_ITEM(legs, i), *payload = PyList_GET_ITEM(payloads, i);
         if (payload == Py_None)
             continue;
@@ -1513,8 +1521,7 @@ static PyObject *core_pop_inbound(PyObject *module, PyObject *const *args, Py_ss
     PyObject *decoders = PyList_New(0), *payloads = PyList_New(0), *decode_legs = PyList_New(0);
     if (decoders == NULL || payloads == NULL || decode_legs == NULL)
         goto error;
-    Py_ssize_t n = PyList_GET_SIZE(legs);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(legs); i++) { /* (a leg's Python code runs in between) */
         PyObject *obj = PyList_GET_ITEM(legs, i);
         RtpLegCoreObject *leg = as_leg(obj);
         if (leg == NULL)
