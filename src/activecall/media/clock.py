@@ -78,19 +78,17 @@ class MediaClock:
         return self._start + (self.ticks + 1) * self.interval
 
     def _schedule(self) -> None:
+        if self._precise and self._timer is None:
+            try:
+                self._timer = PreciseTimer(self.reactor, self._tick)
+            except OSError as e:  # out of descriptors, or a kernel without timerfd
+                log.warn("media clock falls back to reactor timers: {e}", e=e)
+                self._precise = False
         if self._precise:
-            if self._timer is None:
-                try:
-                    self._timer = PreciseTimer(self.reactor, self._tick)
-                except OSError as e:  # out of descriptors, or a kernel without timerfd
-                    log.warn("media clock falls back to reactor timers: {e}", e=e)
-                    self._precise = False
-                    return self._schedule()
             self._timer.arm(self.next_deadline())
             self._call = self._timer
-            return None
-        self._call = self.reactor.callLater(max(0.0, self.next_deadline() - self.reactor.seconds()), self._tick)
-        return None
+        else:
+            self._call = self.reactor.callLater(max(0.0, self.next_deadline() - self.reactor.seconds()), self._tick)
 
     def close(self) -> None:
         """Stop ticking and release the timerfd (daemon shutdown)."""

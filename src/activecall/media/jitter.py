@@ -29,10 +29,7 @@ from __future__ import annotations
 
 from activecall.media._rtpcore import JB_CAPACITY, Frame, JitterBuffer, JitterStats
 
-__all__ = ["Frame", "JitterBuffer", "JitterStats", "JB_CAPACITY", "seq_delta", "SEQ_MOD", "TS_MOD"]
-
-SEQ_MOD = 1 << 16
-TS_MOD = 1 << 32
+__all__ = ["Frame", "JitterBuffer", "JitterStats", "JB_CAPACITY", "seq_delta"]
 
 
 def seq_delta(a: int, b: int) -> int:

@@ -45,7 +45,6 @@ def random_ssrc() -> int:
 # -- RTP ------------------------------------------------------------------------------------
 
 
-_FIXED_HEADER = struct.Struct("!BBHII")
 
 
 @dataclass(frozen=True)
@@ -338,9 +337,6 @@ class RtpStream(_rtpcore.RtpStream):
     def sender_report(self, unix_now: float, reports=()) -> SenderReport:
         return SenderReport(self.ssrc, ntp_timestamp(unix_now), self.timestamp, self.packet_count,
                             self.octet_count, tuple(reports))
-
-
-SEQ_MOD = 1 << 16
 
 
 class ReceiveStats(_rtpcore.ReceiveStats):

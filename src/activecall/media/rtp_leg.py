@@ -264,14 +264,11 @@ class RtpLeg(RtpLegCore):
         if sock is None:
             return 0
         try:
-            if self.source_filtered:  # the kernel lets only remote_rtp's datagrams in
-                data, addr = sock.recv(2048), self.remote_rtp
-            else:
-                data, addr = sock.recvfrom(2048)
+            data, addr = sock.recvfrom(2048)
         except _QUIET_ERRORS:
             return 0
         except OSError as e:
-            log.debug("RTP socket read failed: {e}", e=e)
+            self._read_failed(e)
             return 0
         try:
             taken = self.datagram_received(data, addr, False, now)
