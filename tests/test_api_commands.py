@@ -1,4 +1,4 @@
-"""Parsing client → server commands (ws-api.md §2): every command, CallOption,
+"""Parsing client → server commands (docs/api.md): every command, CallOption,
 errors instead of silent drops, size limit, secret redaction."""
 
 from __future__ import annotations

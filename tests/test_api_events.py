@@ -1,4 +1,4 @@
-"""The JSON shapes of server → client events (ws-api.md §3)."""
+"""The JSON shapes of server → client events (docs/api.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RFC 4733: sip-media.md §6 item 15 exactly, dynamic PTs, and the sender's packet sequence."""
+"""RFC 4733: active-call's receive rules (docs/media.md), dynamic PTs, and the sender's packet sequence."""
 
 import struct
 

@@ -1,6 +1,6 @@
 """The playbook runner on a real CallSession driven by task.Clock, with a scripted fake LLM (exact turns,
 tags, barge-in, follow-up, DTMF, collectors, posthook), and against a real local OpenAI-compatible SSE
-server for the LLM path (playbook.md §5)."""
+server for the LLM path (docs/playbooks.md §6)."""
 
 import dataclasses
 import json

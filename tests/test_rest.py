@@ -1,4 +1,4 @@
-"""REST routes over a real local HTTP server: shapes of ws-api.md §1, both list
+"""REST routes over a real local HTTP server: shapes of docs/api.md's REST routes, both list
 and kill routes, path traversal refused, pending playbooks, records, token."""
 
 from __future__ import annotations

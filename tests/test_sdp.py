@@ -1,4 +1,4 @@
-"""SDP parse/build and RFC 3264 negotiation, including sip-media.md §6 items 9 and 12-14."""
+"""SDP parse/build and RFC 3264 negotiation, including active-call's answer-ordering cases (docs/media.md)."""
 
 from twisted.trial import unittest
 

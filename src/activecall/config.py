@@ -1,7 +1,7 @@
 """Configuration: a TOML file read into frozen dataclasses.
 
-The configuration guide of active-call (../shared/seed/) is the authority for
-key names and defaults.  Every section is one dataclass whose field names are
+Key names and defaults are active-call's, as its configuration guide documents
+them (docs/configuration.md lists every key and where we differ).  Every section is one dataclass whose field names are
 the TOML key names.  Loading is strict: a wrong type, an unparsable address, a
 port out of range, an invalid regex or an unknown key stops start-up with a
 ``ConfigError`` that names the file, the key and the reason.  A file with only

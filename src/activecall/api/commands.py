@@ -1,4 +1,4 @@
-"""Client → server commands of the WebSocket protocol (ws-api.md §2), one frozen
+"""Client → server commands of the WebSocket protocol (docs/api.md, "WebSocket commands"), one frozen
 dataclass each, and ``CallOption`` with its nested option objects.
 
 ``parse_command`` turns one text frame into a command or raises

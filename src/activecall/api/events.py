@@ -1,4 +1,4 @@
-"""Server → client events of the WebSocket protocol (ws-api.md §3), one frozen
+"""Server → client events of the WebSocket protocol (docs/api.md, "Events"), one frozen
 dataclass each, plus the small wire machinery that commands.py shares.
 
 Field names are the wire names (camelCase) so a reader can grep the protocol

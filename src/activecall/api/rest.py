@@ -1,4 +1,4 @@
-"""The REST side of the API (ws-api.md §1) as twisted.web resources.
+"""The REST side of the API (docs/api.md, "REST routes") as twisted.web resources.
 
 The resources see active calls only through a small ``ActiveCalls`` object
 (``list()`` -> summaries, ``kill(id)`` -> bool), so they work with a fake in

@@ -2,7 +2,7 @@
 
 ``/call``: JSON commands/events and binary audio on one socket;
 ``/call/sip`` and ``/call/webrtc``: JSON control, media elsewhere.
-Query parameters (ws-api.md §1): ``id``, ``dump``, ``ping``, ``serverSideTrack``.
+Query parameters (docs/api.md): ``id``, ``dump``, ``ping``, ``serverSideTrack``.
 
 A frame that is not a valid command gets an ``error`` event and the socket
 stays open (the original dropped it silently).  Frames larger than

@@ -1,4 +1,4 @@
-"""Call detail records (sip-media.md §4) and where they go (``[callrecord]``).
+"""Call detail records (docs/api.md, "CDR") and where they go (``[callrecord]``).
 
 One JSON document per call, camelCase keys, unset fields left out.  Secrets
 never reach it: ``option`` and ``extras`` pass through ``redact`` every time

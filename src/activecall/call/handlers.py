@@ -1,4 +1,4 @@
-"""What to do with an inbound INVITE (sip-media.md §1b, §5): the handler
+"""What to do with an inbound INVITE (docs/api.md, "Inbound calls: invite handlers"): the handler
 interface, the playbook router, the webhook handler, and the small pure
 functions they share (URI user part, custom X- headers, safe playbook paths).
 

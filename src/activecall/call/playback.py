@@ -1,6 +1,6 @@
 """The server-side track of a call: ``tts``, ``play``, ``interrupt``, ``pause``.
 
-One active track at a time, with active-call's playId rules (ws-api.md §5):
+One active track at a time, with active-call's playId rules (docs/api.md, "Tracks and playId"):
 
 - ``tts`` with the active TTS track's playId (both absent counts as equal)
   queues its text on that track: no new trackStart, no interruption;

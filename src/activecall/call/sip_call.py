@@ -1,6 +1,6 @@
 """SIP calls as sessions: the ``/call/sip`` connector and inbound routing.
 
-Inbound INVITEs go to the configured handler (sip-media.md §5):
+Inbound INVITEs go to the configured handler (docs/api.md, "Inbound calls: invite handlers"):
 
 - **webhook** → 2xx keeps the INVITE pending under its dialog id until a client
   opens ``/call/sip?id=<dialogId>`` and sends ``ringing``/``accept``/``reject``;

@@ -53,7 +53,7 @@ class PcmCodec:
 
 def start_pending_playbook(session) -> None:
     """A playbook posted to ``/api/playbook/run`` for this session id starts with the connection
-    (ws-api.md §1); it speaks once the call is answered."""
+    (docs/api.md, "REST routes"); it speaks once the call is answered."""
     manager = getattr(session, "manager", None)
     pending = getattr(manager, "pending_playbooks", None)
     taken = pending.take(session.id) if pending is not None else None

@@ -1,6 +1,6 @@
 """RFC 4733 telephone-events: one digit per key press on receive, the packet sequence on send.
 
-Receive follows sip-media.md §6 item 15: payload ``[event, E|R|volume,
+Receive follows active-call's receiver (docs/media.md): payload ``[event, E|R|volume,
 duration(16)]``; the first packet of a press fires; later packets with the same
 event and a duration that did not go down are the same press (updates, end
 packets, retransmits); a lower duration is a new press.  Events above 15,

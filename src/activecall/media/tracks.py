@@ -123,7 +123,7 @@ class TtsTrack(Track):
     """Synthesised speech, appended as the synthesiser streams it.
 
     The track ends only after ``end_of_stream()`` and once every queued sample
-    has been played (ws-api.md §5 rule 5).
+    has been played (docs/api.md, "Tracks and playId").
     """
 
     kind = "tts"

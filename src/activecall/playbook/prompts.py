@@ -1,4 +1,4 @@
-"""The system prompt a playbook's scene becomes (playbook.md §3.1), and the runtime's fixed prompts.
+"""The system prompt a playbook's scene becomes (docs/playbooks.md, "Scenes"), and the runtime's fixed prompts.
 
 The original loaded feature snippets and tool instructions from ``features/*.md`` files next to the
 binary; here they are built in (English; the model follows them whatever language it answers in), so a

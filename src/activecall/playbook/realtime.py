@@ -1,4 +1,4 @@
-"""A playbook in realtime mode: front matter ``realtime:`` (playbook.md §1.2, §2.3).
+"""A playbook in realtime mode: front matter ``realtime:`` (docs/playbooks.md, "Realtime mode").
 
 The speech-to-speech model replaces VAD, ASR, the LLM and the TTS; the runner
 keeps the dialogue state machine around it:

@@ -1,4 +1,4 @@
-"""A playbook running one call: a Deferred-driven dialogue state machine (playbook.md §2-§3).
+"""A playbook running one call: a Deferred-driven dialogue state machine (docs/playbooks.md, "Runtime").
 
 The runner is a listener of its ``CallSession``: it sees every event the call emits (asrFinal, speaking,
 silence, dtmf, trackStart/trackEnd, hangup) and answers with the same commands a WebSocket client would
@@ -229,7 +229,7 @@ class PlaybookRunner:
         elif isinstance(event, ev.Dtmf):
             self._on_dtmf(event.digit)
         elif self.collection is not None and not self.collection.config.interruptible:
-            return  # collecting: speech is not for us (playbook.md §3.6)
+            return  # collecting: speech is not for us (docs/playbooks.md, collectors)
         elif isinstance(event, ev.AsrFinal):
             self._on_final(event)
         elif isinstance(event, (ev.AsrDelta, ev.Speaking)):
@@ -274,7 +274,7 @@ class PlaybookRunner:
         self._start_turn()
 
     def _maybe_barge_in(self, event) -> None:
-        """Interrupt the bot when the caller talks over it (playbook.md §3.3, §5 item 13)."""
+        """Interrupt the bot when the caller talks over it (docs/playbooks.md, interruption)."""
         strategy = self.config.interruption.strategy
         if isinstance(event, ev.Speaking) and strategy not in ("both", "vad"):
             return

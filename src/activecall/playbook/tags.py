@@ -6,7 +6,7 @@ shorter than ``min_sentence_chars`` waits to be joined with the next one.  Tags 
 and never reach the TTS: text before a tag is flushed first, then the tag's event.  Any ``<name …>`` markup
 is taken out of the spoken text; a malformed or unknown tag is logged and dropped, never spoken.
 
-A reply whose first non-blank character is ``{`` or a backquote is a JSON command (playbook.md §2.2): it is
+A reply whose first non-blank character is ``{`` or a backquote is a JSON command (docs/playbooks.md §5): it is
 buffered whole and parsed by ``parse_json_command`` at the end; if it is not valid, it is spoken as text.
 """
 

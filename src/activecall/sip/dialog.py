@@ -42,7 +42,7 @@ class DialogId:
     remote_tag: str
 
     def __str__(self) -> str:
-        # sip-media.md §2: "<Call-ID>-<our tag>-<their tag>", the session id clients use
+        # the dialog id active-call clients use (docs/sip.md): "<Call-ID>-<our tag>-<their tag>", the session id clients use
         return f"{self.call_id}-{self.local_tag}-{self.remote_tag}"
 
 

@@ -6,7 +6,7 @@ line and attribute verbatim, in order, so an SDP survives a parse/build round
 trip.  Negotiation never touches sockets: it maps an offer (or our offer plus
 the peer's answer) and our configured codec list to a ``Negotiated`` value
 that the RTP leg acts on.  The rules, and where they come from, are in
-docs/media.md; the original's must-reproduce cases are sip-media.md §6 12-14.
+docs/media.md; each rule has its test in tests/test_sdp.py.
 """
 
 from __future__ import annotations

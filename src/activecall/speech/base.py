@@ -12,7 +12,7 @@ never knows which vendor or library it talks to:
   ``sink`` as they exist and returns a Deferred; cancelling it stops the work
   at once (the process is killed, the request aborted).
 
-Options arrive as the camelCase dicts of the API and playbooks (ws-api.md §2)
+Options arrive as the camelCase dicts of the API and playbooks (docs/api.md, CallOption)
 and are parsed here into frozen dataclasses, so a wrong type names the key.
 """
 
@@ -115,7 +115,7 @@ def _extra(options: Mapping[str, Any], where: str) -> dict:
 
 @dataclass(frozen=True)
 class VadOptions:
-    """``vad`` options (ws-api.md §2 VADOption); ms values, probabilities in 0..1."""
+    """``vad`` options (CallOption ``vad``, docs/api.md); ms values, probabilities in 0..1."""
 
     type: str = "silero"
     speechPadding: int = 250
@@ -151,7 +151,7 @@ class VadOptions:
 
 @dataclass(frozen=True)
 class AsrOptions:
-    """``asr`` options (ws-api.md §2 TranscriptionOption)."""
+    """``asr`` options (CallOption ``asr``, docs/api.md)."""
 
     provider: str = "pocketsphinx"
     language: Optional[str] = None
@@ -180,7 +180,7 @@ class AsrOptions:
 
 @dataclass(frozen=True)
 class TtsOptions:
-    """``tts`` options (ws-api.md §2 SynthesisOption)."""
+    """``tts`` options (CallOption ``tts``, docs/api.md)."""
 
     provider: str = "flite"
     speaker: Optional[str] = None

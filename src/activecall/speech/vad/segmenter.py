@@ -2,7 +2,7 @@
 
 Detectors turn audio into (window start, window length, probability); this
 class alone decides when speech starts and ends, so every VAD backend has the
-same padding semantics (ws-api.md §2 VADOption):
+same padding semantics (docs/speech.md, "VAD"):
 
 - ``speechPadding``: voiced audio must last this long before ``SpeechStarted``
   (shorter blips are ignored); the event carries the time the voice began;
