@@ -412,6 +412,105 @@ class OverrideTests(ConfigFileMixin, unittest.TestCase):
         self.assertBad(self.BASE, "--codecs", "audio codec", {"codecs": "dtmf"})
 
 
+class ConfiguredPlaybooksTests(ConfigFileMixin, unittest.TestCase):
+    """Every playbook the configuration names is checked at load time when a check is given
+    (tap.py gives ``check_configured_playbook``); problems name the key and the file."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.elsewhere = os.path.abspath(self.mktemp())
+        for d in (self.dir, self.elsewhere):
+            os.makedirs(d)
+        self.good = os.path.join(self.elsewhere, "sales.md")
+        with open(self.good, "w") as f:
+            f.write("---\nllm: {provider: echo}\n---\nSell.\n")
+        with open(os.path.join(self.dir, "default.md"), "w") as f:
+            f.write("---\nllm: {provider: echo}\n---\nHi.\n")
+
+    def conf(self, default="default.md", rules=()):
+        text = f'playbook_dir = "{self.dir}"\n[handler]\ntype = "playbook"\n'
+        if default is not None:
+            text += f'default = "{default}"\n'
+        for callee, playbook in rules:
+            text += f'[[handler.rules]]\ncallee = "{callee}"\nplaybook = "{playbook}"\n'
+        return text
+
+    def check(self, text, overrides=None):
+        from activecall.call.handlers import check_configured_playbook
+
+        return load_config(self.write(text), overrides, check_playbook=check_configured_playbook)
+
+    def test_the_keys_that_name_playbooks(self):
+        cfg = self.load(self.conf(rules=[("a", "a.md"), ("b", "/x/b.md")]))
+        self.assertEqual(C.configured_playbooks(cfg), [
+            ("handler.default", "default.md"), ("handler.rules[0].playbook", "a.md"),
+            ("handler.rules[1].playbook", "/x/b.md")])
+        self.assertEqual(C.configured_playbooks(cfg, handler_flag=True)[0], ("--handler", "default.md"))
+        self.assertEqual(C.configured_playbooks(self.load('[handler]\ntype = "webhook"\nurl = "http://x"')), [])
+        self.assertEqual(C.configured_playbooks(self.load("")), [])
+
+    def test_absolute_and_relative_names_load(self):
+        cfg, warnings = self.check(self.conf(default=self.good, rules=[("^sip:1@", "default.md"),
+                                                                       ("^sip:2@", self.good)]))
+        self.assertEqual(cfg.handler.default, self.good)  # kept as written
+        self.assertEqual(warnings, [])
+        cfg, _ = self.check(self.conf(), {"handler": self.good})
+        self.assertEqual(cfg.handler.default, self.good)
+
+    def test_the_samples_playbooks_pass(self):
+        from activecall.call.handlers import check_configured_playbook
+
+        cfg, _ = load_config(SAMPLE)
+        named = C.configured_playbooks(cfg)
+        self.assertEqual(named, [("handler.default", "default.md")])
+        for _key, name in named:  # playbook_dir is relative to the repository (make run's directory)
+            self.assertEqual(check_configured_playbook(os.path.join(ROOT, cfg.playbook_dir), name), [])
+
+    def test_without_a_check_nothing_is_read(self):
+        cfg, _ = load_config(self.write(self.conf(default="/nonexistent/x.md")))
+        self.assertEqual(cfg.handler.default, "/nonexistent/x.md")
+
+    def test_a_missing_playbook_names_the_key_and_the_file(self):
+        path = self.write(self.conf(rules=[("a", "default.md"), ("b", "/etc/activecall-no/x.md")]))
+        from activecall.call.handlers import check_configured_playbook
+
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path, check_playbook=check_configured_playbook)
+        self.assertEqual(str(cm.exception),
+                         f"{path}: key 'handler.rules[1].playbook': /etc/activecall-no/x.md: no such file")
+        with self.assertRaises(ConfigError) as cm:
+            self.check(self.conf(default="gone.md"))
+        self.assertEqual(cm.exception.key, "handler.default")
+        self.assertIn(os.path.join(os.path.realpath(self.dir), "gone.md") + ": no such file", str(cm.exception))
+
+    def test_an_invalid_playbook_names_the_key_the_file_and_the_line(self):
+        bad = os.path.join(self.elsewhere, "bad.md")
+        with open(bad, "w") as f:
+            f.write("---\nllm: {provider: echo}\ndtmf:\n  '1': {action: goto, scene: nowhere}\n---\nx\n")
+        with self.assertRaises(ConfigError) as cm:
+            self.check(self.conf(default=bad))
+        self.assertEqual(cm.exception.key, "handler.default")
+        self.assertRegex(cm.exception.reason, f"^{re.escape(bad)}:4: .*nowhere")
+
+    def test_the_handler_flag_is_named_as_the_flag(self):
+        with self.assertRaises(ConfigError) as cm:
+            self.check(self.conf(), {"handler": "/nonexistent/greeting.md"})
+        self.assertEqual(str(cm.exception), "command line: key '--handler': /nonexistent/greeting.md: no such file")
+        with self.assertRaises(ConfigError) as cm:
+            self.check("", {"handler": "../greeting.md"})
+        self.assertEqual(cm.exception.key, "--handler")
+        self.assertIn("absolute path", cm.exception.reason)
+
+    def test_playbook_warnings_become_configuration_warnings(self):
+        noisy = os.path.join(self.elsewhere, "noisy.md")
+        with open(noisy, "w") as f:
+            f.write("---\nllm: {provider: echo}\nmadeUpKey: 1\n---\nx\n")
+        _, warnings = self.check(self.conf(rules=[("a", noisy)]))
+        [warning] = warnings
+        self.assertTrue(warning.startswith("handler.rules[0].playbook: "), warning)
+        self.assertIn("madeUpKey", warning)
+
+
 class HelpersTests(unittest.TestCase):
     def test_parse_hostport(self):
         self.assertEqual(C.parse_hostport("1.2.3.4:5"), ("1.2.3.4", 5))

@@ -178,6 +178,31 @@ class BadConfigTests(unittest.TestCase):
             base_config(log_file="/nonexistent/dir/a.log"), expect="key 'log_file'")
 
     @defer.inlineCallbacks
+    def test_a_missing_configured_playbook_stops_start_up(self):
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        with open(os.path.join(root, "default.md"), "w") as f:
+            f.write("---\nllm: {provider: echo}\n---\nHi.\n")
+        missing = os.path.join(root, "elsewhere", "sales.md")
+        out = yield self.assertStartFails(
+            base_config(playbook_dir=root) + (
+                '[handler]\ntype = "playbook"\ndefault = "default.md"\n'
+                '[[handler.rules]]\ncallee = "^1001$"\nplaybook = "default.md"\n'
+                f'[[handler.rules]]\ncallee = "^1002$"\nplaybook = "{missing}"\n'),
+            expect=f"key 'handler.rules[1].playbook': {missing}: no such file")
+        self.assertRegex(out, r"activecall: configuration error: /\S+\.toml: key 'handler\.rules\[1\]")
+        self.assertNotIn("activecall ready", out)
+
+    @defer.inlineCallbacks
+    def test_an_invalid_playbook_from_the_handler_flag_stops_start_up(self):
+        bad = os.path.abspath(self.mktemp() + ".md")
+        with open(bad, "w") as f:
+            f.write("---\nllm: [\n---\nx\n")
+        yield self.assertStartFails(
+            base_config(), "--handler", bad,
+            expect=f"configuration error: command line: key '--handler': {bad}:2: invalid YAML")
+
+    @defer.inlineCallbacks
     def test_port_in_use(self):
         import socket
 

@@ -111,13 +111,91 @@ class RoutingTests(unittest.TestCase):
         self.assertEqual(router.route(make_invite()), h.Reject(503, "Playbook Not Found"))
 
     def test_traversal_is_refused(self):
-        with open(os.path.join(os.path.dirname(self.dir), "secret.md"), "w") as f:
+        """Relative names leave ``playbook_dir`` neither from the configuration nor from the API;
+        an absolute path is refused from the API (a webhook's answer)."""
+        secret = os.path.join(os.path.dirname(self.dir), "secret.md")
+        with open(secret, "w") as f:
             f.write("x")
-        for name in ("../secret.md", "/etc/passwd", "team/../../secret.md", "a\\b.md", "x\x00.md", ""):
+        for name in ("../secret.md", "team/../../secret.md", "a\\b.md", "x\x00.md", ""):
             router = h.PlaybookRouter(PlaybookHandler(default=name), self.dir)
             self.assertEqual(router.route(make_invite()), h.Reject(503, "Playbook Not Found"), name)
             if name:
                 self.assertRaises(h.PlaybookNameError, h.resolve_playbook, self.dir, name)
+                self.assertRaises(h.PlaybookNameError, h.resolve_configured_playbook, self.dir, name)
+        for name in ("../secret.md", secret, "/etc/passwd", "team/../../secret.md"):
+            body = json.dumps({"action": "accept", "playbook": name}).encode()
+            self.assertEqual(h.webhook_decision(body, make_invite(), self.dir),
+                             h.Reject(503, "Playbook Not Found"), name)
+            self.assertRaises(h.PlaybookNameError, h.resolve_playbook, self.dir, name)
+
+    def test_a_configured_absolute_path_is_used_as_written(self):
+        """``default = "/etc/activecall/playbooks/sales.md"``: the operator's file, outside
+        ``playbook_dir``; the same path from a webhook's answer is refused."""
+        elsewhere = os.path.abspath(self.mktemp())
+        os.makedirs(elsewhere)
+        sales = os.path.join(elsewhere, "sales.md")
+        with open(sales, "w") as f:
+            f.write("---\n---\n# hi\n")
+        config = PlaybookHandler(default=sales, rules=(Rule(callee="^sip:vip@", playbook=sales),))
+        router = h.PlaybookRouter(config, self.dir)
+        for callee in ("sip:vip@pbx.example", "sip:support@pbx.example"):
+            decision = router.route(make_invite(callee=callee))
+            self.assertEqual((decision.name, decision.path), (sales, sales), callee)
+        body = json.dumps({"action": "accept", "playbook": sales}).encode()
+        self.assertEqual(h.webhook_decision(body, make_invite(), self.dir), h.Reject(503, "Playbook Not Found"))
+        # relative configured names are under playbook_dir, as the API's are
+        self.assertEqual(h.resolve_configured_playbook(self.dir, "team/night.md"),
+                         h.resolve_playbook(self.dir, "team/night.md"))
+        self.assertEqual(h.resolve_configured_playbook(self.dir, "/x/../y/./z.md"), "/y/z.md")
+        # a configured file deleted after start-up: the call gets 503, as before
+        os.remove(sales)
+        self.assertEqual(router.route(make_invite()), h.Reject(503, "Playbook Not Found"))
+
+    def test_configured_source_for_the_cli_call(self):
+        self.assertEqual(h.configured_source(self.dir, "/abs/x.md"), h.PlaybookFile("/abs/x.md"))
+        self.assertEqual(h.configured_source(self.dir, "sales.md"),
+                         h.PlaybookFile(os.path.join(os.path.realpath(self.dir), "sales.md")))
+        self.assertEqual(h.configured_source(self.dir, "---\n---\nx"), "---\n---\nx")
+        self.assertEqual(h.configured_source(self.dir, "../x.md"), "../x.md")  # the runner refuses it
+
+
+class ConfiguredPlaybookCheckTests(unittest.TestCase):
+    """``check_configured_playbook``: what start-up runs on every configured playbook."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def write(self, path, text):
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_good_playbooks_pass_and_give_their_warnings(self):
+        self.write(os.path.join(self.dir, "ok.md"), "---\nllm: {provider: echo}\n---\nx\n")
+        self.assertEqual(h.check_configured_playbook(self.dir, "ok.md"), [])
+        elsewhere = self.write(os.path.abspath(self.mktemp() + ".md"),
+                               "---\nllm: {provider: echo}\nmadeUpKey: 1\n---\nx\n")
+        [warning] = h.check_configured_playbook(self.dir, elsewhere)
+        self.assertIn("madeUpKey", warning)
+        self.assertEqual(h.check_configured_playbook(self.dir, "---\nllm: {provider: echo}\n---\nx"), [])
+
+    def test_problems_name_the_file(self):
+        bad = self.write(os.path.join(self.dir, "bad.md"), "---\nllm: [\n---\nx\n")
+        os.makedirs(os.path.join(self.dir, "dir.md"))
+        table = [
+            ("/nonexistent/x.md", "^/nonexistent/x.md: no such file$"),
+            ("gone.md", f"^{os.path.realpath(self.dir)}/gone.md: no such file$"),
+            ("dir.md", "dir.md: not a file$"),
+            ("bad.md", f"^{bad}:2: invalid YAML"),
+            ("../x.md", "invalid playbook name '../x.md'.*absolute path"),
+            ("---\nllm: [\n---\n", "<inline playbook>:2: invalid YAML"),
+        ]
+        for name, pattern in table:
+            with self.assertRaises(ValueError) as cm:
+                h.check_configured_playbook(self.dir, name)
+            self.assertRegex(str(cm.exception), pattern, name)
+            self.assertNotIn("\n", str(cm.exception))
 
     def test_symlink_out_of_the_directory_is_refused(self):
         outside = os.path.abspath(self.mktemp())

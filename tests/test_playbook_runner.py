@@ -842,6 +842,47 @@ class StartPlaybookTests(RunnerTestBase):
         self.assertEqual(runner.playbook.source, os.path.join(self.cfg.playbook_dir, "hi.md"))
         self.assertEqual(self.tts()[0].text, "Hello from a file.")
 
+    def test_a_configured_file_outside_the_directory_runs_but_the_same_name_from_the_api_does_not(self):
+        from activecall.call.handlers import PlaybookFile
+
+        outside = os.path.abspath(self.mktemp() + ".md")
+        with open(outside, "w") as f:
+            f.write("---\nllm: {provider: echo}\ngreeting: From elsewhere.\n---\nx\n")
+        session = self.make_session()
+        runner = start_playbook(session, PlaybookFile(outside), clock=self.clock)  # the router's decision
+        session.answered()
+        self.assertEqual(runner.playbook.source, outside)
+        self.assertEqual(self.tts()[0].text, "From elsewhere.")
+        for name in (outside, os.path.relpath(outside, self.cfg.playbook_dir)):  # an invite's option.playbook
+            self.events.clear()
+            session = self.make_session()
+            self.assertIsNone(start_playbook(session, name, clock=self.clock))
+            [error] = self.of("error")
+            self.assertEqual(error.sender, "playbook")
+            self.assertIn("playbook", error.error)
+        self.events.clear()
+        session = self.make_session()
+        self.assertIsNone(start_playbook(session, PlaybookFile(outside + ".gone"), clock=self.clock))
+        [error] = self.of("error")
+        self.assertIn("playbook not found", error.error)
+
+    def test_a_routed_call_under_a_relative_playbook_dir(self):
+        """The router gives the runner the path it resolved; the runner used to resolve that
+        absolute path again as a name and refused it whenever ``playbook_dir`` was relative (the
+        default ``./config/playbook``)."""
+        from activecall.call.handlers import PlaybookFile, playbook_route
+
+        relative = self.mktemp()  # relative to the test's working directory
+        os.makedirs(relative)
+        with open(os.path.join(relative, "hi.md"), "w") as f:
+            f.write("---\nllm: {provider: echo}\ngreeting: Relative.\n---\nx\n")
+        self.cfg = dataclasses.replace(self.cfg, playbook_dir=relative)
+        decision = playbook_route(relative, "hi.md", {}, configured=True)
+        session = self.make_session()
+        self.assertIsNotNone(start_playbook(session, PlaybookFile(decision.path), clock=self.clock))
+        session.answered()
+        self.assertEqual(self.tts()[0].text, "Relative.")
+
     def test_refused_names_and_bad_playbooks_end_the_call_with_an_error(self):
         for name in ("../etc/passwd", "/etc/passwd", "missing.md", "---\nllm: [\n---\n"):
             self.events.clear()

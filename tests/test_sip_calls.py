@@ -61,7 +61,8 @@ class DaemonCase(unittest.TestCase):
     timeout = 60
 
     def start(self, handler_toml: str):
-        self.root = os.path.abspath(self.mktemp())
+        if getattr(self, "root", None) is None:  # a test may have made it to put files there first
+            self.root = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(self.root, "playbooks"))
         with open(os.path.join(self.root, "playbooks", "test.md"), "w") as f:
             f.write(PLAYBOOK)
@@ -204,6 +205,36 @@ class NoHandlerTests(DaemonCase):
                 self.assertIn("503", f.read())
         else:
             self.assertIn("503", uac.output)
+
+
+class ConfiguredAbsolutePlaybookTests(DaemonCase):
+    @defer.inlineCallbacks
+    def test_a_rule_naming_an_absolute_path_answers_and_the_api_may_not_name_it(self):
+        """``[[handler.rules]] playbook = "/…/elsewhere/sales.md"`` (outside ``playbook_dir``) answers
+        sipp's call with that playbook; the same file named by a /call invite, absolute or with
+        ``../``, is refused (API names stay under ``playbook_dir``)."""
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.root, "elsewhere"))
+        sales = os.path.join(self.root, "elsewhere", "sales.md")
+        with open(sales, "w") as f:
+            f.write(PLAYBOOK.replace('greeting: "Hello."', 'greeting: "Sales here."'))
+        yield self.start(f'[handler]\ntype = "playbook"\ndefault = "test.md"\n'
+                         f'[[handler.rules]]\ncallee = "^service$"\nplaybook = "{sales}"\n')
+        uac = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), builtin="uac")
+        yield sipp_result(uac, timeout=15)  # it needs our 200; it hangs up after its pause
+        cdr = yield self.wait_cdr()
+        self.assertEqual((cdr["hangupReason"], cdr["statusCode"]), ("caller", 200))
+        with open(cdr["dumpEventFile"]) as f:
+            events = [json.loads(json.loads(line)["content"]) for line in f]
+        said = [e["text"] for e in events if e.get("event") == "addHistory" and e.get("speaker") == "assistant"]
+        self.assertEqual(said[:1], ["Sales here."])
+        for name in (sales, "../elsewhere/sales.md"):
+            proto, client = yield connect(self, self.http_port, "/call", "id=api-" + str(len(name)))
+            send_json(proto, {"command": "invite", "option": {"codec": "pcm", "playbook": name}})
+            error = yield client.wait_event("error")
+            self.assertEqual(error["sender"], "playbook", name)
+            self.assertIn("invalid playbook name", error["error"])
+            yield client.closed
 
 
 class WebhookAndOutboundTests(DaemonCase):

@@ -298,6 +298,27 @@ class SippUASTests(unittest.TestCase):
         self.assertRegex(daemon.output, r"UDP Port \d+ Closed")  # the RTP ports were released
 
     @defer.inlineCallbacks
+    def test_daemon_call_flag_runs_a_handler_playbook_given_by_absolute_path(self):
+        """``--call … --handler /abs/greeting.md``: the playbook (outside ``playbook_dir``) is checked at
+        start-up and loaded for the call, which is then placed (a playbook that cannot be loaded ends the
+        call before its INVITE)."""
+        playbook = os.path.abspath(self.mktemp() + ".md")
+        with open(playbook, "w") as f:
+            f.write("---\nllm: {provider: echo}\ngreeting: Hi.\ntts: {provider: flite}\n---\nEcho.\n")
+        port = udp_port()
+        uas = sipp(self, "-p", str(port), builtin="uas")
+        yield when(port_bound(port), 15, "sipp uas to bind its port")
+        conf = write_config(self, "\n".join([
+            'addr = "127.0.0.1"', f"udp_port = {udp_port()}", "tcp_port = 0", f'http_addr = "127.0.0.1:{free_port()}"',
+            'log_level = "debug"', "",
+        ]))
+        daemon = spawn_daemon(self, conf, "--call", f"sip:service@{LOCAL}:{port}", "--handler", playbook)
+        yield daemon.wait_for(r'answer: \{"event":"answer"', timeout=8)
+        daemon.signal("TERM")
+        yield when(daemon.ended, 8, "the daemon to stop")
+        self.assertNotIn("cannot run playbook", daemon.output)
+
+    @defer.inlineCallbacks
     def test_www_challenge_verified_by_sipp(self):
         peer = LoopbackUA(self)
         port = udp_port()

@@ -570,8 +570,42 @@ def _validate(cfg: Config) -> list[str]:
     return warnings
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> tuple[Config, list[str]]:
-    """Read ``path`` (or defaults), apply CLI ``overrides``; return (config, warnings)."""
+def configured_playbooks(cfg: Config, handler_flag: bool = False) -> list[tuple[str, str]]:
+    """Every playbook the configuration names, as (key, name): ``handler.default`` (``--handler``
+    when the flag set it) and each ``handler.rules[i].playbook``.  (``--call`` runs the default;
+    a webhook handler names none: its playbooks come from its answers, like the API's.)"""
+    h = cfg.handler
+    if not isinstance(h, PlaybookHandler):
+        return []
+    out = []
+    if h.default is not None:
+        out.append(("--handler" if handler_flag else "handler.default", h.default))
+    out += [(f"handler.rules[{i}].playbook", rule.playbook) for i, rule in enumerate(h.rules)]
+    return out
+
+
+#: ``check(playbook_dir, name) -> warnings``, raising ValueError(reason naming the file)
+PlaybookCheck = typing.Callable[[str, str], list]
+
+
+def _check_playbooks(cfg: Config, check: PlaybookCheck, handler_flag: bool) -> list[str]:
+    warnings: list[str] = []
+    for key, name in configured_playbooks(cfg, handler_flag):
+        try:
+            warnings += [f"{key}: {w}" for w in check(cfg.playbook_dir, name)]
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+    return warnings
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None,
+                check_playbook: Optional[PlaybookCheck] = None) -> tuple[Config, list[str]]:
+    """Read ``path`` (or defaults), apply CLI ``overrides``; return (config, warnings).
+
+    ``check_playbook`` (tap.py gives ``call.handlers.check_configured_playbook``; this module
+    imports neither the call layer nor the playbook parser) is run on every playbook the
+    configuration names, so a missing or invalid one stops start-up naming its key and file.
+    """
     source = path or "<defaults>"
     table: dict = {}
     warnings: list[str] = []
@@ -593,6 +627,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
         if overrides:
             cfg = apply_overrides(cfg, overrides)
         warnings += _validate(cfg)
+        if check_playbook is not None:
+            flag = str((overrides or {}).get("handler") or "").endswith(".md")
+            warnings += _check_playbooks(cfg, check_playbook, handler_flag=flag)
     except ConfigError as e:
         e.source = "command line" if e.key.startswith("--") else source
         raise

@@ -31,10 +31,13 @@ class Options(usage.Options):
 
 def makeService(options):
     """Load and check the configuration; a bad one stops start-up naming the key."""
+    from activecall.call.handlers import check_configured_playbook
     from activecall.service import build_service
 
     try:
-        config, warnings = load_config(options["conf"], options.overrides())
+        # every configured playbook is read and parsed now: a missing or broken one stops start-up
+        config, warnings = load_config(options["conf"], options.overrides(),
+                                       check_playbook=check_configured_playbook)
     except ConfigError as e:
         raise SystemExit(f"activecall: configuration error: {e}")
     try:

@@ -216,12 +216,65 @@ def _real_root(playbook_dir: str) -> str:
     return root
 
 
-def playbook_route(playbook_dir: str, name: str, extras: dict) -> Decision:
-    """The decision for "run playbook ``name``": inline text, a file, or 503 Playbook Not Found."""
+def resolve_configured_playbook(playbook_dir: str, name: str) -> str:
+    """The path of a playbook the *configuration* names (``[handler]`` ``default``, a rule's
+    ``playbook``, ``--handler``).
+
+    The configuration is the operator's: an absolute path is used as written, anywhere on the
+    disk.  A relative name means what it means everywhere else — a file under ``playbook_dir``,
+    resolved and confined by ``resolve_playbook`` (raises ``PlaybookNameError``).  Names that
+    arrive over the API never come through here.
+    """
+    if os.path.isabs(name):
+        return os.path.normpath(name)
+    return resolve_playbook(playbook_dir, name)
+
+
+@dataclass(frozen=True)
+class PlaybookFile:
+    """A playbook file whose path is already decided (confined under ``playbook_dir``, or named
+    by the configuration): the runner loads it as is instead of resolving a name again."""
+
+    path: str
+
+
+def check_configured_playbook(playbook_dir: str, name: str) -> list[str]:
+    """Start-up check of one configured playbook: resolve it, read it, parse it.
+
+    Returns the parser's warnings; raises ``ValueError`` with a one-line reason that names
+    the file (``/etc/x.md: no such file``).  Injected into ``config.load_config`` by tap.py.
+    """
+    from activecall.playbook.parser import PlaybookError, load_playbook, parse_playbook
+
+    try:
+        if name.lstrip().startswith("---"):
+            return list(parse_playbook(name.lstrip(), "<inline playbook>").warnings)
+        try:
+            path = resolve_configured_playbook(playbook_dir, name)
+        except PlaybookNameError as e:
+            raise ValueError(f"{e} (a relative name is looked up under playbook_dir "
+                             f"{playbook_dir!r}; give an absolute path for a file elsewhere)") from None
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: no such file")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: not a file")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{path}: not readable")
+        return list(load_playbook(path).warnings)
+    except PlaybookError as e:
+        raise ValueError(str(e)) from None
+
+
+def playbook_route(playbook_dir: str, name: str, extras: dict, configured: bool = False) -> Decision:
+    """The decision for "run playbook ``name``": inline text, a file, or 503 Playbook Not Found.
+
+    ``configured``: ``name`` comes from the configuration, so an absolute path is allowed
+    (``resolve_configured_playbook``); otherwise (webhook answers) it must stay under
+    ``playbook_dir``."""
     if name.lstrip().startswith("---"):
         return RouteToPlaybook(name="<inline>", content=name, extras=extras)
     try:
-        path = resolve_playbook(playbook_dir, name)
+        path = (resolve_configured_playbook if configured else resolve_playbook)(playbook_dir, name)
     except PlaybookNameError as e:
         log.warn("refusing playbook: {err}", err=e)
         return Reject(503, "Playbook Not Found")
@@ -229,6 +282,18 @@ def playbook_route(playbook_dir: str, name: str, extras: dict) -> Decision:
         log.warn("playbook {name} not found at {path}", name=name, path=path)
         return Reject(503, "Playbook Not Found")
     return RouteToPlaybook(name=name, path=path, extras=extras)
+
+
+def configured_source(playbook_dir: str, name: str) -> Union[str, PlaybookFile]:
+    """What ``start_playbook`` gets for a configured playbook (``--call`` with ``--handler``):
+    inline text as is, a file as a ``PlaybookFile`` (a name that cannot be resolved stays a
+    name, so the runner reports it)."""
+    if name.lstrip().startswith("---"):
+        return name
+    try:
+        return PlaybookFile(resolve_configured_playbook(playbook_dir, name))
+    except PlaybookNameError:
+        return name
 
 
 # -- playbook routing -------------------------------------------------------------------------------
@@ -283,7 +348,7 @@ class PlaybookRouter:
             return Reject(503, "no matching playbook")
         extras = custom_headers(invite.headers)
         extras.update(caller=invite.caller, callee=invite.callee)
-        return playbook_route(self.playbook_dir, name, extras)
+        return playbook_route(self.playbook_dir, name, extras, configured=True)
 
     def on_invite(self, invite: IncomingInvite) -> defer.Deferred:
         return defer.succeed(self.route(invite))

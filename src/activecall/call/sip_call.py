@@ -143,7 +143,9 @@ class SipCalls:
         session.extras.update({"caller": invite.caller, "callee": invite.callee, **decision.extras})
         connector = SipConnector(session, None, self)
         session.connector = connector
-        source = decision.content if decision.content is not None else (decision.path or decision.name)
+        # the router already resolved (and, for a webhook's answer, confined) the path: load it as is
+        source = (decision.content if decision.content is not None
+                  else handlers.PlaybookFile(decision.path) if decision.path else decision.name)
         if start_playbook(session, source) is None:
             self._reject(call, 503, "Playbook Not Found")
             return
@@ -178,7 +180,8 @@ class SipCalls:
         session.connector = SipConnector(session, None, self)
         handler = self.config.handler
         if isinstance(handler, PlaybookHandler) and handler.default:
-            if start_playbook(session, handler.default) is None:
+            source = handlers.configured_source(self.config.playbook_dir, handler.default)
+            if start_playbook(session, source) is None:
                 return session
         option = session.option or cmd.CallOption()
         session.handle(cmd.Invite(option=dataclasses.replace(option, callee=target_uri)))

@@ -964,13 +964,19 @@ def playbook_call_option(playbook: Playbook) -> cmd.CallOption:
 
 
 def load_for_session(session, playbook_or_name) -> Playbook:
-    """A ``Playbook``, inline text (starting with ``---``) or a name under ``config.playbook_dir``.
+    """A ``Playbook``, a ``PlaybookFile`` (a path already decided: the router's, from the
+    configuration or confined under ``playbook_dir``), inline text (starting with ``---``) or a
+    name under ``config.playbook_dir`` (names from the API: confined there).
 
     Raises ``PlaybookError`` (bad file or name)."""
-    from activecall.call.handlers import PlaybookNameError, resolve_playbook
+    from activecall.call.handlers import PlaybookFile, PlaybookNameError, resolve_playbook
 
     if isinstance(playbook_or_name, Playbook):
         return playbook_or_name
+    if isinstance(playbook_or_name, PlaybookFile):
+        if not os.path.isfile(playbook_or_name.path):
+            raise PlaybookError("playbook not found", playbook_or_name.path)
+        return _load_cached(playbook_or_name.path)
     text = str(playbook_or_name)
     if text.lstrip().startswith("---"):
         return parse_playbook(text.lstrip(), "<inline playbook>")
