@@ -19,8 +19,6 @@ $(VENV)/.stamp-install: setup.cfg setup.py pyproject.toml requirements-test.txt 
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e . -r requirements-test.txt
-	# silero-vad ships the ONNX model we run; --no-deps keeps its 1 GB torch dependency out
-	$(BIN)/pip install -q --no-deps "silero-vad>=6.2"
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 

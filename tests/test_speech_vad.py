@@ -3,13 +3,15 @@ real detectors against flite speech with known extents."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from activecall.speech import registry
 from activecall.speech.base import (
-    OptionError, ProviderNotFound, SilenceTimeout, SpeechEnded, SpeechStarted, VadOptions,
+    OptionError, ProviderNotFound, SilenceTimeout, SpeechEnded, SpeechError, SpeechStarted, VadOptions,
 )
 from activecall.speech.testing import frames, labelled_speech
 from activecall.speech.vad.segmenter import Segmenter
@@ -88,6 +90,31 @@ class OptionTests(unittest.TestCase):
     def test_defaults(self):
         o = VadOptions.from_dict({})
         self.assertEqual((o.type, o.speechPadding, o.silencePadding, o.voiceThreshold), ("silero", 250, 100, 0.5))
+
+
+class SileroModelFileTests(unittest.TestCase):
+    """The model ships as activecall's package data (no silero-vad or torch needed)."""
+
+    def test_default_model_is_the_shipped_file(self):
+        from activecall.speech.vad import silero
+        path = silero.model_path()
+        self.assertEqual(path, os.path.join(silero.DATA_DIR, "silero_vad.onnx"))
+        self.assertTrue(os.path.isfile(path))
+        self.assertTrue(os.path.isfile(os.path.join(silero.DATA_DIR, "LICENSE.silero-vad")))
+
+    def test_missing_model_names_the_file_and_where_it_was_looked_for(self):
+        from activecall.speech.vad import silero
+        self.patch(silero, "DATA_DIR", os.path.abspath(self.mktemp()))
+        self.patch(silero.importlib.util, "find_spec", lambda name: None)
+
+        def no_distribution(name):
+            raise silero.importlib.metadata.PackageNotFoundError(name)
+
+        self.patch(silero.importlib.metadata, "files", no_distribution)
+        e = self.assertRaises(SpeechError, silero.model_path)
+        self.assertIn("silero_vad.onnx", str(e))
+        self.assertIn(silero.DATA_DIR, str(e))
+        self.assertIn("silero-vad", str(e))
 
 
 def _sync(f, *args):

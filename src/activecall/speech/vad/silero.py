@@ -1,9 +1,13 @@
 """Silero VAD v5/v6 through onnxruntime, without torch.
 
-The model file ships inside the ``silero-vad`` wheel (installed with
-``--no-deps``); importing that package would import torch, so the file is
-found through the import system's spec (or the distribution's file list)
-without executing it.
+The model file, ``silero_vad.onnx`` (MIT, from the silero-vad 6.2.3 wheel;
+notice in ``data/LICENSE.silero-vad``), ships with activecall as package data
+in ``activecall/speech/vad/data/``, so ``pip install activecall`` is enough.
+Another variant (e.g. ``silero_vad_16k_op15.onnx``) is looked up in an
+installed ``silero-vad`` wheel (``pip install --no-deps silero-vad``: its
+torch dependency is not needed); importing that package would import torch,
+so the file is found through the import system's spec (or the distribution's
+file list) without executing it.
 
 Inference is batched across calls: every stream hands its 512-sample windows
 to one shared ``SileroBatcher``; windows that arrive in the same reactor turn
@@ -34,8 +38,15 @@ WINDOW = 512
 CONTEXT = 64
 
 
+#: the models shipped with activecall (package data)
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
 def model_path(variant: str = "silero_vad.onnx") -> str:
-    """Path of the ONNX model inside the installed silero-vad wheel (no import of the package)."""
+    """Path of the ONNX model: activecall's package data first, then an installed silero-vad wheel."""
+    shipped = os.path.join(DATA_DIR, variant)
+    if os.path.exists(shipped):
+        return shipped
     spec = importlib.util.find_spec("silero_vad")
     if spec is not None and spec.origin:
         path = os.path.join(os.path.dirname(spec.origin), "data", variant)
@@ -48,8 +59,9 @@ def model_path(variant: str = "silero_vad.onnx") -> str:
     except importlib.metadata.PackageNotFoundError:
         pass
     raise SpeechError(
-        "vad type 'silero' needs the model shipped in the silero-vad wheel: "
-        "pip install --no-deps silero-vad && pip install onnxruntime")
+        f"vad type 'silero' needs the model file {variant}: it is neither in {DATA_DIR} "
+        "(activecall's package data: reinstall activecall) nor in an installed silero-vad wheel "
+        "(pip install --no-deps silero-vad)")
 
 
 class SileroModel:
