@@ -109,8 +109,30 @@ class LocalWriterTests(unittest.TestCase):
     def test_file_name_uses_the_zone_and_a_safe_call_id(self):
         east = timezone(timedelta(hours=8))
         writer = cdr.LocalCdrWriter("", tz=east)
-        self.assertEqual(writer.path_for(make_record(callId="../a/b@c;x")), "20250304-130607__a_b@c_x.json")
+        self.assertEqual(writer.path_for(make_record(callId="a-b@c.d")), "20250304-130607_a-b@c.d.json")
+        name = writer.path_for(make_record(callId="../a/b@c;x"))
+        self.assertRegex(name, r"^20250304-130607__a_b@c_x~[0-9a-f]{16}\.json$")
         self.assertNotIn("/", writer.path_for(make_record(callId="../../etc/passwd")))
+        self.assertNotEqual(name, writer.path_for(make_record(callId="../a/b@c_x")))
+
+    @defer.inlineCallbacks
+    def test_hostile_call_ids_still_get_their_cdr(self):
+        """RFC 4475 §3.1.1.11's long Call-ID (it used to fail with ENAMETOOLONG), path tricks,
+        unicode, odd bytes, and a lone surrogate from an API client's JSON in the option."""
+        from tests.test_filenames import HOSTILE
+
+        writer = cdr.LocalCdrWriter(self.root, tz=timezone.utc, run=sync_run)
+        paths = []
+        for call_id in HOSTILE:
+            record = make_record(callId=call_id, option={"note": "odd \udc80 text"})
+            path = yield writer.write(record)
+            paths.append(path)
+            self.assertEqual(os.path.dirname(path), os.path.join(self.root, "20250304"))
+            with open(path, encoding="utf-8") as f:
+                written = json.load(f)
+            self.assertEqual(written["callId"], call_id)  # the whole value, in the record
+            self.assertEqual(written["option"]["note"], "odd \udc80 text")
+        self.assertEqual(len(set(paths)), len(HOSTILE))
 
     def test_a_failed_write_leaves_the_old_file_and_no_temp(self):
         path = os.path.join(self.root, "x.json")

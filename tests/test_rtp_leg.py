@@ -143,6 +143,54 @@ class RtpLegTests(unittest.TestCase):
             b.answer(a.offer())
         self.assertEqual(cm.exception.status, 488)
 
+    def test_unusable_sdp_is_488_at_negotiation(self):
+        """Ports above 65535 and addresses that are not IP literals never reach the send path."""
+        a = self.leg(FakeSession("a"))
+        b = self.leg(FakeSession("b"))
+        offer = a.offer()
+        for bad in (offer.replace(f"m=audio {a.local_port} ", "m=audio 70000 "),
+                    offer.replace("c=IN IP4 127.0.0.1", "c=IN IP4 no-such-host.invalid"),
+                    offer.replace("c=IN IP4 127.0.0.1", "c=IN IP4 300.1.2.3")):
+            with self.assertRaises(MediaNegotiationError) as cm:
+                b.answer(bad)
+            self.assertEqual(cm.exception.status, 488)
+            self.assertRaises(MediaNegotiationError, a.apply_answer, bad)  # as an answer to our offer
+            self.assertIsNone(b.remote_rtp)
+        answer = b.answer(offer)
+        a.apply_answer(answer)
+        bad_reoffer = offer.replace(f"m=audio {a.local_port} ", "m=audio 99999 ")
+        self.assertRaises(MediaNegotiationError, b.reoffer, bad_reoffer)
+        self.assertEqual(b.remote_rtp, ("127.0.0.1", a.local_port))  # the call keeps its media
+
+    @defer.inlineCallbacks
+    def test_the_send_path_never_raises_on_a_bad_destination(self):
+        """Defence in depth: a destination that got past negotiation anyway (or a latched one)
+        fails sends quietly: counted, logged once per leg, the leg keeps running."""
+        from twisted.logger import globalLogPublisher
+
+        from activecall.metrics import Metrics
+
+        metrics = Metrics()
+        lines = []
+        globalLogPublisher.addObserver(lines.append)
+        self.addCleanup(globalLogPublisher.removeObserver, lines.append)
+        a, b = yield self.call(a_kw={"metrics": metrics})
+        for destination in (("127.0.0.1", 70000), ("bad\x00host", 5000), ("h\udcff", 5000), (None, 5000)):
+            if a.connected:
+                a._disconnect()
+            a.remote_rtp = destination
+            a.remote_rtcp = destination
+            before = a.send_errors
+            yield self.run_ticks(3)
+            self.assertGreater(a.send_errors, before, destination)
+            a._send_rtcp([])  # RTCP too
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertTrue(a.running)
+        failures = [e for e in lines if "RTP send to" in e.get("log_format", "")]
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(metrics.registry.get_sample_value("activecall_errors_total", {"kind": "rtp_send"}),
+                         a.send_errors)
+
     @defer.inlineCallbacks
     def test_hold_silences_inbound(self):
         a, b = yield self.call()

@@ -257,3 +257,83 @@ class OfferTests(unittest.TestCase):
         neg = sdp.negotiate_as_answerer(sdp.parse(offer.to_bytes()), CODECS)
         self.assertEqual(neg.remote_rtp, ("2001:db8::1", 12000))
         self.assertIsNone(neg.remote_rtcp)
+
+
+def hostile(port="30000", address="192.0.2.10", formats="0", rtpmaps=("0 PCMU/8000",), extra=""):
+    lines = ["v=0", "o=- 1 1 IN IP4 192.0.2.10", "s=-", f"c=IN IP4 {address}", "t=0 0",
+             f"m=audio {port} RTP/AVP {formats}"]
+    lines += [f"a=rtpmap:{r}" for r in rtpmaps]
+    return ("\r\n".join(lines) + "\r\n" + extra).encode()
+
+
+class HostileSdpTests(unittest.TestCase):
+    """What the RTP path cannot send to is refused at negotiation (NegotiationError: 488, or the
+    call ends), and nothing in an SDP raises anything but SDPParseError / NegotiationError."""
+
+    def refused(self, body, pattern=None):
+        with self.assertRaises((sdp.NegotiationError, sdp.SDPParseError)) as caught:
+            sdp.build_answer(sdp.parse(body), CODECS, "127.0.0.1", 40000)
+        with self.assertRaises((sdp.NegotiationError, sdp.SDPParseError)):
+            sdp.negotiate_as_offerer(sdp.parse(body), CODECS)
+        if pattern:
+            self.assertRegex(str(caught.exception), pattern)
+        self.assertTrue(str(caught.exception).isascii())
+        return caught.exception
+
+    def test_ports_outside_the_udp_range(self):
+        for port in ("65536", "70000", "99999999999", "4294967297"):
+            self.refused(hostile(port=port), "port")
+        self.refused(hostile(port="65535"), "RTCP")  # its RTCP would be 65536
+        self.refused(hostile(extra="a=rtcp:70000\r\n"), "RTCP port")
+        self.refused(hostile(extra="a=rtcp:30001 IN IP4 not-an-ip\r\n"), "RTCP address")
+        for port in ("-5", "+5", "\u0665", "\u00b2", "5_0", "0x10"):
+            self.refused(hostile(port=port), "port")
+        _, n = sdp.build_answer(sdp.parse(hostile(port="65534", extra="a=rtcp-mux\r\n")), CODECS,
+                                "127.0.0.1", 40000)
+        self.assertEqual((n.remote_rtp, n.remote_rtcp), (("192.0.2.10", 65534), None))
+
+    def test_a_port_of_zero_is_a_rejected_stream(self):
+        self.refused(hostile(port="0"), "no audio stream")
+
+    def test_unusable_connection_addresses(self):
+        for address in ("999.1.1.1", "host.example.com", "exa\u00e9mple", "1.2.3", "::g", "-", "a" * 300,
+                        "\u00ff\u00fe"):
+            self.refused(hostile(address=address), "address")
+
+    def test_usable_addresses(self):
+        for address, rtp in (("203.0.113.5", "203.0.113.5"), ("0.0.0.0", "0.0.0.0"),
+                             ("2001:db8::1", "2001:db8::1")):
+            _, n = sdp.build_answer(sdp.parse(hostile(address=address)), CODECS, "127.0.0.1", 40000)
+            self.assertEqual(n.remote_rtp, (rtp, 30000))
+
+    def test_payload_types_outside_0_127_are_not_used(self):
+        self.refused(hostile(formats="128", rtpmaps=("128 PCMU/8000",)), "no common audio codec")
+        self.refused(hostile(formats="256", rtpmaps=()), "no common audio codec")  # 256 & 0x7f == 0
+        answer, n = sdp.build_answer(sdp.parse(hostile(formats="200 8", rtpmaps=("200 PCMU/8000",))), CODECS,
+                                     "127.0.0.1", 40000)
+        self.assertEqual(n.send_codec.payload_type, 8)
+        self.assertIn("m=audio 40000 RTP/AVP 8\r\n", answer.to_text())
+        for fmt in ("\u00b2", "\u0665"):  # str.isdigit says yes, int refuses or misreads
+            self.refused(hostile(formats=fmt, rtpmaps=()), "no common audio codec")
+
+    def test_rtpmap_sanity(self):
+        for rtpmap in ("0 PCMU/0", "0 PCMU/16000", "0 PCMU/8000/2", "96 opus/48000/9", "96 L16/1",
+                       "96 L16/99999999", "96 G722/16000"):
+            pt = rtpmap.split()[0]
+            self.refused(hostile(formats=pt, rtpmaps=(rtpmap,)), "no common audio codec|no codec we offered")
+        for rtpmap in ("0 PCMU/\u00b2", "0 PCMU/8000/\u00b2", "\u00b2 PCMU/8000", "0 PCMU"):
+            self.refused(hostile(rtpmaps=(rtpmap,)), "rtpmap")
+        _, n = sdp.build_answer(sdp.parse(hostile(formats="96", rtpmaps=("96 opus/48000/2",))), CODECS,
+                                "127.0.0.1", 40000)
+        self.assertEqual(n.send_codec.name, "opus")
+
+    def test_odd_attributes_do_not_raise(self):
+        for extra in ("a=ptime:inf\r\n", "a=ptime:nan\r\n", "a=fmtp:\u00b2 x\r\n", "a=crypto:\u00b2 a b\r\n",
+                      "a=rtcp:\u00b2\r\n"):
+            try:
+                sdp.build_answer(sdp.parse(hostile(extra=extra)), CODECS, "127.0.0.1", 40000)
+            except (sdp.NegotiationError, sdp.SDPParseError):
+                pass
+        _, n = sdp.build_answer(sdp.parse(hostile(extra="a=ptime:-20\r\n")), CODECS, "127.0.0.1", 40000)
+        self.assertEqual(n.ptime, 20)
+        self.assertEqual(sdp.parse(b"v=\u00b2\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=-\r\n".decode()).version, 0)

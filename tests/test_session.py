@@ -419,6 +419,35 @@ class RecordingTests(SessionTestBase):
         self.assertEqual(self.events[-1].TAG, "error")
         self.assertIn("disabled", self.events[-1].error)
 
+    def test_a_hostile_session_id_keeps_its_recording_journal_and_cdr(self):
+        """A long Call-ID (RFC 4475 §3.1.1.11) or one with ``/``, ``..`` or unicode: every file
+        is written, under its own directory, and the CDR keeps the whole id."""
+        from tests.test_filenames import LONG_CALL_ID
+
+        self.enable(enabled=True, auto_start=True)
+        rec_dir = self.cfg.recording.path
+        for n, sid in enumerate([LONG_CALL_ID, "../../x/y@z", "caf\u00e9/\u4e2d\u00ff\u0001"]):
+            s = CallSession(sid, "sip", clock=self.clock, emit=self.events.append, config=self.cfg,
+                            cdr_writer=self.cdr)
+            s.option = cmd.CallOption(recorder=cmd.RecorderOption(recorderFile="rec-{id}"))
+            s.answered()
+            s.audio_in(np.ones(FRAME_SAMPLES, dtype=np.int16))
+            self.successResultOf(s.end("caller"))
+            self.assertEqual([e for e in self.events if e.TAG == "error"], [])
+            self.assertEqual(os.path.dirname(s.recorder.path), rec_dir)
+            self.assertTrue(os.path.isfile(s.recorder.path))
+            self.assertEqual(os.path.dirname(s.journal.path), rec_dir)
+            self.assertTrue(s.journal.created)
+            cdrs = sorted(os.path.join(d, f) for d, _, fs in os.walk(self.cdr.root) for f in fs)
+            self.assertEqual(len(cdrs), n + 1)
+            records = []
+            for path in cdrs:
+                with open(path, encoding="utf-8") as f:
+                    records.append(json.load(f))
+            record = next(r for r in records if r["callId"] == sid)
+            self.assertEqual(record["dumpEventFile"], s.journal.path)
+            self.assertEqual(record["recorder"][0]["path"], s.recorder.path)
+
     def test_recorder_file_cannot_escape(self):
         self.enable(enabled=True)
         s = self.make(option=cmd.CallOption(recorder=cmd.RecorderOption(recorderFile="../../etc/x")))

@@ -175,6 +175,42 @@ class DelayedOfferTests(DaemonCase):
         self.assertEqual(cdr["statusCode"], 488)
 
 
+class HostileSdpTests(DaemonCase):
+    """An offer the RTP path could not use gets 488 at once (never a traceback from the media tick
+    later), and the call's CDR and event dump are written, even for a long, odd Call-ID."""
+
+    @defer.inlineCallbacks
+    def bad_offer(self, call_id, address, port):
+        yield self.start('[handler]\ntype = "playbook"\ndefault = "test.md"\n')
+        scenario = os.path.join(self.root, "uac_bad_sdp.xml")
+        with open(os.path.join(SCENARIOS, "uac_bad_sdp.xml")) as f:
+            text = f.read()
+        with open(scenario, "w") as f:
+            f.write(text.replace("{ADDRESS}", address).replace("{PORT}", str(port)))
+        uac = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-cid_str", call_id,
+                   scenario=scenario)
+        yield sipp_result(uac, timeout=30)  # sipp fails unless the answer is 488
+        cdr = yield self.wait_cdr()
+        self.assertEqual(cdr["statusCode"], 488)
+        self.assertNotIn("Traceback", self.daemon.output)
+        return cdr
+
+    @defer.inlineCallbacks
+    def test_a_port_above_65535_is_488(self):
+        cdr = yield self.bad_offer("bad-port-%u-%p@%s", "127.0.0.1", 70000)
+        self.assertTrue(cdr["callId"].startswith("bad-port-"))
+
+    @defer.inlineCallbacks
+    def test_a_long_odd_call_id_with_an_unusable_address_keeps_its_cdr(self):
+        """RFC 4475 §3.1.1.11 shape: a Call-ID of some 500 bytes, here with "/" and ".." too
+        (it used to fail the CDR with ENAMETOOLONG, logged critical)."""
+        call_id = "../../" + "long/value" * 48 + "@" + "very" * 10 + ".example.com"
+        cdr = yield self.bad_offer(call_id, "media.example.com", 30000)
+        self.assertTrue(cdr["callId"].startswith(call_id), cdr["callId"])  # the session id: Call-ID, then tags
+        self.assertTrue(os.path.isfile(cdr["dumpEventFile"]))
+        self.assertEqual(os.path.dirname(cdr["dumpEventFile"]), os.path.join(self.root, "rec"))
+
+
 class ReinviteTests(DaemonCase):
     @defer.inlineCallbacks
     def test_a_reinvite_changing_the_codec_moves_the_media(self):

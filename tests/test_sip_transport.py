@@ -462,3 +462,118 @@ class LayerOverLoopbackTests(unittest.TestCase):
 
     def test_cancelled_invite_tcp(self):
         return self._cancelled_invite("TCP")
+
+
+class MalformedInputTests(unittest.TestCase):
+    """A flood of malformed input is counted, and logged as a few summary lines, not a line each."""
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        from activecall.metrics import Metrics
+
+        self.clock = task.Clock()
+        self.metrics = Metrics()
+        self.manager = t.TransportManager(Config(addr="127.0.0.1", udp_port=5060, tcp_port=0), Collector(),
+                                          reactor=self.clock, metrics=self.metrics)
+        self.wire = FakeDatagramTransport()
+        self.manager.udp.makeConnection(self.wire)
+        self.lines = []
+        observer = lambda event: (event.get("log_namespace") == "activecall.sip.transport"
+                                  and self.lines.append(event))
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def count(self, reason, transport="UDP"):
+        return self.metrics.registry.get_sample_value("activecall_sip_malformed_total",
+                                                      {"reason": reason, "transport": transport})
+
+    def test_ten_thousand_malformed_datagrams(self):
+        from twisted.logger import formatEvent
+
+        for i in range(10_000):
+            source = (f"198.51.100.{i % 50}", 5060 + i % 7)
+            self.manager.udp.datagramReceived(b"\x16\x03\x01 not SIP %d\r\n\r\n" % i, source)
+            if i == 5000:
+                self.clock.advance(30)
+        self.assertEqual(self.count("unparseable"), 10_000)
+        self.assertEqual(self.manager.malformed[("unparseable", "UDP")], 10_000)
+        self.assertEqual(len(self.lines), 1)  # the first one, at once
+        self.clock.advance(30)  # the interval ends: one summary
+        self.assertEqual(len(self.lines), 2)
+        summary = formatEvent(self.lines[1])
+        self.assertIn("dropped 9999 malformed SIP messages (unparseable, UDP) from 350 sources in the last 60 s",
+                      summary)
+        self.assertIn("e.g. from 198.51.100.1:5061: ", summary)
+        self.clock.advance(60)  # a quiet interval: nothing to say, and the timer stops
+        self.assertEqual(len(self.lines), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.manager.udp.datagramReceived(b"garbage again", ("203.0.113.1", 1))
+        self.assertEqual(len(self.lines), 3)  # after a quiet interval the next one shows at once
+        self.assertEqual(self.wire.written, [])
+        self.manager.malformed_log.stop()
+
+    def test_each_reason_is_counted_and_summarised_on_its_own(self):
+        from twisted.logger import formatEvent
+
+        bad_cseq = INVITE.replace(b"1 INVITE", b"1 BYE")
+        for _ in range(100):
+            self.manager.udp.datagramReceived(bad_cseq, ("198.51.100.7", 7777))
+            self.manager.udp.datagramReceived(b"\x00\x01junk\r\n\r\n", ("198.51.100.8", 7777))
+        self.assertEqual(self.count("bad_request"), 100)
+        self.assertEqual(self.count("unparseable"), 100)
+        self.assertEqual(len(self.wire.written), 100)  # every answerable one still gets its 400
+        self.assertEqual(len(self.lines), 2)
+        self.manager.stopService()  # logs what is pending and stops the timer
+        self.assertEqual(len(self.lines), 4)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        text = "\n".join(formatEvent(e) for e in self.lines)
+        self.assertIn("dropped 99 malformed SIP messages (bad_request, UDP) from 1 sources", text)
+        self.assertNotIn("\x00", text)
+
+    def test_a_stream_losing_its_framing_is_counted(self):
+        proto = t.SIPStreamProtocol(self.manager, "TCP")
+        wire = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.7", 40000))
+        proto.makeConnection(wire)
+        proto.dataReceived(b"INVITE sip:x SIP/2.0\r\nContent-Length: -5\r\n\r\n")
+        self.assertTrue(wire.disconnecting)
+        self.assertEqual(self.count("framing", "TCP"), 1)
+        self.assertEqual(len(self.lines), 1)
+        self.manager.malformed_log.stop()
+
+    def test_the_transaction_layer_reports_through_the_transport(self):
+        from activecall.sip.transaction import TransactionLayer
+
+        layer = TransactionLayer(self.manager, reactor=self.clock)
+        for _ in range(1000):
+            msg = parse_message(INVITE)
+            msg.headers.remove_first("Via")  # parsed, then unusable to the transaction layer
+            layer.message_received(msg, ("198.51.100.7", 7777), "UDP")
+        self.assertEqual(self.count("invalid"), 1000)
+        self.assertEqual(len(self.lines), 1)
+        self.manager.malformed_log.stop()
+
+
+class SummaryLogTests(unittest.TestCase):
+    def test_bounded_lines_sources_and_reasons(self):
+        from twisted.logger import Logger, formatEvent
+
+        from activecall.logs import SummaryLog
+
+        events = []
+        clock = task.Clock()
+        summary = SummaryLog(Logger(observer=events.append), clock, what="junk", interval=10,
+                             max_sources=5, max_reasons=3)
+        for i in range(1000):
+            summary(f"r{i % 4}", (f"2001:db8::{i}", 9), "line\r\nforged: yes \x1b[31m" + "x" * 500)
+        self.assertEqual(len(events), 4)  # r0, r1, r2 at once, and r3 folded into "other"
+        self.assertIn("(other)", formatEvent(events[3]))
+        clock.advance(10)
+        texts = [formatEvent(e) for e in events]
+        self.assertEqual(len(events), 8)  # one summary each
+        self.assertTrue(all("\n" not in t and "\r" not in t and "\x1b" not in t for t in texts))
+        self.assertTrue(all(len(t) < 400 for t in texts))
+        self.assertIn("dropped 249 junk (r0) from 5+ sources in the last 10 s", texts[4])
+        self.assertIn("[2001:db8::", texts[0])
+        summary.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -42,6 +42,11 @@ class Metrics:
         self.sip_messages = Counter(
             "activecall_sip_messages", "SIP messages", ["direction", "transport"], registry=r
         )
+        self.sip_malformed = Counter(
+            "activecall_sip_malformed",
+            "SIP input dropped or answered 400 as malformed, by reason and transport (docs/sip.md)",
+            ["reason", "transport"], registry=r,
+        )
         self.errors = Counter("activecall_errors", "Errors, by kind", ["kind"], registry=r)
         self.sip_registration_up = Gauge(
             "activecall_sip_registration_up",

@@ -108,7 +108,7 @@ class ActiveCallService(service.MultiService):
         # reactor (unit tests of the service tree) has no network, so SIP is left out there.
         self.sip_transport = self.user_agent = self.sip_registration = None
         if IReactorUDP.providedBy(reactor):
-            self.sip_transport = TransportManager(config, reactor=reactor)
+            self.sip_transport = TransportManager(config, reactor=reactor, metrics=self.metrics)
             self.user_agent = UserAgent(config, self.sip_transport, reactor=reactor)
             self.sip_transport.on_message = self.user_agent.layer.message_received
             self.sip_registration = RegistrationService(

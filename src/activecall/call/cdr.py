@@ -7,7 +7,8 @@ the record is serialised, whoever built it.
 Writers:
 
 - ``LocalCdrWriter``: ``<root>/<YYYYMMDD>/<YYYYMMDD-HHMMSS>_<callId>.json``
-  (local time of the start), written to a temp file, fsynced and renamed, so a
+  (local time of the start; a Call-ID that is long or holds unsafe characters is
+  named by ``activecall.filenames.safe_file_part``), written to a temp file, fsynced and renamed, so a
   crash leaves either the whole file or none.  Records that arrive while a
   write is in flight are written together in the next one (one thread job and
   one directory fsync per batch, not per call).
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from activecall.api.commands import redact
 from activecall.api.events import WireObject, to_wire
+from activecall.filenames import safe_file_part  # re-exported: callers import it from here too
 
 log = Logger(namespace="activecall.cdr")
 
@@ -83,19 +84,12 @@ class CallDetailRecord(WireObject):
         return out
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+        # backslashreplace: a lone surrogate (a JSON ``\udc80`` escape from an API client) is written
+        # back as that escape, still valid JSON, instead of failing the whole record
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2).encode("utf-8", "backslashreplace") + b"\n"
 
 
 # -- local files --------------------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
-
-
-def safe_file_part(text: str) -> str:
-    """``text`` usable inside one file name (SIP Call-IDs may contain ``/``)."""
-    cleaned = _UNSAFE.sub("_", text).lstrip(".")
-    return cleaned or "_"
-
 
 def write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename (then fsync the directory)."""

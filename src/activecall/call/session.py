@@ -20,8 +20,9 @@ from twisted.logger import Logger
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
-from activecall.call.cdr import CallDetailRecord, RecorderFile, safe_file_part
+from activecall.call.cdr import CallDetailRecord, RecorderFile
 from activecall.call.playback import Playback, SynthesisUnavailable
+from activecall.filenames import safe_file_part
 from activecall.media.recorder import BOT, CALLER, WavRecorder, recording_path
 from activecall.media.tracks import MediaLoader
 
@@ -42,7 +43,8 @@ STATUS_FOR_REASON = {"canceled": 487, "rejected": 603, "noAnswer": 480, "failed"
 
 
 class EventJournal:
-    """``<dir>/<session>.events.jsonl``: every command and event, one line each.
+    """``<dir>/<session>.events.jsonl``: every command and event, one line each (``<session>``
+    through ``safe_file_part``: a long or odd Call-ID still gets its dump).
 
     Lines are collected and written with one ``os.write`` per reactor turn (``clock.callLater(0)``)
     and at ``close()``, instead of one write syscall per line: a crash loses at most the lines
@@ -70,8 +72,10 @@ class EventJournal:
         if self._done:
             return
         # the same text as json.dumps({"type", "timestamp", "content"}, ensure_ascii=False)
-        self._lines.append(f'{{"type": {json.dumps(kind)}, "timestamp": {int(timestamp)}, '
-                           f'"content": {json.dumps(content, ensure_ascii=False)}}}\n'.encode("utf-8"))
+        # (backslashreplace: a lone surrogate stays a JSON escape instead of losing the line)
+        line = (f'{{"type": {json.dumps(kind)}, "timestamp": {int(timestamp)}, '
+                f'"content": {json.dumps(content, ensure_ascii=False)}}}\n')
+        self._lines.append(line.encode("utf-8", "backslashreplace"))
         if self._clock is None:
             self.flush()
         elif self._flush_call is None:

@@ -17,6 +17,8 @@ from typing import Optional
 import numpy as np
 from twisted.logger import Logger
 
+from activecall.filenames import safe_file_part
+
 log = Logger(namespace="activecall.recorder")
 
 CALLER, BOT = 0, 1
@@ -32,17 +34,20 @@ def wav_header(data_bytes: int, rate: int = 16000, channels: int = 2) -> bytes:
 
 def recording_path(directory: str, session_id: str, template: Optional[str] = None) -> str:
     """``<dir>/<session>.wav``, or the ``recorderFile`` template (``{id}`` replaced;
-    relative names go under ``dir``; ``.wav`` appended when missing)."""
-    from activecall.call.cdr import safe_file_part
-
+    relative names go under ``dir``; ``.wav`` appended when missing).  The session id goes
+    through ``safe_file_part`` in both (a long or odd Call-ID still gets a file; see
+    activecall/filenames.py); a template that leaves the directory or names a file too long
+    for the file system raises ValueError."""
     if template:
-        name = template.replace("{id}", session_id)
+        name = template.replace("{id}", safe_file_part(session_id))
         if not name.endswith(".wav"):
             name += ".wav"
         path = name if os.path.isabs(name) else os.path.join(directory, name)
         real_dir = os.path.realpath(directory)
         if not os.path.isabs(name) and not os.path.realpath(path).startswith(real_dir + os.sep):
             raise ValueError(f"recorderFile {template!r} leaves the recording directory")
+        if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in path.split(os.sep)):
+            raise ValueError("recorderFile names a file too long for the file system")
         return path
     return os.path.join(directory, safe_file_part(session_id) + ".wav")
 

@@ -55,6 +55,11 @@ SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.int16)
 MAX_READS_PER_TICK = 16  # a flood cannot hold the tick: the rest waits in (or overflows) the kernel buffer
 _HEADER = struct.Struct("!xBHII")  # M+PT, sequence, timestamp, SSRC of a plain 12-byte RTP header
 _QUIET_ERRORS = (BlockingIOError, InterruptedError, ConnectionRefusedError)
+#: what ``sendto`` raises for a destination it cannot use: OSError (unreachable, wrong family,
+#: a name that does not resolve), OverflowError (a port above 65535), TypeError/ValueError (a
+#: host that is not text, a NUL in it, "encoding of hostname failed").  Negotiation refuses such
+#: SDP (sip/sdp.py ``usable_address``/``usable_port``); this is the second line of defence.
+_SEND_ERRORS = (OSError, OverflowError, TypeError, ValueError)
 
 
 class MediaNegotiationError(Exception):
@@ -403,8 +408,8 @@ class RtpLeg(RtpLegCore):
         if addr != remote:
             log.info("RTP latching: {old} -> {new}", old=remote, new=addr)
             self.remote_rtp = addr
-            if self.remote_rtcp is not None:
-                self.remote_rtcp = (addr[0], addr[1] + 1)
+            if self.remote_rtcp is not None:  # (a source port of 65535 has no port + 1: RTCP muxed)
+                self.remote_rtcp = (addr[0], addr[1] + 1) if addr[1] < 65535 else addr
         if ssrc != self.remote_ssrc:
             self.remote_ssrc = ssrc  # a new source (or the first): start over cleanly
             self.stats = ReceiveStats(ssrc, self.encoder.clock_rate)
@@ -497,15 +502,22 @@ class RtpLeg(RtpLegCore):
                 sock.send(data)
             else:
                 sock.sendto(data, self.remote_rtp)
-        except OSError as e:
+        except _SEND_ERRORS as e:
             return self._send_failed(e)
         self.packets_out += 1
         if count and self._m_out is not None:
             self._m_out.inc()
         return True
 
-    def _send_failed(self, e: OSError) -> bool:
+    def _send_failed(self, e: Exception) -> bool:
+        """A packet could not be sent (also called by the C loop): counted in ``send_errors`` and
+        ``activecall_errors{kind="rtp_send"}``, logged once per leg, never raised to the reactor."""
         self.send_errors += 1
+        if self.metrics is not None:
+            try:
+                self.metrics.errors.labels(kind="rtp_send").inc()
+            except Exception:
+                pass
         if self.send_errors == 1:
             log.info("RTP send to {addr} failed: {e} (later failures are counted, not logged)",
                      addr=self.remote_rtp, e=e)
@@ -564,7 +576,7 @@ class RtpLeg(RtpLegCore):
         if sock is not None:
             try:
                 sock.sendto(data, target)
-            except OSError as e:
+            except _SEND_ERRORS as e:
                 log.debug("RTCP send to {addr} failed: {e}", addr=target, e=e)
 
     def _send_report(self) -> None:

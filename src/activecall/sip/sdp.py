@@ -11,6 +11,7 @@ docs/media.md; each rule has its test in tests/test_sdp.py.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
@@ -19,7 +20,8 @@ __all__ = [
     "SDPParseError", "NegotiationError", "Origin", "Connection", "RtpMap", "Crypto", "RtcpAttribute",
     "MediaDescription", "SessionDescription", "CodecSpec", "PayloadFormat", "Negotiated", "CODEC_SPECS",
     "STATIC_PAYLOAD_TYPES", "parse", "build_offer", "build_answer", "negotiate_as_answerer",
-    "negotiate_as_offerer", "mirror_direction", "is_hold", "is_webrtc", "audio_media",
+    "negotiate_as_offerer", "mirror_direction", "is_hold", "is_webrtc", "audio_media", "usable_port",
+    "usable_address", "MAX_PAYLOAD_TYPE",
 ]
 
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
@@ -34,6 +36,40 @@ class SDPParseError(ValueError):
 
 class NegotiationError(ValueError):
     """The offer or answer cannot be satisfied (the leg answers 488 / ends the call)."""
+
+
+#: RTP payload types are 7 bits (RFC 3550 §5.1)
+MAX_PAYLOAD_TYPE = 127
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``²`` and ``٥``, which ``int`` refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
+def _shown(value, limit: int = 40) -> str:
+    """A peer's value quoted in an error (and so in a 488 reason or a log): ASCII, bounded."""
+    text = repr(str(value)).encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def usable_port(port) -> bool:
+    """A port we can send to: 1..65535 (0 is a rejected or disabled stream, RFC 3264 §5.1)."""
+    return isinstance(port, int) and 0 < port <= 65535
+
+
+def usable_address(address: str) -> bool:
+    """A connection address the RTP path can send to as it is: an IPv4 or IPv6 literal.
+
+    RFC 4566 also allows a host name in ``c=``; the media path sends with ``sendto`` and
+    resolving a name there would block the reactor on every packet, and negotiation is kept
+    free of I/O, so a name is refused like any other unusable address (the offer gets 488).
+    """
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 # -- wire objects ---------------------------------------------------------------------------
@@ -123,7 +159,9 @@ class MediaDescription:
 
     @property
     def payload_types(self) -> tuple:
-        return tuple(int(f) for f in self.formats if f.isdigit())
+        """The formats that are RTP payload types (0..127; anything else is not one we can use)."""
+        return tuple(int(f) for f in self.formats
+                     if _is_number(f) and len(f) <= 3 and int(f) <= MAX_PAYLOAD_TYPE)
 
     def rtpmap(self, pt: int) -> Optional[RtpMap]:
         for m in self.rtpmaps:
@@ -216,15 +254,15 @@ def _media_lines(m: MediaDescription) -> list:
 def _parse_connection(value: str) -> Connection:
     parts = value.split()
     if len(parts) != 3:
-        raise SDPParseError(f"bad c= line {value!r}")
+        raise SDPParseError(f"bad c= line {_shown(value)}")
     address = parts[2].split("/")[0]  # drop multicast TTL / count
     return Connection(address=address, nettype=parts[0], addrtype=parts[1])
 
 
 def _parse_crypto(value: str) -> Crypto:
     parts = value.split()
-    if len(parts) < 3 or not parts[0].isdigit():
-        raise SDPParseError(f"bad a=crypto line {value!r}")
+    if len(parts) < 3 or not _is_number(parts[0]):
+        raise SDPParseError(f"bad a=crypto line {_shown(value)}")
     return Crypto(tag=int(parts[0]), suite=parts[1], key_params=parts[2], session_params=tuple(parts[3:]))
 
 
@@ -232,10 +270,12 @@ def _parse_rtpmap(value: str) -> RtpMap:
     try:
         pt, rest = value.split(None, 1)
         pieces = rest.strip().split("/")
-        channels = int(pieces[2]) if len(pieces) > 2 and pieces[2] else 1
-        return RtpMap(int(pt), pieces[0], int(pieces[1]), channels)
+        channels = pieces[2] if len(pieces) > 2 and pieces[2] else "1"
+        if not (_is_number(pt) and _is_number(pieces[1]) and _is_number(channels)):
+            raise ValueError(value)
+        return RtpMap(int(pt), pieces[0], int(pieces[1]), int(channels))
     except (ValueError, IndexError):
-        raise SDPParseError(f"bad a=rtpmap line {value!r}") from None
+        raise SDPParseError(f"bad a=rtpmap line {_shown(value)}") from None
 
 
 class _MediaBuilder:
@@ -244,11 +284,11 @@ class _MediaBuilder:
     def __init__(self, value: str):
         parts = value.split()
         if len(parts) < 3:
-            raise SDPParseError(f"bad m= line {value!r}")
-        try:
-            port = int(parts[1].split("/")[0])
-        except ValueError:
-            raise SDPParseError(f"bad port in m= line {value!r}") from None
+            raise SDPParseError(f"bad m= line {_shown(value)}")
+        port = parts[1].split("/")[0]
+        if not _is_number(port) or len(port) > 10:
+            raise SDPParseError(f"bad port in m= line {_shown(value)}")
+        port = int(port)  # a number, but maybe > 65535: refused when the stream is used (usable_port)
         self.fields = dict(media=parts[0], port=port, proto=parts[2], formats=tuple(parts[3:]))
         self.rtpmaps, self.fmtps, self.crypto, self.attributes, self.other = [], [], [], [], []
 
@@ -257,7 +297,7 @@ class _MediaBuilder:
             self.rtpmaps.append(_parse_rtpmap(value))
         elif name == "fmtp" and value:
             pt, _, params = value.partition(" ")
-            if pt.isdigit():
+            if _is_number(pt):
                 self.fmtps.append((int(pt), params.strip()))
             else:
                 self.attributes.append((name, value))
@@ -267,16 +307,17 @@ class _MediaBuilder:
             self.fields["rtcp_mux"] = True
         elif name == "rtcp" and value:
             parts = value.split()
-            try:
-                conn = _parse_connection(" ".join(parts[1:4])) if len(parts) >= 4 else None
-                self.fields["rtcp"] = RtcpAttribute(int(parts[0]), conn)
-            except ValueError:
-                raise SDPParseError(f"bad a=rtcp line {value!r}") from None
+            if not _is_number(parts[0]) or len(parts[0]) > 10:
+                raise SDPParseError(f"bad a=rtcp line {_shown(value)}")
+            conn = _parse_connection(" ".join(parts[1:4])) if len(parts) >= 4 else None
+            self.fields["rtcp"] = RtcpAttribute(int(parts[0]), conn)
         elif name == "ptime" and value:
             try:
-                self.fields["ptime"] = int(float(value))
-            except ValueError:
-                raise SDPParseError(f"bad a=ptime line {value!r}") from None
+                ptime = int(float(value))
+            except (ValueError, OverflowError):  # OverflowError: "inf"
+                raise SDPParseError(f"bad a=ptime line {_shown(value)}") from None
+            if 0 < ptime <= 1000:  # anything else is ignored (we send 20 ms), not trusted
+                self.fields["ptime"] = ptime
         elif name == "crypto" and value:
             self.crypto.append(_parse_crypto(value))
         else:
@@ -299,7 +340,7 @@ def parse(data) -> SessionDescription:
         if not line:
             continue
         if len(line) < 2 or line[1] != "=":
-            raise SDPParseError(f"bad SDP line {line!r}")
+            raise SDPParseError(f"bad SDP line {_shown(line)}")
         kind, value = line[0], line[2:].strip()
         if kind == "m":
             if current is not None:
@@ -322,11 +363,11 @@ def parse(data) -> SessionDescription:
         elif current is not None:
             current.other.append((kind, value))
         elif kind == "v":
-            session["version"] = int(value) if value.isdigit() else 0
+            session["version"] = int(value) if _is_number(value) and len(value) < 10 else 0
         elif kind == "o":
             parts = value.split()
             if len(parts) != 6:
-                raise SDPParseError(f"bad o= line {value!r}")
+                raise SDPParseError(f"bad o= line {_shown(value)}")
             session["origin"] = Origin(*parts)
         elif kind == "s":
             session["session_name"] = value or "-"
@@ -381,6 +422,18 @@ STATIC_PAYLOAD_TYPES = {
 _ENCODING_NAMES = {"pcmu": "pcmu", "pcma": "pcma", "g722": "g722", "opus": "opus", "l16": "l16",
                    "telephone-event": "telephone_event"}
 
+_COMMON_RATES = frozenset({8000, 16000, 32000, 44100, 48000})
+#: the RTP clock rates (and channel counts) at which we can use each codec; an rtpmap with
+#: anything else (``PCMU/0``, ``L16/1``, ``opus/48000/9``) is a format we do not know
+_USABLE_RATES = {"pcmu": {8000}, "pcma": {8000}, "g722": {8000}, "opus": {48000},
+                 "l16": _COMMON_RATES, "telephone_event": _COMMON_RATES}
+_USABLE_CHANNELS = {"opus": {1, 2}}
+
+
+def _usable_rtpmap(name: Optional[str], rtpmap: RtpMap) -> bool:
+    return (rtpmap.clock_rate in _USABLE_RATES.get(name, ())
+            and rtpmap.channels in _USABLE_CHANNELS.get(name, {1}))
+
 
 @dataclass(frozen=True)
 class PayloadFormat:
@@ -407,6 +460,8 @@ def payload_formats(m: MediaDescription) -> tuple:
             out.append(PayloadFormat(pt, None, "", 0, 1, m.fmtp(pt)))
             continue
         name = _ENCODING_NAMES.get(rtpmap.encoding.lower())
+        if name is not None and not _usable_rtpmap(name, rtpmap):
+            name = None  # a codec we know at a rate or channel count we cannot use: not accepted
         out.append(PayloadFormat(pt, name, rtpmap.encoding, rtpmap.clock_rate, rtpmap.channels, m.fmtp(pt)))
     return tuple(out)
 
@@ -484,13 +539,24 @@ def remote_addresses(sdp: SessionDescription, m: MediaDescription) -> tuple:
     connection = m.connection or sdp.connection
     if connection is None:
         raise NegotiationError("no c= line at media or session level")
+    _check_target(connection.address, m.port, "media")
     rtp = (connection.address, m.port)
     if m.rtcp_mux:
         return rtp, None
     if m.rtcp is not None:
         host = m.rtcp.connection.address if m.rtcp.connection else connection.address
+        _check_target(host, m.rtcp.port, "RTCP")
         return rtp, (host, m.rtcp.port)
+    _check_target(connection.address, m.port + 1, "RTCP (the media port + 1)")
     return rtp, (connection.address, m.port + 1)
+
+
+def _check_target(address: str, port: int, what: str) -> None:
+    """Refuse (NegotiationError: 488 / the call ends) what the RTP path could not send to."""
+    if not usable_address(address):
+        raise NegotiationError(f"unusable {what} address {_shown(address)}: an IP address is needed")
+    if not usable_port(port):
+        raise NegotiationError(f"unusable {what} port {_shown(port)}: 1-65535 is needed")
 
 
 def _accepted(formats: Iterable[PayloadFormat], codecs: Sequence[str]) -> tuple:
@@ -510,7 +576,7 @@ def negotiate_as_answerer(offer: SessionDescription, codecs: Sequence[str]) -> N
     kept = _accepted(payload_formats(m), codecs)
     audio = tuple(f for f in kept if not f.is_dtmf)
     if not audio:
-        offered = " ".join(m.formats)
+        offered = _shown(" ".join(m.formats), 60)
         raise NegotiationError(f"no common audio codec (offered {offered}; ours {', '.join(codecs)})")
     rtp, rtcp = remote_addresses(offer, m)
     remote_direction = media_direction(offer, m)
@@ -530,7 +596,7 @@ def negotiate_as_offerer(answer: SessionDescription, codecs: Sequence[str],
     send = next((f for name in codecs for f in audio if f.name == name), None)
     if send is None:
         # the original falls back to the first non-DTMF PT; we can only send what we can encode
-        raise NegotiationError(f"the answer holds no codec we offered ({' '.join(m.formats)})")
+        raise NegotiationError(f"the answer holds no codec we offered ({_shown(' '.join(m.formats), 60)})")
     rtp, rtcp = remote_addresses(answer, m)
     remote_direction = media_direction(answer, m)
     local = offered_direction

@@ -745,7 +745,11 @@ class TransactionLayer:
             else:
                 self._request_received(msg, source)
         except SIPParseError as e:
-            log.info("dropping message from {source}: {reason}", source=source, reason=e.reason)
+            report = getattr(self.transport, "report_malformed", None)
+            if report is not None:  # counted and logged rate-limited (sip/transport.py)
+                report("invalid", source_addr, transport, e.reason)
+            else:
+                log.info("dropping message from {source}: {reason}", source=source, reason=e.reason)
 
     def _response_received(self, response: Response, source: Target) -> None:
         txn = self.client_transactions.get(client_key(response))

@@ -10,7 +10,10 @@ request came on, else ``received``/``rport`` of the top Via).
 
 Malformed input is answered with 400 when a response can be formed and dropped
 otherwise; a stream that loses framing is closed.  Nothing a peer sends can
-raise out of a protocol method.
+raise out of a protocol method.  Malformed input is counted
+(``activecall_sip_malformed_total{reason,transport}``) and logged through a
+``SummaryLog``: the first of a reason at once, then one summary line per reason
+per minute, never a line per datagram (docs/sip.md, "Hostile input").
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from activecall.logs import SummaryLog
 from activecall.sip.dns import NoSipService, SrvLocator
 from activecall.sip.message import (
     MAX_MESSAGE_SIZE,
@@ -49,6 +53,18 @@ log = Logger(namespace="activecall.sip.transport")
 
 #: close a TCP/TLS connection after this long without traffic (seconds)
 IDLE_TIMEOUT = 300.0
+
+#: seconds between summary lines about malformed input (per reason)
+MALFORMED_LOG_INTERVAL = 60.0
+
+#: ``activecall_sip_malformed_total`` reasons
+MALFORMED_REASONS = (
+    "unparseable",  # not a SIP message we can read, no 400 possible: dropped
+    "bad_request",  # a request we cannot use but can answer: 400
+    "bad_via",  # the top Via cannot be stamped with received/rport: dropped
+    "framing",  # a TCP/TLS stream lost its framing (bad or huge Content-Length): closed
+    "invalid",  # parsed, then refused by the transaction layer (e.g. a broken CSeq or Via): dropped
+)
 
 MessageCallback = Callable[[Message, tuple, str], None]
 
@@ -215,8 +231,8 @@ class SIPStreamProtocol(protocol.Protocol, TimeoutMixin):
                 try:
                     self._expected = message_length(self.buffer, self._searched)
                 except SIPParseError as e:
-                    log.info("closing {transport} connection from {peer}: {reason}",
-                             transport=self.transport_name, peer=self.peer, reason=e.reason)
+                    self.manager.report_malformed("framing", self.peer, self.transport_name,
+                                                  f"{e.reason}; connection closed")
                     del self.buffer[:]
                     self.transport.loseConnection()
                     return
@@ -264,7 +280,8 @@ class TransportManager(service.Service):
     config_key = "udp_port"
 
     def __init__(self, config, on_message: Optional[MessageCallback] = None, reactor=None,
-                 idle_timeout: float = IDLE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, metrics=None,
+                 malformed_log_interval: float = MALFORMED_LOG_INTERVAL):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -284,6 +301,12 @@ class TransportManager(service.Service):
         self._server_tls = None
         self._local_ip: Optional[str] = None
         self.locator = SrvLocator(reactor)  # tests hand it a resolver for their own DNS server
+        #: ``activecall_sip_malformed_total`` (a Metrics' counter), when the daemon has metrics
+        self.malformed_counter = metrics.sip_malformed if metrics is not None else None
+        self.malformed_log = SummaryLog(log, reactor, what="malformed SIP messages",
+                                        interval=malformed_log_interval)
+        #: malformed messages seen, by (reason, transport): the counter's values without metrics
+        self.malformed: dict[tuple[str, str], int] = {}
 
     # -- service --
 
@@ -313,6 +336,7 @@ class TransportManager(service.Service):
 
     def stopService(self):
         super().stopService()
+        self.malformed_log.stop()
         waits = [defer.maybeDeferred(p.stopListening) for p in self._ports.values()]
         for conn in list(set(self.connections.values())):
             conn.transport.loseConnection()
@@ -358,9 +382,8 @@ class TransportManager(service.Service):
             msg = parse_message(data, stream=stream)
         except SIPParseError as e:
             response = bad_request(e, self.config.useragent.split("/")[0])
-            log.info("malformed message from {source} over {transport}: {reason}{action}",
-                     source=source, transport=transport, reason=e.reason,
-                     action="; answered 400" if response else "; dropped")
+            self.report_malformed("bad_request" if response is not None else "unparseable", source, transport,
+                                  e.reason + ("; answered 400" if response is not None else ""))
             if response is not None:
                 try:
                     reply(response)
@@ -370,7 +393,8 @@ class TransportManager(service.Service):
         if isinstance(msg, Request):
             try:
                 stamp_via(msg, source[0], source[1])
-            except SIPParseError:
+            except SIPParseError as e:
+                self.report_malformed("bad_via", source, transport, e.reason)
                 return
         if self.on_message is None:
             log.warn("no SIP message handler: dropping {msg!r}", msg=msg)
@@ -379,6 +403,16 @@ class TransportManager(service.Service):
             self.on_message(msg, source, transport)
         except Exception:
             log.failure("SIP message handler failed on {msg!r}", msg=msg)
+
+    def report_malformed(self, reason: str, source, transport: str, detail: str = "") -> None:
+        """Count one malformed message (``reason``: one of ``MALFORMED_REASONS``) and log it
+        rate-limited; ``detail`` is the parser's complaint (shown sanitised and shortened)."""
+        transport = transport.upper()
+        key = (reason, transport)
+        self.malformed[key] = self.malformed.get(key, 0) + 1
+        if self.malformed_counter is not None:
+            self.malformed_counter.labels(reason=reason, transport=transport).inc()
+        self.malformed_log(f"{reason}, {transport}", source, detail)
 
     def _connection_made(self, conn: SIPStreamProtocol) -> None:
         self.connections[(conn.transport_name, conn.peer[0], conn.peer[1])] = conn
