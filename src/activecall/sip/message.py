@@ -186,7 +186,18 @@ def unquote(value: str) -> str:
 
 
 def quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A quoted-string: \\ and " escaped, and control characters too (a quoted-pair, RFC 3261
+    §25.1: a display name may hold a NUL, RFC 4475 §3.1.1.2); CR and LF, which no quoted-pair
+    can carry, become spaces."""
+    return '"' + _QUOTE_ESCAPES.sub(_quote_one, value) + '"'
+
+
+_QUOTE_ESCAPES = re.compile(r"[\\\"\x00-\x08\x0a-\x1f\x7f]")  # HT is qdtext
+
+
+def _quote_one(m: "re.Match") -> str:
+    ch = m.group(0)
+    return " " if ch in "\r\n" else "\\" + ch
 
 
 def _unescape(text: str) -> str:
