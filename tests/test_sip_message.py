@@ -74,7 +74,7 @@ class URITests(unittest.TestCase):
         self.assertEqual(str(uri), "tel:+1-201-555-0123;phone-context=example.com")
 
     def test_bad_uris(self):
-        for text in ("http://x", "sip:", "sip:a@", "sip:a@h:99999", "sip:a@h:x", "sip:[::1",
+        for text in ("<sip:a@h>", "1http:x", "http:", "http:a b", "sip:", "sip:a@", "sip:a@h:99999", "sip:a@h:x", "sip:[::1",
                      "sip:a@[zz::1]", "sip:a%zz@h", "nocolon", "sip:a@h;=x", "sip:a@h o"):
             self.assertRaises(SIPParseError, m.parse_uri, text)
 
@@ -246,10 +246,25 @@ class ParseTests(unittest.TestCase):
         err = self.assertRaises(SIPParseError, m.parse_message, INVITE.replace(b"314159 INVITE", b"1 BYE"))
         self.assertTrue(err.can_respond)
 
-    def test_missing_mandatory_is_not_answerable(self):
+    def test_missing_call_id_is_answerable(self):
+        # RFC 4475 §3.3.1 (insuf): a 400 needs the top Via and the CSeq only
         err = self.assertRaises(SIPParseError, m.parse_message, INVITE.replace(b"Call-ID", b"X-Call-ID"))
-        self.assertFalse(err.can_respond)
-        self.assertIsNone(err.partial)
+        self.assertTrue(err.can_respond)
+        response = m.make_response(err.partial, 400)
+        self.assertNotIn("Call-ID", response.headers)
+
+    def test_missing_via_or_cseq_is_not_answerable(self):
+        for name in (b"Via", b"CSeq"):
+            err = self.assertRaises(SIPParseError, m.parse_message, INVITE.replace(name + b":", b"X-" + name + b":"))
+            self.assertFalse(err.can_respond)
+            self.assertIsNone(err.partial)
+
+    def test_opaque_uri_of_another_scheme(self):
+        uri = m.parse_uri("soap.beep://192.0.2.103:3002")
+        self.assertEqual((uri.scheme, uri.opaque, uri.structured), ("soap.beep", "//192.0.2.103:3002", False))
+        self.assertEqual(str(uri), "soap.beep://192.0.2.103:3002")
+        self.assertEqual(str(uri.copy()), "soap.beep://192.0.2.103:3002")
+        self.assertRaises(SIPParseError, m.target_for_uri, uri)
 
     def test_bad_via_is_not_answerable(self):
         data = INVITE.replace(b"Via: SIP/2.0/UDP", b"Via: SIP/9/UDP")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from activecall.sip.message import (
+    BRANCH_MAGIC,
     URI,
     Address,
     Request,
@@ -89,13 +90,17 @@ class Dialog:
     def as_uas(cls, request: Request, local_tag: str, local_contact: Address, transport: str = "UDP") -> "Dialog":
         """The dialog an incoming INVITE (or REFER/SUBSCRIBE) creates (RFC 3261 §12.1.1)."""
         contacts = request.contacts
-        if not contacts or contacts[0].uri is None:
+        if contacts and contacts[0].uri is not None:
+            target = contacts[0].uri
+        elif not (request.top_via.branch or "").startswith(BRANCH_MAGIC) and request.from_.uri is not None:
+            target = request.from_.uri  # RFC 2543 had no mandatory Contact (RFC 4475 §3.4.1)
+        else:
             raise SIPParseError(f"{request.method} without a usable Contact cannot create a dialog")
         local = request.to.copy()
         local.params["tag"] = local_tag
         return cls(
             call_id=request.call_id or "", local_tag=local_tag, remote_tag=request.from_.tag or "",
-            local_address=local, remote_address=request.from_, remote_target=contacts[0].uri,
+            local_address=local, remote_address=request.from_, remote_target=target,
             route_set=request.headers.get_all("Record-Route"), local_cseq=0,
             remote_cseq=request.cseq.seq, local_contact=local_contact, is_uac=False, transport=transport,
         )

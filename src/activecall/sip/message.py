@@ -77,6 +77,24 @@ LIST_HEADERS = frozenset(
 #: headers without which no response can be formed (RFC 3261 §8.1.1)
 MANDATORY = ("via", "from", "to", "call-id", "cseq")
 
+#: headers a request may carry once only (RFC 3261 §7.3.1, §20; RFC 4475 §3.3.8 multi01)
+SINGLE_VALUED = ("from", "to", "call-id", "cseq", "max-forwards", "expires")
+
+#: the methods defined by RFC 3261 and its extensions (3262, 3265, 3311, 3428, 3515, 3903, 6086);
+#: a request with any other method is answered 501 by a UAS, 405 for one of these it does not allow
+KNOWN_METHODS = frozenset((
+    "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE", "NOTIFY",
+    "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE",
+))
+
+#: URI schemes we parse into parts; any other well-formed scheme is kept opaque (RFC 3261 §19.1,
+#: RFC 4475 §3.3.2-3.3.4): parsed, echoed, never routed to
+STRUCTURED_SCHEMES = ("sip", "sips", "tel")
+
+#: largest delta-seconds (Expires, expires=) and Max-Forwards (RFC 3261 §20.19, §20.22, RFC 4475 §3.1.2.4)
+MAX_DELTA_SECONDS = 2**32 - 1
+MAX_MAX_FORWARDS = 255
+
 REASON_PHRASES = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
     183: "Session Progress", 199: "Early Dialog Terminated",
@@ -168,7 +186,18 @@ def unquote(value: str) -> str:
 
 
 def quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A quoted-string: \\ and " escaped, and control characters too (a quoted-pair, RFC 3261
+    §25.1: a display name may hold a NUL, RFC 4475 §3.1.1.2); CR and LF, which no quoted-pair
+    can carry, become spaces."""
+    return '"' + _QUOTE_ESCAPES.sub(_quote_one, value) + '"'
+
+
+_QUOTE_ESCAPES = re.compile(r"[\\\"\x00-\x08\x0a-\x1f\x7f]")  # HT is qdtext
+
+
+def _quote_one(m: "re.Match") -> str:
+    ch = m.group(0)
+    return " " if ch in "\r\n" else "\\" + ch
 
 
 def _unescape(text: str) -> str:
@@ -275,13 +304,22 @@ class URI:
     password: Optional[str] = None
     params: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
+    #: everything after ``scheme:`` of a URI in a scheme we do not parse (``isbn:2983792873``)
+    opaque: Optional[str] = None
 
     @property
     def transport(self) -> Optional[str]:
         value = self.params.get("transport")
         return value.upper() if value else None
 
+    @property
+    def structured(self) -> bool:
+        """sip:, sips: or tel: (parsed into parts); False for an opaque URI of another scheme."""
+        return self.opaque is None
+
     def __str__(self) -> str:
+        if self.opaque is not None:
+            return f"{self.scheme}:{self.opaque}"
         if self.scheme == "tel":
             return f"tel:{self.user or ''}{format_params(self.params)}"
         out = [self.scheme, ":"]
@@ -301,34 +339,52 @@ class URI:
     def copy(self, **changes) -> "URI":
         if not changes:
             return URI(self.scheme, self.user, self.host, self.port, self.password, dict(self.params),
-                       dict(self.headers))
+                       dict(self.headers), self.opaque)
         values = dict(
             scheme=self.scheme, user=self.user, host=self.host, port=self.port,
             password=self.password, params=dict(self.params), headers=dict(self.headers),
+            opaque=self.opaque,
         )
         values.update(changes)
         return URI(**values)
 
 
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
+# RFC 3986 characters (unreserved, reserved, %): what an absoluteURI may hold
+_OPAQUE_RE = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+
+
 def parse_uri(text: str) -> URI:
-    """Parse a sip:/sips:/tel: URI; anything else raises ``SIPParseError``."""
+    """Parse a URI: sip:/sips:/tel: into parts, any other scheme kept opaque.
+
+    Raises ``SIPParseError`` for what is no URI at all (no scheme, a bad scheme,
+    spaces, control or non-ASCII characters).
+    """
     text = text.strip()
     scheme, colon, rest = text.partition(":")
+    if not colon or not _SCHEME_RE.fullmatch(scheme):
+        raise SIPParseError(f"bad URI {text[:80]!r}")
     scheme = scheme.lower()
-    if not colon or scheme not in ("sip", "sips", "tel"):
-        raise SIPParseError(f"unsupported URI {text!r}")
+    if scheme not in STRUCTURED_SCHEMES:
+        if not _OPAQUE_RE.fullmatch(rest):
+            raise SIPParseError(f"bad {scheme}: URI {text[:80]!r}")
+        return URI(scheme=scheme, host="", opaque=rest)
+    if not rest.isascii() or not rest.isprintable() or " " in rest:
+        raise SIPParseError(f"bad characters in URI {text[:80]!r}")
     if scheme == "tel":
         number, _, params = rest.partition(";")
         if not number:
             raise SIPParseError(f"empty tel URI {text!r}")
         return URI(scheme="tel", user=_unescape(number), params=parse_params(params))
-    rest, _, header_text = rest.partition("?")
     user = password = None
+    # the user part may hold ? ; / , (RFC 3261 §25.1 user-unreserved) but never an unescaped @,
+    # which the host, parameters and headers cannot hold either: the first @ ends the userinfo
     if "@" in rest:
         userinfo, _, rest = rest.partition("@")
         user_text, has_pw, pw_text = userinfo.partition(":")
         user = _unescape(user_text)
         password = _unescape(pw_text) if has_pw else None
+    rest, _, header_text = rest.partition("?")
     hostport, _, param_text = rest.partition(";")
     host, port = _parse_hostport(hostport)
     headers = {}
@@ -397,15 +453,28 @@ def parse_address(text: str) -> Address:
             raise SIPParseError(f"unbalanced <> in address {text!r}")
         if lt > 0 and display is None:
             display = text[:lt].strip() or None
+            if display and _DISPLAY_SEPARATORS.search(display):
+                # RFC 3261 §25.1: an unquoted display-name is tokens and LWS (RFC 4475 §3.1.2.15)
+                raise SIPParseError(f"unquoted display name with separators in {text!r}")
         elif text[:lt].strip():
             raise SIPParseError(f"junk before <> in address {text!r}")
-        uri = parse_uri(text[lt + 1:gt])
+        inner = text[lt + 1:gt]
+        if inner != inner.strip():
+            raise SIPParseError(f"spaces inside <> in address {text!r}")  # RFC 4475 §3.1.2.14
+        uri = parse_uri(inner)
         tail = text[gt + 1:].strip()
         if tail and not tail.startswith(";"):
             raise SIPParseError(f"junk after <> in address {text!r}")
         return Address(uri, display, parse_params(tail))
     uri_text, _, param_text = text.partition(";")
+    if "?" in uri_text or "," in uri_text:
+        # a URI with headers or a comma must be a name-addr (RFC 3261 §20.10, RFC 4475 §3.1.2.13)
+        raise SIPParseError(f"addr-spec with ? or , outside <> in {text!r}")
     return Address(parse_uri(uri_text), None, parse_params(param_text))
+
+
+# separators (RFC 3261 §25.1) other than SP/HT, which an unquoted display-name cannot hold
+_DISPLAY_SEPARATORS = re.compile(r'[()<>@,;:\\"/\[\]?={}]')
 
 
 # -- Via ------------------------------------------------------------------------------
@@ -456,7 +525,9 @@ def default_port(transport: str) -> int:
 
 
 def parse_via(text: str) -> Via:
-    m = re.match(r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9\-]+)\s+", text, re.IGNORECASE)
+    # sent-protocol: SIP / protocol-version / transport; a version other than 2.0 is the start
+    # line's business (505, RFC 4475 §3.1.2.16), the Via still routes the answer
+    m = re.match(r"\s*SIP\s*/\s*\d+\.\d+\s*/\s*([A-Za-z0-9\-]+)\s+", text, re.IGNORECASE)
     if not m:
         raise SIPParseError(f"bad Via {text!r}")
     rest = text[m.end():]
@@ -773,7 +844,10 @@ def unfold(head: str) -> list[str]:
     return lines
 
 
-_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) (\S+) (SIP/\d\.\d)")
+_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) (\S+) (SIP/\d+\.\d+)")
+# what is meant as a Request-Line but is not one: extra or trailing whitespace, LWS in the
+# Request-URI (RFC 4475 §3.1.2.8-3.1.2.10) -- answered 400 once the headers are read
+_LOOSE_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]+\S.*[ \t](SIP/\d+\.\d+)[ \t]*")
 _STATUS_LINE = re.compile(r"(SIP/\d\.\d) ([1-6]\d\d)(?: (.*))?")
 
 
@@ -782,6 +856,10 @@ def parse_message(data: bytes, stream: bool = False) -> Union[Request, Response]
 
     ``stream``: the bytes were framed by Content-Length already (TCP/TLS), so a
     shorter body is an error rather than a truncated datagram.
+
+    A request parses even when its method is unknown, its Request-URI has a
+    scheme other than sip/sips/tel (``uri.opaque``) or its version is not 2.0:
+    those are answered 501, 416 and 505 by the transaction user and layer.
     """
     try:
         return _parse_message(data, stream)
@@ -799,20 +877,25 @@ def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
         raise SIPParseError("empty message")
     head, body = split_head(data)
     lines = unfold(_decode(head))
-    start = lines[0].strip()
+    start = lines[0]
     if "\r" in start:
         raise SIPParseError("stray CR in the start line")
     msg: Union[Request, Response]
+    start_error = None
     m = _REQUEST_LINE.fullmatch(start)
     if m:
-        if m.group(3) != SIP_VERSION:
-            raise SIPParseError(f"unsupported version {m.group(3)}")
         uri_text = m.group(2)
-        msg = Request(m.group(1), URI(), Headers(), b"")
+        msg = Request(m.group(1), URI(), Headers(), b"", version=m.group(3))
+    elif (m := _LOOSE_REQUEST_LINE.fullmatch(start)) is not None:
+        uri_text = None
+        msg = Request(m.group(1), URI(), Headers(), b"", version=m.group(2))
+        start_error = "malformed Request-Line (extra whitespace)"
     else:
         m = _STATUS_LINE.fullmatch(start)
         if not m:
             raise SIPParseError(f"bad start line {start[:80]!r}")
+        if m.group(1) != SIP_VERSION:
+            raise SIPParseError(f"unsupported version {m.group(1)}")
         msg = Response(int(m.group(2)), (m.group(3) or "").strip(), Headers(), b"")
         uri_text = None
     items = msg.headers._items
@@ -834,35 +917,90 @@ def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
                     items.append((canonical, item, key))
         elif value or not is_list:
             items.append((canonical, value, key))
-    # a response can be formed once these five are there and Via/CSeq parse
     headers = msg.headers
-    values = {}
-    for key in MANDATORY:
-        value = headers.get(key)
-        if value is None:
-            raise SIPParseError(f"missing {canonical_name(key)} header")
-        values[key] = value
-    try:
-        _cached_via.check(values["via"])
-        cseq = _cached_cseq(values["cseq"])
-    except SIPParseError as e:
-        raise SIPParseError(str(e)) from None
     if isinstance(msg, Request):
-        try:
-            msg.uri = parse_uri(uri_text)
-        except SIPParseError as e:
-            raise _fail(msg, f"bad Request-URI: {e}") from None
-        if cseq.method != msg.method:
-            raise _fail(msg, "CSeq method does not match the request method")
-    try:
+        _check_request(msg, uri_text, start_error)
+    else:
+        # a response is matched by Via and CSeq and read by From/To: all must be there and parse
+        values = {}
+        for key in MANDATORY:
+            value = headers.get(key)
+            if value is None:
+                raise SIPParseError(f"missing {canonical_name(key)} header")
+            values[key] = value
+        _cached_cseq(values["cseq"])
         _cached_address.check(values["from"])
         _cached_address.check(values["to"])
         for via in headers.get_all("Via"):
             _cached_via.check(via)
-    except SIPParseError as e:
-        raise _fail(msg, str(e)) from None
     msg.body = _body(msg, body, stream)
     return msg
+
+
+def _check_request(msg: "Request", uri_text: Optional[str], start_error: Optional[str]) -> None:
+    """Everything that makes a parsed request malformed (400), in the order it is best reported.
+
+    Raised through ``_fail``: answerable once the top Via parses and CSeq is there
+    (RFC 4475 §3.3.1 insuf: a 400 even without From, To, Call-ID).
+    """
+    headers = msg.headers
+    if headers.get("via") is None:
+        raise SIPParseError("missing Via header")
+    _cached_via.check(headers.get("via"))  # no usable Via: nothing can be answered
+    if start_error:
+        raise _fail(msg, start_error)
+    for key in MANDATORY:
+        if headers.get(key) is None:
+            raise _fail(msg, f"missing {canonical_name(key)} header")
+    for key in SINGLE_VALUED:
+        if len(headers.get_all(key)) > 1:
+            raise _fail(msg, f"more than one {canonical_name(key)} header")
+    try:
+        cseq = _cached_cseq(headers.get("cseq"))
+    except SIPParseError as e:
+        raise _fail(msg, str(e)) from None
+    if not uri_text.isascii() or not uri_text.isprintable():
+        raise _fail(msg, "non-ASCII or control characters in the Request-URI")
+    try:
+        msg.uri = parse_uri(uri_text)
+    except SIPParseError as e:
+        raise _fail(msg, f"bad Request-URI: {e}") from None
+    if msg.uri.headers:
+        raise _fail(msg, "headers in the Request-URI")  # RFC 3261 §19.1.1, RFC 4475 §3.1.2.11
+    if cseq.method != msg.method and msg.method in KNOWN_METHODS:
+        # an unknown method with a mismatched CSeq is left to the 501 (RFC 4475 §3.1.2.18)
+        raise _fail(msg, "CSeq method does not match the request method")
+    try:
+        _cached_address.check(headers.get("from"))
+        _cached_address.check(headers.get("to"))
+        for via in headers.get_all("Via"):
+            _cached_via.check(via)
+        for contact in headers.get_all("Contact"):
+            _cached_address.check(contact)
+    except SIPParseError as e:
+        raise _fail(msg, str(e)) from None
+    problem = _scalar_problem(msg)
+    if problem:
+        raise _fail(msg, problem)
+
+
+def _scalar_problem(msg: "Request") -> Optional[str]:
+    """Out-of-range Max-Forwards, Expires, Contact expires (RFC 4475 §3.1.2.4 scalar02)."""
+    headers = msg.headers
+    max_forwards = headers.get("Max-Forwards")
+    if max_forwards is not None:
+        if not max_forwards.isdigit() or len(max_forwards) > 10 or int(max_forwards) > MAX_MAX_FORWARDS:
+            return f"bad Max-Forwards {max_forwards[:20]!r}"
+    expires = headers.get("Expires")
+    # RFC 2543 allowed an HTTP date here; a number must be delta-seconds
+    if expires is not None and (expires.lstrip("+-").isdigit() or not expires):
+        if not expires.isdigit() or len(expires) > 10 or int(expires) > MAX_DELTA_SECONDS:
+            return f"bad Expires {expires[:20]!r}"
+    for contact in headers.get_all("Contact"):
+        value = _cached_address(contact).params.get("expires")
+        if value is not None and (not value.isdigit() or len(value) > 10 or int(value) > MAX_DELTA_SECONDS):
+            return f"bad Contact expires {value[:20]!r}"
+    return None
 
 
 _HEADER_SPECS: dict[str, Optional[tuple[str, str, bool]]] = {}
@@ -886,12 +1024,12 @@ def _header_spec(raw_name: str) -> Optional[tuple[str, str, bool]]:
 
 
 def _fail(msg: Union[Request, Response], reason: str) -> SIPParseError:
-    """An error after the start line: answerable if it is a request with the five headers."""
-    answerable = isinstance(msg, Request) and all(k in msg.headers for k in MANDATORY)
+    """An error after the start line: answerable (400) if it is a request whose top Via parses
+    and that has a CSeq to echo; From, To and Call-ID are echoed when there."""
+    answerable = isinstance(msg, Request) and "cseq" in msg.headers
     if answerable:
         try:
             msg.top_via
-            msg.cseq
         except SIPParseError:
             answerable = False
     return SIPParseError(reason, can_respond=answerable, partial=msg if answerable else None)
@@ -986,9 +1124,10 @@ def make_response(request: Request, status: int, reason: Optional[str] = None,
     response = Response(status, reason, Headers(), body)
     for via in request.headers.get_all("Via"):
         response.headers.add("Via", via)
-    response.headers.add("From", request.headers.get("From") or "")
-    to_value = request.headers.get("To") or ""
-    if to_tag and status > 100:
+    if "From" in request.headers:  # a 400 for a request without it (RFC 4475 §3.3.1) has none
+        response.headers.add("From", request.headers.get("From"))
+    to_value = request.headers.get("To")
+    if to_value is not None and to_tag and status > 100:
         try:
             to_addr = parse_address(to_value)
             if to_addr.tag is None:
@@ -996,8 +1135,10 @@ def make_response(request: Request, status: int, reason: Optional[str] = None,
                 to_value = str(to_addr)
         except SIPParseError:
             pass  # a 400 for a request with an unparsable To: echo it as it came
-    response.headers.add("To", to_value)
-    response.headers.add("Call-ID", request.headers.get("Call-ID") or "")
+    if to_value is not None:
+        response.headers.add("To", to_value)
+    if "Call-ID" in request.headers:
+        response.headers.add("Call-ID", request.headers.get("Call-ID"))
     response.headers.add("CSeq", request.headers.get("CSeq") or "")
     for name, value in headers:
         response.headers.add(name, value)

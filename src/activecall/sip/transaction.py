@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from activecall.sip.message import (
     BRANCH_MAGIC,
+    SIP_VERSION,
     Headers,
     Request,
     Response,
@@ -752,6 +753,11 @@ class TransactionLayer:
                 log.info("dropping message from {source}: {reason}", source=source, reason=e.reason)
 
     def _response_received(self, response: Response, source: Target) -> None:
+        if len(response.headers.get_all("Via")) != 1:
+            # RFC 3261 §8.1.3.3: a UAC discards a response with more than one Via (RFC 4475 §3.3.10)
+            log.info("dropping {status} from {source}: {n} Vias", status=response.status, source=source,
+                     n=len(response.headers.get_all("Via")))
+            return
         txn = self.client_transactions.get(client_key(response))
         if txn is None:
             self.tu.stray_response(response, source)
@@ -765,12 +771,16 @@ class TransactionLayer:
             txn.receive_request(request)  # a retransmission, or the ACK for a non-2xx
             return
         if request.method == "ACK":
-            self.tu.ack_received(request, source)
-            return
+            if request.version == SIP_VERSION:
+                self.tu.ack_received(request, source)
+            return  # an ACK is never answered
         cls = InviteServerTransaction if request.method == "INVITE" else NonInviteServerTransaction
         txn = cls(self, request, source)
         self.server_transactions[key] = txn
         txn.start()
+        if request.version != SIP_VERSION:
+            txn.respond(505)  # RFC 3261 §8.2 / RFC 4475 §3.1.2.16
+            return
         if request.method == "CANCEL":
             self._cancel_received(request, txn)
             return
@@ -792,7 +802,11 @@ class TransactionLayer:
     def _cancel_received(self, cancel: Request, txn: ServerTransaction) -> None:
         invite = self.find_invite_for_cancel(cancel)
         if invite is None:
-            txn.respond(481)
+            # a CANCEL for a non-INVITE we know has no effect but is answered 200 (RFC 3261 §9.2)
+            key = server_key(cancel)[:-1]
+            known = any(k[:-1] == key and k[-1] not in ("CANCEL", "INVITE") and t is not txn
+                        for k, t in self.server_transactions.items())
+            txn.respond(200 if known else 481)
             return
         txn.respond(200, to_tag=invite.to_tag)
         if invite.state is not State.PROCEEDING:

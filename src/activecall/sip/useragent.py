@@ -31,6 +31,8 @@ from activecall.sip.auth import DigestClient
 from activecall.sip import session_timer
 from activecall.sip.dialog import Dialog, DialogId, DialogState, DialogTable, response_dialog_id
 from activecall.sip.message import (
+    BRANCH_MAGIC,
+    KNOWN_METHODS,
     URI,
     Address,
     Request,
@@ -59,6 +61,9 @@ from activecall.sip.transaction import (
 log = Logger(namespace="activecall.sip.useragent")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY, MESSAGE, PRACK"
+_ALLOWED = frozenset(m.strip() for m in ALLOW.split(","))
+#: Request-URI schemes we serve; any other is answered 416 (RFC 3261 §8.2.2.1)
+URI_SCHEMES = ("sip", "sips", "tel")
 ACCEPT = "application/sdp, application/dtmf-relay, message/sipfrag"
 #: option tags we implement: session timers (RFC 4028) and reliable provisional responses (RFC 3262);
 #: not replaces
@@ -709,6 +714,27 @@ class SipCall:
 def option_tags(message, header: str) -> list[str]:
     """The option tags of every ``header`` (Require, Supported) value, lower-cased."""
     return [t.strip().lower() for v in message.headers.get_all(header) for t in v.split(",") if t.strip()]
+
+
+def _unacceptable_invite(request: Request) -> Optional[tuple[int, list[tuple[str, str]]]]:
+    """(status, headers) for a new INVITE we cannot take because of its body or Accept.
+
+    RFC 3261 §8.2.3: a body we do not understand (not SDP, not multipart, not marked
+    ``handling=optional``) → 415 with our Accept (RFC 4475 §3.3.6 invut). §21.4.7: an
+    Accept that rules SDP out leaves us no answer or offer to send → 406 with a 399
+    Warning (RFC 4475 §3.3.15 sdp01).
+    """
+    content_type = request.content_type
+    disposition = (request.headers.get("Content-Disposition") or "").lower().replace(" ", "")
+    if (request.body and content_type not in (None, SDP) and not content_type.startswith("multipart/")
+            and "handling=optional" not in disposition):
+        return 415, [("Accept", SDP)]
+    accepts = request.headers.get_all("Accept")
+    if accepts:
+        kinds = {value.split(";")[0].strip().lower() for value in accepts}
+        if not kinds & {SDP, "application/*", "*/*"}:
+            return 406, [("Warning", '399 activecall "Accept excludes application/sdp"')]
+    return None
 
 
 def unsupported_requirements(request: Request) -> list[str]:
@@ -1481,6 +1507,16 @@ class UserAgent(service.Service, TransactionUser):
     # -- TransactionUser --
 
     def request_received(self, request: Request, txn: ServerTransaction) -> None:
+        # RFC 3261 §8.2 in its order: method (§8.2.1), Request-URI (§8.2.2.1), Require (§8.2.2.3)
+        if request.method not in _ALLOWED:
+            if request.method in KNOWN_METHODS:
+                self.respond(txn, 405, headers=[("Allow", ALLOW)])  # REGISTER, SUBSCRIBE, PUBLISH
+            else:
+                self.respond(txn, 501, headers=[("Allow", ALLOW)])  # RFC 3261 §21.5.2
+            return
+        if request.uri.scheme not in URI_SCHEMES:
+            self.respond(txn, 416)  # RFC 4475 §3.3.2, §3.3.3
+            return
         unsupported = unsupported_requirements(request)
         if unsupported:  # RFC 3261 §8.2.2.3 (CANCEL and ACK never reach here)
             self.respond(txn, 420, headers=[("Unsupported", ", ".join(unsupported))])
@@ -1496,10 +1532,8 @@ class UserAgent(service.Service, TransactionUser):
             self.respond(txn, 200, headers=self.capabilities())
         elif method in ("NOTIFY", "MESSAGE"):
             self.respond(txn, 200)  # e.g. Asterisk's out-of-dialog keep-alive NOTIFY
-        elif method in ("BYE", "INFO", "UPDATE", "PRACK", "REFER"):
+        else:  # BYE, INFO, UPDATE, PRACK, REFER outside any dialog
             self.respond(txn, 481)
-        else:
-            self.respond(txn, 405, headers=[("Allow", ALLOW)])
 
     def _in_dialog(self, request: Request, txn: ServerTransaction) -> None:
         dialog = self.dialogs.for_request(request)
@@ -1524,8 +1558,14 @@ class UserAgent(service.Service, TransactionUser):
             else:
                 self.respond(txn, 482)  # a merged request (RFC 3261 §8.2.2.2)
             return
-        if not request.contacts:
+        if not request.contacts and (request.top_via.branch or "").startswith(BRANCH_MAGIC):
+            # RFC 3261 §8.1.1.8; an RFC 2543 INVITE (no magic cookie) may lack it: its From
+            # is the remote target then (RFC 4475 §3.4.1)
             self.respond(txn, 400, "Missing Contact")
+            return
+        refusal = _unacceptable_invite(request)
+        if refusal is not None:
+            self.respond(txn, refusal[0], headers=refusal[1])
             return
         try:
             terms = session_timer.negotiate_as_uas(request)
