@@ -205,7 +205,7 @@ class DeepgramSynthesizerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_wav_container_is_skipped_and_long_text_split(self):
-        from activecall.speech.audio import wav_bytes
+        from activecall.audio import wav_bytes
         sent = tone(0.2)
         srv, tts = self.make(streamed(self, wav_bytes(sent), chunks=3), model="aura-orion-en")
         text = " ".join(f"Sentence number {i} is here." for i in range(100))  # ~2900 characters

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 from zope.interface import Attribute, Interface
 
-SAMPLE_RATE = 16000
+from activecall.audio import SAMPLE_RATE
 
 
 class SpeechError(Exception):

@@ -32,8 +32,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from activecall.speech.asr.base import report_error
-from activecall.speech.audio import as_int16
-from activecall.speech.base import SAMPLE_RATE, AsrOptions, AsrResult, OptionError, SpeechError
+from activecall.audio import SAMPLE_RATE, as_int16
+from activecall.speech.base import AsrOptions, AsrResult, OptionError, SpeechError
 
 log = Logger(namespace="activecall.speech.cloud")
 
@@ -437,7 +437,7 @@ class PcmBody(protocol.Protocol):
                 return
             self.header_checked = True
             if data[:4] == b"RIFF":
-                from activecall.speech.audio import parse_wav_header
+                from activecall.audio import parse_wav_header
                 fmt = parse_wav_header(data)
                 if fmt is None:
                     self.header_checked = False

@@ -23,8 +23,8 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from activecall.speech.audio import WavError, parse_wav_header, resample
-from activecall.speech.base import SAMPLE_RATE, ISynthesizer, SpeechError, TtsOptions
+from activecall.audio import SAMPLE_RATE, WavError, parse_wav_header, resample
+from activecall.speech.base import ISynthesizer, SpeechError, TtsOptions
 from activecall.speech.tts.sentences import split_sentences
 
 log = Logger(namespace="activecall.speech.tts.flite")
