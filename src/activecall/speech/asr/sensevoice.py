@@ -17,8 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from activecall.speech.asr.base import StreamingRecognizer
 from activecall.audio import SAMPLE_RATE
+from activecall.speech.asr.base import StreamingRecognizer
 from activecall.speech.base import SpeechError
 
 _recognizers: dict = {}  # model_dir -> sherpa_onnx.OfflineRecognizer, shared by calls
