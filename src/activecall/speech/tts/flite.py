@@ -142,6 +142,7 @@ class FliteSynthesizer:
             childFDs={0: "w", 1: "r", 2: "r"})
         self.processes_spawned += 1
         transport.closeStdin()
+        proto.done.addErrback(lambda _: None)  # the outcome travels through proto.wav (a kill fails done, too)
         return proto.wav
 
     def synthesize(self, text: str, sink) -> defer.Deferred:
