@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from twisted.internet import defer, task
 
-from activecall.speech.audio import resample, ulaw_decode, ulaw_encode
+from activecall.audio import resample, ulaw_decode, ulaw_encode
 from activecall.speech.testing import synthesize_pcm, word_error_rate
 
 SENTENCES = [

@@ -25,7 +25,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
-from activecall.speech.audio import resample
+from activecall.audio import resample
 from activecall.speech.testing import synthesize_pcm, word_error_rate
 from tests.helpers import free_port, spawn, spawn_daemon, write_config
 from tests.test_sip_integration import require, udp_port, when

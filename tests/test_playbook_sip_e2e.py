@@ -23,7 +23,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from activecall.speech.audio import resample
+from activecall.audio import resample
 from activecall.speech.testing import synthesize_pcm, word_error_rate
 from tests.helpers import free_port, spawn_daemon, write_config
 from tests.test_sip_calls import _recognise, write_ulaw_wav

@@ -22,9 +22,9 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from activecall.audio import resample
 from activecall.media.codecs import ulaw_encode
 from activecall.speech.testing import synthesize_pcm, word_error_rate
-from activecall.speech.audio import resample
 from tests.helpers import free_port, spawn_daemon, write_config
 from tests.test_sip_integration import SCENARIOS, port_bound, sipp, sipp_result, udp_port, when
 from tests.wsclient import connect, send_json

@@ -7,9 +7,9 @@ import numpy as np
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from activecall.audio import resample
 from activecall.speech import registry
 from activecall.speech.asr.pool import default_pool
-from activecall.speech.audio import resample
 from activecall.speech.base import ProviderNotFound, SpeechError
 from activecall.speech.testing import frames, labelled_speech, synthesize_pcm, word_error_rate
 

@@ -232,6 +232,29 @@ class CosyVoiceTests(unittest.TestCase):
         yield srv.connections[0].closed
         self.assertEqual(len(chunks), 1)
 
+    @defer.inlineCallbacks
+    def test_cancel_from_the_sink_mid_stream(self):
+        def vendor(conn, payload, is_binary):
+            action = conn.texts[-1]["header"]["action"]
+            if action == "run-task":
+                event(conn, "task-started")
+            elif action == "finish-task":
+                for _ in range(5):  # several frames in one burst: the client may read them in one go
+                    conn.send_binary(tone(0.1).astype("<i2").tobytes())
+
+        srv, tts = self.make(vendor)
+        chunks = []
+
+        def sink(pcm):
+            chunks.append(pcm)
+            d.cancel()
+
+        d = tts.synthesize("a long text", sink)
+        conn = yield srv.next_connection()
+        yield conn.closed
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(len(chunks), 1)
+
     def test_defaults_and_option_errors(self):
         tts = registry.create_synthesizer({"provider": "aliyun"}, env={"DASHSCOPE_API_KEY": "k"})
         params = tts.run_task("t")["payload"]

@@ -8,6 +8,7 @@ import numpy as np
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, task
 from twisted.trial import unittest
+from twisted.web import server
 
 from activecall.speech import registry
 from activecall.speech.base import OptionError, SpeechError
@@ -205,7 +206,7 @@ class DeepgramSynthesizerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_wav_container_is_skipped_and_long_text_split(self):
-        from activecall.speech.audio import wav_bytes
+        from activecall.audio import wav_bytes
         sent = tone(0.2)
         srv, tts = self.make(streamed(self, wav_bytes(sent), chunks=3), model="aura-orion-en")
         text = " ".join(f"Sentence number {i} is here." for i in range(100))  # ~2900 characters
@@ -238,6 +239,43 @@ class DeepgramSynthesizerTests(unittest.TestCase):
         if self.pending.active():
             self.pending.cancel()
         self.assertEqual(len(chunks), received)
+
+    @defer.inlineCallbacks
+    def test_cancel_from_the_sink_stops_at_once(self):
+        srv, tts = self.make(streamed(self, tone(5.0).astype("<i2").tobytes(), chunks=100, finish=False))
+        chunks = []
+        first = defer.Deferred()
+
+        def sink(pcm):
+            chunks.append(pcm)
+            d.cancel()
+            if not first.called:
+                first.callback(None)
+
+        d = tts.synthesize("A long story.", sink)
+        yield first
+        self.failureResultOf(d, defer.CancelledError)
+        yield self.assertFailure(self.disconnected, Exception)
+        if self.pending.active():
+            self.pending.cancel()
+        self.assertEqual(len(chunks), 1)
+
+    @defer.inlineCallbacks
+    def test_cancel_before_the_answer_is_a_cancel_not_an_error(self):
+        # treq fails an aborted request with ResponseNeverReceived: the synthesis must still say CancelledError
+        arrived = defer.Deferred()
+
+        def answer(request, body):
+            self.disconnected = request.notifyFinish()
+            arrived.callback(None)
+            return server.NOT_DONE_YET
+
+        srv, tts = self.make(answer)
+        d = tts.synthesize("Hello.", list.append)
+        yield arrived
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        yield self.assertFailure(self.disconnected, Exception)
 
     @defer.inlineCallbacks
     def test_error_names_status_and_vendor_message(self):

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 from twisted.internet import defer, task
 from twisted.trial import unittest
+from twisted.web import server
 
 from activecall.speech import registry
 from activecall.speech.base import OptionError, SpeechError
@@ -235,3 +236,31 @@ class TencentSynthesizerTests(unittest.TestCase):
         self.assertRaises(OptionError, registry.create_synthesizer, {"provider": "tencent", "speaker": "alice"},
                           env=env)
         self.assertRaises(OptionError, registry.create_synthesizer, {"provider": "tencent", "speed": 3.0}, env=env)
+
+    @defer.inlineCallbacks
+    def test_cancel_between_sentences_aborts_the_request_and_the_rest(self):
+        first = tone(0.3)
+        held = defer.Deferred()
+
+        def answer(request, body):
+            request.setHeader(b"content-type", b"application/json")
+            if len(srv.requests) == 1:
+                return json.dumps({"Response": {"Audio": base64.b64encode(first.astype("<i2").tobytes()).decode(),
+                                                "RequestId": "r"}}).encode()
+            self.disconnected = request.notifyFinish()  # the second sentence: held open
+            held.callback(None)
+            return server.NOT_DONE_YET
+
+        srv = HttpServer(self, answer)
+        tts = registry.create_synthesizer(
+            {"provider": "tencent", "endpoint": srv.base, "secretKey": SECRET_KEY, "extra": {"secretId": SECRET_ID}},
+            http=srv.http, reactor=task.Clock())
+        chunks = []
+        d = tts.synthesize("Hello there. How are you today? Fine, thanks.", chunks.append)
+        yield held
+        np.testing.assert_array_equal(np.concatenate(chunks), first)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        yield self.assertFailure(self.disconnected, Exception)  # the request in flight was aborted
+        self.assertEqual(sum(c.size for c in chunks), first.size)
+        self.assertEqual(len(srv.requests), 2)  # and the third sentence never asked for

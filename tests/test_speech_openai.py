@@ -13,8 +13,8 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from activecall.audio import parse_wav_header
 from activecall.speech import registry
-from activecall.speech.audio import parse_wav_header
 from activecall.speech.base import SpeechError
 from activecall.speech.cache import TtsCache
 from activecall.speech.testing import frames

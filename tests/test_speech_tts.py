@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from activecall.speech import registry
@@ -59,6 +59,51 @@ class FliteTests(unittest.TestCase):
             self.assertEqual(synth.processes_spawned, 1)
 
         return d.addCallback(lambda _: ended).addCallback(check)
+
+    def test_cancel_mid_stream_kills_the_next_process(self):
+        synth = registry.create_synthesizer({"provider": "flite"})
+        chunks, killed = [], []
+        original = reactor.spawnProcess
+
+        def spy(proto, *args, **kw):
+            reaped = defer.Deferred()
+            proto.done.addErrback(lambda f: reaped.callback(f.value) or None)
+            killed.append(reaped)
+            transport = original(proto, *args, **kw)
+            if len(killed) == 2:  # the first sentence has been delivered; the second is being synthesised
+                reactor.callLater(0, d.cancel)
+            return transport
+
+        self.patch(reactor, "spawnProcess", spy)
+        d = synth.synthesize("Hello there. " + LONG, chunks.append)
+        self.assertFailure(d, defer.CancelledError)
+
+        def check(_):
+            delivered = len(chunks)
+            self.assertGreater(delivered, 0)
+            return killed[1].addCallback(lambda reason: (
+                self.assertIn("signal 9", str(reason)),
+                self.assertEqual(len(chunks), delivered),
+                self.assertEqual(synth.processes_spawned, 2)))
+
+        return d.addCallback(check)
+
+    def test_cancel_from_the_sink_stops_at_once(self):
+        synth = registry.create_synthesizer({"provider": "flite"})
+        chunks = []
+
+        def sink(pcm):
+            chunks.append(pcm)
+            d.cancel()
+
+        d = synth.synthesize("Hello there. How are you today?", sink)
+        self.assertFailure(d, defer.CancelledError)
+
+        def check():
+            self.assertEqual(len(chunks), 1)  # not the rest of the sentence
+            self.assertEqual(synth.processes_spawned, 1)  # and no process for the next one
+
+        return d.addCallback(lambda _: task.deferLater(reactor, 0, check))  # once the synthesis could go on
 
     def test_unknown_voice(self):
         e = self.assertRaises(SpeechError, registry.create_synthesizer, {"provider": "flite", "speaker": "bob"})

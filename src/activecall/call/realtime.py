@@ -41,7 +41,8 @@ from twisted.logger import Logger
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
-from activecall.media.tracks import FRAME_SAMPLES, TtsTrack
+from activecall.audio import FRAME_SAMPLES
+from activecall.media.tracks import TtsTrack
 from activecall.speech.base import SpeechError
 from activecall.speech.realtime import RealtimeClient, RealtimeHandler, RealtimeSettings
 

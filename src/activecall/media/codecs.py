@@ -9,9 +9,11 @@ per leg with ``create``.
 What is hand-written and why: G.711 is two 256/65536-entry numpy tables
 (exact ITU segment laws, cross-checked against FFmpeg's decoders in tests);
 L16 is a byte swap; the resampler is a small streaming polyphase FIR in numpy
-because it runs once per frame per leg and must keep state.  G.722 comes from
-the ``g722`` package (import ``G722``) and Opus from PyAV's libopus: codecs
-are never hand-written here.
+because it runs once per frame per leg and must keep state.  The tables, the
+resampler and the frame constants live in ``activecall.audio`` (shared with
+speech/); this module adds the codec objects and the batched G.711 path.
+G.722 comes from the ``g722`` package (import ``G722``) and Opus from PyAV's
+libopus: codecs are never hand-written here.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import functools
 import threading
 import weakref
 from dataclasses import dataclass
-from math import gcd
 from typing import Optional
 
 import numpy as np
+
+from activecall.audio import (ALAW_DECODE, ALAW_ENCODE, FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, ULAW_DECODE,
+                              ULAW_ENCODE, Resampler, _resampler_filter, alaw_decode, alaw_encode, as_int16,
+                              ulaw_decode, ulaw_encode)
 
 __all__ = [
     "SAMPLE_RATE", "FRAME_SAMPLES", "CodecError", "CodecInfo", "Codec", "Resampler", "PcmuCodec", "PcmaCodec",
@@ -31,94 +36,12 @@ __all__ = [
     "ulaw_encode", "ulaw_decode", "alaw_encode", "alaw_decode", "encode_frames", "decode_payloads",
 ]
 
-SAMPLE_RATE = 16000
-FRAME_MS = 20
-FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 320
-
 
 class CodecError(ValueError):
     """An unknown codec name or a payload the decoder refuses."""
 
 
-def _as_int16(pcm) -> np.ndarray:
-    if isinstance(pcm, (bytes, bytearray, memoryview)):
-        return np.frombuffer(pcm, dtype="<i2").astype(np.int16)
-    return np.asarray(pcm, dtype=np.int16).reshape(-1)
-
-
-# -- resampling -----------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=32)
-def _lowpass(cutoff: float, taps: int, beta: float = 8.0) -> np.ndarray:
-    """Kaiser-windowed sinc; ``cutoff`` as a fraction of Nyquist, unity DC gain.
-
-    Cached (read-only): every codec of every call shares the few filters there are."""
-    n = np.arange(taps) - (taps - 1) / 2
-    h = cutoff * np.sinc(cutoff * n) * np.kaiser(taps, beta)
-    h = h / h.sum()
-    h.setflags(write=False)
-    return h
-
-
-@functools.lru_cache(maxsize=32)
-def _resampler_filter(up: int, factor: int, taps_per_phase: int) -> tuple[np.ndarray, np.ndarray]:
-    """(taps, convolution kernel) of a resampler, shared read-only by every one with these ratios."""
-    # cut a little below the lower Nyquist so the transition band does not alias
-    taps = _lowpass(0.9 / factor, taps_per_phase * factor + 1)[::-1] * up
-    kernel = taps[::-1].copy()  # np.convolve flips: correlate with the taps
-    taps.setflags(write=False)
-    kernel.setflags(write=False)
-    return taps, kernel
-
-
-class Resampler:
-    """Streaming rational resampler (zero-stuff by ``up``, FIR, keep every ``down``-th sample).
-
-    The filter history and the output phase carry over between calls, so any
-    chunking gives the same output as one long call: no clicks at frame edges.
-    Per output sample it costs one dot product of ``taps_per_phase * up`` taps.
-    """
-
-    def __init__(self, src_rate: int, dst_rate: int, taps_per_phase: int = 16):
-        g = gcd(src_rate, dst_rate)
-        self.src_rate, self.dst_rate = src_rate, dst_rate
-        self.up, self.down = dst_rate // g, src_rate // g
-        factor = max(self.up, self.down)
-        self.passthrough = self.up == self.down
-        self._taps, self._kernel = _resampler_filter(self.up, factor, taps_per_phase)
-        self._history = np.zeros(len(self._taps) - 1)
-        self._next = 0  # start of the next output window in (history + new) coordinates
-
-    @property
-    def delay(self) -> float:
-        """Group delay in output samples (the FIR is linear phase)."""
-        return (len(self._taps) - 1) / 2 / self.down
-
-    def __call__(self, pcm) -> np.ndarray:
-        x = _as_int16(pcm)
-        if self.passthrough:
-            return x.copy()
-        u = np.zeros(x.size * self.up)
-        u[::self.up] = x
-        buf = np.concatenate((self._history, u))
-        width = len(self._taps)
-        last_start = buf.size - width
-        if last_start < self._next:
-            y = np.zeros(0)
-        else:
-            # one C-level convolution over the frame (twice as fast as strided dot products,
-            # which matters: this runs for every G.711/Opus frame of every leg)
-            y = np.convolve(buf, self._kernel, mode="valid")[self._next:last_start + 1:self.down]
-        consumed = self._next + y.size * self.down
-        keep = width - 1
-        self._next = consumed - (buf.size - keep)
-        self._history = buf[buf.size - keep:]
-        return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
-
-    def reset(self) -> None:
-        self._history[:] = 0
-        self._next = 0
+# -- per-leg resampler histories --------------------------------------------------------------
 
 
 class _HistoryBank:
@@ -169,58 +92,6 @@ class _BankedResampler(Resampler):
     def _history(self, value) -> None:
         if hasattr(self, "_bank"):  # (Resampler.__init__ sets a history before the bank is known)
             self._bank.matrix[self._row] = value
-
-
-# -- G.711 tables (ITU-T G.711) ---------------------------------------------------------------
-
-
-def _ulaw_tables():
-    codes = ~np.arange(256, dtype=np.int32) & 0xFF
-    exponent, mantissa = (codes >> 4) & 7, codes & 0x0F
-    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
-    decode = np.where(codes & 0x80, -magnitude, magnitude).astype(np.int16)
-    samples = np.arange(-32768, 32768, dtype=np.int32)
-    sign = np.where(samples < 0, 0x80, 0)
-    biased = np.minimum(np.abs(samples), 32635) + 0x84
-    exp = np.clip(np.floor(np.log2(biased)).astype(np.int32) - 7, 0, 7)
-    mant = (biased >> (exp + 3)) & 0x0F
-    encode = (~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8)
-    return encode, decode
-
-
-def _alaw_tables():
-    codes = np.arange(256, dtype=np.int32) ^ 0x55
-    exponent, mantissa = (codes >> 4) & 7, codes & 0x0F
-    magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
-    decode = np.where(codes & 0x80, magnitude, -magnitude).astype(np.int16)
-    samples = np.arange(-32768, 32768, dtype=np.int32) >> 3  # 13-bit
-    mask = np.where(samples >= 0, 0xD5, 0x55)
-    magnitude = np.where(samples >= 0, samples, -samples - 1)
-    seg = np.searchsorted(np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF]), magnitude, side="left")
-    mant = np.where(seg < 2, magnitude >> 1, magnitude >> np.maximum(seg, 1)) & 0x0F
-    code = np.where(seg >= 8, 0x7F, (np.minimum(seg, 7) << 4) | mant)
-    encode = (code ^ mask).astype(np.uint8)
-    return encode, decode
-
-
-ULAW_ENCODE, ULAW_DECODE = _ulaw_tables()
-ALAW_ENCODE, ALAW_DECODE = _alaw_tables()
-
-
-def ulaw_encode(pcm) -> bytes:
-    return ULAW_ENCODE[_as_int16(pcm).astype(np.int32) + 32768].tobytes()
-
-
-def ulaw_decode(data: bytes) -> np.ndarray:
-    return ULAW_DECODE[np.frombuffer(data, dtype=np.uint8)]
-
-
-def alaw_encode(pcm) -> bytes:
-    return ALAW_ENCODE[_as_int16(pcm).astype(np.int32) + 32768].tobytes()
-
-
-def alaw_decode(data: bytes) -> np.ndarray:
-    return ALAW_DECODE[np.frombuffer(data, dtype=np.uint8)]
 
 
 # -- the interface --------------------------------------------------------------------------
@@ -312,7 +183,7 @@ class G722Codec(Codec):
         self._decoder = G722.G722(SAMPLE_RATE, 64000)
 
     def encode(self, pcm16k) -> bytes:
-        return bytes(self._encoder.encode(_as_int16(pcm16k)))
+        return bytes(self._encoder.encode(as_int16(pcm16k)))
 
     def decode(self, payload: bytes) -> np.ndarray:
         if not payload:
@@ -348,7 +219,7 @@ class OpusCodec(Codec):
 
     def encode(self, pcm16k) -> bytes:
         """One packet per call; input that is not a whole 20 ms frame is buffered or padded."""
-        pcm = np.concatenate((self._pending, _as_int16(pcm16k)))
+        pcm = np.concatenate((self._pending, as_int16(pcm16k)))
         if pcm.size < FRAME_SAMPLES:
             pcm = np.concatenate((pcm, np.zeros(FRAME_SAMPLES - pcm.size, dtype=np.int16)))
         frame_pcm, self._pending = pcm[:FRAME_SAMPLES], pcm[FRAME_SAMPLES:]

@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from activecall.api import events as ev
+from activecall.audio import FRAME_SAMPLES
 from activecall.media import codecs as codec_mod
 from activecall.media._rtpcore import RtpLegCore
 from activecall.media.dtmf import DtmfReceiver, DtmfSender
@@ -44,7 +45,6 @@ from activecall.media.rtp_ticker import RtpTicker
 from activecall.media.srtp import (
     NoAcceptableCrypto, SrtpContext, SrtpError, answer_crypto, match_answer, offer_keys,
 )
-from activecall.media.tracks import FRAME_SAMPLES
 from activecall.sip import sdp as sdp_mod
 
 log = Logger(namespace="activecall.media.rtp")

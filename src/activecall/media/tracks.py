@@ -19,11 +19,9 @@ import numpy as np
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-log = Logger(namespace="activecall.media.tracks")
+from activecall.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 
-SAMPLE_RATE = 16000
-FRAME_SAMPLES = 320  # 20 ms at 16 kHz
-FRAME_MS = 20
+log = Logger(namespace="activecall.media.tracks")
 
 
 class TrackError(Exception):

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+from twisted.internet import defer
 from zope.interface import Attribute, Interface
 
-SAMPLE_RATE = 16000
+from activecall.audio import SAMPLE_RATE
 
 
 class SpeechError(Exception):
@@ -264,3 +265,51 @@ class ISynthesizer(Interface):
 
         Cancelling the Deferred stops synthesis at once; no chunk reaches ``sink`` afterwards.
         """
+
+
+def synthesis(run: Callable[[Callable[[np.ndarray], None]], defer.Deferred], sink) -> defer.Deferred:
+    """The Deferred of one ``ISynthesizer.synthesize``: ``run(deliver)`` does the work, pushing audio
+    through ``deliver`` to ``sink``, and its Deferred fires with the sample count.
+
+    ``run`` is an ``inlineCallbacks`` generator (or a coroutine through
+    ``ensureDeferred``), and each thing it waits for is a Deferred whose
+    canceller stops that piece of work: the HTTP request, the body transfer,
+    the WebSocket, the flite process.  Cancelling the synthesis cancels
+    ``run``'s Deferred, which Twisted passes on to what it is waiting for.
+
+    Two things Twisted's propagation does not do are done here.  The
+    synthesis fails with ``CancelledError`` at once and whatever ``run``
+    reports afterwards is dropped: stopped work seldom fails with
+    ``CancelledError`` itself (an aborted treq request fails with
+    ``ResponseNeverReceived``, an aborted connect with ``DNSLookupError``, a
+    killed flite with its signal), and the session tells a cancel from a
+    failure by that type.  And ``deliver`` raises ``CancelledError`` once the
+    synthesis is cancelled: a ``run`` cancelled while it is running (from
+    inside the sink) waits on nothing Twisted could cancel, and stops at its
+    next chunk instead.
+    """
+    work: Optional[defer.Deferred] = None
+
+    def cancel(result: defer.Deferred) -> None:
+        result.errback(defer.CancelledError())  # first, so nothing the stopped work says can take its place
+        if work is not None:
+            work.cancel()
+
+    result = defer.Deferred(cancel)
+
+    def deliver(pcm: np.ndarray) -> None:
+        if result.called:
+            raise defer.CancelledError()
+        sink(pcm)
+
+    def succeeded(samples) -> None:
+        if not result.called:
+            result.callback(samples)
+
+    def failed(failure) -> None:
+        if not result.called:
+            result.errback(failure)
+
+    work = run(deliver)
+    work.addCallbacks(succeeded, failed)
+    return result

@@ -31,9 +31,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from activecall.audio import SAMPLE_RATE, as_int16, parse_wav_header
 from activecall.speech.asr.base import report_error
-from activecall.speech.audio import as_int16
-from activecall.speech.base import SAMPLE_RATE, AsrOptions, AsrResult, OptionError, SpeechError
+from activecall.speech.base import AsrOptions, AsrResult, OptionError, SpeechError, synthesis
 
 log = Logger(namespace="activecall.speech.cloud")
 
@@ -413,22 +413,25 @@ class PcmBody(protocol.Protocol):
     """An HTTP response body of s16le PCM: whole samples to ``sink`` as they arrive (``convert`` may resample).
 
     ``convert`` may have ``flush()``, called at the end of the body for its last samples.
-    ``done`` fires with the sample count; ``stop()`` (on cancel) aborts the
-    transfer and nothing more reaches the sink.  A RIFF header at the start is
+    ``done`` fires with the sample count; cancelling it aborts the transfer
+    and nothing more reaches the sink.  A RIFF header at the start is
     skipped, for services that wrap raw PCM in a streaming WAV.
     """
 
-    def __init__(self, sink, done: defer.Deferred, convert=None):
+    def __init__(self, sink, convert=None):
         self.sink = sink
-        self.done = done
+        self.done = defer.Deferred(self._abort)
         self.convert = convert
         self.buffer = b""
         self.header_checked = False
         self.samples = 0
-        self.stopped = False
+
+    def _abort(self, _) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.stopped:
+        if self.done.called:
             return
         data = self.buffer + data
         if not self.header_checked:
@@ -437,7 +440,6 @@ class PcmBody(protocol.Protocol):
                 return
             self.header_checked = True
             if data[:4] == b"RIFF":
-                from activecall.speech.audio import parse_wav_header
                 fmt = parse_wav_header(data)
                 if fmt is None:
                     self.header_checked = False
@@ -456,13 +458,8 @@ class PcmBody(protocol.Protocol):
             self.samples += pcm.size
             self.sink(pcm)
 
-    def stop(self) -> None:
-        self.stopped = True
-        if self.transport is not None:
-            self.transport.stopProducing()
-
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        if self.stopped:
+        if self.done.called:  # cancelled: the transfer was aborted
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             flush = getattr(self.convert, "flush", None)
@@ -481,43 +478,27 @@ def post_streaming_pcm(http, url: str, headers: dict, body: bytes, sink, describ
     """POST and push the PCM body to ``sink`` as it streams; a Deferred of the sample count.
 
     A non-200 answer fails with ``describe_error(status, body)``.  Cancelling
-    aborts the request or the transfer; no chunk reaches the sink afterwards.
+    aborts the request or the transfer (``base.synthesis``); no chunk reaches
+    the sink afterwards.
     """
-    state = {"request": None, "body": None, "cancelled": False}
 
-    def cancel(_):
-        state["cancelled"] = True
-        if state["body"] is not None:
-            state["body"].stop()
-        elif state["request"] is not None:
-            state["request"].cancel()
+    @defer.inlineCallbacks
+    def run(deliver):
+        try:
+            response = yield http.post(url, headers=headers, data=body, timeout=timeout)
+            if response.code != 200:
+                content = yield response.content()
+                raise SpeechError(describe_error(response.code, content))
+            stream = PcmBody(deliver, convert)
+            response.deliverBody(stream)
+            samples = yield stream.done
+        except SpeechError:
+            raise
+        except Exception:
+            raise SpeechError(f"request failed: {Failure().getErrorMessage()}") from None
+        return samples
 
-    result = defer.Deferred(cancel)
-
-    def got_response(response):
-        if state["cancelled"]:
-            return None
-        if response.code != 200:
-            return response.content().addCallback(
-                lambda content: defer.fail(SpeechError(describe_error(response.code, content))))
-        done = defer.Deferred()
-        state["body"] = PcmBody(sink, done, convert)
-        response.deliverBody(state["body"])
-        return done
-
-    def finished(samples):
-        if not state["cancelled"]:
-            result.callback(samples)
-
-    def failed(f):
-        if not state["cancelled"]:
-            if not f.check(SpeechError):
-                f = Failure(SpeechError(f"request failed: {f.getErrorMessage()}"))
-            result.errback(f)
-
-    state["request"] = http.post(url, headers=headers, data=body, timeout=timeout)
-    state["request"].addCallback(got_response).addCallbacks(finished, failed)
-    return result
+    return synthesis(run, sink)
 
 
 def json_error_text(status: int, content: bytes, *keys: str) -> str:

@@ -8,8 +8,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from activecall.media.codecs import Resampler
-from activecall.speech.base import SAMPLE_RATE, SpeechError
+from activecall.audio import SAMPLE_RATE, Resampler
+from activecall.speech.base import SpeechError
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 SERVICE_RATE = 24000  # the rate of OpenAI's "pcm" / "pcm16" audio, both ways

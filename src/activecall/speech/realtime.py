@@ -41,9 +41,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from activecall.media.codecs import Resampler
-from activecall.speech.audio import as_int16
-from activecall.speech.base import SAMPLE_RATE, OptionError, SpeechError
+from activecall.audio import SAMPLE_RATE, Resampler, as_int16
+from activecall.speech.base import OptionError, SpeechError
 from activecall.speech.cloud import connect_websocket, credential, network_of, seconds
 from activecall.speech.openai_api import SERVICE_RATE, From24k
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from twisted.internet import defer
 
-from activecall.speech.base import SAMPLE_RATE, TtsOptions
+from activecall.audio import SAMPLE_RATE
+from activecall.speech.base import TtsOptions
 
 
 def synthesize_pcm(text: str, voice: str = "rms", reactor=None) -> defer.Deferred:

@@ -39,14 +39,13 @@ from twisted.logger import Logger
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
+from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
 from activecall.config import parse_duration
 from activecall.webrtc import dtmf
 from activecall.webrtc.candidates import advertise_external_ip, strip_ipv6_candidates
 
 log = Logger(namespace="activecall.webrtc")
 
-SAMPLE_RATE = 16000
-FRAME_SAMPLES = 320  # 20 ms at 16 kHz
 #: outbound frames buffered for the sender (100 ms); older ones are dropped when it lags
 MAX_QUEUED_FRAMES = 5
 DEFAULT_HANDSHAKE_SECONDS = 30.0

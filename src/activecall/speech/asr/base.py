@@ -21,9 +21,9 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.audio import SAMPLE_RATE
 from activecall.speech.base import (
-    SAMPLE_RATE, AsrOptions, AsrResult, IStreamingRecognizer, OptionError, SpeechEnded, SpeechStarted,
-    VadOptions,
+    AsrOptions, AsrResult, IStreamingRecognizer, OptionError, SpeechEnded, SpeechStarted, VadOptions,
 )
 
 log = Logger(namespace="activecall.speech.asr")

@@ -22,8 +22,8 @@ import os
 import numpy as np
 from twisted.internet import defer
 
+from activecall.audio import SAMPLE_RATE, wav_bytes
 from activecall.speech.asr.base import StreamingRecognizer
-from activecall.speech.audio import SAMPLE_RATE, wav_bytes
 from activecall.speech.base import SpeechError
 from activecall.speech.openai_api import api_key, api_url, error_message
 

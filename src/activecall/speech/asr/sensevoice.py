@@ -17,8 +17,9 @@ from typing import Optional
 
 import numpy as np
 
+from activecall.audio import SAMPLE_RATE
 from activecall.speech.asr.base import StreamingRecognizer
-from activecall.speech.base import SAMPLE_RATE, SpeechError
+from activecall.speech.base import SpeechError
 
 _recognizers: dict = {}  # model_dir -> sherpa_onnx.OfflineRecognizer, shared by calls
 

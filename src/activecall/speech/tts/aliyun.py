@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from activecall.speech import aliyun_api as dashscope
-from activecall.speech.base import ISynthesizer, OptionError, SpeechError, TtsOptions
+from activecall.speech.base import ISynthesizer, OptionError, SpeechError, TtsOptions, synthesis
 from activecall.speech.cloud import connect_websocket, flag, network_of, seconds
 
 log = Logger(namespace="activecall.speech.tts.aliyun")
@@ -36,7 +36,11 @@ DEFAULT_VOICE = "longyumi_v2"
 
 
 class _Task:
-    """One synthesis on one socket: the handler of ``connect_websocket``."""
+    """One synthesis on one socket: the handler of ``connect_websocket``.
+
+    ``result`` fires with the sample count; cancelling it aborts the connect
+    or drops the socket, and the task then ignores everything it hears.
+    """
 
     def __init__(self, synth: "AliyunSynthesizer", text: str, sink):
         self.synth = synth
@@ -47,7 +51,6 @@ class _Task:
         self.leftover = b""
         self.samples = 0
         self.outcome = None  # None while running; then the sample count or a SpeechError
-        self.cancelled = False
         self.result = defer.Deferred(self.cancel)
         self.connecting = connect_websocket(synth.network, synth.url, dashscope.headers(synth.key), self,
                                             timeout=synth.connect_timeout)
@@ -63,7 +66,7 @@ class _Task:
         self.send(self.synth.run_task(self.task_id))
 
     def ws_message(self, payload: bytes, is_binary: bool) -> None:
-        if self.outcome is not None or self.cancelled:
+        if self.outcome is not None or self.result.called:
             return
         if is_binary:
             data = self.leftover + payload
@@ -93,7 +96,7 @@ class _Task:
             self.ws.sendClose(1000)
 
     def ws_closed(self, was_clean, code, reason) -> None:
-        if self.cancelled:
+        if self.result.called:  # cancelled
             return
         outcome = self.outcome
         if outcome is None:
@@ -105,11 +108,10 @@ class _Task:
 
     def failed(self, failure) -> None:
         self.connecting = None
-        if not self.cancelled:
+        if not self.result.called:
             self.result.errback(failure)
 
     def cancel(self, _) -> None:
-        self.cancelled = True
         if self.connecting is not None:
             self.connecting.cancel()
         elif self.ws is not None:
@@ -149,4 +151,4 @@ class AliyunSynthesizer:
             "input": {}})
 
     def synthesize(self, text: str, sink) -> defer.Deferred:
-        return _Task(self, text, sink).result
+        return synthesis(lambda deliver: _Task(self, text, deliver).result, sink)

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 from twisted.internet import defer
 from zope.interface import implementer
 
-from activecall.speech.base import ISynthesizer, TtsOptions
+from activecall.speech.base import ISynthesizer, TtsOptions, synthesis
 from activecall.speech.cloud import credential, json_error_text, post_streaming_pcm, seconds
 from activecall.speech.tts.sentences import split_sentences
 
@@ -67,37 +67,17 @@ class DeepgramSynthesizer:
         return f"{self.base}/v1/speak?{urlencode(query)}"
 
     def synthesize(self, text: str, sink) -> defer.Deferred:
-        state = {"current": None, "cancelled": False, "samples": 0}
-
-        def cancel(_):
-            state["cancelled"] = True
-            if state["current"] is not None:
-                state["current"].cancel()
-
-        result = defer.Deferred(cancel)
-
         @defer.inlineCallbacks
-        def run():
+        def run(deliver):
+            samples = 0
             for part in text_parts(text):
-                state["current"] = post_streaming_pcm(
+                samples += yield post_streaming_pcm(
                     self.http, self.url,
                     {"Authorization": f"Token {self.key}", "Content-Type": "application/json"},
-                    json.dumps({"text": part}).encode("utf-8"), sink,
+                    json.dumps({"text": part}).encode("utf-8"), deliver,
                     lambda status, body: "deepgram speak failed: " + json_error_text(
                         status, body, "err_msg", "reason", "message"),
                     timeout=self.timeout)
-                state["samples"] += yield state["current"]
-                state["current"] = None
-                if state["cancelled"]:
-                    return
+            return samples
 
-        def finished(_):
-            if not state["cancelled"]:
-                result.callback(state["samples"])
-
-        def failed(f):
-            if not state["cancelled"]:
-                result.errback(f)
-
-        run().addCallbacks(finished, failed)
-        return result
+        return synthesis(run, sink)

@@ -23,8 +23,8 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from activecall.speech.audio import WavError, parse_wav_header, resample
-from activecall.speech.base import SAMPLE_RATE, ISynthesizer, SpeechError, TtsOptions
+from activecall.audio import SAMPLE_RATE, WavError, parse_wav_header, resample
+from activecall.speech.base import ISynthesizer, SpeechError, TtsOptions, synthesis
 from activecall.speech.tts.sentences import split_sentences
 
 log = Logger(namespace="activecall.speech.tts.flite")
@@ -35,12 +35,23 @@ CHUNK = 1600  # 100 ms at 16 kHz
 
 
 class _FliteProcess(protocol.ProcessProtocol):
-    """Collects one flite run's stdout; ``done`` fires with the WAV bytes."""
+    """Collects one flite run's stdout; ``done`` fires with the WAV bytes once the process has ended.
+
+    ``wav`` fires with the same outcome, but cancelling it kills the process
+    at once (``done`` still fires when the killed process is reaped).
+    """
 
     def __init__(self):
         self.done = defer.Deferred()
+        self.wav = defer.Deferred(self._kill)
         self._out: list[bytes] = []
         self._err: list[bytes] = []
+
+    def _kill(self, _) -> None:
+        try:
+            self.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
 
     def outReceived(self, data: bytes) -> None:
         self._out.append(data)
@@ -49,14 +60,14 @@ class _FliteProcess(protocol.ProcessProtocol):
         self._err.append(data)
 
     def processEnded(self, reason) -> None:
-        d, self.done = self.done, None
-        if d is None:
-            return
+        pending = [d for d in (self.done, self.wav) if not d.called]
         if reason.check(error.ProcessDone):
-            d.callback(b"".join(self._out))
+            for d in pending:
+                d.callback(b"".join(self._out))
         else:
             err = b"".join(self._err).decode("utf-8", "replace").strip()
-            d.errback(SpeechError(f"flite failed ({reason.value}): {err or 'no message'}"))
+            for d in pending:
+                d.errback(SpeechError(f"flite failed ({reason.value}): {err or 'no message'}"))
 
 
 def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
@@ -123,46 +134,28 @@ class FliteSynthesizer:
             argv += ["--setf", f"duration_stretch={1.0 / self.speed:.3f}"]
         return argv + ["-t", sentence, "-o", "/dev/stdout"]
 
+    def _run_flite(self, sentence: str) -> defer.Deferred:
+        """One flite process for ``sentence``: a Deferred of its WAV; cancelling it kills the process."""
+        proto = _FliteProcess()
+        transport = self.reactor.spawnProcess(
+            proto, self.executable, self._argv(sentence), env={"PATH": os.environ.get("PATH", "")},
+            childFDs={0: "w", 1: "r", 2: "r"})
+        self.processes_spawned += 1
+        transport.closeStdin()
+        proto.done.addErrback(lambda _: None)  # the outcome travels through proto.wav (a kill fails done, too)
+        return proto.wav
+
     def synthesize(self, text: str, sink) -> defer.Deferred:
-        state = {"transport": None, "cancelled": False, "samples": 0}
-
-        def cancel(d):
-            state["cancelled"] = True
-            transport = state["transport"]
-            if transport is not None:
-                try:
-                    transport.signalProcess("KILL")
-                except error.ProcessExitedAlready:
-                    pass
-
-        result = defer.Deferred(cancel)
-
         @defer.inlineCallbacks
-        def run():
+        def run(deliver):
+            samples = 0
             for sentence in split_sentences(text):
-                proto = _FliteProcess()
-                state["transport"] = self.reactor.spawnProcess(
-                    proto, self.executable, self._argv(sentence), env={"PATH": os.environ.get("PATH", "")},
-                    childFDs={0: "w", 1: "r", 2: "r"})
-                self.processes_spawned += 1
-                state["transport"].closeStdin()
-                wav = yield proto.done
-                state["transport"] = None
-                if state["cancelled"]:
-                    return
+                wav = yield self._run_flite(sentence)
                 pcm, rate = decode_wav(wav)
                 pcm = resample(pcm, rate, SAMPLE_RATE)
                 for i in range(0, pcm.size, CHUNK):
-                    sink(pcm[i:i + CHUNK])
-                state["samples"] += pcm.size
+                    deliver(pcm[i:i + CHUNK])
+                samples += pcm.size
+            return samples
 
-        def finished(value):
-            if not state["cancelled"]:
-                result.callback(state["samples"])
-
-        def failed(f):
-            if not state["cancelled"]:
-                result.errback(f)
-
-        run().addCallbacks(finished, failed)
-        return result
+        return synthesis(run, sink)

@@ -32,10 +32,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from activecall.speech import tencent_api
-from activecall.speech.base import ISynthesizer, OptionError, SpeechError, TtsOptions
+from activecall.speech.base import ISynthesizer, OptionError, SpeechError, TtsOptions, synthesis
 from activecall.speech.cloud import seconds
 from activecall.speech.tts.sentences import split_sentences
 
@@ -111,14 +112,11 @@ class TencentSynthesizer:
         return headers
 
     @defer.inlineCallbacks
-    def _sentence(self, text: str, state: dict):
+    def _sentence(self, text: str):
         payload = json.dumps(self.body(text), ensure_ascii=False).encode("utf-8")
-        state["request"] = self.http.post(self.url, headers=self.request_headers(payload), data=payload,
-                                          timeout=self.timeout)
-        response = yield state["request"]
-        state["request"] = response.content()
-        content = yield state["request"]
-        state["request"] = None
+        response = yield self.http.post(self.url, headers=self.request_headers(payload), data=payload,
+                                        timeout=self.timeout)
+        content = yield response.content()
         try:
             answer = json.loads(content)["Response"]
         except (ValueError, KeyError, TypeError):
@@ -132,34 +130,19 @@ class TencentSynthesizer:
         return np.frombuffer(raw[: len(raw) - len(raw) % 2], dtype="<i2").astype(np.int16)
 
     def synthesize(self, text: str, sink) -> defer.Deferred:
-        state = {"request": None, "cancelled": False, "samples": 0}
-
-        def cancel(_):
-            state["cancelled"] = True
-            if state["request"] is not None:
-                state["request"].cancel()
-
-        result = defer.Deferred(cancel)
-
         @defer.inlineCallbacks
-        def run():
-            for sentence in split_sentences(text, MAX_CHARS):
-                pcm = yield self._sentence(sentence, state)
-                if state["cancelled"]:
-                    return
-                for i in range(0, pcm.size, CHUNK):
-                    sink(pcm[i:i + CHUNK])
-                state["samples"] += pcm.size
+        def run(deliver):
+            samples = 0
+            try:
+                for sentence in split_sentences(text, MAX_CHARS):
+                    pcm = yield self._sentence(sentence)
+                    for i in range(0, pcm.size, CHUNK):
+                        deliver(pcm[i:i + CHUNK])
+                    samples += pcm.size
+            except SpeechError:
+                raise
+            except Exception:
+                raise SpeechError(f"tencent tts: request failed: {Failure().getErrorMessage()}") from None
+            return samples
 
-        def finished(_):
-            if not state["cancelled"]:
-                result.callback(state["samples"])
-
-        def failed(f):
-            if not state["cancelled"]:
-                if not f.check(SpeechError):
-                    f = SpeechError(f"tencent tts: request failed: {f.getErrorMessage()}")
-                result.errback(f)
-
-        run().addCallbacks(finished, failed)
-        return result
+        return synthesis(run, sink)

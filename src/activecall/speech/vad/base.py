@@ -9,7 +9,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from activecall.speech.base import SAMPLE_RATE, IVoiceActivityDetector, VadOptions
+from activecall.audio import SAMPLE_RATE
+from activecall.speech.base import IVoiceActivityDetector, VadOptions
 from activecall.speech.vad.segmenter import Segmenter
 
 log = Logger(namespace="activecall.speech.vad")

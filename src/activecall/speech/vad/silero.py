@@ -29,7 +29,8 @@ import numpy as np
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from activecall.speech.base import SAMPLE_RATE, SpeechError
+from activecall.audio import SAMPLE_RATE
+from activecall.speech.base import SpeechError
 from activecall.speech.vad.base import WindowedVad
 
 log = Logger(namespace="activecall.speech.vad.silero")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from activecall.speech.base import SAMPLE_RATE, SpeechError
+from activecall.audio import SAMPLE_RATE
+from activecall.speech.base import SpeechError
 from activecall.speech.vad.base import WindowedVad
 
 
