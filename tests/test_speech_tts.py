@@ -147,6 +147,13 @@ class CacheTests(unittest.TestCase):
         self.assertEqual(other.inner.processes_spawned, 1)
         self.assertEqual(len([n for n in os.listdir(cache.path) if n.endswith(".pcm")]), 2)
 
+    def test_a_lone_surrogate_in_the_text_still_has_a_key(self):
+        """JSON from a client may carry a lone \\udc80; its entry is named like any other text."""
+        from activecall.speech.cache import cache_key
+        odd = cache_key("flite", None, 1.0, "card \udc80 ends")
+        self.assertRegex(odd, "^[0-9a-f]{64}$")
+        self.assertNotEqual(odd, cache_key("flite", None, 1.0, "card \udc81 ends"))
+
     def test_lru_bound_and_atomic_files(self):
         cache = TtsCache(self.mktemp(), max_bytes=3000, memory_bytes=0)  # the disk's own LRU
         for i, key in enumerate("abc"):

@@ -41,7 +41,7 @@ SUFFIX = ".pcm"
 def cache_key(provider: str, voice: Optional[str], speed: float, text: str) -> str:
     """The entry's name; memoised, as busy routes speak the same few lines on every call."""
     ident = json.dumps([provider, voice, round(float(speed), 3), text], ensure_ascii=False)
-    return hashlib.sha256(ident.encode("utf-8")).hexdigest()
+    return hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class TtsCache:
