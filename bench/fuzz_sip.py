@@ -749,7 +749,10 @@ def run_atheris(args) -> dict:
         return fix_content_length(out)[:max_size] if rng.random() < 0.5 else out
 
     argv = [sys.argv[0], f"-seed={args.seed or 1}", f"-runs={args.inputs + len(corpus) + 100}",
-            "-max_len=70000", "-rss_limit_mb=4096", "-print_final_stats=0", "-close_fd_mask=0", seed_dir]
+            "-max_len=70000", "-rss_limit_mb=4096", "-print_final_stats=0", "-close_fd_mask=0",
+            # libFuzzer saves the input it was on when the process ends (finish() ends it): keep that out of the tree
+            f"-artifact_prefix={os.path.join(args.repro_dir or seed_dir, 'libfuzzer-')}", seed_dir]
+    os.makedirs(args.repro_dir or seed_dir, exist_ok=True)
     if args.seconds:
         argv.insert(1, f"-max_total_time={int(args.seconds) + 60}")
     atheris.Setup(argv, test_one, custom_mutator=custom_mutator)
@@ -908,6 +911,10 @@ class LogScanner:
                     self.malformed += 1
             elif self._record is not None:
                 self._record["more"].append(line)
+        if not self.partial and lines:  # twisted writes a record (with its traceback) in one write
+            done = self._close()
+            if done:
+                new.append(done)
         return new
 
     def finish(self) -> list[dict]:
@@ -969,6 +976,7 @@ class UdpFuzzer:
         self.probe_n = 0
         self.answered = 0
         self.answered_late = 0  # after at least one retransmission
+        self.probe_other: Counter = Counter()  # non-200 final answers to probes, by status
         self.byes = 0
         self.invites_answered = 0
         self.send_errors: Counter = Counter()
@@ -1029,6 +1037,8 @@ class UdpFuzzer:
     def _probe_answer(self, data: bytes, now: float) -> None:
         m = re.search(rb"(?im)^(?:Call-ID|i)[ \t]*:[ \t]*(\S+)", data)
         p = self.probes.get(m.group(1).decode("latin-1")) if m else None
+        if p is not None and data[:8] == b"SIP/2.0 " and data[8:9] != b"1" and data[8:11] != b"200":
+            self.probe_other[data[8:11].decode("latin-1")] += 1  # a final answer, but not 200
         if p is not None and p["answered"] is None and data.startswith(b"SIP/2.0 200"):
             p["answered"] = now - p["sent"]
             self.answered += 1
@@ -1217,6 +1227,7 @@ def run_udp(args) -> dict:
         "mode": "udp", "seed": args.seed, "rate_target": args.rate, **figures,
         "probes_sent": fuzzer.probe_n, "probes_answered": fuzzer.answered,
         "probes_answered_after_retransmission": fuzzer.answered_late, "probes_unanswered": len(lost),
+        "probe_non_200_answers": dict(fuzzer.probe_other),
         "probe_latency_ms_p50_max": [round(latencies[len(latencies) // 2] * 1000, 1),
                                      round(latencies[-1] * 1000, 1)] if latencies else None,
         "responses_to_fuzz": dict(sorted(fuzzer.responses.items())), "invites_answered": fuzzer.invites_answered,
@@ -1244,7 +1255,8 @@ def run_replay(args) -> dict:
     """Each reproducer alone against a fresh daemon: which ones make it log a traceback or an error."""
     files = []
     for item in args.replay:
-        files += sorted(glob.glob(os.path.join(item, "**", "*.bin"), recursive=True)) if os.path.isdir(item) else [item]
+        files += sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+                        if f.endswith((".bin", ".sip"))) if os.path.isdir(item) else [item]
     work = tempfile.mkdtemp(prefix="fuzz-sip-replay-", dir=args.work_parent)
     daemon = Daemon(work, args.log_level)
     scanner = LogScanner(daemon.log_path)
@@ -1252,9 +1264,20 @@ def run_replay(args) -> dict:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((LOCAL, 0))
     culprits = []
+    call_ids = {}  # Call-ID -> file: a record naming a call is that file's, however late it comes
+
+    def attribute(records, current):
+        for r in records:
+            text = r["text"] + "\n".join(r["more"])
+            owner = next((f for cid, f in call_ids.items() if cid and cid in text), current)
+            culprits.append({"file": owner, "record": r["signature"], "exception": r["exception"]})
+
     for path in files:
         with open(path, "rb") as f:
             data = f.read()
+        m = CALL_ID_LINE.search(data)
+        if m:
+            call_ids[m.group(1).strip().decode("latin-1")[:60]] = path
         if os.environ.get("FUZZ_SIP_NETNS") != "1":
             data = loopback_only(data)
         try:
@@ -1272,11 +1295,15 @@ def run_replay(args) -> dict:
             except BlockingIOError:
                 pass
             new += scanner.poll()
-        if new:
-            culprits.append({"file": path, "record": new[0]["signature"], "exception": new[0]["exception"]})
+        attribute(new, path)
         if not daemon.alive():
             culprits.append({"file": path, "record": "the daemon died"})
             break
+    # calls end later (no ACK: BYE after the timeout; RTCP BYE then): keep reading for --settle seconds
+    end = time.monotonic() + args.settle
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        attribute(scanner.poll(), "(after the last file)")
     daemon.stop()
     scanner.finish()
     return {"mode": "replay", "files": len(files), "culprits": culprits, "work_dir": work,
