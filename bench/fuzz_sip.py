@@ -1194,6 +1194,15 @@ def netns_argv() -> list[str] | None:
 def run_udp(args) -> dict:
     work = tempfile.mkdtemp(prefix="fuzz-sip-", dir=args.work_parent)
     daemon = Daemon(work, args.log_level)
+    try:
+        return _run_udp(args, work, daemon)
+    finally:  # a harness error must not leave the daemon running
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def _run_udp(args, work: str, daemon: Daemon) -> dict:
     scanner = LogScanner(daemon.log_path)
     scanner.poll()
     fuzzer = UdpFuzzer(args, daemon, os.path.join(args.repro_dir, "") if args.repro_dir else None)
@@ -1259,6 +1268,15 @@ def run_replay(args) -> dict:
                         if f.endswith((".bin", ".sip"))) if os.path.isdir(item) else [item]
     work = tempfile.mkdtemp(prefix="fuzz-sip-replay-", dir=args.work_parent)
     daemon = Daemon(work, args.log_level)
+    try:
+        return _run_replay(args, files, work, daemon)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def _run_replay(args, files, work: str, daemon: Daemon) -> dict:
     scanner = LogScanner(daemon.log_path)
     scanner.poll()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
