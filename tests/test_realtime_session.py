@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
-from activecall.call.realtime import RealtimeProcessor, attach_realtime
+from activecall.call.realtime_session import RealtimeProcessor, attach_realtime
 from activecall.call.session import CallSession, CallState
 from activecall.call.speech import attach_processors
 from activecall.config import load_config

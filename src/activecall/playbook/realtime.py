@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
-from activecall.call.realtime import goto_scene_tool
+from activecall.call.realtime_session import goto_scene_tool
 from activecall.playbook.parser import ECHO_PROVIDER, LlmConfig, Playbook, PlaybookError
 from activecall.playbook.runner import PlaybookRunner
 
@@ -63,7 +63,7 @@ class RealtimePlaybookRunner(PlaybookRunner):
         self.processor = None
         self._opened = False
 
-    # -- what call/realtime.py asks ----------------------------------------------------------------
+    # -- what call/realtime_session.py asks ----------------------------------------------------------------
 
     def realtime_option(self) -> dict:
         """The ``realtime`` section as a RealtimeOption JSON object."""

@@ -43,7 +43,7 @@ from activecall.api import commands as cmd
 from activecall.api import events as ev
 from activecall.media.tracks import FRAME_SAMPLES, TtsTrack
 from activecall.speech.base import SpeechError
-from activecall.speech.realtime import RealtimeClient, RealtimeHandler, RealtimeSettings
+from activecall.speech.realtime_openai import RealtimeClient, RealtimeHandler, RealtimeSettings
 
 log = Logger(namespace="activecall.call.realtime")
 
