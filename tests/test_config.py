@@ -436,7 +436,7 @@ class ConfiguredPlaybooksTests(ConfigFileMixin, unittest.TestCase):
         return text
 
     def check(self, text, overrides=None):
-        from activecall.call.handlers import check_configured_playbook
+        from activecall.playbook.start import check_configured_playbook
 
         return load_config(self.write(text), overrides, check_playbook=check_configured_playbook)
 
@@ -458,7 +458,7 @@ class ConfiguredPlaybooksTests(ConfigFileMixin, unittest.TestCase):
         self.assertEqual(cfg.handler.default, self.good)
 
     def test_the_samples_playbooks_pass(self):
-        from activecall.call.handlers import check_configured_playbook
+        from activecall.playbook.start import check_configured_playbook
 
         cfg, _ = load_config(SAMPLE)
         named = C.configured_playbooks(cfg)
@@ -472,7 +472,7 @@ class ConfiguredPlaybooksTests(ConfigFileMixin, unittest.TestCase):
 
     def test_a_missing_playbook_names_the_key_and_the_file(self):
         path = self.write(self.conf(rules=[("a", "default.md"), ("b", "/etc/activecall-no/x.md")]))
-        from activecall.call.handlers import check_configured_playbook
+        from activecall.playbook.start import check_configured_playbook
 
         with self.assertRaises(ConfigError) as cm:
             load_config(path, check_playbook=check_configured_playbook)

@@ -13,6 +13,7 @@ from twisted.web import resource, server
 
 from activecall.call import handlers as h
 from activecall.config import PlaybookHandler, Rule, WebhookHandler
+from activecall.playbook.start import check_configured_playbook
 from tests.helpers import free_port
 
 OFFER = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
@@ -173,12 +174,12 @@ class ConfiguredPlaybookCheckTests(unittest.TestCase):
 
     def test_good_playbooks_pass_and_give_their_warnings(self):
         self.write(os.path.join(self.dir, "ok.md"), "---\nllm: {provider: echo}\n---\nx\n")
-        self.assertEqual(h.check_configured_playbook(self.dir, "ok.md"), [])
+        self.assertEqual(check_configured_playbook(self.dir, "ok.md"), [])
         elsewhere = self.write(os.path.abspath(self.mktemp() + ".md"),
                                "---\nllm: {provider: echo}\nmadeUpKey: 1\n---\nx\n")
-        [warning] = h.check_configured_playbook(self.dir, elsewhere)
+        [warning] = check_configured_playbook(self.dir, elsewhere)
         self.assertIn("madeUpKey", warning)
-        self.assertEqual(h.check_configured_playbook(self.dir, "---\nllm: {provider: echo}\n---\nx"), [])
+        self.assertEqual(check_configured_playbook(self.dir, "---\nllm: {provider: echo}\n---\nx"), [])
 
     def test_problems_name_the_file(self):
         bad = self.write(os.path.join(self.dir, "bad.md"), "---\nllm: [\n---\nx\n")
@@ -193,7 +194,7 @@ class ConfiguredPlaybookCheckTests(unittest.TestCase):
         ]
         for name, pattern in table:
             with self.assertRaises(ValueError) as cm:
-                h.check_configured_playbook(self.dir, name)
+                check_configured_playbook(self.dir, name)
             self.assertRegex(str(cm.exception), pattern, name)
             self.assertNotIn("\n", str(cm.exception))
 

@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import resource, server
+from zope.interface.verify import verifyObject
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
@@ -21,7 +22,10 @@ from activecall.playbook import tags
 from activecall.playbook.echo import EchoLLM, echo_reply
 from activecall.playbook.llm import LLMClient, LLMError, LLMReply, LLMSettings
 from activecall.playbook.parser import parse_playbook
-from activecall.playbook.runner import PlaybookRunner, playbook_call_option, start_playbook
+from activecall.playbook.llm_strategy import LlmTurns
+from activecall.playbook.runner import PlaybookRunner
+from activecall.playbook.start import playbook_call_option, start_playbook
+from activecall.playbook.strategy import ITurnStrategy
 
 T0 = 1_700_000_000
 
@@ -235,6 +239,13 @@ class RunnerTestBase(unittest.TestCase):
 
 
 class StartTests(RunnerTestBase):
+    def test_the_runner_composes_the_llm_turn_strategy(self):
+        """No ``realtime:`` in the front matter: the LLM pipeline takes the turns, as an ``ITurnStrategy``."""
+        self.begin(None, "Hi.")
+        self.assertIsInstance(self.runner.strategy, LlmTurns)
+        self.assertTrue(verifyObject(ITurnStrategy, self.runner.strategy))
+        self.assertIsNone(getattr(self.session, "realtime_controller", None))
+
     def test_greeting_is_the_first_command_and_media_waits_for_answer(self):
         self.begin(None, greeting="Hello {{ session_id }}!", answered=False)
         self.assertEqual(self.commands, [])
@@ -682,7 +693,7 @@ class CollectorTests(RunnerTestBase):
         for d in "12345#":
             self.digit(d)
         self.assertEqual(self.session.extras["v"], "12345")
-        self.runner._start_collection(None, tags.Collect("account", "w"))
+        self.runner.collector.start(tags.Collect("account", "w"))
         for d in "987":
             self.digit(d)
         self.clock.advance(2.9)

@@ -10,16 +10,20 @@ import os
 import numpy as np
 from twisted.internet import defer, task
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
-from activecall.call.realtime import RealtimeProcessor, attach_realtime
+from activecall.call.realtime_session import (
+    IRealtimeController, RealtimeProcessor, attach_realtime, realtime_controller)
 from activecall.call.session import CallSession, CallState
 from activecall.call.speech import attach_processors
 from activecall.config import load_config
 from activecall.media.tracks import FRAME_SAMPLES
 from activecall.playbook.parser import parse_playbook
-from activecall.playbook.realtime import RealtimePlaybookRunner
+from activecall.playbook.realtime_strategy import RealtimeTurns
+from activecall.playbook.runner import PlaybookRunner
+from activecall.playbook.strategy import ITurnStrategy
 
 T0 = 1_700_000_000
 
@@ -339,15 +343,28 @@ class RealtimePlaybookTests(Base):
         self.playbook = parse_playbook(text, "rt.md", environ={})
         s = self.session(None, connector)
         s.extras["caller"] = "Ann"
-        self.runner = RealtimePlaybookRunner(s, self.playbook, clock=self.clock, http=_NoHttp())
+        self.runner = PlaybookRunner(s, self.playbook, clock=self.clock, http=_NoHttp())
         self.runner.attach()
         s.answered()
         self.p = s.processors
         self.c = FakeClient.instances[-1]
 
+    def test_the_runner_composes_the_realtime_strategy_the_call_finds(self):
+        """``realtime:`` in the front matter: the turns are the model's; the strategy is both the runner's
+        ``ITurnStrategy`` and the call's ``IRealtimeController`` (found on the session, gone when it ends)."""
+        self.begin()
+        strategy = self.runner.strategy
+        self.assertIsInstance(strategy, RealtimeTurns)
+        self.assertTrue(verifyObject(ITurnStrategy, strategy))
+        self.assertTrue(verifyObject(IRealtimeController, strategy))
+        self.assertIs(realtime_controller(self.s), strategy)
+        self.assertIs(strategy.processor, self.p)
+        self.s.end("done")
+        self.assertIsNone(realtime_controller(self.s))
+
     def test_realtime_option_instructions_tools_and_greeting(self):
         self.begin()
-        option = self.runner.realtime_option()
+        option = self.runner.strategy.realtime_option()
         self.assertEqual(option, {"provider": "openai", "model": "gpt-4o-realtime-preview",
                                   "endpoint": "ws://127.0.0.1:9", "secretKey": "from-llm",
                                   "extra": {"voice": "verse"}})

@@ -12,7 +12,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
 from activecall.speech.base import OptionError
-from activecall.speech.realtime import (
+from activecall.speech.realtime_openai import (
     DEFAULT_MODEL, DEFAULT_TURN_DETECTION, RealtimeClient, RealtimeHandler, RealtimeSettings,
 )
 from activecall.speech.testing import frames

@@ -28,6 +28,7 @@ from activecall.call.manager import CallManager
 from activecall.call.speech import attach_processors, synthesizer_factory
 from activecall.call.websocket_call import WebSocketConnector
 from activecall.media.clock import MediaClock
+from activecall.playbook.start import start_playbook
 from activecall.speech.asr.pool import PoolService as AsrPoolService
 from activecall.config import Config, redacted
 from activecall.logs import make_observer
@@ -91,6 +92,7 @@ class ActiveCallService(service.MultiService):
             config, reactor, self.media_clock, sessions=self.calls, metrics=self.metrics,
             synthesizer_for=synthesizer_factory(config.media_cache_path),
             pending_playbooks=self.pending_playbooks, processor_factory=attach_processors,
+            playbook_starter=start_playbook,
         )
         self.api.call.websocket = endpoint_resource(
             self.call_manager, "webSocket",

@@ -31,7 +31,7 @@ class Options(usage.Options):
 
 def makeService(options):
     """Load and check the configuration; a bad one stops start-up naming the key."""
-    from activecall.call.handlers import check_configured_playbook
+    from activecall.playbook.start import check_configured_playbook
     from activecall.service import build_service
 
     try:

@@ -238,33 +238,6 @@ class PlaybookFile:
     path: str
 
 
-def check_configured_playbook(playbook_dir: str, name: str) -> list[str]:
-    """Start-up check of one configured playbook: resolve it, read it, parse it.
-
-    Returns the parser's warnings; raises ``ValueError`` with a one-line reason that names
-    the file (``/etc/x.md: no such file``).  Injected into ``config.load_config`` by tap.py.
-    """
-    from activecall.playbook.parser import PlaybookError, load_playbook, parse_playbook
-
-    try:
-        if name.lstrip().startswith("---"):
-            return list(parse_playbook(name.lstrip(), "<inline playbook>").warnings)
-        try:
-            path = resolve_configured_playbook(playbook_dir, name)
-        except PlaybookNameError as e:
-            raise ValueError(f"{e} (a relative name is looked up under playbook_dir "
-                             f"{playbook_dir!r}; give an absolute path for a file elsewhere)") from None
-        if not os.path.exists(path):
-            raise ValueError(f"{path}: no such file")
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: not a file")
-        if not os.access(path, os.R_OK):
-            raise ValueError(f"{path}: not readable")
-        return list(load_playbook(path).warnings)
-    except PlaybookError as e:
-        raise ValueError(str(e)) from None
-
-
 def playbook_route(playbook_dir: str, name: str, extras: dict, configured: bool = False) -> Decision:
     """The decision for "run playbook ``name``": inline text, a file, or 503 Playbook Not Found.
 

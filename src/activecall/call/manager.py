@@ -28,7 +28,7 @@ class CallManager:
 
     def __init__(self, config, clock, media_clock, sessions: Optional[dict] = None, metrics=None,
                  synthesizer_for: Optional[Callable] = None, cdr_writer=None, media_loader=None,
-                 pending_playbooks=None, processor_factory=None):
+                 pending_playbooks=None, processor_factory=None, playbook_starter=None):
         self.config = config
         self.clock = clock
         self.media_clock = media_clock
@@ -39,6 +39,9 @@ class CallManager:
         self.media_loader = media_loader or MediaLoader(config.media_cache_path)
         self.pending_playbooks = pending_playbooks
         self.processor_factory = processor_factory
+        #: ``(session, source, extras=None) -> runner or None``: runs a playbook on a call (service.py gives
+        #: ``activecall.playbook.start.start_playbook``; the call layer does not import the playbook layer)
+        self.playbook_starter = playbook_starter
         self.sip_calls = None  # set by the service when SIP runs (refer bridges through it)
 
     def open_session(self, session_id: str, call_type: str, emit, dump: bool = True,
@@ -60,6 +63,12 @@ class CallManager:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
 
+    def start_playbook(self, session, source, extras: Optional[dict] = None):
+        """Run playbook ``source`` (a name, inline text, a ``PlaybookFile``) on ``session``.
+
+        None when it cannot run: ``error{sender: "playbook"}`` was sent and the call is ending."""
+        return start_playbook(session, source, extras=extras, starter=self.playbook_starter)
+
     def end_all(self, reason: str = "system") -> defer.Deferred:
         """Daemon shutdown: hang up every call and wait until their CDRs are written."""
         ds = [s.end(reason, initiator="system") for s in list(self.sessions.values())]
@@ -67,3 +76,16 @@ class CallManager:
         if self.cdr_writer is not None:
             d.addCallback(lambda _: self.cdr_writer.flush())
         return d
+
+
+def start_playbook(session, source, extras: Optional[dict] = None, starter: Optional[Callable] = None):
+    """Run playbook ``source`` on ``session`` with ``starter``, by default its manager's ``playbook_starter``.
+
+    None when it cannot run: ``error{sender: "playbook"}`` was sent and the call is ending."""
+    if starter is None:
+        starter = getattr(getattr(session, "manager", None), "playbook_starter", None)
+    if starter is None:
+        session.error("playbook", "playbooks are not available here (no playbook starter was configured)")
+        session.end("failed", initiator="system")
+        return None
+    return starter(session, source, extras=extras)

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from activecall.api import commands as cmd
 from activecall.api import events as ev
 from activecall.call import handlers
+from activecall.call.manager import start_playbook
 from activecall.media.rtp import PortsExhausted
 from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
 from activecall.sip import sdp as sdp_mod
@@ -137,8 +138,6 @@ class SipCalls:
             self._answer_with_playbook(call, invite, decision)
 
     def _answer_with_playbook(self, call, invite, decision) -> None:
-        from activecall.playbook.runner import start_playbook
-
         session = self.manager.open_session(invite.dialog_id, "sip", emit=_log_event)
         session.extras.update({"caller": invite.caller, "callee": invite.callee, **decision.extras})
         connector = SipConnector(session, None, self)
@@ -146,7 +145,7 @@ class SipCalls:
         # the router already resolved (and, for a webhook's answer, confined) the path: load it as is
         source = (decision.content if decision.content is not None
                   else handlers.PlaybookFile(decision.path) if decision.path else decision.name)
-        if start_playbook(session, source) is None:
+        if self.manager.start_playbook(session, source) is None:
             self._reject(call, 503, "Playbook Not Found")
             return
         connector.answer_inbound(call, session.option or cmd.CallOption())
@@ -155,13 +154,11 @@ class SipCalls:
 
     def originate(self, session_id: str, option: cmd.CallOption):
         """An outbound call with no WebSocket: its events go to the journal and the log."""
-        from activecall.playbook.runner import start_playbook
-
         session = self.manager.open_session(session_id, "sip", emit=_log_event)
         session.connector = SipConnector(session, None, self)
         if option.playbook:
             session.option = option
-            if start_playbook(session, option.playbook) is None:
+            if self.manager.start_playbook(session, option.playbook) is None:
                 return session
             option = session.option
         session.handle(cmd.Invite(option=option))
@@ -174,14 +171,13 @@ class SipCalls:
         import uuid
 
         from activecall.config import PlaybookHandler
-        from activecall.playbook.runner import start_playbook
 
         session = self.manager.open_session(f"c.{uuid.uuid4()}", "sip", emit=_log_event)
         session.connector = SipConnector(session, None, self)
         handler = self.config.handler
         if isinstance(handler, PlaybookHandler) and handler.default:
             source = handlers.configured_source(self.config.playbook_dir, handler.default)
-            if start_playbook(session, source) is None:
+            if self.manager.start_playbook(session, source) is None:
                 return session
         option = session.option or cmd.CallOption()
         session.handle(cmd.Invite(option=dataclasses.replace(option, callee=target_uri)))
@@ -278,8 +274,6 @@ class SipConnector:
         self.session.option = option
         self.answer_inbound(call, option)
         if option.playbook:
-            from activecall.playbook.runner import start_playbook
-
             start_playbook(self.session, option.playbook)
 
     def reject(self, command: cmd.Reject) -> None:

@@ -9,7 +9,7 @@
   events.  An unknown provider gives an ``error`` event naming the available
   ones (the original silently disabled every processor of the call).
   With ``option.realtime`` (or a playbook in realtime mode) the call runs in
-  realtime mode instead (``call/realtime.py``): VAD and ASR are not built.
+  realtime mode instead (``call/realtime_session.py``): VAD and ASR are not built.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from activecall.api import events as ev
 from activecall.call.playback import SynthesisUnavailable
-from activecall.call.realtime import attach_realtime, realtime_controller
+from activecall.call.realtime_session import attach_realtime, realtime_controller
 from activecall.speech import registry
 from activecall.speech.base import (
     AsrResult, SilenceTimeout, SpeechEnded, SpeechError, SpeechStarted,

@@ -17,7 +17,7 @@ import numpy as np
 from twisted.logger import Logger
 
 from activecall.api import commands as cmd
-from activecall.playbook.runner import start_playbook
+from activecall.call.manager import start_playbook
 
 log = Logger(namespace="activecall.call.websocket")
 

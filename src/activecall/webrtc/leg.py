@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from activecall.api import commands as cmd
 from activecall.api import events as ev
 from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
+from activecall.call.manager import start_playbook
 from activecall.config import parse_duration
 from activecall.webrtc import dtmf
 from activecall.webrtc.candidates import advertise_external_ip, strip_ipv6_candidates
@@ -326,7 +327,7 @@ class WebRTCConnector:
             return None
         session.option = option
         if option.playbook and getattr(session, "playbook_runner", None) is None:
-            if _start_playbook(session, option.playbook) is None:
+            if start_playbook(session, option.playbook) is None:
                 return None  # refused: error{sender: "playbook"} sent, the call is ending
         leg = WebRTCLeg(session, self.media_clock, self.config, self.registry, reactor=self.reactor)
         session.leg = leg
@@ -360,16 +361,6 @@ def _default_reactor():
     from twisted.internet import reactor
 
     return reactor
-
-
-def _start_playbook(session, name):
-    """The playbook runner, when this build has one (it is imported late: it imports the call layer)."""
-    try:
-        from activecall.playbook.runner import start_playbook
-    except ImportError:
-        session.error("playbook", "playbooks are not available in this build")
-        return None
-    return start_playbook(session, name)
 
 
 class PeerConnections(service.Service):

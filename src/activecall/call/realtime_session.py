@@ -27,7 +27,10 @@ tools define the same name, acted on unless ``extra.builtin_tools = "false"``):
 ``hangup_call{reason}`` ends the call once the current bot audio has played;
 ``transfer_call``/``refer_call{callee|callee_uri}`` goes through the call's
 ``refer`` path after the current audio (offered only when the call can
-transfer); ``goto_scene{scene}`` belongs to a playbook (``playbook/realtime.py``).
+transfer); ``goto_scene{scene}`` belongs to a playbook (``playbook/realtime_strategy.py``).
+
+A realtime playbook drives the mode as its controller (``IRealtimeController``): it puts itself on the
+call as ``session.realtime_controller`` (the call layer never imports the playbook layer above it).
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ from typing import Callable, Optional
 import numpy as np
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface
 
 from activecall.api import commands as cmd
 from activecall.api import events as ev
 from activecall.audio import FRAME_SAMPLES
 from activecall.media.tracks import TtsTrack
 from activecall.speech.base import SpeechError
-from activecall.speech.realtime import RealtimeClient, RealtimeHandler, RealtimeSettings
+from activecall.speech.realtime_openai import RealtimeClient, RealtimeHandler, RealtimeSettings
 
 log = Logger(namespace="activecall.call.realtime")
 
@@ -61,6 +65,30 @@ TRANSFER_TOOL = {
         "callee": {"type": "string", "description": "The SIP URI or number to transfer to."}},
         "required": ["callee"]},
 }
+
+
+class IRealtimeController(Interface):
+    """What a call's realtime mode asks of the playbook that drives it (``session.realtime_controller``)."""
+
+    processor = Attribute("The call's ``RealtimeProcessor`` once attached, else None.")
+
+    def realtime_option():
+        """The RealtimeOption JSON object to connect with."""
+
+    def realtime_instructions():
+        """The model's instructions (``session.update``), or None."""
+
+    def realtime_tools():
+        """Function definitions offered besides the built-in ones (e.g. ``goto_scene``)."""
+
+    def realtime_attached(processor):
+        """The processor is built and connecting; the controller may talk through it from now on."""
+
+    def realtime_function(call_id, name, args):
+        """Act on the model's function call ``name(args)``; False leaves it to the processor's default."""
+
+    def realtime_failed(message):
+        """The service refused the options or was lost."""
 
 
 def goto_scene_tool(scenes) -> dict:
@@ -123,7 +151,7 @@ class RealtimeTrack(TtsTrack):
 class RealtimeProcessor(RealtimeHandler):
     """Realtime mode of one call: the session's ``processors`` (``feed``/``close``).
 
-    ``controller`` is a realtime playbook runner (instructions per scene,
+    ``controller`` is an ``IRealtimeController``, a realtime playbook (instructions per scene,
     ``goto_scene``, its own handling of transfers and failures) or None.
     """
 
@@ -361,12 +389,9 @@ class RealtimeProcessor(RealtimeHandler):
                 self._maybe_after_audio()
 
 
-def realtime_controller(session):
-    """The session's playbook runner when it runs in realtime mode."""
-    runner = getattr(session, "playbook_runner", None)
-    if runner is None or getattr(runner, "stopped", False) or not callable(getattr(runner, "realtime_option", None)):
-        return None
-    return runner
+def realtime_controller(session) -> Optional[IRealtimeController]:
+    """The controller of the session's realtime mode: a realtime playbook running on it, else None."""
+    return getattr(session, "realtime_controller", None)
 
 
 def attach_realtime(session, client_factory: Callable = RealtimeClient) -> Optional[RealtimeProcessor]:

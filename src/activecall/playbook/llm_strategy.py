@@ -1,0 +1,410 @@
+"""The LLM pipeline as a turn strategy: the caller's ``asrFinal`` -> LLM stream -> reply tags -> TTS.
+
+One LLM reply is one ``playId``: its sentences are streamed to the TTS as they arrive and the last command
+carries ``endOfStream``.  Tags in the reply act (hang up after the speech, transfer, play, switch scene,
+set a variable, call HTTP, collect digits) and never reach the TTS; a reply that is a JSON command runs its
+tools (``tools.apply_json_tools``) and may ask the model again.  The caller talking over the bot is a
+barge-in.  LLM failures never leave dead air: an ``error`` event and ``llm.fallback`` is spoken instead
+(``_llm_failed``, the one place that handles them).  Context features: repair of a false turn, rolling
+summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from activecall.api import commands as cmd
+from activecall.api import events as ev
+from activecall.playbook import prompts, tags
+from activecall.playbook.strategy import ITurnStrategy
+from activecall.playbook.templates import set_var
+from activecall.playbook.tools import apply_json_tools
+
+log = Logger(namespace="activecall.playbook")
+
+#: an asrFinal younger than this suppresses barge-in (its trailing deltas must not cut the new reply)
+STALE_FINAL_MS = 500
+#: JSON mode: at most this many LLM rounds for one reply (tool results re-ask the model)
+MAX_TOOL_ROUNDS = 3
+#: context repair: an assistant line shorter than this, said within ``repairWindowMs``, is undone
+REPAIR_MAX_CHARS = 15
+#: rolling summary keeps this many recent messages
+SUMMARY_KEEP = 6
+
+#: what ``_ask`` gives when the model did not answer (cancelled, or failed and handled)
+_NO_ANSWER = object()
+
+
+@dataclass
+class Reply:
+    """One LLM reply being streamed and spoken."""
+
+    number: int
+    play_id: str
+    parser: tags.ReplyParser = field(default_factory=tags.ReplyParser)
+    started_ms: int = 0
+    first_delta_ms: Optional[int] = None
+    spoken: list = field(default_factory=list)  # sentences sent to the TTS
+    spoke_on_play_id: bool = False  # a tts went out on the current play_id
+    hangup: bool = False
+    end_reason: Optional[str] = None  # "refer" when a transfer cannot be done here
+    cancelled: bool = False
+    llm: Optional[defer.Deferred] = None  # the LLM request in flight
+    done: bool = False
+
+
+@implementer(ITurnStrategy)
+class LlmTurns:
+    """The bot's turns are LLM replies; ``runner.llm`` is the model client."""
+
+    name = "llm"
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.llm_config = runner.llm_config
+        self.reply: Optional[Reply] = None
+        self.summary: Optional[str] = None  # rolling summary, kept across scene switches
+
+    # -- what the runner asks -------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        pass
+
+    def system_prompt(self) -> str:
+        runner = self.runner
+        scene = runner.playbook.scenes[runner.scene_id]
+        return prompts.system_prompt(
+            runner.render(scene.prompt), self.llm_config.features, self.llm_config.tool_instructions,
+            runner.config.dtmf_collectors, self.summary)
+
+    def begin(self) -> None:
+        """The initial scene's ``<play>``, then the greeting or the LLM's opening line."""
+        runner = self.runner
+        log.debug("call {id}: playbook {source} started in scene {scene}", id=runner.session.id,
+                  source=runner.playbook.source, scene=runner.scene_id)
+        scene_play = runner.playbook.initial.play
+        if scene_play:
+            runner.send(cmd.Play(url=runner.render(scene_play), waitInputTimeout=None), wait=True)
+        greeting = runner.playbook.greeting
+        if greeting:
+            text = runner.render(greeting)
+            runner.send(cmd.Tts(text=text, playId="greeting", endOfStream=True,
+                                waitInputTimeout=runner.wait_input_ms()))
+            runner.history.append({"role": "assistant", "content": text})
+            runner.last_bot_line_ms = runner.now()
+            runner.emit_history("assistant", text)
+        else:
+            self.start_turn()
+
+    def observe(self, event) -> None:
+        pass
+
+    def scene_changed(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.cancel(keep_partial=True)
+
+    def caller_said(self, event: ev.AsrFinal) -> None:
+        runner = self.runner
+        text = (event.text or "").strip()
+        if not text or runner.hanging_up:
+            return
+        if (runner.config.interruption.filler_word_filter and runner.is_speaking
+                and (event.isFiller or tags.is_filler(text, runner.fillers))):
+            return
+        runner.last_final_ms = runner.now()
+        runner.last_interaction_ms = runner.now()
+        self.cancel(keep_partial=True)
+        if "context_repair" in self.llm_config.features and self._repair(text):
+            pass
+        else:
+            runner.history.append({"role": "user", "content": text})
+        runner.emit_history("user", text)
+        runner.followup_count = 0
+        self.start_turn()
+
+    def caller_speaking(self, event) -> None:
+        """Interrupt the bot when the caller talks over it (docs/playbooks.md, interruption)."""
+        runner = self.runner
+        interruption = runner.config.interruption
+        strategy = interruption.strategy
+        if isinstance(event, ev.Speaking) and strategy not in ("both", "vad"):
+            return
+        if isinstance(event, ev.AsrDelta):
+            if strategy not in ("both", "asr") or not (event.text or "").strip():
+                return
+        if not runner.is_speaking or runner.hanging_up:
+            return
+        now = runner.now()
+        if runner.last_tts_start_ms is not None and now - runner.last_tts_start_ms < interruption.ignore_first_ms:
+            return
+        if interruption.filler_word_filter:
+            if event.isFiller:
+                return
+            if isinstance(event, ev.AsrDelta) and tags.is_filler(event.text, runner.fillers):
+                return
+        if runner.last_final_ms is not None and now - runner.last_final_ms < STALE_FINAL_MS:
+            return
+        runner.barge_in()
+
+    def start_turn(self, intro_play: Optional[str] = None) -> None:
+        """A new LLM reply: whatever was streaming or queued is superseded."""
+        runner = self.runner
+        if runner.stopped:
+            return
+        self.cancel(keep_partial=True)
+        runner.flush_queue()
+        if intro_play:
+            runner.send(cmd.Play(url=intro_play), wait=True)
+        reply = Reply(runner.replies + 1, runner.next_play_id(), started_ms=runner.now())
+        self.reply = reply
+        d = self._run(reply)
+        d.addErrback(lambda f: log.failure("call {id}: LLM turn failed", f, id=runner.session.id))
+
+    def cancel(self, keep_partial: bool) -> None:
+        reply, self.reply = self.reply, None
+        if reply is None or reply.done:
+            return
+        reply.cancelled = True
+        if reply.llm is not None:
+            reply.llm.cancel()
+        if keep_partial and reply.parser.raw.strip():
+            self.runner.history.append({"role": "assistant", "content": reply.parser.raw})
+
+    # -- one reply --------------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _run(self, reply: Reply):
+        runner = self.runner
+        settled = runner.tools.settled()
+        if settled is not None:  # an <http> result belongs in the context of the next turn
+            yield settled
+            if reply.cancelled:
+                return
+        if "rolling_summary" in self.llm_config.features:
+            yield self._rolling_summary(reply)
+            if reply.cancelled:
+                return
+        runner.metrics("llm_call_start", 0, {"playId": reply.play_id, "scene": runner.scene_id,
+                                             "messages": len(runner.history)})
+        result = yield self._ask(reply, lambda: runner.llm.stream(
+            [dict(m) for m in runner.history], lambda delta: self._delta(reply, delta)))
+        if result is _NO_ANSWER or reply.cancelled:
+            return
+        final = reply.parser.finish()
+        json_command = next((e for e in final if isinstance(e, tags.JsonCommand)), None)
+        if json_command is not None:
+            yield self._json_reply(reply, json_command)
+            return
+        self._finish_stream(reply, final, getattr(result, "content", reply.parser.raw))
+
+    @defer.inlineCallbacks
+    def _ask(self, reply: Reply, request):
+        """One model request for ``reply`` (``request()`` starts it), cancellable through ``reply.llm``.
+
+        Fires with the model's answer, or ``_NO_ANSWER`` when the request was cancelled or failed; a
+        failure has then been handled (``_llm_failed``)."""
+        try:
+            reply.llm = request()
+            result = yield reply.llm
+        except defer.CancelledError:
+            return _NO_ANSWER
+        except Exception as e:
+            if not reply.cancelled:
+                self._llm_failed(reply, e)
+            return _NO_ANSWER
+        finally:
+            reply.llm = None
+        return result
+
+    def _llm_failed(self, reply: Reply, error: Exception) -> None:
+        """Never dead air: tell the client, speak the playbook's fallback line."""
+        runner = self.runner
+        message = getattr(error, "message", None) or str(error) or type(error).__name__
+        log.warn("call {id}: LLM failed: {error}; speaking the fallback line", id=runner.session.id, error=message)
+        runner.session.error("llm", message, code=getattr(error, "status", None))
+        reply.hangup = False
+        reply.spoken.append(self.llm_config.fallback)
+        self._close_reply(reply, runner.render(self.llm_config.fallback), "")
+
+    def _delta(self, reply: Reply, delta: str) -> None:
+        if reply is not self.reply or reply.cancelled or self.runner.stopped:
+            return
+        if reply.first_delta_ms is None:
+            reply.first_delta_ms = self.runner.now()
+        self._apply(reply, reply.parser.feed(delta))
+
+    def _apply(self, reply: Reply, events) -> None:
+        runner = self.runner
+        for event in events:
+            if runner.stopped or reply.cancelled:
+                return
+            if isinstance(event, tags.Sentence):
+                self._say(reply, event.text)
+            elif isinstance(event, tags.Hangup):
+                reply.hangup = True  # acted on at the end of the reply, so a later set_var still counts
+            elif isinstance(event, tags.Refer):
+                runner.refer(event.to, reply)
+            elif isinstance(event, tags.Play):
+                self._play_in_reply(reply, event.file)
+            elif isinstance(event, tags.Goto):
+                runner.goto(event.scene)
+            elif isinstance(event, tags.SetVar):
+                set_var(runner.variables, event.key, event.value)
+                runner.refresh_hangup_headers()
+            elif isinstance(event, tags.Http):
+                runner.tools.tag(event)
+            elif isinstance(event, tags.Collect):
+                runner.collector.start(event, say=lambda text: self._say(reply, text),
+                                       reply_spoke=bool(reply.spoken))
+
+    def _say(self, reply: Reply, text: str) -> None:
+        reply.spoken.append(text)
+        reply.spoke_on_play_id = True
+        self.runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True,
+                                 waitInputTimeout=self.runner.wait_input_ms()))
+
+    def _play_in_reply(self, reply: Reply, file: str) -> None:
+        """``<play>`` mid-reply: the speech so far ends, the file plays, the rest of the reply follows."""
+        runner = self.runner
+        if reply.spoke_on_play_id:
+            runner.send(cmd.Tts(text="", playId=reply.play_id, streaming=True, endOfStream=True), wait=True)
+        runner.send(cmd.Play(url=runner.render(file)), wait=True)
+        reply.play_id = f"{reply.play_id}.{len(reply.spoken) + 1}"
+        reply.spoke_on_play_id = False
+
+    def _finish_stream(self, reply: Reply, final_events, raw: str) -> None:
+        """The stream ended: the last sentence (or an empty one) closes the reply with ``endOfStream``."""
+        audio = (tags.Sentence, tags.Play, tags.Refer, tags.Collect)
+        last = None
+        sentences = [i for i, e in enumerate(final_events) if isinstance(e, tags.Sentence)]
+        if sentences and not any(isinstance(e, audio) for e in final_events[sentences[-1] + 1:]):
+            last = final_events[sentences[-1]]
+            final_events = final_events[: sentences[-1]] + final_events[sentences[-1] + 1:]
+        self._apply(reply, final_events)
+        if last is not None:
+            reply.spoken.append(last.text)
+        self._close_reply(reply, last.text if last is not None else "", raw)
+
+    def _close_reply(self, reply: Reply, text: str, history_text: str, wait_input_ms: Optional[int] = None) -> None:
+        runner = self.runner
+        if runner.stopped or reply.cancelled:
+            return
+        reply.done = True
+        if reply is self.reply:
+            self.reply = None
+        if reply.hangup:
+            runner.hanging_up = True
+            runner.refresh_hangup_headers()
+        runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True, endOfStream=True,
+                            autoHangup=True if reply.hangup else None,
+                            waitInputTimeout=wait_input_ms or runner.wait_input_ms()))
+        if reply.end_reason and not reply.hangup:
+            runner.end_after(reply.play_id, reply.end_reason)
+        if history_text:
+            runner.history.append({"role": "assistant", "content": history_text})
+        spoken = " ".join(s for s in reply.spoken if s)
+        if spoken:
+            runner.last_bot_line_ms = runner.now()
+            runner.emit_history("assistant", spoken)
+        now = runner.now()
+        runner.metrics("llm_response", now - reply.started_ms, {
+            "playId": reply.play_id, "text": history_text,
+            "ttfb": (reply.first_delta_ms - reply.started_ms) if reply.first_delta_ms is not None else None,
+        })
+
+    def _close_quietly(self, reply: Reply) -> None:
+        reply.done = True
+        if reply is self.reply:
+            self.reply = None
+
+    # -- JSON mode ----------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _json_reply(self, reply: Reply, command: tags.JsonCommand):
+        """``{"text", "waitInputTimeout", "tools"}``: tools act; http/rag results re-ask (3 rounds at most)."""
+        runner = self.runner
+        rounds = 1
+        hangup: Optional[tags.HangupTool] = None
+        while True:
+            found, reask = yield apply_json_tools(runner, reply, command.tools)
+            hangup = found or hangup
+            if not reask or rounds >= MAX_TOOL_ROUNDS or reply.cancelled or runner.stopped:
+                break
+            rounds += 1
+            result = yield self._ask(reply, lambda: runner.llm.complete([dict(m) for m in runner.history]))
+            if result is _NO_ANSWER:
+                return
+            content = result.content
+            command = tags.parse_json_command(content) or tags.JsonCommand(text=content)
+        if reply.cancelled or runner.stopped:
+            return
+        text = command.text if command.text is not None else ""
+        if hangup is not None:
+            reply.hangup = True
+            if not text:
+                self._close_quietly(reply)
+                runner.end_call(ev.hangup_reason(hangup.reason, hangup.initiator),
+                                initiator=hangup.initiator or "system")
+                return
+        spoken = _strip_markup(text)
+        reply.spoken.append(spoken)
+        reply.play_id = runner.next_play_id()
+        self._close_reply(reply, spoken, spoken, wait_input_ms=command.wait_input_timeout)
+
+    # -- context features ---------------------------------------------------------------------------
+
+    def _repair(self, text: str) -> bool:
+        """Context repair: a very short bot line right after the caller spoke was a false turn; undo it
+        and glue the new words to the caller's previous message."""
+        runner = self.runner
+        history = runner.history
+        window = self.llm_config.repair_window_ms
+        if runner.last_bot_line_ms is None or runner.now() - runner.last_bot_line_ms >= window:
+            return False
+        last = history[-1] if len(history) > 1 else None
+        if last is None or last["role"] != "assistant" or len(last["content"]) >= REPAIR_MAX_CHARS:
+            return False
+        history.pop()
+        previous = history[-1] if len(history) > 1 else None
+        if previous is not None and previous["role"] == "user":
+            joiner = "，" if self.llm_config.language.lower().startswith("zh") else ", "
+            previous["content"] = previous["content"] + joiner + text
+        else:
+            history.append({"role": "user", "content": text})
+        log.info("call {id}: context repaired (dropped {line!r})", id=runner.session.id, line=last["content"])
+        return True
+
+    @defer.inlineCallbacks
+    def _rolling_summary(self, reply: Reply):
+        """Long conversations: summarise all but the last few messages into the system prompt."""
+        runner = self.runner
+        if len(runner.history) <= self.llm_config.summary_limit + SUMMARY_KEEP:
+            return
+        older = runner.history[: len(runner.history) - SUMMARY_KEEP]
+        try:
+            result = yield runner.llm.complete(
+                [dict(m) for m in older] + [{"role": "user", "content": prompts.ROLLING_SUMMARY_PROMPT}])
+        except Exception as e:
+            log.warn("call {id}: rolling summary failed: {e}", id=runner.session.id, e=str(e))
+            return
+        if reply.cancelled:
+            return
+        text = (result.content or "").strip()
+        if text:
+            self.summary = f"{self.summary}\n{text}" if self.summary else text
+        recent = runner.history[len(runner.history) - SUMMARY_KEEP:]
+        runner.history = [{"role": "system", "content": self.system_prompt()}] + recent
+
+
+def _strip_markup(text: str) -> str:
+    """JSON-mode ``text`` is spoken whole; markup in it is removed, never read out."""
+    parser = tags.ReplyParser(min_sentence_chars=0)
+    events = parser.feed(text) + parser.finish()
+    return " ".join(e.text for e in events if isinstance(e, tags.Sentence))

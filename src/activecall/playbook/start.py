@@ -1,0 +1,158 @@
+"""Where playbooks start: loading one for a call (a file, a name, inline text), starting it on a call, and
+the start-up check of the configured ones (docs/playbooks.md, "Where it starts").
+
+``start_playbook`` is the one entry point the call paths (/call, SIP, WebRTC, pending playbooks) use; the
+call layer does not import it: the composition root (``service.py``) hands it to the ``CallManager`` as its
+``playbook_starter``.  ``check_configured_playbook`` is what ``tap.py`` gives ``config.load_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from twisted.logger import Logger
+
+from activecall.api import commands as cmd
+from activecall.call.handlers import (
+    PlaybookFile, PlaybookNameError, resolve_configured_playbook, resolve_playbook)
+from activecall.call.session import CallState
+from activecall.playbook import tags
+from activecall.playbook.parser import Playbook, PlaybookError, load_playbook, parse_playbook
+from activecall.playbook.runner import PlaybookRunner
+
+log = Logger(namespace="activecall.playbook")
+
+
+def playbook_call_option(playbook: Playbook) -> cmd.CallOption:
+    """The playbook's media sections as a CallOption (what an invite inherits when it leaves them out)."""
+    config = playbook.config
+
+    def wire(section):
+        if section is None:
+            return None
+        out = {}
+        for f in dataclasses.fields(section):
+            keys = f.metadata.get("keys")
+            value = getattr(section, f.name)
+            if not keys or value is None or (hasattr(value, "keys") and not value):
+                continue
+            out[keys[0]] = dict(value) if hasattr(value, "keys") else value
+        return out
+
+    data: dict[str, Any] = {}
+    for name in ("asr", "tts", "vad", "recorder", "ambiance", "eou"):
+        value = wire(getattr(config, name))
+        if value is not None:
+            data[name] = value
+    if config.denoise is not None:
+        data["denoise"] = config.denoise
+    if config.extra:
+        data["extra"] = dict(config.extra)
+    return cmd.CallOption.from_dict(data)
+
+
+def load_for_session(session, playbook_or_name) -> Playbook:
+    """A ``Playbook``, a ``PlaybookFile`` (a path already decided: the router's, from the
+    configuration or confined under ``playbook_dir``), inline text (starting with ``---``) or a
+    name under ``config.playbook_dir`` (names from the API: confined there).
+
+    Raises ``PlaybookError`` (bad file or name)."""
+    if isinstance(playbook_or_name, Playbook):
+        return playbook_or_name
+    if isinstance(playbook_or_name, PlaybookFile):
+        if not os.path.isfile(playbook_or_name.path):
+            raise PlaybookError("playbook not found", playbook_or_name.path)
+        return _load_cached(playbook_or_name.path)
+    text = str(playbook_or_name)
+    if text.lstrip().startswith("---"):
+        return parse_playbook(text.lstrip(), "<inline playbook>")
+    playbook_dir = session.config.playbook_dir if session.config is not None else "./config/playbook"
+    try:
+        path = resolve_playbook(playbook_dir, text)
+    except PlaybookNameError as e:
+        raise PlaybookError(str(e), text) from None
+    if not os.path.isfile(path):
+        raise PlaybookError("playbook not found", text)
+    return _load_cached(path)
+
+
+_PLAYBOOK_CACHE: dict = {}
+
+
+def _load_cached(path: str) -> Playbook:
+    """Parse a playbook file once per (mtime, size): every call of a busy route shares it
+    (parsing cost 13 % of a call's CPU at 150 calls/s); an edited file is parsed again."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    playbook = _PLAYBOOK_CACHE.get(key)
+    if playbook is None:
+        playbook = load_playbook(path)
+        if len(_PLAYBOOK_CACHE) > 256:
+            _PLAYBOOK_CACHE.clear()
+        _PLAYBOOK_CACHE[key] = playbook
+    return playbook
+
+
+def start_playbook(session, playbook_or_name, *, extras: Optional[dict] = None, clock=None,
+                   llm_client_factory=None, http=None) -> Optional[PlaybookRunner]:
+    """Run a playbook on ``session`` (any call type): load it, give the call its media options, attach.
+
+    The runner picks its turn strategy from the playbook (LLM pipeline or realtime).  Before the answer,
+    the playbook's ``asr``/``tts``/``vad``/… become the call's options where the call
+    left them out; the runner begins when the call is answered.  A playbook that cannot be loaded sends
+    ``error{sender: "playbook"}`` and ends the call; the result is then None.
+    """
+    existing = getattr(session, "playbook_runner", None)
+    if existing is not None and not existing.stopped:
+        session.error("playbook", "a playbook is already running on this call")
+        return existing
+    try:
+        playbook = load_for_session(session, playbook_or_name)
+        runner = PlaybookRunner(session, playbook, clock=clock, llm_client_factory=llm_client_factory, http=http,
+                                fillers=_fillers_for(session))
+    except PlaybookError as e:
+        log.warn("call {id}: cannot run playbook: {e}", id=session.id, e=str(e))
+        session.error("playbook", str(e))
+        session.end("failed", initiator="system")
+        return None
+    if extras:
+        session.extras.update(extras)
+    if session.state is not CallState.ANSWERED:
+        option = playbook_call_option(playbook)
+        session.option = session.option.merged_over(option) if session.option is not None else option
+    return runner.attach()
+
+
+def _fillers_for(session) -> tuple[str, ...]:
+    """``fillers.txt`` next to the playbook directory (the original's ``config/fillers.txt``), if present."""
+    if session.config is None:
+        return tags.DEFAULT_FILLERS
+    path = os.path.join(os.path.dirname(os.path.abspath(session.config.playbook_dir)), "fillers.txt")
+    return tags.load_fillers(path)
+
+
+def check_configured_playbook(playbook_dir: str, name: str) -> list[str]:
+    """Start-up check of one configured playbook: resolve it, read it, parse it.
+
+    Returns the parser's warnings; raises ``ValueError`` with a one-line reason that names
+    the file (``/etc/x.md: no such file``).  Injected into ``config.load_config`` by tap.py.
+    """
+    try:
+        if name.lstrip().startswith("---"):
+            return list(parse_playbook(name.lstrip(), "<inline playbook>").warnings)
+        try:
+            path = resolve_configured_playbook(playbook_dir, name)
+        except PlaybookNameError as e:
+            raise ValueError(f"{e} (a relative name is looked up under playbook_dir "
+                             f"{playbook_dir!r}; give an absolute path for a file elsewhere)") from None
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: no such file")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: not a file")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{path}: not readable")
+        return list(load_playbook(path).warnings)
+    except PlaybookError as e:
+        raise ValueError(str(e)) from None
