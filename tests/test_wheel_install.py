@@ -39,7 +39,7 @@ from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 from twisted.web import server
 
-from activecall.speech.audio import resample
+from activecall.audio import resample
 from activecall.speech.testing import synthesize_pcm
 from tests.helpers import ROOT, OutputWatcher, free_port, free_ports
 from tests.test_playbook_sip_e2e import FakeOpenAI, listen
