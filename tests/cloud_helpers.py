@@ -118,8 +118,9 @@ class FakeTranscriber:
         return {"provider": "openai", "endpoint": self.endpoint, "secretKey": "sk-fake-transcriber"}
 
     def speech_ms(self, pcm: np.ndarray) -> int:
-        usable = pcm[: pcm.size - pcm.size % 320].astype(np.float64).reshape(-1, 320)
-        return int((np.sqrt((usable ** 2).mean(axis=1)) > self.level).sum()) * 20
+        from tests.helpers import loud_ms
+
+        return loud_ms(pcm, self.level)
 
     def _answer(self, request, body):
         import wave

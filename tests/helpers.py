@@ -26,6 +26,19 @@ def generous(timeout: float) -> float:
     return max(float(timeout), MIN_WAIT)
 
 
+def loud_ms(pcm, level: float = 300.0, frame: int = 320) -> int:
+    """Milliseconds of sound in 16 kHz ``pcm``: 20 ms frames whose RMS is above ``level``.
+
+    What a test can ask of audio that went through a real-time path (a browser's capture, RTP paced by
+    sipp or baresip, the recorder): its timing, and so its words to a recogniser, differ from run to
+    run, but the amount of sound in it does not drop below a fair share of what was sent."""
+    import numpy as np
+
+    pcm = np.asarray(pcm)
+    usable = pcm[: pcm.size - pcm.size % frame].astype(np.float64).reshape(-1, frame)
+    return int((np.sqrt((usable ** 2).mean(axis=1)) > level).sum()) * frame * 1000 // 16000
+
+
 def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1") -> int:
     """A port that is free right now on ``host`` for both TCP and UDP."""
     while True:
