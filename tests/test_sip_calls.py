@@ -257,21 +257,3 @@ class WebhookAndOutboundTests(DaemonCase):
         hangup = yield client.wait_event("hangup")
         self.assertEqual(hangup["reason"], "system")
         yield sipp_result(uas, timeout=15)
-
-
-@defer.inlineCallbacks
-def _recognise(pcm16k: np.ndarray):
-    """pocketsphinx over a whole recording channel (in a thread)."""
-    from twisted.internet import threads
-
-    def decode():
-        from pocketsphinx import Decoder
-
-        decoder = Decoder()
-        decoder.start_utt()
-        decoder.process_raw(pcm16k.astype("<i2").tobytes(), full_utt=True)
-        decoder.end_utt()
-        return decoder.hyp().hypstr if decoder.hyp() else ""
-
-    text = yield threads.deferToThread(decode)
-    return text
