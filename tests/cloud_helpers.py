@@ -8,6 +8,7 @@ when the server has seen what the test waits for; nothing sleeps.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Callable, Optional
 from urllib.parse import parse_qs, urlsplit
@@ -85,6 +86,61 @@ def streamed(test, data: bytes, chunks: int = 4, finish: bool = True, content_ty
         return server.NOT_DONE_YET
 
     return answer
+
+
+class FakeTranscriber:
+    """A deterministic recogniser for a daemon under test: an OpenAI-compatible
+    ``POST /v1/audio/transcriptions`` (the ``openai`` ASR provider, which uploads each utterance its VAD
+    cut as a 16 kHz WAV).
+
+    For tests of the plumbing around ASR on a real-time path (a browser's capture, RTP paced by sipp):
+    the audio that reaches the daemon differs from run to run there, so a real recogniser's words
+    would too.  An upload with at least ``min_speech_ms`` of sound (20 ms frames above ``level`` RMS)
+    is answered ``text``, at most ``answers`` times (None: always); anything else is answered "" (no
+    ``asrFinal``).  Every upload is kept as int16 PCM in ``uploads``; ``answered`` fires with the
+    first answered one.  Use ``asr_option`` in the call's or playbook's options.
+    """
+
+    def __init__(self, test, text: str, min_speech_ms: int = 300, level: float = 300.0,
+                 answers: Optional[int] = None):
+        self.text = text
+        self.min_speech_ms = min_speech_ms
+        self.level = level
+        self.answers = answers
+        self.uploads: list[np.ndarray] = []
+        self.answered_uploads: list[np.ndarray] = []
+        self.answered = defer.Deferred()
+        self.server = HttpServer(test, self._answer)
+        self.endpoint = self.server.base + "/v1"
+
+    @property
+    def asr_option(self) -> dict:
+        return {"provider": "openai", "endpoint": self.endpoint, "secretKey": "sk-fake-transcriber"}
+
+    def speech_ms(self, pcm: np.ndarray) -> int:
+        from tests.helpers import loud_ms
+
+        return loud_ms(pcm, self.level)
+
+    def _answer(self, request, body):
+        import wave
+
+        from multipart import MultipartParser, parse_options_header
+
+        _, params = parse_options_header(request.getHeader("content-type") or "")
+        parts = {p.name: p.raw for p in MultipartParser(io.BytesIO(body), params["boundary"])}
+        with wave.open(io.BytesIO(parts["file"])) as w:
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
+        self.uploads.append(pcm)
+        text = ""
+        if self.speech_ms(pcm) >= self.min_speech_ms and (
+                self.answers is None or len(self.answered_uploads) < self.answers):
+            text = self.text
+            self.answered_uploads.append(pcm)
+            if not self.answered.called:
+                self.answered.callback(pcm)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"text": text}).encode()
 
 
 # -- WebSocket ----------------------------------------------------------------------------------------

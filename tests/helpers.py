@@ -14,6 +14,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 
+#: The least time any wait in the tests allows (seconds).  A wait's bound only turns a hang into a
+#: failure with a message; it is never a speed requirement, so it is generous: two loaded cores running
+#: a browser, sipp and several daemons can take seconds for what takes milliseconds alone.  Speed is
+#: measured in bench/, not here.
+MIN_WAIT = 30.0
+
+
+def generous(timeout: float) -> float:
+    """``timeout``, raised to ``MIN_WAIT``: the bound for a wait on an event."""
+    return max(float(timeout), MIN_WAIT)
+
+
+def loud_ms(pcm, level: float = 300.0, frame: int = 320) -> int:
+    """Milliseconds of sound in 16 kHz ``pcm``: 20 ms frames whose RMS is above ``level``.
+
+    What a test can ask of audio that went through a real-time path (a browser's capture, RTP paced by
+    sipp or baresip, the recorder): its timing, and so its words to a recogniser, differ from run to
+    run, but the amount of sound in it does not drop below a fair share of what was sent."""
+    import numpy as np
+
+    pcm = np.asarray(pcm)
+    usable = pcm[: pcm.size - pcm.size % frame].astype(np.float64).reshape(-1, frame)
+    return int((np.sqrt((usable ** 2).mean(axis=1)) > level).sum()) * frame * 1000 // 16000
+
 
 def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1") -> int:
     """A port that is free right now on ``host`` for both TCP and UDP."""
@@ -82,7 +106,8 @@ class OutputWatcher(protocol.ProcessProtocol):
 
     errReceived = outReceived
 
-    def wait_for(self, regex: str, timeout: float = 20.0) -> defer.Deferred:
+    def wait_for(self, regex: str, timeout: float = MIN_WAIT) -> defer.Deferred:
+        timeout = generous(timeout)
         pattern = re.compile(regex)
         m = pattern.search(self.output)
         if m:

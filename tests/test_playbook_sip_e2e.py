@@ -3,12 +3,17 @@
 posthook is a twisted.web server started here.
 
 sipp answers nothing itself: it streams a flite sentence as PCMU after the greeting and then waits for the
-daemon's BYE (tests/sipp/uac_media_wait_bye.xml).  The playbook greets (the greeting's words are in the
-recording's right channel), pocketsphinx (with the narrowband start the daemon sets on G.711 legs) hears the
-sentence and it reaches the fake LLM in the request body, the LLM's streamed reply ends with ``<hangup/>``,
-the reply is spoken (its words in the right channel, after the greeting), the daemon sends BYE once it has
-played (sipp's scenario completes, exit 0), and the posthook arrives with ``{sessionId, summary, history,
-timestamp}`` (the ``short`` summary is one more, non-streamed, request to the fake LLM).
+daemon's BYE (tests/sipp/uac_media_wait_bye.xml).  The playbook greets (the greeting is in the recording's
+right channel), the recogniser hears the sentence and its text reaches the fake LLM in the request body, the
+LLM's streamed reply ends with ``<hangup/>``, the reply is spoken (in the right channel, after the caller's
+turn), the daemon sends BYE once it has played (sipp's scenario completes, exit 0), and the posthook arrives
+with ``{sessionId, summary, history, timestamp}`` (the ``short`` summary is one more, non-streamed, request
+to the fake LLM).
+
+The recogniser is a local fake (tests/cloud_helpers.FakeTranscriber) that answers the sentence for the
+first utterance with sound in it: sipp paces the RTP in real time, so what pocketsphinx made of it differed
+from run to run.  The audio checks are on sound, not words, for the same reason.  Telephone-band
+recognition (pocketsphinx's narrowband start) is tested on fixed clips in test_speech_telephone.
 """
 
 import glob
@@ -24,9 +29,10 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from activecall.audio import resample
-from activecall.speech.testing import synthesize_pcm, word_error_rate
-from tests.helpers import free_port, spawn_daemon, write_config
-from tests.test_sip_calls import _recognise, write_ulaw_wav
+from activecall.speech.testing import synthesize_pcm
+from tests.cloud_helpers import FakeTranscriber
+from tests.helpers import free_port, loud_ms, spawn_daemon, write_config
+from tests.test_sip_calls import write_ulaw_wav
 from tests.test_sip_integration import SCENARIOS, sipp, sipp_result, udp_port, when
 
 SENTENCE = "I would like to check the status of my order"
@@ -42,7 +48,7 @@ llm:
   model: e2e-model
   language: en
 greeting: "{greeting}"
-asr: {{provider: pocketsphinx}}
+asr: {asr}
 vad: {{type: webrtcvad}}
 tts: {{provider: flite}}
 interruption: {{strategy: none}}
@@ -132,7 +138,7 @@ def voiced_spans(pcm: np.ndarray, rate: int = 16000, level: float = 200, gap_s: 
 
 
 class PlaybookOverSipTests(unittest.TestCase):
-    timeout = 60
+    timeout = 150
 
     @defer.inlineCallbacks
     def test_sipp_call_greeting_llm_turn_hangup_and_posthook(self):
@@ -140,18 +146,22 @@ class PlaybookOverSipTests(unittest.TestCase):
         os.makedirs(os.path.join(self.root, "playbooks"))
         llm = FakeOpenAI(REPLY + " <hangup/>", SUMMARY)
         hook = Posthook()
+        asr = FakeTranscriber(self, SENTENCE, answers=1)
         llm_port = yield listen(server.Site(llm))
         self.addCleanup(llm_port.stopListening)
         hook_port = yield listen(server.Site(hook))
         self.addCleanup(hook_port.stopListening)
         with open(os.path.join(self.root, "playbooks", "orders.md"), "w") as f:
             f.write(PLAYBOOK.format(llm=f"http://127.0.0.1:{llm_port.getHost().port}/v1", greeting=GREETING,
+                                    asr=json.dumps(asr.asr_option),
                                     hook=f"http://127.0.0.1:{hook_port.getHost().port}/posthook"))
 
-        # the caller stays quiet while the greeting plays, then says its sentence
+        # the caller stays quiet while the greeting plays (as long as a call's set-up and the greeting's
+        # synthesis take here), then says its sentence
         greeting = yield synthesize_pcm(GREETING)
         speech = yield synthesize_pcm(SENTENCE)
-        lead = np.zeros(greeting.size + 12000, np.int16)  # + 0.75 s
+        reply = yield synthesize_pcm(REPLY)
+        lead = np.zeros(greeting.size + 32000, np.int16)  # + 2 s
         pcm8k = resample(np.concatenate([lead, speech, np.zeros(24000, np.int16)]), 16000, 8000)
         wav = os.path.join(self.root, "speech.wav")
         write_ulaw_wav(wav, pcm8k)
@@ -160,7 +170,7 @@ class PlaybookOverSipTests(unittest.TestCase):
             text = f.read()
         with open(scenario, "w") as f:
             f.write(text.replace("{SPEECH_WAV}", wav).replace("{SPEECH_MS}", str(int(pcm8k.size / 8)))
-                    .replace("{BYE_TIMEOUT_MS}", "20000"))
+                    .replace("{BYE_TIMEOUT_MS}", "40000"))
 
         sip_port = udp_port()
         base = free_port() // 2 * 2
@@ -187,7 +197,7 @@ root = "{self.root}/cdr"
         daemon = spawn_daemon(self, conf)
         yield daemon.wait_for("activecall ready")
         uac = sipp(self, f"127.0.0.1:{sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
-                   "-timeout", "40s", scenario=scenario)
+                   "-timeout", "90s", scenario=scenario)
 
         # the caller's words reach the LLM
         body = yield when(llm.first, 30, "the LLM request after the caller's sentence\n" + daemon.output[-3000:])
@@ -200,10 +210,12 @@ root = "{self.root}/cdr"
         self.assertEqual(messages[1], {"role": "assistant", "content": GREETING})
         self.assertEqual(messages[-1]["role"], "user")
         heard = messages[-1]["content"]
-        self.assertLess(word_error_rate(SENTENCE, heard), 0.5, heard)
+        self.assertEqual(heard, SENTENCE)
+        # what the recogniser was given: the caller's utterance, with most of the sentence's sound in it
+        self.assertGreaterEqual(loud_ms((yield asr.answered)), loud_ms(speech) // 2)
 
         # the reply plays, then the daemon hangs up: sipp gets its BYE and completes
-        yield sipp_result(uac, timeout=25)
+        yield sipp_result(uac, timeout=60)
 
         # the posthook: the summary (a second, non-streamed request), the history
         posted = yield when(hook.arrived, 15, "the posthook\n" + daemon.output[-3000:])
@@ -226,31 +238,32 @@ root = "{self.root}/cdr"
         self.assertEqual(cdr["hangupReason"], "autohangup")  # <hangup/>: the TTS's autoHangup, then our BYE
         with open(cdr["dumpEventFile"]) as f:
             events = [json.loads(json.loads(line)["content"]) for line in f]
-        final = next(e for e in events if e["event"] == "asrFinal")
-        self.assertEqual(final["text"], heard)
         greeting_end = next(e for e in events if e["event"] == "trackEnd" and e.get("playId") == "greeting")
         reply_end = next(e for e in events if e["event"] == "trackEnd" and e.get("playId") == "llm-1")
         hangup = next(e for e in events if e["event"] == "hangup")
+        self.assertEqual([e["text"] for e in events if e["event"] == "asrFinal"], [SENTENCE])  # one turn
         self.assertGreater(greeting_end["duration"], 2000)
         self.assertGreater(reply_end["duration"], 2000)  # the whole reply played...
-        self.assertLess(greeting_end["timestamp"], final["timestamp"])
         self.assertGreaterEqual(hangup["timestamp"], reply_end["timestamp"])  # ...before the BYE
 
-        # the recording: greeting, then (after the caller's turn) the reply, in the bot's (right) channel
+        # the recording: the greeting, then (after the caller's turn, the longest quiet stretch of the bot's
+        # channel) the reply, in the bot's (right) channel; the caller's sentence in the left.  The
+        # recorder leaves silence where the reactor was late, and the caller's channel runs behind the
+        # bot's by an amount that varies (RTP through the jitter buffer), so the checks are on how much
+        # sound each part holds (at least half what flite made), not on words or exact places.
         with wave.open(cdr["recorder"][0]["path"]) as w:
             self.assertEqual((w.getnchannels(), w.getframerate()), (2, 16000))
             frames = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
-        bot = frames[:, 1].copy()
+        bot, caller = frames[:, 1].copy(), frames[:, 0].copy()
         spans = voiced_spans(bot)
         self.assertGreaterEqual(len(spans), 2, spans)
-        first, last = spans[0], spans[-1]
-        said_first = yield _recognise(bot[max(0, first[0] - 3200):first[1] + 3200])
-        said_last = yield _recognise(bot[max(0, last[0] - 3200):last[1] + 3200])
-        self.assertLess(word_error_rate(GREETING, said_first), 0.5, said_first)
-        self.assertLess(word_error_rate(REPLY, said_last), 0.5, said_last)
-        # the caller spoke between them (left channel)
-        caller = np.abs(frames[first[1]:last[0], 0].astype(np.int32)).mean()
-        self.assertGreater(caller, 50)
+        quiet, turn = max((b[0] - a[1], i) for i, (a, b) in enumerate(zip(spans, spans[1:])))
+        self.assertGreater(quiet, 16000, spans)  # the caller's turn: a sentence and the endpointing
+        self.assertGreaterEqual(loud_ms(bot[:spans[turn][1]]), loud_ms(greeting) // 2)
+        self.assertGreaterEqual(loud_ms(bot[spans[turn + 1][0]:]), loud_ms(reply) // 2)
+        self.assertLessEqual(loud_ms(bot), (loud_ms(greeting) + loud_ms(reply)) * 3 // 2)  # nothing else spoke
+        self.assertGreaterEqual(loud_ms(caller), loud_ms(speech) // 2)
+        self.assertLessEqual(loud_ms(caller), loud_ms(speech) * 3 // 2)
 
     @defer.inlineCallbacks
     def wait_cdr(self, daemon):

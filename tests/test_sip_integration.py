@@ -17,7 +17,7 @@ from activecall.sip import auth
 from activecall.sip.registration import RegistrationService
 from activecall.sip.transport import TransportManager
 from activecall.sip.useragent import Ended, Established, ForkEnded, HoldChanged, UserAgent, minimal_offer
-from tests.helpers import ROOT, free_port, spawn, spawn_daemon, write_config
+from tests.helpers import MIN_WAIT, ROOT, free_port, generous, spawn, spawn_daemon, write_config
 
 SIPP = "/usr/bin/sipp"
 KAMAILIO = "/usr/sbin/kamailio"
@@ -39,7 +39,12 @@ def udp_port() -> int:
 
 
 def when(deferred: defer.Deferred, timeout: float, what: str) -> defer.Deferred:
-    """``deferred`` bounded in time, failing with a message that says what did not happen."""
+    """``deferred`` bounded in time, failing with a message that says what did not happen.
+
+    The bound is at least ``MIN_WAIT`` (tests/helpers.py): it turns a hang into a failure, it is not a
+    speed requirement."""
+    timeout = generous(timeout)
+
     def timed_out(result, _timeout):
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -110,9 +115,9 @@ def port_bound(port: int, host: str = LOCAL) -> defer.Deferred:
     return d
 
 
-def sipp(testcase, *args, scenario=None, builtin=None, calls=1, timeout="8s") -> "OutputWatcher":
+def sipp(testcase, *args, scenario=None, builtin=None, calls=1, timeout=f"{MIN_WAIT:.0f}s") -> "OutputWatcher":
     """Run sipp in a temporary directory; the test kills it if it is still running at cleanup.
-    ``timeout``: sipp's whole-run limit (a failure when reached)."""
+    ``timeout``: sipp's whole-run limit (a failure when reached; a bound on a hang, not a speed bar)."""
     binary = require(SIPP, "sip-tester")
     workdir = os.path.abspath(testcase.mktemp())
     os.makedirs(workdir)
@@ -128,8 +133,10 @@ def sipp(testcase, *args, scenario=None, builtin=None, calls=1, timeout="8s") ->
 
 @defer.inlineCallbacks
 def sipp_result(watcher, timeout=9.0):
-    """Wait for sipp to exit; fail with its error log unless every call succeeded."""
-    code = yield when(watcher.ended, timeout, "sipp to finish")
+    """Wait for sipp to exit; fail with its error log unless every call succeeded.
+
+    Waits longer than sipp's own default limit, so a stuck call fails with sipp's error log."""
+    code = yield when(watcher.ended, max(timeout, MIN_WAIT + 15), "sipp to finish")
     if code != 0:
         errors = ""
         path = os.path.join(watcher.workdir, "errors.log")

@@ -7,6 +7,8 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from tests.helpers import MIN_WAIT, generous
+
 
 class Client(WebSocketClientProtocol):
     def onOpen(self):
@@ -45,8 +47,9 @@ class ClientFactory(WebSocketClientFactory):
         self.pings = []
         self.waiting = []
 
-    def wait_event(self, name, **fields):
-        """The first event ``name`` whose fields match ``fields`` (already seen or to come)."""
+    def wait_event(self, name, timeout=MIN_WAIT, **fields):
+        """The first event ``name`` whose fields match ``fields`` (already seen or to come); fails after
+        ``timeout`` seconds (at least ``MIN_WAIT``: a bound on a hang, not a speed requirement)."""
 
         def matches(event):
             return event["event"] == name and all(event.get(k) == v for k, v in fields.items())
@@ -56,7 +59,7 @@ class ClientFactory(WebSocketClientFactory):
                 return defer.succeed(event)
         d = defer.Deferred()
         self.waiting.append((matches, d))
-        d.addTimeout(10, reactor)
+        d.addTimeout(generous(timeout), reactor)
         return d
 
 
