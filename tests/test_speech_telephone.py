@@ -64,3 +64,61 @@ class NarrowbandStartTests(unittest.TestCase):
         e = self.assertRaises(OptionError, registry.create_recognizer,
                               {"provider": "pocketsphinx", "extra": {"cmninit": "1,2,3"}}, list.append)
         self.assertIn("asr.extra.cmninit", str(e))
+
+
+class AttachOnG711LegTests(unittest.TestCase):
+    """The daemon, not the test, asks pocketsphinx for the narrowband start on a G.711 leg (and
+    only there): attach_processors reads the leg's codec (the end-to-end SIP tests use a fake
+    recogniser, so this is the one place that choice is checked)."""
+
+    def attach(self, codec: str, asr: dict):
+        import dataclasses
+        from types import SimpleNamespace
+
+        from twisted.internet import task
+
+        from activecall.api import commands as cmd
+        from activecall.call import speech as call_speech
+        from activecall.call.session import CallSession
+        from activecall.config import load_config
+
+        cfg, _ = load_config(None)
+        root = self.mktemp()
+        cfg = dataclasses.replace(cfg, media_cache_path=root + "/cache",
+                                  recording=dataclasses.replace(cfg.recording, path=root + "/rec"))
+        session = CallSession("c1", "sip", clock=task.Clock(), emit=lambda e: None, config=cfg,
+                              synthesizer_for=lambda opt: None, dump=False)
+        session.option = cmd.CallOption(asr=cmd.TranscriptionOption.from_dict(asr))
+        session.leg = SimpleNamespace(rtp=SimpleNamespace(encoder=SimpleNamespace(name=codec)))
+        asked = []
+
+        class Recogniser:
+            on_error = None
+
+            def feed(self, pcm):
+                pass
+
+            def close(self):
+                return defer.succeed(None)
+
+        def create_recognizer(options, on_result, reactor=None):
+            asked.append(options)
+            return Recogniser()
+
+        self.patch(call_speech.registry, "create_recognizer", create_recognizer)
+        processors = call_speech.attach_processors(session)
+        self.assertIsNotNone(processors)
+        return asked[0]
+
+    def test_pcmu_and_pcma_legs_start_narrowband(self):
+        for codec in ("pcmu", "pcma"):
+            options = self.attach(codec, {"provider": "pocketsphinx"})
+            self.assertEqual(options["extra"]["cmninit"], "narrowband", codec)
+
+    def test_wideband_legs_and_other_recognisers_are_left_alone(self):
+        self.assertNotIn("cmninit", self.attach("g722", {"provider": "pocketsphinx"}).get("extra") or {})
+        self.assertNotIn("cmninit", self.attach("pcmu", {"provider": "openai"}).get("extra") or {})
+
+    def test_an_operator_choice_is_kept(self):
+        options = self.attach("pcmu", {"provider": "pocketsphinx", "extra": {"cmninit": "40,3,-1"}})
+        self.assertEqual(options["extra"]["cmninit"], "40,3,-1")
