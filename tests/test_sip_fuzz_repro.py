@@ -223,6 +223,13 @@ class ByteExactEchoTests(unittest.TestCase):
         ua.layer.stop()
         m.malformed_log.stop()
 
+    def test_only_lws_is_stripped_from_a_value(self):
+        # found by the seed-1 medium run: str.strip() took a trailing \x1d off the Call-ID
+        data = repro("13").replace(b"Call-ID: repro12-\xe9-1@fuzz", b"Call-ID: repro12-1@fuzz\x1d")
+        request = parse_message(data)
+        self.assertEqual(request.call_id, "repro12-1@fuzz\x1d")
+        self.assertIn(b"Call-ID: repro12-1@fuzz\x1d\r\n", make_response(request, 200).to_bytes())
+
     def test_non_utf8_request_uri_is_still_a_400(self):
         data = repro("13").replace(b"OPTIONS sip:agent@", b"OPTIONS sip:ag\xffent@")
         with self.assertRaises(SIPParseError) as caught:

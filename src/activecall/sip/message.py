@@ -837,6 +837,10 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
     return data[:bounds[0]], data[bounds[1]:]
 
 
+#: linear white space around header values (RFC 3261 §25.1), once the line ends are gone
+_LWS = " \t"
+
+
 def unfold(head: str) -> list[str]:
     """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
     if "\n " not in head and "\n\t" not in head:  # no continuation lines: the usual case
@@ -844,7 +848,7 @@ def unfold(head: str) -> list[str]:
     lines: list[str] = []
     for line in re.split(r"\r?\n", head):
         if line[:1] in (" ", "\t") and lines:
-            lines[-1] = lines[-1].rstrip() + " " + line.strip()
+            lines[-1] = lines[-1].rstrip(_LWS) + " " + line.strip(_LWS)
         else:
             lines.append(line)
     return lines
@@ -910,10 +914,10 @@ def parse_message(data: bytes, stream: bool = False) -> Union[Request, Response]
         if spec is None or "\r" in value:
             raise _fail(msg, f"bad header line {line[:80]!r}")
         canonical, key, is_list = spec
-        value = value.strip()
+        value = value.strip(_LWS)  # SP/HT only: str.strip() also eats \x1c-\x1f, part of a value
         if is_list and ("," in value):
             for item in split_outside_quotes(value, ","):
-                item = item.strip()
+                item = item.strip(_LWS)
                 if item:
                     items.append((canonical, item, key))
         elif value or not is_list:
