@@ -163,6 +163,22 @@ class BadHeaderTests(unittest.TestCase):
         self.assertEqual(session_timer._min_se_of(peer_request("INVITE")), 0)
         self.assertEqual(session_timer._min_se_of(peer_request("INVITE", extra=["Min-SE: 120"])), 120)
 
+    def test_host_names_too_long_for_dns(self):
+        # found by the seed-1 medium run: a Via or Contact host with a 64-character label reached
+        # getaddrinfo, whose IDNA step raised inside Twisted's resolver ("Unhandled error in Deferred")
+        label = "a" * 64
+        with self.assertRaises(SIPParseError) as caught:
+            peer_request("INVITE", extra=[f"Record-Route: <sip:{label}.example.com;lr>"])
+        self.assertTrue(caught.exception.can_respond)
+        data = repro("13").replace(b"Via: SIP/2.0/UDP 127.0.0.1:5070", b"Via: SIP/2.0/UDP " + label.encode() + b":5070")
+        with self.assertRaises(SIPParseError) as caught:
+            parse_message(data)
+        self.assertFalse(caught.exception.can_respond)  # nowhere to send a 400: dropped
+        long_name = ".".join(["a" * 60] * 5)  # labels fine, 304 characters
+        with self.assertRaises(SIPParseError):
+            peer_request("INVITE", extra=[f"Contact: <sip:{long_name}>"])
+        peer_request("INVITE", extra=[f"Contact: <sip:{'a' * 63}.example.com>"])
+
     def test_record_route_and_route(self):
         for header in ("Record-Route: <sip:p1.example.com;lr>//", "Route: <sip:p1.example.com:65536;lr>"):
             with self.assertRaises(SIPParseError) as caught:

@@ -259,7 +259,11 @@ def _parse_host(text: str) -> str:
         except ValueError:
             raise SIPParseError(f"bad IPv6 address {inner!r}") from None
     if not text or not _HOSTNAME_RE.fullmatch(text):
-        raise SIPParseError(f"bad host {text!r}")
+        raise SIPParseError(f"bad host {text[:80]!r}")
+    if len(text) > 253 or any(len(label) > 63 for label in text.split(".")):
+        # RFC 1035 §2.3.4: no such name exists, and getaddrinfo's IDNA step raises for it
+        # (an "Unhandled error in Deferred" inside Twisted's resolver, issue 18)
+        raise SIPParseError(f"host name too long {text[:80]!r}")
     return text
 
 
