@@ -1078,11 +1078,12 @@ class UdpFuzzer:
                       f"Call-ID: {resp.call_id}\r\n")
         except (self.message.SIPParseError, ValueError, IndexError):
             return
+        # the parser keeps a peer's non-UTF-8 bytes as lone surrogates: back to the same bytes
         n = resp.cseq.seq
         ack = (f"ACK {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {LOCAL}:{self.vport};branch=z9hG4bKack{self.byes};rport\r\n"
-               f"{common}CSeq: {n} ACK\r\nContent-Length: 0\r\n\r\n").encode()
+               f"{common}CSeq: {n} ACK\r\nContent-Length: 0\r\n\r\n").encode("utf-8", "surrogateescape")
         bye = (f"BYE {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {LOCAL}:{self.vport};branch=z9hG4bKbye{self.byes};rport\r\n"
-               f"{common}CSeq: {n + 1} BYE\r\nContent-Length: 0\r\n\r\n").encode()
+               f"{common}CSeq: {n + 1} BYE\r\nContent-Length: 0\r\n\r\n").encode("utf-8", "surrogateescape")
         self.byes += 1
         self._send(self.fuzz_sock, ack)
         self._send(self.fuzz_sock, bye)

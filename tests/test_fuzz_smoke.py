@@ -2,7 +2,7 @@
 daemon over UDP on 127.0.0.1 (in a loopback-only network namespace where ``unshare -n`` works).
 
 One harness run (about 10 s of fuzzing) serves every test here; each test asserts on one kind of bad
-outcome, so a known bug marks exactly the test it trips as ``todo``.  The assertions are on counts of
+outcome (a known bug was once marked ``todo`` on exactly the test it tripped).  The assertions are on counts of
 bad outcomes, never on speed: a slow machine sends the same datagrams (same seed, same order), only
 later.
 """
@@ -82,30 +82,17 @@ class InProcessFuzzTests(unittest.TestCase):
         r = (yield fuzz_reports(self))["inprocess"]
         self.assertEqual(findings(r, "sip-exception", "stream-exception", "sdp-exception"), [])
 
-    test_no_unexpected_exception.todo = (
-        "parser bugs found by this harness (issue 18): message_length() raises ValueError for a "
-        "Content-Length of Unicode digits such as '\u00b2' (str.isdigit() accepts them, int() does not); "
-        "sdp.parse raises OverflowError for a=ptime:inf (int(float('inf')))")
-
     @defer.inlineCallbacks
     def test_no_internal_error_behind_sipparseerror(self):
         """parse_message's catch-all must not be what stops a malformed message."""
         r = (yield fuzz_reports(self))["inprocess"]
         self.assertEqual(findings(r, "sip-internal"), [])
 
-    test_no_internal_error_behind_sipparseerror.todo = (
-        "parser bug found by this harness (issue 18): Unicode digits ('\u00b2') in CSeq or Content-Length "
-        "pass str.isdigit() and make int() raise ValueError in parse_cseq/_body")
-
     @defer.inlineCallbacks
     def test_accepted_messages_round_trip(self):
         """What is accepted re-serialises to something accepted, and a response echoes the Call-ID bytes."""
         r = (yield fuzz_reports(self))["inprocess"]
         self.assertEqual(findings(r, "sip-roundtrip", "sdp-roundtrip", "sip-echo"), [])
-
-    test_accepted_messages_round_trip.todo = (
-        "parser bug found by this harness (issue 18): a message that is not valid UTF-8 is decoded as "
-        "Latin-1 and serialised as UTF-8, so a response's Call-ID/From/To/Via bytes differ from the request's")
 
 
 class UdpFuzzTests(unittest.TestCase):
@@ -130,21 +117,11 @@ class UdpFuzzTests(unittest.TestCase):
         r = (yield fuzz_reports(self))["udp"]
         self.assertEqual(bad_records(r, where=KNOWN_RTP), [])
 
-    test_no_traceback_from_the_rtp_send_path.todo = (
-        "known bug (issue 18, being fixed): an SDP m= port > 65535 (or 65535 without rtcp-mux: RTCP on "
-        "65536) is accepted and the RTP/RTCP send path then raises OverflowError from sendto() on every "
-        "media tick / RTCP BYE; a c= address that is no IP ('[127.0.0.1]', a 300-char label) raises "
-        "TypeError/UnicodeError there too")
-
     @defer.inlineCallbacks
     def test_cdr_written_without_errors(self):
         r = (yield fuzz_reports(self))["udp"]
         self.assertEqual(bad_records(r, where=KNOWN_CDR), [])
         self.assertEqual(r["cdr_errors"], 0)
-
-    test_cdr_written_without_errors.todo = (
-        "known bug (issue 18, being fixed): a long Call-ID makes the CDR file name too long "
-        "(OSError ENAMETOOLONG in write_batch)")
 
     @defer.inlineCallbacks
     def test_no_other_traceback_or_error(self):
@@ -152,19 +129,8 @@ class UdpFuzzTests(unittest.TestCase):
         self.assertEqual(bad_records(r, exclude=(KNOWN_RTP, KNOWN_CDR)), [])
         self.assertLessEqual(r["distinct_bad_total"], 20)  # the report lists 20 at most
 
-    test_no_other_traceback_or_error.todo = (
-        "bug found by this harness (issue 18): useragent._new_invite reads request.contacts (and the "
-        "Session-Expires parser runs) without catching SIPParseError/ValueError, so an INVITE with a bad "
-        "Contact URI (port 65536, junk after <>, '\u00b2' in Session-Expires) logs 'TU failed on INVITE' "
-        "with a traceback instead of being answered 400; a=ptime:inf makes RtpLeg.answer raise "
-        "OverflowError ('invite handler failed'); a 400 to a near-64 KB request is too long for UDP "
-        "(MessageLengthError, 'could not send 400'); a c= host name too long for IDNA fails in getaddrinfo "
-        "('Unhandled error in Deferred')")
-
     @defer.inlineCallbacks
     def test_malformed_datagrams_do_not_log_a_line_each(self):
         r = (yield fuzz_reports(self))["udp"]
         self.assertLessEqual(r["malformed_info_lines"], max(20, r["datagrams"] // 100))
 
-    test_malformed_datagrams_do_not_log_a_line_each.todo = (
-        "known bug (issue 18, being fixed): the daemon logs one info line per malformed datagram")

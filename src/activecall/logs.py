@@ -97,7 +97,19 @@ class _SecondsFormatter:
 def text_file_observer(out: IO[str]) -> FileLogObserver:
     """``textFileLogObserver(out)`` with the cached time prefix: one write + flush per line."""
     format_time = _SecondsFormatter()
-    return FileLogObserver(out, lambda event: formatEventAsClassicLogText(event, formatTime=format_time))
+    return FileLogObserver(out, lambda event: _encodable(formatEventAsClassicLogText(event, formatTime=format_time)))
+
+
+def _encodable(text: Optional[str]) -> Optional[str]:
+    """``text`` with lone surrogates (a peer's non-UTF-8 bytes, kept by the SIP parser's
+    surrogateescape) as ``\\udcff`` escapes: a UTF-8 log file or stdout refuses them."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def open_log_file(path: str) -> IO[str]:

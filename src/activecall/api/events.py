@@ -218,6 +218,18 @@ def _wire_spec(cls) -> tuple:
     return spec
 
 
+def json_text(value, **kwargs) -> str:
+    """``json.dumps(value, ensure_ascii=False)`` that is always encodable as UTF-8: a lone surrogate
+    (a SIP peer's non-UTF-8 byte in a Call-ID or display name, kept by the parser) becomes the
+    JSON escape ``\\udcff`` instead of failing the write or the WebSocket frame."""
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class WireObject:
     """Mixin: ``to_dict()`` / ``to_json()`` with unset fields left out."""
 
@@ -225,7 +237,7 @@ class WireObject:
         return to_wire(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return json_text(self.to_dict(), separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, value: dict, path: str = ""):

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server, static
 
 from activecall.api.commands import redact
-from activecall.api.events import rfc3339
+from activecall.api.events import json_text, rfc3339
 from activecall.call.cdr import write_atomically
 from activecall.call.handlers import PendingPlaybook, PendingPlaybooks, PlaybookNameError, check_file_name
 
@@ -95,7 +95,7 @@ def send_json(request, value, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n"
+    return json_text(value).encode("utf-8") + b"\n"
 
 
 def send_text(request, text: str, code: int = 200, content_type: bytes = b"text/plain; charset=utf-8") -> bytes:

@@ -15,6 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Union
 
+from activecall.sip.digits import is_number
+
 SIP_VERSION = "SIP/2.0"
 #: RFC 3261 §8.1.1.7: every branch we create starts with this.
 BRANCH_MAGIC = "z9hG4bK"
@@ -257,7 +259,11 @@ def _parse_host(text: str) -> str:
         except ValueError:
             raise SIPParseError(f"bad IPv6 address {inner!r}") from None
     if not text or not _HOSTNAME_RE.fullmatch(text):
-        raise SIPParseError(f"bad host {text!r}")
+        raise SIPParseError(f"bad host {text[:80]!r}")
+    if len(text) > 253 or any(len(label) > 63 for label in text.split(".")):
+        # RFC 1035 §2.3.4: no such name exists, and getaddrinfo's IDNA step raises for it
+        # (an "Unhandled error in Deferred" inside Twisted's resolver, issue 18)
+        raise SIPParseError(f"host name too long {text[:80]!r}")
     return text
 
 
@@ -278,7 +284,7 @@ def _parse_hostport(text: str) -> tuple[str, Optional[int]]:
         host, rest = _parse_host(host_text), colon + port_text
     port = None
     if rest:
-        if not rest.startswith(":") or not rest[1:].isdigit() or len(rest) > 6:
+        if not rest.startswith(":") or not is_number(rest[1:]) or len(rest) > 6:
             raise SIPParseError(f"bad port in {text!r}")
         port = int(rest[1:])
         if port > 65535:
@@ -501,7 +507,7 @@ class Via:
     def rport(self) -> Optional[int]:
         """The ``rport`` value filled in by the server (None when absent or empty)."""
         value = self.params.get("rport")
-        return int(value) if value and value.isdigit() else None
+        return int(value) if value and is_number(value) else None
 
     @property
     def wants_rport(self) -> bool:
@@ -527,7 +533,7 @@ def default_port(transport: str) -> int:
 def parse_via(text: str) -> Via:
     # sent-protocol: SIP / protocol-version / transport; a version other than 2.0 is the start
     # line's business (505, RFC 4475 §3.1.2.16), the Via still routes the answer
-    m = re.match(r"\s*SIP\s*/\s*\d+\.\d+\s*/\s*([A-Za-z0-9\-]+)\s+", text, re.IGNORECASE)
+    m = re.match(r"\s*SIP\s*/\s*\d+\.\d+\s*/\s*([A-Za-z0-9\-]+)\s+", text, re.IGNORECASE | re.ASCII)
     if not m:
         raise SIPParseError(f"bad Via {text!r}")
     rest = text[m.end():]
@@ -550,7 +556,7 @@ class CSeq:
 
 def parse_cseq(text: str) -> CSeq:
     parts = text.split()
-    if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
+    if len(parts) != 2 or not is_number(parts[0]) or len(parts[0]) > 10:
         raise SIPParseError(f"bad CSeq {text!r}")
     seq = int(parts[0])
     if seq >= 2**31 or not _TOKEN_RE.fullmatch(parts[1]):
@@ -751,7 +757,7 @@ class Message:
     def to_bytes(self) -> bytes:
         """Serialise; Content-Length is always recomputed from the body."""
         head = "\r\n".join([self.start_line()] + self._head_lines())
-        return head.encode("utf-8") + b"\r\n\r\n" + self.body
+        return head.encode("utf-8", WIRE_ERRORS) + b"\r\n\r\n" + self.body
 
     def start_line(self) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -806,11 +812,15 @@ class Response(Message):
 # -- parsing ------------------------------------------------------------------------------------
 
 
+#: how the wire's bytes become text and back: a byte that is not UTF-8 becomes a lone surrogate
+#: (U+DC80-U+DCFF) and turns back into the same byte when serialised, so a response echoes a
+#: request's Via, From, To and Call-ID byte for byte (issue 18); such text is never ASCII, so a
+#: Request-URI or a URI in From/To/Contact holding one is refused like any non-ASCII URI
+WIRE_ERRORS = "surrogateescape"
+
+
 def _decode(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+    return data.decode("utf-8", WIRE_ERRORS)
 
 
 def _head_end(data: bytes, start: int = 0) -> Optional[tuple[int, int]]:
@@ -831,6 +841,10 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
     return data[:bounds[0]], data[bounds[1]:]
 
 
+#: linear white space around header values (RFC 3261 §25.1), once the line ends are gone
+_LWS = " \t"
+
+
 def unfold(head: str) -> list[str]:
     """Header lines with continuation lines (leading SP/HT) joined (RFC 3261 §7.3.1)."""
     if "\n " not in head and "\n\t" not in head:  # no continuation lines: the usual case
@@ -838,17 +852,17 @@ def unfold(head: str) -> list[str]:
     lines: list[str] = []
     for line in re.split(r"\r?\n", head):
         if line[:1] in (" ", "\t") and lines:
-            lines[-1] = lines[-1].rstrip() + " " + line.strip()
+            lines[-1] = lines[-1].rstrip(_LWS) + " " + line.strip(_LWS)
         else:
             lines.append(line)
     return lines
 
 
-_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) (\S+) (SIP/\d+\.\d+)")
+_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) (\S+) (SIP/\d+\.\d+)", re.ASCII)
 # what is meant as a Request-Line but is not one: extra or trailing whitespace, LWS in the
 # Request-URI (RFC 4475 §3.1.2.8-3.1.2.10) -- answered 400 once the headers are read
-_LOOSE_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]+\S.*[ \t](SIP/\d+\.\d+)[ \t]*")
-_STATUS_LINE = re.compile(r"(SIP/\d\.\d) ([1-6]\d\d)(?: (.*))?")
+_LOOSE_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]+\S.*[ \t](SIP/\d+\.\d+)[ \t]*", re.ASCII)
+_STATUS_LINE = re.compile(r"(SIP/\d\.\d) ([1-6]\d\d)(?: (.*))?", re.ASCII)
 
 
 def parse_message(data: bytes, stream: bool = False) -> Union[Request, Response]:
@@ -860,16 +874,11 @@ def parse_message(data: bytes, stream: bool = False) -> Union[Request, Response]
     A request parses even when its method is unknown, its Request-URI has a
     scheme other than sip/sips/tel (``uri.opaque``) or its version is not 2.0:
     those are answered 501, 416 and 505 by the transaction user and layer.
+
+    Every malformed input is refused deliberately with ``SIPParseError``; there is no catch-all that
+    turns an internal error into one (issue 18: it hid bugs).  The transport still guards the
+    reactor against a parser bug (``TransportManager._incoming``).
     """
-    try:
-        return _parse_message(data, stream)
-    except SIPParseError:
-        raise
-    except Exception as e:  # a bug must not take the daemon down
-        raise SIPParseError(f"unparsable message ({e.__class__.__name__}: {e})") from e
-
-
-def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
     if len(data) > MAX_MESSAGE_SIZE:
         raise SIPParseError("message too large")
     data = data.lstrip(b"\r\n")
@@ -909,10 +918,10 @@ def _parse_message(data: bytes, stream: bool) -> Union[Request, Response]:
         if spec is None or "\r" in value:
             raise _fail(msg, f"bad header line {line[:80]!r}")
         canonical, key, is_list = spec
-        value = value.strip()
+        value = value.strip(_LWS)  # SP/HT only: str.strip() also eats \x1c-\x1f, part of a value
         if is_list and ("," in value):
             for item in split_outside_quotes(value, ","):
-                item = item.strip()
+                item = item.strip(_LWS)
                 if item:
                     items.append((canonical, item, key))
         elif value or not is_list:
@@ -977,6 +986,12 @@ def _check_request(msg: "Request", uri_text: Optional[str], start_error: Optiona
             _cached_via.check(via)
         for contact in headers.get_all("Contact"):
             _cached_address.check(contact)
+        # a dialog's route set and the next hop come from these (RFC 3261 §12.1.1, §16.12): a
+        # bad one is refused here, not when our BYE is built from it much later (issue 18)
+        for name in ("Record-Route", "Route"):
+            for route in headers.get_all(name):
+                if _cached_address(route).uri is None:
+                    raise SIPParseError(f"bad {name} {route[:40]!r}")
     except SIPParseError as e:
         raise _fail(msg, str(e)) from None
     problem = _scalar_problem(msg)
@@ -989,16 +1004,16 @@ def _scalar_problem(msg: "Request") -> Optional[str]:
     headers = msg.headers
     max_forwards = headers.get("Max-Forwards")
     if max_forwards is not None:
-        if not max_forwards.isdigit() or len(max_forwards) > 10 or int(max_forwards) > MAX_MAX_FORWARDS:
+        if not is_number(max_forwards) or len(max_forwards) > 10 or int(max_forwards) > MAX_MAX_FORWARDS:
             return f"bad Max-Forwards {max_forwards[:20]!r}"
     expires = headers.get("Expires")
     # RFC 2543 allowed an HTTP date here; a number must be delta-seconds
     if expires is not None and (expires.lstrip("+-").isdigit() or not expires):
-        if not expires.isdigit() or len(expires) > 10 or int(expires) > MAX_DELTA_SECONDS:
+        if not is_number(expires) or len(expires) > 10 or int(expires) > MAX_DELTA_SECONDS:
             return f"bad Expires {expires[:20]!r}"
     for contact in headers.get_all("Contact"):
         value = _cached_address(contact).params.get("expires")
-        if value is not None and (not value.isdigit() or len(value) > 10 or int(value) > MAX_DELTA_SECONDS):
+        if value is not None and (not is_number(value) or len(value) > 10 or int(value) > MAX_DELTA_SECONDS):
             return f"bad Contact expires {value[:20]!r}"
     return None
 
@@ -1044,8 +1059,8 @@ def _body(msg: Union[Request, Response], body: bytes, stream: bool) -> bytes:
         if stream:
             raise _fail(msg, "no Content-Length on a stream transport")
         return body
-    if not length_text.strip().isdigit() or len(length_text.strip()) > 9:
-        raise _fail(msg, f"bad Content-Length {length_text!r}")
+    if not is_number(length_text) or len(length_text) > 9:
+        raise _fail(msg, f"bad Content-Length {length_text[:20]!r}")
     length = int(length_text)
     if length > len(body):
         raise _fail(msg, f"Content-Length {length} but only {len(body)} body bytes")
@@ -1074,8 +1089,8 @@ def message_length(buffer: bytes, searched: int = 0) -> Optional[int]:
         name, colon, value = line.partition(":")
         if colon and name.strip().lower() in ("content-length", "l"):
             value = value.strip()
-            if not value.isdigit() or len(value) > 9:
-                raise SIPParseError(f"bad Content-Length {value!r}")
+            if not is_number(value) or len(value) > 9:
+                raise SIPParseError(f"bad Content-Length {value[:20]!r}")
             if length is not None and int(value) != length:
                 # which one frames the stream is anyone's guess: a smuggling attempt or a bug
                 raise SIPParseError("conflicting Content-Length headers")
@@ -1110,6 +1125,18 @@ def generate_branch() -> str:
 def generate_call_id(host: Optional[str] = None) -> str:
     value = secrets.token_hex(12)
     return f"{value}@{host}" if host else value
+
+
+def reason_detail(text: str, limit: int = 100) -> str:
+    """A parser complaint fit for a reason phrase or a Warning text: printable ASCII without
+    quotes or backslashes, at most ``limit`` characters."""
+    return "".join(ch for ch in text if 32 <= ord(ch) < 127 and ch not in '"\\')[:limit]
+
+
+def bad_request_reason(text: str, limit: int = 60) -> str:
+    """``Bad Request (<short reason>)`` for a 400."""
+    detail = reason_detail(text, limit)
+    return f"Bad Request ({detail})" if detail else "Bad Request"
 
 
 def make_response(request: Request, status: int, reason: Optional[str] = None,

@@ -12,9 +12,12 @@ docs/media.md; each rule has its test in tests/test_sdp.py.
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
+
+from activecall.sip.digits import is_number as _is_number
 
 __all__ = [
     "SDPParseError", "NegotiationError", "Origin", "Connection", "RtpMap", "Crypto", "RtcpAttribute",
@@ -40,11 +43,6 @@ class NegotiationError(ValueError):
 
 #: RTP payload types are 7 bits (RFC 3550 §5.1)
 MAX_PAYLOAD_TYPE = 127
-
-
-def _is_number(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also takes ``²`` and ``٥``, which ``int`` refuses or reads."""
-    return text.isascii() and text.isdigit()
 
 
 def _shown(value, limit: int = 40) -> str:
@@ -313,9 +311,11 @@ class _MediaBuilder:
             self.fields["rtcp"] = RtcpAttribute(int(parts[0]), conn)
         elif name == "ptime" and value:
             try:
-                ptime = int(float(value))
-            except (ValueError, OverflowError):  # OverflowError: "inf"
+                ptime_ms = float(value)  # RFC 4566 says ms; "20.0" is seen in the wild
+            except ValueError:
                 raise SDPParseError(f"bad a=ptime line {_shown(value)}") from None
+            # inf, nan, 1e400 (float() takes them all; int() of them raises) are ignored like 0
+            ptime = int(ptime_ms) if math.isfinite(ptime_ms) and 0 < ptime_ms <= 1000 else 0
             if 0 < ptime <= 1000:  # anything else is ignored (we send 20 ms), not trusted
                 self.fields["ptime"] = ptime
         elif name == "crypto" and value:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from activecall.sip.digits import is_number
 from activecall.sip.message import Message, SIPParseError, parse_params
 
 #: the smallest interval we accept (RFC 4028 §4: at least 90 s; 422 below it)
@@ -46,13 +47,13 @@ def parse_session_expires(value: str) -> tuple[int, Optional[str]]:
     """``1800;refresher=uac`` -> (1800, "uac"); raises ``SIPParseError`` for anything else."""
     delta, _, params_text = value.partition(";")
     delta = delta.strip()
-    if not delta.isdigit() or len(delta) > 10:
-        raise SIPParseError(f"bad Session-Expires {value!r}")
+    if not is_number(delta) or len(delta) > 10:
+        raise SIPParseError(f"bad Session-Expires {value[:40]!r}")
     refresher = parse_params(params_text).get("refresher")
     if refresher is not None:
         refresher = refresher.lower()
         if refresher not in ("uac", "uas"):
-            raise SIPParseError(f"bad refresher in Session-Expires {value!r}")
+            raise SIPParseError(f"bad refresher in Session-Expires {value[:40]!r}")
     return int(delta), refresher
 
 
@@ -90,8 +91,14 @@ def negotiated_by_response(response: Message) -> Optional[Negotiated]:
 
 
 def _min_se_of(message: Message) -> int:
-    value = (message.headers.get("Min-SE") or "").partition(";")[0].strip()
-    return int(value) if value.isdigit() and len(value) <= 10 else 0
+    """The message's Min-SE (RFC 4028 §5), 0 when it has none; ``SIPParseError`` for a bad one."""
+    raw = message.headers.get("Min-SE")
+    if raw is None:
+        return 0
+    value = raw.partition(";")[0].strip()
+    if not is_number(value) or len(value) > 10:
+        raise SIPParseError(f"bad Min-SE {raw[:40]!r}")
+    return int(value)
 
 
 def request_headers(interval: int = DEFAULT_INTERVAL) -> list[tuple[str, str]]:

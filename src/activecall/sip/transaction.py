@@ -37,6 +37,7 @@ from activecall.sip.message import (
     Request,
     Response,
     SIPParseError,
+    bad_request_reason,
     Target,
     generate_branch,
     generate_tag,
@@ -788,6 +789,12 @@ class TransactionLayer:
             txn.respond(100)
         try:
             self.tu.request_received(request, txn)
+        except SIPParseError as e:
+            # a header the parser does not check (Refer-To, Session-Expires, ...) read by the TU:
+            # the request is malformed, answered 400 with a short reason (issue 18); not logged
+            # per request, the transport's rate-limited log is for what cannot be parsed at all
+            if not txn.final_sent:
+                txn.respond(400, bad_request_reason(e.reason))
         except Exception:
             log.failure("TU failed on {method}", method=request.method)
             if not txn.final_sent:

@@ -47,12 +47,16 @@ from activecall.sip.message import (
     message_length,
     make_response,
     parse_message,
+    reason_detail,
 )
 
 log = Logger(namespace="activecall.sip.transport")
 
 #: close a TCP/TLS connection after this long without traffic (seconds)
 IDLE_TIMEOUT = 300.0
+
+#: the largest UDP payload over IPv4 (65535 - 8 - 20): ``sendto()`` refuses more (MessageLengthError)
+MAX_DATAGRAM = 65507
 
 #: seconds between summary lines about malformed input (per reason)
 MALFORMED_LOG_INTERVAL = 60.0
@@ -116,19 +120,27 @@ def response_target(via: Via) -> Target:
     return Target(host, via.rport or sent_by_port, via.transport)
 
 
-def bad_request(error: SIPParseError, agent: str = "activecall") -> Optional[Response]:
+def bad_request(error: SIPParseError, agent: str = "activecall",
+                max_size: Optional[int] = None) -> Optional[Response]:
     """The 400 for a malformed request, if one can be formed.
 
     The problem is named twice: in the reason phrase, which every log shows,
     and in a ``Warning: 399`` header (RFC 3261 §20.43) for tools that read it.
+    ``max_size``: the most the serialised 400 may take (a UDP datagram, RFC 3261
+    §18.2.2); when the full one does not fit, the bare minimum (Via, From, To,
+    Call-ID, CSeq, "Bad Request") is tried; None when even that does not fit.
     """
     if not error.can_respond:
         return None
-    detail = "".join(ch for ch in error.reason if 32 <= ord(ch) < 127 and ch not in '"\\')[:100]
+    detail = reason_detail(error.reason)
     agent = "".join(ch for ch in agent if ch.isalnum() or ch in "-._!%*+`'~") or "activecall"
     try:
-        return make_response(error.partial, 400, f"Bad Request ({detail})",
-                             headers=[("Warning", f'399 {agent} "{detail}"')])
+        response = make_response(error.partial, 400, f"Bad Request ({detail})",
+                                 headers=[("Warning", f'399 {agent} "{detail}"')])
+        if max_size is None or len(response.to_bytes()) <= max_size:
+            return response
+        response = make_response(error.partial, 400, "Bad Request")
+        return response if len(response.to_bytes()) <= max_size else None
     except (SIPParseError, ValueError):
         return None
 
@@ -307,6 +319,8 @@ class TransportManager(service.Service):
                                         interval=malformed_log_interval)
         #: malformed messages seen, by (reason, transport): the counter's values without metrics
         self.malformed: dict[tuple[str, str], int] = {}
+        #: (exception type, file, line) of parser bugs already logged with their traceback
+        self._parser_bugs: set = set()
 
     # -- service --
 
@@ -381,14 +395,24 @@ class TransportManager(service.Service):
         try:
             msg = parse_message(data, stream=stream)
         except SIPParseError as e:
-            response = bad_request(e, self.config.useragent.split("/")[0])
+            max_size = MAX_DATAGRAM if transport.upper() == "UDP" else None
+            response = bad_request(e, self.config.useragent.split("/")[0], max_size)
+            if response is not None:
+                outcome = "; answered 400"
+            elif e.can_respond:
+                outcome = "; its 400 does not fit in a datagram: dropped"
+            else:
+                outcome = ""
             self.report_malformed("bad_request" if response is not None else "unparseable", source, transport,
-                                  e.reason + ("; answered 400" if response is not None else ""))
+                                  e.reason + outcome)
             if response is not None:
                 try:
                     reply(response)
-                except Exception:
-                    log.failure("could not send 400")
+                except Exception as send_error:  # e.g. a datagram the network refuses: rate-limited
+                    self.malformed_log("400 not sent", source, f"{send_error.__class__.__name__}: {send_error}")
+            return
+        except Exception as e:  # a parser bug: the message is dropped, the reactor never sees it
+            self._parser_bug(e, source, transport)
             return
         if isinstance(msg, Request):
             try:
@@ -403,6 +427,20 @@ class TransportManager(service.Service):
             self.on_message(msg, source, transport)
         except Exception:
             log.failure("SIP message handler failed on {msg!r}", msg=msg)
+
+    def _parser_bug(self, error: Exception, source, transport: str) -> None:
+        """``parse_message`` raised something other than ``SIPParseError``: a bug.  Its traceback is
+        logged once per place it escaped from (a flood of the same input logs one), and the message
+        is counted and summarised as unparseable."""
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (error.__class__.__name__, tb.tb_frame.f_code.co_filename if tb else "", tb.tb_lineno if tb else 0)
+        if where not in self._parser_bugs and len(self._parser_bugs) < 32:
+            self._parser_bugs.add(where)
+            log.failure("SIP parser failed on a message from {source}", Failure(error), source=source)
+        self.report_malformed("unparseable", source, transport,
+                              f"internal parser error {error.__class__.__name__}: {error}")
 
     def report_malformed(self, reason: str, source, transport: str, detail: str = "") -> None:
         """Count one malformed message (``reason``: one of ``MALFORMED_REASONS``) and log it

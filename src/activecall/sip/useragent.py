@@ -30,6 +30,7 @@ from activecall.sip import sdp
 from activecall.sip.auth import DigestClient
 from activecall.sip import session_timer
 from activecall.sip.dialog import Dialog, DialogId, DialogState, DialogTable, response_dialog_id
+from activecall.sip.digits import is_number
 from activecall.sip.message import (
     BRANCH_MAGIC,
     KNOWN_METHODS,
@@ -39,6 +40,7 @@ from activecall.sip.message import (
     Response,
     SIPParseError,
     Target,
+    bad_request_reason,
     generate_call_id,
     generate_tag,
     make_request,
@@ -195,7 +197,7 @@ def with_direction(body: bytes, direction: str) -> bytes:
     streams = list(session.media)
     streams[index] = dataclasses.replace(media, direction=direction)
     origin = session.origin
-    if origin.session_version.isdigit():
+    if is_number(origin.session_version):
         origin = dataclasses.replace(origin, session_version=str(int(origin.session_version) + 1))
     return dataclasses.replace(session, origin=origin, direction=None, media=tuple(streams)).to_bytes()
 
@@ -237,7 +239,7 @@ def parse_dtmf_info(body: bytes, content_type: Optional[str]) -> Optional[Dtmf]:
     if not signal or not re.fullmatch(r"[0-9A-Da-d*#]|1[0-6]", signal):
         return None
     duration = fields.get("duration")
-    return Dtmf(_digit(signal), int(duration) if duration and duration.isdigit() else None)
+    return Dtmf(_digit(signal), int(duration) if duration and is_number(duration) else None)
 
 
 def _digit(signal: str) -> str:
@@ -530,7 +532,7 @@ class SipCall:
         except session_timer.IntervalTooSmall as e:
             self.ua.respond(txn, 422, headers=[("Min-SE", str(e.min_se))])
         except SIPParseError as e:
-            self.ua.respond(txn, 400, f"Bad Request ({str(e)[:60]})")
+            self.ua.respond(txn, 400, bad_request_reason(e.reason))
         return False, None
 
     def _send_ack(self, response: Response) -> None:
@@ -682,6 +684,11 @@ class SipCall:
         refer_to = request.headers.get("Refer-To")
         if not refer_to:
             self.ua.respond(txn, 400, "Missing Refer-To")
+            return
+        try:
+            parse_address(refer_to)
+        except SIPParseError:
+            self.ua.respond(txn, 400, "Bad Refer-To")
             return
         refer = IncomingRefer(self, request, txn)
         self._emit(TransferRequested(refer))
@@ -1173,7 +1180,7 @@ class OutboundCall(SipCall):
         """PRACK a reliable provisional (RFC 3262 §4) the first time it comes, in RSeq order, in the
         early dialog it created; False for one to ignore (a retransmission, or RSeq out of order)."""
         rseq_text = (response.headers.get("RSeq") or "").strip()
-        if not rseq_text.isdigit() or self.dialog is None:
+        if not is_number(rseq_text) or len(rseq_text) > 10 or self.dialog is None:
             return False
         rseq = int(rseq_text)
         last = self._rseqs.get(self.dialog.remote_tag)
@@ -1193,7 +1200,10 @@ class OutboundCall(SipCall):
             return
         if status == 422 and self._hangup_headers is None and not self._interval_raised:
             # RFC 4028 §7.4: ask again with the interval the UAS wants
-            min_se = session_timer._min_se_of(response)
+            try:
+                min_se = session_timer._min_se_of(response)
+            except SIPParseError:
+                min_se = 0  # a 422 with a bad Min-SE: nothing to retry with, the call fails with it
             if min_se:
                 retry = next_attempt(self.invite)
                 retry.headers.set("Session-Expires", str(min_se))
@@ -1574,7 +1584,7 @@ class UserAgent(service.Service, TransactionUser):
             self.respond(txn, 422, headers=[("Min-SE", str(e.min_se))])
             return
         except SIPParseError as e:
-            self.respond(txn, 400, f"Bad Request ({e.reason[:60]})")
+            self.respond(txn, 400, bad_request_reason(e.reason))
             return
         call.timer_terms = terms
         self.calls.append(call)
