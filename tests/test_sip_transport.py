@@ -287,6 +287,21 @@ class LoopbackTests(unittest.TestCase):
         self.addCleanup(m.stopService)
         return m
 
+    @defer.inlineCallbacks
+    def test_a_host_name_no_dns_can_hold_fails_the_send_at_once(self):
+        """A name from a header parameter (Via maddr, Route maddr) with a label over 63 characters is
+        never handed to the resolver: getaddrinfo's IDNA step raises for it inside Twisted's resolver
+        (an unhandled error, and a send that never completes) -- found by bench/fuzz_sip.py."""
+        from activecall.sip.transport import SendError
+
+        a = self.start()
+        resolved = []
+        self.patch(a.reactor, "resolve", lambda name, *rest: resolved.append(name))
+        for transport in ("UDP", "TCP"):
+            with self.assertRaises(SendError):
+                yield a.send_request(self.request_from(a, "UDP"), Target("a" * 70 + ".example", 5060, transport))
+        self.assertEqual(resolved, [])
+
     def request_from(self, sender, transport):
         request = parse_message(INVITE)
         request.headers.set("Via", str(sender.local_via(transport)) + ";branch=z9hG4bKloop")

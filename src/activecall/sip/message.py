@@ -260,11 +260,18 @@ def _parse_host(text: str) -> str:
             raise SIPParseError(f"bad IPv6 address {inner!r}") from None
     if not text or not _HOSTNAME_RE.fullmatch(text):
         raise SIPParseError(f"bad host {text[:80]!r}")
-    if len(text) > 253 or any(len(label) > 63 for label in text.split(".")):
-        # RFC 1035 §2.3.4: no such name exists, and getaddrinfo's IDNA step raises for it
-        # (an "Unhandled error in Deferred" inside Twisted's resolver, issue 18)
+    if not dns_name_fits(text):
         raise SIPParseError(f"host name too long {text[:80]!r}")
     return text
+
+
+def dns_name_fits(name: str) -> bool:
+    """RFC 1035 §2.3.4: at most 253 characters, labels of at most 63.
+
+    No longer name exists, and getaddrinfo's IDNA step raises for one: inside Twisted's
+    resolver that is an "Unhandled error in Deferred" and a send that never completes.
+    """
+    return len(name) <= 253 and all(len(label) <= 63 for label in name.split("."))
 
 
 def format_host(host: str) -> str:

@@ -36,6 +36,7 @@ from activecall.logs import SummaryLog
 from activecall.sip.dns import NoSipService, SrvLocator
 from activecall.sip.message import (
     MAX_MESSAGE_SIZE,
+    dns_name_fits,
     Message,
     Request,
     Response,
@@ -482,6 +483,9 @@ class TransportManager(service.Service):
         return self._send(data, target)
 
     def _send(self, data: bytes, target: Target) -> defer.Deferred:
+        if not is_ip(target.host) and not dns_name_fits(target.host):
+            # a name from a header parameter (Via maddr/received, Route maddr) no DNS can hold
+            return defer.fail(SendError(f"cannot send to {target.host[:80]!r}: not a valid host name"))
         if target.srv:  # a domain: its SIP servers come from DNS SRV (sip/dns.py)
             d = self.locator.locate(target)
             d.addCallback(lambda located: self._send(data, located))
