@@ -289,7 +289,7 @@ class LoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_host_name_no_dns_can_hold_fails_the_send_at_once(self):
-        """A name from a header parameter (Via maddr, Route maddr) with a label over 63 characters is
+        """A name from a header parameter (Via received=, a URI's maddr=) with a label over 63 characters is
         never handed to the resolver: getaddrinfo's IDNA step raises for it inside Twisted's resolver
         (an unhandled error, and a send that never completes) -- found by bench/fuzz_sip.py."""
         from activecall.sip.transport import SendError

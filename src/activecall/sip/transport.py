@@ -484,7 +484,7 @@ class TransportManager(service.Service):
 
     def _send(self, data: bytes, target: Target) -> defer.Deferred:
         if not is_ip(target.host) and not dns_name_fits(target.host):
-            # a name from a header parameter (Via maddr/received, Route maddr) no DNS can hold
+            # a name from a parameter the parser takes as text (Via received=, a URI's maddr=) no DNS can hold
             return defer.fail(SendError(f"cannot send to {target.host[:80]!r}: not a valid host name"))
         if target.srv:  # a domain: its SIP servers come from DNS SRV (sip/dns.py)
             d = self.locator.locate(target)
