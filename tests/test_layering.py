@@ -26,7 +26,7 @@ LAYERS = (
     ("call", ("activecall.call", "activecall.webrtc")),
     ("playbook", ("activecall.playbook",)),
     ("api", ("activecall.api",)),
-    ("composition root", ("activecall.service", "activecall.tap", "activecall.cli")),
+    ("composition root", ("activecall.service", "activecall.tap", "activecall.cli", "activecall.testing")),
 )
 
 
