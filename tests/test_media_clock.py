@@ -144,12 +144,20 @@ class PreciseWakeUpTests(unittest.TestCase):
         return done.addCallback(check)
 
     def test_a_clock_without_subscribers_can_start_again_and_close(self):
-        from twisted.internet import defer, task
+        from twisted.internet import defer
+
+        from tests.helpers import MIN_WAIT
 
         clock = MediaClock(self.reactor)
         ticks = []
-        clock.add(lambda: ticks.append(1))
-        d = task.deferLater(self.reactor, 0.1, lambda: None)
+        first = defer.Deferred()
+
+        def sub():
+            ticks.append(1)
+            if not first.called:
+                first.callback(None)
+        clock.add(sub)
+        d = first.addTimeout(MIN_WAIT, self.reactor)  # the first tick, however long the reactor takes
 
         def stop(_):
             self.assertGreater(len(ticks), 0)

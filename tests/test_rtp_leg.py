@@ -1,56 +1,25 @@
-"""Two RTP legs talking over real loopback UDP: offer/answer, audio both ways,
-RFC 4733 DTMF once per press, SDES-SRTP, hold silence, strangers, latching,
-port release, RTCP."""
+"""Two RTP legs talking: offer/answer, audio both ways, RFC 4733 DTMF once per press, SDES-SRTP,
+hold silence, strangers, latching, port release, RTCP.
 
+``RtpLegTests`` run the legs over an in-memory datagram network (``activecall.testing.MemoryUdpNetwork``)
+on a ``task.Clock``, ticked by hand: a packet is waiting at the far end when its send returns, so nothing
+waits on the reactor or the kernel.  ``LoopbackIntegrationTests`` run two legs over real loopback UDP (the
+kernel, the ticker's readiness poll and C loops, a socket connected to its streaming remote)."""
+
+import select
 import socket
+from contextlib import closing
 
 import numpy as np
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from activecall.media.rtp import PortPool, PortsExhausted, RtpPacket, parse_rtcp
 from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
-from activecall.media.tracks import FRAME_SAMPLES
 from activecall.media.rtp_ticker import RTCP_POLL_TICKS
-from tests.helpers import free_port
-
-
-class FakeSession:
-    """What a leg needs from a call: tick() for bot audio, audio_in, emit."""
-
-    def __init__(self, name, freq=None):
-        self.id = name
-        self.received = []
-        self.events = []
-        self.freq = freq
-        self.n = 0
-
-    def tick(self):
-        if self.freq is None:
-            return None
-        t = (np.arange(FRAME_SAMPLES) + self.n * FRAME_SAMPLES) / 16000
-        self.n += 1
-        return (np.sin(2 * np.pi * self.freq * t) * 8000).astype(np.int16)
-
-    def audio_in(self, pcm):
-        self.received.append(pcm)
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def now(self):
-        return 0
-
-
-class Ticker:
-    def __init__(self):
-        self.subs = []
-
-    def add(self, f):
-        self.subs.append(f)
-
-    def remove(self, f):
-        self.subs.remove(f)
+from activecall.testing import FakeMediaSession as FakeSession
+from activecall.testing import ManualMediaClock, MemoryUdpNetwork
+from tests.helpers import MIN_WAIT, free_port
 
 
 def dominant_hz(pcm):
@@ -60,10 +29,9 @@ def dominant_hz(pcm):
 
 class RtpLegTests(unittest.TestCase):
     def setUp(self):
-        base = free_port()
-        base -= base % 2
-        self.pool = PortPool(reactor, base, base + 40, interface="127.0.0.1")
-        self.ticker = Ticker()
+        self.net = MemoryUdpNetwork()
+        self.pool = self.net.pool(40000, 40040)
+        self.ticker = ManualMediaClock()
         self.clock = task.Clock()
 
     def leg(self, session, **kw):
@@ -72,15 +40,10 @@ class RtpLegTests(unittest.TestCase):
         self.addCleanup(leg.close)
         return leg
 
-    @defer.inlineCallbacks
     def run_ticks(self, n):
-        """Tick every leg n times, letting the reactor deliver the datagrams in between."""
-        for _ in range(n):
-            for f in list(self.ticker.subs):
-                f()
-            yield task.deferLater(reactor, 0.002, lambda: None)
+        """Tick every leg n times (each tick's packets are at the far end when it is read)."""
+        self.ticker.tick(n)
 
-    @defer.inlineCallbacks
     def call(self, a_kw=None, b_kw=None, srtp=False, codecs_b=None):
         self.alice = FakeSession("alice", freq=440)
         self.bob = FakeSession("bob", freq=1000)
@@ -93,12 +56,11 @@ class RtpLegTests(unittest.TestCase):
         a.apply_answer(answer)
         a.start()
         b.start()
-        yield self.run_ticks(25)
+        self.run_ticks(25)
         return a, b
 
-    @defer.inlineCallbacks
     def test_audio_both_ways_pcmu(self):
-        a, b = yield self.call()
+        a, b = self.call()
         self.assertEqual(a.encoder.name, "pcmu")
         got_bob = np.concatenate(self.bob.received)
         got_alice = np.concatenate(self.alice.received)
@@ -107,23 +69,20 @@ class RtpLegTests(unittest.TestCase):
         self.assertGreater(a.packets_out, 20)
         self.assertEqual(b.strangers, 0)
 
-    @defer.inlineCallbacks
     def test_answer_keeps_offer_order_and_g722(self):
-        a, b = yield self.call(a_kw={"codecs": ("g722", "pcmu", "telephone_event")})
+        a, b = self.call(a_kw={"codecs": ("g722", "pcmu", "telephone_event")})
         self.assertEqual(b.encoder.name, "g722")
         self.assertAlmostEqual(dominant_hz(np.concatenate(self.bob.received)[-3200:]), 440, delta=10)
 
-    @defer.inlineCallbacks
     def test_dtmf_each_digit_once(self):
-        a, b = yield self.call()
+        a, b = self.call()
         a.send_dtmf("15#")
-        yield self.run_ticks(40)
+        self.run_ticks(40)
         digits = [e.digit for e in self.bob.events if e.TAG == "dtmf"]
         self.assertEqual(digits, ["1", "5", "#"])
 
-    @defer.inlineCallbacks
     def test_srtp_audio(self):
-        a, b = yield self.call(srtp=True)
+        a, b = self.call(srtp=True)
         self.assertIsNotNone(a.srtp)
         self.assertIsNotNone(b.srtp)
         self.assertAlmostEqual(dominant_hz(np.concatenate(self.bob.received)[-3200:]), 440, delta=10)
@@ -162,7 +121,6 @@ class RtpLegTests(unittest.TestCase):
         self.assertRaises(MediaNegotiationError, b.reoffer, bad_reoffer)
         self.assertEqual(b.remote_rtp, ("127.0.0.1", a.local_port))  # the call keeps its media
 
-    @defer.inlineCallbacks
     def test_the_send_path_never_raises_on_a_bad_destination(self):
         """Defence in depth: a destination that got past negotiation anyway (or a latched one)
         fails sends quietly: counted, logged once per leg, the leg keeps running."""
@@ -174,14 +132,14 @@ class RtpLegTests(unittest.TestCase):
         lines = []
         globalLogPublisher.addObserver(lines.append)
         self.addCleanup(globalLogPublisher.removeObserver, lines.append)
-        a, b = yield self.call(a_kw={"metrics": metrics})
+        a, b = self.call(a_kw={"metrics": metrics})
         for destination in (("127.0.0.1", 70000), ("bad\x00host", 5000), ("h\udcff", 5000), (None, 5000)):
             if a.connected:
                 a._disconnect()
             a.remote_rtp = destination
             a.remote_rtcp = destination
             before = a.send_errors
-            yield self.run_ticks(3)
+            self.run_ticks(3)
             self.assertGreater(a.send_errors, before, destination)
             a._send_rtcp([])  # RTCP too
         self.assertEqual(self.flushLoggedErrors(), [])
@@ -191,16 +149,15 @@ class RtpLegTests(unittest.TestCase):
         self.assertEqual(metrics.registry.get_sample_value("activecall_errors_total", {"kind": "rtp_send"}),
                          a.send_errors)
 
-    @defer.inlineCallbacks
     def test_hold_silences_inbound(self):
-        a, b = yield self.call()
+        a, b = self.call()
         hold = a.offer().replace("a=sendrecv", "a=sendonly")
         answer, on_hold = b.reoffer(hold)
         self.assertTrue(on_hold)
         self.assertIn("a=recvonly", answer)
         self.bob.received.clear()
         sent, stamp = b.packets_out, b.stream.timestamp
-        yield self.run_ticks(10)
+        self.run_ticks(10)
         self.assertTrue(all(not f.any() for f in self.bob.received))
         # recvonly: b sends nothing, its timestamp runs on, and its next packet will be marked
         self.assertEqual(b.packets_out, sent)
@@ -208,17 +165,15 @@ class RtpLegTests(unittest.TestCase):
         self.assertTrue(b.stream._marker_next)
         answer, on_hold = b.reoffer(a.offer())
         self.assertFalse(on_hold)
-        yield self.run_ticks(3)
+        self.run_ticks(3)
         self.assertGreater(b.packets_out, sent)
 
-    @defer.inlineCallbacks
     def test_strangers_ignored_without_latching_and_followed_with_it(self):
-        a, b = yield self.call(b_kw={"latching": False})
+        a, b = self.call(b_kw={"latching": False})
         packet = RtpPacket(0, 1, 1, 1234, b"\xff" * 160).serialize()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
+        with closing(self.net.socket()) as s:
             s.sendto(packet, ("127.0.0.1", b.local_port))
-            yield self.run_ticks(2)
+            self.run_ticks(2)
             # dropped: by b's own check, or by the kernel once b's socket is connected to a
             self.assertTrue(b.strangers >= 1 or b.source_filtered)
             self.assertNotEqual(b.remote_ssrc, 1234)
@@ -226,38 +181,36 @@ class RtpLegTests(unittest.TestCase):
             # with latching, a new source is ignored while the real one streams ...
             before = a.remote_rtp
             s.sendto(packet, ("127.0.0.1", a.local_port))
-            yield self.run_ticks(2)
+            self.run_ticks(2)
             self.assertEqual(a.remote_rtp, before)
             # ... and followed once the old one went quiet (a NAT rebinding)
-            yield b.close()
-            yield self.run_ticks(1)  # b's last packets, still queued on a's socket, are read now
+            b.close()
+            self.run_ticks(1)  # b's last packets, still queued on a's socket, are read now
             self.clock.advance(1.0)
             # a's socket was connected to b (the kernel filtered strangers): the quiet source lets
             # it go at a's next RTCP housekeeping, every RTCP_POLL_TICKS ticks
-            yield self.run_ticks(RTCP_POLL_TICKS)
+            self.run_ticks(RTCP_POLL_TICKS)
             self.assertFalse(a.connected)
             s.sendto(packet, ("127.0.0.1", a.local_port))
-            yield self.run_ticks(2)
+            self.run_ticks(2)
             self.assertEqual(a.remote_rtp, s.getsockname())
 
-    @defer.inlineCallbacks
     def test_rtcp_report_and_bye(self):
-        a, b = yield self.call()
+        a, b = self.call()
         got = []
         orig = b._rtcp_received
         b._rtcp_received = lambda data, addr: (got.append(parse_rtcp(data)), orig(data, addr))
         self.clock.advance(5)
         # RTCP is the ticker's job every 25 ticks per leg (0.5 s): a sends its report within 25
         # ticks once 5 s passed, b reads its RTCP socket within the next 25
-        yield self.run_ticks(50)
+        self.run_ticks(50)
         self.assertTrue(any(type(p).__name__ == "SenderReport" for ps in got for p in ps))
-        yield a.close()
-        yield self.run_ticks(25)
+        a.close()
+        self.run_ticks(25)
         self.assertTrue(any(type(p).__name__ == "Bye" for ps in got for p in ps))
 
-    @defer.inlineCallbacks
     def test_ports_released_and_exhaustion(self):
-        small = PortPool(reactor, self.pool.start, self.pool.start + 3, interface="127.0.0.1")
+        small = self.net.pool(self.pool.start, self.pool.start + 3)
         legs = []
         for _ in range(2):
             leg = RtpLeg(FakeSession("x"), self.ticker, self.clock, host="127.0.0.1")
@@ -265,7 +218,96 @@ class RtpLegTests(unittest.TestCase):
             legs.append(leg)
         extra = RtpLeg(FakeSession("y"), self.ticker, self.clock, host="127.0.0.1")
         self.assertRaises(PortsExhausted, extra.allocate, small)
-        yield legs[0].close()
+        legs[0].close()
         extra.allocate(small)
         legs.append(extra)
-        yield defer.gatherResults([leg.close() for leg in legs[1:]])
+        for leg in legs[1:]:
+            leg.close()
+
+
+class LoopbackIntegrationTests(unittest.TestCase):
+    """Two legs over real loopback UDP through the ticker's readiness poll and C loops, their sockets
+    connected to each other once both stream (the kernel then drops strangers' datagrams).
+
+    Each tick sends one packet per leg; after it, a packet its peer has not taken yet is waited for
+    synchronously (``select`` on the peer's socket, bounded by ``MIN_WAIT``: an event, never a speed
+    bar), so the next tick reads it whatever the kernel's delivery took."""
+
+    def setUp(self):
+        base = free_port()
+        base -= base % 2
+        self.pool = PortPool(reactor, base, base + 40, interface="127.0.0.1")
+        self.ticker = ManualMediaClock()
+        self.clock = task.Clock()
+        self.legs = []
+
+    def leg(self, session, **kw):
+        leg = RtpLeg(session, self.ticker, self.clock, host="127.0.0.1", **kw)
+        leg.allocate(self.pool)
+        self.addCleanup(leg.close)
+        self.legs.append(leg)
+        return leg
+
+    def wait_readable(self, sock):
+        readable, _, _ = select.select([sock], [], [], MIN_WAIT)
+        if not readable:
+            self.fail(f"nothing arrived on {sock.getsockname()} in {MIN_WAIT} s")
+
+    def run_ticks(self, n):
+        a, b = self.legs
+        for _ in range(n):
+            self.ticker.tick()
+            for sender, receiver in ((a, b), (b, a)):
+                if receiver.ports is not None and receiver.packets_in < sender.packets_out:
+                    self.wait_readable(receiver.ports.rtp)
+
+    def call(self, a_kw=None, b_kw=None):
+        self.alice = FakeSession("alice", freq=440)
+        self.bob = FakeSession("bob", freq=1000)
+        a = self.leg(self.alice, **(a_kw or {}))
+        b = self.leg(self.bob, **(b_kw or {}))
+        a.apply_answer(b.answer(a.offer()))
+        a.start()
+        b.start()
+        self.run_ticks(25)
+        return a, b
+
+    def test_audio_both_ways_pcmu_over_loopback_udp(self):
+        a, b = self.call()
+        self.assertEqual(a.encoder.name, "pcmu")
+        self.assertTrue(a.connected and b.connected)
+        got_bob = np.concatenate(self.bob.received)
+        got_alice = np.concatenate(self.alice.received)
+        self.assertAlmostEqual(dominant_hz(got_bob[-3200:]), 440, delta=10)
+        self.assertAlmostEqual(dominant_hz(got_alice[-3200:]), 1000, delta=10)
+        self.assertGreater(a.packets_out, 20)
+        self.assertEqual(b.strangers, 0)
+
+    def test_strangers_filtered_by_the_kernel_and_latching_after_a_quiet_source_over_loopback_udp(self):
+        a, b = self.call(b_kw={"latching": False})
+        packet = RtpPacket(0, 1, 1, 1234, b"\xff" * 160).serialize()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.sendto(packet, ("127.0.0.1", b.local_port))
+            self.run_ticks(2)
+            # dropped: by b's own check, or by the kernel once b's socket is connected to a
+            self.assertTrue(b.strangers >= 1 or b.source_filtered)
+            self.assertNotEqual(b.remote_ssrc, 1234)
+            self.assertEqual(b.remote_rtp, ("127.0.0.1", a.local_port))
+            # with latching, a new source is ignored while the real one streams ...
+            before = a.remote_rtp
+            s.sendto(packet, ("127.0.0.1", a.local_port))
+            self.run_ticks(2)
+            self.assertEqual(a.remote_rtp, before)
+            # ... and followed once the old one went quiet (a NAT rebinding)
+            b.close()
+            self.run_ticks(1)  # b's last packets, still queued on a's socket, are read now
+            self.clock.advance(1.0)
+            # a's socket was connected to b (the kernel filtered strangers): the quiet source lets
+            # it go at a's next RTCP housekeeping, every RTCP_POLL_TICKS ticks
+            self.run_ticks(RTCP_POLL_TICKS)
+            self.assertFalse(a.connected)
+            s.sendto(packet, ("127.0.0.1", a.local_port))
+            self.wait_readable(a.ports.rtp)
+            self.run_ticks(2)
+            self.assertEqual(a.remote_rtp, s.getsockname())

@@ -1,7 +1,14 @@
 """The RtpTicker: all RTP legs of a media clock ticked together over real loopback sockets —
 one clock subscriber, a failing leg dropped without the others noticing, a flood bounded per
-tick, stale packets discarded at start, packet metrics counted per tick."""
+tick, stale packets discarded at start, packet metrics counted per tick.
 
+Real sockets, because what is tested is the kernel's side as much as ours: the readiness poll
+(epoll) and the C loops read descriptors, sockets connect to their streaming remote and disconnect
+again.  Time is a ``task.Clock``; datagrams the test sends are waited for synchronously before the
+tick that should read them (``settle``: ``select`` on the receiving sockets, bounded by
+``MIN_WAIT``), never by a reactor delay."""
+
+import select
 import socket
 
 import numpy as np
@@ -14,28 +21,13 @@ from activecall.media.rtp_leg import MAX_READS_PER_TICK, RtpLeg
 from activecall.media import rtp_ticker
 from activecall.media.rtp_ticker import RtpTicker
 from activecall.metrics import Metrics
-from tests.helpers import free_port
+from activecall.testing import FakeMediaSession
+from tests.helpers import MIN_WAIT, free_port
 
 
-class ToneSession:
+class ToneSession(FakeMediaSession):
     def __init__(self, name, fail=False):
-        self.id = name
-        self.fail = fail
-        self.received = []
-
-    def tick(self):
-        if self.fail:
-            raise RuntimeError("a broken session")
-        return np.full(320, 1000, dtype=np.int16)
-
-    def audio_in(self, pcm):
-        self.received.append(pcm)
-
-    def emit(self, event):
-        pass
-
-    def now(self):
-        return 0
+        super().__init__(name, frame=np.full(320, 1000, dtype=np.int16), fail=fail)
 
 
 def offer(port):
@@ -54,6 +46,7 @@ class RtpTickerTests(unittest.TestCase):
         self.peer.bind(("127.0.0.1", 0))
         self.peer.setblocking(False)
         self.addCleanup(self.peer.close)
+        self._pending = []
 
     def leg(self, session, metrics=None):
         leg = RtpLeg(session, self.media_clock, self.clock, host="127.0.0.1", codecs=("pcmu",), metrics=metrics)
@@ -62,8 +55,16 @@ class RtpTickerTests(unittest.TestCase):
         self.addCleanup(leg.close)
         return leg
 
-    def drain_peer(self):
+    def drain_peer(self, at_least=0):
+        """What the peer received: the first ``at_least`` datagrams waited for (synchronously, bounded
+        by ``MIN_WAIT``), then whatever else is queued."""
         got = []
+        self.peer.settimeout(MIN_WAIT)
+        try:
+            while len(got) < at_least:
+                got.append(self.peer.recvfrom(2048))
+        finally:
+            self.peer.setblocking(False)
         while True:
             try:
                 got.append(self.peer.recvfrom(2048))
@@ -74,11 +75,23 @@ class RtpTickerTests(unittest.TestCase):
         for i in range(count):
             self.peer.sendto(RtpPacket(0, seq + i, 160 * (seq + i), 99, b"\xff" * 160).serialize(),
                              ("127.0.0.1", leg.local_port))
+        self.sent_to(leg)
 
-    @defer.inlineCallbacks
-    def settle(self):
-        """Let loopback datagrams land in the sockets' queues (they are read on the next tick)."""
-        yield task.deferLater(reactor, 0.01, lambda: None)
+    def sent_to(self, leg):
+        """The test sent ``leg`` datagrams that the next tick must find queued (see ``settle``)."""
+        if hasattr(leg.ports.rtp, "fileno"):  # (a stand-in without one: the test names the real socket)
+            self._pending.append(leg.ports.rtp)
+
+    def settle(self, *socks):
+        """Wait until every socket sent to since the last settle (and ``socks``) has its datagrams
+        queued: a synchronous ``select``, which returns as soon as they are there.  A burst to one
+        socket is waited for by its first datagram; loopback delivers a burst in order."""
+        pending, self._pending = self._pending, []
+        for sock in {id(s): s for s in pending + list(socks)}.values():
+            readable, _, _ = select.select([sock], [], [], MIN_WAIT)
+            if not readable:
+                self.fail(f"nothing arrived on {sock.getsockname()} in {MIN_WAIT} s")
+        return defer.succeed(None)
 
     @defer.inlineCallbacks
     def streaming_leg(self):
@@ -96,7 +109,7 @@ class RtpTickerTests(unittest.TestCase):
         (connected, source_filtered, _may_connect) right after the re-INVITE."""
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
             other.bind(("127.0.0.1", 0))
-            other.settimeout(5)
+            other.settimeout(MIN_WAIT)
             leg.reoffer(offer(other.getsockname()[1]))
             state = (leg.connected, leg.source_filtered, leg._may_connect)
             self.clock.advance(0.02)
@@ -113,7 +126,7 @@ class RtpTickerTests(unittest.TestCase):
         self.assertEqual(len(self.media_clock), 3)  # /health counts legs, not subscribers
         self.clock.advance(0.02)
         self.assertEqual([leg.packets_out for leg in legs], [1, 1, 1])
-        self.assertEqual(len(self.drain_peer()), 3)
+        self.assertEqual(len(self.drain_peer(3)), 3)
         for leg in legs:
             leg.close()
         self.assertEqual((self.media_clock._subscribers, len(self.media_clock)), ([], 0))
@@ -165,7 +178,7 @@ class RtpTickerTests(unittest.TestCase):
                 self.send_to(leg, 1, seq=10 + k)
             yield self.settle()
             self.clock.advance(0.02)
-        got = self.drain_peer()
+        got = self.drain_peer(12)
         self.assertEqual(len(got), 12)
         self.assertTrue(all(len(data) == 172 for data, _ in got))
         for leg in legs:  # the jitter buffer primes on 2 frames, then plays one per tick
@@ -243,7 +256,7 @@ class RtpTickerTests(unittest.TestCase):
         leg.start()
         self.assertEqual(RtpTicker.of(self.media_clock, self.clock)._fd_of, {})
         self.send_to(leg, 4)
-        yield self.settle()
+        yield self.settle(real)
         self.clock.advance(0.02)
         self.assertEqual(leg.packets_in, 4)
 
@@ -265,9 +278,9 @@ class RtpTickerTests(unittest.TestCase):
             yield self.settle()
             self.clock.advance(0.02)
         self.assertEqual((leg.packets_in, leg.remote_ssrc), (3, 99))
-        self.drain_peer()
+        self.drain_peer(leg.packets_out)
         self.clock.advance(0.02)
-        self.assertEqual([addr for _, addr in self.drain_peer()], [("127.0.0.1", leg.local_port)])
+        self.assertEqual([addr for _, addr in self.drain_peer(1)], [("127.0.0.1", leg.local_port)])
 
     @defer.inlineCallbacks
     def test_what_queued_before_the_connect_is_still_checked(self):
@@ -399,6 +412,7 @@ class RtpTickerTests(unittest.TestCase):
         self.assertEqual(len(leg.jitter) + leg.jitter.stats.played, 5)
         # a new SSRC (the peer restarted its stream): the general path resets statistics and buffer
         self.peer.sendto(RtpPacket(0, 900, 9000, 77, b"\xff" * 160).serialize(), ("127.0.0.1", leg.local_port))
+        self.sent_to(leg)
         yield self.settle()
         self.clock.advance(0.02)
         self.assertEqual((len(general), leg.remote_ssrc, leg.stats.received), (3, 77, 1))
@@ -499,6 +513,7 @@ class RtpTickerTests(unittest.TestCase):
         reader._received_from_remote = broken_general_path
         self.peer.sendto(RtpPacket(0, 3, 480, 1234, b"\xff" * 160).serialize(),  # a new SSRC: general path
                          ("127.0.0.1", reader.local_port))
+        self.sent_to(reader)
 
         def broken_decoder(pt):
             raise ValueError("no decoder today")
@@ -557,6 +572,7 @@ class RtpTickerTests(unittest.TestCase):
         garbage += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) for _ in range(200)]
         for k, data in enumerate(garbage):
             self.peer.sendto(data, ("127.0.0.1", leg.local_port))
+            self.sent_to(leg)
             if k % 16 == 15:
                 yield self.settle()
                 self.clock.advance(0.02)
