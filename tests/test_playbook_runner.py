@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
@@ -17,7 +16,6 @@ from activecall.api import commands as cmd
 from activecall.api import events as ev
 from activecall.call.session import CallSession
 from activecall.config import load_config
-from activecall.media.tracks import FRAME_SAMPLES
 from activecall.playbook import tags
 from activecall.playbook.echo import EchoLLM, echo_reply
 from activecall.playbook.llm import LLMClient, LLMError, LLMReply, LLMSettings
@@ -26,20 +24,11 @@ from activecall.playbook.llm_strategy import LlmTurns
 from activecall.playbook.runner import PlaybookRunner
 from activecall.playbook.start import playbook_call_option, start_playbook
 from activecall.playbook.strategy import ITurnStrategy
+from activecall.testing import FakeConnector as ReferConnector
+from activecall.testing import FakeSynthesizer as FakeSynth  # 3 frames (60 ms) per text
+from activecall.testing import advance_frames
 
 T0 = 1_700_000_000
-
-
-class FakeSynth:
-    name = "fake"
-
-    def __init__(self):
-        self.texts = []
-
-    def synthesize(self, text, feed):
-        self.texts.append(text)
-        feed(np.full(3 * FRAME_SAMPLES, 1000, dtype=np.int16))  # 60 ms per text
-        return defer.succeed(None)
 
 
 class StreamCall:
@@ -120,16 +109,6 @@ class FakeHttp:
         if isinstance(answer, Exception):
             return defer.fail(answer)
         return defer.succeed(FakeResponse(*answer))
-
-
-class ReferConnector:
-    """A call type that can transfer (records refer commands)."""
-
-    def __init__(self):
-        self.refers = []
-
-    def refer(self, command):
-        self.refers.append(command)
 
 
 PLAYBOOK = """---
@@ -218,9 +197,7 @@ class RunnerTestBase(unittest.TestCase):
         self.fail("playback never ended")
 
     def tick(self, n):
-        for _ in range(n):
-            self.clock.advance(0.02)
-            self.session.tick()
+        advance_frames(self.clock, n, self.session.tick)
 
     def user(self, text, **kw):
         self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text=text, **kw))

@@ -19,11 +19,13 @@ from activecall.call.realtime_session import (
 from activecall.call.session import CallSession, CallState
 from activecall.call.speech import attach_processors
 from activecall.config import load_config
-from activecall.media.tracks import FRAME_SAMPLES
 from activecall.playbook.parser import parse_playbook
 from activecall.playbook.realtime_strategy import RealtimeTurns
 from activecall.playbook.runner import PlaybookRunner
 from activecall.playbook.strategy import ITurnStrategy
+from activecall.testing import FakeConnector as Connector
+from activecall.testing import FakeSynthesizer as FakeSynth
+from activecall.testing import advance_frames
 
 T0 = 1_700_000_000
 
@@ -86,26 +88,6 @@ class FakeClient:
         self.handler.response_done(response_id, "completed")
 
 
-class FakeSynth:
-    name = "fake"
-
-    def __init__(self):
-        self.texts = []
-
-    def synthesize(self, text, feed):
-        self.texts.append(text)
-        feed(np.full(3 * FRAME_SAMPLES, 1000, dtype=np.int16))
-        return defer.succeed(None)
-
-
-class Connector:
-    def __init__(self):
-        self.refers = []
-
-    def refer(self, command):
-        self.refers.append(command)
-
-
 class Base(unittest.TestCase):
     def setUp(self):
         FakeClient.instances = []
@@ -137,9 +119,7 @@ class Base(unittest.TestCase):
         return s
 
     def tick(self, n):
-        for _ in range(n):
-            self.clock.advance(0.02)
-            self.s.tick()
+        advance_frames(self.clock, n, self.s.tick)
 
     def play_out(self, limit=500):
         for _ in range(limit):

@@ -17,27 +17,7 @@ from activecall.call.playback import SynthesisUnavailable
 from activecall.call.session import CallSession, CallState
 from activecall.config import load_config
 from activecall.media.tracks import FRAME_SAMPLES
-
-
-class FakeSynth:
-    """Feeds ``frames`` frames per text at once, or waits when ``hold`` is set."""
-
-    name = "fake"
-
-    def __init__(self, frames=3, hold=False):
-        self.frames = frames
-        self.hold = hold
-        self.texts = []
-        self.pending = []
-
-    def synthesize(self, text, feed):
-        self.texts.append(text)
-        d = defer.Deferred(lambda _: None)
-        if self.hold:
-            self.pending.append((d, feed))
-            return d
-        feed(np.full(self.frames * FRAME_SAMPLES, 1000, dtype=np.int16))
-        return defer.succeed(None)
+from activecall.testing import FakeSynthesizer as FakeSynth  # frames per text at once, or held
 
 
 def immediate(f, *a, **kw):

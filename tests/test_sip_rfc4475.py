@@ -25,6 +25,7 @@ from activecall.sip.message import (
 )
 from activecall.sip.transport import TransportManager
 from activecall.sip.useragent import UserAgent
+from activecall.testing import FakeDatagramTransport
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "rfc4475")
 PEER = ("192.0.2.10", 5070)
@@ -116,14 +117,6 @@ class FakeNet:
 
     def send_response(self, response, source):
         self.sent.append(response)
-
-
-class FakeDatagramTransport:
-    def __init__(self):
-        self.written: list = []
-
-    def write(self, data, addr):
-        self.written.append((data, addr))
 
 
 class Harness:

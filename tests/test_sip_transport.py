@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from activecall.config import Config
 from activecall.sip import transport as t
 from activecall.sip.message import SIPParseError, Target, make_response, parse_message, parse_via
+from activecall.testing import FakeDatagramTransport
 from tests.helpers import free_port
 
 INVITE = (
@@ -25,14 +26,6 @@ INVITE = (
     b"From: <sip:alice@10.9.9.9>;tag=a\r\nTo: <sip:bob@127.0.0.1>\r\n"
     b"Call-ID: transport-test\r\nCSeq: 1 INVITE\r\nContent-Length: 3\r\n\r\nabc"
 )
-
-
-class FakeDatagramTransport:
-    def __init__(self):
-        self.written = []
-
-    def write(self, data, addr):
-        self.written.append((data, addr))
 
 
 class Collector:

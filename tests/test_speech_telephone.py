@@ -90,20 +90,13 @@ class AttachOnG711LegTests(unittest.TestCase):
                               synthesizer_for=lambda opt: None, dump=False)
         session.option = cmd.CallOption(asr=cmd.TranscriptionOption.from_dict(asr))
         session.leg = SimpleNamespace(rtp=SimpleNamespace(encoder=SimpleNamespace(name=codec)))
+        from activecall.testing import FakeRecognizer
+
         asked = []
-
-        class Recogniser:
-            on_error = None
-
-            def feed(self, pcm):
-                pass
-
-            def close(self):
-                return defer.succeed(None)
 
         def create_recognizer(options, on_result, reactor=None):
             asked.append(options)
-            return Recogniser()
+            return FakeRecognizer(on_result)
 
         self.patch(call_speech.registry, "create_recognizer", create_recognizer)
         processors = call_speech.attach_processors(session)

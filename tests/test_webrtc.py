@@ -23,6 +23,7 @@ from activecall.webrtc.leg import (FrameChunker, PeerConnections, as_deferred, c
                                     handshake_seconds, pcm_frame)
 from activecall.api import commands as cmd
 from activecall.media.dtmf import build_payload
+from activecall.testing import FakeLeg
 from tests.helpers import MIN_WAIT, free_port, spawn_daemon, write_config
 from tests.wsclient import connect, send_json
 
@@ -379,20 +380,6 @@ path = "{root}/rec"
         yield sipp_result(uas, timeout=25)  # sipp got our BYE on the referred leg
         daemon.signal("TERM")
         self.assertEqual((yield daemon.ended), 0, daemon.output)
-
-
-class FakeLeg:
-    def __init__(self):
-        self.session = self
-        self.ended = defer.Deferred()
-        self.closed = 0
-
-    def when_ended(self):
-        return self.ended
-
-    def close(self):
-        self.closed += 1
-        return defer.succeed(None)
 
 
 class FakeReactor(task.Clock):

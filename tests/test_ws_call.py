@@ -14,25 +14,8 @@ from activecall.api.ws import endpoint_resource
 from activecall.call.manager import CallManager
 from activecall.call.websocket_call import WebSocketConnector
 from activecall.config import CallRecord, load_config
+from activecall.testing import ManualMediaClock
 from tests.wsclient import connect, send_json
-
-
-class ManualMediaClock:
-    """The shared media clock's interface, ticked by the test."""
-
-    def __init__(self):
-        self.subscribers = []
-
-    def add(self, fn):
-        self.subscribers.append(fn)
-
-    def remove(self, fn):
-        self.subscribers.remove(fn)
-
-    def tick(self, n=1):
-        for _ in range(n):
-            for fn in list(self.subscribers):
-                fn()
 
 
 class CallEndpointTests(unittest.TestCase):
