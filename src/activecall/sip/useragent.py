@@ -1691,35 +1691,9 @@ class UserAgent(service.Service, TransactionUser):
         return call.start()
 
 
-def place_cli_call(ua: UserAgent, target_uri: str, config) -> Optional[OutboundCall]:
-    """``--call SIP_URI``: place one call with a PCMU offer and log how it goes.
-
-    Until a media engine exists the offer names ``rtp_start_port``, where
-    nothing listens yet; the call is only signalling.
-    """
-    try:
-        call = ua.place_call(target_uri, minimal_offer(ua.transport.advertised_host, config.rtp_start_port))
-    except (SIPParseError, ValueError) as e:
-        log.error("--call {uri}: {err}", uri=target_uri, err=e)
-        return None
-
-    def progress(event):
-        if isinstance(event, Provisional):
-            log.info("--call {uri}: {status} {reason}{early}", uri=target_uri, status=event.status,
-                     reason=event.reason, early=" (early media)" if event.sdp else "")
-        elif isinstance(event, Established):
-            log.info("--call {uri}: answered (dialog {id})", uri=target_uri, id=call.dialog_id)
-        elif isinstance(event, Ended):
-            log.info("--call {uri}: ended ({reason}, {status})", uri=target_uri, reason=event.reason,
-                     status=event.status)
-
-    call.add_listener(progress)
-    return call
-
-
 __all__ = [
     "UserAgent", "TransactionLayerService", "InboundCall", "OutboundCall", "SipCall", "IncomingRefer", "CallStateError", "CallFailed",
     "Provisional", "Established", "SdpUpdated", "HoldChanged", "Dtmf", "TransferRequested", "TransferProgress",
-    "Ended", "reject_without_handler", "place_cli_call", "apply_rewrites", "credentials_for", "sdp_direction", "with_direction",
+    "Ended", "reject_without_handler", "apply_rewrites", "credentials_for", "sdp_direction", "with_direction",
     "mirror_direction", "minimal_offer", "parse_dtmf_info", "parse_sipfrag", "reason_header",
 ]
