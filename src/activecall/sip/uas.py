@@ -9,6 +9,7 @@ accept timeout end it too.  ``IncomingInvite`` is the INVITE as the invite handl
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from twisted.internet import defer
@@ -24,6 +25,20 @@ from activecall.sip.sdp_offer import SDP
 from activecall.sip.transaction import InviteServerTransaction, ServerTransaction, TransactionTimeout
 
 log = Logger(namespace="activecall.sip.useragent")  # one namespace for the user agent and its calls
+
+
+@dataclass(frozen=True)
+class IncomingInvite:
+    """An inbound INVITE as the invite handlers (``call/handlers.py``) see it: ``InboundCall.incoming_invite()``."""
+
+    caller: str  # From URI, e.g. sip:+12125551234@carrier.example
+    callee: str  # To URI
+    headers: tuple[tuple[str, str], ...]  # every header, in order, as received
+    offer: str  # the SDP body ("" when none)
+    dialog_id: str  # "<Call-ID>-<our to-tag>-<from-tag>"
+    call_id: str = ""
+    from_tag: str = ""
+    to_tag: str = ""
 
 
 def _sips_requested(request: Request) -> bool:
@@ -102,10 +117,8 @@ class InboundCall(SipCall):
         """The To URI."""
         return str(self.invite.to.uri)
 
-    def incoming_invite(self):
-        """The handlers' view of this INVITE (activecall.call.handlers.IncomingInvite)."""
-        from activecall.call.handlers import IncomingInvite
-
+    def incoming_invite(self) -> IncomingInvite:
+        """The invite handlers' view of this INVITE."""
         return IncomingInvite(
             caller=self.caller, callee=self.callee, headers=tuple(self.invite.headers),
             offer=self.offer.decode("utf-8", "replace"), dialog_id=self.dialog_id, call_id=self.call_id,
