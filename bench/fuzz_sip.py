@@ -21,7 +21,7 @@ Modes:
 * ``inprocess``: ``activecall.sip.message.parse_message`` and the typed accessors, serialising
   and re-parsing what was accepted, ``make_response``, stream framing (``message_length``), and
   for SDP bodies ``sdp.parse`` + negotiation (answerer and offerer) + ``build_answer`` +
-  ``useragent.sdp_direction``/``with_direction``.  An exception other than the documented ones
+  ``sdp_offer.sdp_direction``/``with_direction``.  An exception other than the documented ones
   (``SIPParseError``; ``SDPParseError``/``NegotiationError``) is a failure; so is an internal
   exception that ``parse_message`` caught and re-raised as "unparsable message (...)" (a parser
   bug its safety net hid).  The first reproducers of each distinct failure go to ``--repro-dir``.
@@ -537,9 +537,9 @@ class InProcessTarget:
 
     def __init__(self, findings: Findings):
         from activecall.sip import message, sdp
-        from activecall.sip import transport, useragent
+        from activecall.sip import sdp_offer, transport
 
-        self.message, self.sdp, self.transport, self.useragent = message, sdp, transport, useragent
+        self.message, self.sdp, self.transport, self.sdp_offer = message, sdp, transport, sdp_offer
         self.findings = findings
         self.outcomes: Counter = Counter()
 
@@ -618,7 +618,7 @@ class InProcessTarget:
             self.outcomes["sdp: unexpected exception"] += 1
 
     def _sdp_checked(self, body: bytes, data: bytes) -> None:
-        sdp, ua = self.sdp, self.useragent
+        sdp, offer = self.sdp, self.sdp_offer
         session = sdp.parse(body)
         self.outcomes["sdp: parsed"] += 1
         text = session.to_text()
@@ -627,8 +627,8 @@ class InProcessTarget:
         except sdp.SDPParseError as e:
             self.findings.add("sdp-roundtrip", str(e)[:60], f"{e}\n\nre-serialised:\n{text[:2000]!r}", data)
         sdp.is_webrtc(session)
-        ua.sdp_direction(body)
-        ua.with_direction(body, "sendonly")
+        offer.sdp_direction(body)
+        offer.with_direction(body, "sendonly")
         answer, negotiated = sdp.build_answer(session, CODECS, LOCAL, 30000)
         sdp.parse(answer.to_text())
         self.outcomes["sdp: negotiated"] += 1

@@ -1,7 +1,8 @@
 """Imports go one way (docs/architecture.md, "Layers"): the module import graph of ``src/activecall``, read
 with ``ast`` (imports inside functions count too), has no cycle through ``playbook/``, and ``call/`` never
 imports ``playbook/`` (the playbook layer sits above the call layer; the composition root hands the call
-manager its ``playbook_starter``).
+manager its ``playbook_starter``), and ``sip/``, ``media/``, ``speech/`` import nothing from ``call/``,
+``playbook/``, ``webrtc/``, the web layer or the composition root, but for ``ALLOWED_FROM_LOW``.
 
 Other imports from a lower layer into a higher one are listed, not failed (``python -m tests.test_layering``
 prints them; so does the test run, on stdout): they are known and handled elsewhere.
@@ -28,6 +29,21 @@ LAYERS = (
     ("api", ("activecall.api",)),
     ("composition root", ("activecall.service", "activecall.tap", "activecall.cli", "activecall.testing")),
 )
+
+
+#: the media/SIP/speech layer, and what it must never import
+LOW = ("activecall.media", "activecall.sip", "activecall.speech")
+ABOVE_LOW = ("activecall.call", "activecall.playbook", "activecall.webrtc", "activecall.api", "activecall.web",
+             "activecall.service", "activecall.tap", "activecall.cli")
+#: the exceptions, (importer or "*", imported):
+ALLOWED_FROM_LOW = frozenset({
+    # the wire protocol's dataclasses sit below media/sip/speech; they are moving from api/ to protocol/, so
+    # both names are allowed until that move has landed everywhere
+    ("*", "activecall.api.commands"), ("*", "activecall.api.events"),
+    ("*", "activecall.protocol.commands"), ("*", "activecall.protocol.events"),
+    # known upward import, being removed on its own branch
+    ("activecall.media.tracks", "activecall.call.cdr"),
+})
 
 
 def module_files(src: str = SRC) -> dict[str, str]:
@@ -152,6 +168,14 @@ class LayeringTests(unittest.TestCase):
     def test_call_never_imports_playbook(self):
         upward = sorted((a, b) for a, things in self.graph.items() if in_package(a, "activecall.call")
                         for b in things if in_package(b, "activecall.playbook"))
+        self.assertEqual(upward, [])
+
+    def test_media_sip_speech_import_nothing_above_them(self):
+        """sip/, media/ and speech/ import nothing from call/, playbook/, webrtc/, the web layer or the
+        composition root; what they need from above is passed in (docs/architecture.md, "Layers")."""
+        upward = sorted((a, b) for a, things in self.graph.items() if any(in_package(a, p) for p in LOW)
+                        for b in things if any(in_package(b, p) for p in ABOVE_LOW)
+                        and (a, b) not in ALLOWED_FROM_LOW and ("*", b) not in ALLOWED_FROM_LOW)
         self.assertEqual(upward, [])
 
     def test_report_other_upward_imports_and_cycles(self):

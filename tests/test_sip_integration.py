@@ -14,9 +14,11 @@ from twisted.web.client import Agent, readBody
 
 from activecall.config import Credential, RegisterUser, load_config
 from activecall.sip import auth
+from activecall.sip.call_events import Ended, Established, ForkEnded, HoldChanged
 from activecall.sip.registration import RegistrationService
+from activecall.sip.sdp_offer import minimal_offer
 from activecall.sip.transport import TransportManager
-from activecall.sip.useragent import Ended, Established, ForkEnded, HoldChanged, UserAgent, minimal_offer
+from activecall.sip.useragent import UserAgent
 from tests.helpers import MIN_WAIT, ROOT, free_port, generous, spawn, spawn_daemon, write_config
 
 SIPP = "/usr/bin/sipp"

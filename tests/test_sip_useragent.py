@@ -8,7 +8,8 @@ from twisted.trial import unittest
 from activecall.config import Credential, RegisterUser, Rewrite, load_config
 from activecall.sip import auth
 from activecall.sip.message import Request, Response, Via, format_host, make_response, parse_message
-from activecall.sip.useragent import (
+from activecall.sip.call import reason_header
+from activecall.sip.call_events import (
     CallFailed,
     Dtmf,
     Ended,
@@ -17,16 +18,11 @@ from activecall.sip.useragent import (
     Provisional,
     TransferProgress,
     TransferRequested,
-    UserAgent,
-    apply_rewrites,
-    credentials_for,
-    minimal_offer,
-    mirror_direction,
     parse_dtmf_info,
-    reason_header,
-    sdp_direction,
-    with_direction,
 )
+from activecall.sip.policy import apply_rewrites, credentials_for
+from activecall.sip.sdp_offer import minimal_offer, mirror_direction, sdp_direction, with_direction
+from activecall.sip.useragent import UserAgent
 
 PEER = ("192.0.2.10", 5070)
 US = "192.0.2.20"

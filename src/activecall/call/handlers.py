@@ -26,24 +26,11 @@ from twisted.python.failure import Failure
 from activecall.api.events import rfc3339
 from activecall.config import PlaybookHandler as PlaybookHandlerConfig
 from activecall.config import WebhookHandler as WebhookHandlerConfig
+from activecall.sip.uas import IncomingInvite  # the SIP layer fills it in
 
 log = Logger(namespace="activecall.handlers")
 
 # -- the interface ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IncomingInvite:
-    """An inbound INVITE as the handlers see it (the SIP layer fills it in)."""
-
-    caller: str  # From URI, e.g. sip:+12125551234@carrier.example
-    callee: str  # To URI
-    headers: tuple[tuple[str, str], ...]  # every header, in order, as received
-    offer: str  # the SDP body ("" when none)
-    dialog_id: str  # "<Call-ID>-<our to-tag>-<from-tag>"
-    call_id: str = ""
-    from_tag: str = ""
-    to_tag: str = ""
 
 
 @dataclass(frozen=True)

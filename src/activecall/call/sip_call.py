@@ -26,7 +26,7 @@ from activecall.call.manager import start_playbook
 from activecall.media.rtp import PortsExhausted
 from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
 from activecall.sip import sdp as sdp_mod
-from activecall.sip.useragent import (
+from activecall.sip.call_events import (
     CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,
 )
 

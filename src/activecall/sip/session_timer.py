@@ -7,7 +7,7 @@ interval is nearly over, it sends BYE.  The original had none (PBXs asking for `
 got calls that never refreshed).
 
 This module is the negotiation (pure) and ``SessionTimer``, the timer itself on an injected
-``IReactorTime``; ``useragent.py`` wires them into calls.
+``IReactorTime``; ``call.py`` wires them into calls.
 """
 
 from __future__ import annotations
