@@ -49,12 +49,12 @@ log = Logger(namespace="activecall")
 def tune_gc_for_daemon() -> None:
     """The collector settings of a running daemon (called once start-up is done).
 
-    What start-up built lives as long as the daemon: moved out of the collector's way,
-    every full collection scans only the objects calls create (it scanned ~90 000 more).
-    Young collections every 10 000 new objects instead of 700: a call's reference cycles
-    are then mostly garbage by the time they are looked at, instead of being promoted and
-    left for full collections (at 300 calls/s: a 50-70 ms full collection every 3-4 s
-    before, p99 setup 28 ms; one in 40 s after, young ones 2-3 ms)."""
+    What start-up built lives as long as the daemon: frozen, it is moved out of the
+    collector's way, so a full collection scans only the objects calls create.  Young
+    collections run every 10 000 new objects instead of 700, so a call's reference cycles
+    are mostly garbage by the time they are looked at instead of being promoted and left
+    for full collections, whose pauses delay call set-up and the media clock.  Measured
+    in docs/benchmarks.md ("Calls per second")."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
