@@ -2,17 +2,23 @@
 the log observer handed to twistd, /health and /metrics resources."""
 
 import json
+import signal
 
-from twisted.application import service
+from twisted.application import app, service
 from twisted.internet import defer, task
+from twisted.internet.base import ReactorBase
+from twisted.internet.interfaces import _ISupportsExitSignalCapturing
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial import unittest
+from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
 from activecall.api.site import path_skipped
 from activecall.config import load_config
 from activecall.logs import make_observer
-from activecall.service import ActiveCallService
+from activecall.api.rest import Unauthorized
+from activecall.service import ActiveCallService, exit_cleanly_after_signal
 
 
 class Recorder(service.Service):
@@ -53,6 +59,20 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(journal[-1], ("stop", "first"))
         self.successResultOf(done)
 
+    def test_the_daemons_children_in_start_order(self):
+        """Shutdown is the reverse (docs/architecture.md, "Start-up"): calls end and their CDRs are
+        written while HTTP and SIP still run; the user agent hangs up what is left before accounts
+        unregister and the transports close; the ASR workers stop last."""
+        cfg, _ = load_config(None, None)
+        import dataclasses
+
+        svc = ActiveCallService(dataclasses.replace(cfg, http_addr="127.0.0.1:0"))  # a reactor with UDP: SIP too
+        self.assertEqual([child.name for child in svc], [
+            "asr-workers", "sip-transport", "sip-transactions", "sip-registration", "sip-useragent",
+            "webrtc", "http", "calls",
+        ])
+        self.assertEqual([child.name for child in make()], ["asr-workers", "webrtc", "http", "calls"])
+
     def test_grace_period_bounds_shutdown(self):
         clock = task.Clock()
         svc = make(clock, graceful_shutdown_timeout=3.0)
@@ -84,6 +104,59 @@ class ShutdownTests(unittest.TestCase):
         svc.startService()
         self.successResultOf(svc.stopService())
         self.assertIsNone(clock._exitSignal)
+
+
+@implementer(_ISupportsExitSignalCapturing)
+class SignalledReactor(task.Clock):
+    """A reactor whose ``run()`` is SIGTERM arriving, then twistd's ``before shutdown`` trigger
+    (``IService(application).stopService``), for the daemon given as ``shutdown``."""
+
+    _exitSignal = None
+
+    def __init__(self):
+        super().__init__()
+        self.shutdown = None
+
+    def callFromThread(self, f, *args, **kw):
+        f(*args, **kw)
+
+    def stop(self):
+        pass
+
+    def run(self):
+        ReactorBase.sigTerm(self, signal.SIGTERM)  # Twisted's own handler: it records the signal
+        if self.shutdown is not None:
+            self.shutdown.startService()
+            self.shutdown.stopService()
+
+
+def twistd_exit_signal(reactor) -> int | None:
+    """What twistd's runner takes from the reactor after ``reactor.run()`` and re-raises on its own
+    process (``twisted.scripts.twistd.runApp``): the signal the daemon would end "killed by"."""
+    runner = app.ApplicationRunner.__new__(app.ApplicationRunner)
+    runner.config = {"profile": False, "debug": False, "nodaemon": True}
+    runner.profiler = None
+    runner.startReactor(reactor, None, None)
+    return runner._exitSignal
+
+
+class ExitSignalTests(unittest.TestCase):
+    """Why ``exit_cleanly_after_signal`` reaches into the reactor: twistd would otherwise end a
+    daemon that SIGTERM stopped gracefully with "killed by SIGTERM" instead of exit status 0."""
+
+    def test_twistd_reraises_the_signal_that_stopped_the_reactor(self):
+        self.assertEqual(twistd_exit_signal(SignalledReactor()), signal.SIGTERM)
+
+    def test_a_completed_graceful_shutdown_exits_cleanly(self):
+        reactor = SignalledReactor()
+        reactor.shutdown = make(reactor)
+        reactor.shutdown.removeService(reactor.shutdown.http_service)
+        self.assertIsNone(twistd_exit_signal(reactor))
+
+    def test_reactors_without_the_attribute_are_left_alone(self):
+        clock = task.Clock()
+        exit_cleanly_after_signal(clock)
+        self.assertFalse(hasattr(clock, "_exitSignal"))
 
 
 class ObserverTests(unittest.TestCase):
@@ -164,6 +237,25 @@ class HTTPResourceTests(unittest.TestCase):
         text = body.decode()
         self.assertIn('activecall_calls_total{call_type="sip",reason="caller"} 1.0', text)
         self.assertIn("activecall_uptime_seconds", text)
+
+    def test_api_children_are_behind_the_token(self):
+        from twisted.web import resource
+
+        from activecall.api.rest import install_api
+        from activecall.call.handlers import PendingPlaybooks
+
+        cfg, _ = load_config(None, None)
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, http_token="secret")
+        root = resource.Resource()
+        extra = resource.Resource()
+        install_api(root, cfg, None, PendingPlaybooks(task.Clock()), api_children={b"calls": extra})
+        request = DummyRequest([b"api", b"calls"])
+        request.args = {b"token": [b"secret"]}
+        self.assertIs(getChildForRequest(root, request), extra)
+        request = DummyRequest([b"api", b"calls"])
+        self.assertIsInstance(getChildForRequest(root, request), Unauthorized)
 
     def test_access_log_skip_patterns(self):
         skip = ["/health", "/metrics*"]

@@ -1,9 +1,12 @@
 """The daemon: one MultiService whose children are the long-lived parts.
 
-Start-up and graceful shutdown are one service tree.  Children start in the
-order they were added and stop one by one in reverse order (first stop
-accepting work, then end calls, unregister, flush CDRs), all within
-``graceful_shutdown_timeout``.
+One ``build_*`` function per subsystem makes its objects and services;
+``ActiveCallService`` wires them together and adds the services in start order.
+Start-up and graceful shutdown are one service tree: children start in the
+order they were added and stop one by one in reverse order (calls end and
+their CDRs are written, HTTP closes, WebRTC peer connections close, SIP hangs
+up what is left, unregisters and closes its transports, the ASR workers stop),
+all within ``graceful_shutdown_timeout``.  docs/architecture.md, "Start-up".
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import gc
 import os
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from twisted.application import internet, service
 from twisted.internet import defer
@@ -23,6 +27,7 @@ from activecall import __version__
 from activecall.api.rest import SessionTable, install_api
 from activecall.api.site import build_site
 from activecall.api.ws import endpoint_resource
+from activecall.call.cdr import writer_for
 from activecall.call.handlers import PendingPlaybooks
 from activecall.call.manager import CallManager
 from activecall.call.speech import attach_processors, synthesizer_factory
@@ -44,15 +49,177 @@ log = Logger(namespace="activecall")
 def tune_gc_for_daemon() -> None:
     """The collector settings of a running daemon (called once start-up is done).
 
-    What start-up built lives as long as the daemon: moved out of the collector's way,
-    every full collection scans only the objects calls create (it scanned ~90 000 more).
-    Young collections every 10 000 new objects instead of 700: a call's reference cycles
-    are then mostly garbage by the time they are looked at, instead of being promoted and
-    left for full collections (at 300 calls/s: a 50-70 ms full collection every 3-4 s
-    before, p99 setup 28 ms; one in 40 s after, young ones 2-3 ms)."""
+    What start-up built lives as long as the daemon: frozen, it is moved out of the
+    collector's way, so a full collection scans only the objects calls create.  Young
+    collections run every 10 000 new objects instead of 700, so a call's reference cycles
+    are mostly garbage by the time they are looked at instead of being promoted and left
+    for full collections, whose pauses delay call set-up and the media clock.  Measured
+    in docs/benchmarks.md ("Calls per second")."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+
+
+def exit_cleanly_after_signal(reactor) -> None:
+    """Let a graceful shutdown that SIGTERM or SIGINT started end with exit status 0.
+
+    Twisted's signal handlers record the signal on the reactor (``reactor._exitSignal``)
+    and, once ``reactor.run()`` returns, twistd re-raises it on its own process with the
+    default handler (``twisted.scripts.twistd.runApp``), so the daemon would end "killed by
+    SIGTERM" even though every call was hung up and every CDR written.  Twisted offers no
+    public way to say that a signal-initiated stop was a clean one (the attribute belongs to
+    the private ``_ISupportsExitSignalCapturing``), so this is the one place that touches
+    it; ``ExitSignalTests`` in tests/test_service.py show what twistd does without it."""
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
+# -- builders: one per subsystem, each returns what it made; ActiveCallService wires them ------------
+
+
+@dataclass
+class Speech:
+    """What calls need for speech: TTS per call, VAD/ASR per call, and the ASR worker processes."""
+
+    synthesizer_for: Callable
+    processor_factory: Callable
+    #: the ASR worker processes (speech/asr/pool.py); the daemon's first child, so they stop last,
+    #: after the calls' final utterances were decoded
+    asr_workers: service.IService
+
+
+def build_speech(config: Config) -> Speech:
+    return Speech(
+        synthesizer_for=synthesizer_factory(config.media_cache_path),
+        processor_factory=attach_processors,
+        asr_workers=AsrPoolService(),
+    )
+
+
+def build_cdr_writer(config: Config, reactor):
+    """The writer of call detail records for ``[callrecord]``, or None without one."""
+    return writer_for(config.callrecord, reactor)
+
+
+def build_call_manager(config: Config, reactor, media_clock: MediaClock, speech: Speech, cdr_writer,
+                       sessions: dict, metrics: Metrics, pending_playbooks: PendingPlaybooks) -> CallManager:
+    """The registry of live calls; ``sessions`` is the dict /list, /kill and /health read."""
+    return CallManager(
+        config, reactor, media_clock, sessions=sessions, metrics=metrics,
+        synthesizer_for=speech.synthesizer_for, cdr_writer=cdr_writer,
+        pending_playbooks=pending_playbooks, processor_factory=speech.processor_factory,
+        playbook_starter=start_playbook,
+    )
+
+
+@dataclass
+class SipStack:
+    """The SIP side: transports, user agent, registrations, RTP ports and SIP calls as sessions."""
+
+    transport: TransportManager
+    user_agent: UserAgent
+    registration: RegistrationService
+    rtp_ports: object  # media.rtp.PortPool
+    calls: object  # call.sip_call.SipCalls
+    #: the services in start order: transports, transaction layer, registrations, user agent
+    services: tuple
+
+
+def build_sip(config: Config, reactor, call_manager: CallManager, media_clock: MediaClock,
+              metrics: Metrics, registrations: dict) -> Optional[SipStack]:
+    """The SIP stack, with inbound INVITEs routed to the call layer ([handler]).
+
+    None on a reactor without UDP (a ``task.Clock`` in unit tests of the service tree has no
+    network).  The services come in start order; the reverse, on shutdown, has the user agent
+    hang up what is left (BYE / CANCEL / 503) before accounts unregister (Expires: 0), then the
+    transactions are dropped and the transports close."""
+    if not IReactorUDP.providedBy(reactor):
+        return None
+    transport = TransportManager(config, reactor=reactor, metrics=metrics)
+    user_agent = UserAgent(config, transport, reactor=reactor)
+    transport.on_message = user_agent.layer.message_received
+    registration = RegistrationService(
+        config, user_agent, reactor, states=registrations, gauge=metrics.sip_registration_up,
+    )
+    from activecall.call.sip_call import SipCalls
+    from activecall.media.rtp import PortPool
+
+    rtp_ports = PortPool(reactor, config.rtp_start_port, config.rtp_end_port,
+                         interface=config.rtp_bind_ip or config.addr)
+    sip_calls = SipCalls(config, user_agent, call_manager, media_clock, rtp_ports, reactor, metrics=metrics)
+    # without it every inbound INVITE gets 503 "No invite handler configured"
+    user_agent.invite_handler = sip_calls.on_invite
+    services = (transport, TransactionLayerService(user_agent.layer), registration, user_agent)
+    return SipStack(transport, user_agent, registration, rtp_ports, sip_calls, services)
+
+
+def build_webrtc(config: Config, reactor):
+    """The open WebRTC peer connections (aiortc): as a service, it closes those still open once the
+    calls have ended, and its own ``before shutdown`` trigger closes them if the grace period ran out
+    (an open aiortc peer connection would hang the process at exit)."""
+    from activecall.webrtc.leg import PeerConnections
+
+    return PeerConnections(reactor, grace=config.graceful_shutdown_timeout)
+
+
+def build_call_endpoints(config: Config, call_manager: CallManager, media_clock: MediaClock,
+                         sip: Optional[SipStack], webrtc) -> dict:
+    """The WebSocket endpoints: ``b""`` for ``/call`` itself, then ``/call/sip`` (with SIP) and
+    ``/call/webrtc``, each making a session of its call type."""
+    from activecall.webrtc.leg import WebRTCConnector
+
+    endpoints = {b"": endpoint_resource(
+        call_manager, "webSocket",
+        lambda session, proto: WebSocketConnector(session, proto, media_clock), "/call",
+    )}
+    if sip is not None:
+        from activecall.call.sip_call import SipConnector
+
+        endpoints[b"sip"] = endpoint_resource(
+            call_manager, "sip",
+            lambda session, proto: SipConnector(session, proto, sip.calls), "/call/sip",
+        )
+    endpoints[b"webrtc"] = endpoint_resource(
+        call_manager, "webrtc",
+        lambda session, proto: WebRTCConnector(session, proto, media_clock, config, webrtc),
+        "/call/webrtc",
+    )
+    return endpoints
+
+
+def build_api_children(sip: Optional[SipStack]) -> dict:
+    """The routes under ``/api`` that exist only with another part: ``POST /api/calls`` with SIP."""
+    if sip is None:
+        return {}
+    from activecall.api.originate import OriginateCall
+
+    return {b"calls": OriginateCall(sip.calls)}
+
+
+def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_metrics: Callable[[], None],
+              sessions: dict, pending_playbooks: PendingPlaybooks, api_children: dict, call_endpoints: dict):
+    """The twisted.web Site: /health, /metrics, the REST API, the /call endpoints and the console.
+
+    Returns ``(site, api)``; ``api`` is what ``install_api`` made (``api.call`` is ``/call``)."""
+    from activecall.api.rest import install_console
+
+    site = build_site(health, metrics, skip_paths=config.http_access_skip_paths, on_metrics=on_metrics)
+    api = install_api(site.root, config, SessionTable(sessions), pending_playbooks, api_children=api_children)
+    endpoints = dict(call_endpoints)
+    api.call.websocket = endpoints.pop(b"", None)
+    for name, endpoint in endpoints.items():
+        api.call.putChild(name, endpoint)
+    install_console(site.root)
+    return site, api
+
+
+def build_http_service(config: Config, site) -> internet.TCPServer:
+    """The HTTP listener; a port it cannot bind stops start-up naming ``http_addr``."""
+    host, port = config.http_host_port
+    http = internet.TCPServer(port, site, interface=host)
+    http.setName("http")
+    http.config_key = "http_addr"
+    return http
 
 
 class ActiveCallService(service.MultiService):
@@ -76,93 +243,52 @@ class ActiveCallService(service.MultiService):
         self.calls: dict = {}
         #: account -> registration state (filled by the SIP registration client)
         self.registrations: dict = {}
-        self.http_site = build_site(
-            self.health,
-            self.metrics,
-            skip_paths=config.http_access_skip_paths,
-            on_metrics=self._refresh_gauges,
-        )
         self.pending_playbooks = PendingPlaybooks(reactor)
-        self.api = install_api(
-            self.http_site.root, config, SessionTable(self.calls), self.pending_playbooks
-        )
-        # -- calls: sessions, the /call WebSocket endpoint, speech -----------------
         self.media_clock = MediaClock(reactor)
-        self.call_manager = CallManager(
-            config, reactor, self.media_clock, sessions=self.calls, metrics=self.metrics,
-            synthesizer_for=synthesizer_factory(config.media_cache_path),
-            pending_playbooks=self.pending_playbooks, processor_factory=attach_processors,
-            playbook_starter=start_playbook,
+        speech = build_speech(config)
+        self.call_manager = build_call_manager(
+            config, reactor, self.media_clock, speech, build_cdr_writer(config, reactor),
+            self.calls, self.metrics, self.pending_playbooks,
         )
-        self.api.call.websocket = endpoint_resource(
-            self.call_manager, "webSocket",
-            lambda session, proto: WebSocketConnector(session, proto, self.media_clock), "/call",
+        self.sip = build_sip(config, reactor, self.call_manager, self.media_clock, self.metrics,
+                             self.registrations)
+        if self.sip is not None:
+            self.call_manager.sip_calls = self.sip.calls  # for refer (B2BUA) from any call type
+        self.webrtc = build_webrtc(config, reactor)
+        self.http_site, self.api = build_web(
+            config, self.health, self.metrics, self._refresh_gauges, self.calls, self.pending_playbooks,
+            api_children=build_api_children(self.sip),
+            call_endpoints=build_call_endpoints(config, self.call_manager, self.media_clock, self.sip,
+                                                self.webrtc),
         )
-        # -- ASR worker processes (speech/asr/pool.py): the first child, so they stop last, after
-        # the calls' final utterances were decoded.
-        AsrPoolService().setServiceParent(self)
-        # -- SIP (issue 3): transports, user agent, registration -----------------------
-        # Added before HTTP and the calls service, so on shutdown call sessions end first,
-        # then the user agent hangs up what is left (BYE / CANCEL / 503), then accounts
-        # unregister (Expires: 0), then transactions are dropped and the transports close.
-        # The call layer plugs in with ``self.user_agent.invite_handler = callable(InboundCall)``;
-        # until then every inbound INVITE gets 503 "No invite handler configured".  A task.Clock
-        # reactor (unit tests of the service tree) has no network, so SIP is left out there.
-        self.sip_transport = self.user_agent = self.sip_registration = None
-        if IReactorUDP.providedBy(reactor):
-            self.sip_transport = TransportManager(config, reactor=reactor, metrics=self.metrics)
-            self.user_agent = UserAgent(config, self.sip_transport, reactor=reactor)
-            self.sip_transport.on_message = self.user_agent.layer.message_received
-            self.sip_registration = RegistrationService(
-                config, self.user_agent, reactor, states=self.registrations,
-                gauge=self.metrics.sip_registration_up,
-            )
-            self.sip_transport.setServiceParent(self)
-            TransactionLayerService(self.user_agent.layer).setServiceParent(self)
-            self.sip_registration.setServiceParent(self)
-            self.user_agent.setServiceParent(self)
-            # SIP calls as sessions: inbound routing ([handler]) and the /call/sip endpoint
-            from activecall.call.sip_call import SipCalls, SipConnector
-            from activecall.media.rtp import PortPool
+        self.http_service = build_http_service(config, self.http_site)
+        # Start order; shutdown stops them one by one in reverse: calls end (BYE, CDRs flushed)
+        # while HTTP still answers, then HTTP closes, then WebRTC peer connections left open
+        # close, then the SIP stack (see build_sip), and the ASR workers stop last.
+        children = [speech.asr_workers, *(self.sip.services if self.sip else ()), self.webrtc,
+                    self.http_service, CallsService(self.call_manager)]
+        for child in children:
+            child.setServiceParent(self)
 
-            self.rtp_ports = PortPool(reactor, config.rtp_start_port, config.rtp_end_port,
-                                      interface=config.rtp_bind_ip or config.addr)
-            self.sip_calls = SipCalls(config, self.user_agent, self.call_manager, self.media_clock,
-                                      self.rtp_ports, reactor, metrics=self.metrics)
-            self.user_agent.invite_handler = self.sip_calls.on_invite
-            self.call_manager.sip_calls = self.sip_calls  # for refer (B2BUA) from any call type
-            from activecall.api.originate import OriginateCall
+    @property
+    def sip_transport(self):
+        return self.sip.transport if self.sip else None
 
-            self.api.guarded[b"api"].wrapped.putChild(b"calls", OriginateCall(self.sip_calls))
-            self.api.call.putChild(b"sip", endpoint_resource(
-                self.call_manager, "sip",
-                lambda session, proto: SipConnector(session, proto, self.sip_calls), "/call/sip",
-            ))
-        # -- end of the SIP block ------------------------------------------------------------
-        # -- WebRTC (issue 6): /call/webrtc over aiortc, and the browser console at / --------
-        # PeerConnections is added before HTTP and the calls service, so on shutdown it stops
-        # after every call has ended and closes any peer connection still open; its own
-        # ``before shutdown`` trigger also closes them if the grace period runs out (an open
-        # aiortc peer connection would hang the process at exit).
-        from activecall.api.rest import install_console
-        from activecall.webrtc.leg import PeerConnections, WebRTCConnector
+    @property
+    def user_agent(self):
+        return self.sip.user_agent if self.sip else None
 
-        self.webrtc = PeerConnections(reactor, grace=config.graceful_shutdown_timeout)
-        self.webrtc.setServiceParent(self)
-        self.api.call.putChild(b"webrtc", endpoint_resource(
-            self.call_manager, "webrtc",
-            lambda session, proto: WebRTCConnector(session, proto, self.media_clock, config, self.webrtc),
-            "/call/webrtc",
-        ))
-        install_console(self.http_site.root)
-        # -- end of the WebRTC block ---------------------------------------------------------
-        host, port = config.http_host_port
-        self.http_service = internet.TCPServer(port, self.http_site, interface=host)
-        self.http_service.setName("http")
-        self.http_service.config_key = "http_addr"
-        self.http_service.setServiceParent(self)
-        # added after http, so on shutdown calls end (BYE, CDRs flushed) before HTTP closes
-        CallsService(self.call_manager).setServiceParent(self)
+    @property
+    def sip_registration(self):
+        return self.sip.registration if self.sip else None
+
+    @property
+    def sip_calls(self):
+        return self.sip.calls if self.sip else None
+
+    @property
+    def rtp_ports(self):
+        return self.sip.rtp_ports if self.sip else None
 
     # -- twistd integration ---------------------------------------------------
 
@@ -190,9 +316,8 @@ class ActiveCallService(service.MultiService):
         # after-startup: signal handlers are installed by then, so SIGTERM is graceful
         when_running = getattr(self.reactor, "callWhenRunning", lambda f: f())  # task.Clock has none
         when_running(self._ready)
-        if self.config.call:  # SIP block: --call places one outbound call once started
-            if self.user_agent is not None:
-                self.sip_calls.place_cli_call(self.config.call)
+        if self.config.call and self.sip is not None:  # --call places one outbound call once started
+            self.sip.calls.place_cli_call(self.config.call)
 
     def _ready(self):
         if self.freeze_gc:
@@ -244,10 +369,7 @@ class ActiveCallService(service.MultiService):
         self.pending_playbooks.clear()
         self.media_clock.close()  # every call has ended; its timerfd goes
         log.info("activecall stopped")
-        # twistd re-raises the signal that stopped it so the exit status says
-        # "killed by SIGTERM"; a completed graceful shutdown is a clean exit 0.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
+        exit_cleanly_after_signal(self.reactor)
 
     # -- status ----------------------------------------------------------------------
 
@@ -272,7 +394,7 @@ class ActiveCallService(service.MultiService):
                 {"account": account, **state} for account, state in sorted(self.registrations.items())
             ],
             # leak indicators: both return to their idle values when every call has ended
-            "rtp_ports_in_use": self.rtp_ports.in_use if getattr(self, "rtp_ports", None) else 0,
+            "rtp_ports_in_use": self.rtp_ports.in_use if self.rtp_ports else 0,
             "media_clock_legs": len(self.media_clock),
         }
 

@@ -206,7 +206,8 @@ _WIRE_SPECS: dict[type, tuple] = {}
 def _wire_spec(cls) -> tuple:
     """``(type hints, fields by wire name, has other_keys)`` of ``cls``, once per class:
     ``typing.get_type_hints`` evaluates every annotation string again on each call, and a
-    playbook-routed SIP call builds its CallOption from a dict (it was 9 % of a call's CPU)."""
+    playbook-routed SIP call builds its CallOption from a dict, so that showed in every call's profile
+    (docs/benchmarks.md)."""
     spec = _WIRE_SPECS.get(cls)
     if spec is None:
         fields = dataclasses.fields(cls)

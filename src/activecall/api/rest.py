@@ -528,8 +528,12 @@ class ApiResources:
 
 
 def install_api(root: resource.Resource, config, calls: ActiveCalls, pending_playbooks: PendingPlaybooks,
-                run=threads.deferToThread, new_id: Callable[[], str] = new_session_id) -> ApiResources:
-    """Put the REST routes under ``root`` (the Site's root resource), each behind the token."""
+                run=threads.deferToThread, new_id: Callable[[], str] = new_session_id,
+                api_children: Optional[dict] = None) -> ApiResources:
+    """Put the REST routes under ``root`` (the Site's root resource), each behind the token.
+
+    ``api_children`` (name -> resource) go under ``/api`` next to the built-in routes, behind the same
+    token: routes that exist only when another part runs (``calls`` -> ``OriginateCall`` with SIP)."""
     token = config.http_token
     cdr_root = config.callrecord.root if config.callrecord is not None else None
 
@@ -540,6 +544,8 @@ def install_api(root: resource.Resource, config, calls: ActiveCalls, pending_pla
     api.putChild(b"playbook", playbook)
     api.putChild(b"records", Records(config.recording.path, cdr_root, run))
     api.putChild(b"recordings", Recordings(config.recording.path))
+    for name, child in (api_children or {}).items():
+        api.putChild(name, child)
 
     kill = KillCall(calls, "status")
     call = CallRoutes(calls)

@@ -328,8 +328,8 @@ def _g711_blocks():
 
     The resampling matrices are banded (an output sample depends on one
     filter's width of inputs, 33 of the 352 rows), so the dense product does
-    ~10x the multiplications it needs; blocks of 32 columns do ~3x fewer and
-    measured 2-3x faster per leg."""
+    ~10x the multiplications it needs; blocks of 32 columns do ~3x fewer
+    (measured in docs/benchmarks.md)."""
     return tuple(_column_blocks(m, _PRODUCT_BLOCK) for m in _g711_matrices())
 
 
@@ -361,8 +361,8 @@ def _one(code, data):
 
 
 #: legs coded per matrix product: 256 rows of the float32 input (360 KB) stay in a core's L2
-#: cache through the banded product's passes; 1000 rows at once measured 1.5 us per leg and
-#: direction against 0.8-1.05 us in slices of 128-512
+#: cache through the banded product's passes, where all 1000 rows of a big tick at once do not
+#: (measured in docs/benchmarks.md)
 BATCH_ROWS = 256
 
 

@@ -300,8 +300,8 @@ class RtpLeg(RtpLegCore):
         """Connect the RTP socket to ``remote_rtp``, which just sent us media.
 
         From then on the kernel drops strangers' datagrams and the hot path can
-        ``send``/``recv`` without an address (1.5–2 µs less per leg and tick in
-        the 1000-leg bench: docs/media.md).  What queued before the connect may still come
+        ``send``/``recv`` without an address (cheaper per leg and tick:
+        docs/media.md, "Connected sockets").  What queued before the connect may still come
         from anyone, so reads keep checking the source until the ticker has seen
         the socket empty (``queue_checked``).  ``rtcp_tick`` dissolves the
         association when the source goes quiet, so latching can follow a NAT

@@ -4,9 +4,8 @@ Why: the asyncio event loop sleeps in ``epoll_wait`` with a timeout in whole
 milliseconds, rounded up, and Twisted's reactor on top of it keeps its own
 timers in ``time.time()`` while asyncio's are ``time.monotonic()``; a wake-up a
 hair before a Twisted timer is due therefore sleeps another whole millisecond.
-Measured in the 1000-leg RTP bench, the media clock woke 0.9 ms late at the
-median and 2.2 ms at p99, and that lateness went straight into every packet's
-send time.  A timerfd becomes readable at its deadline (nanosecond resolution,
+That lateness went straight into every packet's send time (measured in
+docs/media.md, "clock.py").  A timerfd becomes readable at its deadline (nanosecond resolution,
 the kernel's timer slack of ~50 µs), so the poll that waits on it returns then,
 whatever its own timeout says.
 

@@ -83,7 +83,8 @@ _PLAYBOOK_CACHE: dict = {}
 
 def _load_cached(path: str) -> Playbook:
     """Parse a playbook file once per (mtime, size): every call of a busy route shares it
-    (parsing cost 13 % of a call's CPU at 150 calls/s); an edited file is parsed again."""
+    (parsing per call was a large share of a call's CPU: docs/benchmarks.md); an edited file is
+    parsed again."""
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
     playbook = _PLAYBOOK_CACHE.get(key)

@@ -1,4 +1,4 @@
-"""The one test for "a number" in SIP and SDP text (issue 18).
+"""The one test for "a number" in SIP and SDP text.
 
 ``str.isdigit()`` also accepts ``'²'`` (which ``int()`` refuses: ValueError) and ``'٥'`` (which
 ``int()`` reads as 5); a peer's number is ASCII digits or it is malformed.  No imports: both

@@ -821,7 +821,7 @@ class Response(Message):
 
 #: how the wire's bytes become text and back: a byte that is not UTF-8 becomes a lone surrogate
 #: (U+DC80-U+DCFF) and turns back into the same byte when serialised, so a response echoes a
-#: request's Via, From, To and Call-ID byte for byte (issue 18); such text is never ASCII, so a
+#: request's Via, From, To and Call-ID byte for byte; such text is never ASCII, so a
 #: Request-URI or a URI in From/To/Contact holding one is refused like any non-ASCII URI
 WIRE_ERRORS = "surrogateescape"
 
@@ -883,7 +883,7 @@ def parse_message(data: bytes, stream: bool = False) -> Union[Request, Response]
     those are answered 501, 416 and 505 by the transaction user and layer.
 
     Every malformed input is refused deliberately with ``SIPParseError``; there is no catch-all that
-    turns an internal error into one (issue 18: it hid bugs).  The transport still guards the
+    turns an internal error into one (that hid bugs as malformed input).  The transport still guards the
     reactor against a parser bug (``TransportManager._incoming``).
     """
     if len(data) > MAX_MESSAGE_SIZE:
@@ -994,7 +994,7 @@ def _check_request(msg: "Request", uri_text: Optional[str], start_error: Optiona
         for contact in headers.get_all("Contact"):
             _cached_address.check(contact)
         # a dialog's route set and the next hop come from these (RFC 3261 §12.1.1, §16.12): a
-        # bad one is refused here, not when our BYE is built from it much later (issue 18)
+        # bad one is refused here, not when our BYE is built from it much later
         for name in ("Record-Route", "Route"):
             for route in headers.get_all(name):
                 if _cached_address(route).uri is None:

@@ -791,7 +791,7 @@ class TransactionLayer:
             self.tu.request_received(request, txn)
         except SIPParseError as e:
             # a header the parser does not check (Refer-To, Session-Expires, ...) read by the TU:
-            # the request is malformed, answered 400 with a short reason (issue 18); not logged
+            # the request is malformed, answered 400 with a short reason; not logged
             # per request, the transport's rate-limited log is for what cannot be parsed at all
             if not txn.final_sent:
                 txn.respond(400, bad_request_reason(e.reason))

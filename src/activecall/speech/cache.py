@@ -9,7 +9,7 @@ cancelled or failed one leaves nothing behind.
 
 The most recently used entries are also kept in memory (``memory_bytes``, 16 MB by
 default): a busy route speaks the same greeting on every call, and reading it back
-from disk (open, read, utime) cost ~4 % of such a call's CPU.  An entry's content
+from disk (open, read, utime) on every call showed in its profile (docs/benchmarks.md).  An entry's content
 never changes for its key, so the memory copy needs no checking; the file's mtime is
 still touched, at most once a minute, so the directory's LRU order stays right.
 """

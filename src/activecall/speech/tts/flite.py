@@ -91,9 +91,9 @@ _RECHECK = 10.0  # seconds a found program is trusted without looking at it agai
 
 
 def _which(name: str) -> Optional[str]:
-    """``shutil.which``, remembered once found: a synthesiser is made per call and the PATH scan
-    cost 3 % of a playbook call's CPU (an ``access`` check per call still 1.5 %).  A program found
-    is checked again after ``_RECHECK`` seconds; one not found yet is looked for every time."""
+    """``shutil.which``, remembered once found: a synthesiser is made per call, and a PATH scan (or
+    even one ``access`` check) per call showed in a playbook call's profile (docs/benchmarks.md).
+    A program found is checked again after ``_RECHECK`` seconds; one not found yet is looked for every time."""
     now = time.monotonic()
     known = _FOUND.get(name)
     if known is not None and now - known[0] < _RECHECK:

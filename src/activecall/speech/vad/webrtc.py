@@ -1,7 +1,7 @@
 """webrtcvad (package ``webrtcvad-wheels``): the GMM VAD from WebRTC.
 
-About 3 µs per 30 ms frame (RTF ~0.0001), so it runs inline on the reactor:
-a thread hop would cost more than the work.  Its decisions are binary, so
+Microseconds per 30 ms frame (docs/speech.md), so it runs inline on the
+reactor: a thread hop would cost more than the work.  Its decisions are binary, so
 ``voiceThreshold`` has no effect; ``mode`` (0..3) sets the aggressiveness.
 """
 
