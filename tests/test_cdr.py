@@ -13,9 +13,9 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from activecall.api.commands import CallOption
 from activecall.call import cdr
 from activecall.config import CallRecord as CallRecordSection
+from activecall.protocol.commands import CallOption
 from tests.helpers import free_port
 
 START = datetime(2025, 3, 4, 5, 6, 7, 123000, tzinfo=timezone.utc)

@@ -21,11 +21,11 @@ PACKAGE = "activecall"
 #: lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS = (
     ("base", ("activecall", "activecall.logs", "activecall.metrics", "activecall.config", "activecall.audio")),
-    ("wire", ("activecall.api.events", "activecall.api.commands")),
+    ("wire", ("activecall.protocol",)),
     ("media, sip, speech", ("activecall.media", "activecall.sip", "activecall.speech")),
     ("call", ("activecall.call", "activecall.webrtc")),
     ("playbook", ("activecall.playbook",)),
-    ("api", ("activecall.api",)),
+    ("web", ("activecall.web",)),
     ("composition root", ("activecall.service", "activecall.tap", "activecall.cli")),
 )
 

@@ -13,8 +13,6 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from zope.interface.verify import verifyObject
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.session import CallSession
 from activecall.config import load_config
 from activecall.media.tracks import FRAME_SAMPLES
@@ -26,6 +24,8 @@ from activecall.playbook.llm_strategy import LlmTurns
 from activecall.playbook.runner import PlaybookRunner
 from activecall.playbook.start import playbook_call_option, start_playbook
 from activecall.playbook.strategy import ITurnStrategy
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 T0 = 1_700_000_000
 

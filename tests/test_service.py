@@ -9,10 +9,10 @@ from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
-from activecall.api.site import path_skipped
 from activecall.config import load_config
 from activecall.logs import make_observer
 from activecall.service import ActiveCallService
+from activecall.web.site import path_skipped
 
 
 class Recorder(service.Service):

@@ -20,9 +20,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from activecall import __version__
-from activecall.api.rest import SessionTable, install_api
-from activecall.api.site import build_site
-from activecall.api.ws import endpoint_resource
+from activecall.web.rest import SessionTable, install_api
+from activecall.web.site import build_site
+from activecall.web.ws import endpoint_resource
 from activecall.call.handlers import PendingPlaybooks
 from activecall.call.manager import CallManager
 from activecall.call.speech import attach_processors, synthesizer_factory
@@ -131,7 +131,7 @@ class ActiveCallService(service.MultiService):
                                       self.rtp_ports, reactor, metrics=self.metrics)
             self.user_agent.invite_handler = self.sip_calls.on_invite
             self.call_manager.sip_calls = self.sip_calls  # for refer (B2BUA) from any call type
-            from activecall.api.originate import OriginateCall
+            from activecall.web.originate import OriginateCall
 
             self.api.guarded[b"api"].wrapped.putChild(b"calls", OriginateCall(self.sip_calls))
             self.api.call.putChild(b"sip", endpoint_resource(
@@ -144,7 +144,7 @@ class ActiveCallService(service.MultiService):
         # after every call has ended and closes any peer connection still open; its own
         # ``before shutdown`` trigger also closes them if the grace period runs out (an open
         # aiortc peer connection would hang the process at exit).
-        from activecall.api.rest import install_console
+        from activecall.web.rest import install_console
         from activecall.webrtc.leg import PeerConnections, WebRTCConnector
 
         self.webrtc = PeerConnections(reactor, grace=config.graceful_shutdown_timeout)

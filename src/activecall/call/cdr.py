@@ -33,9 +33,9 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from activecall.api.commands import redact
-from activecall.api.events import WireObject, to_wire
 from activecall.filenames import safe_file_part  # re-exported: callers import it from here too
+from activecall.protocol.commands import redact
+from activecall.protocol.events import WireObject, to_wire
 
 log = Logger(namespace="activecall.cdr")
 

@@ -23,9 +23,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from activecall.api.events import rfc3339
 from activecall.config import PlaybookHandler as PlaybookHandlerConfig
 from activecall.config import WebhookHandler as WebhookHandlerConfig
+from activecall.protocol.events import rfc3339
 
 log = Logger(namespace="activecall.handlers")
 

@@ -18,13 +18,13 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.cdr import CallDetailRecord, RecorderFile
 from activecall.call.playback import Playback, SynthesisUnavailable
 from activecall.filenames import safe_file_part
 from activecall.media.recorder import BOT, CALLER, WavRecorder, recording_path
 from activecall.media.tracks import MediaLoader
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.session")
 
@@ -519,7 +519,7 @@ class CallSession:
         return int((self.end_time - self.answer_time).total_seconds() * 1000)
 
     def summary(self):
-        from activecall.api.rest import CallSummary
+        from activecall.web.rest import CallSummary
 
         return CallSummary(
             id=self.id, callType=self.call_type, option=self.option,

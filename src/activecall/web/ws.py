@@ -19,8 +19,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet import task
 from twisted.logger import Logger
 
-from activecall.api import events as ev
 from activecall.call.manager import DuplicateSession
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.ws")
 

@@ -23,10 +23,10 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import resource, server, static
 
-from activecall.api.commands import redact
-from activecall.api.events import json_text, rfc3339
 from activecall.call.cdr import write_atomically
 from activecall.call.handlers import PendingPlaybook, PendingPlaybooks, PlaybookNameError, check_file_name
+from activecall.protocol.commands import redact
+from activecall.protocol.events import json_text, rfc3339
 
 log = Logger(namespace="activecall.api")
 
