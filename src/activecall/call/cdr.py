@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from activecall.atomicfile import write_batch
 from activecall.filenames import safe_file_part  # re-exported: callers import it from here too
+from activecall.httpclient import default_http_client
 from activecall.protocol.commands import redact
 from activecall.protocol.events import WireObject, to_wire
 
@@ -160,14 +161,6 @@ class LocalCdrWriter:
 
 
 # -- http upload ------------------------------------------------------------------------------------
-
-
-def default_http_client(reactor):
-    """A treq client without persistent connections (nothing lingers after a call)."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
 
 class UploadError(Exception):

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from activecall.config import PlaybookHandler as PlaybookHandlerConfig
 from activecall.config import WebhookHandler as WebhookHandlerConfig
+from activecall.httpclient import default_http_client
 from activecall.protocol.events import rfc3339
 
 log = Logger(namespace="activecall.handlers")
@@ -378,14 +379,6 @@ def webhook_decision(body: bytes, invite: IncomingInvite, playbook_dir: str) -> 
 def _timed_out(result, timeout):
     """Whatever the cancelled request failed with (treq wraps it), call it a timeout."""
     return Failure(defer.TimeoutError(f"no answer within {timeout}s"))
-
-
-def default_http_client(reactor):
-    """treq without persistent connections (a webhook per INVITE, nothing lingers)."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
 
 class WebhookInviteHandler:

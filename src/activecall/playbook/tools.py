@@ -29,7 +29,7 @@ MAX_HTTP_BODY = 4000
 def _default_http_client():
     from twisted.internet import reactor
 
-    from activecall.call.handlers import default_http_client
+    from activecall.httpclient import default_http_client
 
     return default_http_client(reactor)
 
