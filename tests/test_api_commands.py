@@ -7,8 +7,8 @@ import json
 
 from twisted.trial import unittest
 
-from activecall.api import commands as c
-from activecall.api import events as ev
+from activecall.protocol import commands as c
+from activecall.protocol import events as ev
 
 
 def parse(obj) -> c.Command:

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from twisted.internet import task
 from twisted.trial import unittest
 
-from activecall.api import events as ev
+from activecall.protocol import events as ev
 
 
 class SerialisationTests(unittest.TestCase):

@@ -13,9 +13,10 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from activecall.api.commands import CallOption
+from activecall import atomicfile
 from activecall.call import cdr
 from activecall.config import CallRecord as CallRecordSection
+from activecall.protocol.commands import CallOption
 from tests.helpers import free_port
 
 START = datetime(2025, 3, 4, 5, 6, 7, 123000, tzinfo=timezone.utc)
@@ -136,7 +137,7 @@ class LocalWriterTests(unittest.TestCase):
 
     def test_a_failed_write_leaves_the_old_file_and_no_temp(self):
         path = os.path.join(self.root, "x.json")
-        cdr.write_atomically(path, b"old")
+        atomicfile.write_atomically(path, b"old")
         real_fsync = os.fsync
 
         def broken(fd):
@@ -144,7 +145,7 @@ class LocalWriterTests(unittest.TestCase):
 
         os.fsync = broken
         try:
-            self.assertRaises(OSError, cdr.write_atomically, path, b"new")
+            self.assertRaises(OSError, atomicfile.write_atomically, path, b"new")
         finally:
             os.fsync = real_fsync
         with open(path, "rb") as f:
@@ -168,7 +169,7 @@ class LocalWriterTests(unittest.TestCase):
 
         os.fsync = watching
         try:
-            self.assertEqual(cdr.write_batch(items), [None, None, None])
+            self.assertEqual(atomicfile.write_batch(items), [None, None, None])
         finally:
             os.fsync = real_fsync
         self.assertEqual(len(seen), 3)
@@ -178,7 +179,7 @@ class LocalWriterTests(unittest.TestCase):
 
     def test_a_large_batch_is_written_in_slices_of_bounded_open_files(self):
         os.makedirs(self.root)
-        self.patch(cdr, "BATCH_FILES", 2)
+        self.patch(atomicfile, "BATCH_FILES", 2)
         items = [(os.path.join(self.root, f"{n}.json"), n.encode()) for n in "abcde"]
         open_temps = []
         real_fsync = os.fsync
@@ -188,7 +189,7 @@ class LocalWriterTests(unittest.TestCase):
             return real_fsync(fd)
 
         self.patch(os, "fsync", watching)
-        self.assertEqual(cdr.write_batch(items), [None] * 5)
+        self.assertEqual(atomicfile.write_batch(items), [None] * 5)
         self.assertLessEqual(max(open_temps), 2)
         self.assertEqual(sorted(os.listdir(self.root)), [f"{n}.json" for n in "abcde"])
 
@@ -226,7 +227,7 @@ class LocalWriterTests(unittest.TestCase):
             pass  # a file where the day directory should be: that record cannot be written
         writer = cdr.LocalCdrWriter(self.root, tz=timezone.utc, run=sync_run)
         other = cdr.LocalCdrWriter(os.path.join(self.root, "ok"), tz=timezone.utc, run=sync_run)
-        results = cdr.write_batch([(writer.path_for(make_record()), b"x"),
+        results = atomicfile.write_batch([(writer.path_for(make_record()), b"x"),
                                    (other.path_for(make_record()), b"y")])
         self.assertIsInstance(results[0], OSError)
         self.assertIsNone(results[1])

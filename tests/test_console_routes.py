@@ -7,7 +7,7 @@ import os
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from activecall.api import rest
+from activecall.web import rest
 from tests.test_rest import RestTestBase
 
 TOKEN = "console-secret"

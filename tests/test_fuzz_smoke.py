@@ -63,7 +63,7 @@ def bad_records(report, where=None, exclude=()):
 
 
 KNOWN_RTP = r"activecall/media/rtp_leg\.py:\d+, in _send(_rtcp)?$"  # the RTP/RTCP send path
-KNOWN_CDR = r"activecall/call/cdr\.py:\d+, in write_batch$"  # a long Call-ID in the CDR file name
+KNOWN_CDR = r"activecall/atomicfile\.py:\d+, in write_batch$"  # a long Call-ID in the CDR file name
 
 
 class InProcessFuzzTests(unittest.TestCase):

@@ -12,8 +12,6 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from zope.interface.verify import verifyObject
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.session import CallSession
 from activecall.config import load_config
 from activecall.playbook import tags
@@ -27,6 +25,8 @@ from activecall.playbook.strategy import ITurnStrategy
 from activecall.testing import FakeConnector as ReferConnector
 from activecall.testing import FakeSynthesizer as FakeSynth  # 3 frames (60 ms) per text
 from activecall.testing import advance_frames
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 T0 = 1_700_000_000
 

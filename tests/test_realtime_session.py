@@ -12,8 +12,6 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.realtime_session import (
     IRealtimeController, RealtimeProcessor, attach_realtime, realtime_controller)
 from activecall.call.session import CallSession, CallState
@@ -26,6 +24,8 @@ from activecall.playbook.strategy import ITurnStrategy
 from activecall.testing import FakeConnector as Connector
 from activecall.testing import FakeSynthesizer as FakeSynth
 from activecall.testing import advance_frames
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 T0 = 1_700_000_000
 

@@ -13,11 +13,11 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from activecall.api import rest
-from activecall.api.commands import CallOption
 from activecall.call.cdr import CallDetailRecord, LocalCdrWriter
 from activecall.call.handlers import PendingPlaybook, PendingPlaybooks
 from activecall.config import CallRecord, Config, IceServer, Recording
+from activecall.protocol.commands import CallOption
+from activecall.web import rest
 
 
 class FakeCalls:

@@ -14,11 +14,11 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from activecall.api.site import path_skipped
 from activecall.config import load_config
 from activecall.logs import make_observer
-from activecall.api.rest import Unauthorized
+from activecall.web.rest import Unauthorized
 from activecall.service import ActiveCallService, exit_cleanly_after_signal
+from activecall.web.site import path_skipped
 
 
 class Recorder(service.Service):
@@ -241,7 +241,7 @@ class HTTPResourceTests(unittest.TestCase):
     def test_api_children_are_behind_the_token(self):
         from twisted.web import resource
 
-        from activecall.api.rest import install_api
+        from activecall.web.rest import install_api
         from activecall.call.handlers import PendingPlaybooks
 
         cfg, _ = load_config(None, None)

@@ -10,14 +10,15 @@ import numpy as np
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.cdr import LocalCdrWriter
 from activecall.call.playback import SynthesisUnavailable
 from activecall.call.session import CallSession, CallState
 from activecall.config import load_config
 from activecall.media.tracks import FRAME_SAMPLES
 from activecall.testing import FakeSynthesizer as FakeSynth  # frames per text at once, or held
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
+
 
 
 def immediate(f, *a, **kw):

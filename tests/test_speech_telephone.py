@@ -77,7 +77,7 @@ class AttachOnG711LegTests(unittest.TestCase):
 
         from twisted.internet import task
 
-        from activecall.api import commands as cmd
+        from activecall.protocol import commands as cmd
         from activecall.call import speech as call_speech
         from activecall.call.session import CallSession
         from activecall.config import load_config

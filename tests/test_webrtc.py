@@ -17,11 +17,11 @@ from aiortc.rtp import RtpPacket
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from activecall.api.rest import recording_file
+from activecall.web.rest import recording_file
 from activecall.webrtc.candidates import advertise_external_ip, candidate_addresses, strip_ipv6_candidates
 from activecall.webrtc.leg import (FrameChunker, PeerConnections, as_deferred, codec_preferences,
                                     handshake_seconds, pcm_frame)
-from activecall.api import commands as cmd
+from activecall.protocol import commands as cmd
 from activecall.media.dtmf import build_payload
 from activecall.testing import FakeLeg
 from tests.helpers import MIN_WAIT, free_port, spawn_daemon, write_config

@@ -10,11 +10,11 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from activecall.api.ws import endpoint_resource
 from activecall.call.manager import CallManager
 from activecall.call.websocket_call import WebSocketConnector
 from activecall.config import CallRecord, load_config
 from activecall.testing import ManualMediaClock
+from activecall.web.ws import endpoint_resource
 from tests.wsclient import connect, send_json
 
 

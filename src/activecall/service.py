@@ -24,9 +24,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from activecall import __version__
-from activecall.api.rest import SessionTable, install_api
-from activecall.api.site import build_site
-from activecall.api.ws import endpoint_resource
+from activecall.web.rest import SessionTable, install_api
+from activecall.web.site import build_site
+from activecall.web.ws import endpoint_resource
 from activecall.call.cdr import writer_for
 from activecall.call.handlers import PendingPlaybooks
 from activecall.call.manager import CallManager
@@ -191,7 +191,7 @@ def build_api_children(sip: Optional[SipStack]) -> dict:
     """The routes under ``/api`` that exist only with another part: ``POST /api/calls`` with SIP."""
     if sip is None:
         return {}
-    from activecall.api.originate import OriginateCall
+    from activecall.web.originate import OriginateCall
 
     return {b"calls": OriginateCall(sip.calls)}
 
@@ -201,7 +201,7 @@ def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_m
     """The twisted.web Site: /health, /metrics, the REST API, the /call endpoints and the console.
 
     Returns ``(site, api)``; ``api`` is what ``install_api`` made (``api.call`` is ``/call``)."""
-    from activecall.api.rest import install_console
+    from activecall.web.rest import install_console
 
     site = build_site(health, metrics, skip_paths=config.http_access_skip_paths, on_metrics=on_metrics)
     api = install_api(site.root, config, SessionTable(sessions), pending_playbooks, api_children=api_children)

@@ -17,11 +17,11 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.media.rtp import PortsExhausted
 from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
 from activecall.media.tracks import PcmBuffer, Track
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.call.bridge")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
@@ -33,9 +32,11 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from activecall.api.commands import redact
-from activecall.api.events import WireObject, to_wire
+from activecall.atomicfile import write_batch
 from activecall.filenames import safe_file_part  # re-exported: callers import it from here too
+from activecall.httpclient import default_http_client
+from activecall.protocol.commands import redact
+from activecall.protocol.events import WireObject, to_wire
 
 log = Logger(namespace="activecall.cdr")
 
@@ -90,87 +91,6 @@ class CallDetailRecord(WireObject):
 
 
 # -- local files --------------------------------------------------------------------------------
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename (then fsync the directory)."""
-    error = write_batch([(path, data)])[0]
-    if error is not None:
-        raise error
-
-
-BATCH_FILES = 64  # temp files held open by one write_batch slice
-
-
-def write_batch(items: Sequence[tuple[str, bytes]]) -> list[Optional[BaseException]]:
-    """``write_atomically`` for several files at once: every file is written to a temp file, then
-    every temp file is fsynced, then each is renamed, then each directory is fsynced once.  Writing
-    them all before the first fsync lets the file system commit the whole batch in one journal
-    transaction (on ext4 the later fsyncs find their inodes already committed), where write-fsync
-    per file cost one commit each.  At most ``BATCH_FILES`` files are open at once (a backlog after
-    a stall is written in slices).  Returns one entry per item: None, or the exception that stopped
-    that item (the others are still written)."""
-    if len(items) > BATCH_FILES:
-        return [result for start in range(0, len(items), BATCH_FILES)
-                for result in write_batch(items[start:start + BATCH_FILES])]
-    results: list[Optional[BaseException]] = [None] * len(items)
-    written: list[tuple[int, int, str, str]] = []
-    for i, (path, data) in enumerate(items):
-        directory = os.path.dirname(path) or "."
-        fd = tmp = None
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            written.append((i, fd, tmp, path))
-        except Exception as e:
-            results[i] = e
-            _discard(fd, tmp)
-    renamed: list[tuple[int, str, str]] = []
-    for i, fd, tmp, path in written:
-        try:
-            os.fsync(fd)
-            os.close(fd)
-            renamed.append((i, tmp, path))
-        except Exception as e:
-            results[i] = e
-            _discard(fd, tmp)
-    directories = set()
-    for i, tmp, path in renamed:
-        try:
-            os.replace(tmp, path)
-            directories.add(os.path.dirname(path) or ".")
-        except Exception as e:
-            results[i] = e
-            _discard(None, tmp)
-    for directory in directories:
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
-    return results
-
-
-def _discard(fd: Optional[int], tmp: Optional[str]) -> None:
-    """Close and remove a temp file that will not be renamed (errors ignored: it is already lost)."""
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    if tmp is not None:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
 
 class LocalCdrWriter:
     """``type = "local"``: one JSON file per call under ``root``.
@@ -241,14 +161,6 @@ class LocalCdrWriter:
 
 
 # -- http upload ------------------------------------------------------------------------------------
-
-
-def default_http_client(reactor):
-    """A treq client without persistent connections (nothing lingers after a call)."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
 
 class UploadError(Exception):

@@ -23,10 +23,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from activecall.api.events import rfc3339
 from activecall.config import PlaybookHandler as PlaybookHandlerConfig
 from activecall.config import WebhookHandler as WebhookHandlerConfig
 from activecall.sip.uas import IncomingInvite  # the SIP layer fills it in
+from activecall.httpclient import default_http_client
+from activecall.protocol.events import rfc3339
 
 log = Logger(namespace="activecall.handlers")
 
@@ -365,14 +366,6 @@ def webhook_decision(body: bytes, invite: IncomingInvite, playbook_dir: str) -> 
 def _timed_out(result, timeout):
     """Whatever the cancelled request failed with (treq wraps it), call it a timeout."""
     return Failure(defer.TimeoutError(f"no answer within {timeout}s"))
-
-
-def default_http_client(reactor):
-    """treq without persistent connections (a webhook per INVITE, nothing lingers)."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
 
 class WebhookInviteHandler:

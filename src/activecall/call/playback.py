@@ -26,8 +26,8 @@ import numpy as np
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import events as ev
 from activecall.media.tracks import FileTrack, MediaLoader, Track, TrackError, TtsTrack
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.playback")
 

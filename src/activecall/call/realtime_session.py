@@ -43,10 +43,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.audio import FRAME_SAMPLES
 from activecall.media.tracks import TtsTrack
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 from activecall.speech.base import SpeechError
 from activecall.speech.realtime_openai import RealtimeClient, RealtimeHandler, RealtimeSettings
 

@@ -12,23 +12,43 @@ from __future__ import annotations
 import enum
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.cdr import CallDetailRecord, RecorderFile
 from activecall.call.playback import Playback, SynthesisUnavailable
 from activecall.filenames import safe_file_part
 from activecall.media.recorder import BOT, CALLER, WavRecorder, recording_path
 from activecall.media.tracks import MediaLoader
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.session")
 
 SERVER_SIDE_TRACK = "server-side-track"
+
+
+@dataclass(frozen=True)
+class CallSummary:
+    """One active call as /list shows it.  ``startTime`` is the answer time (as the original)."""
+
+    id: str
+    callType: str  # webSocket / webrtc / sip / b2bua
+    option: Any = None  # CallOption or dict; redacted on output
+    ringTime: Optional[str] = None
+    startTime: Optional[str] = None
+    locked: bool = False
+
+    def to_dict(self) -> dict:
+        if self.locked:
+            return {"id": self.id, "callType": self.callType, "status": "locked"}
+        return {"id": self.id, "callType": self.callType,
+                "cs.option": cmd.redact(self.option) if self.option is not None else None,
+                "ringTime": self.ringTime, "startTime": self.startTime}
 
 
 class CallState(enum.Enum):
@@ -518,9 +538,7 @@ class CallSession:
             return 0
         return int((self.end_time - self.answer_time).total_seconds() * 1000)
 
-    def summary(self):
-        from activecall.api.rest import CallSummary
-
+    def summary(self) -> CallSummary:
         return CallSummary(
             id=self.id, callType=self.call_type, option=self.option,
             ringTime=ev.rfc3339(self.ring_time) if self.ring_time else None,

@@ -19,12 +19,12 @@ import dataclasses
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call import handlers
 from activecall.call.manager import start_playbook
 from activecall.media.rtp import PortsExhausted
 from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 from activecall.sip import sdp as sdp_mod
 from activecall.sip.call_events import (
     CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,

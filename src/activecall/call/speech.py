@@ -19,9 +19,9 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import events as ev
 from activecall.call.playback import SynthesisUnavailable
 from activecall.call.realtime_session import attach_realtime, realtime_controller
+from activecall.protocol import events as ev
 from activecall.speech import registry
 from activecall.speech.base import (
     AsrResult, SilenceTimeout, SpeechEnded, SpeechError, SpeechStarted,

@@ -16,8 +16,8 @@ from collections import deque
 import numpy as np
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
 from activecall.call.manager import start_playbook
+from activecall.protocol import commands as cmd
 
 log = Logger(namespace="activecall.call.websocket")
 

@@ -31,7 +31,6 @@ import numpy as np
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import events as ev
 from activecall.audio import FRAME_SAMPLES
 from activecall.media import codecs as codec_mod
 from activecall.media._rtpcore import RtpLegCore
@@ -45,6 +44,7 @@ from activecall.media.rtp_ticker import RtpTicker
 from activecall.media.srtp import (
     NoAcceptableCrypto, SrtpContext, SrtpError, answer_crypto, match_answer, offer_keys,
 )
+from activecall.protocol import events as ev
 from activecall.sip import sdp as sdp_mod
 
 log = Logger(namespace="activecall.media.rtp")

@@ -19,6 +19,7 @@ import numpy as np
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from activecall.atomicfile import write_atomically
 from activecall.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 
 log = Logger(namespace="activecall.media.tracks")
@@ -243,8 +244,6 @@ class MediaLoader:
 
     @defer.inlineCallbacks
     def _fetch(self, url: str):
-        from activecall.call.cdr import write_atomically
-
         path = cache_path_for_url(self.cache_dir, url)
         if os.path.isfile(path):
             return path

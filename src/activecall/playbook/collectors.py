@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
 from activecall.playbook import tags
+from activecall.protocol import commands as cmd
 
 log = Logger(namespace="activecall.playbook")
 

@@ -18,11 +18,12 @@ from treq.client import HTTPClient
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from activecall.httpclient import default_http_client
 from activecall.playbook.parser import DEFAULT_BASE_URL, DEFAULT_MODEL
 
 log = Logger()
@@ -432,7 +433,7 @@ class LLMClient:
         self.settings = settings
         self.clock = clock if clock is not None else reactor
         if http is None:
-            http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+            http = default_http_client(reactor)
         self.http = http
         self.url = chat_url(settings.base_url)
 

@@ -18,12 +18,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.playbook import prompts, tags
 from activecall.playbook.strategy import ITurnStrategy
 from activecall.playbook.templates import set_var
 from activecall.playbook.tools import apply_json_tools
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.playbook")
 

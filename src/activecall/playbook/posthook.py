@@ -9,9 +9,9 @@ import json
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import events as ev
 from activecall.playbook import prompts
 from activecall.playbook.tools import failure_text
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.playbook")
 

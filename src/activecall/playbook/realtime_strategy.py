@@ -33,10 +33,10 @@ from typing import Optional
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.realtime_session import IRealtimeController, goto_scene_tool
 from activecall.playbook.strategy import ITurnStrategy
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.playbook.realtime")
 

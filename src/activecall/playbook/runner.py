@@ -25,8 +25,6 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.call.session import CallState
 from activecall.playbook import tags
 from activecall.playbook.collectors import DigitCollector
@@ -38,6 +36,8 @@ from activecall.playbook.posthook import deliver_posthook
 from activecall.playbook.realtime_strategy import RealtimeTurns
 from activecall.playbook.templates import CallInfo, bye_headers, render, template_context
 from activecall.playbook.tools import HttpTools
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.playbook")
 

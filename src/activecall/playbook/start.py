@@ -14,13 +14,13 @@ from typing import Any, Optional
 
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
 from activecall.call.handlers import (
     PlaybookFile, PlaybookNameError, resolve_configured_playbook, resolve_playbook)
 from activecall.call.session import CallState
 from activecall.playbook import tags
 from activecall.playbook.parser import Playbook, PlaybookError, load_playbook, parse_playbook
 from activecall.playbook.runner import PlaybookRunner
+from activecall.protocol import commands as cmd
 
 log = Logger(namespace="activecall.playbook")
 

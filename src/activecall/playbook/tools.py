@@ -15,10 +15,10 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
 from activecall.call.session import CallState
 from activecall.playbook import tags
 from activecall.playbook.templates import set_var
+from activecall.protocol import commands as cmd
 
 log = Logger(namespace="activecall.playbook")
 
@@ -29,7 +29,7 @@ MAX_HTTP_BODY = 4000
 def _default_http_client():
     from twisted.internet import reactor
 
-    from activecall.call.handlers import default_http_client
+    from activecall.httpclient import default_http_client
 
     return default_http_client(reactor)
 

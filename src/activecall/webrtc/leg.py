@@ -37,11 +37,11 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from activecall.api import commands as cmd
-from activecall.api import events as ev
 from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
 from activecall.call.manager import start_playbook
 from activecall.config import parse_duration
+from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 from activecall.webrtc import dtmf
 from activecall.webrtc.candidates import advertise_external_ip, strip_ipv6_candidates
 

@@ -19,8 +19,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet import task
 from twisted.logger import Logger
 
-from activecall.api import events as ev
 from activecall.call.manager import DuplicateSession
+from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.ws")
 
@@ -66,7 +66,7 @@ class CallProtocol(WebSocketServerProtocol):
         except DuplicateSession as e:
             self.send_event(ev.Error(trackId=self.session_id, timestamp=ev.now_ms(factory.clock),
                                      sender="command", error=str(e), code=409))
-            self.sendClose(code=4009, reason="duplicate session id")
+            self._close(4009, "duplicate session id")
             return
         self.session.connector = factory.connector_for(self.session, self)
         self.session.when_ended().addCallback(lambda _: self._session_ended())
@@ -107,10 +107,14 @@ class CallProtocol(WebSocketServerProtocol):
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
 
-    def _session_ended(self):
+    def _close(self, code: int, reason: Optional[str] = None) -> None:
+        """Our end of the socket: stop pinging and send a close frame unless one came or went already."""
         self._stop_pinger()
         if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendClose(code=1000)
+            self.sendClose(code=code, reason=reason)
+
+    def _session_ended(self):
+        self._close(1000)
 
 
 class CallEndpointFactory(WebSocketServerFactory):

@@ -17,16 +17,16 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import resource, server, static
 
-from activecall.api.commands import redact
-from activecall.api.events import json_text, rfc3339
-from activecall.call.cdr import write_atomically
+from activecall.atomicfile import write_atomically
 from activecall.call.handlers import PendingPlaybook, PendingPlaybooks, PlaybookNameError, check_file_name
+from activecall.call.session import CallSummary
+from activecall.protocol.events import json_text, rfc3339
 
 log = Logger(namespace="activecall.api")
 
@@ -37,25 +37,6 @@ DEFAULT_ICE_SERVERS = (
 
 
 # -- what the resources need from the call layer ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CallSummary:
-    """One active call as /list shows it.  ``startTime`` is the answer time (as the original)."""
-
-    id: str
-    callType: str  # webSocket / webrtc / sip / b2bua
-    option: Any = None  # CallOption or dict; redacted on output
-    ringTime: Optional[str] = None
-    startTime: Optional[str] = None
-    locked: bool = False
-
-    def to_dict(self) -> dict:
-        if self.locked:
-            return {"id": self.id, "callType": self.callType, "status": "locked"}
-        return {"id": self.id, "callType": self.callType,
-                "cs.option": redact(self.option) if self.option is not None else None,
-                "ringTime": self.ringTime, "startTime": self.startTime}
 
 
 class ActiveCalls(Protocol):

@@ -15,9 +15,9 @@ import uuid
 
 from twisted.web import resource
 
-from activecall.api import commands as cmd
-from activecall.api.rest import send_json
-from activecall.api.events import WireError
+from activecall.protocol import commands as cmd
+from activecall.protocol.events import WireError
+from activecall.web.rest import send_json
 
 
 class OriginateCall(resource.Resource):

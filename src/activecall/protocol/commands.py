@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Optional, Union
 
-from activecall.api import events
-from activecall.api.events import WireError, WireObject
+from activecall.protocol import events
+from activecall.protocol.events import WireError, WireObject
 
 #: Text frames longer than this are refused (a base64 ``tts`` of ~30 s of 16 kHz PCM fits).
 MAX_COMMAND_BYTES = 1024 * 1024
