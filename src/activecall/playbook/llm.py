@@ -23,7 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from activecall.playbook.parser import DEFAULT_BASE_URL, DEFAULT_MODEL
+from activecall.playbook.front_matter import DEFAULT_BASE_URL, DEFAULT_MODEL
 
 log = Logger()
 
