@@ -122,6 +122,9 @@ def json_mismatch(hint, value, path: str) -> str:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return f"expected one of {', '.join(repr(m.value) for m in hint)}, got {value!r}"
     if origin in (list, tuple) or hint in (list, tuple):
+        args = typing.get_args(hint)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return f"expected an array of {len(args)} items, got {kind(value)}"
         return f"expected an array, got {kind(value)}"
     if hint in _TYPE_NAMES:
         return f"expected {_TYPE_NAMES[hint]}, got {kind(value)}"
