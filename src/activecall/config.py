@@ -11,17 +11,15 @@ some keys is fine: defaults fill the rest.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import os
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from activecall import __version__
+from activecall import __version__, typed
 
 DEFAULT_USERAGENT = f"activecall/{__version__}"
 
@@ -217,6 +215,89 @@ def _checked(check, **kw):
     return field(metadata={"check": check}, **kw)
 
 
+# -- the loader's rules: typed.py walks the sections; TOML's wording is here ----------------------------
+
+
+def _value_kind(v) -> str:
+    return {
+        str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+        list: "an array", dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+def _mismatch(hint, value, path: str) -> str:
+    if hint is bool:
+        return f"expected a boolean (true/false), got {_value_kind(value)}"
+    if hint is int:
+        return f"expected an integer, got {_value_kind(value)} {value!r}"
+    if hint is float:
+        return f"expected a number or duration, got {_value_kind(value)}"
+    if hint is str:
+        return f"expected a string, got {_value_kind(value)} {value!r}"
+    if typing.get_origin(hint) is tuple:
+        if dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            return f"expected an array of tables ([[{path}]]), got {_value_kind(value)}"
+        return f"expected an array of strings, got {_value_kind(value)}"
+    return f"expected a table, got {_value_kind(value)}"
+
+
+def _strict_int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else typed.NO
+
+
+def _number_or_duration(value):
+    """Left as written: every float key is a duration, whose ``check`` reads strings too."""
+    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else typed.NO
+
+
+def _headers(value, key, loader=None) -> tuple:
+    """Headers as ``[[name, value], ...]`` or ``{name = value}`` -> tuple of pairs."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list):
+        pairs = []
+        for i, item in enumerate(value):
+            if not (isinstance(item, list) and len(item) == 2):
+                raise ConfigError(f"{key}[{i}]", "expected a [name, value] pair")
+            pairs.append(tuple(item))
+    else:
+        raise ConfigError(key, f"expected a table or an array of [name, value] pairs, got {_value_kind(value)}")
+    for name, val in pairs:
+        if not isinstance(name, str) or not isinstance(val, str):
+            raise ConfigError(key, "header names and values must be strings")
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or "\n" in val or "\r" in val:
+            raise ConfigError(key, f"invalid header {name!r}")
+    return tuple((str(n), str(v)) for n, v in pairs)
+
+
+def _headers_field():
+    return field(default=(), metadata={"parse": _headers})
+
+
+def _build_handler(table, key, loader):
+    """``[handler]``: its ``type`` says which section it is."""
+    if not isinstance(table, dict):
+        raise ConfigError(key, f"expected a table, got {_value_kind(table)}")
+    kind = table.get("type")
+    if kind == "webhook":
+        return loader.load(WebhookHandler, table, key)
+    if kind == "playbook":
+        return loader.load(PlaybookHandler, table, key)
+    if kind is None:
+        raise ConfigError(f"{key}.type", "is required: \"webhook\" or \"playbook\"")
+    raise ConfigError(f"{key}.type", f"{kind!r} is not one of webhook, playbook")
+
+
+#: TOML tables -> sections: strict types, every unknown key an error (CLI-only fields are no keys)
+_LOADER = typed.Loader(
+    error=ConfigError,
+    mismatch=_mismatch,
+    unknown="error",
+    include=lambda f: f.init and not f.metadata.get("cli_only"),
+    scalars={int: _strict_int, float: _number_or_duration},
+)
+
+
 # -- sections ----------------------------------------------------------------
 
 
@@ -224,7 +305,7 @@ def _checked(check, **kw):
 class IceServer:
     """One STUN/TURN server handed to WebRTC peers and served at /iceservers."""
 
-    urls: tuple = _checked(lambda v: tuple(check_ice_url(u) for u in v), default=())
+    urls: tuple[str, ...] = _checked(lambda v: tuple(check_ice_url(u) for u in v), default=())
     username: Optional[str] = None
     credential: Optional[str] = None
     credential_type: str = _checked(
@@ -253,10 +334,10 @@ class WebhookHandler:
 
     type: str = "webhook"
     url: Optional[str] = _checked(check_http_url, default=None)
-    urls: tuple = _checked(lambda v: tuple(check_http_url(u) for u in v), default=())
+    urls: tuple[str, ...] = _checked(lambda v: tuple(check_http_url(u) for u in v), default=())
     method: str = _checked(check_http_method, default="POST")
     #: extra HTTP headers: ``[["X-Name", "value"], ...]`` or a table
-    headers: tuple = ()
+    headers: tuple[tuple[str, str], ...] = _headers_field()
     timeout: float = _checked(check_duration, default=5.0)
 
 
@@ -266,7 +347,7 @@ class PlaybookHandler:
 
     type: str = "playbook"
     default: Optional[str] = None
-    rules: tuple = ()
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -316,7 +397,7 @@ class CallRecord:
     type: str = _checked(lambda v: _one_of(v, ("local", "http")), default="local")
     root: str = "./config/cdr"
     url: Optional[str] = _checked(check_http_url, default=None)
-    headers: tuple = ()
+    headers: tuple[tuple[str, str], ...] = _headers_field()
     with_media: bool = False
     keep_media_copy: bool = True
 
@@ -345,7 +426,7 @@ class Config:
     enable_srtp: bool = False
     log_level: str = _checked(check_log_level, default="info")
     log_file: Optional[str] = None
-    http_access_skip_paths: tuple = ()
+    http_access_skip_paths: tuple[str, ...] = ()
     http_token: Optional[str] = None
     media_cache_path: str = "./config/mediacache"
     playbook_dir: str = "./config/playbook"
@@ -354,17 +435,17 @@ class Config:
     rtp_start_port: int = _checked(check_port, default=12000)
     rtp_end_port: int = _checked(check_port, default=42000)
     enable_rtp_latching: bool = True
-    codecs: tuple = _checked(check_codecs, default=DEFAULT_CODECS)
+    codecs: tuple[str, ...] = _checked(check_codecs, default=DEFAULT_CODECS)
     useragent: str = DEFAULT_USERAGENT
     accept_timeout: float = _checked(check_duration, default=60.0)
     graceful_shutdown: bool = True
     graceful_shutdown_timeout: float = _checked(check_duration, default=10.0)
-    ice_servers: tuple = ()
-    handler: Optional[Union[WebhookHandler, PlaybookHandler]] = None
-    register_users: tuple = ()
+    ice_servers: tuple[IceServer, ...] = ()
+    handler: Optional[Union[WebhookHandler, PlaybookHandler]] = field(default=None, metadata={"parse": _build_handler})
+    register_users: tuple[RegisterUser, ...] = ()
     recording: Recording = Recording()
     callrecord: Optional[CallRecord] = None
-    rewrites: tuple = ()
+    rewrites: tuple[Rewrite, ...] = ()
 
     # CLI-only settings (not TOML keys)
     call: Optional[str] = field(default=None, metadata={"cli_only": True})
@@ -378,158 +459,6 @@ class Config:
     def sip_tcp_port(self) -> int:
         """TCP SIP listener port: ``tcp_port``, defaulting to ``udp_port``; 0 = off."""
         return self.udp_port if self.tcp_port is None else self.tcp_port
-
-
-#: element types of tuple-valued keys that hold tables
-_TABLE_LISTS = {
-    (Config, "ice_servers"): IceServer,
-    (Config, "register_users"): RegisterUser,
-    (Config, "rewrites"): Rewrite,
-    (PlaybookHandler, "rules"): Rule,
-}
-#: element types of tuple-valued keys that hold scalars
-_SCALAR_LISTS = {
-    (Config, "http_access_skip_paths"): str,
-    (Config, "codecs"): str,
-    (IceServer, "urls"): str,
-    (WebhookHandler, "urls"): str,
-}
-
-
-# -- the loader --------------------------------------------------------------
-
-
-def _type_name(t) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(
-        t, getattr(t, "__name__", str(t))
-    )
-
-
-def _value_kind(v) -> str:
-    return {
-        str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-        list: "an array", dict: "a table",
-    }.get(type(v), type(v).__name__)
-
-
-def _strip_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-        return tp, True
-    return tp, False
-
-
-def _check_scalar(value, tp, key):
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected a boolean (true/false), got {_value_kind(value)}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {_value_kind(value)} {value!r}")
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(key, f"expected a number or duration, got {_value_kind(value)}")
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {_value_kind(value)} {value!r}")
-    return value
-
-
-def _unknown_key(cls, key: str, path: str) -> ConfigError:
-    known = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("cli_only")]
-    guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{guess[0]}'?" if guess else ""
-    return ConfigError(_join(path, key), f"unknown key{hint}")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _headers(value, key) -> tuple:
-    """Headers as ``[[name, value], ...]`` or ``{name = value}`` -> tuple of pairs."""
-    if isinstance(value, dict):
-        pairs = list(value.items())
-    elif isinstance(value, list):
-        pairs = []
-        for i, item in enumerate(value):
-            if not (isinstance(item, list) and len(item) == 2):
-                raise ConfigError(f"{key}[{i}]", "expected a [name, value] pair")
-            pairs.append(tuple(item))
-    else:
-        raise ConfigError(key, f"expected a table or an array of [name, value] pairs, got {_value_kind(value)}")
-    for name, val in pairs:
-        if not isinstance(name, str) or not isinstance(val, str):
-            raise ConfigError(key, "header names and values must be strings")
-        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or "\n" in val or "\r" in val:
-            raise ConfigError(key, f"invalid header {name!r}")
-    return tuple((str(n), str(v)) for n, v in pairs)
-
-
-def _build(cls, table: dict, path: str):
-    """Build dataclass ``cls`` from a TOML table, checking every key."""
-    if not isinstance(table, dict):
-        raise ConfigError(path, f"expected a table, got {_value_kind(table)}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("cli_only")}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in fields:
-            raise _unknown_key(cls, key, path)
-        f = fields[key]
-        k = _join(path, key)
-        tp, _optional = _strip_optional(hints[key])
-        if key == "headers":
-            value = _headers(value, k)
-        elif (cls, key) in _TABLE_LISTS:
-            elem = _TABLE_LISTS[(cls, key)]
-            if not isinstance(value, list):
-                raise ConfigError(k, f"expected an array of tables ([[{k}]]), got {_value_kind(value)}")
-            value = tuple(_build(elem, item, f"{k}[{i}]") for i, item in enumerate(value))
-        elif (cls, key) in _SCALAR_LISTS:
-            elem = _SCALAR_LISTS[(cls, key)]
-            if not isinstance(value, list):
-                raise ConfigError(k, f"expected an array of strings, got {_value_kind(value)}")
-            for i, item in enumerate(value):
-                _check_scalar(item, elem, f"{k}[{i}]")
-            value = tuple(value)
-        elif dataclasses.is_dataclass(tp):
-            value = _build(tp, value, k)
-        elif key == "handler":
-            value = _build_handler(value, k)
-        else:
-            _check_scalar(value, tp, k)
-        check = f.metadata.get("check")
-        if check is not None:
-            try:
-                value = check(list(value) if isinstance(value, tuple) else value)
-            except ValueError as e:
-                raise ConfigError(k, str(e)) from None
-        kwargs[key] = value
-    missing = [
-        f.name for f in fields.values()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        and f.name not in kwargs
-    ]
-    if missing:
-        raise ConfigError(_join(path, missing[0]), "is required")
-    return cls(**kwargs)
-
-
-def _build_handler(table, key):
-    if not isinstance(table, dict):
-        raise ConfigError(key, f"expected a table, got {_value_kind(table)}")
-    kind = table.get("type")
-    if kind == "webhook":
-        return _build(WebhookHandler, table, key)
-    if kind == "playbook":
-        return _build(PlaybookHandler, table, key)
-    if kind is None:
-        raise ConfigError(f"{key}.type", "is required: \"webhook\" or \"playbook\"")
-    raise ConfigError(f"{key}.type", f"{kind!r} is not one of webhook, playbook")
 
 
 def _validate(cfg: Config) -> list[str]:
@@ -623,7 +552,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None,
             if str(name).lower() in UNSUPPORTED_CODECS:
                 warnings.append(f"codecs: {name!r} is not supported by activecall and is ignored")
     try:
-        cfg = _build(Config, table, "")
+        cfg = _LOADER.load(Config, table)
         if overrides:
             cfg = apply_overrides(cfg, overrides)
         warnings += _validate(cfg)

@@ -24,7 +24,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from activecall.httpclient import default_http_client
-from activecall.playbook.parser import DEFAULT_BASE_URL, DEFAULT_MODEL
+from activecall.playbook.front_matter import DEFAULT_BASE_URL, DEFAULT_MODEL
 
 log = Logger()
 

@@ -29,9 +29,10 @@ from activecall.call.session import CallState
 from activecall.playbook import tags
 from activecall.playbook.collectors import DigitCollector
 from activecall.playbook.echo import EchoLLM
+from activecall.playbook.front_matter import ECHO_PROVIDER, LlmConfig, PlaybookError
 from activecall.playbook.llm import LLMClient, LLMSettings
 from activecall.playbook.llm_strategy import LlmTurns
-from activecall.playbook.parser import ECHO_PROVIDER, LlmConfig, Playbook, PlaybookError
+from activecall.playbook.parser import Playbook
 from activecall.playbook.posthook import deliver_posthook
 from activecall.playbook.realtime_strategy import RealtimeTurns
 from activecall.playbook.templates import CallInfo, bye_headers, render, template_context

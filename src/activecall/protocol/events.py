@@ -14,11 +14,11 @@ import dataclasses
 import enum
 import json
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Optional, Union
+
+from activecall import typed
 
 # -- the wire machinery --------------------------------------------------------
 
@@ -91,132 +91,31 @@ def to_wire(value: Any) -> Any:
     return value
 
 
-def _strip_optional(tp):
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = tuple(a for a in typing.get_args(tp) if a is not type(None))
-        if len(args) == 1:
-            return args[0]
-        return Union[args]
-    return tp
+_kind = typed.kind
 
 
-def _kind(value) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+def _wire_keys(cls, f: dataclasses.Field) -> tuple:
+    """A field's wire name, then the class's ``ALIASES`` for it (``apiKey`` for ``secretKey``)."""
+    name = _wire_name(f)
+    return (name,) + tuple(alias for alias, target in getattr(cls, "ALIASES", {}).items() if target == name)
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+#: JSON -> wire objects: strict types; ``null`` is the key left out; of two spellings the first wins;
+#: unknown keys go to ``other_keys`` when the class has it (option objects round-trip into the CDR)
+#: and are ignored otherwise (as the original does), the ``command``/``event`` tag among them.
+WIRE = typed.Loader(error=WireError, unknown="keep", keys=_wire_keys, keep_field=OTHER_KEYS,
+                    duplicates="first", none_is_missing=True)
 
 
 def from_wire(tp, value: Any, path: str) -> Any:
     """Check and convert the JSON ``value`` into type ``tp`` (strict: no silent coercion)."""
-    tp = _strip_optional(tp)
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return from_wire(arg, value, path)
-            except WireError:
-                continue
-        names = " or ".join(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(tp))
-        raise WireError(path, f"expected {names}, got {_kind(value)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            args = typing.get_args(tp)
-            vt = args[1] if args else Any
-            return {k: from_wire(vt, v, f"{path}.{k}") for k, v in value.items()}
-        raise WireError(path, f"expected an object, got {_kind(value)}")
-    elif origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, list):
-            args = typing.get_args(tp)
-            et = args[0] if args else Any
-            return tuple(from_wire(et, v, f"{path}[{i}]") for i, v in enumerate(value))
-        raise WireError(path, f"expected an array, got {_kind(value)}")
-    elif dataclasses.is_dataclass(tp):
-        return build_from_wire(tp, value, path)
-    else:  # pragma: no cover - a programming error in a dataclass annotation
-        raise TypeError(f"unsupported wire type {tp!r}")
-    raise WireError(path, f"expected {_TYPE_NAMES[tp]}, got {_kind(value)}")
+    return WIRE.convert(tp, value, path)
 
 
 def build_from_wire(cls, value: Any, path: str = ""):
-    """Build dataclass ``cls`` from a JSON object.
-
-    Missing required fields and wrong types raise ``WireError``.  Unknown keys
-    go to ``other_keys`` when the class has it (option objects round-trip into
-    the CDR) and are ignored otherwise (as the original does).  ``null`` is the
-    same as leaving a field out.
-    """
-    if not isinstance(value, dict):
-        raise WireError(path, f"expected an object, got {_kind(value)}")
-    hints, by_wire, has_other_keys = _wire_spec(cls)
-    aliases = getattr(cls, "ALIASES", {})
-    kwargs: dict[str, Any] = {}
-    others: dict[str, Any] = {}
-    tag = getattr(cls, "TAG_KEY", None)
-    for key, v in value.items():
-        if key == tag:
-            continue
-        key_name = aliases.get(key, key)
-        f = by_wire.get(key_name)
-        if f is None:
-            others[key] = v
-            continue
-        if v is None or f.name in kwargs:
-            continue
-        sub = f"{path}.{key}" if path else key
-        converted = from_wire(hints[f.name], v, sub)
-        check = f.metadata.get("check")
-        if check is not None:
-            try:
-                converted = check(converted)
-            except ValueError as e:
-                raise WireError(sub, str(e)) from None
-        kwargs[f.name] = converted
-    for f in by_wire.values():
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            name = _wire_name(f)
-            raise WireError(f"{path}.{name}" if path else name, "is required")
-    if others and has_other_keys:
-        kwargs[OTHER_KEYS] = others
-    return cls(**kwargs)
-
-
-_WIRE_SPECS: dict[type, tuple] = {}
-
-
-def _wire_spec(cls) -> tuple:
-    """``(type hints, fields by wire name, has other_keys)`` of ``cls``, once per class:
-    ``typing.get_type_hints`` evaluates every annotation string again on each call, and a
-    playbook-routed SIP call builds its CallOption from a dict, so that showed in every call's profile
-    (docs/benchmarks.md)."""
-    spec = _WIRE_SPECS.get(cls)
-    if spec is None:
-        fields = dataclasses.fields(cls)
-        spec = _WIRE_SPECS[cls] = (
-            typing.get_type_hints(cls),
-            {_wire_name(f): f for f in fields if f.name != OTHER_KEYS and f.init},
-            any(f.name == OTHER_KEYS for f in fields),
-        )
-    return spec
+    """Build dataclass ``cls`` from a JSON object; missing required fields and wrong types raise
+    ``WireError`` (``typed.Loader.load`` with the ``WIRE`` policy)."""
+    return WIRE.load(cls, value, path)
 
 
 def json_text(value, **kwargs) -> str:
