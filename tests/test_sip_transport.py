@@ -290,9 +290,10 @@ class LoopbackTests(unittest.TestCase):
         a = self.start()
         resolved = []
         self.patch(a.reactor, "resolve", lambda name, *rest: resolved.append(name))
-        for transport in ("UDP", "TCP"):
-            with self.assertRaises(SendError):
-                yield a.send_request(self.request_from(a, "UDP"), Target("a" * 70 + ".example", 5060, transport))
+        for host in ("a" * 70 + ".example", "a..example", ".example", "x" * 254):  # IDNA: label too long / empty
+            for transport in ("UDP", "TCP"):
+                with self.assertRaises(SendError):
+                    yield a.send_request(self.request_from(a, "UDP"), Target(host, 5060, transport))
         self.assertEqual(resolved, [])
 
     def request_from(self, sender, transport):

@@ -266,12 +266,13 @@ def _parse_host(text: str) -> str:
 
 
 def dns_name_fits(name: str) -> bool:
-    """RFC 1035 §2.3.4: at most 253 characters, labels of at most 63.
+    """RFC 1035 §2.3.4: at most 253 characters, labels of 1 to 63.
 
     No longer name exists, and getaddrinfo's IDNA step raises for one: inside Twisted's
     resolver that is an "Unhandled error in Deferred" and a send that never completes.
     """
-    return len(name) <= 253 and all(len(label) <= 63 for label in name.split("."))
+    labels = (name[:-1] if name.endswith(".") else name).split(".")  # one trailing dot: a rooted name
+    return len(name) <= 253 and all(0 < len(label) <= 63 for label in labels)
 
 
 def format_host(host: str) -> str:
