@@ -8,7 +8,7 @@ import os
 import tempfile
 import timeit
 
-from activecall.api import events as ev, commands as cmd
+from activecall.protocol import events as ev, commands as cmd
 from activecall.config import load_config
 from activecall.playbook.parser import parse_playbook
 

@@ -133,6 +133,10 @@ You are the shop's phone assistant.
         self.assertIn("shop's phone assistant", messages[0]["content"])
         self.assertEqual(messages[-1], {"role": "user", "content": final["text"]})
         self.assertIn("order", final["text"])
+        # semantic end of turn is on by default for playbooks: Smart Turn judged the sentence complete
+        verdicts = [e for e in client.events if e["event"] == "eou"]
+        self.assertTrue(verdicts and verdicts[-1]["completed"] and "probability" in verdicts[-1], verdicts)
+        self.assertIn("eou.smart_turn", [e["key"] for e in client.events if e["event"] == "metrics"])
 
         history = [(e["speaker"], e["text"]) for e in client.events if e["event"] == "addHistory"]
         self.assertEqual(history, [

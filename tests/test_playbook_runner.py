@@ -505,10 +505,14 @@ class TurnTests(RunnerTestBase):
         self.user("  ")
         self.assertEqual(len(self.llm.calls), 1)
 
-    def test_eou_while_idle_starts_a_turn(self):
+    def test_eou_starts_no_turn_of_its_own(self):
+        """The asrFinal the end-of-turn decision brings starts the turn; the eou alone would ask the
+        model with no user message (the original's double turn)."""
         self.begin(None, "Hi!", "Yes?")
         self.play_out()
-        self.session.emit(ev.Eou(trackId="s1", timestamp=self.session.now(), completed=True))
+        self.session.emit(ev.Eou(trackId="s1", timestamp=self.session.now(), completed=True, probability=0.9))
+        self.assertEqual(len(self.llm.calls), 1)
+        self.user("Where is my order?")
         self.assertEqual(len(self.llm.calls), 2)
 
     def test_context_repair_glues_a_split_utterance(self):

@@ -8,6 +8,10 @@
   as ``speaking`` / ``silence`` / ``asrDelta`` / ``asrFinal`` / ``metrics``
   events.  An unknown provider gives an ``error`` event naming the available
   ones (the original silently disabled every processor of the call).
+  With ``option.eou`` (on by default for playbooks) the recogniser's utterance
+  ends come from a ``TurnEndpointer`` and an end-of-turn model (Smart Turn) on
+  short pauses, reported as ``eou`` and ``metrics`` events (docs/speech.md,
+  "End of turn").
   With ``option.realtime`` (or a playbook in realtime mode) the call runs in
   realtime mode instead (``call/realtime_session.py``): VAD and ASR are not built.
 """
@@ -26,6 +30,7 @@ from activecall.speech import registry
 from activecall.speech.base import (
     AsrResult, SilenceTimeout, SpeechEnded, SpeechError, SpeechStarted,
 )
+from activecall.speech.eou.endpointer import TurnDecision, TurnEndpointer
 
 log = Logger(namespace="activecall.call.speech")
 
@@ -52,13 +57,15 @@ def synthesizer_factory(media_cache_path: str, reactor=None):
 
 
 class SpeechProcessors:
-    """The VAD and recogniser of one call, fed the caller's 16 kHz frames."""
+    """The VAD and recogniser of one call, fed the caller's 16 kHz frames (and the recogniser's
+    end-of-turn ``endpointer``, when the call has one)."""
 
     def __init__(self, session, vad=None, recognizer=None, asr_provider: str = ""):
         self.session = session
         self.vad = vad
         self.recognizer = recognizer
         self.asr_provider = asr_provider
+        self.endpointer = None
 
     def feed(self, pcm) -> None:
         if self.vad is not None:
@@ -81,6 +88,40 @@ def _narrowband(session) -> bool:
         return encoder.name in ("pcmu", "pcma")
     codec = getattr(getattr(leg, "codec", None), "name", None)
     return codec in ("pcmu", "pcma")
+
+
+def attach_end_of_turn(session, processors: SpeechProcessors, eou_option, **deps):
+    """Give the recogniser a ``TurnEndpointer`` from ``eou_option`` (None or ``type: none``: nothing).
+
+    Its verdicts become ``eou`` events (✱ with ``probability`` and ``inferenceMs``) and a
+    ``metrics`` event ``eou.<type>`` with the inference time.  A recogniser that finds sentence
+    ends in its service (aliyun, tencent, deepgram) or is told them (``endpointing: external``)
+    keeps doing so; that is logged.  ``deps`` go to the detector (tests: ``run_in_thread``, ``model``)."""
+    if eou_option is None:
+        return None
+    detector = registry.create_eou_detector(_option_dict(eou_option), **deps)
+    if detector is None:
+        return None
+    s = session
+
+    def on_decision(decision: TurnDecision) -> None:
+        inference_ms = None if decision.inference_ms is None else int(round(decision.inference_ms))
+        s.emit(ev.Eou(trackId=s.id, timestamp=s.now(), completed=decision.completed,
+                      probability=None if decision.probability is None else round(decision.probability, 4),
+                      inferenceMs=inference_ms))
+        if inference_ms is not None:
+            s.emit(ev.Metrics(timestamp=s.now(), key=f"eou.{detector.name}", duration=inference_ms,
+                              data={"probability": round(decision.probability, 4),
+                                    "completed": decision.completed}))
+
+    endpointer = TurnEndpointer(s.clock, detector, detector.options, on_decision=on_decision)
+    endpoint_with = getattr(processors.recognizer, "endpoint_with", None)
+    if endpoint_with is None or not endpoint_with(endpointer):
+        log.info("call {id}: asr provider {p} finds turn ends itself; eou {t} not used", id=s.id,
+                 p=processors.asr_provider, t=detector.name)
+        return None
+    processors.endpointer = endpointer
+    return endpointer
 
 
 def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
@@ -134,6 +175,7 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
             # a recogniser that fails mid-call (service down, key refused, a lost utterance) is
             # reported to the client like a failed TTS: error{sender:"asr", code:500}; the call goes on
             processors.recognizer.on_error = lambda message: s.error("asr", message, code=500)
+            attach_end_of_turn(s, processors, option.eou)
     except SpeechError as e:
         processors.close()
         s.error("processor", str(e), code=400)

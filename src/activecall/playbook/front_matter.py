@@ -165,6 +165,8 @@ class EouConfig:
     secret_id: Optional[str] = _key("secretId")
     timeout: Optional[int] = _key("timeout")
     extra: Mapping[str, str] = _key("extra", default_factory=_frozen_map)
+    threshold: Optional[float] = _key("threshold")
+    pause_ms: Optional[int] = _key("pauseMs")
 
 
 @dataclass(frozen=True)

@@ -191,9 +191,8 @@ class PlaybookRunner:
             self.strategy.caller_speaking(event)
         elif isinstance(event, ev.Silence):
             self._on_silence()
-        elif isinstance(event, ev.Eou):
-            if event.completed and not self.is_speaking and self.reply is None:
-                self.start_turn()
+        # ev.Eou starts no turn here (the original started one with no user message, then another on
+        # the asrFinal): a completed turn finalises the recogniser, and that asrFinal starts the turn
 
     def _track_ended(self, event: ev.TrackEnd) -> None:
         self.is_speaking = False

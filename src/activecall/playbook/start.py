@@ -21,6 +21,7 @@ from activecall.playbook import tags
 from activecall.playbook.parser import Playbook, PlaybookError, load_playbook, parse_playbook
 from activecall.playbook.runner import PlaybookRunner
 from activecall.protocol import commands as cmd
+from activecall.speech.eou.smart_turn import available as smart_turn_available
 
 log = Logger(namespace="activecall.playbook")
 
@@ -46,6 +47,8 @@ def playbook_call_option(playbook: Playbook) -> cmd.CallOption:
         value = wire(getattr(config, name))
         if value is not None:
             data[name] = value
+    if "eou" not in data and smart_turn_available():
+        data["eou"] = {"type": "smart_turn"}  # semantic end of turn unless the playbook says eou: {type: none}
     if config.denoise is not None:
         data["denoise"] = config.denoise
     if config.extra:

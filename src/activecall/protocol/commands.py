@@ -183,6 +183,8 @@ class EouOption(_Option):
     secretId: Optional[str] = None
     timeout: Optional[int] = _checked(_non_negative, default=None)
     extra: Optional[dict[str, Any]] = None
+    threshold: Optional[float] = None  # ✱ with pauseMs: semantic end of turn (docs/speech.md)
+    pauseMs: Optional[int] = _checked(_non_negative, default=None)
     other_keys: Optional[dict] = _others()
 
 

@@ -363,11 +363,16 @@ class Transcript(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class Eou(Event):
+    """The end-of-turn verdict.  ✱ ``probability`` (0..1) and ``inferenceMs``: the model's answer and how
+    long it took; both left out when the silence ceiling ended the turn."""
+
     TAG: ClassVar[str] = "eou"
     trackId: str
     timestamp: int
     completed: bool
     interruptPoint: Optional[int] = None
+    probability: Optional[float] = None
+    inferenceMs: Optional[int] = None
 
 
 @dataclass(frozen=True, kw_only=True)

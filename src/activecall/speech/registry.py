@@ -1,4 +1,4 @@
-"""Providers by name: ``create_vad``, ``create_recognizer``, ``create_synthesizer``.
+"""Providers by name: ``create_vad``, ``create_recognizer``, ``create_synthesizer``, ``create_eou_detector``.
 
 The options dicts are those of the API and playbooks.  The VAD is selected by
 ``type`` (default ``silero``), ASR and TTS by ``provider`` (default the
@@ -21,6 +21,7 @@ from activecall.speech.base import (
 VAD_PROVIDERS: dict[str, Callable] = {}
 ASR_PROVIDERS: dict[str, Callable] = {}
 TTS_PROVIDERS: dict[str, Callable] = {}
+EOU_PROVIDERS: dict[str, Callable] = {}
 
 
 def register(table: dict, *names: str):
@@ -61,6 +62,14 @@ def create_synthesizer(options: Optional[Mapping[str, Any]], cache=None, **deps)
         from activecall.speech.cache import CachedSynthesizer
         synth = CachedSynthesizer(synth, cache, opts)
     return synth
+
+
+def create_eou_detector(options: Optional[Mapping[str, Any]], **deps):
+    """An end-of-turn detector (``IEndOfTurnDetector``, its ``options`` an ``EouOptions``) by ``type``
+    (default ``smart_turn``), or None for ``type: none``; ``deps``: ``run_in_thread``, ``model``."""
+    from activecall.speech.eou.base import EouOptions
+    opts = EouOptions.from_dict(options)
+    return _lookup(EOU_PROVIDERS, "eou", opts.type)(opts, **deps)
 
 
 # -- the built-in providers ----------------------------------------------------------------------
@@ -148,3 +157,14 @@ def _tencent_asr(opts, on_result, **deps):
 def _tencent_tts(opts, **deps):
     from activecall.speech.tts.tencent import TencentSynthesizer
     return TencentSynthesizer(opts, **deps)
+
+
+@register(EOU_PROVIDERS, "smart_turn")
+def _smart_turn(opts, **deps):
+    from activecall.speech.eou.smart_turn import SmartTurnDetector
+    return SmartTurnDetector(opts, **deps)
+
+
+@register(EOU_PROVIDERS, "none")
+def _no_eou(opts, **_):
+    return None

@@ -5,6 +5,10 @@ ends itself with webrtcvad (cheap enough to run inline on the reactor, and the
 pre-roll buffer keeps the audio from before the VAD was sure); with
 ``extra.endpointing = "external"`` everything fed is one utterance until the
 session calls ``end_utterance()`` (e.g. on its own silero ``SpeechEnded``).
+With ``endpoint_with(endpointer)`` (semantic end of turn, ``speech/eou/``) the
+VAD reports short pauses instead and the endpointer decides when the
+utterance ends: at once when the end-of-turn model says the caller is done,
+at its silence ceiling otherwise, never while the caller speaks again.
 
 Decoding hooks run one job at a time per stream (the decoders are not
 re-entrant): by default on a thread, chained on a Deferred.  A thread is only
@@ -55,6 +59,17 @@ class _Utterance:
         self.pending: list[np.ndarray] = []
         self.pending_samples = 0
         self.last_text = ""
+        self.recent: list[np.ndarray] = []  # the last seconds of its audio, for an end-of-turn detector
+        self.recent_samples = 0
+
+    def keep(self, pcm: np.ndarray, limit: int) -> None:
+        self.recent.append(pcm)
+        self.recent_samples += pcm.size
+        while self.recent_samples - self.recent[0].size >= limit:
+            self.recent_samples -= self.recent.pop(0).size
+
+    def audio(self, limit: int) -> np.ndarray:
+        return np.concatenate(self.recent)[-limit:] if self.recent else np.zeros(0, dtype=np.int16)
 
 
 @implementer(IStreamingRecognizer)
@@ -77,12 +92,8 @@ class StreamingRecognizer:
         mode = options.extra.get("endpointing", "vad")
         if mode not in ("vad", "external"):
             raise OptionError(f"asr.extra.endpointing: 'vad' or 'external', got {mode!r}")
-        self._vad = None
-        if mode == "vad":
-            from activecall.speech.vad.webrtc import WebRtcVad
-            silence = int(options.extra.get("silence_ms", 500))
-            self._vad = WebRtcVad(VadOptions(type="webrtcvad", speechPadding=150, silencePadding=silence, mode=2),
-                                  self._on_vad)
+        self._vad = self._make_vad(int(options.extra.get("silence_ms", 500))) if mode == "vad" else None
+        self._endpointer = None
         self._chain: defer.Deferred = defer.succeed(None)  # the thread jobs, one after another
         self._last: defer.Deferred = defer.succeed(None)  # the newest job's result
         self._fed = 0  # samples fed so far (stream clock)
@@ -90,6 +101,23 @@ class StreamingRecognizer:
         self._utt: Optional[_Utterance] = None
         self._next_index = 0
         self.closed = False
+
+    def _make_vad(self, silence_ms: int):
+        from activecall.speech.vad.webrtc import WebRtcVad
+        return WebRtcVad(VadOptions(type="webrtcvad", speechPadding=150, silencePadding=silence_ms, mode=2),
+                         self._on_vad)
+
+    def endpoint_with(self, endpointer) -> bool:
+        """Let ``endpointer`` (``speech.eou.endpointer.TurnEndpointer``) end the utterances: the VAD now
+        reports pauses of its ``pause_ms``, and the endpointer's ``on_end`` finalises.  Call before the
+        first ``feed``.  False (nothing changed) when the session ends utterances (``endpointing: external``)."""
+        if self._vad is None:
+            return False
+        self._vad = self._make_vad(endpointer.pause_ms)
+        self._endpointer = endpointer
+        self._turn_samples = endpointer.audio_ms * SAMPLE_RATE // 1000
+        endpointer.on_end = self.end_utterance
+        return True
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -116,8 +144,13 @@ class StreamingRecognizer:
             start = max(0, event.start_ms * SAMPLE_RATE // 1000 - PRE_ROLL_MS * SAMPLE_RATE // 1000)
             start = max(start, self._fed - self._ring.size)
             self._start(start, self._ring[start - (self._fed - self._ring.size):])
+        elif isinstance(event, SpeechStarted) and self._endpointer is not None:
+            self._endpointer.resumed()  # speech again inside the turn: same utterance
         elif isinstance(event, SpeechEnded) and self._utt is not None:
-            self._end()
+            if self._endpointer is None:
+                self._end()
+            else:
+                self._endpointer.paused(self._utt.audio(self._turn_samples))
 
     def end_utterance(self) -> None:
         if self._utt is not None:
@@ -143,6 +176,8 @@ class StreamingRecognizer:
 
     def _add(self, pcm: np.ndarray) -> None:
         utt = self._utt
+        if self._endpointer is not None:
+            utt.keep(pcm, self._turn_samples)
         utt.pending.append(pcm)
         utt.pending_samples += pcm.size
         if utt.pending_samples * 1000 >= self.partial_every_ms * SAMPLE_RATE:
@@ -156,6 +191,8 @@ class StreamingRecognizer:
 
     def _end(self) -> None:
         utt, self._utt = self._utt, None
+        if self._endpointer is not None:
+            self._endpointer.reset()
         end_sample = self._fed
         self._enqueue(self._finish, self._take(utt)).addCallback(self._final, utt, end_sample)
 

@@ -1,0 +1,167 @@
+"""Smart Turn v3.2: an audio end-of-turn model run by onnxruntime, without torch.
+
+Pipecat's Smart Turn (https://github.com/pipecat-ai/smart-turn, BSD-2-Clause,
+Daily) is a Whisper-Tiny encoder with a small classification head, trained on
+23 languages to say from the *sound* of the last seconds of speech (words,
+intonation, pace) whether the speaker has finished their turn.  The int8 CPU
+build, ``smart-turn-v3.2-cpu.onnx`` (8.7 MB), ships with activecall as package
+data in ``activecall/speech/eou/data/`` (taken unmodified from the pipecat-ai
+1.14.0 wheel; notice in ``data/LICENSE.smart-turn``); nothing is downloaded at
+run time.
+
+- ``SmartTurnModel.predict(audio)`` is the blocking part: the last 8 s of the
+  turn's 16 kHz audio (zero-padded at the start when shorter, as Pipecat's
+  reference does), Whisper log-mel features (``features.py``), one
+  ``session.run``; it returns P(turn complete) in 0..1 (the model ends in a
+  sigmoid).  onnxruntime runs with ``intra_op_num_threads=1`` and releases the
+  GIL while it works.
+- ``SmartTurnDetector`` (``IEndOfTurnDetector``) runs ``predict`` on a small
+  thread pool of its own, never on the reactor (a run takes tens of
+  milliseconds, docs/benchmarks.md), and answers with a Deferred.  One model
+  (one onnxruntime session, thread-safe for ``run``) serves every call of the
+  process; it is loaded and run once on the pool when the first detector is
+  made, so the first call's first pause does not pay for that.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+from twisted.internet import threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from activecall.audio import SAMPLE_RATE
+from activecall.speech.base import SpeechError
+from activecall.speech.eou import features
+from activecall.speech.eou.base import EouOptions, IEndOfTurnDetector, TurnPrediction
+
+log = Logger(namespace="activecall.speech.eou")
+
+MODEL_FILE = "smart-turn-v3.2-cpu.onnx"
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def model_path(path: Optional[str] = None) -> str:
+    """``path`` (``eou.extra.model``: another Smart Turn v3 ONNX file), else the shipped model."""
+    chosen = path or os.path.join(DATA_DIR, MODEL_FILE)
+    if not os.path.isfile(chosen):
+        raise SpeechError(f"eou type 'smart_turn' needs the model file {chosen}"
+                          + ("" if path else " (activecall's package data: reinstall activecall)"))
+    return chosen
+
+
+def available() -> bool:
+    """The shipped model and onnxruntime are installed (what makes playbooks turn it on by default)."""
+    try:
+        import importlib.util
+        return os.path.isfile(os.path.join(DATA_DIR, MODEL_FILE)) and \
+            importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class SmartTurnModel:
+    """One onnxruntime session; ``predict`` is blocking and meant for a worker thread."""
+
+    def __init__(self, path: Optional[str] = None, threads: int = 1):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise SpeechError("eou type 'smart_turn' needs onnxruntime") from None
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = model_path(path)
+        self.session = ort.InferenceSession(self.path, sess_options=so, providers=["CPUExecutionProvider"])
+
+    def predict(self, pcm) -> float:
+        """P(the turn is complete) for the 16 kHz audio ``pcm`` (int16 samples, or floats in -1..1)."""
+        x = np.asarray(pcm)
+        if x.dtype == np.int16:
+            x = x.astype(np.float32) / 32768.0
+        mel = features.log_mel(features.last_window(x))
+        (out,) = self.session.run(None, {"input_features": mel[None, :, :]})
+        return float(np.asarray(out).reshape(-1)[0])
+
+
+_models: dict[Optional[str], SmartTurnModel] = {}
+_models_lock = threading.Lock()
+
+
+def shared_model(path: Optional[str] = None) -> SmartTurnModel:
+    """The process-wide model for ``path`` (loaded once, on first use; thread-safe)."""
+    with _models_lock:
+        model = _models.get(path)
+        if model is None:
+            model = _models[path] = SmartTurnModel(path)
+        return model
+
+
+def warm(path: Optional[str] = None) -> None:
+    """Load the model and run it once (the first run allocates), so a call's first pause pays neither."""
+    shared_model(path).predict(np.zeros(SAMPLE_RATE // 10, dtype=np.int16))
+
+
+_warming: dict[Optional[str], object] = {}  # path -> the Deferred of its warm-up, started once per process
+
+_pool = None
+
+
+def _thread_pool():
+    """A small pool of our own (not the reactor's, which DNS and others share), stopped at shutdown."""
+    global _pool
+    if _pool is None:
+        from twisted.internet import reactor
+        from twisted.python.threadpool import ThreadPool
+        size = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+        _pool = ThreadPool(minthreads=0, maxthreads=size, name="activecall-eou")
+        _pool.start()
+        reactor.addSystemEventTrigger("during", "shutdown", _stop_pool)
+    return _pool
+
+
+def _stop_pool() -> None:
+    global _pool
+    pool, _pool = _pool, None
+    if pool is not None:
+        pool.stop()
+
+
+def in_eou_thread(f, *args):
+    """``f(*args)`` on the end-of-turn thread pool; a Deferred of its result."""
+    from twisted.internet import reactor
+    return threads.deferToThreadPool(reactor, _thread_pool(), f, *args)
+
+
+@implementer(IEndOfTurnDetector)
+class SmartTurnDetector:
+    """``analyze(pcm)`` runs the shared model off the reactor; fires with a ``TurnPrediction``."""
+
+    name = "smart_turn"
+
+    def __init__(self, options: EouOptions, run_in_thread: Callable = in_eou_thread, model=None):
+        self.options = options
+        self.run_in_thread = run_in_thread
+        self._path = options.extra.get("model") or None
+        self._model = model
+        if model is None:
+            model_path(self._path)  # fail now, at call set-up, when the file is missing
+            if self._path not in _warming:
+                _warming[self._path] = self.run_in_thread(warm, self._path).addErrback(
+                    lambda f: log.failure("loading the Smart Turn model failed", f))
+
+    def _predict(self, pcm: np.ndarray) -> TurnPrediction:
+        started = time.perf_counter()
+        model = self._model if self._model is not None else shared_model(self._path)
+        probability = model.predict(pcm)
+        return TurnPrediction(probability, (time.perf_counter() - started) * 1000.0)
+
+    def analyze(self, pcm):
+        return self.run_in_thread(self._predict, np.asarray(pcm))
