@@ -242,18 +242,18 @@ class BatchTests(unittest.TestCase):
         import gc
         bank = codecs._DOWN_BANK
         many = [codecs.create("pcma") for _ in range(bank.matrix.shape[0] + 5)]  # more than it had
-        rows = {c._down._row for c in many}
+        rows = {c.downsampler.row for c in many}
         self.assertEqual(len(rows), len(many))
         self.assertGreaterEqual(bank.matrix.shape[0], len(many))
         frames = self.frames(len(many), 0)
         codecs.encode_frames(many, frames)
         last = many[-1]
-        self.assertTrue(np.any(last._down._history != 0))
-        np.testing.assert_array_equal(last._down._history, bank.matrix[last._down._row])
-        row = last._down._row
+        self.assertTrue(np.any(last.downsampler._history != 0))
+        np.testing.assert_array_equal(last.downsampler._history, bank.matrix[last.downsampler.row])
+        row = last.downsampler.row
         del many, last
         gc.collect()
         self.assertFalse(np.any(bank.matrix[row] != 0))
         fresh = codecs.create("pcmu")
-        self.assertIn(fresh._down._row, rows)  # a free row is used again
-        self.assertFalse(np.any(fresh._down._history != 0))
+        self.assertIn(fresh.downsampler.row, rows)  # a free row is used again
+        self.assertFalse(np.any(fresh.downsampler._history != 0))

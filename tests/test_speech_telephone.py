@@ -73,7 +73,6 @@ class AttachOnG711LegTests(unittest.TestCase):
 
     def attach(self, codec: str, asr: dict):
         import dataclasses
-        from types import SimpleNamespace
 
         from twisted.internet import task
 
@@ -89,8 +88,10 @@ class AttachOnG711LegTests(unittest.TestCase):
         session = CallSession("c1", "sip", clock=task.Clock(), emit=lambda e: None, config=cfg,
                               synthesizer_for=lambda opt: None, dump=False)
         session.option = cmd.CallOption(asr=cmd.TranscriptionOption.from_dict(asr))
-        session.leg = SimpleNamespace(rtp=SimpleNamespace(encoder=SimpleNamespace(name=codec)))
-        from activecall.testing import FakeRecognizer
+        from activecall.media import codecs
+        from activecall.testing import FakeLeg, FakeRecognizer
+
+        session.leg = FakeLeg(codec=codecs.create(codec))
 
         asked = []
 

@@ -95,7 +95,9 @@ class Resampler:
         self.passthrough = self.up == self.down
         self._taps, self._kernel = _resampler_filter(self.up, factor, taps_per_phase)
         self._history = np.zeros(len(self._taps) - 1)
-        self._next = 0  # start of the next output window in (history + new) coordinates
+        #: start of the next output window in (history + new input) coordinates: 0 when every call so far
+        #: ended on a whole output period (whole 20 ms frames do), which the batched G.711 coder needs
+        self.phase = 0
 
     @property
     def delay(self) -> float:
@@ -111,21 +113,21 @@ class Resampler:
         buf = np.concatenate((self._history, u))
         width = len(self._taps)
         last_start = buf.size - width
-        if last_start < self._next:
+        if last_start < self.phase:
             y = np.zeros(0)
         else:
             # one C-level convolution over the frame (twice as fast as strided dot products,
             # which matters: this runs for every G.711/Opus frame of every leg)
-            y = np.convolve(buf, self._kernel, mode="valid")[self._next:last_start + 1:self.down]
-        consumed = self._next + y.size * self.down
+            y = np.convolve(buf, self._kernel, mode="valid")[self.phase:last_start + 1:self.down]
+        consumed = self.phase + y.size * self.down
         keep = width - 1
-        self._next = consumed - (buf.size - keep)
+        self.phase = consumed - (buf.size - keep)
         self._history = buf[buf.size - keep:]
         return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
 
     def reset(self) -> None:
         self._history[:] = 0
-        self._next = 0
+        self.phase = 0
 
 
 def resample(pcm, src_rate: int, dst_rate: int) -> np.ndarray:

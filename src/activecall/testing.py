@@ -7,9 +7,9 @@ test drives it with ``twisted.internet.task.Clock`` and reads what it recorded.
   ``ManualMediaClock`` (the shared media clock's interface, ticked by hand);
 - speech: ``FakeSynthesizer`` (``ISynthesizer``), ``FakeRecognizer``
   (``IStreamingRecognizer``);
-- calls: ``FakeLeg`` (what a session needs of its network leg),
-  ``FakeConnector`` (a call type that can transfer), ``FakeMediaSession``
-  (what an ``RtpLeg`` needs of its call);
+- calls: ``FakeLeg`` (``ICallLeg``: what a session needs of its network leg),
+  ``FakeConnector`` (``ITransferConnector``: a call type that can transfer),
+  ``FakeMediaSession`` (``IMediaSession``: what an ``RtpLeg`` needs of its call);
 - network: ``MemoryUdpNetwork`` with its ``MemoryPortPool`` (RTP legs over
   in-memory datagrams: a send is in the destination's queue when it returns),
   ``FakeDatagramTransport`` (a UDP transport that records writes).
@@ -31,7 +31,9 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
+from activecall.call.interfaces import ICallLeg, ITransferConnector
 from activecall.media.rtp import PortPool
+from activecall.media.rtp_leg import IMediaSession
 from activecall.speech.base import AsrResult, IStreamingRecognizer, ISynthesizer
 
 #: one media tick, in seconds
@@ -135,12 +137,14 @@ class FakeRecognizer:
 # -- calls ----------------------------------------------------------------------------------------
 
 
+@implementer(ICallLeg)
 class FakeLeg:
-    """A call's network leg as its session sees it: ``close`` (counted in ``closed``) and
-    ``when_ended`` (``ended``, fired by the test)."""
+    """A call's network leg as its session sees it: ``codec`` (None unless given), ``close`` (counted in
+    ``closed``) and ``when_ended`` (``ended``, fired by the test)."""
 
-    def __init__(self):
+    def __init__(self, codec=None):
         self.session = self
+        self.codec = codec
         self.ended = defer.Deferred()
         self.closed = 0
 
@@ -152,6 +156,7 @@ class FakeLeg:
         return defer.succeed(None)
 
 
+@implementer(ITransferConnector)
 class FakeConnector:
     """A call type that can transfer: keeps every ``refer`` command."""
 
@@ -162,6 +167,7 @@ class FakeConnector:
         self.refers.append(command)
 
 
+@implementer(IMediaSession)
 class FakeMediaSession:
     """What an ``RtpLeg`` needs of its call: ``tick()`` for the bot's frame (a sine of ``freq`` Hz,
     else ``frame`` every time, else None: silence), ``audio_in`` (kept in ``received``), ``emit``

@@ -16,9 +16,10 @@ from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from activecall.media.rtp import PortsExhausted
-from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
+from activecall.media.rtp_leg import IMediaSession, MediaNegotiationError, RtpLeg
 from activecall.media.tracks import PcmBuffer, Track
 from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
@@ -43,6 +44,7 @@ class BridgeTrack(Track):
         return self.closed
 
 
+@implementer(IMediaSession)
 class ReferredParty:
     """What the referred leg's RtpLeg sees as its 'session': it sends the caller's audio
     and hands the callee's audio to the bridge track."""

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from activecall.atomicfile import write_batch
 from activecall.filenames import safe_file_part  # re-exported: callers import it from here too
@@ -39,6 +40,16 @@ from activecall.protocol.commands import redact
 from activecall.protocol.events import WireObject, to_wire
 
 log = Logger(namespace="activecall.cdr")
+
+
+class ICdrWriter(Interface):
+    """Where a call's record goes when it ends (``[callrecord]``; the session and the call manager use it)."""
+
+    def write(record):
+        """Store one ``CallDetailRecord``; a Deferred that fires once it is stored (or fails)."""
+
+    def flush():
+        """A Deferred that fires when every write in flight has finished (shutdown waits for it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +103,7 @@ class CallDetailRecord(WireObject):
 
 # -- local files --------------------------------------------------------------------------------
 
+@implementer(ICdrWriter)
 class LocalCdrWriter:
     """``type = "local"``: one JSON file per call under ``root``.
 
@@ -173,6 +185,7 @@ class _Part:
     path: str
 
 
+@implementer(ICdrWriter)
 class HttpCdrWriter:
     """``type = "http"``: spool locally, then upload multipart with retries.
 

@@ -83,7 +83,7 @@ def start_playbook(session, source, extras: Optional[dict] = None, starter: Opti
 
     None when it cannot run: ``error{sender: "playbook"}`` was sent and the call is ending."""
     if starter is None:
-        starter = getattr(getattr(session, "manager", None), "playbook_starter", None)
+        starter = session.manager.playbook_starter if session.manager is not None else None
     if starter is None:
         session.error("playbook", "playbooks are not available here (no playbook starter was configured)")
         session.end("failed", initiator="system")

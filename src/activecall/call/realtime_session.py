@@ -101,11 +101,6 @@ def goto_scene_tool(scenes) -> dict:
     }
 
 
-def can_transfer(session) -> bool:
-    connector = getattr(session, "connector", None)
-    return connector is not None and callable(getattr(connector, "refer", None))
-
-
 class RealtimeTrack(TtsTrack):
     """The model's speech on the bot track: one track per run of speech, fed as the service streams it.
 
@@ -182,7 +177,7 @@ class RealtimeProcessor(RealtimeHandler):
         if not self.settings.builtin_tools:
             return []
         tools = [HANGUP_TOOL]
-        if can_transfer(self.session):
+        if self.session.can_transfer:
             tools.append(TRANSFER_TOOL)
         if self.controller is not None:
             tools.extend(self.controller.realtime_tools())
@@ -332,7 +327,7 @@ class RealtimeProcessor(RealtimeHandler):
             callee = args.get("callee") or args.get("callee_uri")
             if not callee or not isinstance(callee, str):
                 self.client.function_output(call_id, {"error": "callee is required"})
-            elif not can_transfer(s):
+            elif not s.can_transfer:
                 self.client.function_output(call_id, {"error": f"a {s.call_type} call cannot be transferred"})
             else:
                 self.client.function_output(call_id, {"status": "transferring", "callee": callee}, respond=False)
@@ -391,7 +386,7 @@ class RealtimeProcessor(RealtimeHandler):
 
 def realtime_controller(session) -> Optional[IRealtimeController]:
     """The controller of the session's realtime mode: a realtime playbook running on it, else None."""
-    return getattr(session, "realtime_controller", None)
+    return session.realtime_controller
 
 
 def attach_realtime(session, client_factory: Callable = RealtimeClient) -> Optional[RealtimeProcessor]:

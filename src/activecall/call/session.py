@@ -18,11 +18,16 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from activecall.call.cdr import CallDetailRecord, RecorderFile
+from activecall.call.cdr import CallDetailRecord, ICdrWriter, RecorderFile
+from activecall.call.interfaces import (
+    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, ITransferConnector,
+)
 from activecall.call.playback import Playback, SynthesisUnavailable
 from activecall.filenames import safe_file_part
-from activecall.media.recorder import BOT, CALLER, WavRecorder, recording_path
+from activecall.media.recorder import BOT, CALLER, IRecorder, WavRecorder, recording_path
+from activecall.media.rtp_leg import IMediaSession
 from activecall.media.tracks import MediaLoader
 from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
@@ -144,6 +149,7 @@ class EventJournal:
                 self._fd = None
 
 
+@implementer(IMediaSession)
 class CallSession:
     """One call.  ``emit`` delivers events to the client (the WebSocket)."""
 
@@ -157,12 +163,22 @@ class CallSession:
         self.clock = clock
         self._emit = emit
         self.config = config
-        self.cdr_writer = cdr_writer
+        self.cdr_writer: Optional[ICdrWriter] = cdr_writer
         self.metrics = metrics
         self.state = CallState.NEW
         self.option: Optional[cmd.CallOption] = None
-        self.leg = None  # set by the connector; close() -> Deferred releases its resources
-        self.connector = None  # call-type glue: invite/accept/reject/ringing/refer/sendDtmf
+        #: the media leg (``ICallLeg``), set by the connector; ``close()`` releases its resources
+        self.leg: Optional[ICallLeg] = None
+        #: the call-type glue (``ICallConnector`` and what else it provides: ``IInboundConnector``,
+        #: ``ITransferConnector``, ``IDtmfConnector``), set by whoever opens the call
+        self.connector = None
+        #: the ``CallManager`` that opened the call (None for a session made on its own, as in tests)
+        self.manager = None
+        #: the playbook running on the call (set by the playbook layer), else None
+        self.playbook_runner = None
+        #: the controller of a realtime playbook on the call (``IRealtimeController``, which puts itself
+        #: here), else None
+        self.realtime_controller = None
         #: callables told every event the call emits (the playbook runner listens here)
         self.listeners: list[Callable[[ev.Event], None]] = []
         #: callables fed every inbound 16 kHz frame (VAD, ASR, recorder)
@@ -182,7 +198,7 @@ class CallSession:
         self._inactivity = None
         self._wait_input = None
         self._recorders: list = []
-        self.recorder: Optional[WavRecorder] = None
+        self.recorder: Optional[IRecorder] = None
         #: builds VAD/ASR for the call from its option when it is answered
         self.processor_factory = processor_factory
         self.processors = None
@@ -257,15 +273,43 @@ class CallSession:
         d.addErrback(failed)
         return d
 
-    def _delegate(self, command):
-        """Call-type specific commands go to the connector (WebSocket, SIP, WebRTC)."""
-        method = getattr(self.connector, command.TAG, None) if self.connector is not None else None
-        if method is None:
-            self.error("command", f"{command.TAG} is not supported on a {self.call_type} call")
-            return None
-        return method(command)
+    # call-type specific commands go to the connector (WebSocket, SIP, WebRTC), when it provides them
 
-    on_invite = on_accept = on_reject = on_ringing = on_refer = on_sendDtmf = _delegate
+    def _connector(self, interface, command):
+        """The connector if it provides ``interface``; else None, and the command is refused."""
+        if interface.providedBy(self.connector):
+            return self.connector
+        self.error("command", f"{command.TAG} is not supported on a {self.call_type} call")
+        return None
+
+    def on_invite(self, command: cmd.Invite):
+        connector = self._connector(ICallConnector, command)
+        return connector.invite(command) if connector is not None else None
+
+    def on_accept(self, command: cmd.Accept):
+        connector = self._connector(ICallConnector, command)
+        return connector.accept(command) if connector is not None else None
+
+    def on_ringing(self, command: cmd.Ringing):
+        connector = self._connector(IInboundConnector, command)
+        return connector.ringing(command) if connector is not None else None
+
+    def on_reject(self, command: cmd.Reject):
+        connector = self._connector(IInboundConnector, command)
+        return connector.reject(command) if connector is not None else None
+
+    def on_refer(self, command: cmd.Refer):
+        connector = self._connector(ITransferConnector, command)
+        return connector.refer(command) if connector is not None else None
+
+    def on_sendDtmf(self, command: cmd.SendDtmf):
+        connector = self._connector(IDtmfConnector, command)
+        return connector.sendDtmf(command) if connector is not None else None
+
+    @property
+    def can_transfer(self) -> bool:
+        """The call's type can carry out ``refer`` (its connector provides ``ITransferConnector``)."""
+        return ITransferConnector.providedBy(self.connector)
 
     def on_tts(self, command: cmd.Tts):
         base = self.option.tts if self.option is not None else None
@@ -503,10 +547,10 @@ class CallSession:
 
     def _track_done(self, track) -> None:
         """The current bot track ended naturally: autoHangup, or arm waitInputTimeout."""
-        if getattr(track, "auto_hangup", False):
+        if track.auto_hangup:
             self.end("autohangup", initiator="system")
             return
-        timeout_ms = getattr(track, "wait_input_timeout", None)
+        timeout_ms = track.wait_input_timeout
         if timeout_ms:
             self._cancel_wait_input()
             armed_at = self.now()

@@ -18,8 +18,12 @@ import dataclasses
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from activecall.call import handlers
+from activecall.call.interfaces import (
+    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, ITransferConnector,
+)
 from activecall.call.manager import start_playbook
 from activecall.media.rtp import PortsExhausted
 from activecall.media.rtp_leg import MediaNegotiationError, RtpLeg
@@ -38,6 +42,7 @@ def delayed_offer(call) -> bool:
     return not (call.offer or b"").strip()
 
 
+@implementer(ICallLeg)
 class SipLeg:
     """The session's leg for a SIP call: the signalling dialog plus its RTP leg.
     Closing it hangs up (BYE/CANCEL with the call's hangup headers) and frees the ports."""
@@ -47,8 +52,13 @@ class SipLeg:
         self.sip_call = sip_call
         self.rtp = rtp
         self.closing = False
-        if hasattr(sip_call, "offer_answerer"):
+        if sip_call is not None:
             sip_call.offer_answerer = self._answer_offer
+
+    @property
+    def codec(self):
+        """The RTP leg's negotiated encoder (None before the offer/answer)."""
+        return self.rtp.encoder
 
     def _answer_offer(self, offer: bytes) -> bytes:
         """A re-INVITE/UPDATE offer from the peer: the RTP leg follows it (a new address, codec or
@@ -66,7 +76,7 @@ class SipLeg:
         if self.sip_call is not None and not self.sip_call.is_ended:
             headers = list(self.session.hangup_headers.items())
             try:
-                if getattr(self.sip_call, "state", None) in ("pending", "ringing"):
+                if self.sip_call.state in ("pending", "ringing"):
                     self.sip_call.reject(487 if self.session.end_reason == "canceled" else 480,
                                          self.session.end_reason)
                 else:
@@ -213,6 +223,7 @@ class _AsJson:
     __str__ = __repr__ = lambda self: self.event.to_json()
 
 
+@implementer(ICallConnector, IInboundConnector, ITransferConnector, IDtmfConnector)
 class SipConnector:
     """The call-type glue for ``/call/sip`` sessions (and playbook-routed inbound calls)."""
 
@@ -340,7 +351,7 @@ class SipConnector:
         offer = leg.rtp.offer(srtp=self.calls.wants_srtp(option))
 
         def acked(ack):
-            body = getattr(ack, "body", b"") or b""
+            body = ack.body or b""
             if s.state.value == "ended":
                 return
             try:

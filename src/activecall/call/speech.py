@@ -81,13 +81,8 @@ class SpeechProcessors:
 
 def _narrowband(session) -> bool:
     """The caller's audio went through an 8 kHz codec (G.711 on SIP or /call)."""
-    leg = getattr(session, "leg", None)
-    rtp = getattr(leg, "rtp", None)
-    encoder = getattr(rtp, "encoder", None)
-    if encoder is not None:
-        return encoder.name in ("pcmu", "pcma")
-    codec = getattr(getattr(leg, "codec", None), "name", None)
-    return codec in ("pcmu", "pcma")
+    codec = session.leg.codec if session.leg is not None else None
+    return codec is not None and codec.name in ("pcmu", "pcma")
 
 
 def attach_end_of_turn(session, processors: SpeechProcessors, eou_option, **deps):

@@ -15,7 +15,9 @@ from collections import deque
 
 import numpy as np
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from activecall.call.interfaces import ICallConnector, ICallLeg, ITransferConnector
 from activecall.call.manager import start_playbook
 from activecall.protocol import commands as cmd
 
@@ -54,8 +56,7 @@ class PcmCodec:
 def start_pending_playbook(session) -> None:
     """A playbook posted to ``/api/playbook/run`` for this session id starts with the connection
     (docs/api.md, "REST routes"); it speaks once the call is answered."""
-    manager = getattr(session, "manager", None)
-    pending = getattr(manager, "pending_playbooks", None)
+    pending = session.manager.pending_playbooks if session.manager is not None else None
     taken = pending.take(session.id) if pending is not None else None
     if taken is not None:
         start_playbook(session, taken.content if taken.content is not None else taken.name, extras=taken.extras)
@@ -73,6 +74,7 @@ def codec_for(option: cmd.CallOption):
     return codecs.stream_codec(name)
 
 
+@implementer(ICallLeg)
 class WebSocketAudioLeg:
     """Moves audio between the socket and the session, paced by the media clock."""
 
@@ -101,6 +103,7 @@ class WebSocketAudioLeg:
         self.media_clock.remove(self.on_tick)
 
 
+@implementer(ICallConnector, ITransferConnector)
 class WebSocketConnector:
     """The call-type glue for ``/call``: ``invite`` answers at once."""
 
@@ -130,7 +133,7 @@ class WebSocketConnector:
             session.error("invite", str(e), code=400)
             return
         session.option = option
-        if option.playbook and getattr(session, "playbook_runner", None) is None:
+        if option.playbook and session.playbook_runner is None:
             if start_playbook(session, option.playbook) is None:
                 return  # refused: error{sender: "playbook"} sent, the call is ending
         session.leg = WebSocketAudioLeg(session, self.protocol.send_audio, codec, self.media_clock)
@@ -142,7 +145,8 @@ class WebSocketConnector:
         """Bridge this WebSocket call to a SIP callee (the original's B2BUA refer)."""
         from activecall.call.bridge import start_refer
 
-        start_refer(self.session, command, getattr(self.session.manager, "sip_calls", None))
+        manager = self.session.manager
+        start_refer(self.session, command, manager.sip_calls if manager is not None else None)
 
     def accept(self, command: cmd.Accept) -> None:
         self.session.error("command", "accept is for a pending inbound SIP call (use /call/sip)")

@@ -74,24 +74,27 @@ class _HistoryBank:
 
 
 class _BankedResampler(Resampler):
-    """A ``Resampler`` whose history is a row of a ``_HistoryBank`` (released with the resampler)."""
+    """A ``Resampler`` whose history is row ``row`` of a ``_HistoryBank`` (released with the resampler)."""
+
+    _bank: Optional[_HistoryBank] = None  # (Resampler.__init__ sets a history before the bank is known)
 
     def __init__(self, src_rate: int, dst_rate: int, bank: _HistoryBank):
         super().__init__(src_rate, dst_rate)
         if bank.matrix.shape[1] != len(self._taps) - 1:
             raise ValueError("the bank's rows do not fit this resampler's history")
         self._bank = bank
-        self._row = bank.allocate()
-        weakref.finalize(self, bank.release, self._row)
+        #: this resampler's row of the bank's matrix (the batched path reads and writes it)
+        self.row = bank.allocate()
+        weakref.finalize(self, bank.release, self.row)
 
     @property
     def _history(self) -> np.ndarray:
-        return self._bank.matrix[self._row]
+        return self._bank.matrix[self.row]
 
     @_history.setter
     def _history(self, value) -> None:
-        if hasattr(self, "_bank"):  # (Resampler.__init__ sets a history before the bank is known)
-            self._bank.matrix[self._row] = value
+        if self._bank is not None:
+            self._bank.matrix[self.row] = value
 
 
 # -- the interface --------------------------------------------------------------------------
@@ -145,19 +148,25 @@ class Codec:
 
 
 class _G711Codec(Codec):
+    """G.711, coded one frame at a time here or many legs at once by ``encode_frames``/``decode_payloads``,
+    which read the public state below: ``alaw`` (the law), ``downsampler``/``upsampler`` (the 16 <-> 8 kHz
+    resamplers: ``row``, their history's row of the shared bank; ``phase``, 0 on a whole-frame boundary)."""
+
+    #: A-law (PCMA) rather than μ-law (PCMU)
+    alaw = False
     _encode_table: np.ndarray
     _decode_table: np.ndarray
 
     def __init__(self, payload_type: Optional[int] = None):
         super().__init__(payload_type)
-        self._down = _BankedResampler(SAMPLE_RATE, 8000, _DOWN_BANK)
-        self._up = _BankedResampler(8000, SAMPLE_RATE, _UP_BANK)
+        self.downsampler = _BankedResampler(SAMPLE_RATE, 8000, _DOWN_BANK)
+        self.upsampler = _BankedResampler(8000, SAMPLE_RATE, _UP_BANK)
 
     def encode(self, pcm16k) -> bytes:
-        return self._encode_table[self._down(pcm16k).astype(np.int32) + 32768].tobytes()
+        return self._encode_table[self.downsampler(pcm16k).astype(np.int32) + 32768].tobytes()
 
     def decode(self, payload: bytes) -> np.ndarray:
-        return self._up(self._decode_table[np.frombuffer(payload, dtype=np.uint8)])
+        return self.upsampler(self._decode_table[np.frombuffer(payload, dtype=np.uint8)])
 
 
 class PcmuCodec(_G711Codec):
@@ -167,6 +176,7 @@ class PcmuCodec(_G711Codec):
 
 class PcmaCodec(_G711Codec):
     info = CodecInfo("pcma", "PCMA", 8, 8000)
+    alaw = True
     _encode_table, _decode_table = ALAW_ENCODE, ALAW_DECODE
 
 
@@ -384,8 +394,8 @@ def encode_frames(codecs, frames) -> list:
     batch, alaw = [], set()
     for i, codec in enumerate(codecs):
         pcm = frames[i]
-        if isinstance(codec, _G711Codec) and codec._down._next == 0 and getattr(pcm, "size", -1) == FRAME_SAMPLES:
-            if codec._encode_table is ALAW_ENCODE:
+        if isinstance(codec, _G711Codec) and codec.downsampler.phase == 0 and getattr(pcm, "size", -1) == FRAME_SAMPLES:
+            if codec.alaw:
                 alaw.add(i)
             batch.append(i)
         else:
@@ -404,7 +414,7 @@ def _encode_g711(codecs, frames, batch, alaw_at, out) -> None:
     history = down.shape[0] - FRAME_SAMPLES
     n = len(batch)
     bank = _DOWN_BANK.matrix
-    rows = np.fromiter([codecs[i]._down._row for i in batch], dtype=np.intp, count=n)
+    rows = np.fromiter([codecs[i].downsampler.row for i in batch], dtype=np.intp, count=n)
     x = np.empty((n, down.shape[0]), dtype=np.float32)
     x[:, :history] = bank[rows]
     # np.concatenate + reshape: a quarter of np.stack's cost for a thousand small arrays
@@ -433,8 +443,8 @@ def decode_payloads(codecs, payloads) -> list:
     batch, alaw = [], set()
     for i, codec in enumerate(codecs):
         payload = payloads[i]
-        if isinstance(codec, _G711Codec) and len(payload) == _G711_FRAME and codec._up._next == 0:
-            if codec._decode_table is ALAW_DECODE:
+        if isinstance(codec, _G711Codec) and len(payload) == _G711_FRAME and codec.upsampler.phase == 0:
+            if codec.alaw:
                 alaw.add(i)
             batch.append(i)
         else:
@@ -457,7 +467,7 @@ def _decode_g711(codecs, payloads, batch, alaw_at, out) -> None:
     history = up.shape[0] - _G711_FRAME
     n = len(batch)
     bank = _UP_BANK.matrix  # zero-stuffed histories: the samples sit in the even columns
-    rows = np.fromiter([codecs[i]._up._row for i in batch], dtype=np.intp, count=n)
+    rows = np.fromiter([codecs[i].upsampler.row for i in batch], dtype=np.intp, count=n)
     codes = np.frombuffer(b"".join([payloads[i] for i in batch]), dtype=np.uint8).reshape(n, _G711_FRAME)
     x = np.empty((n, up.shape[0]), dtype=np.float32)
     x[:, :history] = bank[rows, 0::2]

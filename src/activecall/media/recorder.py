@@ -16,12 +16,26 @@ from typing import Optional
 
 import numpy as np
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 from activecall.filenames import safe_file_part
 
 log = Logger(namespace="activecall.recorder")
 
 CALLER, BOT = 0, 1
+
+
+class IRecorder(Interface):
+    """A call's recording as its session uses it: both sides' audio in, one file out (its CDR names it)."""
+
+    path = Attribute("The file the recording is written to.")
+    size = Attribute("Its size in bytes so far (the CDR's ``size``).")
+
+    def write(channel, pcm):
+        """16 kHz int16 audio of ``CALLER`` or ``BOT``."""
+
+    def close():
+        """Write what is left and close the file; later writes are dropped."""
 
 
 def wav_header(data_bytes: int, rate: int = 16000, channels: int = 2) -> bytes:
@@ -64,6 +78,7 @@ class _Channel:
         return self.cursor
 
 
+@implementer(IRecorder)
 class WavRecorder:
     """Writes two channels of 16 kHz int16 audio; ``write(channel, pcm)`` then ``close``.
 

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface
 
 from activecall.audio import FRAME_SAMPLES
 from activecall.media import codecs as codec_mod
@@ -60,6 +61,26 @@ _QUIET_ERRORS = (BlockingIOError, InterruptedError, ConnectionRefusedError)
 #: host that is not text, a NUL in it, "encoding of hostname failed").  Negotiation refuses such
 #: SDP (sip/sdp.py ``usable_address``/``usable_port``); this is the second line of defence.
 _SEND_ERRORS = (OSError, OverflowError, TypeError, ValueError)
+
+
+class IMediaSession(Interface):
+    """What a leg needs of the call it carries (an ``RtpLeg``, and the call layer's WebSocket and WebRTC
+    legs): the bot's frames out, the caller's frames and DTMF in.  Provided by ``CallSession``, a bridged
+    refer's ``ReferredParty`` and ``testing.FakeMediaSession``."""
+
+    id = Attribute("The call's id (for log lines and events).")
+
+    def tick():
+        """The bot's 16 kHz int16 frame due now, or None when nothing plays (the leg sends silence)."""
+
+    def audio_in(pcm):
+        """One 16 kHz int16 frame of the caller's audio."""
+
+    def emit(event):
+        """An event of the call (``dtmf``)."""
+
+    def now():
+        """The call's clock in milliseconds (events' ``timestamp``)."""
 
 
 class MediaNegotiationError(Exception):

@@ -195,7 +195,7 @@ class RtpTicker:
     def _failed(self, leg) -> None:
         """``leg`` raised on the tick (called in its ``except`` block, also by the C loops)."""
         log.failure("RTP leg of {session} failed on the media tick; its media stopped",
-                    session=getattr(leg.session, "id", "?"))
+                    session=leg.session.id)
         self.failures += 1
         self.remove(leg)
 
@@ -291,5 +291,5 @@ def _encode_or_none(leg, pcm):
     try:
         return leg.encoder.encode(pcm)
     except Exception:
-        log.failure("bot audio of {session} could not be encoded", session=getattr(leg.session, "id", "?"))
+        log.failure("bot audio of {session} could not be encoded", session=leg.session.id)
         return None

@@ -33,6 +33,10 @@ class Track:
     """Common bookkeeping: id, playId, SSRC, frames played, the finished signal."""
 
     kind = "track"
+    #: what the call does when the track ends by itself: hang up (``autoHangup``), or wait this many ms
+    #: for the caller before a ``silence`` event (``waitInputTimeout``); set per track by the playback
+    auto_hangup: bool = False
+    wait_input_timeout: Optional[int] = None
 
     def __init__(self, track_id: str, play_id: Optional[str] = None):
         self.track_id = track_id

@@ -131,7 +131,7 @@ class RealtimeTurns:
 
     def stop(self) -> None:
         session = self.runner.session
-        if getattr(session, "realtime_controller", None) is self:
+        if session.realtime_controller is self:
             session.realtime_controller = None
 
     def begin(self) -> None:

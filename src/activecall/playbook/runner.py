@@ -277,8 +277,7 @@ class PlaybookRunner:
     def refer(self, target: str, reply=None, caller: Optional[str] = None, options: Optional[dict] = None) -> None:
         """Transfer: through the call's connector when it can; otherwise end the call with reason refer
         (after ``reply``, when one is still being spoken)."""
-        connector = self.session.connector
-        if connector is not None and callable(getattr(connector, "refer", None)):
+        if self.session.can_transfer:
             option = self.session.option
             command = cmd.Refer(
                 caller=caller or (option.caller if option is not None and option.caller else "") or "",

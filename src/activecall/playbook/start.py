@@ -108,7 +108,7 @@ def start_playbook(session, playbook_or_name, *, extras: Optional[dict] = None, 
     left them out; the runner begins when the call is answered.  A playbook that cannot be loaded sends
     ``error{sender: "playbook"}`` and ends the call; the result is then None.
     """
-    existing = getattr(session, "playbook_runner", None)
+    existing = session.playbook_runner
     if existing is not None and not existing.stopped:
         session.error("playbook", "a playbook is already running on this call")
         return existing

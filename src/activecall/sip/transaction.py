@@ -207,6 +207,7 @@ class Transaction:
         self.timers = Timers(layer.reactor)
         self.state: Optional[State] = None
         self._terminated: Optional[defer.Deferred] = None
+        self._lingering = None  # this transaction's entry in the layer's expiry queue, once it lingers
 
     @property
     def terminated(self) -> defer.Deferred:
@@ -235,7 +236,7 @@ class Transaction:
             return
         self.state = State.TERMINATED
         self.timers.stop_all()
-        lingering = getattr(self, "_lingering", None)
+        lingering = self._lingering
         if lingering is not None:
             self.layer._lingering.cancel(lingering)
             self._lingering = None

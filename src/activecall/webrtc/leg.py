@@ -36,8 +36,10 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
+from activecall.call.interfaces import ICallConnector, ICallLeg, ITransferConnector
 from activecall.call.manager import start_playbook
 from activecall.config import parse_duration
 from activecall.protocol import commands as cmd
@@ -164,8 +166,12 @@ class FrameChunker:
         return [data[i:i + FRAME_SAMPLES] for i in range(0, whole, FRAME_SAMPLES)]
 
 
+@implementer(ICallLeg)
 class WebRTCLeg:
     """One browser peer connection bound to one call session."""
+
+    #: aiortc negotiates and decodes the codec itself; the session is handed 16 kHz audio either way
+    codec = None
 
     def __init__(self, session, media_clock, config, registry: Optional["PeerConnections"] = None,
                  reactor=None):
@@ -289,6 +295,7 @@ class WebRTCLeg:
         return d
 
 
+@implementer(ICallConnector, ITransferConnector)
 class WebRTCConnector:
     """The call-type glue for ``/call/webrtc``: ``invite`` answers the browser's offer."""
 
@@ -326,7 +333,7 @@ class WebRTCConnector:
             session.error("invite", str(e), code=400)
             return None
         session.option = option
-        if option.playbook and getattr(session, "playbook_runner", None) is None:
+        if option.playbook and session.playbook_runner is None:
             if start_playbook(session, option.playbook) is None:
                 return None  # refused: error{sender: "playbook"} sent, the call is ending
         leg = WebRTCLeg(session, self.media_clock, self.config, self.registry, reactor=self.reactor)
@@ -351,7 +358,8 @@ class WebRTCConnector:
         server-side track this leg already plays."""
         from activecall.call.bridge import start_refer
 
-        start_refer(self.session, command, getattr(self.session.manager, "sip_calls", None))
+        manager = self.session.manager
+        start_refer(self.session, command, manager.sip_calls if manager is not None else None)
 
     def accept(self, command: cmd.Accept) -> None:
         self.session.error("command", "accept is for a pending inbound SIP call (use /call/sip)")

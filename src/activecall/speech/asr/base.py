@@ -37,7 +37,7 @@ PRE_ROLL_MS = 200  # audio kept before the VAD's speech start
 
 def report_error(recognizer, message: str) -> None:
     """Tell the recogniser's owner (``on_error``) that recognition failed; its bugs are logged, not raised."""
-    on_error = getattr(recognizer, "on_error", None)
+    on_error = recognizer.on_error  # IStreamingRecognizer: None until the call sets it
     if on_error is None:
         return
     try:
