@@ -290,7 +290,8 @@ class LoopbackTests(unittest.TestCase):
         a = self.start()
         resolved = []
         self.patch(a.reactor, "resolve", lambda name, *rest: resolved.append(name))
-        for host in ("a" * 70 + ".example", "a..example", ".example", "x" * 254):  # IDNA: label too long / empty
+        # IDNA: label too long / empty; a byte that is no ASCII (kept as a surrogate) or a space
+        for host in ("a" * 70 + ".example", "a..example", ".example", "x" * 254, "pbx\udcff.example", "a b.example"):
             for transport in ("UDP", "TCP"):
                 with self.assertRaises(SendError):
                     yield a.send_request(self.request_from(a, "UDP"), Target(host, 5060, transport))

@@ -121,6 +121,7 @@ REASON_PHRASES = {
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9\-._]+")
+_DNS_LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,63}", re.ASCII)
 # RFC 3261 §25.1 characters allowed unescaped in the user and password parts
 _USER_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,;?/")
 _PASSWORD_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,")
@@ -266,13 +267,13 @@ def _parse_host(text: str) -> str:
 
 
 def dns_name_fits(name: str) -> bool:
-    """RFC 1035 §2.3.4: at most 253 characters, labels of 1 to 63.
+    """RFC 1035 §2.3.4: at most 253 characters, labels of 1 to 63 letters, digits, ``-`` or ``_`` (SRV).
 
     No longer name exists, and getaddrinfo's IDNA step raises for one: inside Twisted's
     resolver that is an "Unhandled error in Deferred" and a send that never completes.
     """
     labels = (name[:-1] if name.endswith(".") else name).split(".")  # one trailing dot: a rooted name
-    return len(name) <= 253 and all(0 < len(label) <= 63 for label in labels)
+    return len(name) <= 253 and all(_DNS_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def format_host(host: str) -> str:
