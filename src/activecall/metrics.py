@@ -7,6 +7,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -56,6 +57,27 @@ class Metrics:
         self.uptime_seconds = Gauge(
             "activecall_uptime_seconds", "Seconds since the daemon started", registry=r
         )
+
+        # per-turn latency from the end of the caller's speech (call/turn_timing.py, issue 20)
+        buckets = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
+        self.turn_stages = {
+            field: Histogram(f"activecall_turn_{name}_seconds", help_, buckets=buckets, registry=r)
+            for field, name, help_ in (
+                ("eou_ms", "eou", "End of the caller's speech to the end-of-turn decision"),
+                ("asr_final_ms", "asr_final", "End of the caller's speech to the recogniser's final"),
+                ("llm_first_token_ms", "llm_first_token", "End of the caller's speech to the LLM's first token"),
+                ("tts_first_audio_ms", "tts_first_audio", "End of the caller's speech to the first TTS samples"),
+                ("first_frame_ms", "first_frame",
+                 "End of the caller's speech to the first reply frame sent (voice to voice, in the daemon)"),
+            )
+        }
+
+    def observe_turn(self, data: dict) -> None:
+        """One turn's ``turn.latency`` breakdown (ms; None = the stage did not happen)."""
+        for field, histogram in self.turn_stages.items():
+            value = data.get(field)
+            if value is not None:
+                histogram.observe(max(0, value) / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

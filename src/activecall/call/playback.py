@@ -53,6 +53,8 @@ class Playback:
         self._queue: deque = deque()  # (text, is_base64, option) waiting for the current TTS track
         self._synthesis: Optional[defer.Deferred] = None
         self._eos_requested = False
+        #: told ``(track)`` each time a synthesiser hands a TTS track samples (call/turn_timing.py)
+        self.audio_observer: Optional[Callable[[Track], None]] = None
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -183,13 +185,24 @@ class Playback:
         text, is_base64, provider = self._queue.popleft()
         if is_base64:
             try:
-                track.feed(np.frombuffer(base64.b64decode(text, validate=True), dtype="<i2"))
+                pcm = np.frombuffer(base64.b64decode(text, validate=True), dtype="<i2")
+                if self.audio_observer is not None:
+                    self.audio_observer(track)
+                track.feed(pcm)
             except (binascii.Error, ValueError) as e:
                 self._report_tts_error(f"invalid base64 PCM: {e}")
             self._pump()
             return
         started = self.clock.seconds()
-        d = defer.maybeDeferred(provider.synthesize, text, track.feed)
+        feed = track.feed
+        if self.audio_observer is not None:
+            observer = self.audio_observer
+
+            def feed(pcm, track=track):
+                observer(track)
+                track.feed(pcm)
+
+        d = defer.maybeDeferred(provider.synthesize, text, feed)
         self._synthesis = d
 
         def done(result):

@@ -202,6 +202,8 @@ class CallSession:
         #: builds VAD/ASR for the call from its option when it is answered
         self.processor_factory = processor_factory
         self.processors = None
+        #: the per-turn latency breakdown (call/turn_timing.py), with the speech processors
+        self.turn_timing = None
         cache = config.media_cache_path if config is not None else "./config/mediacache"
         self.playback = Playback(
             server_track_id, self.emit, clock,
@@ -384,6 +386,10 @@ class CallSession:
         self.start_recording()
         if self.processor_factory is not None:
             self.processors = self.processor_factory(self)
+            if self.processors is not None:
+                from activecall.call.turn_timing import TurnTiming
+
+                TurnTiming.attach(self, self.metrics)
 
     def start_recording(self) -> None:
         """``[recording]``: ``enabled`` allows it; ``auto_start`` or the call's
@@ -431,6 +437,8 @@ class CallSession:
         frame = self.playback.tick()
         if frame is not None and self.muted:
             frame = frame * 0
+        if frame is not None and self.turn_timing is not None and self.turn_timing.wants_frame:
+            self.turn_timing.frame_out(frame)
         if frame is not None and self.recorder is not None:
             self.recorder.write(BOT, frame)
         return frame

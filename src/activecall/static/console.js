@@ -113,7 +113,8 @@ function summary(event) {
     case "trackStart": return `${event.trackId}${event.playId ? " play " + event.playId : ""}`;
     case "trackEnd": return `${event.trackId}${event.playId ? " play " + event.playId : ""} ${event.duration} ms`;
     case "dtmf": return `digit ${event.digit}`;
-    case "metrics": return `${event.key} ${event.duration} ms`;
+    case "metrics": return event.key === "turn.latency" ? turnLatency(event.data || {})
+                                                        : `${event.key} ${event.duration} ms`;
     case "error": return `${event.sender}: ${event.error}`;
     case "hangup": return `${event.reason || ""} by ${event.initiator || "?"}`;
     case "addHistory": return `${event.speaker}: ${event.text}`;
@@ -126,9 +127,17 @@ function summary(event) {
   }
 }
 
+// one turn's latency (metrics turn.latency, docs/api.md): every stage from the end of the caller's speech
+function turnLatency(d) {
+  const stage = (label, ms) => (ms === null || ms === undefined ? "" : ` · ${label} ${ms}`);
+  return `reply after ${d.first_frame_ms} ms` + stage("end of turn", d.eou_ms) + stage("asr final", d.asr_final_ms) +
+    stage("llm 1st token", d.llm_first_token_ms) + stage("tts 1st audio", d.tts_first_audio_ms);
+}
+
 function addTimeline(event, local = false) {
   const when = new Date(event.timestamp || Date.now());
-  const item = el("li", { class: `${event.event}${local ? " local" : ""}` },
+  const turn = event.event === "metrics" && event.key === "turn.latency" ? " turn-latency" : "";
+  const item = el("li", { class: `${event.event}${turn}${local ? " local" : ""}` },
                   el("span", { class: "t" }, when.toTimeString().slice(0, 8)),
                   el("span", { class: "ev" }, event.event),
                   el("span", {}, local ? event.text : summary(event)));
