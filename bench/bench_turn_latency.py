@@ -10,19 +10,25 @@ silence between turns, never faster than real time) and measures, on its own clo
   was sent;
 - the first reply audio: the first non-silent binary frame received after it.
 
-Voice to voice = the difference.  The breakdown comes from the daemon's ``metrics`` event
-``turn.latency`` (call/turn_timing.py: every stage from the end of speech as the daemon's VAD saw
-it): end-of-turn wait (→ ``eou``), ASR final (→ ``asrFinal``), LLM first token (request sent →
-first token), TTS first audio (first token → first samples), and the daemon's overhead = voice to
-voice − those four (dispatch from ``asrFinal`` to the LLM request, from TTS samples to the wire,
-the socket both ways).
+Voice to voice = the difference.  The playbook has no greeting, so the model speaks first: the first
+turn starts 1 s after that opening line has played out, each turn after the previous clip was sent in
+full, and only audio received after the caller's speech ended counts as the reply.  (The bench once
+began speaking while the opening line still played: its audio was taken for turn 0's reply, turn 0
+was scored "no reply" and turn 1's clip overwrote the rest of turn 0's, so the daemon heard one
+spliced utterance; a warm-up turn hid this.  The daemon lost nothing.)
+
+The breakdown comes from the daemon's ``metrics`` event ``turn.latency`` (call/turn_timing.py: every
+stage from the end of speech as the daemon's VAD saw it): end-of-turn wait (→ ``eou``), ASR final
+(→ ``asrFinal``), LLM first token (request sent → first token), TTS first audio (first token → first
+samples), and the daemon's overhead = voice to voice − those four (dispatch from ``asrFinal`` to the
+LLM request, from TTS samples to the wire, the socket both ways).
 
 Configurations (``--config``): ``offline`` (silero VAD, pocketsphinx, Smart Turn, flite: the
 defaults) and ``openai`` (the ``openai`` ASR provider against a local OpenAI-compatible
 ``/v1/audio/transcriptions`` here answering the sentence after ``--asr-delay-ms``).
 
     PYTHONPATH=src .venv/bin/python bench/bench_turn_latency.py --turns 20 --llm-delay-ms 0,300 \
-        [--config offline,openai] [--asr-delay-ms 0,150] [--json]
+        [--config offline,openai] [--asr-delay-ms 0,150] [--json] [--dump-events]
 
 SIP/RTP (``--transport sip``) is not implemented yet.
 """
@@ -189,7 +195,7 @@ def pct(values, q):
 
 
 @defer.inlineCallbacks
-def run_config(name, asr, llm_delay, asr_delay, turns, llm, transcriptions, llm_port, clips):
+def run_config(name, asr, llm_delay, asr_delay, turns, llm, transcriptions, llm_port, clips, dump_events=False):
     root = tempfile.mkdtemp(prefix="turnbench-")
     conf, http_port = write_setup(root, llm_port, asr)
     llm.delay = llm_delay / 1000.0
@@ -203,7 +209,9 @@ def run_config(name, asr, llm_delay, asr_delay, turns, llm, transcriptions, llm_
         state = {"waiting": False, "reply": None}
 
         def on_message(payload, isBinary, original=proto.onMessage):
-            if isBinary and state["waiting"] and state["reply"] is None:
+            # only audio after the caller's speech ended answers the turn (not the opening line, nor
+            # the end of the previous reply)
+            if isBinary and state["waiting"] and state["reply"] is None and pacer.speech_end is not None:
                 if np.abs(np.frombuffer(payload, dtype="<i2")).max(initial=0) > 0:
                     state["reply"] = reactor.seconds()
             original(payload, isBinary)
@@ -212,10 +220,15 @@ def run_config(name, asr, llm_delay, asr_delay, turns, llm, transcriptions, llm_
         proto.sendMessage(json.dumps({"command": "invite", "option": {"codec": "pcm", "playbook": "bench.md"}}).encode())
         yield factory.wait_event("answer", timeout=30)
         pacer = Pacer(proto)
+        # the playbook has no greeting, so the model speaks first (docs/playbooks.md, "Start"): wait
+        # for that opening line to play out before the first turn, as a caller would
+        yield factory.wait_event("trackEnd", timeout=30, playId="llm-1")
         yield task.deferLater(reactor, 1.0, lambda: None)
         results = []
-        for i in range(-1, turns):  # turn -1: warm-up (the end-of-turn model loads), not counted
-            sentence_i = (i + len(clips)) % len(clips)
+        for i in range(turns):
+            sentence_i = i % len(clips)
+            while pacer.queue.size:  # a missed turn's clip plays out; clips are never spliced
+                yield task.deferLater(reactor, 0.02, lambda: None)
             transcriptions.text = SENTENCES[sentence_i]
             seen = len(factory.events)
             state["waiting"], state["reply"] = True, None
@@ -253,7 +266,9 @@ def run_config(name, asr, llm_delay, asr_delay, turns, llm, transcriptions, llm_
                            tts_first_audio_ms=tts_ms, overhead_ms=round(v2v - eou - asr_gap - llm_ms - tts_ms, 1))
             results.append(row)
             print(f"  turn {i}: {row}", file=sys.stderr)
-        results = [r for r in results if r["turn"] >= 0]
+        if dump_events:
+            for e in factory.events:
+                print("event", json.dumps(e), file=sys.stderr)
         pacer.running = False
         late = np.array(pacer.late) * 1000
         proto.sendMessage(json.dumps({"command": "hangup"}).encode())
@@ -306,7 +321,7 @@ def main(args):
             for llm_delay in [int(x) for x in args.llm_delay_ms.split(",")]:
                 print(f"config {name} llm {llm_delay} ms asr {asr_delay} ms", file=sys.stderr)
                 run = yield run_config(name, configs[name], llm_delay, asr_delay, args.turns, llm,
-                                       transcriptions, port, clips)
+                                       transcriptions, port, clips, args.dump_events)
                 runs.append(run)
                 summaries.append(summarise(run))
                 print(json.dumps(summaries[-1]), file=sys.stderr)
@@ -337,6 +352,8 @@ if __name__ == "__main__":
     parser.add_argument("--config", default="offline")
     parser.add_argument("--transport", default="ws", choices=("ws", "sip", "both"))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dump-events", action="store_true",
+                        help="print every event of each call to stderr at its end")
     args = parser.parse_args()
     if args.transport != "ws":
         sys.exit("--transport sip: not implemented yet (only ws)")
