@@ -14,6 +14,7 @@ from zope.interface.verify import verifyObject
 
 from activecall.call.session import CallSession
 from activecall.config import load_config
+from activecall.metrics import Metrics
 from activecall.playbook import tags
 from activecall.playbook.echo import EchoLLM, echo_reply
 from activecall.playbook.llm import LLMClient, LLMError, LLMReply, LLMSettings
@@ -977,3 +978,81 @@ class RealServerTests(RunnerTestBase):
         self.assertEqual((error.sender, error.code), ("llm", 503))
         self.assertIn("model overloaded", error.error)
         self.assertIsNone(runner.reply)
+
+
+class PreemptiveTests(RunnerTestBase):
+    """A reply asked on a partial that stopped changing (llm.preemptive, docs/playbooks.md): used when the
+    final says the same words, cancelled and asked again when it does not; nothing spoken before the final."""
+
+    def delta(self, text):
+        self.session.emit(ev.AsrDelta(trackId="s1", timestamp=self.session.now(), index=0, text=text))
+
+    def start(self, extra=""):
+        self.begin(None, extra=extra, greeting="Hi.")
+        self.session.metrics = Metrics()
+        self.play_out()
+
+    def count(self, outcome):
+        return self.session.metrics.llm_preemptive.labels(outcome=outcome)._value.get()
+
+    def test_final_matching_the_partial_uses_the_preemptive_answer(self):
+        self.start()
+        self.delta("what time do you open")
+        self.clock.advance(0.2)
+        self.assertEqual(len(self.llm.calls), 1)
+        self.assertEqual(self.llm.calls[0].messages[-1], {"role": "user", "content": "what time do you open"})
+        self.llm.calls[0].send("We open at nine. ", "See you")
+        self.assertEqual(self.tts()[1:], [])  # nothing spoken before the turn is confirmed
+        self.user("What time do you open?")
+        self.assertEqual(len(self.llm.calls), 1)
+        self.assertEqual([c.text for c in self.tts()[1:]], ["We open at nine."])
+        self.llm.calls[0].send(" then.")
+        self.llm.calls[0].end()
+        self.assertEqual([c.text for c in self.tts()[1:]], ["We open at nine.", "See you then."])
+        self.assertFalse(self.llm.calls[0].cancelled)
+        self.assertEqual(self.count("hit"), 1)
+        self.assertEqual(self.history()[-2:], [("user", "What time do you open?"),
+                                               ("assistant", "We open at nine. See you then.")])
+
+    def test_mismatch_cancels_and_asks_again(self):
+        self.start()
+        self.delta("what time do you")
+        self.clock.advance(0.2)
+        self.assertEqual(len(self.llm.calls), 1)
+        self.llm.calls[0].send("Wrong answer. ")
+        self.user("what time do you close")
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.assertEqual(len(self.llm.calls), 2)
+        self.assertEqual(self.llm.calls[1].messages[-1], {"role": "user", "content": "what time do you close"})
+        self.llm.calls[1].reply("We close at six.")
+        self.assertEqual([c.text for c in self.tts()[1:]], ["We close at six."])
+        self.assertEqual(self.count("miss"), 1)
+        self.assertEqual(self.count("hit"), 0)
+
+    def test_a_changed_partial_cancels_the_request(self):
+        self.start()
+        self.delta("what time")
+        self.clock.advance(0.2)
+        self.delta("what time do you close")
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.assertEqual(self.count("cancelled"), 1)
+        self.clock.advance(0.2)
+        self.user("what time do you close")
+        self.assertEqual(len(self.llm.calls), 2)
+        self.assertEqual(self.count("hit"), 1)
+
+    def test_a_partial_still_changing_starts_nothing(self):
+        self.start()
+        self.delta("what")
+        self.clock.advance(0.1)
+        self.delta("what time")
+        self.clock.advance(0.1)
+        self.assertEqual(self.llm.calls, [])
+
+    def test_off(self):
+        self.start(extra="  preemptive: false")
+        self.delta("what time do you open")
+        self.clock.advance(1)
+        self.assertEqual(self.llm.calls, [])
+        self.user("what time do you open")
+        self.assertEqual(len(self.llm.calls), 1)

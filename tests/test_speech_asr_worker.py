@@ -243,3 +243,33 @@ class WorkerProcessTests(unittest.TestCase):
         self.assertEqual(options["hmm"], "/m/hmm")
         self.assertEqual(len(options["cmninit"].split(",")), 13)
         self.assertNotIn("endpointing", options)
+
+
+class IncrementalDecodingTests(unittest.TestCase):
+    """The recogniser sends audio as it arrives (320 ms steps, plus whatever is pending when the caller
+    pauses); the final must be the same text however the audio was cut."""
+
+    CLIPS = ("Please transfer me to the billing department.", "I would like to check the status of my order.",
+             "Can you call me back tomorrow morning?")
+
+    def decode(self, pcm, cuts) -> str:
+        d = Decoders()
+        d.open(1, {})
+        d.begin(1)
+        start = 0
+        for cut in cuts:
+            d.audio(1, pcm[start:cut].astype("<i2").tobytes())
+            start = cut
+        return d.end(1, pcm[start:].astype("<i2").tobytes())
+
+    @defer.inlineCallbacks
+    def test_same_text_however_the_audio_is_cut(self):
+        for sentence in self.CLIPS:
+            pcm = yield synthesize_pcm(sentence)
+            steps = list(range(5120, pcm.size, 5120))
+            whole = self.decode(pcm, [])
+            self.assertLess(word_error_rate(sentence, whole), 0.5, whole)
+            self.assertEqual(self.decode(pcm, steps), whole)
+            # a pause flush in the middle of a step (the recogniser's _flush), then steps again
+            flushed = sorted(set(steps[:3] + [steps[3] - 1700] + [s + 3420 for s in steps[3:-1]]))
+            self.assertEqual(self.decode(pcm, flushed), whole)

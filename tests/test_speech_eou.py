@@ -256,6 +256,31 @@ class RecognizerEndpointingTests(unittest.TestCase):
         # the model said "complete" at the first 200-ms pause: the final came well before the 500 ms default
         self.assertLess(finals[0].end_ms - self.speech_end_ms, 400)
 
+    def test_pending_audio_is_decoded_when_the_caller_pauses(self):
+        """At each pause the decoder gets everything heard so far, before the detector answers: only the
+        pause's audio is left for the final (docs/speech.md, "What streams")."""
+        detector = FakeDetector()
+        decoded_at_pause = []
+        asr_box = []
+
+        def analyze(pcm):
+            asr = asr_box[0]
+            decoded_at_pause.append((asr.samples, asr._fed - asr._utt.start_sample))
+            return defer.succeed(TurnPrediction(0.9, 5.0))
+
+        detector.analyze = analyze
+        original = EchoRecognizer.endpoint_with
+
+        def capture(asr, endpointer):
+            asr_box.append(asr)
+            return original(asr, endpointer)
+
+        self.patch(EchoRecognizer, "endpoint_with", capture)
+        self.run_call(TurnEndpointer(None, detector, EouOptions()))
+        self.assertTrue(decoded_at_pause)
+        for decoded, heard in decoded_at_pause:  # all but the frame whose VAD verdict was the pause
+            self.assertLessEqual(heard - decoded, 320)
+
     def test_always_incomplete_ends_at_the_ceiling(self):
         detector = FakeDetector()
         detector.analyze = lambda pcm: defer.succeed(TurnPrediction(0.05, 5.0))

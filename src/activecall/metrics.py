@@ -49,6 +49,13 @@ class Metrics:
             ["reason", "transport"], registry=r,
         )
         self.errors = Counter("activecall_errors", "Errors, by kind", ["kind"], registry=r)
+        self.llm_preemptive = Counter(
+            "activecall_llm_preemptive",
+            "LLM requests started on a stable partial transcript, by outcome: hit (the final matched, its "
+            "answer was used), miss (the final differed: cancelled, asked again), cancelled (the partial "
+            "changed or the call moved on before the final)",
+            ["outcome"], registry=r,
+        )
         self.sip_registration_up = Gauge(
             "activecall_sip_registration_up",
             "1 when the account is registered with its PBX, else 0",

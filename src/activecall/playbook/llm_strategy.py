@@ -11,8 +11,9 @@ summary.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -38,6 +39,32 @@ SUMMARY_KEEP = 6
 
 #: what ``_ask`` gives when the model did not answer (cancelled, or failed and handled)
 _NO_ANSWER = object()
+
+
+def normalise(text: str) -> str:
+    """What must match between a partial and the final for a preemptive answer to count: the words, with
+    case, punctuation and white space ignored."""
+    kept = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in (text or "").casefold())
+    return " ".join(kept.split())
+
+
+@dataclass
+class Preemptive:
+    """An LLM request started on a partial transcript before the end of turn; nothing of it is spoken until
+    the final confirms it (its deltas wait in ``deltas``, then go to ``sink``)."""
+
+    text: str
+    messages: list
+    d: Optional[defer.Deferred] = None
+    deltas: list = field(default_factory=list)
+    sink: Optional[Callable[[str], None]] = None
+    failed: bool = False
+
+    def on_delta(self, delta: str) -> None:
+        if self.sink is not None:
+            self.sink(delta)
+        else:
+            self.deltas.append(delta)
 
 
 @dataclass
@@ -69,6 +96,8 @@ class LlmTurns:
         self.llm_config = runner.llm_config
         self.reply: Optional[Reply] = None
         self.summary: Optional[str] = None  # rolling summary, kept across scene switches
+        self.preemptive: Optional[Preemptive] = None  # a reply started on a stable partial
+        self._stable = None  # DelayedCall: the partial has not changed for ``preemptive_stable_ms``
 
     # -- what the runner asks -------------------------------------------------------------------------
 
@@ -108,6 +137,7 @@ class LlmTurns:
         pass
 
     def stop(self) -> None:
+        self._drop_preemptive("cancelled")
         self.cancel(keep_partial=True)
 
     def caller_said(self, event: ev.AsrFinal) -> None:
@@ -127,11 +157,13 @@ class LlmTurns:
             runner.history.append({"role": "user", "content": text})
         runner.emit_history("user", text)
         runner.followup_count = 0
-        self.start_turn()
+        self.start_turn(preempted=self._confirm_preemptive())
 
     def caller_speaking(self, event) -> None:
         """Interrupt the bot when the caller talks over it (docs/playbooks.md, interruption)."""
         runner = self.runner
+        if isinstance(event, ev.AsrDelta):
+            self._partial(event.text)
         interruption = runner.config.interruption
         strategy = interruption.strategy
         if isinstance(event, ev.Speaking) and strategy not in ("both", "vad"):
@@ -153,7 +185,7 @@ class LlmTurns:
             return
         runner.barge_in()
 
-    def start_turn(self, intro_play: Optional[str] = None) -> None:
+    def start_turn(self, intro_play: Optional[str] = None, preempted: Optional[Preemptive] = None) -> None:
         """A new LLM reply: whatever was streaming or queued is superseded."""
         runner = self.runner
         if runner.stopped:
@@ -164,7 +196,7 @@ class LlmTurns:
             runner.send(cmd.Play(url=intro_play), wait=True)
         reply = Reply(runner.replies + 1, runner.next_play_id(), started_ms=runner.now())
         self.reply = reply
-        d = self._run(reply)
+        d = self._run(reply, preempted)
         d.addErrback(lambda f: log.failure("call {id}: LLM turn failed", f, id=runner.session.id))
 
     def cancel(self, keep_partial: bool) -> None:
@@ -179,22 +211,118 @@ class LlmTurns:
 
     # -- one reply --------------------------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def _run(self, reply: Reply):
+    # -- preemptive generation (docs/playbooks.md, "Preemptive replies") --------------------------------
+
+    def _partial(self, text: Optional[str]) -> None:
+        """A partial transcript: a preemptive request on other words is dropped; one that stays unchanged
+        for ``preemptive_stable_ms`` starts one."""
+        if not self.llm_config.preemptive:
+            return
+        text = (text or "").strip()
+        if self.preemptive is not None and normalise(self.preemptive.text) != normalise(text):
+            self._drop_preemptive("cancelled")
+        if self._stable is not None and self._stable.active():
+            self._stable.cancel()
+        self._stable = None
+        if text and self.preemptive is None:
+            self._stable = self.runner.clock.callLater(self.llm_config.preemptive_stable_ms / 1000.0,
+                                                       self._preempt, text)
+
+    def _preempt(self, text: str) -> None:
+        self._stable = None
         runner = self.runner
-        settled = runner.tools.settled()
-        if settled is not None:  # an <http> result belongs in the context of the next turn
-            yield settled
-            if reply.cancelled:
-                return
-        if "rolling_summary" in self.llm_config.features:
-            yield self._rolling_summary(reply)
-            if reply.cancelled:
-                return
+        if runner.stopped or runner.hanging_up or self.preemptive is not None or not self._can_preempt():
+            return
+        messages = [dict(m) for m in runner.history] + [{"role": "user", "content": text}]
+        p = Preemptive(text, messages)
+
+        def failed(f):
+            p.failed = True
+            return f
+
+        self.preemptive = p
+        p.d = runner.llm.stream([dict(m) for m in messages], p.on_delta)
+        p.d.addErrback(failed)
+        log.debug("call {id}: preemptive LLM request on {text!r}", id=runner.session.id, text=text)
+
+    def _can_preempt(self) -> bool:
+        """Only when the reply would be asked at once with the history as it stands (no <http> result to
+        wait for, no rolling summary due)."""
+        runner = self.runner
+        if runner.collection is not None or runner.tools.settled() is not None:
+            return False
+        if "rolling_summary" in self.llm_config.features and \
+                len(runner.history) + 1 > self.llm_config.summary_limit + SUMMARY_KEEP:
+            return False
+        return True
+
+    def _confirm_preemptive(self) -> Optional[Preemptive]:
+        """At the final (history updated): the preemptive request if it asked exactly what would be asked
+        now (the final's words equal the partial's, normalised; the rest of the history unchanged), else
+        None after cancelling it."""
+        if self._stable is not None and self._stable.active():
+            self._stable.cancel()
+        self._stable = None
+        p = self.preemptive
+        if p is None:
+            return None
+        now = [dict(m) for m in self.runner.history]
+        last = now[-1] if now else {}
+        if (not p.failed and last.get("role") == "user" and now[:-1] == p.messages[:-1]
+                and normalise(last.get("content", "")) == normalise(p.text)):
+            self.preemptive = None
+            self._count("hit")
+            return p
+        self._drop_preemptive("miss")
+        return None
+
+    def _drop_preemptive(self, outcome: str) -> None:
+        if self._stable is not None and self._stable.active():
+            self._stable.cancel()
+        self._stable = None
+        p, self.preemptive = self.preemptive, None
+        if p is None:
+            return
+        self._count(outcome)
+        p.d.addErrback(lambda _: None)  # cancelled, or it failed: either way nobody hears it
+        p.d.cancel()
+
+    def _count(self, outcome: str) -> None:
+        metrics = getattr(self.runner.session, "metrics", None)
+        if metrics is not None:
+            metrics.llm_preemptive.labels(outcome=outcome).inc()
+
+    def _adopt(self, reply: Reply, p: Preemptive) -> defer.Deferred:
+        """The confirmed preemptive request becomes ``reply``'s: what it said so far is replayed, then it streams."""
+        p.sink = lambda delta: self._delta(reply, delta)
+        buffered, p.deltas = p.deltas, []
+        for delta in buffered:
+            self._delta(reply, delta)
+        return p.d
+
+    # -- one reply --------------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _run(self, reply: Reply, preempted: Optional[Preemptive] = None):
+        runner = self.runner
+        if preempted is None:
+            settled = runner.tools.settled()
+            if settled is not None:  # an <http> result belongs in the context of the next turn
+                yield settled
+                if reply.cancelled:
+                    return
+            if "rolling_summary" in self.llm_config.features:
+                yield self._rolling_summary(reply)
+                if reply.cancelled:
+                    return
         runner.metrics("llm_call_start", 0, {"playId": reply.play_id, "scene": runner.scene_id,
-                                             "messages": len(runner.history)})
-        result = yield self._ask(reply, lambda: runner.llm.stream(
-            [dict(m) for m in runner.history], lambda delta: self._delta(reply, delta)))
+                                             "messages": len(runner.history),
+                                             "preemptive": preempted is not None})
+        if preempted is not None:
+            result = yield self._ask(reply, lambda: self._adopt(reply, preempted))
+        else:
+            result = yield self._ask(reply, lambda: runner.llm.stream(
+                [dict(m) for m in runner.history], lambda delta: self._delta(reply, delta)))
         if result is _NO_ANSWER or reply.cancelled:
             return
         final = reply.parser.finish()

@@ -150,6 +150,7 @@ class StreamingRecognizer:
             if self._endpointer is None:
                 self._end()
             else:
+                self._flush(self._utt)
                 self._endpointer.paused(self._utt.audio(self._turn_samples))
 
     def end_utterance(self) -> None:
@@ -183,6 +184,13 @@ class StreamingRecognizer:
         if utt.pending_samples * 1000 >= self.partial_every_ms * SAMPLE_RATE:
             audio = self._take(utt)
             self._enqueue(self._decode, audio).addCallback(self._partial, utt)
+
+    def _flush(self, utt: _Utterance) -> None:
+        """Decode what is pending now (the caller paused): while the end of turn is being judged the decoder
+        catches up, so only the pause's audio and the decoder's end-of-utterance work remain for the final,
+        and the partial for the words so far arrives at the pause (a preemptive reply can start on it)."""
+        if utt.pending_samples:
+            self._enqueue(self._decode, self._take(utt)).addCallback(self._partial, utt)
 
     def _take(self, utt: _Utterance) -> np.ndarray:
         audio = np.concatenate(utt.pending) if utt.pending else np.zeros(0, dtype=np.int16)
