@@ -987,7 +987,7 @@ class PreemptiveTests(RunnerTestBase):
     def delta(self, text):
         self.session.emit(ev.AsrDelta(trackId="s1", timestamp=self.session.now(), index=0, text=text))
 
-    def start(self, extra=""):
+    def start(self, extra="  preemptive: true"):
         self.begin(None, extra=extra, greeting="Hi.")
         self.session.metrics = Metrics()
         self.play_out()
@@ -1048,6 +1048,13 @@ class PreemptiveTests(RunnerTestBase):
         self.delta("what time")
         self.clock.advance(0.1)
         self.assertEqual(self.llm.calls, [])
+
+    def test_off_by_default_and_when_set_off(self):
+        for extra in ("", "  preemptive: false"):
+            self.start(extra=extra)
+            self.delta("what time do you open")
+            self.clock.advance(1)
+            self.assertEqual(self.llm.calls, [], extra)
 
     def test_off(self):
         self.start(extra="  preemptive: false")
