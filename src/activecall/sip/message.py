@@ -967,11 +967,14 @@ def _check_request(msg: "Request", uri_text: Optional[str], start_error: Optiona
     _cached_via.check(headers.get("via"))  # no usable Via: nothing can be answered
     if start_error:
         raise _fail(msg, start_error)
+    counts: dict[str, int] = {}  # one pass over the headers for both checks (every request pays for them)
+    for _, _, key in headers._items:
+        counts[key] = counts.get(key, 0) + 1
     for key in MANDATORY:
-        if headers.get(key) is None:
+        if key not in counts:
             raise _fail(msg, f"missing {canonical_name(key)} header")
     for key in SINGLE_VALUED:
-        if len(headers.get_all(key)) > 1:
+        if counts.get(key, 0) > 1:
             raise _fail(msg, f"more than one {canonical_name(key)} header")
     try:
         cseq = _cached_cseq(headers.get("cseq"))
