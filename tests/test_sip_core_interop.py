@@ -27,7 +27,8 @@ from activecall.sip.message import (
     parse_address,
     parse_uri,
 )
-from activecall.sip.transaction import TransactionLayer, TransactionUser, TransportError
+from activecall.sip.transaction import TransactionLayer, TransactionUser
+from activecall.sip.transaction_base import TransportError
 from activecall.sip.transport import TransportManager
 from tests.helpers import free_port, spawn
 

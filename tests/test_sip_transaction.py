@@ -1,11 +1,13 @@
-"""SIP transactions (activecall.sip.transaction): every timer path on task.Clock."""
+"""SIP transactions (activecall.sip.transaction, client_transaction, server_transaction, transaction_base):
+every timer path on task.Clock."""
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from activecall.sip import transaction as tx
 from activecall.sip.message import Target, Via, make_response, parse_message
-from activecall.sip.transaction import State, TransactionLayer, TransactionTimeout, TransportError
+from activecall.sip.server_transaction import TwoXXRetransmitter
+from activecall.sip.transaction import ExpiryQueue, TransactionLayer, TransactionUser
+from activecall.sip.transaction_base import State, TransactionTimeout, TransportError, server_key
 
 UDP = Target("192.0.2.10", 5060, "UDP")
 TCP = Target("192.0.2.10", 5060, "TCP")
@@ -53,7 +55,7 @@ class FakeTransport:
         return [(t, m) for t, m, _ in self.sent if kind == getattr(m, "method", getattr(m, "status", None))]
 
 
-class RecordingTU(tx.TransactionUser):
+class RecordingTU(TransactionUser):
     def __init__(self):
         self.requests, self.acks, self.strays, self.cancels, self.failures = [], [], [], [], []
         self.answer = None
@@ -345,7 +347,7 @@ class InviteServerTests(LayerTestCase):
         self.assertEqual(times, [0, 0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5])
 
     def test_2xx_retransmitter_reliable_waits_without_resending(self):
-        retransmitter = tx.TwoXXRetransmitter(self.clock, lambda: self.fail("resent"), reliable=True).start()
+        retransmitter = TwoXXRetransmitter(self.clock, lambda: self.fail("resent"), reliable=True).start()
         self.clock.advance(31)
         self.assertNoResult(retransmitter.done)
         self.clock.advance(1)
@@ -452,14 +454,14 @@ class MatchingTests(LayerTestCase):
     def test_server_key_rules(self):
         invite = request("INVITE")
         ack = request("ACK")
-        self.assertEqual(tx.server_key(invite), tx.server_key(ack))
-        self.assertNotEqual(tx.server_key(invite), tx.server_key(request("CANCEL")))
+        self.assertEqual(server_key(invite), server_key(ack))
+        self.assertNotEqual(server_key(invite), server_key(request("CANCEL")))
         other_sender = parse_message(request_bytes("INVITE").replace(b"192.0.2.10:5060;", b"192.0.2.11:5060;"))
-        self.assertNotEqual(tx.server_key(invite), tx.server_key(other_sender))
+        self.assertNotEqual(server_key(invite), server_key(other_sender))
 
     def test_rfc2543_fallback_key(self):
         old = parse_message(request_bytes("INVITE", branch="1"))
-        self.assertEqual(tx.server_key(old)[0], "rfc2543")
+        self.assertEqual(server_key(old)[0], "rfc2543")
         self.deliver(request_bytes("INVITE", branch="1"))
         self.deliver(request_bytes("INVITE", branch="1"))
         self.assertEqual(len(self.tu.requests), 1)
@@ -485,7 +487,7 @@ class ExpiryQueueTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.expired = []
-        self.queue = tx.ExpiryQueue(self.clock, self.expired.append)
+        self.queue = ExpiryQueue(self.clock, self.expired.append)
 
     def test_entries_expire_in_order_on_one_delayed_call(self):
         for name in "abc":

@@ -417,7 +417,8 @@ class LayerOverLoopbackTests(unittest.TestCase):
     def _cancelled_invite(self, transport):
         """INVITE -> 100/180 -> CANCEL -> 200 + 487 -> ACK (inside the transaction), over real sockets."""
         from activecall.sip.message import make_request, parse_address
-        from activecall.sip.transaction import State, TransactionLayer, TransactionUser
+        from activecall.sip.transaction import TransactionLayer, TransactionUser
+        from activecall.sip.transaction_base import State
 
         ringing, cancelled = [], []
 

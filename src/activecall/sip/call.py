@@ -46,7 +46,8 @@ from activecall.sip.message import (
     quote,
 )
 from activecall.sip.sdp_offer import SDP, mirror_direction, sdp_direction, with_direction
-from activecall.sip.transaction import InviteServerTransaction, ServerTransaction, TransactionTimeout, TransportError
+from activecall.sip.server_transaction import InviteServerTransaction, ServerTransaction
+from activecall.sip.transaction_base import TransactionTimeout, TransportError
 
 log = Logger(namespace="activecall.sip.useragent")  # one namespace for the user agent and its calls
 

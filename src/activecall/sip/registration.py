@@ -40,7 +40,7 @@ from activecall.sip.message import (
     next_hop,
     parse_uri,
 )
-from activecall.sip.transaction import TransactionTimeout, TransportError
+from activecall.sip.transaction_base import TransactionTimeout, TransportError
 
 log = Logger(namespace="activecall.sip.registration")
 

@@ -22,7 +22,7 @@ from activecall.sip.dialog import Dialog
 from activecall.sip.digits import is_number
 from activecall.sip.message import Request, Response, SIPParseError, Target, next_attempt
 from activecall.sip.sdp_offer import SDP
-from activecall.sip.transaction import TransactionTimeout
+from activecall.sip.transaction_base import TransactionTimeout
 
 log = Logger(namespace="activecall.sip.useragent")  # one namespace for the user agent and its calls
 

@@ -22,7 +22,8 @@ from activecall.sip.call_events import CallFailed, CallStateError, Established
 from activecall.sip.dialog import Dialog
 from activecall.sip.message import Address, Request, Response, SIPParseError, generate_tag, parse_address, parse_uri
 from activecall.sip.sdp_offer import SDP
-from activecall.sip.transaction import InviteServerTransaction, ServerTransaction, TransactionTimeout
+from activecall.sip.server_transaction import InviteServerTransaction, ServerTransaction
+from activecall.sip.transaction_base import TransactionTimeout
 
 log = Logger(namespace="activecall.sip.useragent")  # one namespace for the user agent and its calls
 

@@ -41,13 +41,8 @@ from activecall.sip.message import (
 )
 from activecall.sip.policy import apply_rewrites, credentials_for
 from activecall.sip.sdp_offer import SDP
-from activecall.sip.transaction import (
-    ExpiryQueue,
-    InviteServerTransaction,
-    ServerTransaction,
-    TransactionLayer,
-    TransactionUser,
-)
+from activecall.sip.server_transaction import InviteServerTransaction, ServerTransaction
+from activecall.sip.transaction import ExpiryQueue, TransactionLayer, TransactionUser
 from activecall.sip.uac import OutboundCall, end_fork
 from activecall.sip.uas import InboundCall
 
