@@ -376,7 +376,7 @@ root = "{root}/cdr"
         shutil.copy(os.path.join(root, "rec", call_id + ".wav"), os.path.join(ARTIFACTS, "webrtc-call.wav"))
         self.assertLessEqual(abs(float(drawn) - duration), 0.005, (drawn, duration))  # toFixed(2)
         self.assertGreater(self.asr.speech_ms(frames[:, 0].copy()), 0)
-        self.assertGreater(np.abs(frames[:, 1].astype(np.float64)).mean(), 20)
+        self.assertGreater(self.asr.speech_ms(frames[:, 1].copy()), 0)
 
     @defer.inlineCallbacks
     def test_console_with_an_api_token(self):
