@@ -27,6 +27,37 @@ def dominant_hz(pcm):
     return np.argmax(spectrum) * 16000 / len(pcm)
 
 
+def strangers_then_latching(test, s, arrived=lambda leg: None):
+    """A stranger ``s`` is ignored by a leg without latching and, with latching, while the real source
+    streams; once that source went quiet, the leg follows the stranger (a NAT rebinding).  ``arrived``
+    waits until a datagram sent to a leg is there to read (a no-op on the in-memory network)."""
+    a, b = test.call(b_kw={"latching": False})
+    packet = RtpPacket(0, 1, 1, 1234, b"\xff" * 160).serialize()
+    s.sendto(packet, ("127.0.0.1", b.local_port))
+    test.run_ticks(2)
+    # dropped: by b's own check, or by the kernel once b's socket is connected to a
+    test.assertTrue(b.strangers >= 1 or b.source_filtered)
+    test.assertNotEqual(b.remote_ssrc, 1234)
+    test.assertEqual(b.remote_rtp, ("127.0.0.1", a.local_port))
+    # with latching, a new source is ignored while the real one streams ...
+    before = a.remote_rtp
+    s.sendto(packet, ("127.0.0.1", a.local_port))
+    test.run_ticks(2)
+    test.assertEqual(a.remote_rtp, before)
+    # ... and followed once the old one went quiet (a NAT rebinding)
+    b.close()
+    test.run_ticks(1)  # b's last packets, still queued on a's socket, are read now
+    test.clock.advance(1.0)
+    # a's socket was connected to b (the kernel filtered strangers): the quiet source lets
+    # it go at a's next RTCP housekeeping, every RTCP_POLL_TICKS ticks
+    test.run_ticks(RTCP_POLL_TICKS)
+    test.assertFalse(a.connected)
+    s.sendto(packet, ("127.0.0.1", a.local_port))
+    arrived(a)
+    test.run_ticks(2)
+    test.assertEqual(a.remote_rtp, s.getsockname())
+
+
 class RtpLegTests(unittest.TestCase):
     def setUp(self):
         self.net = MemoryUdpNetwork()
@@ -169,31 +200,8 @@ class RtpLegTests(unittest.TestCase):
         self.assertGreater(b.packets_out, sent)
 
     def test_strangers_ignored_without_latching_and_followed_with_it(self):
-        a, b = self.call(b_kw={"latching": False})
-        packet = RtpPacket(0, 1, 1, 1234, b"\xff" * 160).serialize()
         with closing(self.net.socket()) as s:
-            s.sendto(packet, ("127.0.0.1", b.local_port))
-            self.run_ticks(2)
-            # dropped: by b's own check, or by the kernel once b's socket is connected to a
-            self.assertTrue(b.strangers >= 1 or b.source_filtered)
-            self.assertNotEqual(b.remote_ssrc, 1234)
-            self.assertEqual(b.remote_rtp, ("127.0.0.1", a.local_port))
-            # with latching, a new source is ignored while the real one streams ...
-            before = a.remote_rtp
-            s.sendto(packet, ("127.0.0.1", a.local_port))
-            self.run_ticks(2)
-            self.assertEqual(a.remote_rtp, before)
-            # ... and followed once the old one went quiet (a NAT rebinding)
-            b.close()
-            self.run_ticks(1)  # b's last packets, still queued on a's socket, are read now
-            self.clock.advance(1.0)
-            # a's socket was connected to b (the kernel filtered strangers): the quiet source lets
-            # it go at a's next RTCP housekeeping, every RTCP_POLL_TICKS ticks
-            self.run_ticks(RTCP_POLL_TICKS)
-            self.assertFalse(a.connected)
-            s.sendto(packet, ("127.0.0.1", a.local_port))
-            self.run_ticks(2)
-            self.assertEqual(a.remote_rtp, s.getsockname())
+            strangers_then_latching(self, s)
 
     def test_rtcp_report_and_bye(self):
         a, b = self.call()
@@ -284,30 +292,6 @@ class LoopbackIntegrationTests(unittest.TestCase):
         self.assertEqual(b.strangers, 0)
 
     def test_strangers_filtered_by_the_kernel_and_latching_after_a_quiet_source_over_loopback_udp(self):
-        a, b = self.call(b_kw={"latching": False})
-        packet = RtpPacket(0, 1, 1, 1234, b"\xff" * 160).serialize()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
-            s.sendto(packet, ("127.0.0.1", b.local_port))
-            self.run_ticks(2)
-            # dropped: by b's own check, or by the kernel once b's socket is connected to a
-            self.assertTrue(b.strangers >= 1 or b.source_filtered)
-            self.assertNotEqual(b.remote_ssrc, 1234)
-            self.assertEqual(b.remote_rtp, ("127.0.0.1", a.local_port))
-            # with latching, a new source is ignored while the real one streams ...
-            before = a.remote_rtp
-            s.sendto(packet, ("127.0.0.1", a.local_port))
-            self.run_ticks(2)
-            self.assertEqual(a.remote_rtp, before)
-            # ... and followed once the old one went quiet (a NAT rebinding)
-            b.close()
-            self.run_ticks(1)  # b's last packets, still queued on a's socket, are read now
-            self.clock.advance(1.0)
-            # a's socket was connected to b (the kernel filtered strangers): the quiet source lets
-            # it go at a's next RTCP housekeeping, every RTCP_POLL_TICKS ticks
-            self.run_ticks(RTCP_POLL_TICKS)
-            self.assertFalse(a.connected)
-            s.sendto(packet, ("127.0.0.1", a.local_port))
-            self.wait_readable(a.ports.rtp)
-            self.run_ticks(2)
-            self.assertEqual(a.remote_rtp, s.getsockname())
+            strangers_then_latching(self, s, arrived=lambda leg: self.wait_readable(leg.ports.rtp))
