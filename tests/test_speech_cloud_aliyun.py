@@ -95,6 +95,23 @@ class ParaformerTests(unittest.TestCase):
         self.assertIsNone(got[1].ttfb_ms)
 
     @defer.inlineCallbacks
+    def test_guide_keys_model_and_zh_cn_kept(self):
+        """``model`` (the guide's key) is the task's model; ``zh-CN`` reaches language_hints unchanged."""
+        def vendor(conn, payload, is_binary):
+            if not is_binary and conn.texts[-1]["header"]["action"] == "run-task":
+                event(conn, "task-started")
+            elif not is_binary and conn.texts[-1]["header"]["action"] == "finish-task":
+                event(conn, "task-finished", {"output": {}, "usage": {"duration": 1}})
+
+        srv, asr, got = self.make(vendor, language="zh-CN", model="paraformer-realtime-v1")
+        self.feed(asr, tone(0.2))
+        yield asr.close()
+        [conn] = srv.connections
+        run = conn.texts[0]["payload"]
+        self.assertEqual(run["model"], "paraformer-realtime-v1")
+        self.assertEqual(run["parameters"], {"format": "pcm", "sample_rate": 16000, "language_hints": ["zh-CN"]})
+
+    @defer.inlineCallbacks
     def test_task_failed_is_logged_with_code_and_message(self):
         def vendor(conn, payload, is_binary):
             if not is_binary:
@@ -197,6 +214,22 @@ class CosyVoiceTests(unittest.TestCase):
         self.assertGreater(len(chunks), 2)
         np.testing.assert_array_equal(np.concatenate(chunks), audio)
         self.assertEqual(samples, audio.size)
+
+    @defer.inlineCallbacks
+    def test_guide_keys_voice_and_model(self):
+        """``voice`` (the guide's key) is the task's voice, ``model`` its model."""
+        def vendor(conn, payload, is_binary):
+            action = conn.texts[-1]["header"]["action"]
+            if action == "run-task":
+                event(conn, "task-started")
+            elif action == "finish-task":
+                event(conn, "task-finished", {"output": {}, "usage": {"characters": 2}})
+
+        srv, tts = self.make(vendor, voice="longwan", model="cosyvoice-v2", language="zh-CN")
+        yield tts.synthesize("你好。", lambda pcm: None)
+        [conn] = srv.connections
+        payload = conn.texts[0]["payload"]
+        self.assertEqual((payload["model"], payload["parameters"]["voice"]), ("cosyvoice-v2", "longwan"))
 
     @defer.inlineCallbacks
     def test_task_failed(self):

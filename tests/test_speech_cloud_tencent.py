@@ -103,6 +103,22 @@ class TencentRecognizerTests(unittest.TestCase):
         self.assertEqual(got[0].ttfb_ms, 340)  # 40 ms of audio was fed at +0.06 s, answers came at +0.4 s
 
     @defer.inlineCallbacks
+    def test_guide_key_model_is_engine_model_type(self):
+        def on_open(conn):
+            conn.send_json({"code": 0, "message": "success", "voice_id": conn.query["voice_id"]})
+
+        def vendor(conn, payload, is_binary):
+            if not is_binary and conn.texts[-1] == {"type": "end"}:
+                conn.send_json({"code": 0, "message": "success", "voice_id": conn.query["voice_id"],
+                                "message_id": "x", "final": 1})
+
+        srv, asr, got = self.make(on_open, vendor, model="16k_zh_large", language="zh-CN")
+        self.feed(asr, tone(0.2))
+        yield asr.close()
+        [conn] = srv.connections
+        self.assertEqual(conn.query["engine_model_type"], "16k_zh_large")
+
+    @defer.inlineCallbacks
     def test_error_code_is_logged(self):
         def on_open(conn):
             conn.send_json({"code": 4002, "message": "鉴权失败", "voice_id": conn.query["voice_id"]})
@@ -206,6 +222,14 @@ class TencentSynthesizerTests(unittest.TestCase):
         expected = np.concatenate([self.audio["Hello there."], self.audio["How are you today?"]])
         np.testing.assert_array_equal(np.concatenate(chunks), expected)
         self.assertEqual(samples, expected.size)
+
+    @defer.inlineCallbacks
+    def test_guide_keys_voice_and_zh_cn(self):
+        """``voice`` (the guide's key) is the VoiceType; ``zh-CN`` is Chinese (PrimaryLanguage 1)."""
+        srv, tts = self.make(voice="101010", language="zh-CN")
+        yield tts.synthesize("你好。", lambda pcm: None)
+        body = json.loads(srv.requests[0]["body"])
+        self.assertEqual((body["VoiceType"], body["PrimaryLanguage"]), (101010, 1))
 
     @defer.inlineCallbacks
     def test_defaults(self):

@@ -123,6 +123,35 @@ class OpenAIRecognizerTests(unittest.TestCase):
         self.assertEqual(len(second_wav) - parse_wav_header(second_wav).data_offset, second.size * 2)
 
     @defer.inlineCallbacks
+    def test_guide_snippet_model_and_zh_cn(self):
+        """The guide's ``asr: {provider: openai, model: whisper-1, language: zh-CN}``: ``model`` is the
+        request's model and ``zh-CN`` goes out as ISO-639-1 ``zh`` (the service refuses region tags)."""
+        srv, asr, results = self.make(lambda request, body: b'{"text": "\xe4\xbd\xa0\xe5\xa5\xbd"}',
+                                      model="whisper-1", language="zh-CN")
+        for f in frames(tone(0.4, 16000)):
+            asr.feed(f)
+        yield asr.close()
+        fields = multipart_fields(srv.requests[0])
+        self.assertEqual(set(fields), {"file", "model", "language", "response_format"})
+        self.assertEqual(fields["model"][2], b"whisper-1")
+        self.assertEqual(fields["language"][2], b"zh")
+        self.assertEqual([r.text for r in results], ["你好"])
+
+    def test_language_tags_to_iso639_1(self):
+        from activecall.speech.asr.openai import iso639_1
+        self.assertEqual([iso639_1(t) for t in ("zh-CN", "zh_TW", "en-US", "EN", "cmn", "ja")],
+                         ["zh", "zh", "en", "en", "zh", "ja"])
+
+    @defer.inlineCallbacks
+    def test_model_wins_over_model_type(self):
+        srv, asr, results = self.make(lambda request, body: b'{"text": "ok"}', model="gpt-4o-transcribe",
+                                      modelType="whisper-1")
+        for f in frames(tone(0.4, 16000)):
+            asr.feed(f)
+        yield asr.close()
+        self.assertEqual(multipart_fields(srv.requests[0])["model"][2], b"gpt-4o-transcribe")
+
+    @defer.inlineCallbacks
     def test_defaults_leave_language_out(self):
         srv, asr, results = self.make(lambda request, body: b'{"text": "ok"}', language="auto")
         for f in frames(tone(0.4, 16000)):
@@ -212,6 +241,15 @@ class OpenAISynthesizerTests(unittest.TestCase):
         spectrum = np.abs(np.fft.rfft(got[400:15600].astype(np.float64)))
         self.assertAlmostEqual(np.argmax(spectrum) * 16000 / 15200, 440, delta=3)
         self.assertLess(np.max(np.abs(np.diff(got[400:15600].astype(np.int32)))), 8000 * 2 * np.pi * 440 / 16000 * 1.1)
+
+    @defer.inlineCallbacks
+    def test_guide_snippet_model_and_voice(self):
+        """The guide's ``tts: {provider: openai, model: tts-1, voice: alloy}``, exactly that in the body."""
+        srv, tts = self.make(self.streaming_answer(tone(0.1, 24000), chunks=1), model="tts-1", voice="echo",
+                             language="zh-CN")
+        yield tts.synthesize("你好。", lambda pcm: None)
+        self.assertEqual(json.loads(srv.requests[0]["body"]),
+                         {"model": "tts-1", "input": "你好。", "voice": "echo", "response_format": "pcm"})
 
     @defer.inlineCallbacks
     def test_defaults(self):

@@ -11,6 +11,8 @@ Options: ``secretKey`` (else the environment variable ``OPENAI_API_KEY``),
 OpenAI-compatible works), ``modelType`` (default ``whisper-1``), ``language``
 (ISO-639-1; ``auto`` or absent lets the service detect it), ``extra.prompt``,
 ``extra.temperature``, ``extra.timeout`` (seconds, default 30).
+A BCP-47 tag such as the guide's ``zh-CN`` is sent as its ISO-639-1 language (``zh``): the
+service refuses region tags.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def _on_reactor(f, *args):
     return defer.maybeDeferred(f, *args)
 
 
+def iso639_1(language: str) -> str:
+    """``zh-CN`` / ``zh_TW`` / ``en-US`` -> ``zh`` / ``zh`` / ``en``; ``cmn`` (Mandarin) -> ``zh``."""
+    primary = language.replace("_", "-").split("-", 1)[0].lower()
+    return {"cmn": "zh", "yue": "zh"}.get(primary, primary)
+
+
 class OpenAIRecognizer(StreamingRecognizer):
     name = "openai"
     partial_every_ms = 10 ** 9  # gather the whole utterance: the endpoint has no partial results
@@ -50,7 +58,7 @@ class OpenAIRecognizer(StreamingRecognizer):
         self.url = api_url(options.endpoint, "audio/transcriptions")
         self.model = options.modelType or DEFAULT_MODEL
         language = (options.language or "").strip()
-        self.language = None if language.lower() in ("", "auto") else language
+        self.language = None if language.lower() in ("", "auto") else iso639_1(language)
         try:
             self.timeout = float(options.extra.get("timeout", 30))
         except ValueError:
