@@ -99,10 +99,28 @@ def _flite(opts, reactor=None, **_):
     return FliteSynthesizer(opts, reactor=reactor)
 
 
+@register(TTS_PROVIDERS, "piper")
+def _piper(opts, reactor=None, **deps):
+    from activecall.speech.tts.piper import PiperSynthesizer
+    return PiperSynthesizer(opts, reactor=reactor, **deps)
+
+
+@register(TTS_PROVIDERS, "espeak", "espeak-ng")
+def _espeak(opts, reactor=None, **_):
+    from activecall.speech.tts.espeak import EspeakSynthesizer
+    return EspeakSynthesizer(opts, reactor=reactor)
+
+
 @register(ASR_PROVIDERS, "pocketsphinx")
 def _pocketsphinx(opts, on_result, **deps):
     from activecall.speech.asr.pocketsphinx import PocketsphinxRecognizer
     return PocketsphinxRecognizer(opts, on_result, **deps)
+
+
+@register(ASR_PROVIDERS, "whisper", "faster-whisper", "faster_whisper")
+def _whisper(opts, on_result, **deps):
+    from activecall.speech.asr.whisper import WhisperRecognizer
+    return WhisperRecognizer(opts, on_result, **deps)
 
 
 @register(ASR_PROVIDERS, "sensevoice")

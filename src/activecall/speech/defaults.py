@@ -1,0 +1,119 @@
+"""Which VAD, recogniser and voice a call gets when it names none: by language, offline first.
+
+The guide picks providers by language when a playbook or API call names none (zh: aliyun TTS, sensevoice
+or aliyun ASR; en: supertonic TTS, sensevoice or openai ASR).  We follow its shape with what a registry
+install can actually run offline, chosen by measurement (docs/speech.md, "Evaluation" and "Defaults"):
+
+| language | recogniser | voice |
+|---|---|---|
+| en (and anything not zh) | ``whisper`` (faster-whisper + the shipped tiny.en model), else ``pocketsphinx``, else ``openai`` | ``piper`` (shipped en_US joe voice), else ``flite``, else ``openai`` |
+| zh | ``sensevoice`` when a model is under the models directory, else ``aliyun`` | ``espeak`` (``cmn``), else ``aliyun`` |
+
+A cloud choice still needs its key; the recogniser or synthesiser then refuses with a message naming it
+(``asr.secretKey`` or ``DASHSCOPE_API_KEY``).  ``asr: {provider: none}`` (or ``asr: false`` in a playbook)
+is a call that must not listen; ``vad: {type: nop}`` likewise for the VAD.
+
+Nothing here imports a model or a heavy package: availability is looked up with ``find_spec`` and
+``which`` (one call per call set-up).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Mapping, Optional
+
+DEFAULT_LANGUAGE = "en"
+NO_PROVIDER = "none"  # asr.provider / tts.provider of a call that must not listen / speak
+
+
+def primary_language(*tags: Optional[str]) -> str:
+    """The first non-empty, non-``auto`` tag as a primary language: ``zh-CN`` -> ``zh``, ``cmn`` -> ``zh``,
+    ``en-US`` -> ``en``; none given: DEFAULT_LANGUAGE."""
+    for tag in tags:
+        if tag and str(tag).strip() and str(tag).strip().lower() != "auto":
+            primary = str(tag).strip().replace("_", "-").split("-", 1)[0].lower()
+            return {"cmn": "zh", "yue": "zh", "chinese": "zh", "english": "en"}.get(primary, primary)
+    return DEFAULT_LANGUAGE
+
+
+def _module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _program(name: str) -> bool:
+    from activecall.speech.tts.flite import _which
+    return _which(name) is not None
+
+
+def sensevoice_model(models_dir: Optional[str]) -> Optional[str]:
+    """A SenseVoice model directory under ``models_dir`` (``--download-models sensevoice`` puts it there)."""
+    if not models_dir or not _module("sherpa_onnx"):
+        return None
+    from activecall.speech.models import installed_dir
+    return installed_dir(models_dir, "sensevoice")
+
+
+def offline_asr(language: str, models_dir: Optional[str] = None) -> Optional[dict]:
+    """The offline recogniser options for ``language``, or None when none is installed."""
+    sensevoice = sensevoice_model(models_dir)
+    if language == "zh":
+        return {"provider": "sensevoice", "extra": {"model_dir": sensevoice}} if sensevoice else None
+    if language == "en":
+        from activecall.speech.asr.whisper import available as whisper_available
+        if whisper_available():
+            return {"provider": "whisper"}
+        if _module("pocketsphinx"):
+            return {"provider": "pocketsphinx"}
+    if sensevoice and language in ("ja", "ko"):
+        return {"provider": "sensevoice", "extra": {"model_dir": sensevoice}}
+    return None
+
+
+def offline_tts(language: str) -> Optional[dict]:
+    """The offline voice options for ``language``, or None when none is installed."""
+    if language == "zh":
+        return {"provider": "espeak", "speaker": "cmn"} if _program("espeak-ng") else None
+    if language == "en":
+        from activecall.speech.tts.piper import available as piper_available
+        if piper_available():
+            return {"provider": "piper"}
+        if _program("flite"):
+            return {"provider": "flite"}
+    return None
+
+
+CLOUD_ASR = {"zh": "aliyun", "en": "openai"}
+CLOUD_TTS = {"zh": "aliyun", "en": "openai"}
+
+
+def choose(section: str, given: Optional[Mapping[str, Any]], language: str,
+           models_dir: Optional[str] = None) -> Optional[dict]:
+    """``given`` (an ``asr``/``tts``/``vad`` options dict or None) with its provider filled in by language.
+
+    A section that names its provider (or VAD ``type``) is returned unchanged; ``provider: none`` gives None
+    (the call does without).  A missing section gets the whole default."""
+    given = dict(given or {})
+    key = "type" if section == "vad" else "provider"
+    named = given.get(key) or (given.get("provider") if section == "vad" else None)
+    if named:
+        return None if str(named).lower() in (NO_PROVIDER, "false") else given
+    if section == "vad":
+        return {**given, "type": "silero"}
+    offline = offline_asr(language, models_dir) if section == "asr" else offline_tts(language)
+    if offline is None:
+        table = CLOUD_ASR if section == "asr" else CLOUD_TTS
+        offline = {"provider": table.get(language, table["en"])}
+    merged = {**given, **offline}
+    if "extra" in given and "extra" in offline:
+        merged["extra"] = {**offline["extra"], **given["extra"]}
+    if language and not given.get("language"):
+        merged.setdefault("language", language)
+    return merged
+
+
+def models_dir_from_env(env: Mapping[str, str] = os.environ) -> Optional[str]:
+    return env.get("ACTIVECALL_MODELS_DIR") or None

