@@ -183,6 +183,75 @@ Diagnostics line.
         yield client.closed
 
     @defer.inlineCallbacks
+    def test_playbook_without_speech_blocks_hears_with_the_defaults(self):
+        """No asr/vad/tts in the playbook: the call still listens and speaks, with the defaults for its
+        language (English: the offline pair), and says which in a ``metrics`` event."""
+        from activecall.speech import defaults
+        with open(os.path.join(self.playbook_dir, "plain.md"), "w") as f:
+            f.write('---\nllm: {provider: echo}\ngreeting: "Echo test. Say something."\n---\nDiagnostics.\n')
+        proto, client = yield connect(self, self.port, "/call", "id=e2e-defaults")
+        send_json(proto, {"command": "invite", "option": {"codec": "pcm", "playbook": "plain.md"}})
+        yield client.wait_event("answer")
+        providers = yield wait_until(client, is_event("metrics", key="speech.providers"))
+        self.assertEqual(providers["data"], {"vad": "silero", "asr": defaults.offline_asr("en")["provider"],
+                                             "tts": defaults.offline_tts("en")["provider"], "language": "en"})
+        yield wait_until(client, is_event("trackEnd", playId="greeting"))
+        yield self.speak(proto, SENTENCE)
+        final = yield client.wait_event("asrFinal")
+        self.assertIn("order", final["text"].lower())
+        yield wait_until(client, lambda e: e["event"] == "addHistory" and e["text"].startswith("You said"))
+        send_json(proto, {"command": "hangup"})
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_mandarin_playbook_uses_the_chinese_defaults(self):
+        """``language: zh`` and no provider named: no offline Chinese recogniser is installed here, so the
+        guide's cloud default (aliyun) hears the caller (a local server speaking its protocol answers in
+        Chinese); the echo reply is spoken by the offline Mandarin voice (espeak-ng cmn)."""
+        from tests.cloud_helpers import WsServer
+
+        def vendor(conn, payload, is_binary):
+            task_id = conn.texts[0]["header"]["task_id"]
+
+            def send(name, payload):
+                conn.send_json({"header": {"task_id": task_id, "event": name, "attributes": {}},
+                                "payload": payload})
+            if not is_binary and conn.texts[-1]["header"]["action"] == "run-task":
+                send("task-started", {})
+            elif is_binary and len(conn.audio) >= 32000 and not getattr(conn, "answered", False):
+                conn.answered = True
+                send("result-generated", {"output": {"sentence": {
+                    "begin_time": 0, "end_time": 1000, "text": "我想查询订单", "words": [],
+                    "sentence_end": True}}, "usage": None})
+            elif not is_binary and conn.texts[-1]["header"]["action"] == "finish-task":
+                send("task-finished", {"output": {}, "usage": {"duration": 1}})
+
+        srv = WsServer(self, vendor)
+        with open(os.path.join(self.playbook_dir, "zh.md"), "w") as f:
+            f.write(f'---\nlanguage: zh-CN\nllm: {{provider: echo}}\n'
+                    f'asr: {{endpoint: "{srv.base}/api-ws/v1/inference", secretKey: sk-local}}\n---\n客服。\n')
+        proto, client = yield connect(self, self.port, "/call", "id=e2e-zh")
+        send_json(proto, {"command": "invite", "option": {"codec": "pcm", "playbook": "zh.md"}})
+        yield client.wait_event("answer")
+        providers = yield wait_until(client, is_event("metrics", key="speech.providers"))
+        self.assertEqual(providers["data"], {"vad": "silero", "asr": "aliyun", "tts": "espeak", "language": "zh"})
+        yield wait_until(client, is_event("trackEnd"))  # the echo's own greeting, spoken in Mandarin
+        yield self.speak(proto, SENTENCE)
+        final = yield client.wait_event("asrFinal")
+        self.assertEqual(final["text"], "我想查询订单")
+        [conn] = srv.connections
+        self.assertEqual(conn.texts[0]["payload"]["parameters"]["language_hints"], ["zh"])
+        heard = len(client.audio)
+        yield wait_until(client, lambda e: e["event"] == "addHistory" and e["speaker"] == "assistant"
+                         and "我想查询订单" in e["text"])
+        ends = lambda: [e for e in client.events if e["event"] == "trackEnd"]  # noqa: E731
+        yield wait_until(client, lambda e: len(ends()) >= 2)  # the greeting's, then the reply's
+        pcm = np.frombuffer(b"".join(client.audio[heard:]), dtype="<i2")
+        self.assertGreater(np.abs(pcm).mean(), 100)  # the Chinese reply was spoken
+        send_json(proto, {"command": "hangup"})
+        yield client.closed
+
+    @defer.inlineCallbacks
     def test_a_missing_playbook_is_an_error_and_the_socket_closes(self):
         proto, client = yield connect(self, self.port, "/call", "id=e2e-missing")
         send_json(proto, {"command": "invite", "option": {"codec": "pcm", "playbook": "../secrets.md"}})

@@ -167,13 +167,29 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
                 asr_options["extra"] = extra
             processors.asr_provider = asr_options.get("provider") or "pocketsphinx"
             processors.recognizer = registry.create_recognizer(asr_options, on_asr, reactor=s.clock)
-            # a recogniser that fails mid-call (service down, key refused, a lost utterance) is
-            # reported to the client like a failed TTS: error{sender:"asr", code:500}; the call goes on
-            processors.recognizer.on_error = lambda message: s.error("asr", message, code=500)
-            attach_end_of_turn(s, processors, option.eou)
+            if processors.recognizer is not None:  # None: asr.provider "none", a call that must not listen
+                # a recogniser that fails mid-call (service down, key refused, a lost utterance) is
+                # reported to the client like a failed TTS: error{sender:"asr", code:500}; the call goes on
+                processors.recognizer.on_error = lambda message: s.error("asr", message, code=500)
+                attach_end_of_turn(s, processors, option.eou)
     except SpeechError as e:
         processors.close()
         s.error("processor", str(e), code=400)
         return None
     s.audio_sinks.append(processors.feed)
+    _report_providers(s, processors, option)
     return processors
+
+
+def _report_providers(session, processors: SpeechProcessors, option) -> None:
+    """One ``metrics`` event ``speech.providers`` saying which VAD, recogniser and voice this call runs
+    (the defaults by language when the playbook named none: docs/speech.md, "Defaults")."""
+    tts = _option_dict(option.tts) if option.tts is not None else {}
+    asr = _option_dict(option.asr) if option.asr is not None else {}
+    data = {
+        "vad": processors.vad.name if processors.vad is not None else None,
+        "asr": processors.asr_provider if processors.recognizer is not None else None,
+        "tts": tts.get("provider") or "flite",
+        "language": asr.get("language") or tts.get("language"),
+    }
+    session.emit(ev.Metrics(timestamp=session.now(), key="speech.providers", duration=0, data=data))

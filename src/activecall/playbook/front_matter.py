@@ -431,6 +431,8 @@ def _collectors(value, path, ctx):
 
 @dataclass(frozen=True)
 class FrontMatter:
+    #: the call's language (``en``, ``zh``, ``zh-CN``...): picks the recogniser and voice when asr/tts name none
+    language: Optional[str] = _key("language")
     asr: Optional[AsrConfig] = _key("asr")
     tts: Optional[TtsConfig] = _key("tts")
     llm: Optional[LlmConfig] = _key("llm")

@@ -21,6 +21,7 @@ from activecall.playbook import tags
 from activecall.playbook.parser import Playbook, PlaybookError, load_playbook, parse_playbook
 from activecall.playbook.runner import PlaybookRunner
 from activecall.protocol import commands as cmd
+from activecall.speech import defaults as speech_defaults
 from activecall.speech.eou.smart_turn import available as smart_turn_available
 
 log = Logger(namespace="activecall.playbook")
@@ -47,6 +48,7 @@ def playbook_call_option(playbook: Playbook) -> cmd.CallOption:
         value = wire(getattr(config, name))
         if value is not None:
             data[name] = value
+    _speech_defaults(config, data)
     if "eou" not in data and smart_turn_available():
         data["eou"] = {"type": "smart_turn"}  # semantic end of turn unless the playbook says eou: {type: none}
     if config.denoise is not None:
@@ -54,6 +56,24 @@ def playbook_call_option(playbook: Playbook) -> cmd.CallOption:
     if config.extra:
         data["extra"] = dict(config.extra)
     return cmd.CallOption.from_dict(data)
+
+
+def _speech_defaults(config, data: dict) -> None:
+    """A playbook that names no recogniser, voice or VAD gets the defaults for its language
+    (``speech/defaults.py``, docs/speech.md "Defaults"): before, one without ``asr:``/``vad:`` was deaf.
+    ``asr: {provider: none}`` keeps a call from listening (then no VAD is added either)."""
+    asr, tts = config.asr, config.tts
+    language = speech_defaults.primary_language(
+        config.language, asr.language if asr is not None else None, tts.language if tts is not None else None)
+    models_dir = speech_defaults.models_dir_from_env()
+    deaf = str((data.get("asr") or {}).get("provider") or "").lower() == speech_defaults.NO_PROVIDER
+    if not deaf:
+        data["asr"] = speech_defaults.choose("asr", data.get("asr"), language, models_dir)
+        if "vad" not in data:
+            data["vad"] = speech_defaults.choose("vad", None, language)
+    tts_choice = speech_defaults.choose("tts", data.get("tts"), language, models_dir)
+    if tts_choice is not None:
+        data["tts"] = tts_choice
 
 
 def load_for_session(session, playbook_or_name) -> Playbook:

@@ -2,7 +2,8 @@
 
 The options dicts are those of the API and playbooks.  The VAD is selected by
 ``type`` (default ``silero``), ASR and TTS by ``provider`` (default the
-offline ``pocketsphinx`` / ``flite``).  An unknown name raises
+offline ``pocketsphinx`` / ``flite``; a call that names none gets
+``speech/defaults.py``'s choice by language).  An unknown name raises
 ``ProviderNotFound`` listing the registered ones; the session turns that into
 an ``error`` event instead of silently disabling the call's processing.
 
@@ -49,8 +50,12 @@ def create_vad(options: Optional[Mapping[str, Any]], on_event: Callable, **deps)
 
 
 def create_recognizer(options: Optional[Mapping[str, Any]], on_result: Callable, **deps):
-    """A streaming recogniser for one stream; ``deps``: ``reactor``, ``run_in_thread``, ``agent``."""
+    """A streaming recogniser for one stream; ``deps``: ``reactor``, ``run_in_thread``, ``agent``.
+
+    ``provider: none``: None (a call that must not listen)."""
     opts = AsrOptions.from_dict(options)
+    if opts.provider == "none":
+        return None
     return _lookup(ASR_PROVIDERS, "asr", opts.provider)(opts, on_result, **deps)
 
 

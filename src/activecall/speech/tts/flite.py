@@ -145,6 +145,9 @@ class FliteSynthesizer:
         proto.done.addErrback(lambda _: None)  # the outcome travels through proto.wav (a kill fails done, too)
         return proto.wav
 
+    def _to_16k(self, pcm: np.ndarray, rate: int) -> np.ndarray:
+        return resample(pcm, rate, SAMPLE_RATE)
+
     def synthesize(self, text: str, sink) -> defer.Deferred:
         @defer.inlineCallbacks
         def run(deliver):
@@ -152,7 +155,7 @@ class FliteSynthesizer:
             for sentence in split_sentences(text):
                 wav = yield self._run_flite(sentence)
                 pcm, rate = decode_wav(wav)
-                pcm = resample(pcm, rate, SAMPLE_RATE)
+                pcm = self._to_16k(pcm, rate)
                 for i in range(0, pcm.size, CHUNK):
                     deliver(pcm[i:i + CHUNK])
                 samples += pcm.size

@@ -1,0 +1,109 @@
+"""Speech defaults by language (``speech/defaults.py``) and a playbook that names no asr/vad/tts."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+from twisted.trial import unittest
+
+from activecall.playbook.parser import parse_playbook
+from activecall.playbook.start import playbook_call_option
+from activecall.speech import defaults, registry
+from activecall.speech.asr import whisper
+from activecall.speech.tts import piper
+
+
+def _option(front_matter: str):
+    return playbook_call_option(parse_playbook(f"---\n{front_matter}\n---\nHello.\n", "<test>"))
+
+
+class LanguageTests(unittest.TestCase):
+    def test_primary_language(self):
+        self.assertEqual([defaults.primary_language(t) for t in ("zh-CN", "zh_TW", "cmn", "en-US", "EN", "ja")],
+                         ["zh", "zh", "zh", "en", "en", "ja"])
+        self.assertEqual(defaults.primary_language(None, "auto", "", "zh-CN"), "zh")
+        self.assertEqual(defaults.primary_language(None, None), defaults.DEFAULT_LANGUAGE)
+
+
+class ChoiceTests(unittest.TestCase):
+    def test_named_provider_is_kept_and_none_means_none(self):
+        given = {"provider": "openai", "model": "whisper-1", "language": "zh-CN"}
+        self.assertEqual(defaults.choose("asr", given, "zh"), given)
+        self.assertIsNone(defaults.choose("asr", {"provider": "none"}, "en"))
+        self.assertEqual(defaults.choose("vad", None, "en"), {"type": "silero"})
+        self.assertEqual(defaults.choose("vad", {"type": "webrtcvad"}, "en"), {"type": "webrtcvad"})
+
+    def test_english_offline_order(self):
+        with mock.patch.object(whisper, "available", return_value=True):
+            self.assertEqual(defaults.choose("asr", None, "en"), {"provider": "whisper", "language": "en"})
+        with mock.patch.object(whisper, "available", return_value=False), \
+                mock.patch.object(defaults, "_module", lambda name: name == "pocketsphinx"):
+            self.assertEqual(defaults.choose("asr", None, "en")["provider"], "pocketsphinx")
+        with mock.patch.object(whisper, "available", return_value=False), \
+                mock.patch.object(defaults, "_module", lambda name: False):
+            self.assertEqual(defaults.choose("asr", None, "en")["provider"], "openai")
+        with mock.patch.object(piper, "available", return_value=True):
+            self.assertEqual(defaults.choose("tts", None, "en")["provider"], "piper")
+        with mock.patch.object(piper, "available", return_value=False), \
+                mock.patch.object(defaults, "_program", lambda name: name == "flite"):
+            self.assertEqual(defaults.choose("tts", None, "en")["provider"], "flite")
+        with mock.patch.object(piper, "available", return_value=False), \
+                mock.patch.object(defaults, "_program", lambda name: False):
+            self.assertEqual(defaults.choose("tts", None, "en")["provider"], "openai")
+
+    def test_chinese_offline_else_aliyun(self):
+        # no SenseVoice model: the guide's cloud default, with what the section already says kept
+        got = defaults.choose("asr", {"endpoint": "ws://127.0.0.1:1/x", "secretKey": "k"}, "zh")
+        self.assertEqual(got, {"provider": "aliyun", "endpoint": "ws://127.0.0.1:1/x", "secretKey": "k",
+                               "language": "zh"})
+        with mock.patch.object(defaults, "_program", lambda name: name == "espeak-ng"):
+            self.assertEqual(defaults.choose("tts", None, "zh"), {"provider": "espeak", "speaker": "cmn",
+                                                                 "language": "zh"})
+        with mock.patch.object(defaults, "_program", lambda name: False):
+            self.assertEqual(defaults.choose("tts", None, "zh")["provider"], "aliyun")
+
+    def test_sensevoice_from_the_models_dir(self):
+        root = self.mktemp()
+        os.makedirs(os.path.join(root, "sensevoice"))
+        for name in ("model.int8.onnx", "tokens.txt"):
+            open(os.path.join(root, "sensevoice", name), "w").close()
+        with mock.patch.object(defaults, "_module", lambda name: name == "sherpa_onnx"):
+            got = defaults.choose("asr", None, "zh", models_dir=root)
+        self.assertEqual(got, {"provider": "sensevoice", "extra": {"model_dir": os.path.join(root, "sensevoice")},
+                               "language": "zh"})
+        with mock.patch.object(defaults, "_module", lambda name: False):
+            self.assertEqual(defaults.choose("asr", None, "zh", models_dir=root)["provider"], "aliyun")
+
+    def test_none_recognizer(self):
+        self.assertIsNone(registry.create_recognizer({"provider": "none"}, lambda r: None))
+
+
+class PlaybookDefaultsTests(unittest.TestCase):
+    def test_playbook_without_speech_blocks_listens_and_speaks(self):
+        option = _option("llm: {provider: echo}")
+        self.assertEqual(option.vad.type, "silero")
+        self.assertEqual(option.asr.provider, defaults.offline_asr("en")["provider"])
+        self.assertEqual(option.asr.language, "en")
+        self.assertEqual(option.tts.provider, defaults.offline_tts("en")["provider"])
+
+    def test_named_sections_are_kept(self):
+        option = _option("asr: {provider: pocketsphinx}\nvad: {type: webrtcvad}\ntts: {provider: flite}")
+        self.assertEqual((option.asr.provider, option.vad.type, option.tts.provider),
+                         ("pocketsphinx", "webrtcvad", "flite"))
+
+    def test_language_zh_picks_chinese_providers(self):
+        option = _option("language: zh-CN")
+        self.assertEqual(option.asr.provider, "aliyun")  # no offline Chinese recogniser installed here
+        self.assertEqual(option.asr.language, "zh")
+        with mock.patch.object(defaults, "_program", lambda name: name == "espeak-ng"):
+            option = _option("language: zh")
+        self.assertEqual((option.tts.provider, option.tts.speaker), ("espeak", "cmn"))
+        # the section's own language counts too
+        self.assertEqual(_option("asr: {language: zh-CN}").asr.provider, "aliyun")
+        self.assertEqual(_option("asr: {language: zh-CN}").asr.language, "zh-CN")
+
+    def test_asr_none_is_a_call_that_does_not_listen(self):
+        option = _option("asr: {provider: none}")
+        self.assertEqual(option.asr.provider, "none")
+        self.assertIsNone(option.vad)
