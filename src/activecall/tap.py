@@ -23,6 +23,11 @@ class Options(usage.Options):
         ["call", None, None, "Place an outbound SIP call to this URI once started."],
         ["external-ip", None, None, "Public IP advertised in SIP and SDP (external_ip)."],
         ["codecs", None, None, "Codec preference, comma separated: pcmu,pcma,g722,opus,telephone_event."],
+        ["models-dir", None, "./models", "Directory of offline models no package ships (SenseVoice)."],
+        ["download-models", None, None, "Fetch offline models into --models-dir first: sensevoice|supertonic|all."],
+    ]
+    optFlags = [
+        ["exit-after-download", None, "With --download-models: exit once the models are fetched."],
     ]
 
     def overrides(self) -> dict:
@@ -31,8 +36,22 @@ class Options(usage.Options):
 
 def makeService(options):
     """Load and check the configuration; a bad one stops start-up naming the key."""
+    import os
+
     from activecall.playbook.start import check_configured_playbook
     from activecall.service import build_service
+    from activecall.speech import models
+
+    # the speech defaults look for SenseVoice there (speech/defaults.py)
+    os.environ["ACTIVECALL_MODELS_DIR"] = os.path.abspath(options["models-dir"])
+    if options["download-models"]:
+        # an explicit step before start-up, never at call time (docs/speech.md, "Models")
+        try:
+            models.download(options["download-models"], options["models-dir"])
+        except (models.ModelError, OSError) as e:
+            raise SystemExit(f"activecall: --download-models: {e}")
+        if options["exit-after-download"]:
+            raise SystemExit(0)
 
     try:
         # every configured playbook is read and parsed now: a missing or broken one stops start-up
