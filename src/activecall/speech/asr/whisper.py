@@ -188,6 +188,10 @@ class WhisperRecognizer(StreamingRecognizer):
         self._engine = engine
         if engine is not None:
             self._check_language(engine)
+        else:
+            # load the shared model now, on the pool, while the call is set up and its greeting plays:
+            # not on the caller's first utterance (a failure shows again, and is reported, at the first decode)
+            self.run_in_thread(self.engine).addErrback(lambda failure: None)
         self._audio = np.zeros(0, dtype=np.int16)
         self._decoded = 0  # samples of the utterance the last decode covered
         self._decoded_text = ""
