@@ -1,0 +1,160 @@
+"""Echo control on the caller's audio: the bot's own voice must never count as the caller's.
+
+A phone line sends part of what we play back to us (a speakerphone, a 2-/4-wire hybrid): 20–200 ms
+late, 6–20 dB quieter, coloured.  Two stages, both fed the audio we actually sent (``reference``):
+
+1. **SpeexDSP's echo canceller** (MDF, through the ``speexaec`` package; docs/speech.md, "Echo"
+   has the measurements that chose it over WebRTC's AEC3): a linear adaptive filter over a 300 ms
+   tail.  It never touches the caller when there is no echo, but needs about a second of the bot's
+   speech to converge.
+2. **A guard** for that first second and for what the filter leaves: a frame counts as echo when
+   the filter removed most of its energy (the echo path is known), or when the last 60 ms of the
+   raw input correlate with the sent audio at some delay up to 300 ms (the echo path is not known
+   yet).  Echo frames are passed on as silence, so the VAD and the recogniser hear nothing of them.
+   A caller talking over the bot makes the input unlike the reference (and the filter removes
+   little): those frames pass.
+
+``process`` is called once per inbound frame and ``reference`` once per outbound one, both on the
+reactor thread (a few hundred microseconds a frame, measured in bench/bench_echo.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import numpy as np
+
+from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
+
+#: echo tail the filter covers (ms); the goal is echo up to 200 ms late, plus jitter
+TAIL_MS = 300
+#: outbound frames waiting for their inbound partner; more means the far end lags us: drop oldest
+MAX_BACKLOG = 3
+#: the guard's analysis window (ms of inbound audio) and the delays it searches (ms)
+WINDOW_MS = 100
+MAX_DELAY_MS = 300
+#: normalised correlation at or above which the window is the bot's echo (flite speech, docs/speech.md:
+#: band-limited, 95% of echo frames score 0.7-0.94, another voice at most 0.62)
+CORRELATION = 0.7
+#: the guard compares the telephone band only (a G.711 line returns nothing above 4 kHz)
+BAND_HZ = (250.0, 3600.0)
+BAND_TAPS = 63
+#: the filter removing this much (dB) means the frame is mostly echo
+CANCELLED_DB = 6.0
+#: the reference counts as sounding (bot speaking) above this mean square, int16 units (-60 dBFS)
+ACTIVE_POWER = (32768 * 10 ** (-60 / 20)) ** 2
+#: inbound frames quieter than this (-55 dBFS) are not judged (nothing for a VAD to hear)
+QUIET_POWER = (32768 * 10 ** (-55 / 20)) ** 2
+
+
+def available() -> bool:
+    try:
+        import speexaec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class EchoControl:
+    """One call's echo canceller and guard (16 kHz, 20 ms frames)."""
+
+    def __init__(self, tail_ms: int = TAIL_MS, correlation: float = CORRELATION,
+                 cancelled_db: float = CANCELLED_DB):
+        from speexaec import EchoCanceller
+        self._aec = EchoCanceller(FRAME_SAMPLES, tail_ms * SAMPLE_RATE // 1000, SAMPLE_RATE)
+        self.correlation = correlation
+        self._cancel_ratio = 10 ** (-cancelled_db / 10)
+        self._backlog: deque = deque()
+        self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+        window = WINDOW_MS * SAMPLE_RATE // 1000
+        history = window + MAX_DELAY_MS * SAMPLE_RATE // 1000
+        self._window = window
+        self._near = np.zeros(window, dtype=np.float64)  # last inbound samples (raw)
+        self._far = np.zeros(history, dtype=np.float64)  # sent samples, newest last
+        self._far_power = deque(maxlen=history // FRAME_SAMPLES)  # mean square per sent frame
+        self._fft = 1 << int(np.ceil(np.log2(history + window)))
+        self._band = _bandpass(*BAND_HZ, BAND_TAPS)
+        self._near_tail = np.zeros(BAND_TAPS - 1)
+        self._far_tail = np.zeros(BAND_TAPS - 1)
+        #: counters for metrics and tests
+        self.frames = 0
+        self.echo_frames = 0
+        self.last_score = 0.0
+
+    # -- the two streams --------------------------------------------------------------------------
+
+    def reference(self, frame: Optional[np.ndarray]) -> None:
+        """An outbound 20 ms frame as sent (None: nothing was sent this tick)."""
+        if frame is None or frame.size != FRAME_SAMPLES:
+            frame = self._silence
+        self._backlog.append(frame)
+        while len(self._backlog) > MAX_BACKLOG:
+            self._backlog.popleft()
+
+    @property
+    def bot_active(self) -> bool:
+        """The bot sounded within the searched delay."""
+        return bool(self._far_power) and max(self._far_power) > ACTIVE_POWER
+
+    def process(self, near: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Cancel the echo in one inbound frame; returns (the frame to hear, whether it was echo)."""
+        near = np.asarray(near, dtype=np.int16).reshape(-1)
+        if near.size != FRAME_SAMPLES:
+            return near, False
+        far = self._backlog.popleft() if self._backlog else self._silence
+        self._far_power.append(float(np.dot(far, far.astype(np.float64))) / FRAME_SAMPLES)
+        self._far = np.roll(self._far, -FRAME_SAMPLES)
+        self._far[-FRAME_SAMPLES:], self._far_tail = self._filter(far, self._far_tail)
+        self._near = np.roll(self._near, -FRAME_SAMPLES)
+        self._near[-FRAME_SAMPLES:], self._near_tail = self._filter(near, self._near_tail)
+        self.frames += 1
+        if not self.bot_active:
+            self.last_score = 0.0
+            # keep the filter's state in step (it adapts nothing on a silent reference)
+            return self._aec.process(near, far), False
+        out = self._aec.process(near, far)
+        p_in = float(np.dot(near, near.astype(np.float64))) / FRAME_SAMPLES
+        if p_in < QUIET_POWER:
+            return out, False
+        p_out = float(np.dot(out, out.astype(np.float64))) / FRAME_SAMPLES
+        echo = p_out < p_in * self._cancel_ratio
+        if not echo:
+            self.last_score = self._score()
+            echo = self.last_score >= self.correlation
+        if echo:
+            self.echo_frames += 1
+            return self._silence.copy(), True
+        return out, False
+
+    def _filter(self, frame: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([tail, frame.astype(np.float64)])
+        return np.convolve(x, self._band, mode="valid"), x[-(BAND_TAPS - 1):]
+
+    def _score(self) -> float:
+        """Highest normalised correlation of the last inbound window with the sent audio at any
+        delay from 0 to MAX_DELAY_MS (FFT cross-correlation, window energies by cumulative sums)."""
+        n, f, w = self._near, self._far, self._window
+        en = float(np.dot(n, n))
+        if en <= 0.0:
+            return 0.0
+        size = self._fft
+        xc = np.fft.irfft(np.fft.rfft(f, size) * np.conj(np.fft.rfft(n, size)), size)
+        lags = f.size - w + 1  # window start positions in the far history
+        xc = xc[:lags]
+        c = np.concatenate(([0.0], np.cumsum(f * f)))
+        ef = c[w:w + lags] - c[:lags]
+        denom = np.sqrt(np.maximum(ef, 1e-9) * en)
+        score = np.abs(xc) / denom
+        score[ef < en * 1e-4] = 0.0  # a near-silent stretch of the reference explains nothing
+        return float(score.max())
+
+
+def _bandpass(low: float, high: float, taps: int) -> np.ndarray:
+    """A windowed-sinc band-pass FIR at 16 kHz."""
+    n = np.arange(taps) - (taps - 1) / 2
+
+    def lowpass(cut):
+        return 2 * cut / SAMPLE_RATE * np.sinc(2 * cut / SAMPLE_RATE * n)
+
+    return (lowpass(high) - lowpass(low)) * np.hamming(taps)
