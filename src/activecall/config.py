@@ -390,6 +390,30 @@ class Recording:
     ptime: int = _checked(lambda v: _positive(v, 20), default=200)
 
 
+def _level(value):
+    if not 0.0 <= value <= 4.0:
+        raise ValueError("must be between 0 and 4 (a linear gain)")
+    return value
+
+
+def _speed(value):
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be above 0 and at most 1 (gain change per 20 ms frame)")
+    return value
+
+
+@dataclass(frozen=True)
+class Ambiance:
+    """``[ambiance]``: defaults for a call's ``ambiance`` option (call/ambiance.py); camelCase keys as
+    in the guide."""
+
+    path: Optional[str] = None
+    duckLevel: float = _checked(_level, default=0.1)
+    normalLevel: float = _checked(_level, default=0.3)
+    transitionSpeed: float = _checked(_speed, default=0.01)
+    enabled: bool = True
+
+
 @dataclass(frozen=True)
 class CallRecord:
     """``[callrecord]``: where CDRs go (``local`` directory or ``http`` upload)."""
@@ -445,6 +469,7 @@ class Config:
     register_users: tuple[RegisterUser, ...] = ()
     recording: Recording = Recording()
     callrecord: Optional[CallRecord] = None
+    ambiance: Optional[Ambiance] = None
     rewrites: tuple[Rewrite, ...] = ()
 
     # CLI-only settings (not TOML keys)

@@ -211,6 +211,15 @@ class CallSession:
             loader=media_loader or MediaLoader(cache),
             on_track_done=self._track_done,
         )
+        #: pause-then-decide on the caller's voice over the bot (call/barge_in.py); configured by a
+        #: playbook or the ✱ ``interruption`` call option, idle otherwise
+        from activecall.call.barge_in import BargeIn
+
+        self.barge_in = BargeIn.attach(self)
+        #: told every frame sent (None when nothing was): the echo canceller's reference
+        self.echo_reference: Optional[Callable] = None
+        #: the background bed mixed under the bot (call/ambiance.py), or None
+        self.ambiance = None
         self.journal: Optional[EventJournal] = None
         if dump and config is not None:
             path = os.path.join(config.recording.path, safe_file_part(session_id) + ".events.jsonl")
@@ -384,12 +393,30 @@ class CallSession:
         self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
         self._arm_inactivity()
         self.start_recording()
+        self._configure_barge_in()
+        from activecall.call.ambiance import attach_ambiance
+
+        attach_ambiance(self)
         if self.processor_factory is not None:
             self.processors = self.processor_factory(self)
             if self.processors is not None:
                 from activecall.call.turn_timing import TurnTiming
 
                 TurnTiming.attach(self, self.metrics)
+
+    def _configure_barge_in(self) -> None:
+        """The ✱ ``interruption`` call option, unless a playbook configured barge-in already."""
+        option = self.option.interruption if self.option is not None else None
+        if option is None or self.barge_in.policy is not None:
+            return
+        from activecall.call.barge_in import InterruptionPolicy
+
+        try:
+            policy = InterruptionPolicy.from_mapping(option.to_dict())
+        except ValueError as e:
+            self.error("interruption", str(e), code=400)
+            return
+        self.barge_in.configure(policy, decides=True)
 
     def start_recording(self) -> None:
         """``[recording]``: ``enabled`` allows it; ``auto_start`` or the call's
@@ -438,7 +465,11 @@ class CallSession:
         if frame is not None and self.muted:
             frame = frame * 0
         if frame is not None and self.turn_timing is not None and self.turn_timing.wants_frame:
-            self.turn_timing.frame_out(frame)
+            self.turn_timing.frame_out(frame)  # the bot's own audio, not the bed under it
+        if self.ambiance is not None and not self.muted:
+            frame = self.ambiance.mix(frame)
+        if self.echo_reference is not None:
+            self.echo_reference(frame)
         if frame is not None and self.recorder is not None:
             self.recorder.write(BOT, frame)
         return frame

@@ -246,10 +246,29 @@ class InterruptionConfig:
     """Barge-in.  ``strategy`` defaults to ``both`` (the original requires it inside the block)."""
 
     strategy: str = _key("strategy", default="both", parse=_strategy)
+    #: voice this long over the bot pauses it (call/barge_in.py; the original read but never used it)
     min_speech_ms: Optional[int] = _key("minSpeechMs")
     filler_word_filter: bool = _key("fillerWordFilter", default=False)
     volume_fade_ms: Optional[int] = _key("volumeFadeMs")
     ignore_first_ms: int = _key("ignoreFirstMs", default=800)
+    # ✱ pause, then decide (docs/playbooks.md, "Interruption")
+    pause_on_voice: bool = _key("pauseOnVoice", default=True)
+    false_interruption_ms: Optional[int] = _key("falseInterruptionMs", "resumeAfterMs")
+    min_words: int = _key("minWords", default=1)
+    backchannel: bool = _key("backchannel", default=False)
+    echo_cancel: bool = _key("echoCancel", default=True)
+
+    def policy(self):
+        """The call layer's ``InterruptionPolicy`` for these settings."""
+        from activecall.call.barge_in import InterruptionPolicy
+
+        values = {"strategy": self.strategy, "pause_on_voice": self.pause_on_voice,
+                  "filler_word_filter": self.filler_word_filter, "ignore_first_ms": self.ignore_first_ms,
+                  "min_words": self.min_words, "backchannel": self.backchannel, "echo_cancel": self.echo_cancel}
+        for name in ("min_speech_ms", "volume_fade_ms", "false_interruption_ms"):
+            if getattr(self, name) is not None:
+                values[name] = max(0, int(getattr(self, name)))
+        return InterruptionPolicy(**values)
 
 
 @dataclass(frozen=True)

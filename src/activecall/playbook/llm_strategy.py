@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.call.barge_in import takes_the_turn
 from activecall.playbook import prompts, tags
 from activecall.playbook.strategy import ITurnStrategy
 from activecall.playbook.templates import set_var
@@ -145,8 +146,13 @@ class LlmTurns:
         text = (event.text or "").strip()
         if not text or runner.hanging_up:
             return
-        if (runner.config.interruption.filler_word_filter and runner.is_speaking
+        interruption = runner.config.interruption
+        if (interruption.filler_word_filter and runner.is_speaking
                 and (event.isFiller or tags.is_filler(text, runner.fillers))):
+            return
+        if runner.is_speaking and interruption.strategy in ("both", "asr") \
+                and not takes_the_turn(interruption.policy(), text, runner.fillers):
+            # a backchannel ("uh-huh") or fewer than minWords: the bot goes on (call/barge_in.py resumes it)
             return
         runner.last_final_ms = runner.now()
         runner.last_interaction_ms = runner.now()
@@ -168,8 +174,12 @@ class LlmTurns:
         strategy = interruption.strategy
         if isinstance(event, ev.Speaking) and strategy not in ("both", "vad"):
             return
+        if isinstance(event, ev.Speaking) and strategy == "both" and interruption.pause_on_voice:
+            return  # voice alone paused the bot (call/barge_in.py); words decide
         if isinstance(event, ev.AsrDelta):
             if strategy not in ("both", "asr") or not (event.text or "").strip():
+                return
+            if not takes_the_turn(interruption.policy(), event.text, runner.fillers):
                 return
         if not runner.is_speaking or runner.hanging_up:
             return

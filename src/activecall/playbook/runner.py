@@ -130,6 +130,10 @@ class PlaybookRunner:
         for key, value in (self.config.extra or {}).items():
             self.variables.setdefault(key, value)
         self.strategy.attach()
+        controller = getattr(self.session, "barge_in", None)
+        if controller is not None and self.strategy.name == "llm":
+            # pause on the caller's voice here (fast, acoustic); the strategy decides on words
+            controller.configure(self.config.interruption.policy(), decides=False, fillers=self.fillers)
         if self.session.state is CallState.ANSWERED:
             self.start()
         return self

@@ -175,6 +175,24 @@ class AmbianceOption(_Option):
 
 
 @_option
+class InterruptionOption(_Option):
+    """✱ Server-side barge-in for a ``/call`` client (docs/api.md, "Barge-in"); a playbook's
+    ``interruption`` block has the same keys."""
+
+    strategy: Optional[str] = None
+    pauseOnVoice: Optional[bool] = None
+    minSpeechMs: Optional[int] = _checked(_non_negative, default=None)
+    falseInterruptionMs: Optional[int] = _checked(_non_negative, default=None)
+    minWords: Optional[int] = _checked(_non_negative, default=None)
+    backchannel: Optional[bool] = None
+    fillerWordFilter: Optional[bool] = None
+    volumeFadeMs: Optional[int] = _checked(_non_negative, default=None)
+    ignoreFirstMs: Optional[int] = _checked(_non_negative, default=None)
+    echoCancel: Optional[bool] = None
+    other_keys: Optional[dict] = _others()
+
+
+@_option
 class EouOption(_Option):
     ALIASES: ClassVar[dict] = {"apiKey": "secretKey"}
     type: Optional[str] = None
@@ -228,6 +246,7 @@ class CallOption(_Option):
     extra: Optional[dict[str, Any]] = None
     ambiance: Optional[AmbianceOption] = None
     eou: Optional[EouOption] = None
+    interruption: Optional[InterruptionOption] = None  # ✱ server-side barge-in
     realtime: Optional[RealtimeOption] = None
     subscribe: Optional[bool] = None
     other_keys: Optional[dict] = _others()
