@@ -8,9 +8,10 @@ late, 6–20 dB quieter, coloured.  Two stages, both fed the audio we actually s
    tail.  It never touches the caller when there is no echo, but needs about a second of the bot's
    speech to converge.
 2. **A guard** for that first second and for what the filter leaves: a frame counts as echo when
-   the filter removed most of its energy (the echo path is known), or when the last 60 ms of the
-   raw input correlate with the sent audio at some delay up to 300 ms (the echo path is not known
-   yet).  Echo frames are passed on as silence, so the VAD and the recogniser hear nothing of them.
+   the filter removed most of its energy (the echo path is known), when the last 100 ms of the
+   raw input correlate with the sent audio at some delay up to 300 ms (telephone band), or when it
+   is no louder than the bot's echo can be (Geigel's double-talk test, with the line's coupling
+   learned on the correlated frames).  Echo frames are passed on as silence, so the VAD and the recogniser hear nothing of them.
    A caller talking over the bot makes the input unlike the reference (and the filter removes
    little): those frames pass.
 
@@ -42,9 +43,17 @@ BAND_HZ = (250.0, 3600.0)
 BAND_TAPS = 63
 #: the filter removing this much (dB) means the frame is mostly echo
 CANCELLED_DB = 6.0
+#: Geigel's double-talk test: the inbound peak must exceed the learned coupling times the sent peak
+#: (over the searched delays) by this factor to count as the caller's
+GEIGEL_MARGIN = 1.25
+#: frames of correlated echo needed before the coupling is trusted, and its per-frame forgetting
+COUPLING_FRAMES = 5
+#: ... and the frame must correlate at least this much with the sent audio (a caller's frames rarely do)
+GEIGEL_SCORE = 0.3
+COUPLING_DECAY = 0.9995
 #: the reference counts as sounding (bot speaking) above this mean square, int16 units (-60 dBFS)
 ACTIVE_POWER = (32768 * 10 ** (-60 / 20)) ** 2
-#: inbound frames quieter than this (-55 dBFS) are not judged (nothing for a VAD to hear)
+#: inbound frames quieter than this (-55 dBFS) while the bot sounds are passed on as silence
 QUIET_POWER = (32768 * 10 ** (-55 / 20)) ** 2
 
 
@@ -73,6 +82,11 @@ class EchoControl:
         self._near = np.zeros(window, dtype=np.float64)  # last inbound samples (raw)
         self._far = np.zeros(history, dtype=np.float64)  # sent samples, newest last
         self._far_power = deque(maxlen=history // FRAME_SAMPLES)  # mean square per sent frame
+        self._far_raw = np.zeros(MAX_DELAY_MS * SAMPLE_RATE // 1000 + FRAME_SAMPLES, dtype=np.int16)
+        #: the line's echo coupling (peak of the returned echo / peak of what was sent), learned on
+        #: frames the correlation found to be echo
+        self.coupling = 0.0
+        self._coupled = 0
         self._fft = 1 << int(np.ceil(np.log2(history + window)))
         self._band = _bandpass(*BAND_HZ, BAND_TAPS)
         self._near_tail = np.zeros(BAND_TAPS - 1)
@@ -103,6 +117,8 @@ class EchoControl:
         if near.size != FRAME_SAMPLES:
             return near, False
         far = self._backlog.popleft() if self._backlog else self._silence
+        self._far_raw = np.roll(self._far_raw, -FRAME_SAMPLES)
+        self._far_raw[-FRAME_SAMPLES:] = far
         self._far_power.append(float(np.dot(far, far.astype(np.float64))) / FRAME_SAMPLES)
         self._far = np.roll(self._far, -FRAME_SAMPLES)
         self._far[-FRAME_SAMPLES:], self._far_tail = self._filter(far, self._far_tail)
@@ -116,12 +132,23 @@ class EchoControl:
         out = self._aec.process(near, far)
         p_in = float(np.dot(near, near.astype(np.float64))) / FRAME_SAMPLES
         if p_in < QUIET_POWER:
-            return out, False
+            # an echo's faint tail between the bot's words: silero hears speech in it at any level
+            return self._silence.copy(), False
         p_out = float(np.dot(out, out.astype(np.float64))) / FRAME_SAMPLES
+        near_peak = float(np.abs(near).max())
+        far_peak = float(np.abs(self._far_raw).max())
         echo = p_out < p_in * self._cancel_ratio
         if not echo:
             self.last_score = self._score()
             echo = self.last_score >= self.correlation
+            if echo and far_peak > 0:
+                # learn how loud the line returns the bot (a slowly forgetting maximum)
+                self._coupled += 1
+                self.coupling = max(self.coupling * COUPLING_DECAY, near_peak / far_peak)
+        if not echo and self._coupled >= COUPLING_FRAMES and self.last_score >= GEIGEL_SCORE:
+            # Geigel's test with the learned coupling: no louder than the bot's echo can be, and
+            # somewhat like it -> echo
+            echo = near_peak < GEIGEL_MARGIN * self.coupling * far_peak
         if echo:
             self.echo_frames += 1
             return self._silence.copy(), True
