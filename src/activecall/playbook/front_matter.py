@@ -272,6 +272,15 @@ class InterruptionConfig:
 
 
 @dataclass(frozen=True)
+class WaitFillerConfig:
+    """✱ Something short to say when the reply is slow to come (docs/playbooks.md, "Wait filler")."""
+
+    after_ms: int = _key("afterMs", default=700)
+    phrases: tuple[str, ...] = _key("phrases", default=("One moment.",))
+    enabled: bool = _key("enabled", default=True)
+
+
+@dataclass(frozen=True)
 class FollowUpConfig:
     """Speak again after ``timeout`` ms of silence, at most ``max_count`` times, then hang up."""
 
@@ -461,6 +470,7 @@ class FrontMatter:
     eou: Optional[EouConfig] = _key("eou")
     greeting: Optional[str] = _key("greeting")
     interruption: InterruptionConfig = _key("interruption", default_factory=InterruptionConfig)
+    wait_filler: Optional[WaitFillerConfig] = _key("waitFiller")
     dtmf: Mapping[str, DtmfAction] = _key("dtmf", default_factory=_frozen_map, parse=_dtmf_map)
     dtmf_collectors: Mapping[str, CollectorConfig] = _key("dtmfCollectors", default_factory=_frozen_map, parse=_collectors)
     realtime: Optional[RealtimeConfig] = _key("realtime")

@@ -99,6 +99,9 @@ class LlmTurns:
         self.summary: Optional[str] = None  # rolling summary, kept across scene switches
         self.preemptive: Optional[Preemptive] = None  # a reply started on a stable partial
         self._stable = None  # DelayedCall: the partial has not changed for ``preemptive_stable_ms``
+        self._filler = None  # DelayedCall: the reply is slow, say the wait filler
+        self._filler_last = False  # the bot's last words were a filler (never two in a row)
+        self._filler_index = 0
 
     # -- what the runner asks -------------------------------------------------------------------------
 
@@ -210,6 +213,7 @@ class LlmTurns:
         d.addErrback(lambda f: log.failure("call {id}: LLM turn failed", f, id=runner.session.id))
 
     def cancel(self, keep_partial: bool) -> None:
+        self._cancel_filler()
         reply, self.reply = self.reply, None
         if reply is None or reply.done:
             return
@@ -312,9 +316,40 @@ class LlmTurns:
 
     # -- one reply --------------------------------------------------------------------------------------
 
+    # -- wait filler (docs/playbooks.md, "Wait filler") ---------------------------------------------------
+
+    def _arm_filler(self, reply: Reply) -> None:
+        config = self.runner.config.wait_filler
+        self._cancel_filler()
+        if config is None or not config.enabled or not config.phrases or self._filler_last:
+            return
+        self._filler = self.runner.clock.callLater(config.after_ms / 1000.0, self._say_filler, reply)
+
+    def _cancel_filler(self) -> None:
+        if self._filler is not None and self._filler.active():
+            self._filler.cancel()
+        self._filler = None
+
+    def _say_filler(self, reply: Reply) -> None:
+        """The tool call or the model's first token is late: a short filler, on the reply's playId (its
+        sentences follow on the same track); not kept in the history."""
+        self._filler = None
+        runner = self.runner
+        if (reply is not self.reply or reply.cancelled or reply.first_delta_ms is not None or runner.stopped
+                or runner.hanging_up or self._filler_last):
+            return
+        phrases = runner.config.wait_filler.phrases
+        text = runner.render(phrases[self._filler_index % len(phrases)])
+        self._filler_index += 1
+        self._filler_last = True
+        reply.spoke_on_play_id = True
+        runner.metrics("wait_filler", runner.now() - reply.started_ms, {"playId": reply.play_id, "text": text})
+        runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True))
+
     @defer.inlineCallbacks
     def _run(self, reply: Reply, preempted: Optional[Preemptive] = None):
         runner = self.runner
+        self._arm_filler(reply)
         if preempted is None:
             settled = runner.tools.settled()
             if settled is not None:  # an <http> result belongs in the context of the next turn
@@ -376,6 +411,7 @@ class LlmTurns:
             return
         if reply.first_delta_ms is None:
             reply.first_delta_ms = self.runner.now()
+            self._cancel_filler()
         self._apply(reply, reply.parser.feed(delta))
 
     def _apply(self, reply: Reply, events) -> None:
@@ -403,6 +439,7 @@ class LlmTurns:
                                        reply_spoke=bool(reply.spoken))
 
     def _say(self, reply: Reply, text: str) -> None:
+        self._filler_last = False
         reply.spoken.append(text)
         reply.spoke_on_play_id = True
         self.runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True,
@@ -437,6 +474,9 @@ class LlmTurns:
         reply.done = True
         if reply is self.reply:
             self.reply = None
+            self._cancel_filler()
+        if text.strip():
+            self._filler_last = False
         if reply.hangup:
             runner.hanging_up = True
             runner.refresh_hangup_headers()
