@@ -1,6 +1,6 @@
 """Noise suppression for the recogniser: word error of pocketsphinx on noisy speech, and CPU per call.
 
-    PYTHONPATH=src .venv/bin/python bench/bench_denoise.py [--snr 0,5,10,20] [--rnnoise]
+    PYTHONPATH=src .venv/bin/python bench/bench_denoise.py [--snr 0,10,20] [--voices rms,slt] [--rnnoise]
 
 Six flite sentences (voices rms and slt), white and babble-like noise (speech-shaped: low-passed,
 amplitude-modulated) added at each SNR, some scaled down 20 dB (a quiet caller), then recognised
@@ -86,7 +86,7 @@ def through_rnnoise(pcm):
 @defer.inlineCallbacks
 def main(reactor, args):
     clips = []
-    for voice in ("rms", "slt"):
+    for voice in args.voices.split(","):
         for s in SENTENCES:
             pcm = yield synthesize_pcm(s, voice)
             clips.append((s, np.concatenate([np.zeros(8000, np.int16), pcm, np.zeros(8000, np.int16)])))
@@ -115,12 +115,14 @@ def main(reactor, args):
                         audio_s += noisy.size / 16000
                         errors.append(word_error_rate(text, recognise(cleaned)))
                     wers.append(float(np.mean(errors)))
-        print(f"{name:<12} " + " ".join(f"{w:>10.2f}" for w in wers) + f"   {np.mean(wers):.3f}  {100 * spent / audio_s:.2f}%")
+        print(f"{name:<12} " + " ".join(f"{w:>10.2f}" for w in wers) + f"   {np.mean(wers):.3f}  {100 * spent / audio_s:.2f}%",
+              flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--snr", default="0,10,20")
     parser.add_argument("--rnnoise", action="store_true")
+    parser.add_argument("--voices", default="rms,slt")
     args = parser.parse_args()
     task.react(main, [args])

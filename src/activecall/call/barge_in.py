@@ -43,7 +43,7 @@ class InterruptionPolicy:
 
     strategy: str = "both"
     pause_on_voice: bool = True
-    min_speech_ms: int = 100
+    min_speech_ms: int = 60
     false_interruption_ms: int = 1500
     min_words: int = 1
     backchannel: bool = False
