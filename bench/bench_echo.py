@@ -57,7 +57,7 @@ def speex(near, far):
     return out, time.perf_counter() - t
 
 
-def livekit(near, far):
+def webrtc_aec3(near, far):
     from livekit import rtc
     apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True)
     out = np.zeros_like(near)
@@ -95,7 +95,7 @@ def main(reactor, args):
     if args.livekit:
         try:
             import livekit.rtc  # noqa: F401
-            cancellers.append(("webrtc-aec3", livekit))
+            cancellers.append(("webrtc-aec3", webrtc_aec3))
         except ImportError:
             print("livekit not importable: WebRTC AEC3 skipped")
     seconds = bot.size / 16000

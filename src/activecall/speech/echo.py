@@ -41,6 +41,8 @@ CORRELATION = 0.7
 #: the guard compares the telephone band only (a G.711 line returns nothing above 4 kHz)
 BAND_HZ = (250.0, 3600.0)
 BAND_TAPS = 63
+DECIMATE = 2
+GUARD_RATE = SAMPLE_RATE // DECIMATE
 #: the filter removing this much (dB) means the frame is mostly echo
 CANCELLED_DB = 6.0
 #: Geigel's double-talk test: the inbound peak must exceed the learned coupling times the sent peak
@@ -76,13 +78,14 @@ class EchoControl:
         self._cancel_ratio = 10 ** (-cancelled_db / 10)
         self._backlog: deque = deque()
         self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
-        window = WINDOW_MS * SAMPLE_RATE // 1000
-        history = window + MAX_DELAY_MS * SAMPLE_RATE // 1000
+        # the guard works on the telephone band at 8 kHz (band-passed, every other sample): half the work
+        window = WINDOW_MS * GUARD_RATE // 1000
+        history = window + MAX_DELAY_MS * GUARD_RATE // 1000
         self._window = window
-        self._near = np.zeros(window, dtype=np.float64)  # last inbound samples (raw)
-        self._far = np.zeros(history, dtype=np.float64)  # sent samples, newest last
-        self._far_power = deque(maxlen=history // FRAME_SAMPLES)  # mean square per sent frame
-        self._far_raw = np.zeros(MAX_DELAY_MS * SAMPLE_RATE // 1000 + FRAME_SAMPLES, dtype=np.int16)
+        self._near = np.zeros(window, dtype=np.float64)  # last inbound samples (band-passed)
+        self._far = np.zeros(history, dtype=np.float64)  # sent samples (band-passed), newest last
+        self._far_power = deque(maxlen=MAX_DELAY_MS // 20 + WINDOW_MS // 20)  # mean square per sent frame
+        self._far_peaks: deque = deque(maxlen=MAX_DELAY_MS // 20 + 1)  # peak of each sent frame
         #: the line's echo coupling (peak of the returned echo / peak of what was sent), learned on
         #: frames the correlation found to be echo
         self.coupling = 0.0
@@ -117,13 +120,14 @@ class EchoControl:
         if near.size != FRAME_SAMPLES:
             return near, False
         far = self._backlog.popleft() if self._backlog else self._silence
-        self._far_raw = np.roll(self._far_raw, -FRAME_SAMPLES)
-        self._far_raw[-FRAME_SAMPLES:] = far
+        self._far_peaks.append(int(np.abs(far).max()))
         self._far_power.append(float(np.dot(far, far.astype(np.float64))) / FRAME_SAMPLES)
-        self._far = np.roll(self._far, -FRAME_SAMPLES)
-        self._far[-FRAME_SAMPLES:], self._far_tail = self._filter(far, self._far_tail)
-        self._near = np.roll(self._near, -FRAME_SAMPLES)
-        self._near[-FRAME_SAMPLES:], self._near_tail = self._filter(near, self._near_tail)
+        step = FRAME_SAMPLES // DECIMATE
+        f, n = self._far, self._near
+        f[:-step] = f[step:]
+        f[-step:], self._far_tail = self._filter(far, self._far_tail)
+        n[:-step] = n[step:]
+        n[-step:], self._near_tail = self._filter(near, self._near_tail)
         self.frames += 1
         if not self.bot_active:
             self.last_score = 0.0
@@ -136,7 +140,7 @@ class EchoControl:
             return self._silence.copy(), False
         p_out = float(np.dot(out, out.astype(np.float64))) / FRAME_SAMPLES
         near_peak = float(np.abs(near).max())
-        far_peak = float(np.abs(self._far_raw).max())
+        far_peak = float(max(self._far_peaks))
         echo = p_out < p_in * self._cancel_ratio
         if not echo:
             self.last_score = self._score()
@@ -156,7 +160,7 @@ class EchoControl:
 
     def _filter(self, frame: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.concatenate([tail, frame.astype(np.float64)])
-        return np.convolve(x, self._band, mode="valid"), x[-(BAND_TAPS - 1):]
+        return np.convolve(x, self._band, mode="valid")[::DECIMATE], x[-(BAND_TAPS - 1):]
 
     def _score(self) -> float:
         """Highest normalised correlation of the last inbound window with the sent audio at any
