@@ -335,3 +335,20 @@ class AmbianceUnitTests(unittest.TestCase):
         self.assertEqual((s.path, s.duck_level, s.normal_level), ("/x.wav", 0.2, 0.5))
         self.assertIsNone(AmbianceSettings.resolve(cmd.AmbianceOption(enabled=False), None))
         self.assertIsNone(AmbianceSettings.resolve(None, AmbianceConfig()))
+
+
+class OnlyTheBotsSpeechPauses(unittest.TestCase):
+    def test_a_file_or_bridge_track_is_not_paused(self):
+        from activecall.call.barge_in import BargeIn
+        from activecall.media.tracks import FileTrack
+        clock = task.Clock()
+        s = CallSession("c1", "webSocket", clock=clock, emit=lambda e: None, dump=False)
+        s.barge_in.configure(InterruptionPolicy(min_speech_ms=32), decides=True)
+        track = FileTrack("c1", "moh", "moh.wav")
+        s.playback.start_track(track)
+        track.set_audio(np.full(16000, 1000, dtype=np.int16))
+        s.tick()
+        for i in range(5):
+            s.barge_in.voice_window(i * 32, 32, 0.9, 0.5)
+        self.assertFalse(s.playback.held)
+        self.assertIsInstance(s.barge_in, BargeIn)

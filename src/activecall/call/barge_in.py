@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 
 from twisted.logger import Logger
 
+from activecall.media.tracks import TtsTrack
 from activecall.protocol import events as ev
 
 log = Logger(namespace="activecall.call.barge_in")
@@ -178,7 +179,9 @@ class BargeIn:
             return
         playback = self.session.playback
         track = playback.current
-        if track is None or track.stopped or playback.paused or playback.held or track.frames_played == 0:
+        if not isinstance(track, TtsTrack):
+            return  # only the bot's speech: not a file, music on hold or a bridged party
+        if track.stopped or playback.paused or playback.held or track.frames_played == 0:
             return
         if p.ignore_first_ms and track.frames_played * 20 < p.ignore_first_ms:
             return
