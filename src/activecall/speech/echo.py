@@ -9,7 +9,7 @@ late, 6–20 dB quieter, coloured.  Two stages, both fed the audio we actually s
    speech to converge.
 2. **A guard** for that first second and for what the filter leaves: a frame counts as echo when
    the filter removed most of its energy (the echo path is known), when the last 100 ms of the
-   raw input correlate with the sent audio at some delay up to 300 ms (telephone band), or when it
+   raw input correlate with the sent audio at some delay up to 400 ms (telephone band), or when it
    is no louder than the bot's echo can be (Geigel's double-talk test, with the line's coupling
    learned on the correlated frames).  Echo frames are passed on as silence, so the VAD and the recogniser hear nothing of them.
    A caller talking over the bot makes the input unlike the reference (and the filter removes
@@ -34,7 +34,7 @@ TAIL_MS = 300
 MAX_BACKLOG = 3
 #: the guard's analysis window (ms of inbound audio) and the delays it searches (ms)
 WINDOW_MS = 100
-MAX_DELAY_MS = 300
+MAX_DELAY_MS = 400  # 200 ms of line, plus the network's and the media clock's jitter
 #: normalised correlation at or above which the window is the bot's echo (flite speech, docs/speech.md:
 #: band-limited, 95% of echo frames score 0.7-0.94, another voice at most 0.62)
 CORRELATION = 0.7
@@ -85,7 +85,7 @@ class EchoControl:
         self._near = np.zeros(window, dtype=np.float64)  # last inbound samples (band-passed)
         self._far = np.zeros(history, dtype=np.float64)  # sent samples (band-passed), newest last
         self._far_power = deque(maxlen=MAX_DELAY_MS // 20 + WINDOW_MS // 20)  # mean square per sent frame
-        self._far_peaks: deque = deque(maxlen=MAX_DELAY_MS // 20 + 1)  # peak of each sent frame
+        self._far_peaks: deque = deque(maxlen=MAX_DELAY_MS // 20 + 1)  # peak of each frame sent
         #: the line's echo coupling (peak of the returned echo / peak of what was sent), learned on
         #: frames the correlation found to be echo
         self.coupling = 0.0
@@ -108,6 +108,15 @@ class EchoControl:
         self._backlog.append(frame)
         while len(self._backlog) > MAX_BACKLOG:
             self._backlog.popleft()
+        # the guard's view of what was sent is kept by time (as sent), not paired frame by frame with the
+        # inbound ones: inbound audio comes in bursts on a real network, and the echo's delay then only
+        # moves within the searched range
+        self._far_peaks.append(int(np.abs(frame).max()))
+        self._far_power.append(float(np.dot(frame, frame.astype(np.float64))) / FRAME_SAMPLES)
+        step = FRAME_SAMPLES // DECIMATE
+        f = self._far
+        f[:-step] = f[step:]
+        f[-step:], self._far_tail = self._filter(frame, self._far_tail)
 
     @property
     def bot_active(self) -> bool:
@@ -120,12 +129,8 @@ class EchoControl:
         if near.size != FRAME_SAMPLES:
             return near, False
         far = self._backlog.popleft() if self._backlog else self._silence
-        self._far_peaks.append(int(np.abs(far).max()))
-        self._far_power.append(float(np.dot(far, far.astype(np.float64))) / FRAME_SAMPLES)
         step = FRAME_SAMPLES // DECIMATE
-        f, n = self._far, self._near
-        f[:-step] = f[step:]
-        f[-step:], self._far_tail = self._filter(far, self._far_tail)
+        n = self._near
         n[:-step] = n[step:]
         n[-step:], self._near_tail = self._filter(near, self._near_tail)
         self.frames += 1
