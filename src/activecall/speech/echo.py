@@ -9,7 +9,7 @@ late, 6–20 dB quieter, coloured.  Two stages, both fed the audio we actually s
    speech to converge.
 2. **A guard** for that first second and for what the filter leaves: a frame counts as echo when
    the filter removed most of its energy (the echo path is known), when the last 100 ms of the
-   raw input correlate with the sent audio at some delay up to 400 ms (telephone band), or when it
+   raw input correlate with the sent audio at some delay up to 300 ms (telephone band), or when it
    is no louder than the bot's echo can be (Geigel's double-talk test, with the line's coupling
    learned on the correlated frames).  Echo frames are passed on as silence, so the VAD and the recogniser hear nothing of them.
    A caller talking over the bot makes the input unlike the reference (and the filter removes
@@ -34,7 +34,7 @@ TAIL_MS = 300
 MAX_BACKLOG = 3
 #: the guard's analysis window (ms of inbound audio) and the delays it searches (ms)
 WINDOW_MS = 100
-MAX_DELAY_MS = 400  # 200 ms of line, plus the network's and the media clock's jitter
+MAX_DELAY_MS = 300  # 200 ms of line, plus the network's and the media clock's jitter
 #: normalised correlation at or above which the window is the bot's echo (flite speech, docs/speech.md:
 #: band-limited, 95% of echo frames score 0.7-0.94, another voice at most 0.62)
 CORRELATION = 0.7
@@ -50,6 +50,8 @@ CANCELLED_DB = 6.0
 GEIGEL_MARGIN = 1.25
 #: frames of correlated echo needed before the coupling is trusted, and its per-frame forgetting
 COUPLING_FRAMES = 5
+#: the correlation a frame needs to teach the coupling
+LEARN_CORRELATION = 0.85
 #: ... and the frame must correlate at least this much with the sent audio (a caller's frames rarely do)
 GEIGEL_SCORE = 0.3
 COUPLING_DECAY = 0.9995
@@ -150,8 +152,9 @@ class EchoControl:
         if not echo:
             self.last_score = self._score()
             echo = self.last_score >= self.correlation
-            if echo and far_peak > 0:
-                # learn how loud the line returns the bot (a slowly forgetting maximum)
+            if self.last_score >= LEARN_CORRELATION and 0 < near_peak < far_peak:
+                # learn how loud the line returns the bot (a slowly forgetting maximum), on frames that
+                # are surely echo (a line returns less than was sent)
                 self._coupled += 1
                 self.coupling = max(self.coupling * COUPLING_DECAY, near_peak / far_peak)
         if not echo and self._coupled >= COUPLING_FRAMES and self.last_score >= GEIGEL_SCORE:
