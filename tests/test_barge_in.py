@@ -352,3 +352,48 @@ class OnlyTheBotsSpeechPauses(unittest.TestCase):
             s.barge_in.voice_window(i * 32, 32, 0.9, 0.5)
         self.assertFalse(s.playback.held)
         self.assertIsInstance(s.barge_in, BargeIn)
+
+
+class AmbianceFromUrlTests(unittest.TestCase):
+    """``ambiance.path`` as an http(s) URL: fetched once at call set-up (the media cache), decoded, looped."""
+
+    def test_url_bed_is_fetched_and_mixed(self):
+        import os
+        from activecall.audio import wav_bytes
+        from activecall.media.tracks import MediaLoader
+
+        bed = (np.sin(np.arange(8000) * 2 * np.pi * 200 / SAMPLE_RATE) * 8000).astype(np.int16)
+        fetched = []
+
+        class Response:
+            code = 200
+
+            def content(self):
+                return defer.succeed(wav_bytes(bed))
+
+        def http_get(url):
+            fetched.append(url)
+            return defer.succeed(Response())
+
+        cache = os.path.abspath(self.mktemp())
+        os.makedirs(cache)
+        loader = MediaLoader(cache, http_get=http_get, run=_sync)
+        events = []
+        s = CallSession("c1", "webSocket", clock=task.Clock(), emit=events.append, dump=False,
+                        media_loader=loader)
+        s.option = cmd.CallOption.from_dict({"ambiance": {"path": "http://sounds.example/office.wav",
+                                                          "normalLevel": 0.5}})
+        s.answered()
+        self.assertEqual(fetched, ["http://sounds.example/office.wav"])
+        out = np.concatenate([s.tick() for _ in range(50)]).astype(np.float64)
+        self.assertLess(abs(np.sqrt(np.mean(out ** 2)) / np.sqrt(np.mean(bed.astype(np.float64) ** 2)) - 0.5), 0.05)
+
+    def test_a_missing_file_is_an_error_event_and_no_bed(self):
+        events = []
+        s = CallSession("c1", "webSocket", clock=task.Clock(), emit=events.append, dump=False)
+        s.playback.loader.run = _sync
+        s.option = cmd.CallOption.from_dict({"ambiance": {"path": "/nonexistent/bed.wav"}})
+        s.answered()
+        self.assertIsNone(s.ambiance)
+        self.assertIsNone(s.tick())
+        self.assertTrue(any(isinstance(e, ev.Error) and e.sender == "ambiance" for e in events))
