@@ -86,6 +86,11 @@ SENTENCES = [
     "I want to change my delivery address.",
 ]
 REPLY = "Sure, one moment."
+#: each reply names two others (676 different ones), so no turn's audio comes from the TTS cache (a real
+#: agent rarely says the same sentence twice); the opening line is REPLY itself
+NAMES = ["Alice", "Bruno", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira",
+         "Liam", "Maya", "Nico", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wendy",
+         "Xavier", "Yara", "Zoltan"]
 FRAME = 320
 VOICED = 300
 
@@ -96,13 +101,17 @@ class FakeLLM(resource.Resource):
     def __init__(self):
         super().__init__()
         self.delay = 0.0
+        self.count = 0
 
     def render_POST(self, request):
         request.content.read()
         request.setHeader(b"content-type", b"text/event-stream")
+        n = self.count - 1
+        reply = REPLY if n < 0 else f"Sure {NAMES[n % 26]} and {NAMES[n // 26 % 26]}, one moment."
+        self.count += 1
 
         def answer():
-            for word in REPLY.split(" "):
+            for word in reply.split(" "):
                 chunk = {"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
                 request.write(f"data: {json.dumps(chunk)}\n\n".encode())
             request.write(b"data: [DONE]\n\n")
@@ -375,6 +384,7 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
     root = tempfile.mkdtemp(prefix="turnbench-")
     conf, http_port, sip_port = write_setup(root, llm_port, asr, tts)
     llm.delay = llm_delay / 1000.0
+    llm.count = 0
     transcriptions.delay = asr_delay / 1000.0
     speech.delay = tts_delay / 1000.0
     daemon = spawn([TWISTD, "--nodaemon", "--pidfile=", "--reactor=asyncio", "activecall", "--conf", conf])
