@@ -377,7 +377,8 @@ def converse(line, turns, clips, transcriptions):
 
 
 @defer.inlineCallbacks
-def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clips, dump_events=False, load=None):
+def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clips, dump_events=False, load=None,
+               profile_dir=None):
     """One daemon, one measured conversation (and ``load`` background ones over SIP)."""
     llm, transcriptions, speech = servers
     llm_delay, asr_delay, tts_delay = delays
@@ -402,7 +403,14 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
             line = SipLine(sip_port, f"{root}/rec")
         yield line.connect()
         cpu0, wall0 = read_cpu_seconds(daemon.transport.pid), reactor.seconds()
+        if profile_dir:  # py-spy samples the daemon while the measured turns run
+            out = os.path.join(profile_dir, f"{transport}-{name}-load{load or 0}.txt")
+            spy = spawn(["py-spy", "record", "--nonblocking", "--format", "raw", "-o", out, "-p",
+                         str(daemon.transport.pid)])
         results = yield converse(line, turns, clips, transcriptions)
+        if profile_dir:
+            spy.transport.signalProcess("INT")
+            yield spy.ended
         cpu = read_cpu_seconds(daemon.transport.pid) - cpu0
         wall = reactor.seconds() - wall0
         if dump_events:
@@ -478,7 +486,7 @@ def main(args):
                             asr, tts = configs[name]
                             run = yield run_config(name, asr, tts, transport, (llm_delay, asr_delay, tts_delay),
                                                    args.turns, (llm, transcriptions, speech), port, clips,
-                                                   args.dump_events, load)
+                                                   args.dump_events, load, args.py_spy)
                             runs.append(run)
                             summaries.append(summarise(run))
                             print(json.dumps(summaries[-1]), file=sys.stderr)
@@ -510,6 +518,8 @@ if __name__ == "__main__":
     parser.add_argument("--config", default="offline")
     parser.add_argument("--transport", default="ws", help="ws, sip or ws,sip")
     parser.add_argument("--load", default="", help="background SIP conversations per run, e.g. 0,50,100")
+    parser.add_argument("--py-spy", metavar="DIR", help="sample the daemon with py-spy during the measured turns; "
+                        "collapsed stacks (one file per run) go to DIR")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dump-events", action="store_true",
                         help="print every event of each call to stderr at its end")
