@@ -31,7 +31,7 @@ from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
 from activecall.sip import sdp as sdp_mod
 from activecall.sip.call_events import (
-    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,
+    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated, TransferRequested,
 )
 
 log = Logger(namespace="activecall.call.sip")
@@ -452,6 +452,10 @@ class SipConnector:
             s.emit(ev.Dtmf(trackId=s.id, timestamp=s.now(), digit=event.digit))
         elif isinstance(event, SdpUpdated):
             pass  # the answer to our offer is applied when the call is answered
+        elif isinstance(event, TransferRequested):
+            from activecall.call.transfer import transfer_requested
+
+            transfer_requested(s, event.refer, self)
         elif isinstance(event, Ended):
             if s.leg is not None and s.leg.closing:
                 return

@@ -378,6 +378,9 @@ class SipConfig:
     extract_headers: Optional[tuple[str, ...]] = _key("extract_headers", parse=_header_list)
     #: header name -> regex the value must match (documented ``{name, pattern}`` form).
     extract_patterns: Mapping[str, str] = field(default_factory=_frozen_map)
+    #: what the playbook answers a REFER from the far end (``transferRequest``): accept or refuse
+    transfer_requests: str = _key("transfer_requests", "transferRequests", default="refuse",
+                                  parse=lambda v, path, ctx: _transfer_policy(v, path, ctx))
 
     @classmethod
     def __post_load__(cls, values: dict, path: str, ctx) -> dict:
@@ -386,6 +389,13 @@ class SipConfig:
             values["extract_headers"], patterns = values["extract_headers"]
             values["extract_patterns"] = _frozen_map(patterns)
         return values
+
+
+def _transfer_policy(value, path, ctx):
+    value = ctx.convert(str, value, path).lower()
+    if value not in ("accept", "refuse"):
+        raise ctx.error(path, f"must be accept or refuse, not {value!r}")
+    return value
 
 
 def _dtmf_map(value, path, ctx):

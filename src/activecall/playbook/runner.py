@@ -172,6 +172,9 @@ class PlaybookRunner:
         if isinstance(event, ev.Hangup):
             self._stop()
             return
+        if isinstance(event, ev.TransferRequest):
+            self._transfer_requested(event)
+            return
         if not self.started:
             return
         bot_track = self.session.playback.track_id
@@ -193,6 +196,17 @@ class PlaybookRunner:
             self._on_silence()
         # ev.Eou starts no turn here (the original started one with no user message, then another on
         # the asrFinal): a completed turn finalises the recogniser, and that asrFinal starts the turn
+
+    def _transfer_requested(self, event: ev.TransferRequest) -> None:
+        """A REFER from the far end: the front matter's ``sip.transfer_requests`` answers it."""
+        policy = self.playbook.config.sip.transfer_requests
+        log.info("call {id}: the far end asks for a transfer to {to}; {policy}", id=self.session.id,
+                 to=event.referTo, policy=policy)
+        self.variables["transfer_to"] = event.referTo
+        if policy == "accept":
+            self.session.handle(cmd.AcceptTransfer())
+        else:
+            self.session.handle(cmd.RejectTransfer(code=603))
 
     def _track_ended(self, event: ev.TrackEnd) -> None:
         self.is_speaking = False

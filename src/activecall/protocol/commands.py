@@ -417,11 +417,44 @@ class SendDtmf(Command):
     DEFAULT_INTERVAL: ClassVar[int] = 50
 
 
+@dataclass(frozen=True, kw_only=True)
+class AcceptTransfer(Command):
+    """Carry out the far end's REFER (the last ``transferRequest``)."""
+
+    TAG: ClassVar[str] = "acceptTransfer"
+    headers: Optional[dict[str, str]] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectTransfer(Command):
+    """Refuse the far end's REFER (603 unless ``code`` says otherwise)."""
+
+    TAG: ClassVar[str] = "rejectTransfer"
+    code: Optional[int] = _checked(_sip_code, default=None)
+    reason: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bridge(Command):
+    """Connect this call's audio both ways with the live call ``target`` (its session id)."""
+
+    TAG: ClassVar[str] = "bridge"
+    target: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unbridge(Command):
+    """Part this call from the call it is bridged to."""
+
+    TAG: ClassVar[str] = "unbridge"
+
+
 #: ``command`` tag -> class
 COMMANDS: dict[str, type] = {
     cls.TAG: cls
     for cls in (Invite, Accept, Reject, Ringing, Tts, Play, Interrupt, Pause, Resume, Hangup, Refer,
-                Mute, Unmute, History, SendDtmf)
+                Mute, Unmute, History, SendDtmf,
+                AcceptTransfer, RejectTransfer, Bridge, Unbridge)
 }
 #: other names accepted for a command
 COMMAND_ALIASES = {"start": "invite"}
