@@ -1,0 +1,135 @@
+"""An inbound SIP REFER (RFC 3515) through the whole daemon, against sipp: a PBX (sipp's UAC scenario
+``uac_refer.xml``) calls us and transfers the call to a target (sipp's UAS ``uas_transfer_target.xml``,
+which checks Referred-By and the Replaces header taken from the Refer-To).
+
+- a /call/sip client sees ``transferRequest`` and answers ``acceptTransfer``: 202, NOTIFY 100 / 180 / 200
+  (message/sipfrag, checked by the PBX scenario), our BYE on the old dialog, ``answer{refer: true}``, and
+  the call goes on with the target until the client hangs up (the target gets our BYE);
+- ``rejectTransfer``: 603, and the call goes on until the PBX hangs up;
+- a playbook with ``sip.transfer_requests: accept`` carries the transfer out with no client.
+"""
+
+import json
+
+from twisted.internet import defer, reactor
+from twisted.web import resource, server
+
+from tests.test_sip_calls import DaemonCase, _later
+from tests.test_sip_integration import port_bound, sipp, sipp_result, udp_port, when
+from tests.wsclient import connect, send_json
+
+REPLACES = "abc@pbx;to-tag=7;from-tag=9"
+
+ACCEPTING_PLAYBOOK = """---
+llm:
+  provider: echo
+  greeting: "Hello."
+tts:
+  provider: flite
+sip:
+  transfer_requests: accept
+---
+You repeat what the caller says.
+"""
+
+
+class InboundReferTests(DaemonCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def webhook(self):
+        hooks = []
+
+        class Hook(resource.Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                hooks.append(json.loads(request.content.read()))
+                return b"{}"
+
+        port = reactor.listenTCP(0, server.Site(Hook()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        yield self.start(f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{port.getHost().port}/hook"\n')
+        return hooks
+
+    @defer.inlineCallbacks
+    def target(self):
+        port = udp_port()
+        uas = sipp(self, "-p", str(port), "-mp", str(udp_port() // 2 * 2), "-rtp_echo",
+                   scenario="uas_transfer_target.xml")
+        yield when(port_bound(port), 15, "sipp's transfer target to bind")
+        return port, uas
+
+    @defer.inlineCallbacks
+    def pending_call(self, hooks):
+        for _ in range(200):
+            if hooks:
+                break
+            yield _later(0.05)
+        self.assertTrue(hooks, "the webhook was not called\n" + self.daemon.output[-2000:])
+        dialog_id = hooks[0]["dialogId"]
+        proto, client = yield connect(self, self.http_port, "/call/sip", f"id={dialog_id}")
+        send_json(proto, {"command": "accept", "option": {"codec": "pcmu"}})
+        yield client.wait_event("answer")
+        return proto, client
+
+    @defer.inlineCallbacks
+    def test_client_accepts_the_transfer(self):
+        hooks = yield self.webhook()
+        target_port, uas = yield self.target()
+        pbx = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   "-key", "target", f"127.0.0.1:{target_port}", scenario="uac_refer.xml")
+        proto, client = yield self.pending_call(hooks)
+        request = yield client.wait_event("transferRequest")
+        self.assertEqual(request["referTo"], f"sip:carol@127.0.0.1:{target_port}")
+        self.assertEqual(request["referredBy"], "<sip:alice@pbx.example>")
+        self.assertEqual(request["replaces"], REPLACES)
+        send_json(proto, {"command": "acceptTransfer"})
+        answer = yield client.wait_event("answer", refer=True)
+        self.assertIn("m=audio", answer["sdp"])
+        # the PBX saw 202, NOTIFY 100 Trying / 180 Ringing / 200 OK (sipfrag) and our BYE
+        yield sipp_result(pbx, timeout=20)
+        yield _later(0.3)
+        self.assertEqual([e for e in client.events if e["event"] == "hangup"], [],
+                         "the transferred call must go on")
+        send_json(proto, {"command": "hangup"})
+        hangup = yield client.wait_event("hangup")
+        self.assertEqual(hangup["reason"], "system")
+        yield sipp_result(uas, timeout=20)  # the target checked the headers and got our BYE
+
+    @defer.inlineCallbacks
+    def test_client_refuses_the_transfer(self):
+        hooks = yield self.webhook()
+        pbx = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   "-key", "target", "127.0.0.1:9", scenario="uac_refer_refused.xml")
+        proto, client = yield self.pending_call(hooks)
+        yield client.wait_event("transferRequest")
+        send_json(proto, {"command": "rejectTransfer"})
+        yield sipp_result(pbx, timeout=20)  # 603, then the PBX hangs up
+        hangup = yield client.wait_event("hangup")
+        self.assertEqual(hangup["reason"], "caller")
+
+    @defer.inlineCallbacks
+    def test_playbook_accepts_the_transfer(self):
+        from tests import test_sip_calls
+
+        self.patch(test_sip_calls, "PLAYBOOK", ACCEPTING_PLAYBOOK)
+        yield self.start('[handler]\ntype = "playbook"\ndefault = "test.md"\n')
+        target_port, uas = yield self.target()
+        pbx = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   "-key", "target", f"127.0.0.1:{target_port}", scenario="uac_refer.xml")
+        yield sipp_result(pbx, timeout=20)
+        cdr = yield self.wait_cdr_or_none()
+        self.assertIsNone(cdr, "the transferred call must go on after the old dialog's BYE")
+        # end the daemon: the transferred call ends with a BYE to the target
+        self.daemon.signal("TERM")
+        yield sipp_result(uas, timeout=20)
+
+    @defer.inlineCallbacks
+    def wait_cdr_or_none(self):
+        import glob
+        import os
+
+        yield _later(0.5)
+        found = glob.glob(os.path.join(self.root, "cdr", "*", "*.json"))
+        return found[0] if found else None
