@@ -45,6 +45,7 @@ from activecall.sip.message import (
     parse_uri,
     quote,
 )
+from activecall.sip.policy import apply_trunk_rules
 from activecall.sip.sdp_offer import SDP, mirror_direction, sdp_direction, with_direction
 from activecall.sip.server_transaction import InviteServerTransaction, ServerTransaction
 from activecall.sip.transaction_base import TransactionTimeout, TransportError
@@ -168,6 +169,8 @@ class SipCall:
             return defer.fail(CallStateError(f"{method}: no dialog yet"))
         request = self.dialog.create_request(method, headers=list(self.ua.common_headers()) + list(headers),
                                              body=body, content_type=content_type)
+        if method == "REFER":
+            apply_trunk_rules(request, getattr(self.ua.config, "trunk_rules", ()))
         return self._send_in_dialog(request)
 
     def _send_in_dialog(self, request: Request, retried: bool = False) -> defer.Deferred:
