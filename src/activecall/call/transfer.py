@@ -149,8 +149,6 @@ class InboundTransfer:
             self.call.hangup()
             self._failed(488, str(e))
             return
-        from activecall.call.sip_call import SipLeg
-
         old = s.leg
         self.refer.progress(200, "OK")
         # the old dialog's BYE (ours, or the transferor's, which usually follows the NOTIFY) is no hang-up
@@ -160,7 +158,7 @@ class InboundTransfer:
         if not old.sip_call.is_ended:
             d = old.sip_call.hangup()
             d.addErrback(lambda f: log.debug("BYE of the transferred dialog: {e}", e=f.getErrorMessage()))
-        s.leg = SipLeg(s, self.call, self.rtp)
+        s.leg = type(old)(s, self.call, self.rtp)  # a SipLeg, like the one it replaces
         self.rtp.start()
         self.call.add_listener(self.connector._sip_event)
         self.connector.inbound = None  # we placed the new dialog: its BYE is the callee's
