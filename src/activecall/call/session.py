@@ -183,6 +183,8 @@ class CallSession:
         self.inbound_transfer = None
         #: the audio bridge to another live call (``bridge`` command, call/audio_bridge.py), else None
         self.bridge = None
+        #: the answering-machine detector of an outbound call with ``amd`` (call/amd.py), else None
+        self.amd = None
         #: callables told every event the call emits (the playbook runner listens here)
         self.listeners: list[Callable[[ev.Event], None]] = []
         #: callables fed every inbound 16 kHz frame (VAD, ASR, recorder)

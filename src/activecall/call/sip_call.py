@@ -418,6 +418,12 @@ class SipConnector:
             self.session.end("failed", initiator="system", status_code=488)
             return
         leg.rtp.start()
+        option = self.session.option
+        if option is not None and option.amd is not None:
+            from activecall.call import amd
+
+            if amd.enabled(option.amd):
+                amd.start_amd(self.session, option.amd)
         self.session.answered(sdp=leg.sip_call.remote_sdp.decode("utf-8", "replace"))
 
     def _outbound_failed(self, failure):

@@ -230,6 +230,8 @@ class CallOption(_Option):
     eou: Optional[EouOption] = None
     realtime: Optional[RealtimeOption] = None
     subscribe: Optional[bool] = None
+    #: answering-machine detection on an outbound call: true, or the timers (call/amd.py)
+    amd: Optional[Union[bool, dict[str, Any]]] = None
     other_keys: Optional[dict] = _others()
 
     @property
@@ -237,7 +239,7 @@ class CallOption(_Option):
         return self.offer if self.offer is not None else self.sdp
 
     #: what a later invite/accept inherits from an earlier option when it leaves them out
-    INHERITED: ClassVar[tuple] = ("asr", "tts", "vad", "denoise", "recorder", "eou", "extra", "ambiance")
+    INHERITED: ClassVar[tuple] = ("asr", "tts", "vad", "denoise", "recorder", "eou", "extra", "ambiance", "amd")
 
     def merged_over(self, earlier: Optional["CallOption"]) -> "CallOption":
         """This option, taking INHERITED fields it leaves out from ``earlier`` (e.g. a playbook's)."""
