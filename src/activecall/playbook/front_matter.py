@@ -366,6 +366,27 @@ def _header_map(value, path, ctx):
 
 
 @dataclass(frozen=True)
+class AmdConfig:
+    """``amd``: answering-machine detection on outbound calls (call/amd.py has the timers' meaning).
+
+    ``voicemail``: what to say after the beep when a machine answers (then hang up); without it a
+    machine (or a fax) is hung up on with reason ``answerMachine``."""
+
+    voicemail: Optional[str] = _key("voicemail")
+    initialSilence: Optional[int] = _key("initialSilence")
+    greeting: Optional[int] = _key("greeting")
+    afterGreetingSilence: Optional[int] = _key("afterGreetingSilence")
+    totalAnalysisTime: Optional[int] = _key("totalAnalysisTime")
+    maximumWords: Optional[int] = _key("maximumWords")
+    silenceThreshold: Optional[int] = _key("silenceThreshold")
+    beepTimeout: Optional[int] = _key("beepTimeout")
+
+    def timers(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "voicemail" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
 class SipConfig:
     """snake_case inside, as in the original; camelCase is accepted too."""
 
@@ -458,6 +479,7 @@ class FrontMatter:
     posthook: Optional[PosthookConfig] = _key("posthook")
     follow_up: Optional[FollowUpConfig] = _key("followUp", "followup")
     sip: SipConfig = _key("sip", default_factory=SipConfig)
+    amd: Optional[AmdConfig] = _key("amd")
 
 
 

@@ -149,6 +149,9 @@ class PlaybookRunner:
         if self.stopped:
             return
         self.stopped = True
+        timer = getattr(self, "_voicemail_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
         self.strategy.stop()
         self.collector.end()
         self._outbox.clear()
@@ -167,7 +170,13 @@ class PlaybookRunner:
             self.strategy.observe(event)
         if isinstance(event, ev.Answer):
             if event.trackId == self.session.id:
+                detector = self.session.amd
+                if detector is not None and detector.verdict is None:
+                    return  # answering-machine detection first: the verdict starts (or replaces) the dialogue
                 self.start()
+            return
+        if isinstance(event, ev.AnswerMachineDetection):
+            self._amd_verdict(event)
             return
         if isinstance(event, ev.Hangup):
             self._stop()
@@ -196,6 +205,37 @@ class PlaybookRunner:
             self._on_silence()
         # ev.Eou starts no turn here (the original started one with no user message, then another on
         # the asrFinal): a completed turn finalises the recogniser, and that asrFinal starts the turn
+
+    def _amd_verdict(self, event: ev.AnswerMachineDetection) -> None:
+        """human / unknown: the dialogue starts; machine: wait for the beep and leave ``amd.voicemail``
+        (or hang up without one); fax: hang up."""
+        config = self.playbook.config.amd
+        self.variables["amd"] = event.result if event.result != "beep" else "machine"
+        if event.result in ("human", "unknown"):
+            self.start()
+        elif event.result == "fax" or (event.result == "machine" and (config is None or not config.voicemail)):
+            if not self.started or event.result == "fax":
+                self.end_call("answerMachine")
+        elif event.result == "machine":
+            if self.started:
+                return  # the dialogue had begun (amd set by the client, not the playbook): leave it be
+            self._voicemail_due = True
+            timeout = (self.session.amd.s.beepTimeout if self.session.amd is not None else 30000) / 1000
+            self._voicemail_timer = self.session.clock.callLater(timeout, self._leave_voicemail)
+        elif event.result == "beep" and getattr(self, "_voicemail_due", False):
+            self._leave_voicemail()
+
+    def _leave_voicemail(self) -> None:
+        """After the beep (or when none came in time): say ``amd.voicemail`` and hang up."""
+        if not getattr(self, "_voicemail_due", False) or self.stopped:
+            return
+        self._voicemail_due = False
+        timer = getattr(self, "_voicemail_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        text = self.render(self.playbook.config.amd.voicemail)
+        log.info("call {id}: leaving the voicemail message", id=self.session.id)
+        self.dispatch(cmd.Tts(text=text, playId="voicemail", autoHangup=True, endOfStream=True))
 
     def _transfer_requested(self, event: ev.TransferRequest) -> None:
         """A REFER from the far end: the front matter's ``sip.transfer_requests`` answers it."""

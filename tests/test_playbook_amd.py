@@ -1,0 +1,81 @@
+"""A playbook with ``amd``: the dialogue waits for the verdict; a machine gets ``amd.voicemail`` after
+its beep (then the call hangs up), a human gets the greeting, a machine without a voicemail is hung
+up on.  Audio is synthetic (tones, a noise burst for a short "hello"), fed frame by frame."""
+
+import numpy as np
+
+from activecall.call.amd import start_amd
+from activecall.playbook.start import playbook_call_option
+from tests.test_playbook_runner import RunnerTestBase
+from activecall.protocol import commands as cmd
+
+RATE = 16000
+
+
+def silence(ms):
+    return np.zeros(RATE * ms // 1000, dtype=np.int16)
+
+
+def tone(freq, ms, amp=8000):
+    t = np.arange(RATE * ms // 1000) / RATE
+    return (np.sin(2 * np.pi * freq * t) * amp).astype(np.int16)
+
+
+def voice(ms):
+    return np.random.default_rng(5).normal(0, 3000, RATE * ms // 1000).astype(np.int16)
+
+
+class PlaybookAmdTests(RunnerTestBase):
+    def start(self, amd_yaml):
+        runner = self.begin(extra=amd_yaml, greeting="Hello, this is ACME.", answered=False)
+        option = playbook_call_option(self.playbook)
+        self.assertIsNotNone(option.amd)
+        start_amd(self.session, option.amd)
+        self.session.answered()
+        return runner
+
+    def feed(self, pcm):
+        for i in range(0, len(pcm) - 319, 320):
+            self.session.audio_in(pcm[i:i + 320])
+
+    def test_machine_gets_the_voicemail_after_the_beep(self):
+        runner = self.start('amd:\n  voicemail: "Please call ACME back."\n  initialSilence: 2000')
+        self.assertEqual(self.tts(), [], "no greeting before the verdict")
+        self.feed(silence(2100))
+        self.assertEqual(runner.variables["amd"], "machine")
+        self.assertEqual(self.tts(), [], "the message waits for the beep")
+        self.feed(silence(400))
+        self.assertEqual(self.tts(), [])
+        self.feed(tone(1000, 300))
+        self.assertEqual([(t.text, bool(t.autoHangup)) for t in self.tts()], [("Please call ACME back.", True)])
+        self.play_out()
+        self.assertEqual(self.session.end_reason, "autohangup")
+
+    def test_no_beep_in_time_leaves_the_message_anyway(self):
+        self.start('amd:\n  voicemail: "Please call back."\n  initialSilence: 1000\n  beepTimeout: 5000')
+        self.feed(silence(1100))
+        self.assertEqual(self.tts(), [])
+        self.clock.advance(5.1)
+        self.assertEqual([t.text for t in self.tts()], ["Please call back."])
+
+    def test_human_gets_the_greeting(self):
+        runner = self.start("amd:\n  greeting: 1500")
+        self.feed(silence(300))
+        self.feed(voice(500))
+        self.assertEqual(self.tts(), [])
+        self.feed(silence(900))
+        self.assertEqual(runner.variables["amd"], "human")
+        self.assertEqual([t.text for t in self.tts()][:1], ["Hello, this is ACME."])
+
+    def test_machine_without_voicemail_is_hung_up_on(self):
+        self.start("amd:\n  initialSilence: 1000")
+        self.feed(silence(1100))
+        self.assertEqual(self.session.end_reason, "answerMachine")
+        self.assertEqual(self.tts(), [])
+
+    def test_front_matter_to_option(self):
+        self.begin(extra="amd: {}", answered=False)
+        self.assertIs(playbook_call_option(self.playbook).amd, True)
+        self.begin(extra="amd:\n  greeting: 2000\n  voicemail: hi", answered=False)
+        self.assertEqual(playbook_call_option(self.playbook).amd, {"greeting": 2000})
+        self.assertIsInstance(cmd.CallOption.from_dict({"amd": {"greeting": 2000}}), cmd.CallOption)
