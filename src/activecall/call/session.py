@@ -183,6 +183,8 @@ class CallSession:
         self.inbound_transfer = None
         #: the audio bridge to another live call (``bridge`` command, call/audio_bridge.py), else None
         self.bridge = None
+        #: the warm transfer in progress or done (call/warm_transfer.py), else None
+        self.warm_transfer = None
         #: the answering-machine detector of an outbound call with ``amd`` (call/amd.py), else None
         self.amd = None
         #: callables told every event the call emits (the playbook runner listens here)
@@ -328,6 +330,11 @@ class CallSession:
         from activecall.call import audio_bridge
 
         audio_bridge.bridge(self, command.target)
+
+    def on_warmTransfer(self, command: cmd.WarmTransfer):
+        from activecall.call.warm_transfer import start_warm_transfer
+
+        start_warm_transfer(self, command)
 
     def on_unbridge(self, command: cmd.Unbridge):
         if self.bridge is None:

@@ -196,6 +196,8 @@ class PlaybookRunner:
             self._on_dtmf(event.digit)
         elif self.collection is not None and not self.collection.config.interruptible:
             return  # collecting: speech is not for us (docs/playbooks.md, collectors)
+        elif self.transferring:
+            return  # on hold, consulting or bridged to a human: the caller is not talking to us
         elif isinstance(event, ev.AsrFinal):
             self.strategy.caller_said(event)
         elif isinstance(event, (ev.AsrDelta, ev.Speaking)):
@@ -236,6 +238,32 @@ class PlaybookRunner:
         text = self.render(self.playbook.config.amd.voicemail)
         log.info("call {id}: leaving the voicemail message", id=self.session.id)
         self.dispatch(cmd.Tts(text=text, playId="voicemail", autoHangup=True, endOfStream=True))
+
+    @property
+    def transferring(self) -> bool:
+        """A warm transfer holds the call, or the call is bridged to another one."""
+        wt = self.session.warm_transfer
+        return self.session.bridge is not None or (wt is not None and wt.state in ("dialing", "consulting"))
+
+    def warm_transfer(self, target: str, summary: Optional[str] = None, moh: Optional[str] = None) -> None:
+        """``<warm_transfer>``: hold the caller, brief the human, connect; on failure the dialogue resumes
+        with a system note saying so."""
+        from activecall.call.warm_transfer import start_warm_transfer
+
+        self.strategy.cancel(keep_partial=True)
+        self.flush_queue()
+        command = cmd.WarmTransfer(callee=self.render(target), summary=self.render(summary) if summary else None,
+                                   moh=moh)
+
+        def done(outcome, code):
+            self.variables["transfer_result"] = outcome
+            if outcome == "failed" and not self.stopped and self.session.state.value == "answered":
+                self.history.append({"role": "system", "content":
+                                     f"The transfer to {command.callee} did not happen (SIP {code}). "
+                                     "Tell the caller and offer to help otherwise."})
+                self.start_turn()
+
+        start_warm_transfer(self.session, command, on_done=done)
 
     def _transfer_requested(self, event: ev.TransferRequest) -> None:
         """A REFER from the far end: the front matter's ``sip.transfer_requests`` answers it."""

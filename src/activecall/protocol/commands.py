@@ -445,6 +445,20 @@ class Bridge(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WarmTransfer(Command):
+    """Hold the caller (``moh``), call ``callee``, say ``summary`` to them only, then bridge the two
+    (call/warm_transfer.py); ``timeout`` seconds to answer (30)."""
+
+    TAG: ClassVar[str] = "warmTransfer"
+    callee: str
+    caller: Optional[str] = None
+    summary: Optional[str] = None
+    moh: Optional[str] = None
+    timeout: Optional[int] = _checked(_non_negative, default=None)
+    sip: Optional[SipOption] = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Unbridge(Command):
     """Part this call from the call it is bridged to."""
 
@@ -456,7 +470,7 @@ COMMANDS: dict[str, type] = {
     cls.TAG: cls
     for cls in (Invite, Accept, Reject, Ringing, Tts, Play, Interrupt, Pause, Resume, Hangup, Refer,
                 Mute, Unmute, History, SendDtmf,
-                AcceptTransfer, RejectTransfer, Bridge, Unbridge)
+                AcceptTransfer, RejectTransfer, Bridge, Unbridge, WarmTransfer)
 }
 #: other names accepted for a command
 COMMAND_ALIASES = {"start": "invite"}
