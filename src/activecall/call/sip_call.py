@@ -76,7 +76,8 @@ class SipLeg:
         if self.sip_call is not None and not self.sip_call.is_ended:
             headers = list(self.session.hangup_headers.items())
             try:
-                if self.sip_call.state in ("pending", "ringing"):
+                if self.sip_call.state in ("pending", "ringing") and hasattr(self.sip_call, "reject"):
+                    # an inbound call not answered yet; an outbound one ringing is CANCELled by hangup()
                     self.sip_call.reject(487 if self.session.end_reason == "canceled" else 480,
                                          self.session.end_reason)
                 else:
