@@ -1,4 +1,4 @@
-"""A playbook with ``amd``: the dialogue waits for the verdict; a machine gets ``amd.voicemail`` after
+"""Call control from a playbook: ``amd`` (the dialogue waits for the verdict; a machine gets
 its beep (then the call hangs up), a human gets the greeting, a machine without a voicemail is hung
 up on.  Audio is synthetic (tones, a noise burst for a short "hello"), fed frame by frame."""
 
@@ -8,6 +8,7 @@ from activecall.call.amd import start_amd
 from activecall.playbook.start import playbook_call_option
 from tests.test_playbook_runner import RunnerTestBase
 from activecall.protocol import commands as cmd
+from activecall.protocol import events as ev
 
 RATE = 16000
 
@@ -79,3 +80,25 @@ class PlaybookAmdTests(RunnerTestBase):
         self.begin(extra="amd:\n  greeting: 2000\n  voicemail: hi", answered=False)
         self.assertEqual(playbook_call_option(self.playbook).amd, {"greeting": 2000})
         self.assertIsInstance(cmd.CallOption.from_dict({"amd": {"greeting": 2000}}), cmd.CallOption)
+
+
+class WarmTransferTagTests(RunnerTestBase):
+    """``<warm_transfer>`` in a reply: the runner starts the transfer; when it fails (here: no SIP in
+    the daemon) the dialogue resumes with a system note; a bridged call's speech starts no turn."""
+
+    def test_failed_transfer_resumes_the_dialogue(self):
+        self.begin(None, 'One moment. <warm_transfer to="sip:human@pbx" summary="Alice wants a refund"/>',
+                   "Sorry, nobody is free.")
+        errors = [e for e in self.events if e.TAG == "error" and e.sender == "warmTransfer"]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(self.runner.variables["transfer_result"], "failed")
+        notes = [m["content"] for m in self.llm.calls[-1].messages if m["role"] == "system"]
+        self.assertIn("did not happen (SIP 503)", notes[-1])
+        self.assertIn("Sorry, nobody is free.", [t.text for t in self.tts()])
+
+    def test_bridged_call_speech_starts_no_turn(self):
+        self.begin(None, "Hello.")
+        calls = len(self.llm.calls)
+        self.session.bridge = object()
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text="hi"))
+        self.assertEqual(len(self.llm.calls), calls)
