@@ -107,3 +107,10 @@ class AudioBridgeTests(unittest.TestCase):
         parsed = cmd.decode_command('{"command": "bridge", "target": "B"}')
         self.assertEqual(parsed, cmd.Bridge(target="B"))
         self.assertEqual(cmd.decode_command('{"command": "unbridge"}'), cmd.Unbridge())
+
+    def test_a_new_track_on_either_call_parts_the_bridge(self):
+        self.a.handle(cmd.Bridge(target="B"))
+        self.b.handle(cmd.Tts(text="hello", playId="p1"))
+        self.assertEqual([e.active for e in self.tags("A", "bridged")], [True, False])
+        self.assertIsNone(self.a.bridge)
+        self.assertIsNone(self.b.bridge)
