@@ -10,10 +10,14 @@ which checks Referred-By and the Replaces header taken from the Refer-To).
 """
 
 import json
+import os
+import wave
 
+import numpy as np
 from twisted.internet import defer, reactor
 from twisted.web import resource, server
 
+from tests.helpers import loud_ms
 from tests.test_sip_calls import DaemonCase, _later
 from tests.test_sip_integration import port_bound, sipp, sipp_result, udp_port, when
 from tests.wsclient import connect, send_json
@@ -92,10 +96,31 @@ class InboundReferTests(DaemonCase):
         yield _later(0.3)
         self.assertEqual([e for e in client.events if e["event"] == "hangup"], [],
                          "the transferred call must go on")
+        # the media moved: a 440 Hz tone played on the call reaches the target, whose echo comes back
+        # into the call (the recording's caller channel; the PBX sent no audio at all)
+        tone_path = os.path.join(self.root, "tone.wav")
+        t = np.arange(16000) / 16000
+        with wave.open(tone_path, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+        send_json(proto, {"command": "play", "url": tone_path})
+        yield client.wait_event("trackEnd", playId=tone_path)
+        yield _later(0.5)
         send_json(proto, {"command": "hangup"})
         hangup = yield client.wait_event("hangup")
         self.assertEqual(hangup["reason"], "system")
         yield sipp_result(uas, timeout=20)  # the target checked the headers and got our BYE
+        cdr = yield self.wait_cdr()
+        self.assertEqual(cdr["extras"].get("transferred_to"), f"sip:carol@127.0.0.1:{target_port}")
+        with wave.open(cdr["recorder"][0]["path"]) as w:
+            frames = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
+        caller = frames[:, 0].astype(float)
+        self.assertGreater(loud_ms(frames[:, 0]), 400, "no echo of the tone came back from the target")
+        spectrum = np.abs(np.fft.rfft(caller)) ** 2
+        freqs = np.fft.rfftfreq(caller.size, 1 / 16000)
+        self.assertLess(abs(freqs[np.argmax(spectrum)] - 440), 10)
 
     @defer.inlineCallbacks
     def test_client_refuses_the_transfer(self):
