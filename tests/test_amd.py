@@ -1,15 +1,22 @@
 """Answering-machine detection on fixtures the test builds with the machine's offline TTS (flite):
 a long voicemail greeting followed by a 1 kHz beep, a short "hello?" and a fax tone.  The verdicts
 come from the structure of the audio (greeting length, silence after it, tones), counted in frames:
-the same audio always gets the same verdict, whatever the machine's speed."""
+the same audio always gets the same verdict, whatever the machine's speed.  The same recordings also go
+through the whole daemon: it dials sipp, which answers and plays them as PCMU RTP."""
+
+import os
 
 import numpy as np
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from activecall.audio import resample
 from activecall.call.amd import AmdSettings, AnsweringMachineDetector, ToneDetector, start_amd
 from activecall.speech.testing import synthesize_pcm
-from activecall.testing import FakeMediaSession  # noqa: F401  (the session side is tested below)
+from tests.helpers import free_port, spawn_daemon, write_config
+from tests.test_sip_calls import write_ulaw_wav
+from tests.test_sip_integration import SCENARIOS, port_bound, sipp, sipp_result, udp_port, when
+from tests.wsclient import connect, send_json
 
 RATE = 16000
 GREETING = ("Hi, you have reached the voicemail of John Smith. I am not available to take your call "
@@ -141,3 +148,70 @@ class SessionTests(unittest.TestCase):
         self.assertIsNone(start_amd(s, {"nope": 1}))
         self.assertEqual(events[-1].TAG, "error")
         self.assertIn("amd.nope", events[-1].error)
+
+
+class SipEndToEndTests(unittest.TestCase):
+    """The daemon dials sipp (``/call/sip`` invite with ``amd``); sipp answers and plays a recording
+    built here with flite as PCMU RTP: a voicemail greeting and a 1 kHz beep, or a short "hello?"."""
+
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def call(self, recording):
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        wav = os.path.join(root, "greeting.wav")
+        write_ulaw_wav(wav, resample(recording, 16000, 8000))
+        scenario = os.path.join(root, "uas_greeting.xml")
+        with open(os.path.join(SCENARIOS, "uas_greeting.xml")) as f:
+            text = f.read()
+        with open(scenario, "w") as f:
+            f.write(text.replace("{GREETING_WAV}", wav))
+        http_port = free_port()
+        base = free_port() // 2 * 2
+        conf = write_config(self, f'''
+addr = "127.0.0.1"
+udp_port = {udp_port()}
+tcp_port = 0
+http_addr = "127.0.0.1:{http_port}"
+rtp_start_port = {base}
+rtp_end_port = {base + 20}
+media_cache_path = "{root}/cache"
+[recording]
+path = "{root}/rec"
+''')
+        daemon = spawn_daemon(self, conf)
+        uas_port = udp_port()
+        uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), scenario=scenario)
+        yield when(port_bound(uas_port), 15, "sipp uas to bind")
+        yield daemon.wait_for("activecall ready")
+        proto, client = yield connect(self, http_port, "/call/sip", "id=amd1")
+        send_json(proto, {"command": "invite", "option": {"callee": f"sip:vm@127.0.0.1:{uas_port}", "amd": True}})
+        yield client.wait_event("answer")
+        return proto, client, uas
+
+    @defer.inlineCallbacks
+    def test_voicemail_then_beep_over_rtp(self):
+        speech = yield synthesize_pcm(GREETING)
+        proto, client, uas = yield self.call(np.concatenate([silence(300), speech, silence(500), tone(1000, 600),
+                                                             silence(1000)]))
+        verdict = yield client.wait_event("answerMachineDetection", result="machine")
+        self.assertIn("greeting longer", verdict["text"])
+        beep = yield client.wait_event("answerMachineDetection", result="beep", timeout=30)
+        self.assertTrue(beep["beep"])
+        self.assertGreater(beep["endTime"], verdict["endTime"])
+        send_json(proto, {"command": "hangup"})
+        yield client.wait_event("hangup")
+        yield sipp_result(uas, timeout=15)
+
+    @defer.inlineCallbacks
+    def test_hello_over_rtp_is_human(self):
+        speech = yield synthesize_pcm("Hello?")
+        proto, client, uas = yield self.call(np.concatenate([silence(400), speech, silence(3000)]))
+        verdict = yield client.wait_event("answerMachineDetection")
+        self.assertEqual(verdict["result"], "human")
+        send_json(proto, {"command": "hangup"})
+        yield client.wait_event("hangup")
+        yield sipp_result(uas, timeout=15)
+        results = [e["result"] for e in client.events if e["event"] == "answerMachineDetection"]
+        self.assertEqual(results, ["human"])
