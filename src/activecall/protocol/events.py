@@ -184,6 +184,7 @@ class HangupReason(str, enum.Enum):
     REJECTED = "rejected"
     FAILED = "failed"
     SERVER_UNAVAILABLE = "serverUnavailable"
+    ANSWER_MACHINE = "answerMachine"  # amd: a machine (without a voicemail to leave) or a fax answered
 
 
 _REASON_WORDS = {r.value.lower(): r for r in HangupReason}
