@@ -6,6 +6,7 @@ which checks Referred-By and the Replaces header taken from the Refer-To).
   (message/sipfrag, checked by the PBX scenario), our BYE on the old dialog, ``answer{refer: true}``, and
   the call goes on with the target until the client hangs up (the target gets our BYE);
 - ``rejectTransfer``: 603, and the call goes on until the PBX hangs up;
+- a target that refuses (486): the final NOTIFY carries 486, ``reject{refer: true}``, the call goes on;
 - a playbook with ``sip.transfer_requests: accept`` carries the transfer out with no client.
 """
 
@@ -19,7 +20,7 @@ from twisted.web import resource, server
 
 from tests.helpers import loud_ms
 from tests.test_sip_calls import DaemonCase, _later
-from tests.test_sip_integration import port_bound, sipp, sipp_result, udp_port, when
+from tests.test_sip_integration import LoopbackUA, port_bound, sipp, sipp_result, udp_port, when
 from tests.wsclient import connect, send_json
 
 REPLACES = "abc@pbx;to-tag=7;from-tag=9"
@@ -131,6 +132,30 @@ class InboundReferTests(DaemonCase):
         yield client.wait_event("transferRequest")
         send_json(proto, {"command": "rejectTransfer"})
         yield sipp_result(pbx, timeout=20)  # 603, then the PBX hangs up
+        hangup = yield client.wait_event("hangup")
+        self.assertEqual(hangup["reason"], "caller")
+
+    @defer.inlineCallbacks
+    def test_target_refuses_the_call_stays(self):
+        hooks = yield self.webhook()
+        target = LoopbackUA(self)
+
+        def busy(call):
+            target.calls.append(call)
+            call.reject(486, "Busy Here")
+
+        target.ua.invite_handler = busy
+        pbx = sipp(self, f"127.0.0.1:{self.sip_port}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   "-key", "target", f"127.0.0.1:{target.port}", scenario="uac_refer_failed.xml")
+        proto, client = yield self.pending_call(hooks)
+        yield client.wait_event("transferRequest")
+        send_json(proto, {"command": "acceptTransfer", "headers": {"X-Transfer": "1"}})
+        reject = yield client.wait_event("reject", refer=True)
+        self.assertEqual(reject["code"], 486)
+        invite = target.calls[0].invite
+        self.assertEqual(invite.headers.get("X-Transfer"), "1")
+        self.assertEqual(invite.headers.get("Replaces"), REPLACES)
+        yield sipp_result(pbx, timeout=20)  # 202, NOTIFY 100, NOTIFY 486 (terminated); then its own BYE
         hangup = yield client.wait_event("hangup")
         self.assertEqual(hangup["reason"], "caller")
 
