@@ -1,6 +1,7 @@
 """Call control from a playbook: ``amd`` (the dialogue waits for the verdict; a machine gets
-its beep (then the call hangs up), a human gets the greeting, a machine without a voicemail is hung
-up on.  Audio is synthetic (tones, a noise burst for a short "hello"), fed frame by frame."""
+``amd.voicemail`` after its beep, then the call hangs up; a human gets the greeting; a machine without a
+voicemail is hung up on; audio synthetic, fed frame by frame), ``<warm_transfer>``, and the answer to a
+REFER from the far end (``sip.transfer_requests``)."""
 
 import numpy as np
 
@@ -102,3 +103,34 @@ class WarmTransferTagTests(RunnerTestBase):
         self.session.bridge = object()
         self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text="hi"))
         self.assertEqual(len(self.llm.calls), calls)
+
+
+class TransferRequestPolicyTests(RunnerTestBase):
+    """A ``transferRequest`` (a REFER from the far end) answered by ``sip.transfer_requests``."""
+
+    def request(self):
+        self.session.emit(ev.TransferRequest(trackId="s1", timestamp=self.session.now(), referTo="sip:c@pbx"))
+        return [c.TAG for c in self.commands if c.TAG in ("acceptTransfer", "rejectTransfer")]
+
+    def test_accept(self):
+        self.begin(None, "Hello.", extra="sip:\n  transfer_requests: accept")
+        self.assertEqual(self.request(), ["acceptTransfer"])
+        self.assertEqual(self.runner.variables["transfer_to"], "sip:c@pbx")
+
+    def test_unset_without_a_client_refuses(self):
+        self.begin(None, "Hello.")
+        self.assertEqual(self.request(), ["rejectTransfer"])
+
+    def test_unset_with_a_client_leaves_it_to_the_client(self):
+        class Connector:
+            protocol = object()
+
+        self.begin(None, "Hello.", connector=Connector())
+        self.assertEqual(self.request(), [])
+
+    def test_bad_value_is_a_playbook_error(self):
+        from activecall.playbook.front_matter import PlaybookError
+
+        with self.assertRaises(PlaybookError) as ctx:
+            self.begin(None, "Hello.", extra="sip:\n  transfer_requests: maybe")
+        self.assertIn("transfer_requests", str(ctx.exception))

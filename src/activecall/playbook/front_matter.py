@@ -399,8 +399,9 @@ class SipConfig:
     extract_headers: Optional[tuple[str, ...]] = _key("extract_headers", parse=_header_list)
     #: header name -> regex the value must match (documented ``{name, pattern}`` form).
     extract_patterns: Mapping[str, str] = field(default_factory=_frozen_map)
-    #: what the playbook answers a REFER from the far end (``transferRequest``): accept or refuse
-    transfer_requests: str = _key("transfer_requests", "transferRequests", default="refuse",
+    #: what the playbook answers a REFER from the far end (``transferRequest``): accept or refuse; unset:
+    #: the WebSocket client decides when there is one, else refuse
+    transfer_requests: Optional[str] = _key("transfer_requests", "transferRequests", default=None,
                                   parse=lambda v, path, ctx: _transfer_policy(v, path, ctx))
 
     @classmethod

@@ -268,9 +268,12 @@ class PlaybookRunner:
     def _transfer_requested(self, event: ev.TransferRequest) -> None:
         """A REFER from the far end: the front matter's ``sip.transfer_requests`` answers it."""
         policy = self.playbook.config.sip.transfer_requests
+        self.variables["transfer_to"] = event.referTo
+        if policy is None and getattr(self.session.connector, "protocol", None) is not None:
+            return  # a /call/sip client is attached: it answers (acceptTransfer / rejectTransfer)
+        policy = policy or "refuse"
         log.info("call {id}: the far end asks for a transfer to {to}; {policy}", id=self.session.id,
                  to=event.referTo, policy=policy)
-        self.variables["transfer_to"] = event.referTo
         if policy == "accept":
             self.session.handle(cmd.AcceptTransfer())
         else:
