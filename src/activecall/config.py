@@ -293,6 +293,7 @@ _LOADER = typed.Loader(
     error=ConfigError,
     mismatch=_mismatch,
     unknown="error",
+    keys=lambda cls, f: f.metadata.get("toml_keys") or (f.name,),
     include=lambda f: f.init and not f.metadata.get("cli_only"),
     scalars={int: _strict_int, float: _number_or_duration},
 )
@@ -410,6 +411,37 @@ class Rewrite:
     rewrite: str = ""
 
 
+def check_sip_address(value: str) -> str:
+    """A SIP URI or name-addr (``sip:…``, ``"Name" <sips:…>``); ``$1`` references are allowed in it."""
+    text = value.strip()
+    if not re.match(r"^(?:sips?:\S+|[^<]*<sips?:[^>]+>.*)$", text, re.IGNORECASE):
+        raise ValueError(f"{value!r} is not a SIP URI or name-addr (sip:user@host, \"Name\" <sip:user@host>)")
+    return text
+
+
+def _trunk_methods(value) -> tuple:
+    methods = tuple(str(m).upper() for m in value)
+    for m in methods:
+        if m not in ("INVITE", "REFER"):
+            raise ValueError(f"{m!r} is not INVITE or REFER")
+    return methods
+
+
+@dataclass(frozen=True)
+class TrunkRule:
+    """``[[trunk_rules]]``: per-trunk rewriting of From / To / Contact on outgoing INVITE and REFER.
+
+    ``match`` is a regex searched in the request URI (after ``[[rewrites]]``); the first matching rule
+    applies.  ``from`` / ``to`` / ``contact`` replace those headers' address (a SIP URI or name-addr,
+    ``$1``-style references to ``match``'s groups allowed; the From/To tags are kept)."""
+
+    match: str = _checked(check_regex, default="")
+    from_: Optional[str] = field(default=None, metadata={"toml_keys": ("from",), "check": check_sip_address})
+    to: Optional[str] = _checked(check_sip_address, default=None)
+    contact: Optional[str] = _checked(check_sip_address, default=None)
+    methods: tuple[str, ...] = _checked(_trunk_methods, default=("INVITE", "REFER"))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole daemon configuration (top-level TOML keys)."""
@@ -446,6 +478,7 @@ class Config:
     recording: Recording = Recording()
     callrecord: Optional[CallRecord] = None
     rewrites: tuple[Rewrite, ...] = ()
+    trunk_rules: tuple[TrunkRule, ...] = ()
 
     # CLI-only settings (not TOML keys)
     call: Optional[str] = field(default=None, metadata={"cli_only": True})
@@ -464,6 +497,11 @@ class Config:
 def _validate(cfg: Config) -> list[str]:
     """Cross-key checks; returns warnings.  Raises ConfigError."""
     warnings: list[str] = []
+    for i, rule in enumerate(cfg.trunk_rules):
+        if not rule.match:
+            raise ConfigError(f"trunk_rules[{i}].match", "is required (a regex on the request URI)")
+        if rule.from_ is None and rule.to is None and rule.contact is None:
+            raise ConfigError(f"trunk_rules[{i}]", "rewrites nothing: give from, to or contact")
     if cfg.rtp_end_port < cfg.rtp_start_port:
         raise ConfigError(
             "rtp_end_port",

@@ -179,6 +179,14 @@ class CallSession:
         #: the controller of a realtime playbook on the call (``IRealtimeController``, which puts itself
         #: here), else None
         self.realtime_controller = None
+        #: a REFER from the far end waiting for, or carried out after, acceptTransfer (call/transfer.py)
+        self.inbound_transfer = None
+        #: the audio bridge to another live call (``bridge`` command, call/audio_bridge.py), else None
+        self.bridge = None
+        #: the warm transfer in progress or done (call/warm_transfer.py), else None
+        self.warm_transfer = None
+        #: the answering-machine detector of an outbound call with ``amd`` (call/amd.py), else None
+        self.amd = None
         #: callables told every event the call emits (the playbook runner listens here)
         self.listeners: list[Callable[[ev.Event], None]] = []
         #: callables fed every inbound 16 kHz frame (VAD, ASR, recorder)
@@ -307,6 +315,32 @@ class CallSession:
     def on_sendDtmf(self, command: cmd.SendDtmf):
         connector = self._connector(IDtmfConnector, command)
         return connector.sendDtmf(command) if connector is not None else None
+
+    def on_acceptTransfer(self, command: cmd.AcceptTransfer):
+        from activecall.call import transfer
+
+        transfer.accept(self, command)
+
+    def on_rejectTransfer(self, command: cmd.RejectTransfer):
+        from activecall.call import transfer
+
+        transfer.reject(self, command)
+
+    def on_bridge(self, command: cmd.Bridge):
+        from activecall.call import audio_bridge
+
+        audio_bridge.bridge(self, command.target)
+
+    def on_warmTransfer(self, command: cmd.WarmTransfer):
+        from activecall.call.warm_transfer import start_warm_transfer
+
+        start_warm_transfer(self, command)
+
+    def on_unbridge(self, command: cmd.Unbridge):
+        if self.bridge is None:
+            self.error("unbridge", "the call is not bridged")
+            return
+        self.bridge.part()
 
     @property
     def can_transfer(self) -> bool:

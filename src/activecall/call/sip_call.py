@@ -31,7 +31,7 @@ from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
 from activecall.sip import sdp as sdp_mod
 from activecall.sip.call_events import (
-    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,
+    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated, TransferRequested,
 )
 
 log = Logger(namespace="activecall.call.sip")
@@ -76,7 +76,8 @@ class SipLeg:
         if self.sip_call is not None and not self.sip_call.is_ended:
             headers = list(self.session.hangup_headers.items())
             try:
-                if self.sip_call.state in ("pending", "ringing"):
+                if self.sip_call.state in ("pending", "ringing") and hasattr(self.sip_call, "reject"):
+                    # an inbound call not answered yet; an outbound one ringing is CANCELled by hangup()
                     self.sip_call.reject(487 if self.session.end_reason == "canceled" else 480,
                                          self.session.end_reason)
                 else:
@@ -418,6 +419,12 @@ class SipConnector:
             self.session.end("failed", initiator="system", status_code=488)
             return
         leg.rtp.start()
+        option = self.session.option
+        if option is not None and option.amd is not None:
+            from activecall.call import amd
+
+            if amd.enabled(option.amd):
+                amd.start_amd(self.session, option.amd)
         self.session.answered(sdp=leg.sip_call.remote_sdp.decode("utf-8", "replace"))
 
     def _outbound_failed(self, failure):
@@ -452,6 +459,10 @@ class SipConnector:
             s.emit(ev.Dtmf(trackId=s.id, timestamp=s.now(), digit=event.digit))
         elif isinstance(event, SdpUpdated):
             pass  # the answer to our offer is applied when the call is answered
+        elif isinstance(event, TransferRequested):
+            from activecall.call.transfer import transfer_requested
+
+            transfer_requested(s, event.refer, self)
         elif isinstance(event, Ended):
             if s.leg is not None and s.leg.closing:
                 return

@@ -382,6 +382,8 @@ class LlmTurns:
                 reply.hangup = True  # acted on at the end of the reply, so a later set_var still counts
             elif isinstance(event, tags.Refer):
                 runner.refer(event.to, reply)
+            elif isinstance(event, tags.WarmTransfer):
+                runner.warm_transfer(event.to, event.summary, event.moh)
             elif isinstance(event, tags.Play):
                 self._play_in_reply(reply, event.file)
             elif isinstance(event, tags.Goto):

@@ -53,6 +53,8 @@ def playbook_call_option(playbook: Playbook) -> cmd.CallOption:
         data["denoise"] = config.denoise
     if config.extra:
         data["extra"] = dict(config.extra)
+    if config.amd is not None:
+        data["amd"] = config.amd.timers() or True
     return cmd.CallOption.from_dict(data)
 
 

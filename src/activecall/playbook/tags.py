@@ -53,6 +53,15 @@ class Refer:
 
 
 @dataclass(frozen=True)
+class WarmTransfer:
+    """``<warm_transfer to="sip:…" summary="…" moh="hold.wav"/>``: hold, consult, then connect."""
+
+    to: str
+    summary: Optional[str] = None
+    moh: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Play:
     file: str
 
@@ -86,7 +95,7 @@ class Collect:
     prompt: Optional[str] = None
 
 
-TagEvent = Union[Hangup, Refer, Play, Goto, SetVar, Http, Collect]
+TagEvent = Union[Hangup, Refer, Play, Goto, SetVar, Http, Collect, WarmTransfer]
 
 
 class MalformedTag(ValueError):
@@ -134,6 +143,7 @@ _BUILDERS = {
     "set_var": lambda a: SetVar(_required(a, "key"), a["value"] if "value" in a else _required(a, "value")),
     "http": _http,
     "collect": lambda a: Collect(_required(a, "type"), _required(a, "var"), a.get("prompt") or None),
+    "warm_transfer": lambda a: WarmTransfer(_required(a, "to"), a.get("summary") or None, a.get("moh") or None),
 }
 TAG_NAMES = tuple(_BUILDERS)
 

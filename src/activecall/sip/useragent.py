@@ -39,7 +39,7 @@ from activecall.sip.message import (
     parse_address,
     parse_uri,
 )
-from activecall.sip.policy import apply_rewrites, credentials_for
+from activecall.sip.policy import apply_rewrites, apply_trunk_rules, credentials_for
 from activecall.sip.sdp_offer import SDP
 from activecall.sip.server_transaction import InviteServerTransaction, ServerTransaction
 from activecall.sip.transaction import ExpiryQueue, TransactionLayer, TransactionUser
@@ -436,6 +436,7 @@ class UserAgent(service.Service, TransactionUser):
             headers=self.common_headers() + self.capabilities() + extra,
             body=sdp_offer, content_type=SDP if sdp_offer else None,
         )
+        apply_trunk_rules(invite, getattr(self.config, "trunk_rules", ()))
         call = OutboundCall(self, invite, target, digest)
         self.calls.append(call)
         return call.start()
