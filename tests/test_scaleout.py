@@ -157,7 +157,12 @@ def start_haproxy(testcase, nodes):
     os.makedirs(workdir)
     watcher = spawn([binary, "-db", "-f", HAPROXY_CFG], env=env, path=workdir)
     testcase.addCleanup(terminate, watcher)
-    yield poll(lambda: server_states(stats).addErrback(lambda f: None), "HAProxy's stats page")
+    def stats_page():
+        if watcher.ended.called:
+            raise AssertionError(f"haproxy exited:\n{watcher.output}")
+        return server_states(stats).addErrback(lambda f: None)
+
+    yield poll(stats_page, "HAProxy's stats page")
     return watcher, port, stats
 
 
@@ -302,9 +307,6 @@ class ScaleOutTests(unittest.TestCase):
         response = yield treq.get(f"http://{LOCAL}:{port}/kill/{drained_id}", persistent=False)
         self.assertEqual(response.code, 200, (yield response.text()))
         yield client.wait_event("hangup")
-        for call_id, (other, _) in live.items():
-            if call_id != drained_id and (yield owner(call_id)) is a:
-                other.sendClose()
         code = yield when(first_run.ended, 60, "the drained node to exit once idle")
         self.assertEqual(code, 0, first_run.output[-3000:])
         self.assertIn("drained: no call left", first_run.output)
@@ -319,5 +321,9 @@ class ScaleOutTests(unittest.TestCase):
             live[call_id] = yield session(call_id)
             placed.append((yield owner(call_id)))
         self.assertIn(a, placed)
-        for call_id, (other, _) in live.items():
-            other.sendClose()
+        # every other session ends the ordinary way: hangup, and the node closes the socket
+        open_ones = [(p, c) for call_id, (p, c) in live.items() if call_id != drained_id]
+        for other, _ in open_ones:
+            send_json(other, {"command": "hangup"})
+        yield defer.gatherResults([c.closed for _, c in open_ones])
+        yield client.closed
