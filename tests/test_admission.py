@@ -210,6 +210,22 @@ class ServiceDrainTests(unittest.TestCase):
         clock.pump([0.1] * 2)
         self.assertEqual(len(stops), 1)
 
+    def test_the_accounts_unregister_before_the_stop(self):
+        """An idle node still waits for its un-REGISTERs (a digest challenge takes a round trip more)."""
+        from types import SimpleNamespace
+
+        from twisted.internet import defer
+
+        svc, clock, stops = make_service()
+        unregistered = defer.Deferred()
+        svc.sip = SimpleNamespace(registration=SimpleNamespace(unregister=lambda: unregistered),
+                                  user_agent=SimpleNamespace(calls=[]))
+        svc.drain("test")
+        clock.advance(1)
+        self.assertEqual(stops, [])
+        unregistered.callback(None)
+        self.assertEqual(stops, [1.0])
+
     def test_second_sigterm_stops_at_once(self):
         svc, clock, stops = make_service(graceful_shutdown_timeout=60.0)
         svc.calls["a"] = object()
