@@ -6,6 +6,7 @@ written; a second SIGTERM stops at once with the call hung up; ``max_calls`` ref
 import glob
 import json
 import os
+import signal
 import uuid
 
 import treq
@@ -200,3 +201,19 @@ class DrainTests(unittest.TestCase):
         self.assertTrue((yield self.until_ready_is(200))["ready"])
         self.assertEqual((yield sip_request("OPTIONS", self.sip_port)).status, 200)
         yield self.ws_call("third")  # a place is free again
+
+    @defer.inlineCallbacks
+    def test_a_stalled_event_loop_trips_the_lag_guard(self):
+        """The daemon stopped (SIGSTOP) for 3 s: its lag timer then runs 3 s late, far past a 50 ms
+        limit even smoothed; /ready says overload until the loop has been on time for a while."""
+        yield self.start('max_event_loop_lag = "50ms"')
+        yield self.until_ready_is(200)
+        self.daemon.signal("STOP")
+        resumed = later(3.0).addCallback(lambda _: self.daemon.signal(signal.SIGCONT))
+        self.addCleanup(lambda: resumed)
+        overloaded = yield self.until_ready_is(503)  # asked while stopped: answered once it runs again
+        self.assertEqual((overloaded["reason"], overloaded["overloaded"]), ("overload", True))
+        self.assertGreater(overloaded["event_loop_lag_ms"], 50)
+        yield self.daemon.wait_for(r"event loop \d+ ms late \(max_event_loop_lag 50 ms\): refusing new calls")
+        self.assertFalse((yield self.until_ready_is(200))["overloaded"])
+        yield self.daemon.wait_for("event loop on time again")

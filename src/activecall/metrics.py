@@ -64,7 +64,7 @@ class Metrics:
         # admission (activecall/admission.py, docs/scale-out.md)
         self.refused = Counter(
             "activecall_refused",
-            "New calls and readiness probes answered 503, by request (invite, options, websocket, "
+            "New calls and OPTIONS probes answered 503, by request (invite, options, websocket, "
             "originate) and reason (draining, max_calls, overload)",
             ["request", "reason"], registry=r,
         )
