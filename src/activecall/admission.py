@@ -7,8 +7,10 @@ come back (``Retry-After``); refusing early is what keeps a refused call from be
 
 The lag guard measures the event loop itself: a timer due every ``interval`` seconds on the daemon's
 clock notes how late it fired.  A reactor too busy to keep its timers is too busy to take a call (the
-media clock of the calls it has would slip next); one late wake-up (a collection, a module imported
-once) is smoothed away, a loop that keeps running late trips the guard, and it clears at half the limit.
+media clock of the calls it has would slip next).  Each sample counts for at most twice the limit and
+the samples are smoothed, so one late wake-up, however long (a collection, a model loaded once, the
+process stopped for a while), never trips the guard on its own; a loop that keeps running late does (two
+samples in a row at twice the limit, more at less), and it clears at half the limit.
 Base layer: imports nothing from activecall, so the SIP stack and the web layer can both use it.
 """
 
@@ -47,13 +49,15 @@ class LagMonitor:
     """How late the event loop runs: a timer every ``interval`` seconds on ``clock`` notes its lateness.
 
     ``last`` is the latest sample, ``lag`` the exponentially smoothed one (newest sample weighted
-    ``smoothing``), both in seconds.  ``on_sample(lag)`` is called after each sample."""
+    ``smoothing``, and counted for at most ``cap`` seconds when a cap is given), both in seconds.
+    ``on_sample(lag)`` is called after each sample."""
 
     def __init__(self, clock: IReactorTime, interval: float = LAG_INTERVAL, smoothing: float = LAG_SMOOTHING,
-                 on_sample: Callable[[float], None] = lambda lag: None):
+                 on_sample: Callable[[float], None] = lambda lag: None, cap: Optional[float] = None):
         self.clock = clock
         self.interval = interval
         self.smoothing = smoothing
+        self.cap = cap
         self.on_sample = on_sample
         self.last = 0.0
         self.lag = 0.0
@@ -79,7 +83,8 @@ class LagMonitor:
 
     def _sample(self) -> None:
         self.last = max(0.0, self.clock.seconds() - self._due)
-        self.lag += self.smoothing * (self.last - self.lag)
+        counted = self.last if self.cap is None else min(self.last, self.cap)
+        self.lag += self.smoothing * (counted - self.lag)
         self._schedule()
         self.on_sample(self.lag)
 
@@ -104,7 +109,8 @@ class Admission:
         self.refused = refused
         self.state = SERVING
         self.overloaded = False
-        self.lag_monitor = LagMonitor(clock, interval=lag_interval, on_sample=self._lag_sampled)
+        self.lag_monitor = LagMonitor(clock, interval=lag_interval, on_sample=self._lag_sampled,
+                                      cap=2 * max_lag if max_lag > 0 else None)
 
     # -- state ---------------------------------------------------------------------------------------
 
