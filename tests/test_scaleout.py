@@ -124,16 +124,17 @@ root = "{self.root}/cdr"
 
 
 @defer.inlineCallbacks
-def start_kamailio(testcase, nodes):
-    """kamailio with the shipped configuration, the nodes in its dispatcher list, probing every second."""
+def start_kamailio(testcase, nodes, ping_interval=1):
+    """kamailio with the shipped configuration, the nodes (or bare SIP ports) in its dispatcher list,
+    probing every ``ping_interval`` seconds."""
     binary = require(KAMAILIO, "kamailio")
     port = udp_port()
     workdir = os.path.abspath(testcase.mktemp())
     os.makedirs(workdir)
     listing = os.path.join(workdir, "dispatcher.list")
     with open(listing, "w") as f:
-        f.write("".join(f"1 sip:{LOCAL}:{node.sip_port}\n" for node in nodes))
-    defines = [f"LISTEN=udp:{LOCAL}:{port}", f'DISPATCHER_LIST="{listing}"', "DS_PING_INTERVAL=1",
+        f.write("".join(f"1 sip:{LOCAL}:{getattr(node, 'sip_port', node)}\n" for node in nodes))
+    defines = [f"LISTEN=udp:{LOCAL}:{port}", f'DISPATCHER_LIST="{listing}"', f"DS_PING_INTERVAL={ping_interval}",
                f'PING_FROM="sip:dispatcher@{LOCAL}:{port}"']
     argv = [binary, "-f", KAMAILIO_CFG, "-P", os.path.join(workdir, "kamailio.pid"), "-w", workdir,
             "-Y", workdir, "-E", "-DD"]
@@ -235,6 +236,24 @@ class ScaleOutTests(unittest.TestCase):
         self.assertEqual(len(answered), 6)
         self.assertIn(a.sip_port, set(answered.values()))
         self.assertIn(b.sip_port, set(answered.values()))
+
+    @defer.inlineCallbacks
+    def test_a_node_that_does_not_answer_is_failed_over(self):
+        """A dead node first in the list (nothing on its port; no probe within the test): the INVITE sent
+        to it gets no answer, kamailio gives up after FR_TIMEOUT, marks it down and sends the call on."""
+        b = self.nodes[1]
+        dead = udp_port()
+        kamailio, kport = yield start_kamailio(self, [dead, b], ping_interval=60)
+        uac = sipp(self, f"{LOCAL}:{kport}", "-p", str(udp_port()), "-mp", str(udp_port() // 2 * 2),
+                   "-r", "2", "-rp", "1000", "-m", "4", "-d", "300", "-timeout", "60s", scenario="uac_proxied.xml")
+        yield sipp_result(uac, timeout=60)
+        answered = self.routes(kamailio.output)["answered"]
+        self.assertEqual(set(answered.values()), {b.sip_port})
+        self.assertEqual(len(answered), 4)
+        failed_over = re.findall(rf"scaleout: (\S+) refused by sip:{LOCAL}:{dead} \(408\)", kamailio.output)
+        # the calls sent to it before the first one timed out (FR_TIMEOUT) all went on to node b
+        self.assertTrue(failed_over, kamailio.output[-3000:])
+        self.assertLessEqual(set(failed_over), set(answered))
 
     @staticmethod
     def routes(text: str) -> dict:
