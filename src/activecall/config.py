@@ -154,6 +154,13 @@ def check_duration(value) -> float:
     return parse_duration(value)
 
 
+def check_count(value: int) -> int:
+    """A count that may be 0 (0 = no limit)."""
+    if value < 0:
+        raise ValueError(f"{value} is negative (0 means no limit)")
+    return value
+
+
 def check_codecs(value: list) -> tuple:
     out = []
     for name in value:
@@ -472,6 +479,10 @@ class Config:
     accept_timeout: float = _checked(check_duration, default=60.0)
     graceful_shutdown: bool = True
     graceful_shutdown_timeout: float = _checked(check_duration, default=10.0)
+    #: new calls refused (503) while this many are live; 0 = no cap (docs/scale-out.md)
+    max_calls: int = _checked(check_count, default=0)
+    #: new calls refused (503) while the event loop runs this late (smoothed); 0 = off
+    max_event_loop_lag: float = _checked(check_duration, default=0.5)
     ice_servers: tuple[IceServer, ...] = ()
     handler: Optional[Union[WebhookHandler, PlaybookHandler]] = field(default=None, metadata={"parse": _build_handler})
     register_users: tuple[RegisterUser, ...] = ()

@@ -375,9 +375,14 @@ class RegistrationService(service.Service):
             self.registrations.append(registration)
             registration.start()
 
+    def unregister(self) -> defer.Deferred:
+        """Remove every binding (``Expires: 0``) and stop refreshing, the service still running: a
+        draining node tells its PBXs to send it no more calls.  Fires when done (bounded, never fails)."""
+        return defer.gatherResults([r.stop() for r in self.registrations]).addCallback(lambda _: None)
+
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        return defer.gatherResults([r.stop() for r in self.registrations]).addCallback(lambda _: None)
+        return self.unregister()
 
 
 __all__ = ["Registration", "RegistrationService", "registrar_uri", "account_key", "granted_expiry"]

@@ -162,6 +162,10 @@ class UserAgent(service.Service, TransactionUser):
         self.layer = layer or TransactionLayer(transport, self, reactor=reactor)
         self.layer.tu = self
         self.invite_handler = invite_handler or reject_without_handler
+        #: ``admit(request)`` -> None or a refusal (``activecall.admission.Refusal``: ``retry_after``,
+        #: ``text``) for a new INVITE (``"invite"``) or an out-of-dialog OPTIONS (``"options"``): a
+        #: draining, full or overloaded daemon answers both 503 before any call exists
+        self.admit: Callable[[str], Any] = lambda request: None
         self.shutdown_timeout = shutdown_timeout
         self.dialogs = DialogTable()
         self._owners: dict[DialogId, SipCall] = {}
@@ -288,8 +292,13 @@ class UserAgent(service.Service, TransactionUser):
         if method == "INVITE":
             self._new_invite(request, txn)
         elif method == "OPTIONS":
-            # the original dropped these; PBXs use them as keep-alives
-            self.respond(txn, 200, headers=self.capabilities())
+            # the original dropped these; PBXs use them as keep-alives, proxies (kamailio's
+            # dispatcher) as the probe that tells them whether to send this node calls
+            refusal = self.admit("options")
+            if refusal is not None:
+                self._refuse(txn, refusal)
+            else:
+                self.respond(txn, 200, headers=self.capabilities())
         elif method in ("NOTIFY", "MESSAGE"):
             self.respond(txn, 200)  # e.g. Asterisk's out-of-dialog keep-alive NOTIFY
         else:  # BYE, INFO, UPDATE, PRACK, REFER outside any dialog
@@ -327,6 +336,10 @@ class UserAgent(service.Service, TransactionUser):
         if refusal is not None:
             self.respond(txn, refusal[0], headers=refusal[1])
             return
+        refused = self.admit("invite")  # draining, full or overloaded: before any call state exists
+        if refused is not None:
+            self._refuse(txn, refused)
+            return
         try:
             terms = session_timer.negotiate_as_uas(request)
             call = InboundCall(self, request, txn)
@@ -352,6 +365,10 @@ class UserAgent(service.Service, TransactionUser):
         if isinstance(result, defer.Deferred):
             result.addErrback(lambda f: (log.failure("invite handler failed", f),
                                          self._handler_failed(call, f.value)))
+
+    def _refuse(self, txn: ServerTransaction, refusal) -> None:
+        """503 with ``Retry-After`` (RFC 3261 §21.5.4): a proxy tries the next node."""
+        self.respond(txn, 503, refusal.text, headers=[("Retry-After", str(refusal.retry_after))])
 
     def _handler_failed(self, call: InboundCall, error: Exception) -> None:
         if call.state in ("pending", "ringing"):
