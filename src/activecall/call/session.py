@@ -31,6 +31,7 @@ from activecall.media.rtp_leg import IMediaSession
 from activecall.media.tracks import MediaLoader
 from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
+from activecall.protocol import option_keys
 
 log = Logger(namespace="activecall.session")
 
@@ -382,6 +383,7 @@ class CallSession:
         self.answer_time = self._now_dt()
         self.emit(ev.TrackStart(trackId=self.id, timestamp=self.now()))
         self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
+        self.refuse_options()
         self._arm_inactivity()
         self.start_recording()
         if self.processor_factory is not None:
@@ -390,6 +392,13 @@ class CallSession:
                 from activecall.call.turn_timing import TurnTiming
 
                 TurnTiming.attach(self, self.metrics)
+
+    def refuse_options(self) -> None:
+        """One ``error{sender:"option"}`` per key of the call's option that will have no effect
+        (``protocol/option_keys.py``): nothing a client asked for is dropped silently."""
+        for refusal in option_keys.refusals(self.option, self.call_type):
+            log.info("call {id}: {message}", id=self.id, message=refusal.message)
+            self.error("option", refusal.message, code=refusal.code)
 
     def start_recording(self) -> None:
         """``[recording]``: ``enabled`` allows it; ``auto_start`` or the call's

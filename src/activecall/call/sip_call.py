@@ -319,6 +319,8 @@ class SipConnector:
         s.option = option
         s.extras.setdefault("caller", call.caller)
         s.extras.setdefault("callee", call.callee)
+        if option.sip is not None and option.sip.hangup_headers:
+            s.hangup_headers.update(option.sip.hangup_headers)
         if delayed_offer(call):
             self._answer_delayed_offer(call, option)
             return
