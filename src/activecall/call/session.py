@@ -26,7 +26,8 @@ from activecall.call.interfaces import (
 )
 from activecall.call.playback import Playback, SynthesisUnavailable
 from activecall.filenames import safe_file_part
-from activecall.media.recorder import BOT, CALLER, IRecorder, WavRecorder, recording_path
+from activecall.media.recorder import (
+    BOT, CALLER, FORMATS, SAMPLE_RATES, IRecorder, WavRecorder, recording_path)
 from activecall.media.rtp_leg import IMediaSession
 from activecall.media.tracks import MediaLoader
 from activecall.protocol import commands as cmd
@@ -200,6 +201,7 @@ class CallSession:
         self._wait_input = None
         self._recorders: list = []
         self.recorder: Optional[IRecorder] = None
+        self._record_pauses: list[dict] = []
         #: builds VAD/ASR for the call from its option when it is answered
         self.processor_factory = processor_factory
         self.processors = None
@@ -402,7 +404,9 @@ class CallSession:
 
     def start_recording(self) -> None:
         """``[recording]``: ``enabled`` allows it; ``auto_start`` or the call's
-        ``recorder`` option starts it (the original ignored both settings)."""
+        ``recorder`` option starts it (the original ignored both settings).  The ``recorder``
+        option's ``recorderFile``, ``samplerate``, ``format`` and ``ptime`` win over
+        ``[recording]``'s ``filename_pattern``, ``samplerate``, ``format`` and ``ptime``."""
         if self.recorder is not None or self.config is None:
             return
         policy = self.config.recording
@@ -413,14 +417,60 @@ class CallSession:
             return
         if not (policy.auto_start or requested):
             return
-        template = self.option.recorder.recorderFile if requested else None
+        wanted = self.option.recorder if requested else cmd.RecorderOption()
+        template = wanted.recorderFile or policy.filename_pattern
+        file_format = (wanted.format or policy.format).lower()
+        if file_format not in FORMATS:
+            self.error("recorder", f"recorder.format {wanted.format!r} is not supported "
+                                   f"({', '.join(FORMATS)}); recording as {policy.format}", code=400)
+            file_format = policy.format
+        rate = wanted.samplerate or policy.samplerate
+        if rate not in SAMPLE_RATES:
+            self.error("recorder", f"recorder.samplerate {rate} is not supported "
+                                   f"({', '.join(map(str, SAMPLE_RATES))}); recording at {policy.samplerate}",
+                       code=400)
+            rate = policy.samplerate
         try:
-            path = recording_path(policy.path, self.id, template)
-            self.recorder = WavRecorder(path, ptime_ms=policy.ptime, clock=self.clock)
+            path = recording_path(policy.path, self.id, template, extension=file_format,
+                                  fields=self._file_fields())
+            self.recorder = WavRecorder(path, rate=rate, ptime_ms=wanted.ptime or policy.ptime,
+                                        clock=self.clock, file_format=file_format)
         except (OSError, ValueError) as e:
             self.error("recorder", f"cannot record: {e}")
             return
         self.audio_sinks.append(lambda pcm: self.recorder.write(CALLER, pcm))
+
+    def _file_fields(self) -> dict:
+        """The values of a recording file name's placeholders (``filenames.PATTERN_FIELDS``)."""
+        start = self.start_time
+        # a SIP call we placed is outbound; a SIP call we answered, a browser or a /call client is inbound
+        inbound = self.call_type != "sip" or getattr(self.connector, "inbound", None) is not None
+
+        def user(uri: str) -> str:
+            uri = (uri or "").split(":", 1)[-1] if uri.startswith(("sip:", "sips:", "tel:")) else (uri or "")
+            return uri.split("@", 1)[0].split(";", 1)[0]
+
+        return {"caller": user(self._party("caller")), "callee": user(self._party("callee")),
+                "date": start.strftime("%Y%m%d"), "time": start.strftime("%H%M%S"),
+                "datetime": start.strftime("%Y%m%d-%H%M%S"), "timestamp": int(start.timestamp()),
+                "direction": "inbound" if inbound else "outbound", "call_type": self.call_type}
+
+    def on_pauseRecording(self, command) -> None:
+        """Silence instead of words in the recording until ``resumeRecording``; the CDR lists the span."""
+        if self.recorder is None:
+            self.error("command", "pauseRecording: the call is not being recorded")
+            return
+        if not self.recorder.paused:
+            self.recorder.paused = True
+            self._record_pauses.append({"startTime": ev.rfc3339(self._now_dt())})
+
+    def on_resumeRecording(self, command) -> None:
+        if self.recorder is None:
+            self.error("command", "resumeRecording: the call is not being recorded")
+            return
+        if self.recorder.paused:
+            self.recorder.paused = False
+            self._record_pauses[-1]["endTime"] = ev.rfc3339(self._now_dt())
 
     def audio_in(self, pcm) -> None:
         """Caller audio (16 kHz mono int16) from the leg, to the processors."""
@@ -505,8 +555,13 @@ class CallSession:
                 log.failure("closing the speech processors of {id} failed", id=self.id)
         if self.recorder is not None:
             self.recorder.close()
+            pauses = [dict(p) for p in self._record_pauses]
+            if pauses and "endTime" not in pauses[-1]:
+                pauses[-1]["endTime"] = ev.rfc3339(self.end_time)
             self._recorders.append(RecorderFile(trackId=self.id, path=self.recorder.path,
-                                                size=self.recorder.size))
+                                                size=self.recorder.size, format=self.recorder.format,
+                                                samplerate=self.recorder.file_rate,
+                                                pauses=tuple(pauses) or None))
         if previous is CallState.ANSWERED:
             self.emit(ev.TrackEnd(trackId=self.id, timestamp=self.now(),
                                   duration=self._answered_ms(), ssrc=0))

@@ -363,6 +363,18 @@ class Resume(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PauseRecording(Command):
+    """✱ Stop recording words (card numbers): the recording goes on as silence until ``resumeRecording``."""
+
+    TAG: ClassVar[str] = "pauseRecording"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeRecording(Command):
+    TAG: ClassVar[str] = "resumeRecording"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Hangup(Command):
     TAG: ClassVar[str] = "hangup"
     reason: Optional[str] = None
@@ -421,7 +433,7 @@ class SendDtmf(Command):
 COMMANDS: dict[str, type] = {
     cls.TAG: cls
     for cls in (Invite, Accept, Reject, Ringing, Tts, Play, Interrupt, Pause, Resume, Hangup, Refer,
-                Mute, Unmute, History, SendDtmf)
+                Mute, Unmute, History, SendDtmf, PauseRecording, ResumeRecording)
 }
 #: other names accepted for a command
 COMMAND_ALIASES = {"start": "invite"}
