@@ -38,6 +38,8 @@ class EveryCommandTests(unittest.TestCase):
             ({"command": "unmute"}, c.Unmute()),
             ({"command": "history", "speaker": "user", "text": "hello"}, c.History(speaker="user", text="hello")),
             ({"command": "sendDtmf", "digits": "12*#a", "duration": 80}, c.SendDtmf(digits="12*#A", duration=80)),
+            ({"command": "pauseRecording"}, c.PauseRecording()),
+            ({"command": "resumeRecording"}, c.ResumeRecording()),
         ]
         for frame, want in table:
             got = parse(frame)

@@ -37,6 +37,24 @@ from activecall.sip.call_events import (
 log = Logger(namespace="activecall.call.sip")
 
 
+def offer_codecs(preferred, configured) -> tuple:
+    """The configured ``codecs`` with ``option.codec`` first: one name or a comma-separated list,
+    in that order, then the rest as configured.  It orders the offer and does not restrict it, so
+    a peer without the preferred codec still answers with another.  A name that is not configured
+    raises ValueError naming the ones that are."""
+    if not preferred:
+        return tuple(configured)
+    audio = [c for c in configured if c != "telephone_event"]
+    wanted = []
+    for name in str(preferred).split(","):
+        key = name.strip().lower().replace("-", "_")
+        if key not in audio:
+            raise ValueError(f"codec {name.strip()!r} is not one of the configured codecs ({', '.join(audio)})")
+        if key not in wanted:
+            wanted.append(key)
+    return tuple(wanted) + tuple(c for c in configured if c not in wanted)
+
+
 def delayed_offer(call) -> bool:
     """True when the inbound INVITE carried no SDP offer (we offer in the 200, the ACK answers)."""
     return not (call.offer or b"").strip()
@@ -100,10 +118,10 @@ class SipCalls:
         self.pending: dict[str, object] = {}  # dialog id -> InboundCall awaiting /call/sip
         self.handler = handlers.handler_for(config.handler, config.playbook_dir, reactor)
 
-    def new_rtp_leg(self, session) -> RtpLeg:
+    def new_rtp_leg(self, session, codecs=None) -> RtpLeg:
         leg = RtpLeg(session, self.media_clock, self.reactor,
                      host=self.config.rtp_bind_ip or self.ua.transport.advertised_host,
-                     external_ip=self.config.external_ip, codecs=self.config.codecs,
+                     external_ip=self.config.external_ip, codecs=codecs or self.config.codecs,
                      latching=self.config.enable_rtp_latching, metrics=self.metrics)
         leg.allocate(self.pool)
         return leg
@@ -283,6 +301,9 @@ class SipConnector:
             return
         option = command.option.merged_over(self.session.option)
         self.session.option = option
+        if option.codec:
+            self.session.error("option", "option 'codec' is not supported on an accept: the answer keeps "
+                                         "the caller's offer order (RFC 3264); the call goes on without it", code=501)
         self.answer_inbound(call, option)
         if option.playbook:
             start_playbook(self.session, option.playbook)
@@ -383,7 +404,13 @@ class SipConnector:
             return
         callee = option.callee if option.callee.startswith(("sip:", "sips:")) else "sip:" + option.callee
         try:
-            rtp = self.calls.new_rtp_leg(s)
+            codecs = offer_codecs(option.codec, self.calls.config.codecs)
+        except ValueError as e:
+            s.error("invite", str(e), code=400)
+            s.end("failed", initiator="system", status_code=400)
+            return
+        try:
+            rtp = self.calls.new_rtp_leg(s, codecs)
         except PortsExhausted as e:
             s.error("invite", str(e), code=503)
             s.end("failed", initiator="system", status_code=503)
