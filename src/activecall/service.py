@@ -197,11 +197,14 @@ def build_api_children(sip: Optional[SipStack]) -> dict:
 
 
 def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_metrics: Callable[[], None],
-              sessions: dict, pending_playbooks: PendingPlaybooks, api_children: dict, call_endpoints: dict):
-    """The twisted.web Site: /health, /metrics, the REST API, the /call endpoints and the console.
+              sessions: dict, pending_playbooks: PendingPlaybooks, api_children: dict, call_endpoints: dict,
+              clock=None, open_sip_session: Optional[Callable] = None):
+    """The twisted.web Site: /health, /metrics, the REST API, the /call endpoints, the event stream
+    (``/events/{id}``, ``/command/{id}``, ``/call/subscribe``) and the console.
 
     Returns ``(site, api)``; ``api`` is what ``install_api`` made (``api.call`` is ``/call``)."""
-    from activecall.web.rest import install_console
+    from activecall.web.events import CommandPost, EventStream, subscribe_resource
+    from activecall.web.rest import TokenGuard, install_console
 
     site = build_site(health, metrics, skip_paths=config.http_access_skip_paths, on_metrics=on_metrics)
     api = install_api(site.root, config, SessionTable(sessions), pending_playbooks, api_children=api_children)
@@ -209,6 +212,11 @@ def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_m
     api.call.websocket = endpoints.pop(b"", None)
     for name, endpoint in endpoints.items():
         api.call.putChild(name, endpoint)
+    api.call.putChild(b"subscribe", subscribe_resource(sessions))
+    if clock is None:
+        from twisted.internet import reactor as clock
+    site.root.putChild(b"events", TokenGuard(EventStream(sessions, clock), config.http_token))
+    site.root.putChild(b"command", TokenGuard(CommandPost(sessions, open_sip_session), config.http_token))
     install_console(site.root)
     return site, api
 
@@ -260,6 +268,7 @@ class ActiveCallService(service.MultiService):
             api_children=build_api_children(self.sip),
             call_endpoints=build_call_endpoints(config, self.call_manager, self.media_clock, self.sip,
                                                 self.webrtc),
+            clock=reactor, open_sip_session=self.sip.calls.open_session if self.sip is not None else None,
         )
         self.http_service = build_http_service(config, self.http_site)
         # Start order; shutdown stops them one by one in reverse: calls end (BYE, CDRs flushed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
@@ -37,6 +38,10 @@ from activecall.protocol import option_keys
 log = Logger(namespace="activecall.session")
 
 SERVER_SIDE_TRACK = "server-side-track"
+#: events a session keeps for late watchers
+EVENT_LOG_SIZE = 1000
+#: ``subscribe`` audio frames: one byte naming the side, then 16 kHz s16le (the original's framing)
+SUBSCRIBE_PREFIX = {BOT: b"\x00", CALLER: b"\x01"}
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,13 @@ class CallSession:
         self.listeners: list[Callable[[ev.Event], None]] = []
         #: callables fed every inbound 16 kHz frame (VAD, ASR, recorder)
         self.audio_sinks: list[Callable] = []
+        #: callables told ``(channel, pcm)`` for both sides' 16 kHz frames as the call hears them
+        #: (``CALLER`` after mute, ``BOT`` as sent): subscribers and ``mediaPass``
+        self.audio_taps: list[Callable] = []
+        #: the call's events so far, ``(sequence number, event)``, for watchers that join late
+        #: (``GET /events/{id}``, ``/call/subscribe``); bounded
+        self.event_log: deque = deque(maxlen=EVENT_LOG_SIZE)
+        self._event_seq = 0
         self.extras: dict[str, Any] = {}
         self.hangup_headers: dict[str, str] = {}
         self.start_time = datetime.fromtimestamp(clock.seconds(), timezone.utc)
@@ -202,6 +214,8 @@ class CallSession:
         self._recorders: list = []
         self.recorder: Optional[IRecorder] = None
         self._record_pauses: list[dict] = []
+        #: the ``mediaPass`` bridge (call/media_pass.py), while the option runs
+        self.media_pass = None
         #: builds VAD/ASR for the call from its option when it is answered
         self.processor_factory = processor_factory
         self.processors = None
@@ -232,6 +246,8 @@ class CallSession:
             self._cancel_wait_input()
         if self.journal is not None:
             self.journal.write("event", self.now(), event.to_json())
+        self._event_seq += 1
+        self.event_log.append((self._event_seq, event))
         try:
             self._emit(event)
         except Exception:
@@ -387,6 +403,8 @@ class CallSession:
         self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
         self.refuse_options()
         self._arm_inactivity()
+        self._start_subscribe()
+        self._start_media_pass()
         self.start_recording()
         if self.processor_factory is not None:
             self.processors = self.processor_factory(self)
@@ -394,6 +412,26 @@ class CallSession:
                 from activecall.call.turn_timing import TurnTiming
 
                 TurnTiming.attach(self, self.metrics)
+
+    def _start_subscribe(self) -> None:
+        """``subscribe: true``: both sides' audio to the control WebSocket as prefixed binary frames."""
+        if self.option is None or not self.option.subscribe:
+            return
+        send_audio = getattr(getattr(self.connector, "protocol", None), "send_audio", None)
+        if send_audio is None:
+            self.error("option", "option 'subscribe' needs the call's control WebSocket (this call has "
+                                 "none; watch it on /call/subscribe)", code=501)
+            return
+        self.audio_taps.append(lambda channel, pcm: send_audio(SUBSCRIBE_PREFIX[channel] + pcm.astype("<i2").tobytes()))
+
+    def _start_media_pass(self) -> None:
+        """``mediaPass``: the caller's audio to an external WebSocket, its answer as the bot's audio."""
+        if self.option is None or self.option.mediaPass is None or self.media_pass is not None:
+            return
+        from activecall.call.media_pass import MediaPass
+
+        self.media_pass = MediaPass(self, self.option.mediaPass)
+        self.media_pass.start()
 
     def refuse_options(self) -> None:
         """One ``error{sender:"option"}`` per key of the call's option that will have no effect
@@ -483,6 +521,16 @@ class CallSession:
             except Exception:
                 log.failure("an audio processor of {id} failed; removed", id=self.id)
                 self.audio_sinks.remove(sink)
+        if self.audio_taps:
+            self._tap(CALLER, pcm)
+
+    def _tap(self, channel: int, pcm) -> None:
+        for tap in list(self.audio_taps):
+            try:
+                tap(channel, pcm)
+            except Exception:
+                log.failure("an audio tap of {id} failed; removed", id=self.id)
+                self.audio_taps.remove(tap)
 
     def audio_received(self) -> None:
         """The leg got caller audio: the call is not inactive."""
@@ -494,12 +542,16 @@ class CallSession:
         if self.state is CallState.ENDED:
             return None
         frame = self.playback.tick()
+        if self.media_pass is not None:
+            frame = self.media_pass.mix(frame)
         if frame is not None and self.muted:
             frame = frame * 0
         if frame is not None and self.turn_timing is not None and self.turn_timing.wants_frame:
             self.turn_timing.frame_out(frame)
         if frame is not None and self.recorder is not None:
             self.recorder.write(BOT, frame)
+        if frame is not None and self.audio_taps:
+            self._tap(BOT, frame)
         return frame
 
     def end(self, reason: str = "system", initiator: Optional[str] = None,
@@ -531,6 +583,8 @@ class CallSession:
     @defer.inlineCallbacks
     def _teardown(self, initiator):
         self.playback.stop_current(interrupted=True)
+        if self.media_pass is not None:
+            self.media_pass.close()
         for timer in (self._inactivity, self._wait_input):
             if timer is not None and timer.active():
                 timer.cancel()

@@ -180,6 +180,13 @@ class SipCalls:
 
     # -- originate (POST /api/calls) -------------------------------------------------------------
 
+    def open_session(self, session_id: str):
+        """A SIP session with no WebSocket (``POST /command/{id}``): its ``invite`` dials, its ``accept``
+        answers the inbound call pending under that dialog id; events go to the journal and watchers."""
+        session = self.manager.open_session(session_id, "sip", emit=_log_event)
+        session.connector = SipConnector(session, None, self)
+        return session
+
     def originate(self, session_id: str, option: cmd.CallOption):
         """An outbound call with no WebSocket: its events go to the journal and the log."""
         session = self.manager.open_session(session_id, "sip", emit=_log_event)

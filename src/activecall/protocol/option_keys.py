@@ -103,7 +103,7 @@ OPTION_KEYS: dict[str, OptionKey] = dict([
     _k("realtime"), _k("realtime.provider"), _k("realtime.model"), _k("realtime.secretKey"),
     _k("realtime.secretId"), _k("realtime.endpoint"), _k("realtime.turnDetection", free_form=True),
     _k("realtime.tools", free_form=True), _k("realtime.extra", free_form=True),
-    _k("subscribe"),
+    _k("subscribe", call_types=("sip", "webrtc"), harmless=(False,)),
     _k("amd", refused="answering-machine detection is not available yet", harmless=(False, None)),
 ])
 
