@@ -40,6 +40,8 @@ class EveryCommandTests(unittest.TestCase):
             ({"command": "sendDtmf", "digits": "12*#a", "duration": 80}, c.SendDtmf(digits="12*#A", duration=80)),
             ({"command": "pauseRecording"}, c.PauseRecording()),
             ({"command": "resumeRecording"}, c.ResumeRecording()),
+            ({"command": "sendMessage", "body": "hi", "contentType": "text/plain"},
+             c.SendMessage(body="hi", contentType="text/plain")),
         ]
         for frame, want in table:
             got = parse(frame)

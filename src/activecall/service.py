@@ -149,6 +149,7 @@ def build_sip(config: Config, reactor, call_manager: CallManager, media_clock: M
     sip_calls = SipCalls(config, user_agent, call_manager, media_clock, rtp_ports, reactor, metrics=metrics)
     # without it every inbound INVITE gets 503 "No invite handler configured"
     user_agent.invite_handler = sip_calls.on_invite
+    user_agent.message_handler = sip_calls.on_message
     services = (transport, TransactionLayerService(user_agent.layer), registration, user_agent)
     return SipStack(transport, user_agent, registration, rtp_ports, sip_calls, services)
 

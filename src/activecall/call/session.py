@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from activecall.call.cdr import CallDetailRecord, ICdrWriter, RecorderFile
 from activecall.call.interfaces import (
-    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, ITransferConnector,
+    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, IMessageConnector, ITransferConnector,
 )
 from activecall.call.playback import Playback, SynthesisUnavailable
 from activecall.filenames import safe_file_part
@@ -322,6 +322,10 @@ class CallSession:
     def on_refer(self, command: cmd.Refer):
         connector = self._connector(ITransferConnector, command)
         return connector.refer(command) if connector is not None else None
+
+    def on_sendMessage(self, command: cmd.SendMessage):
+        connector = self._connector(IMessageConnector, command)
+        return connector.sendMessage(command) if connector is not None else None
 
     def on_sendDtmf(self, command: cmd.SendDtmf):
         connector = self._connector(IDtmfConnector, command)

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from activecall.call import handlers
 from activecall.call.interfaces import (
-    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, ITransferConnector,
+    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, IMessageConnector, ITransferConnector,
 )
 from activecall.call.manager import start_playbook
 from activecall.media.rtp import PortsExhausted
@@ -31,7 +31,7 @@ from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
 from activecall.sip import sdp as sdp_mod
 from activecall.sip.call_events import (
-    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,
+    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, MessageReceived, Provisional, SdpUpdated,
 )
 
 log = Logger(namespace="activecall.call.sip")
@@ -135,6 +135,14 @@ class SipCalls:
         return self.config.enable_srtp if value is None else bool(value)
 
     # -- inbound ------------------------------------------------------------------------------
+
+    def on_message(self, message):
+        """The UserAgent's out-of-dialog MESSAGE handler: the webhook handler posts it (2xx -> 200);
+        other handlers take no messages (405)."""
+        on_message = getattr(self.handler, "on_message", None)
+        if on_message is None:
+            return 405
+        return on_message(message)
 
     def on_invite(self, call) -> None:
         """The UserAgent's invite handler."""
@@ -248,7 +256,7 @@ class _AsJson:
     __str__ = __repr__ = lambda self: self.event.to_json()
 
 
-@implementer(ICallConnector, IInboundConnector, ITransferConnector, IDtmfConnector)
+@implementer(ICallConnector, IInboundConnector, ITransferConnector, IDtmfConnector, IMessageConnector)
 class SipConnector:
     """The call-type glue for ``/call/sip`` sessions (and playbook-routed inbound calls)."""
 
@@ -486,6 +494,9 @@ class SipConnector:
             s.emit(ev.Hold(trackId=s.id, timestamp=s.now(), onHold=event.on_hold))
         elif isinstance(event, Dtmf):
             s.emit(ev.Dtmf(trackId=s.id, timestamp=s.now(), digit=event.digit))
+        elif isinstance(event, MessageReceived):
+            s.emit(ev.Message(trackId=s.id, timestamp=s.now(), body=event.body.decode("utf-8", "replace"),
+                              contentType=event.content_type))
         elif isinstance(event, SdpUpdated):
             pass  # the answer to our offer is applied when the call is answered
         elif isinstance(event, Ended):
@@ -511,6 +522,22 @@ class SipConnector:
             leg.rtp.send_dtmf(command.digits, command.duration)
         except ValueError as e:
             self.session.error("command", str(e))
+
+    def sendMessage(self, command: cmd.SendMessage) -> None:
+        """An in-dialog MESSAGE; a refusal or timeout is ``error{sender:"sendMessage"}`` with its status."""
+        leg = self.session.leg
+        if not isinstance(leg, SipLeg) or leg.sip_call is None:
+            self.session.error("command", "sendMessage needs an answered SIP call")
+            return None
+        try:
+            body = command.body.encode("utf-8")
+        except UnicodeEncodeError:
+            body = command.body.encode("utf-8", "backslashreplace")
+        d = leg.sip_call.send_message(body, command.contentType or cmd.SendMessage.DEFAULT_CONTENT_TYPE,
+                                      headers=list((command.headers or {}).items()))
+        d.addErrback(lambda f: self.session.error(
+            "sendMessage", f"MESSAGE failed: {f.getErrorMessage()}", code=getattr(f.value, "status", None)))
+        return None
 
     def refer(self, command: cmd.Refer) -> None:
         """The original's B2BUA transfer; ``options.mode = "sip"`` sends a real SIP REFER instead."""

@@ -429,11 +429,24 @@ class SendDtmf(Command):
     DEFAULT_INTERVAL: ClassVar[int] = 50
 
 
+@dataclass(frozen=True, kw_only=True)
+class SendMessage(Command):
+    """✱ A SIP MESSAGE (RFC 3428) in the call's dialog: ``body`` as text, ``contentType`` default
+    ``text/plain;charset=UTF-8``, extra ``headers``."""
+
+    TAG: ClassVar[str] = "sendMessage"
+    body: str
+    contentType: Optional[str] = None
+    headers: Optional[dict[str, str]] = None
+
+    DEFAULT_CONTENT_TYPE: ClassVar[str] = "text/plain;charset=UTF-8"
+
+
 #: ``command`` tag -> class
 COMMANDS: dict[str, type] = {
     cls.TAG: cls
     for cls in (Invite, Accept, Reject, Ringing, Tts, Play, Interrupt, Pause, Resume, Hangup, Refer,
-                Mute, Unmute, History, SendDtmf, PauseRecording, ResumeRecording)
+                Mute, Unmute, History, SendDtmf, PauseRecording, ResumeRecording, SendMessage)
 }
 #: other names accepted for a command
 COMMAND_ALIASES = {"start": "invite"}
