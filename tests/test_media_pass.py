@@ -253,3 +253,42 @@ class SipCallTests(MediaPassCase):
         send_json(proto, {"command": "hangup"})
         yield client.wait_event("end")
         yield sipp_result(uas, timeout=15)
+
+
+class WebRTCCallTests(MediaPassCase):
+    """An aiortc peer stands in for the browser (its microphone: a 440 Hz tone), with ``subscribe``."""
+
+    @defer.inlineCallbacks
+    def test_media_pass_and_subscribe_on_a_webrtc_call(self):
+        from tests.test_webrtc import Peer
+
+        server, server_port = self.media_server()
+        yield self.start()
+        peer = Peer()
+        self.addCleanup(peer.close)
+        offer = yield peer.offer()
+        proto, client = yield connect(self, self.http_port, "/call/webrtc", f"id=mpw&token={TOKEN}")
+        send_json(proto, {"command": "invite", "option": {"sdp": offer, "codec": "pcmu", "subscribe": True,
+                                                          "mediaPass": {
+            "url": f"ws://127.0.0.1:{server_port}/media?room=7", "inputSampleRate": 8000,
+            "outputSampleRate": 24000, "packetSize": 960}}})
+        answer = yield client.wait_event("answer")
+        yield peer.answer(answer["sdp"])
+        yield peer.connected
+        yield until(lambda: sum(map(len, server.frames)) >= 48000, "the browser's audio at the media server")
+        heard = self.check_media_server(server, 960, 24000)
+        self.assertAlmostEqual(peak_hz(heard[-24000:], 24000), 440, delta=5)
+        # the media server's 1 kHz answer reaches the browser (PCMU, 8 kHz)
+        yield until(lambda: sum(f.size for f in peer.received) >= 16000, "audio at the browser")
+        at_browser = np.concatenate(peer.received)
+        self.assertEqual(peer.received[-1].size, 160)  # PCMU: 20 ms at 8 kHz
+        self.assertAlmostEqual(peak_hz(at_browser, 8000), 1000, delta=5)
+        yield until(lambda: sum(1 for f in client.audio if f[:1] == b"\x00") >= 50, "bot frames on the control socket")
+        bot = b"".join(f[1:] for f in client.audio if f[:1] == b"\x00")
+        self.assertAlmostEqual(peak_hz(np.frombuffer(bot, "<i2"), 16000), 1000, delta=5)
+        caller = b"".join(f[1:] for f in client.audio if f[:1] == b"\x01")
+        self.assertAlmostEqual(peak_hz(np.frombuffer(caller, "<i2")[-8000:], 16000), 440, delta=5)
+        self.assertEqual([e for e in client.events if e["event"] == "error"], [])
+        send_json(proto, {"command": "hangup"})
+        yield client.wait_event("end")
+        yield peer.close()
