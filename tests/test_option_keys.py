@@ -202,3 +202,65 @@ class SessionTests(unittest.TestCase):
                                                    "tts": {"provider": "flite", "speed": 1.2}})
         session.answered()
         self.assertEqual([e.TAG for e in events], ["trackStart", "answer"])
+
+
+class FrontMatterTests(unittest.TestCase):
+    """The playbook front matter: media sections are judged as the call's option, the rest by
+    ``playbook/front_matter_keys.py``; a refused key a playbook sets is an ``error`` event."""
+
+    def test_media_sections_are_option_keys(self):
+        from activecall.playbook import front_matter_keys as fmk
+
+        for path in fmk.field_paths():
+            section = path.split(".")[0]
+            if section in fmk.MEDIA_SECTIONS:
+                self.assertIn(path, option_keys.OPTION_KEYS, path)
+
+    def test_refused_keys_are_front_matter_keys(self):
+        from activecall.playbook import front_matter_keys as fmk
+
+        paths = set(fmk.field_paths())
+        for key in fmk.REFUSED:
+            self.assertIn(key.split("[]")[0], paths, key)
+
+    def test_docs_list_the_refused_keys(self):
+        from activecall.playbook import front_matter_keys as fmk
+
+        docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "playbooks.md"), encoding="utf-8").read()
+        section = docs.split("### Front matter keys that do nothing", 1)[1].split("\n## ", 1)[0]
+        for key, reason in fmk.REFUSED.items():
+            self.assertIn(f"`{key}`", section)
+            self.assertIn(reason, section)
+
+    def test_a_playbook_setting_refused_keys_gets_error_events(self):
+        from activecall.playbook.parser import parse_playbook
+        from activecall.playbook.start import start_playbook
+
+        text = """---
+llm:
+  provider: echo
+interruption:
+  strategy: both
+  volumeFadeMs: 300
+sip:
+  username: alice
+  extract_headers: [{name: X-Id, pattern: "^[0-9]+$"}, X-Other]
+---
+Hello.
+"""
+        events = []
+        session = CallSession("p1", "webSocket", clock=task.Clock(), emit=events.append, dump=False)
+        start_playbook(session, parse_playbook(text, "<test>"))
+        errors = {re.search(r"key '([^']+)'", e.error).group(1): e for e in events if e.TAG == "error"}
+        self.assertEqual(set(errors), {"interruption.volumeFadeMs", "sip.username", "sip.extract_headers[].pattern"})
+        self.assertTrue(all(e.sender == "playbook" and e.code == 501 for e in errors.values()))
+
+    def test_a_plain_playbook_gets_none(self):
+        from activecall.playbook.parser import parse_playbook
+        from activecall.playbook.start import start_playbook
+
+        events = []
+        session = CallSession("p2", "webSocket", clock=task.Clock(), emit=events.append, dump=False)
+        start_playbook(session, parse_playbook("---\nllm:\n  provider: echo\nsip:\n  extract_headers: [X-A]\n---\nHi.\n",
+                                               "<test>"))
+        self.assertEqual([e for e in events if e.TAG == "error"], [])
