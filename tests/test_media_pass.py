@@ -292,3 +292,37 @@ class WebRTCCallTests(MediaPassCase):
         send_json(proto, {"command": "hangup"})
         yield client.wait_event("end")
         yield peer.close()
+
+
+class HttpOnlyClientTests(MediaPassCase):
+    """A client with no WebSocket at all: POST /command/{id} places the call, GET /events/{id} follows it."""
+
+    @defer.inlineCallbacks
+    def test_place_follow_and_end_a_sip_call_over_http(self):
+        yield self.start()
+        uas_port = udp_port()
+        uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), builtin="uas")
+        yield when(port_bound(uas_port), 15, "sipp uas to bind")
+        nothing = yield treq.post(self.url("/command/h0"), b'{"command":"accept","option":{}}',
+                                  headers=self.auth(), persistent=False)
+        self.assertEqual(nothing.code, 404)  # no inbound call pending under that id: no session made
+        self.assertIn("no active or pending call", (yield nothing.json())["error"])
+        invite = json.dumps({"command": "invite", "option": {"callee": f"sip:bob@127.0.0.1:{uas_port}"}})
+        placed = yield treq.post(self.url("/command/h1"), invite.encode(), headers=self.auth(), persistent=False)
+        self.assertEqual(placed.code, 202)
+        yield placed.content()
+        sse = yield treq.get(self.url("/events/h1"), headers=self.auth(), unbuffered=True, persistent=False)
+        chunks = []
+        done = treq.collect(sse, chunks.append)
+        yield until(lambda: b'"event":"answer"' in b"".join(chunks).replace(b" ", b""), "answer on the stream")
+        ended = yield treq.post(self.url("/command/h1"), b'{"command":"hangup"}', headers=self.auth(),
+                                persistent=False)
+        self.assertEqual(ended.code, 202)
+        yield ended.content()
+        yield done
+        names = [json.loads(line[6:])["event"] for line in b"".join(chunks).decode().splitlines()
+                 if line.startswith("data: ")]
+        self.assertEqual(names[0], "ringing")  # from the call's start: the backlog came first
+        self.assertIn("answer", names)
+        self.assertEqual(names[-2:], ["hangup", "end"])
+        yield sipp_result(uas, timeout=15)

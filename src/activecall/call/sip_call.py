@@ -188,9 +188,12 @@ class SipCalls:
 
     # -- originate (POST /api/calls) -------------------------------------------------------------
 
-    def open_session(self, session_id: str):
-        """A SIP session with no WebSocket (``POST /command/{id}``): its ``invite`` dials, its ``accept``
-        answers the inbound call pending under that dialog id; events go to the journal and watchers."""
+    def open_session(self, session_id: str, command: str = "invite"):
+        """A SIP session with no WebSocket (``POST /command/{id}``) for its first ``command``: ``invite``
+        dials; ``accept``/``ringing``/``reject`` act on the inbound call pending under that dialog id
+        (LookupError when there is none: no session is left behind).  Events go to the journal and watchers."""
+        if command != "invite" and session_id not in self.pending:
+            raise LookupError(f"no active or pending call {session_id!r}")
         session = self.manager.open_session(session_id, "sip", emit=_log_event)
         session.connector = SipConnector(session, None, self)
         return session

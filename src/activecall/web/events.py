@@ -138,7 +138,9 @@ class CommandPost(resource.Resource):
             if not opening or self.open_sip_session is None:
                 return send_json(request, {"error": f"no active call {call_id!r}"}, 404)
             try:
-                session = self.open_sip_session(call_id)
+                session = self.open_sip_session(call_id, parsed.TAG)
+            except LookupError as e:  # accept/ringing/reject with nothing pending under that id
+                return send_json(request, {"error": str(e)}, 404)
             except Exception as e:  # a duplicate id raced us
                 return send_json(request, {"error": str(e)}, 409)
         session.receive_frame(body)
