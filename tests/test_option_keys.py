@@ -264,3 +264,13 @@ Hello.
         start_playbook(session, parse_playbook("---\nllm:\n  provider: echo\nsip:\n  extract_headers: [X-A]\n---\nHi.\n",
                                                "<test>"))
         self.assertEqual([e for e in events if e.TAG == "error"], [])
+
+
+class GuideSpellingTests(unittest.TestCase):
+    def test_asr_model_is_the_model(self):
+        """The guide writes ``asr: {provider: openai, model: whisper-1}``: ``model`` picks the model
+        (it was read only as ``modelType`` before, so the guide's key did nothing)."""
+        from activecall.speech.base import AsrOptions
+
+        self.assertEqual(AsrOptions.from_dict({"provider": "openai", "model": "whisper-1"}).modelType, "whisper-1")
+        self.assertEqual(AsrOptions.from_dict({"model": "a", "modelType": "b"}).modelType, "b")

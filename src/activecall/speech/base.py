@@ -170,7 +170,8 @@ class AsrOptions:
         return cls(
             provider=_get(o, "provider", str, cls.provider, w) or cls.provider,
             language=_get(o, "language", str, None, w),
-            modelType=_get(o, "modelType", str, None, w),
+            # ``model`` is the configuration guide's spelling (``asr: {provider: openai, model: whisper-1}``)
+            modelType=_get(o, "modelType", str, None, w) or _get(o, "model", str, None, w),
             secretKey=_get(o, "secretKey", str, None, w),
             appId=_get(o, "appId", str, None, w),
             secretId=_get(o, "secretId", str, None, w),
