@@ -274,3 +274,9 @@ class GuideSpellingTests(unittest.TestCase):
 
         self.assertEqual(AsrOptions.from_dict({"provider": "openai", "model": "whisper-1"}).modelType, "whisper-1")
         self.assertEqual(AsrOptions.from_dict({"model": "a", "modelType": "b"}).modelType, "b")
+
+    def test_tts_voice_is_the_speaker(self):
+        from activecall.speech.base import TtsOptions
+
+        self.assertEqual(TtsOptions.from_dict({"provider": "openai", "voice": "alloy"}).speaker, "alloy")
+        self.assertEqual(TtsOptions.from_dict({"voice": "a", "speaker": "b"}).speaker, "b")

@@ -201,7 +201,8 @@ class TtsOptions:
         w = "tts"
         result = cls(
             provider=_get(o, "provider", str, cls.provider, w) or cls.provider,
-            speaker=_get(o, "speaker", str, None, w),
+            # ``voice`` is the configuration guide's spelling (``tts: {provider: openai, voice: alloy}``)
+            speaker=_get(o, "speaker", str, None, w) or _get(o, "voice", str, None, w),
             speed=float(_get(o, "speed", (int, float), cls.speed, w)),
             volume=_get(o, "volume", int, cls.volume, w),
             model=_get(o, "model", str, None, w),
