@@ -326,3 +326,62 @@ class HttpOnlyClientTests(MediaPassCase):
         self.assertIn("answer", names)
         self.assertEqual(names[-2:], ["hangup", "end"])
         yield sipp_result(uas, timeout=15)
+
+
+class MediaPassUnitTests(unittest.TestCase):
+    """``call/media_pass.py`` on task.Clock with a fake connection: packets, mixing, bad options."""
+
+    def make(self, **option):
+        from activecall.call.media_pass import MediaPass
+        from activecall.call.session import CallSession
+        from activecall.protocol import commands as cmd
+        from twisted.internet import task
+
+        self.events = []
+        session = CallSession("u1", "webSocket", clock=task.Clock(), emit=self.events.append, dump=False)
+        self.factories = []
+        values = dict(url="ws://media.example/x", inputSampleRate=16000, outputSampleRate=8000)
+        values.update(option)
+        bridge = MediaPass(session, cmd.MediaPassOption(**values), connect=self.factories.append)
+        session.media_pass = bridge
+        bridge.start()
+        return session, bridge
+
+    def test_packets_are_exactly_packet_size_at_the_output_rate(self):
+        session, bridge = self.make(packetSize=200)
+        sent = []
+
+        class Conn:
+            def sendMessage(self, payload, isBinary):
+                sent.append(payload)
+
+        self.assertIn("sample_rate=8000", self.factories[0].url)
+        session.audio_in(tone(440, 0.02))  # before the connection: kept
+        bridge.connected(Conn())
+        self.assertEqual(self.events[-1].TAG, "trackStart")
+        for _ in range(9):
+            session.audio_in(tone(440, 0.02))
+        self.assertEqual({len(p) for p in sent}, {200})
+        self.assertEqual(len(sent), 10 * 160 * 2 // 200)  # 10 frames of 160 samples at 8 kHz
+
+    def test_the_answer_is_mixed_into_the_bot_frame(self):
+        session, bridge = self.make()
+        stream = np.full(2 * FRAME, 1000, dtype="<i2").tobytes()
+        bridge.received(stream[:641])  # a chunk may end inside a sample: the odd byte waits
+        self.assertEqual(bridge.mix(None).tolist(), [1000] * FRAME)
+        quiet = np.full(FRAME, 5, dtype=np.int16)
+        self.assertIs(bridge.mix(quiet), quiet)  # less than 20 ms left: the bot's frame as it is
+        bridge.received(stream[641:])
+        loud = bridge.mix(np.full(FRAME, 32000, dtype=np.int16))
+        self.assertEqual(loud.tolist(), [32767] * FRAME)  # summed and clipped, not wrapped
+        self.assertIsNone(bridge.mix(None))
+
+    def test_bad_options_are_an_error_naming_them(self):
+        for option, words in (({"url": "http://x"}, "ws:// or wss://"), ({"inputSampleRate": 11025}, "sample rates"),
+                              ({"packetSize": 3}, "packetSize")):
+            self.make(**option)
+            errors = [e for e in self.events if e.TAG == "error"]
+            self.assertEqual(len(errors), 1, option)
+            self.assertIn(words, errors[0].error)
+            self.assertEqual(errors[0].code, 400)
+            self.assertEqual(self.factories, [])
