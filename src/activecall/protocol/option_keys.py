@@ -5,7 +5,9 @@ A key either has an effect or is **refused**: the call goes on without it and th
 when the call is answered (``refusals``).  A key that nobody documented is reported too
 (code 400, "unknown option key", still kept for the CDR), so a typo is not a silent no-op.
 
-Making a refused option work is one line: drop its ``refused=`` reason below.
+Making a refused option work is one line: drop its ``refused=`` reason below (for a new option block,
+such as ``amd``, also list its keys and put its class in ``BLOCKS``; until then its keys are not walked:
+the refused block is named once).
 ``tests/test_option_keys.py`` keeps this table, the dataclasses in ``commands.py`` and the
 CallOption section of docs/api.md in step.
 """
