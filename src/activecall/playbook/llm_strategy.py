@@ -36,6 +36,9 @@ MAX_TOOL_ROUNDS = 3
 REPAIR_MAX_CHARS = 15
 #: rolling summary keeps this many recent messages
 SUMMARY_KEEP = 6
+#: a reply's first clause of at least this many characters goes to the TTS on its own (tags.ReplyParser):
+#: the caller hears "Sure, Alice," while the rest is synthesised (docs/playbooks.md, "Replies")
+FIRST_CLAUSE_CHARS = 12
 
 #: what ``_ask`` gives when the model did not answer (cancelled, or failed and handled)
 _NO_ANSWER = object()
@@ -73,7 +76,7 @@ class Reply:
 
     number: int
     play_id: str
-    parser: tags.ReplyParser = field(default_factory=tags.ReplyParser)
+    parser: tags.ReplyParser = field(default_factory=lambda: tags.ReplyParser(first_clause_chars=FIRST_CLAUSE_CHARS))
     started_ms: int = 0
     first_delta_ms: Optional[int] = None
     spoken: list = field(default_factory=list)  # sentences sent to the TTS
