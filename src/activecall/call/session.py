@@ -488,8 +488,10 @@ class CallSession:
         # a SIP call we placed is outbound; a SIP call we answered, a browser or a /call client is inbound
         inbound = self.call_type != "sip" or getattr(self.connector, "inbound", None) is not None
 
-        def user(uri: str) -> str:
-            uri = (uri or "").split(":", 1)[-1] if uri.startswith(("sip:", "sips:", "tel:")) else (uri or "")
+        def user(uri) -> str:
+            uri = str(uri or "")
+            if uri.startswith(("sip:", "sips:", "tel:")):
+                uri = uri.split(":", 1)[1]
             return uri.split("@", 1)[0].split(";", 1)[0]
 
         return {"caller": user(self._party("caller")), "callee": user(self._party("callee")),
