@@ -44,6 +44,10 @@ class EveryCommandTests(unittest.TestCase):
             ({"command": "unbridge"}, c.Unbridge()),
             ({"command": "warmTransfer", "callee": "sip:h@x", "summary": "VIP", "moh": "hold.wav", "timeout": 20},
              c.WarmTransfer(callee="sip:h@x", summary="VIP", moh="hold.wav", timeout=20)),
+            ({"command": "pauseRecording"}, c.PauseRecording()),
+            ({"command": "resumeRecording"}, c.ResumeRecording()),
+            ({"command": "sendMessage", "body": "hi", "contentType": "text/plain"},
+             c.SendMessage(body="hi", contentType="text/plain")),
         ]
         for frame, want in table:
             got = parse(frame)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from activecall import __version__, typed
+from activecall.filenames import check_pattern
 
 DEFAULT_USERAGENT = f"activecall/{__version__}"
 
@@ -388,13 +389,15 @@ def _positive(value, minimum=1):
 
 @dataclass(frozen=True)
 class Recording:
-    """``[recording]``: stereo 16 kHz WAV per call under ``path``."""
+    """``[recording]``: a stereo recording per call under ``path`` (``format`` wav or raw pcm, at
+    ``samplerate``), named by ``filename_pattern`` (placeholders: ``filenames.PATTERN_FIELDS``)."""
 
     enabled: bool = False
     auto_start: bool = False
     path: str = "./config/recorders"
-    format: str = _checked(lambda v: _one_of(v, ("wav",)), default="wav")
-    samplerate: int = _checked(lambda v: _one_of(v, (8000, 16000)), default=16000)
+    filename_pattern: Optional[str] = _checked(check_pattern, default=None)
+    format: str = _checked(lambda v: _one_of(v, ("wav", "pcm")), default="wav")
+    samplerate: int = _checked(lambda v: _one_of(v, (8000, 16000, 24000, 32000, 48000)), default=16000)
     ptime: int = _checked(lambda v: _positive(v, 20), default=200)
 
 

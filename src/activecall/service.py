@@ -150,6 +150,7 @@ def build_sip(config: Config, reactor, call_manager: CallManager, media_clock: M
     sip_calls = SipCalls(config, user_agent, call_manager, media_clock, rtp_ports, reactor, metrics=metrics)
     # without it every inbound INVITE gets 503 "No invite handler configured"
     user_agent.invite_handler = sip_calls.on_invite
+    user_agent.message_handler = sip_calls.on_message
     services = (transport, TransactionLayerService(user_agent.layer), registration, user_agent)
     return SipStack(transport, user_agent, registration, rtp_ports, sip_calls, services)
 
@@ -222,12 +223,13 @@ def build_api_children(sip: Optional[SipStack], admission: Optional[Admission] =
 
 def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_metrics: Callable[[], None],
               sessions: dict, pending_playbooks: PendingPlaybooks, api_children: dict, call_endpoints: dict,
-              admission: Optional[Admission] = None):
+              admission: Optional[Admission] = None, clock=None, open_sip_session: Optional[Callable] = None):
     """The twisted.web Site: /health, /ready (with ``admission``), /metrics, the REST API, the /call
-    endpoints and the console.
+    endpoints, the event stream (``/events/{id}``, ``/command/{id}``, ``/call/subscribe``) and the console.
 
     Returns ``(site, api)``; ``api`` is what ``install_api`` made (``api.call`` is ``/call``)."""
-    from activecall.web.rest import install_console
+    from activecall.web.events import CommandPost, EventStream, subscribe_resource
+    from activecall.web.rest import TokenGuard, install_console
 
     ready = None if admission is None else ReadyResource(admission.status, admission.snapshot)
     site = build_site(health, metrics, skip_paths=config.http_access_skip_paths, on_metrics=on_metrics,
@@ -237,6 +239,11 @@ def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_m
     api.call.websocket = endpoints.pop(b"", None)
     for name, endpoint in endpoints.items():
         api.call.putChild(name, endpoint)
+    api.call.putChild(b"subscribe", subscribe_resource(sessions))
+    if clock is None:
+        from twisted.internet import reactor as clock
+    site.root.putChild(b"events", TokenGuard(EventStream(sessions, clock), config.http_token))
+    site.root.putChild(b"command", TokenGuard(CommandPost(sessions, open_sip_session), config.http_token))
     install_console(site.root)
     return site, api
 
@@ -301,6 +308,7 @@ class ActiveCallService(service.MultiService):
             call_endpoints=build_call_endpoints(config, self.call_manager, self.media_clock, self.sip,
                                                 self.webrtc, self.admission),
             admission=self.admission,
+            clock=reactor, open_sip_session=self.sip.calls.open_session if self.sip is not None else None,
         )
         self.http_service = build_http_service(config, self.http_site)
         # Start order; shutdown stops them one by one in reverse: calls end (BYE, CDRs flushed)

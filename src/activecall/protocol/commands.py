@@ -365,6 +365,18 @@ class Resume(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PauseRecording(Command):
+    """✱ Stop recording words (card numbers): the recording goes on as silence until ``resumeRecording``."""
+
+    TAG: ClassVar[str] = "pauseRecording"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeRecording(Command):
+    TAG: ClassVar[str] = "resumeRecording"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Hangup(Command):
     TAG: ClassVar[str] = "hangup"
     reason: Optional[str] = None
@@ -463,13 +475,23 @@ class Unbridge(Command):
     """Part this call from the call it is bridged to."""
 
     TAG: ClassVar[str] = "unbridge"
+class SendMessage(Command):
+    """✱ A SIP MESSAGE (RFC 3428) in the call's dialog: ``body`` as text, ``contentType`` default
+    ``text/plain;charset=UTF-8``, extra ``headers``."""
+
+    TAG: ClassVar[str] = "sendMessage"
+    body: str
+    contentType: Optional[str] = None
+    headers: Optional[dict[str, str]] = None
+
+    DEFAULT_CONTENT_TYPE: ClassVar[str] = "text/plain;charset=UTF-8"
 
 
 #: ``command`` tag -> class
 COMMANDS: dict[str, type] = {
     cls.TAG: cls
     for cls in (Invite, Accept, Reject, Ringing, Tts, Play, Interrupt, Pause, Resume, Hangup, Refer,
-                Mute, Unmute, History, SendDtmf,
+                Mute, Unmute, History, SendDtmf, PauseRecording, ResumeRecording, SendMessage,
                 AcceptTransfer, RejectTransfer, Bridge, Unbridge, WarmTransfer)
 }
 #: other names accepted for a command

@@ -448,6 +448,17 @@ class Interrupt(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Message(Event):
+    """✱ A SIP MESSAGE (RFC 3428) the other party sent in the call's dialog; ``body`` as UTF-8 text."""
+
+    TAG: ClassVar[str] = "message"
+    trackId: str
+    timestamp: int
+    body: str
+    contentType: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class End(Event):
     """The last event of every call: the configuration guide's listeners wait for it."""
 
@@ -500,7 +511,7 @@ EVENTS: dict[str, type] = {
     for cls in (
         Answer, Reject, Ringing, Hangup, TrackStart, TrackEnd, Interruption, Speaking, Silence,
         AsrDelta, AsrFinal, Transcript, Eou, Dtmf, Hold, Inactivity, Metrics, Error, AddHistory,
-        FunctionCall, Interrupt, End,
+        FunctionCall, Interrupt, Message, End,
         TransferRequest, AnswerMachineDetection, Bridged,
     )
 }

@@ -26,6 +26,7 @@ from activecall.sip.call_events import (
     CallStateError,
     Ended,
     HoldChanged,
+    MessageReceived,
     SdpUpdated,
     TransferProgress,
     TransferRequested,
@@ -210,6 +211,21 @@ class SipCall:
         d.addCallbacks(answered, failed)
         return done
 
+    def send_message(self, body: bytes, content_type: str = "text/plain;charset=UTF-8",
+                     headers: Iterable[tuple[str, str]] = ()) -> defer.Deferred:
+        """An in-dialog MESSAGE (RFC 3428); fires with the final response, fails with ``CallFailed`` on
+        a non-2xx answer."""
+        if self.state != "confirmed":
+            return defer.fail(CallStateError(f"MESSAGE in state {self.state}"))
+        d = self.send_request("MESSAGE", headers=headers, body=body, content_type=content_type)
+
+        def answered(response):
+            if not 200 <= response.status < 300:
+                raise CallFailed(response.status, response.reason)
+            return response
+
+        return d.addCallback(answered)
+
     def send_dtmf_info(self, digit: str, duration: int = 160) -> defer.Deferred:
         """DTMF as SIP INFO (application/dtmf-relay)."""
         body = f"Signal={digit}\r\nDuration={duration}\r\n".encode()
@@ -374,7 +390,8 @@ class SipCall:
         elif method == "PRACK":
             self._prack(request, txn)
         elif method == "MESSAGE":
-            self.ua.respond(txn, 200)
+            self.ua.respond(txn, 200)  # RFC 3428 §7: the 200 says it was delivered to the call
+            self._emit(MessageReceived(request.body or b"", request.headers.get("Content-Type") or "text/plain"))
         else:
             self.ua.respond(txn, 501)
 

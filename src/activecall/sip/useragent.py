@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from activecall.sip import session_timer
 from activecall.sip.auth import DigestClient
 from activecall.sip.call import ACCEPT, ALLOW, SUPPORTED, SipCall
+from activecall.sip.call_events import IncomingMessage
 from activecall.sip.dialog import Dialog, DialogId, DialogTable, response_dialog_id
 from activecall.sip.message import (
     BRANCH_MAGIC,
@@ -49,6 +50,8 @@ from activecall.sip.uas import InboundCall
 log = Logger(namespace="activecall.sip.useragent")  # one namespace for the user agent and its calls
 
 _ALLOWED = frozenset(m.strip() for m in ALLOW.split(","))
+#: what a 405 to an out-of-dialog MESSAGE lists (MESSAGE works only in a call's dialog then)
+ALLOW_OUTSIDE_DIALOG = ", ".join(m.strip() for m in ALLOW.split(",") if m.strip() != "MESSAGE")
 #: Request-URI schemes we serve; any other is answered 416 (RFC 3261 §8.2.2.1)
 URI_SCHEMES = ("sip", "sips", "tel")
 
@@ -166,6 +169,9 @@ class UserAgent(service.Service, TransactionUser):
         #: ``text``) for a new INVITE (``"invite"``) or an out-of-dialog OPTIONS (``"options"``): a
         #: draining, full or overloaded daemon answers both 503 before any call exists
         self.admit: Callable[[str], Any] = lambda request: None
+        #: ``message_handler(IncomingMessage) -> status or Deferred[status]`` answers out-of-dialog MESSAGEs
+        #: (RFC 3428); None: 405, nobody here takes messages
+        self.message_handler: Optional[Callable[[IncomingMessage], object]] = None
         self.shutdown_timeout = shutdown_timeout
         self.dialogs = DialogTable()
         self._owners: dict[DialogId, SipCall] = {}
@@ -299,10 +305,37 @@ class UserAgent(service.Service, TransactionUser):
                 self._refuse(txn, refusal)
             else:
                 self.respond(txn, 200, headers=self.capabilities())
-        elif method in ("NOTIFY", "MESSAGE"):
+        elif method == "NOTIFY":
             self.respond(txn, 200)  # e.g. Asterisk's out-of-dialog keep-alive NOTIFY
+        elif method == "MESSAGE":
+            self._message(request, txn)
         else:  # BYE, INFO, UPDATE, PRACK, REFER outside any dialog
             self.respond(txn, 481)
+
+    def _message(self, request: Request, txn: ServerTransaction) -> None:
+        """An out-of-dialog MESSAGE: ``message_handler`` decides the status (RFC 3428 §7: 200 delivered,
+        202 accepted for later); without one, 405 (the original answered 200 and dropped it)."""
+        handler = self.message_handler
+        if handler is None:
+            self.respond(txn, 405, "No Message Handler", headers=[("Allow", ALLOW_OUTSIDE_DIALOG)])
+            return
+        message = IncomingMessage(
+            from_uri=str(request.from_.uri), to_uri=str(request.to.uri), call_id=request.call_id,
+            body=request.body or b"", content_type=request.headers.get("Content-Type") or "text/plain",
+            headers=tuple(request.headers))
+        d = defer.maybeDeferred(handler, message)
+
+        def failed(failure):
+            log.failure("the MESSAGE handler failed", failure)
+            return 500
+
+        def answer(status):
+            status = int(status or 200)
+            headers = [("Allow", ALLOW_OUTSIDE_DIALOG)] if status == 405 else []
+            self.respond(txn, status, "No Message Handler" if status == 405 else None, headers=headers)
+
+        d.addErrback(failed)
+        d.addCallback(answer)
 
     def _in_dialog(self, request: Request, txn: ServerTransaction) -> None:
         dialog = self.dialogs.for_request(request)
