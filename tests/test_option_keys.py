@@ -167,6 +167,9 @@ class WalkTests(unittest.TestCase):
         self.assertIn("unknown option key 'vad.typ'", refused["vad.typ"].message)
 
     def test_future_key_is_refused_until_flipped(self):
+        """A key whose table entry has a reason is refused (as ``amd`` was before it worked)."""
+        self.patch(option_keys, "OPTION_KEYS", {**option_keys.OPTION_KEYS,
+                                                "amd": option_keys.OptionKey("amd", refused="not yet")})
         option = cmd.CallOption.from_dict({"amd": {"timeout": 3000}})
         [refusal] = option_keys.refusals(option, "sip")
         self.assertEqual(refusal.path, "amd")

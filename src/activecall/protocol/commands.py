@@ -475,6 +475,9 @@ class Unbridge(Command):
     """Part this call from the call it is bridged to."""
 
     TAG: ClassVar[str] = "unbridge"
+
+
+@dataclass(frozen=True, kw_only=True)
 class SendMessage(Command):
     """✱ A SIP MESSAGE (RFC 3428) in the call's dialog: ``body`` as text, ``contentType`` default
     ``text/plain;charset=UTF-8``, extra ``headers``."""

@@ -6,8 +6,8 @@ when the call is answered (``refusals``).  A key that nobody documented is repor
 (code 400, "unknown option key", still kept for the CDR), so a typo is not a silent no-op.
 
 Making a refused option work is one line: drop its ``refused=`` reason below (for a new option block,
-such as ``amd``, also list its keys and put its class in ``BLOCKS``; until then its keys are not walked:
-the refused block is named once).
+also list its keys and put its class in ``BLOCKS``; until then its keys are not walked: the refused block
+is named once).
 ``tests/test_option_keys.py`` keeps this table, the dataclasses in ``commands.py`` and the
 CallOption section of docs/api.md in step.
 """
@@ -106,7 +106,8 @@ OPTION_KEYS: dict[str, OptionKey] = dict([
     _k("realtime.secretId"), _k("realtime.endpoint"), _k("realtime.turnDetection", free_form=True),
     _k("realtime.tools", free_form=True), _k("realtime.extra", free_form=True),
     _k("subscribe", call_types=("sip", "webrtc"), harmless=(False,)),
-    _k("amd", refused="answering-machine detection is not available yet", harmless=(False, None)),
+    # true or a map of timers, checked by call/amd.py (a bad timer is an error event there)
+    _k("amd", call_types=_SIP, harmless=(False, None), free_form=True),
 ])
 
 
