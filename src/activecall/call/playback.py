@@ -234,13 +234,12 @@ class Playback:
             self._pump()
             return
         started = self.clock.seconds()
-        feed = track.feed
-        if self.audio_observer is not None:
-            observer = self.audio_observer
+        observer = self.audio_observer
 
-            def feed(pcm, track=track):
+        def feed(pcm, track=track):  # synthesised: the track's lead-in silence is trimmed
+            if observer is not None:
                 observer(track)
-                track.feed(pcm)
+            track.feed(pcm, trim_lead_in=True)
 
         d = defer.maybeDeferred(provider.synthesize, text, feed)
         self._synthesis = d

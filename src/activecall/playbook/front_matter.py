@@ -394,6 +394,27 @@ def _header_map(value, path, ctx):
 
 
 @dataclass(frozen=True)
+class AmdConfig:
+    """``amd``: answering-machine detection on outbound calls (call/amd.py has the timers' meaning).
+
+    ``voicemail``: what to say after the beep when a machine answers (then hang up); without it a
+    machine (or a fax) is hung up on with reason ``answerMachine``."""
+
+    voicemail: Optional[str] = _key("voicemail")
+    initialSilence: Optional[int] = _key("initialSilence")
+    greeting: Optional[int] = _key("greeting")
+    afterGreetingSilence: Optional[int] = _key("afterGreetingSilence")
+    totalAnalysisTime: Optional[int] = _key("totalAnalysisTime")
+    maximumWords: Optional[int] = _key("maximumWords")
+    silenceThreshold: Optional[int] = _key("silenceThreshold")
+    beepTimeout: Optional[int] = _key("beepTimeout")
+
+    def timers(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "voicemail" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
 class SipConfig:
     """snake_case inside, as in the original; camelCase is accepted too."""
 
@@ -406,6 +427,10 @@ class SipConfig:
     extract_headers: Optional[tuple[str, ...]] = _key("extract_headers", parse=_header_list)
     #: header name -> regex the value must match (documented ``{name, pattern}`` form).
     extract_patterns: Mapping[str, str] = field(default_factory=_frozen_map)
+    #: what the playbook answers a REFER from the far end (``transferRequest``): accept or refuse; unset:
+    #: the WebSocket client decides when there is one, else refuse
+    transfer_requests: Optional[str] = _key("transfer_requests", "transferRequests", default=None,
+                                  parse=lambda v, path, ctx: _transfer_policy(v, path, ctx))
 
     @classmethod
     def __post_load__(cls, values: dict, path: str, ctx) -> dict:
@@ -414,6 +439,13 @@ class SipConfig:
             values["extract_headers"], patterns = values["extract_headers"]
             values["extract_patterns"] = _frozen_map(patterns)
         return values
+
+
+def _transfer_policy(value, path, ctx):
+    value = ctx.convert(str, value, path).lower()
+    if value not in ("accept", "refuse"):
+        raise ctx.error(path, f"must be accept or refuse, not {value!r}")
+    return value
 
 
 def _dtmf_map(value, path, ctx):
@@ -477,6 +509,7 @@ class FrontMatter:
     posthook: Optional[PosthookConfig] = _key("posthook")
     follow_up: Optional[FollowUpConfig] = _key("followUp", "followup")
     sip: SipConfig = _key("sip", default_factory=SipConfig)
+    amd: Optional[AmdConfig] = _key("amd")
 
 
 

@@ -37,6 +37,9 @@ MAX_TOOL_ROUNDS = 3
 REPAIR_MAX_CHARS = 15
 #: rolling summary keeps this many recent messages
 SUMMARY_KEEP = 6
+#: a reply's first clause of at least this many characters goes to the TTS on its own (tags.ReplyParser):
+#: the caller hears "Sure, Alice," while the rest is synthesised (docs/playbooks.md, "Replies")
+FIRST_CLAUSE_CHARS = 12
 
 #: what ``_ask`` gives when the model did not answer (cancelled, or failed and handled)
 _NO_ANSWER = object()
@@ -74,7 +77,7 @@ class Reply:
 
     number: int
     play_id: str
-    parser: tags.ReplyParser = field(default_factory=tags.ReplyParser)
+    parser: tags.ReplyParser = field(default_factory=lambda: tags.ReplyParser(first_clause_chars=FIRST_CLAUSE_CHARS))
     started_ms: int = 0
     first_delta_ms: Optional[int] = None
     spoken: list = field(default_factory=list)  # sentences sent to the TTS
@@ -425,6 +428,8 @@ class LlmTurns:
                 reply.hangup = True  # acted on at the end of the reply, so a later set_var still counts
             elif isinstance(event, tags.Refer):
                 runner.refer(event.to, reply)
+            elif isinstance(event, tags.WarmTransfer):
+                runner.warm_transfer(event.to, event.summary, event.moh)
             elif isinstance(event, tags.Play):
                 self._play_in_reply(reply, event.file)
             elif isinstance(event, tags.Goto):

@@ -170,7 +170,8 @@ class AsrOptions:
         return cls(
             provider=_get(o, "provider", str, cls.provider, w) or cls.provider,
             language=_get(o, "language", str, None, w),
-            modelType=_get(o, "modelType", str, None, w),
+            # ``model`` is the configuration guide's spelling (``asr: {provider: openai, model: whisper-1}``)
+            modelType=_get(o, "modelType", str, None, w) or _get(o, "model", str, None, w),
             secretKey=_get(o, "secretKey", str, None, w),
             appId=_get(o, "appId", str, None, w),
             secretId=_get(o, "secretId", str, None, w),
@@ -200,7 +201,8 @@ class TtsOptions:
         w = "tts"
         result = cls(
             provider=_get(o, "provider", str, cls.provider, w) or cls.provider,
-            speaker=_get(o, "speaker", str, None, w),
+            # ``voice`` is the configuration guide's spelling (``tts: {provider: openai, voice: alloy}``)
+            speaker=_get(o, "speaker", str, None, w) or _get(o, "voice", str, None, w),
             speed=float(_get(o, "speed", (int, float), cls.speed, w)),
             volume=_get(o, "volume", int, cls.volume, w),
             model=_get(o, "model", str, None, w),
