@@ -62,7 +62,7 @@ OPTION_KEYS: dict[str, OptionKey] = dict([
     _k("codec"),  # /call: the audio codec; /call/sip: the offer's order; webrtc: the preferred codec
     _k("sampleRate", call_types=("webSocket",)),
     _k("playbook"),
-    _k("denoise", refused="noise suppression is not available yet", harmless=(False,)),
+    _k("denoise"),
     _k("recorder"), _k("recorder.recorderFile"), _k("recorder.samplerate"), _k("recorder.ptime"),
     _k("recorder.format"),
     _k("vad"), _k("vad.type"), _k("vad.speechPadding"), _k("vad.silencePadding"), _k("vad.voiceThreshold"),
@@ -97,9 +97,14 @@ OPTION_KEYS: dict[str, OptionKey] = dict([
     _k("sip.extract_headers", refused="a playbook's front matter names the headers it reads (sip.extract_headers)"),
     _k("sip.enableSrtp", call_types=_SIP),
     _k("extra", free_form=True),
-    _k("ambiance", refused="background ambiance is not available yet"),
+    _k("ambiance"),
     _k("ambiance.path"), _k("ambiance.duckLevel"), _k("ambiance.normalLevel"), _k("ambiance.transitionSpeed"),
     _k("ambiance.enabled"),
+    # ✱ server-side barge-in (call/barge_in.py)
+    _k("interruption"), _k("interruption.strategy"), _k("interruption.pauseOnVoice"),
+    _k("interruption.minSpeechMs"), _k("interruption.falseInterruptionMs"), _k("interruption.minWords"),
+    _k("interruption.backchannel"), _k("interruption.fillerWordFilter"), _k("interruption.volumeFadeMs"),
+    _k("interruption.ignoreFirstMs"), _k("interruption.echoCancel"),
     _k("eou"), _k("eou.type"), _k("eou.endpoint"), _k("eou.secretKey"), _k("eou.secretId"), _k("eou.timeout"),
     _k("eou.extra", free_form=True), _k("eou.threshold"), _k("eou.pauseMs"),
     _k("realtime"), _k("realtime.provider"), _k("realtime.model"), _k("realtime.secretKey"),
@@ -172,4 +177,5 @@ BLOCKS = {
     "": cmd.CallOption, "recorder": cmd.RecorderOption, "vad": cmd.VadOption, "asr": cmd.TranscriptionOption,
     "tts": cmd.SynthesisOption, "mediaPass": cmd.MediaPassOption, "sip": cmd.SipOption,
     "ambiance": cmd.AmbianceOption, "eou": cmd.EouOption, "realtime": cmd.RealtimeOption,
+    "interruption": cmd.InterruptionOption,
 }
