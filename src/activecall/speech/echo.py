@@ -48,9 +48,9 @@ MAX_DELAY_MS = 300
 #: around it only.  The canceller is fed what was sent DELAY_MARGIN_MS less than the delay ago.
 FAR_MS = 1000
 TRACK_MS = 400
-TRACK_EVERY = 10
+TRACK_EVERY = 5
 TRACK_MIN = 0.5
-NARROW_MS = 60
+NARROW_MS = 100
 DELAY_MARGIN_MS = 100
 #: normalised correlation at or above which the window is the bot's echo (flite speech, docs/speech.md:
 #: band-limited, 95% of echo frames score 0.7-0.94, another voice at most 0.62)
