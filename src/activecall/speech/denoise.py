@@ -1,10 +1,11 @@
 """Noise suppression and automatic gain on the caller's audio, before VAD and ASR (``denoise: true``).
 
 WebRTC's noise suppressor and gain controller through the ``webrtc-noise-gain`` package (the one the
-Home Assistant voice pipeline uses; a compiled wheel, no model file).  It was chosen over RNNoise by
-the word error of pocketsphinx on noisy flite speech and by CPU per call (docs/speech.md, "Denoise
-and gain"; bench/bench_denoise.py).  The gain controller lifts a quiet caller towards
-``target_dbfs`` below full scale, so the VAD and the recogniser hear them.
+Home Assistant voice pipeline uses; a compiled wheel, no model file, about 1 % of a core per call).
+RNNoise measured better for the recogniser (docs/speech.md, "Denoise and gain";
+bench/bench_denoise.py) at ten times the CPU and with a package that drags in heavy dependencies: an
+RNNoise backend is the next step.  The gain controller lifts a quiet caller towards ``target_dbfs``
+below full scale, so the VAD and the recogniser hear them.
 
 The processor works on 10 ms blocks; ``process`` takes the daemon's 20 ms frames.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from activecall.speech.base import SpeechError
 
-#: noise suppression level 0 (off) .. 4 (strongest); 2 measured best for the recogniser
+#: noise suppression level 0 (off) .. 4 (strongest); 2 measured best of them for the recogniser
 DEFAULT_LEVEL = 2
 #: the gain controller's target level, dB below full scale (0 turns it off)
 DEFAULT_TARGET_DBFS = 3
