@@ -38,6 +38,16 @@ class EveryCommandTests(unittest.TestCase):
             ({"command": "unmute"}, c.Unmute()),
             ({"command": "history", "speaker": "user", "text": "hello"}, c.History(speaker="user", text="hello")),
             ({"command": "sendDtmf", "digits": "12*#a", "duration": 80}, c.SendDtmf(digits="12*#A", duration=80)),
+            ({"command": "acceptTransfer"}, c.AcceptTransfer()),
+            ({"command": "rejectTransfer", "code": 486}, c.RejectTransfer(code=486)),
+            ({"command": "bridge", "target": "call-2"}, c.Bridge(target="call-2")),
+            ({"command": "unbridge"}, c.Unbridge()),
+            ({"command": "warmTransfer", "callee": "sip:h@x", "summary": "VIP", "moh": "hold.wav", "timeout": 20},
+             c.WarmTransfer(callee="sip:h@x", summary="VIP", moh="hold.wav", timeout=20)),
+            ({"command": "pauseRecording"}, c.PauseRecording()),
+            ({"command": "resumeRecording"}, c.ResumeRecording()),
+            ({"command": "sendMessage", "body": "hi", "contentType": "text/plain"},
+             c.SendMessage(body="hi", contentType="text/plain")),
         ]
         for frame, want in table:
             got = parse(frame)

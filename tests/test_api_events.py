@@ -71,7 +71,13 @@ class SerialisationTests(unittest.TestCase):
             ev.AddHistory(sender="s", timestamp=1, speaker="user", text="hi"),
             ev.FunctionCall(trackId="s", callId="c", name="f", arguments="{}", timestamp=1),
             ev.Interrupt(receiver="x"),
+            ev.Message(trackId="s", timestamp=1, body="hi", contentType="text/plain"),
             ev.End(trackId="s", timestamp=1, reason="caller"),
+            ev.TransferRequest(trackId="s", timestamp=1, referTo="sip:c@x", referredBy="<sip:a@x>",
+                               replaces="id;to-tag=1;from-tag=2"),
+            ev.AnswerMachineDetection(trackId="s", timestamp=2, startTime=0, endTime=2, text="a long greeting",
+                                      result="machine"),
+            ev.Bridged(trackId="s", timestamp=1, peer="t", active=False),
         ]
         for e in samples:
             self.assertEqual(ev.parse_event(e.to_json()), e, e)

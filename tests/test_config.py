@@ -84,16 +84,18 @@ class DefaultsTests(ConfigFileMixin, unittest.TestCase):
             "": C.Config, "ice_servers": C.IceServer, "recording": C.Recording,
             "callrecord": C.CallRecord, "register_users": C.RegisterUser,
             "register_users.credential": C.Credential, "rewrites": C.Rewrite,
-            "handler": C.WebhookHandler, "handler.rules": C.Rule,
+            "handler": C.WebhookHandler, "handler.rules": C.Rule, "trunk_rules": C.TrunkRule,
+            "ambiance": C.Ambiance,
         }
         for section, cls in sections.items():
             for f in dataclasses.fields(cls):
                 if f.metadata.get("cli_only") or dataclasses.is_dataclass(f.type):
                     continue
                 if f.name in ("ice_servers", "handler", "register_users", "recording",
-                              "callrecord", "rewrites", "rules", "credential"):
+                              "callrecord", "rewrites", "rules", "credential", "trunk_rules", "ambiance"):
                     continue
-                self.assertRegex(text, rf"(?m)^#?\s*{f.name}\s*=", f"{section}.{f.name} missing")
+                name = (f.metadata.get("toml_keys") or (f.name,))[0]
+                self.assertRegex(text, rf"(?m)^#?\s*{name}\s*=", f"{section}.{name} missing")
         self.assertIn('default = "default.md"', text)
 
 

@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from activecall.call.bridge import BridgeTrack, ReferredParty
 from activecall.call.cdr import HttpCdrWriter, ICdrWriter, LocalCdrWriter
 from activecall.call.interfaces import (
-    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, ITransferConnector,
+    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, IMessageConnector, ITransferConnector,
 )
 from activecall.call.session import CallSession
 from activecall.call.sip_call import SipConnector, SipLeg
@@ -61,10 +61,11 @@ class ConnectorTests(InterfaceTestBase):
         self.assertTrue(verifyObject(ITransferConnector, connector))
         self.assertFalse(IInboundConnector.providedBy(connector))
         self.assertFalse(IDtmfConnector.providedBy(connector))
+        self.assertFalse(IMessageConnector.providedBy(connector))
 
     def test_sip_connector(self):
         connector = SipConnector(self.session("sip"), None, None)
-        for interface in (ICallConnector, IInboundConnector, ITransferConnector, IDtmfConnector):
+        for interface in (ICallConnector, IInboundConnector, ITransferConnector, IDtmfConnector, IMessageConnector):
             self.assertTrue(verifyObject(interface, connector), interface)
 
     def test_webrtc_connector(self):

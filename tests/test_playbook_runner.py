@@ -434,7 +434,9 @@ class BargeInTests(RunnerTestBase):
         self.assertTrue(self.runner.is_speaking)
 
     def test_interrupt_only_after_the_guard_and_it_flushes_and_cancels(self):
-        self.start_speaking()
+        # the original's rule (voice alone stops the bot); by default voice pauses and words stop
+        # (PauseThenDecideTests)
+        self.start_speaking(extra="interruption: {strategy: both, pauseOnVoice: false}")
         self.clock.advance(0.5)
         self.speaking()
         self.assertNotIn(("interrupt",), self.sent())
@@ -458,7 +460,7 @@ class BargeInTests(RunnerTestBase):
         self.assertEqual(self.sent()[-1], ("interrupt",))
 
     def test_a_fresh_final_suppresses_the_interrupt(self):
-        self.start_speaking()
+        self.start_speaking(extra="interruption: {strategy: both, pauseOnVoice: false}")
         self.clock.advance(1)
         self.runner.last_final_ms = self.session.now() - 300
         self.speaking()
@@ -1063,3 +1065,67 @@ class PreemptiveTests(RunnerTestBase):
         self.assertEqual(self.llm.calls, [])
         self.user("what time do you open")
         self.assertEqual(len(self.llm.calls), 1)
+
+
+class PauseThenDecideTests(RunnerTestBase):
+    """The playbook's side of barge-in (call/barge_in.py pauses; words decide here)."""
+
+    def speaking(self):
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=0))
+
+    def delta(self, text):
+        self.session.emit(ev.AsrDelta(trackId="s1", timestamp=self.session.now(), index=0, text=text))
+
+    def start_speaking(self, extra=""):
+        self.begin(None, None, extra=extra)
+        self.llm.calls[0].send("This is a long answer. ", "It goes on and on. ")
+        self.tick(1)
+        self.clock.advance(1)
+
+    def test_voice_alone_no_longer_stops_words_do(self):
+        self.start_speaking()
+        self.assertTrue(self.session.barge_in.policy.pauses)
+        self.assertFalse(self.session.barge_in.decides)
+        self.speaking()
+        self.assertNotIn(("interrupt",), self.sent())
+        self.delta("hold on")
+        self.assertEqual(self.sent()[-1], ("interrupt",))
+
+    def test_min_words_and_backchannel(self):
+        self.start_speaking(extra="interruption: {strategy: both, minWords: 2, backchannel: true}")
+        self.delta("Stop")
+        self.delta("uh-huh yeah")
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text="mhm"))
+        self.assertNotIn(("interrupt",), self.sent())
+        self.assertEqual(len(self.llm.calls), 1)  # the backchannel final started no new turn
+        self.delta("stop talking")
+        self.assertEqual(self.sent()[-1], ("interrupt",))
+
+
+class WaitFillerTests(RunnerTestBase):
+    def test_slow_first_token_gets_one_filler(self):
+        self.begin(None, None, None, extra="waitFiller: {afterMs: 700, phrases: [One moment., Let me see.]}")
+        self.clock.advance(0.69)
+        self.assertEqual(self.tts(), [])
+        self.clock.advance(0.02)
+        self.assertEqual([c.text for c in self.tts()], ["One moment."])
+        self.clock.advance(5)
+        self.assertEqual(len(self.tts()), 1)  # once per wait
+        filler_play_id = self.tts()[0].playId
+        # the caller speaks before the model answered: the next slow reply gets no second filler in a row
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text="hello"))
+        self.clock.advance(2)
+        self.assertEqual([c.text for c in self.tts()], ["One moment."])
+        # the model answers: its words go out, and the next slow wait may have a filler again
+        self.llm.calls[-1].reply("Here you are.")
+        self.assertEqual(self.tts()[-1].text, "Here you are.")
+        self.assertNotEqual(self.tts()[-1].playId, filler_play_id)
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=1, text="thanks"))
+        self.clock.advance(0.8)
+        self.assertEqual(self.tts()[-1].text, "Let me see.")
+        self.assertTrue(any(e.key == "wait_filler" for e in self.events if isinstance(e, ev.Metrics)))
+
+    def test_fast_reply_no_filler(self):
+        self.begin(None, ["Hi."], extra="waitFiller: {afterMs: 700}")
+        self.clock.advance(2)
+        self.assertEqual([c.text for c in self.tts()], ["Hi."])

@@ -179,3 +179,30 @@ class FillerTests(unittest.TestCase):
         self.assertTrue(t.is_filler("Hmm", fillers))
         self.assertFalse(t.is_filler("uh", fillers))
         self.assertEqual(t.load_fillers(os.path.join(path, "missing")), t.DEFAULT_FILLERS)
+
+
+class FirstClauseTests(unittest.TestCase):
+    """With ``first_clause_chars`` the reply's first sentence ends at its first long-enough clause."""
+
+    def test_first_clause_goes_alone(self):
+        self.assertEqual(run(["Sure thing Alice, one moment. Then, later, more."], first_clause_chars=12),
+                         [Sentence("Sure thing Alice,"), Sentence("one moment."), Sentence("Then, later, more.")])
+
+    def test_short_clause_waits_for_the_next(self):
+        self.assertEqual(run(["Yes, Alice and Bruno, one moment."], first_clause_chars=12),
+                         [Sentence("Yes, Alice and Bruno,"), Sentence("one moment.")])
+
+    def test_numbers_do_not_split(self):
+        self.assertEqual(run(["It costs 1,000 dollars today."], first_clause_chars=5),
+                         [Sentence("It costs 1,000 dollars today.")])
+
+    def test_cjk_clause(self):
+        self.assertEqual(run(["好的，我来帮您查一下订单。"], first_clause_chars=2),
+                         [Sentence("好的，"), Sentence("我来帮您查一下订单。")])
+
+    def test_split_anywhere_same_result(self):
+        self.assertEqual(every_split("Sure thing Alice, one moment. Then, x.", first_clause_chars=12),
+                         {(Sentence("Sure thing Alice,"), Sentence("one moment."), Sentence("Then, x."))})
+
+    def test_off_by_default(self):
+        self.assertEqual(run(["Sure thing Alice, one moment."]), [Sentence("Sure thing Alice, one moment.")])

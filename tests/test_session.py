@@ -136,7 +136,7 @@ class PlayIdRulesTests(SessionTestBase):
         s.handle(cmd.Tts(text="two", playId="p"))
         s.handle(cmd.Interrupt(graceful=True))
         d, feed = self.synth.pending.pop(0)
-        feed(np.ones(FRAME_SAMPLES * 2, dtype=np.int16))
+        feed(np.full(FRAME_SAMPLES * 2, 1000, dtype=np.int16))
         d.callback(None)
         frames = self.run_ticks(s, 3)
         self.assertEqual(sum(f is not None for f in frames), 2)

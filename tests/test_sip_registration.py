@@ -124,6 +124,15 @@ class RegistrationTests(unittest.TestCase):
         self.registrar.ok(expires=60)
         self.assertEqual((reg.state, reg.granted), ("registered", 60))
 
+    def test_display_name_is_in_from_and_to(self):
+        account = RegisterUser(server="192.0.2.10:5070", username="1001", display_name="AI agent",
+                               credential=Credential("1001", "secret"))
+        self.make(account).start()
+        request = self.registrar.last()
+        self.assertEqual(request.from_.display_name, "AI agent")
+        self.assertEqual(request.to.display_name, "AI agent")
+        self.assertIn('"AI agent" <sip:1001@192.0.2.10', request.headers.get("From"))
+
     def test_no_password_relies_on_ip_auth(self):
         account = RegisterUser(server="192.0.2.10:5070", username="trunk", credential=None)
         reg = self.make(account)

@@ -377,6 +377,26 @@ class InboundTests(unittest.TestCase):
                                extra=[f"Refer-To: <sip:carol@{PEER[0]}>"]))
         self.assertEqual(h.net.last().status, 603)
 
+    def test_incoming_refer_waiting_for_a_decision(self):
+        """A listener that asks someone (``wait``) holds the REFER; nobody deciding in time -> 603.
+        The Refer-To's Replaces header is unescaped and kept apart from the target."""
+        h = Harness(self)
+        call, ok = h.established_inbound()
+        call.add_listener(lambda e: e.refer.wait(5) if isinstance(e, TransferRequested) else None)
+        h.deliver(peer_request("REFER", to_tag=ok.to.tag, cseq=2, body=b"",
+                               extra=[f"Refer-To: <sip:carol@{PEER[0]}?Replaces=a%40b%3Bto-tag%3D1>",
+                                      "Referred-By: <sip:alice@pbx>"]))
+        refer = [e for e in call.events if isinstance(e, TransferRequested)][0].refer
+        self.assertEqual(refer.target, f"sip:carol@{PEER[0]}")
+        self.assertEqual(refer.replaces, "a@b;to-tag=1")
+        self.assertEqual(refer.referred_by, "<sip:alice@pbx>")
+        self.assertEqual(h.net.responses(603), [])
+        h.clock.advance(4.9)
+        self.assertEqual(h.net.responses(603), [])
+        h.clock.advance(0.2)
+        self.assertEqual(h.net.responses(603)[-1].cseq.method, "REFER")
+        self.assertTrue(refer.finished)
+
     def test_handler_failure_rejects_503(self):
         h = Harness(self)
         h.ua.invite_handler = lambda call: defer.fail(RuntimeError("webhook down"))

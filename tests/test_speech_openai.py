@@ -143,13 +143,13 @@ class OpenAIRecognizerTests(unittest.TestCase):
                          ["zh", "zh", "en", "en", "zh", "ja"])
 
     @defer.inlineCallbacks
-    def test_model_wins_over_model_type(self):
+    def test_model_type_wins_over_model(self):
         srv, asr, results = self.make(lambda request, body: b'{"text": "ok"}', model="gpt-4o-transcribe",
                                       modelType="whisper-1")
         for f in frames(tone(0.4, 16000)):
             asr.feed(f)
         yield asr.close()
-        self.assertEqual(multipart_fields(srv.requests[0])["model"][2], b"gpt-4o-transcribe")
+        self.assertEqual(multipart_fields(srv.requests[0])["model"][2], b"whisper-1")
 
     @defer.inlineCallbacks
     def test_defaults_leave_language_out(self):

@@ -24,6 +24,17 @@ class SystemdUnitTests(unittest.TestCase):
                      "ProtectSystem=strict", "ReadWritePaths=/var/lib/activecall"):
             self.assertIn(line, unit)
 
+    def test_stop_timeout_fits_a_drain_and_the_shutdown_after_it(self):
+        """SIGTERM drains for up to graceful_shutdown_timeout, then the shutdown takes up to as long
+        again (docs/scale-out.md): systemd must not SIGKILL before both are done."""
+        import re
+
+        from activecall.config import load_config
+
+        timeout = float(re.search(r"(?m)^TimeoutStopSec=(\d+)$", self.read()).group(1))
+        self.assertIn("KillSignal=SIGTERM", self.read())
+        self.assertGreater(timeout, 2 * load_config(None, None)[0].graceful_shutdown_timeout)
+
     @defer.inlineCallbacks
     def test_systemd_analyze_verify(self):
         tool = shutil.which("systemd-analyze")

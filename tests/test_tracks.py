@@ -8,7 +8,9 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from activecall.media.tracks import FRAME_SAMPLES, FileTrack, MediaLoader, PcmBuffer, TrackError, decode_file
+from activecall.media.tracks import (
+    FRAME_SAMPLES, LEAD_IN_KEEP, LEAD_IN_MAX, FileTrack, MediaLoader, PcmBuffer, TrackError, TtsTrack, decode_file,
+)
 
 
 def write_tone(path, rate=8000, seconds=0.5, freq=440, channels=1):
@@ -110,3 +112,69 @@ class LoaderTests(unittest.TestCase):
     def test_missing_local_file(self):
         with self.assertRaises(TrackError):
             yield MediaLoader(self.cache).load("/nonexistent/file.wav")
+
+
+class LeadInTests(unittest.TestCase):
+    """A synthesised track starts with its first word: the near-silence before it is dropped (10 ms kept)."""
+
+    def speech(self, lead_in: int, level: int = 5, words: int = 3200) -> np.ndarray:
+        quiet = np.full(lead_in, level, dtype=np.int16)
+        loud = (np.sin(np.arange(words) / 5.0) * 8000).astype(np.int16)
+        loud[0] = 8000
+        return np.concatenate([quiet, loud])
+
+    def played(self, track: TtsTrack) -> np.ndarray:
+        track.end_of_stream()
+        frames = []
+        while True:
+            frame = track.next_frame()
+            if frame is None:
+                return np.concatenate(frames)
+            frames.append(frame)
+
+    def test_lead_in_is_trimmed_to_ten_ms(self):
+        track = TtsTrack("t")
+        pcm = self.speech(1920)  # 120 ms of flite-like lead-in
+        track.feed(pcm, trim_lead_in=True)
+        out = self.played(track)
+        self.assertEqual(track.lead_in_trimmed, 1920 - LEAD_IN_KEEP)
+        self.assertEqual(out[LEAD_IN_KEEP], 8000)  # the first word starts after the kept 10 ms
+        np.testing.assert_array_equal(out[:LEAD_IN_KEEP + 3200], pcm[1920 - LEAD_IN_KEEP:])
+
+    def test_lead_in_spread_over_chunks(self):
+        """A streaming synthesiser's silent first chunks are held, not played, until speech comes."""
+        track = TtsTrack("t")
+        pcm = self.speech(4000)
+        for i in range(0, pcm.size, 700):
+            track.feed(pcm[i:i + 700], trim_lead_in=True)
+        out = self.played(track)
+        np.testing.assert_array_equal(out[:LEAD_IN_KEEP + 3200], pcm[4000 - LEAD_IN_KEEP:])
+
+    def test_only_the_start_is_trimmed(self):
+        """The silence between two sentences of the track stays."""
+        track = TtsTrack("t")
+        first, second = self.speech(800), self.speech(2400)
+        track.feed(first, trim_lead_in=True)
+        track.feed(second, trim_lead_in=True)
+        out = self.played(track)
+        np.testing.assert_array_equal(out[:first.size - 800 + LEAD_IN_KEEP + second.size],
+                                      np.concatenate([first[800 - LEAD_IN_KEEP:], second]))
+
+    def test_at_most_half_a_second_is_dropped(self):
+        track = TtsTrack("t")
+        pcm = self.speech(12000)
+        track.feed(pcm, trim_lead_in=True)
+        out = self.played(track)
+        self.assertEqual(track.lead_in_trimmed, LEAD_IN_MAX)
+        np.testing.assert_array_equal(out[:pcm.size - LEAD_IN_MAX], pcm[LEAD_IN_MAX:])
+
+    def test_untrimmed_feed_and_silent_track(self):
+        """Client PCM (no trim) plays as sent; a track that never gets loud still plays what was kept."""
+        track = TtsTrack("t")
+        pcm = self.speech(1920)
+        track.feed(pcm)
+        np.testing.assert_array_equal(self.played(track)[:pcm.size], pcm)
+        silent = TtsTrack("s")
+        silent.feed(np.full(3000, 3, dtype=np.int16), trim_lead_in=True)
+        out = self.played(silent)
+        self.assertEqual(int(np.count_nonzero(out)), LEAD_IN_KEEP)

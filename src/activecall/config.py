@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from activecall import __version__, typed
+from activecall.filenames import check_pattern
 
 DEFAULT_USERAGENT = f"activecall/{__version__}"
 
@@ -152,6 +153,13 @@ def parse_duration(value: Union[str, int, float]) -> float:
 
 def check_duration(value) -> float:
     return parse_duration(value)
+
+
+def check_count(value: int) -> int:
+    """A count that may be 0 (0 = no limit)."""
+    if value < 0:
+        raise ValueError(f"{value} is negative (0 means no limit)")
+    return value
 
 
 def check_codecs(value: list) -> tuple:
@@ -293,6 +301,7 @@ _LOADER = typed.Loader(
     error=ConfigError,
     mismatch=_mismatch,
     unknown="error",
+    keys=lambda cls, f: f.metadata.get("toml_keys") or (f.name,),
     include=lambda f: f.init and not f.metadata.get("cli_only"),
     scalars={int: _strict_int, float: _number_or_duration},
 )
@@ -380,14 +389,40 @@ def _positive(value, minimum=1):
 
 @dataclass(frozen=True)
 class Recording:
-    """``[recording]``: stereo 16 kHz WAV per call under ``path``."""
+    """``[recording]``: a stereo recording per call under ``path`` (``format`` wav or raw pcm, at
+    ``samplerate``), named by ``filename_pattern`` (placeholders: ``filenames.PATTERN_FIELDS``)."""
 
     enabled: bool = False
     auto_start: bool = False
     path: str = "./config/recorders"
-    format: str = _checked(lambda v: _one_of(v, ("wav",)), default="wav")
-    samplerate: int = _checked(lambda v: _one_of(v, (8000, 16000)), default=16000)
+    filename_pattern: Optional[str] = _checked(check_pattern, default=None)
+    format: str = _checked(lambda v: _one_of(v, ("wav", "pcm")), default="wav")
+    samplerate: int = _checked(lambda v: _one_of(v, (8000, 16000, 24000, 32000, 48000)), default=16000)
     ptime: int = _checked(lambda v: _positive(v, 20), default=200)
+
+
+def _level(value):
+    if not 0.0 <= value <= 4.0:
+        raise ValueError("must be between 0 and 4 (a linear gain)")
+    return value
+
+
+def _speed(value):
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be above 0 and at most 1 (gain change per 20 ms frame)")
+    return value
+
+
+@dataclass(frozen=True)
+class Ambiance:
+    """``[ambiance]``: defaults for a call's ``ambiance`` option (call/ambiance.py); camelCase keys as
+    in the guide."""
+
+    path: Optional[str] = None
+    duckLevel: float = _checked(_level, default=0.1)
+    normalLevel: float = _checked(_level, default=0.3)
+    transitionSpeed: float = _checked(_speed, default=0.01)
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -408,6 +443,37 @@ class Rewrite:
 
     match: str = _checked(check_regex, default="")
     rewrite: str = ""
+
+
+def check_sip_address(value: str) -> str:
+    """A SIP URI or name-addr (``sip:…``, ``"Name" <sips:…>``); ``$1`` references are allowed in it."""
+    text = value.strip()
+    if not re.match(r"^(?:sips?:\S+|[^<]*<sips?:[^>]+>.*)$", text, re.IGNORECASE):
+        raise ValueError(f"{value!r} is not a SIP URI or name-addr (sip:user@host, \"Name\" <sip:user@host>)")
+    return text
+
+
+def _trunk_methods(value) -> tuple:
+    methods = tuple(str(m).upper() for m in value)
+    for m in methods:
+        if m not in ("INVITE", "REFER"):
+            raise ValueError(f"{m!r} is not INVITE or REFER")
+    return methods
+
+
+@dataclass(frozen=True)
+class TrunkRule:
+    """``[[trunk_rules]]``: per-trunk rewriting of From / To / Contact on outgoing INVITE and REFER.
+
+    ``match`` is a regex searched in the request URI (after ``[[rewrites]]``); the first matching rule
+    applies.  ``from`` / ``to`` / ``contact`` replace those headers' address (a SIP URI or name-addr,
+    ``$1``-style references to ``match``'s groups allowed; the From/To tags are kept)."""
+
+    match: str = _checked(check_regex, default="")
+    from_: Optional[str] = field(default=None, metadata={"toml_keys": ("from",), "check": check_sip_address})
+    to: Optional[str] = _checked(check_sip_address, default=None)
+    contact: Optional[str] = _checked(check_sip_address, default=None)
+    methods: tuple[str, ...] = _checked(_trunk_methods, default=("INVITE", "REFER"))
 
 
 @dataclass(frozen=True)
@@ -440,12 +506,18 @@ class Config:
     accept_timeout: float = _checked(check_duration, default=60.0)
     graceful_shutdown: bool = True
     graceful_shutdown_timeout: float = _checked(check_duration, default=10.0)
+    #: new calls refused (503) while this many are live; 0 = no cap (docs/scale-out.md)
+    max_calls: int = _checked(check_count, default=0)
+    #: new calls refused (503) while the event loop runs this late (smoothed); 0 = off
+    max_event_loop_lag: float = _checked(check_duration, default=0.5)
     ice_servers: tuple[IceServer, ...] = ()
     handler: Optional[Union[WebhookHandler, PlaybookHandler]] = field(default=None, metadata={"parse": _build_handler})
     register_users: tuple[RegisterUser, ...] = ()
     recording: Recording = Recording()
     callrecord: Optional[CallRecord] = None
+    ambiance: Optional[Ambiance] = None
     rewrites: tuple[Rewrite, ...] = ()
+    trunk_rules: tuple[TrunkRule, ...] = ()
 
     # CLI-only settings (not TOML keys)
     call: Optional[str] = field(default=None, metadata={"cli_only": True})
@@ -464,6 +536,11 @@ class Config:
 def _validate(cfg: Config) -> list[str]:
     """Cross-key checks; returns warnings.  Raises ConfigError."""
     warnings: list[str] = []
+    for i, rule in enumerate(cfg.trunk_rules):
+        if not rule.match:
+            raise ConfigError(f"trunk_rules[{i}].match", "is required (a regex on the request URI)")
+        if rule.from_ is None and rule.to is None and rule.contact is None:
+            raise ConfigError(f"trunk_rules[{i}]", "rewrites nothing: give from, to or contact")
     if cfg.rtp_end_port < cfg.rtp_start_port:
         raise ConfigError(
             "rtp_end_port",

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
+from typing import Optional
 
 #: longest value used unchanged (file systems allow 255 bytes; suffixes and temp-file
 #: decorations such as ``YYYYMMDD-HHMMSS_``, ``.events.jsonl`` and ``.<random>.tmp`` need room)
@@ -55,4 +57,39 @@ def safe_file_part(text) -> str:
     return f"{prefix}~{value_hash(text)}"
 
 
-__all__ = ["MAX_PLAIN", "PREFIX_CHARS", "is_ordinary", "safe_file_part", "value_hash"]
+#: placeholders of a recording file name: ``{id}`` (the session id), ``{caller}``/``{callee}`` (their
+#: user parts), ``{date}`` (YYYYMMDD), ``{time}`` (HHMMSS), ``{datetime}`` (YYYYMMDD-HHMMSS),
+#: ``{timestamp}`` (Unix seconds), ``{direction}`` (inbound/outbound), ``{call_type}``: all of the
+#: call's start, in UTC.  Every value goes through ``safe_file_part`` (no ``/``, no ``..``).
+PATTERN_FIELDS = ("id", "caller", "callee", "date", "time", "datetime", "timestamp", "direction", "call_type")
+
+
+def check_pattern(template: str) -> str:
+    """A file-name template with known placeholders only; raises ValueError naming a bad one."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"{template!r} is not a valid pattern: {e}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in PATTERN_FIELDS or spec or conversion:
+            raise ValueError(f"unknown placeholder {{{name}}} (known: {', '.join('{%s}' % f for f in PATTERN_FIELDS)})")
+    return template
+
+
+def expand_pattern(template: str, session_id: str, fields: Optional[dict] = None) -> str:
+    """``template`` with its placeholders replaced; an unknown placeholder is left as written."""
+    values = {"id": session_id, **(fields or {})}
+
+    def one(match):
+        name = match.group(1)
+        if name not in values:
+            return match.group(0)
+        return safe_file_part(str(values[name]) or "-")
+
+    return re.sub(r"\{([a-z_]+)\}", one, template)
+
+
+__all__ = ["MAX_PLAIN", "PATTERN_FIELDS", "PREFIX_CHARS", "check_pattern", "expand_pattern", "is_ordinary",
+           "safe_file_part", "value_hash"]

@@ -61,6 +61,22 @@ class Metrics:
             "1 when the account is registered with its PBX, else 0",
             ["account"], registry=r,
         )
+        # admission (activecall/admission.py, docs/scale-out.md)
+        self.refused = Counter(
+            "activecall_refused",
+            "New calls and OPTIONS probes answered 503, by request (invite, options, websocket, "
+            "originate) and reason (draining, max_calls, overload)",
+            ["request", "reason"], registry=r,
+        )
+        self.draining = Gauge(
+            "activecall_draining", "1 while the node drains (takes no new calls, waits for live ones)",
+            registry=r,
+        )
+        self.event_loop_lag_seconds = Gauge(
+            "activecall_event_loop_lag_seconds",
+            "How late the event loop runs its timers (smoothed), what max_event_loop_lag is compared with",
+            registry=r,
+        )
         self.uptime_seconds = Gauge(
             "activecall_uptime_seconds", "Seconds since the daemon started", registry=r
         )

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from twisted.application import internet, service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from activecall import __version__
-from activecall.web.rest import SessionTable, install_api
-from activecall.web.site import build_site
+from activecall.admission import Admission
+from activecall.web.rest import Drain, SessionTable, install_api
+from activecall.web.site import Admitted, ReadyResource, build_site
 from activecall.web.ws import endpoint_resource
 from activecall.call.cdr import writer_for
 from activecall.call.handlers import PendingPlaybooks
@@ -149,6 +150,7 @@ def build_sip(config: Config, reactor, call_manager: CallManager, media_clock: M
     sip_calls = SipCalls(config, user_agent, call_manager, media_clock, rtp_ports, reactor, metrics=metrics)
     # without it every inbound INVITE gets 503 "No invite handler configured"
     user_agent.invite_handler = sip_calls.on_invite
+    user_agent.message_handler = sip_calls.on_message
     services = (transport, TransactionLayerService(user_agent.layer), registration, user_agent)
     return SipStack(transport, user_agent, registration, rtp_ports, sip_calls, services)
 
@@ -163,9 +165,25 @@ def build_webrtc(config: Config, reactor):
 
 
 def build_call_endpoints(config: Config, call_manager: CallManager, media_clock: MediaClock,
-                         sip: Optional[SipStack], webrtc) -> dict:
+                         sip: Optional[SipStack], webrtc, admission: Optional[Admission] = None) -> dict:
     """The WebSocket endpoints: ``b""`` for ``/call`` itself, then ``/call/sip`` (with SIP) and
-    ``/call/webrtc``, each making a session of its call type."""
+    ``/call/webrtc``, each making a session of its call type, each behind ``admission`` (a draining,
+    full or overloaded node answers the upgrade 503; ``/call/sip?id=`` of a pending inbound call, which
+    was admitted with its INVITE, always passes)."""
+    endpoints = _call_endpoints(config, call_manager, media_clock, sip, webrtc)
+    if admission is None:
+        return endpoints
+
+    def pending_inbound(request) -> bool:
+        ids = (request.args or {}).get(b"id") or [b""]
+        return sip is not None and ids[0].decode("utf-8", "replace") in sip.calls.pending
+
+    return {name: Admitted(endpoint, admission.check, "websocket",
+                           exempt=pending_inbound if name == b"sip" else (lambda request: False))
+            for name, endpoint in endpoints.items()}
+
+
+def _call_endpoints(config, call_manager, media_clock, sip, webrtc) -> dict:
     from activecall.webrtc.leg import WebRTCConnector
 
     endpoints = {b"": endpoint_resource(
@@ -187,28 +205,45 @@ def build_call_endpoints(config: Config, call_manager: CallManager, media_clock:
     return endpoints
 
 
-def build_api_children(sip: Optional[SipStack]) -> dict:
-    """The routes under ``/api`` that exist only with another part: ``POST /api/calls`` with SIP."""
+def build_api_children(sip: Optional[SipStack], admission: Optional[Admission] = None,
+                       drain: Optional[Callable[[str], dict]] = None) -> dict:
+    """The routes under ``/api`` that need another part: ``POST /api/calls`` with SIP (behind
+    ``admission``), ``POST /api/drain``."""
+    children = {}
+    if drain is not None:
+        children[b"drain"] = Drain(drain)
     if sip is None:
-        return {}
+        return children
     from activecall.web.originate import OriginateCall
 
-    return {b"calls": OriginateCall(sip.calls)}
+    originate = OriginateCall(sip.calls)
+    children[b"calls"] = originate if admission is None else Admitted(originate, admission.check, "originate")
+    return children
 
 
 def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_metrics: Callable[[], None],
-              sessions: dict, pending_playbooks: PendingPlaybooks, api_children: dict, call_endpoints: dict):
-    """The twisted.web Site: /health, /metrics, the REST API, the /call endpoints and the console.
+              sessions: dict, pending_playbooks: PendingPlaybooks, api_children: dict, call_endpoints: dict,
+              admission: Optional[Admission] = None, clock=None, open_sip_session: Optional[Callable] = None):
+    """The twisted.web Site: /health, /ready (with ``admission``), /metrics, the REST API, the /call
+    endpoints, the event stream (``/events/{id}``, ``/command/{id}``, ``/call/subscribe``) and the console.
 
     Returns ``(site, api)``; ``api`` is what ``install_api`` made (``api.call`` is ``/call``)."""
-    from activecall.web.rest import install_console
+    from activecall.web.events import CommandPost, EventStream, subscribe_resource
+    from activecall.web.rest import TokenGuard, install_console
 
-    site = build_site(health, metrics, skip_paths=config.http_access_skip_paths, on_metrics=on_metrics)
+    ready = None if admission is None else ReadyResource(admission.status, admission.snapshot)
+    site = build_site(health, metrics, skip_paths=config.http_access_skip_paths, on_metrics=on_metrics,
+                      ready=ready)
     api = install_api(site.root, config, SessionTable(sessions), pending_playbooks, api_children=api_children)
     endpoints = dict(call_endpoints)
     api.call.websocket = endpoints.pop(b"", None)
     for name, endpoint in endpoints.items():
         api.call.putChild(name, endpoint)
+    api.call.putChild(b"subscribe", subscribe_resource(sessions))
+    if clock is None:
+        from twisted.internet import reactor as clock
+    site.root.putChild(b"events", TokenGuard(EventStream(sessions, clock), config.http_token))
+    site.root.putChild(b"command", TokenGuard(CommandPost(sessions, open_sip_session), config.http_token))
     install_console(site.root)
     return site, api
 
@@ -245,6 +280,17 @@ class ActiveCallService(service.MultiService):
         self.registrations: dict = {}
         self.pending_playbooks = PendingPlaybooks(reactor)
         self.media_clock = MediaClock(reactor)
+        #: install our SIGTERM handler once running (the daemon only: not in a test process)
+        self.handle_signals = False
+        #: how a finished drain stops the daemon (tests replace it)
+        self.stop_reactor: Callable[[], None] = self._stop_reactor
+        self._drained: Optional[defer.Deferred] = None
+        self._drain_checker: Optional[task.LoopingCall] = None
+        self.admission = Admission(
+            reactor, max_calls=config.max_calls, max_lag=config.max_event_loop_lag, load=self.load,
+            drain_retry_after=config.graceful_shutdown_timeout,
+            refused=lambda request, reason: self.metrics.refused.labels(request, reason).inc(),
+        )
         speech = build_speech(config)
         self.call_manager = build_call_manager(
             config, reactor, self.media_clock, speech, build_cdr_writer(config, reactor),
@@ -254,12 +300,15 @@ class ActiveCallService(service.MultiService):
                              self.registrations)
         if self.sip is not None:
             self.call_manager.sip_calls = self.sip.calls  # for refer (B2BUA) from any call type
+            self.sip.user_agent.admit = self.admission.check  # 503 to new INVITEs and OPTIONS
         self.webrtc = build_webrtc(config, reactor)
         self.http_site, self.api = build_web(
             config, self.health, self.metrics, self._refresh_gauges, self.calls, self.pending_playbooks,
-            api_children=build_api_children(self.sip),
+            api_children=build_api_children(self.sip, self.admission, self.drain),
             call_endpoints=build_call_endpoints(config, self.call_manager, self.media_clock, self.sip,
-                                                self.webrtc),
+                                                self.webrtc, self.admission),
+            admission=self.admission,
+            clock=reactor, open_sip_session=self.sip.calls.open_session if self.sip is not None else None,
         )
         self.http_service = build_http_service(config, self.http_site)
         # Start order; shutdown stops them one by one in reverse: calls end (BYE, CDRs flushed)
@@ -322,7 +371,94 @@ class ActiveCallService(service.MultiService):
     def _ready(self):
         if self.freeze_gc:
             tune_gc_for_daemon()
+        if self.handle_signals:
+            self._install_sigterm_handler()
+        self.admission.start()
         log.info("activecall ready")
+
+    # -- drain ------------------------------------------------------------------------------------
+
+    def _install_sigterm_handler(self):
+        """SIGTERM drains instead of stopping at once (twistd's handler, installed before this runs,
+        stops the reactor); a second SIGTERM stops at once, hanging up with BYEs.
+
+        Like Twisted's own handler, it only hands the work to the reactor thread.  SIGINT keeps
+        Twisted's handler: Ctrl-C stops at once, gracefully, as before."""
+        import signal
+
+        def on_sigterm(signum, frame):
+            self.reactor.callFromThread(self.sigterm)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def sigterm(self):
+        if self._drained is None and self.running:
+            log.info("SIGTERM: draining (a second SIGTERM stops at once)")
+            self.drain("SIGTERM")
+        else:
+            log.info("SIGTERM again: stopping now")
+            self.stop_reactor()
+
+    def load(self) -> int:
+        """The calls this node holds: live sessions, and inbound SIP calls that have none yet (a webhook
+        deciding, pending for ``/call/sip``, being answered).  Counted only with ``max_calls`` set."""
+        held = len(self.calls)
+        if self.sip is not None:
+            from activecall.sip.uas import InboundCall
+
+            held += sum(1 for call in self.sip.user_agent.calls
+                        if isinstance(call, InboundCall) and not call.is_ended and call.dialog_id not in self.calls)
+        return held
+
+    def busy(self) -> bool:
+        """Whether a call is still up: a session, or any SIP call (a pending inbound one, a transfer's leg)."""
+        return bool(self.calls) or bool(self.sip is not None and self.sip.user_agent.calls)
+
+    def drain(self, why: str = "drain") -> dict:
+        """Take the node out of service: refuse new calls (SIP 503, /ready 503, WebSocket upgrades 503),
+        unregister from the PBXs, let live calls go on until they end or ``graceful_shutdown_timeout``
+        passes, then stop (the graceful shutdown: what is left is hung up, CDRs and recordings are
+        written, exit 0).  Idempotent; returns the node's state (``POST /api/drain`` answers it)."""
+        if self._drained is None:
+            self.admission.drain()
+            self.metrics.draining.set(1)
+            wait = self.config.graceful_shutdown_timeout if self.config.graceful_shutdown else 0.0
+            log.info("draining ({why}): new calls refused; waiting up to {wait}s for {n} live call(s)",
+                     why=why, wait=wait, n=len(self.calls))
+            # the accounts' un-REGISTERs (bounded, never failing) finish before the stop, even when no
+            # call holds the node: the shutdown would drop their transactions (a digest challenge)
+            unregistered = self.sip.registration.unregister() if self.sip is not None else defer.succeed(None)
+            self._drained = defer.gatherResults([self._until_idle(wait), unregistered])
+            self._drained.addCallback(lambda _: self.stop_reactor())
+        return dict(self.admission.snapshot(), active_calls=len(self.calls))
+
+    def _until_idle(self, wait: float) -> defer.Deferred:
+        """Fires once no call is up (checked every 100 ms), or after ``wait`` seconds."""
+        done = defer.Deferred()
+        deadline = self.reactor.seconds() + wait
+
+        def poll():
+            if not self.busy():
+                log.info("drained: no call left")
+            elif self.reactor.seconds() >= deadline:
+                log.info("drain: {n} call(s) still up after {wait}s; hanging up", n=len(self.calls), wait=wait)
+            else:
+                return
+            checker.stop()
+            done.callback(None)
+
+        checker = self._drain_checker = task.LoopingCall(poll)
+        checker.clock = self.reactor
+        checker.start(0.1, now=True)
+        return done
+
+    def _stop_reactor(self):
+        from twisted.internet.error import ReactorNotRunning
+
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:  # already stopping (a second signal)
+            pass
 
     def privilegedStartService(self):
         service.Service.privilegedStartService(self)
@@ -342,6 +478,10 @@ class ActiveCallService(service.MultiService):
         """Stop children one by one in reverse order, within the grace period."""
         log.info("activecall stopping")
         self.running = 0
+        self.admission.drain()  # what arrives while the calls are hung up is refused, not half set up
+        self.admission.stop()
+        if self._drain_checker is not None and self._drain_checker.running:
+            self._drain_checker.stop()
         timeout = self.config.graceful_shutdown_timeout if self.config.graceful_shutdown else 0.5
 
         @defer.inlineCallbacks
@@ -387,6 +527,9 @@ class ActiveCallService(service.MultiService):
         """The /health document."""
         return {
             "status": "ok" if self.running else "stopping",
+            # serving / draining, what the node holds, and whether it takes new calls (as /ready says)
+            **self.admission.snapshot(),
+            "ready": self.admission.status() is None,
             "version": __version__,
             "uptime": round(self.uptime(), 3),
             "active_calls": len(self.calls),
@@ -400,6 +543,7 @@ class ActiveCallService(service.MultiService):
 
     def _refresh_gauges(self):
         self.metrics.uptime_seconds.set(self.uptime())
+        self.metrics.event_loop_lag_seconds.set(self.admission.lag_monitor.lag)
 
 
 class CallsService(service.Service):
@@ -420,4 +564,5 @@ def build_service(config: Config, warnings=()) -> ActiveCallService:
     observer = make_observer(config.log_level, config.log_file)
     daemon = ActiveCallService(config, warnings, observer=observer)
     daemon.freeze_gc = True
+    daemon.handle_signals = True
     return daemon

@@ -59,6 +59,12 @@ class RecorderFile(WireObject):
     trackId: str
     path: str
     size: int = 0
+    #: ✱ ``wav`` or ``pcm``, and the file's rate
+    format: Optional[str] = None
+    samplerate: Optional[int] = None
+    #: ✱ the spans written as silence (``pauseRecording`` … ``resumeRecording``):
+    #: ``[{"startTime", "endTime"}]`` in RFC 3339 UTC; left out when the recording was never paused
+    pauses: Optional[tuple[dict, ...]] = None
 
 
 @dataclass(frozen=True, kw_only=True)

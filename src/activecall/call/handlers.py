@@ -412,6 +412,36 @@ class WebhookInviteHandler:
             return Reject(503, f"Failed to process invite: webhook {url} answered HTTP {response.code}")
         return webhook_decision(content, invite, self.playbook_dir)
 
+    def on_message(self, message) -> defer.Deferred:
+        """An out-of-dialog SIP MESSAGE (``IncomingMessage``) posted to the webhook as
+        ``{"event": "message", …}``: a 2xx answer -> 200 to the sender, anything else -> 503."""
+        url = next(self._next_url)
+        body = json.dumps({
+            "event": "message", "createdAt": rfc3339(self.clock.seconds()), "caller": message.from_uri,
+            "callee": message.to_uri, "call_id": message.call_id, "contentType": message.content_type,
+            "body": message.text, "headers": [f"{name}: {value}" for name, value in message.headers],
+        }).encode("utf-8")
+        headers: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            headers.setdefault(name, []).append(value)
+        headers["Content-Type"] = ["application/json"]
+        d = self.http.request(self.method, url, data=body, headers=headers)
+
+        def answered(response):
+            d2 = response.content()
+            d2.addCallback(lambda _: 200 if 200 <= response.code < 300 else 503)
+            return d2
+
+        def failed(failure):
+            log.warn("MESSAGE from {sender} not delivered to {url}: {why}", sender=message.from_uri, url=url,
+                     why=failure.getErrorMessage() or failure.type.__name__)
+            return 503
+
+        d.addCallback(answered)
+        d.addTimeout(self.timeout, self.clock)
+        d.addErrback(failed)
+        return d
+
     def _failed(self, failure, url: str, invite: IncomingInvite) -> Reject:
         if failure.check(defer.TimeoutError, defer.CancelledError):
             why = f"webhook {url} did not answer within {self.timeout:g}s"

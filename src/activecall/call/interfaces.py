@@ -62,6 +62,13 @@ class IDtmfConnector(Interface):
         """The ``sendDtmf`` command."""
 
 
+class IMessageConnector(Interface):
+    """A call type that carries SIP MESSAGEs (RFC 3428) in its dialog."""
+
+    def sendMessage(command):
+        """Send ``command.body`` as a MESSAGE; failures become ``error`` events."""
+
+
 class ICallLeg(Interface):
     """What a session needs of its media leg."""
 

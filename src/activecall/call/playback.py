@@ -50,6 +50,11 @@ class Playback:
         self.on_track_done = on_track_done
         self.current: Optional[Track] = None
         self.paused = False
+        #: held by a barge-in (call/barge_in.py): the track keeps its place, nothing is sent
+        self.held = False
+        self._fade_out = 0  # frames left of the fade before the hold
+        self._fade_in = 0  # frames left of the fade after it
+        self._fade_frames = 1
         self._queue: deque = deque()  # (text, is_base64, option) waiting for the current TTS track
         self._synthesis: Optional[defer.Deferred] = None
         self._eos_requested = False
@@ -129,8 +134,30 @@ class Playback:
         if self.current is not None:
             self.current.paused = False
 
+    def hold(self, fade_ms: int = 20) -> None:
+        """Barge-in pause: fade out over ``fade_ms`` (whole 20 ms frames, at least one), then send
+        nothing; the track keeps its place for ``release``."""
+        if self.held:
+            return
+        self.held = True
+        self._fade_frames = max(1, int(fade_ms) // 20)
+        self._fade_out, self._fade_in = self._fade_frames, 0
+
+    def release(self, fade_ms: int = 20) -> None:
+        """End a ``hold``: the track goes on where it stopped, fading in."""
+        if not self.held:
+            return
+        self.held = False
+        self._fade_frames = max(1, int(fade_ms) // 20)
+        self._fade_in, self._fade_out = self._fade_frames, 0
+
+    def _unhold(self) -> None:
+        self.held = False
+        self._fade_in = self._fade_out = 0
+
     def stop_current(self, interrupted: bool = True) -> None:
         track = self.current
+        self._unhold()
         if track is None or track.stopped:
             return
         self._queue.clear()
@@ -151,13 +178,26 @@ class Playback:
     def tick(self) -> Optional[np.ndarray]:
         """The frame due now from the current track (None: nothing to send)."""
         track = self.current
-        if track is None or self.paused:
+        if track is None or self.paused or (self.held and self._fade_out <= 0):
             return None
-        return track.next_frame()
+        frame = track.next_frame()
+        if frame is None or not (self._fade_out or self._fade_in):
+            return frame
+        n = self._fade_frames
+        if self.held:  # fading out: gain from left/n down to (left-1)/n
+            left = self._fade_out
+            self._fade_out -= 1
+            ramp = np.linspace(left / n, (left - 1) / n, frame.size, endpoint=False)
+        else:
+            done = n - self._fade_in
+            self._fade_in -= 1
+            ramp = np.linspace(done / n, (done + 1) / n, frame.size, endpoint=False)
+        return (frame.astype(np.float32) * ramp).astype(np.int16)
 
     # -- internals ----------------------------------------------------------------------------
 
     def _start(self, track: Track) -> None:
+        self._unhold()
         track.interrupted = False
         track.paused = self.paused
         self.current = track
@@ -194,13 +234,12 @@ class Playback:
             self._pump()
             return
         started = self.clock.seconds()
-        feed = track.feed
-        if self.audio_observer is not None:
-            observer = self.audio_observer
+        observer = self.audio_observer
 
-            def feed(pcm, track=track):
+        def feed(pcm, track=track):  # synthesised: the track's lead-in silence is trimmed
+            if observer is not None:
                 observer(track)
-                track.feed(pcm)
+            track.feed(pcm, trim_lead_in=True)
 
         d = defer.maybeDeferred(provider.synthesize, text, feed)
         self._synthesis = d

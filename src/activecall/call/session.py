@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
@@ -22,19 +23,25 @@ from zope.interface import implementer
 
 from activecall.call.cdr import CallDetailRecord, ICdrWriter, RecorderFile
 from activecall.call.interfaces import (
-    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, ITransferConnector,
+    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, IMessageConnector, ITransferConnector,
 )
 from activecall.call.playback import Playback, SynthesisUnavailable
 from activecall.filenames import safe_file_part
-from activecall.media.recorder import BOT, CALLER, IRecorder, WavRecorder, recording_path
+from activecall.media.recorder import (
+    BOT, CALLER, FORMATS, SAMPLE_RATES, IRecorder, WavRecorder, recording_path)
 from activecall.media.rtp_leg import IMediaSession
 from activecall.media.tracks import MediaLoader
 from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
+from activecall.protocol import option_keys
 
 log = Logger(namespace="activecall.session")
 
 SERVER_SIDE_TRACK = "server-side-track"
+#: events a session keeps for late watchers
+EVENT_LOG_SIZE = 1000
+#: ``subscribe`` audio frames: one byte naming the side, then 16 kHz s16le (the original's framing)
+SUBSCRIBE_PREFIX = {BOT: b"\x00", CALLER: b"\x01"}
 
 
 @dataclass(frozen=True)
@@ -179,10 +186,25 @@ class CallSession:
         #: the controller of a realtime playbook on the call (``IRealtimeController``, which puts itself
         #: here), else None
         self.realtime_controller = None
+        #: a REFER from the far end waiting for, or carried out after, acceptTransfer (call/transfer.py)
+        self.inbound_transfer = None
+        #: the audio bridge to another live call (``bridge`` command, call/audio_bridge.py), else None
+        self.bridge = None
+        #: the warm transfer in progress or done (call/warm_transfer.py), else None
+        self.warm_transfer = None
+        #: the answering-machine detector of an outbound call with ``amd`` (call/amd.py), else None
+        self.amd = None
         #: callables told every event the call emits (the playbook runner listens here)
         self.listeners: list[Callable[[ev.Event], None]] = []
         #: callables fed every inbound 16 kHz frame (VAD, ASR, recorder)
         self.audio_sinks: list[Callable] = []
+        #: callables told ``(channel, pcm)`` for both sides' 16 kHz frames as the call hears them
+        #: (``CALLER`` after mute, ``BOT`` as sent): subscribers and ``mediaPass``
+        self.audio_taps: list[Callable] = []
+        #: the call's events so far, ``(sequence number, event)``, for watchers that join late
+        #: (``GET /events/{id}``, ``/call/subscribe``); bounded
+        self.event_log: deque = deque(maxlen=EVENT_LOG_SIZE)
+        self._event_seq = 0
         self.extras: dict[str, Any] = {}
         self.hangup_headers: dict[str, str] = {}
         self.start_time = datetime.fromtimestamp(clock.seconds(), timezone.utc)
@@ -199,6 +221,9 @@ class CallSession:
         self._wait_input = None
         self._recorders: list = []
         self.recorder: Optional[IRecorder] = None
+        self._record_pauses: list[dict] = []
+        #: the ``mediaPass`` bridge (call/media_pass.py), while the option runs
+        self.media_pass = None
         #: builds VAD/ASR for the call from its option when it is answered
         self.processor_factory = processor_factory
         self.processors = None
@@ -211,6 +236,15 @@ class CallSession:
             loader=media_loader or MediaLoader(cache),
             on_track_done=self._track_done,
         )
+        #: pause-then-decide on the caller's voice over the bot (call/barge_in.py); configured by a
+        #: playbook or the ✱ ``interruption`` call option, idle otherwise
+        from activecall.call.barge_in import BargeIn
+
+        self.barge_in = BargeIn.attach(self)
+        #: told every frame sent (None when nothing was): the echo canceller's reference
+        self.echo_reference: Optional[Callable] = None
+        #: the background bed mixed under the bot (call/ambiance.py), or None
+        self.ambiance = None
         self.journal: Optional[EventJournal] = None
         if dump and config is not None:
             path = os.path.join(config.recording.path, safe_file_part(session_id) + ".events.jsonl")
@@ -229,6 +263,8 @@ class CallSession:
             self._cancel_wait_input()
         if self.journal is not None:
             self.journal.write("event", self.now(), event.to_json())
+        self._event_seq += 1
+        self.event_log.append((self._event_seq, event))
         try:
             self._emit(event)
         except Exception:
@@ -304,9 +340,39 @@ class CallSession:
         connector = self._connector(ITransferConnector, command)
         return connector.refer(command) if connector is not None else None
 
+    def on_sendMessage(self, command: cmd.SendMessage):
+        connector = self._connector(IMessageConnector, command)
+        return connector.sendMessage(command) if connector is not None else None
+
     def on_sendDtmf(self, command: cmd.SendDtmf):
         connector = self._connector(IDtmfConnector, command)
         return connector.sendDtmf(command) if connector is not None else None
+
+    def on_acceptTransfer(self, command: cmd.AcceptTransfer):
+        from activecall.call import transfer
+
+        transfer.accept(self, command)
+
+    def on_rejectTransfer(self, command: cmd.RejectTransfer):
+        from activecall.call import transfer
+
+        transfer.reject(self, command)
+
+    def on_bridge(self, command: cmd.Bridge):
+        from activecall.call import audio_bridge
+
+        audio_bridge.bridge(self, command.target)
+
+    def on_warmTransfer(self, command: cmd.WarmTransfer):
+        from activecall.call.warm_transfer import start_warm_transfer
+
+        start_warm_transfer(self, command)
+
+    def on_unbridge(self, command: cmd.Unbridge):
+        if self.bridge is None:
+            self.error("unbridge", "the call is not bridged")
+            return
+        self.bridge.part()
 
     @property
     def can_transfer(self) -> bool:
@@ -382,8 +448,15 @@ class CallSession:
         self.answer_time = self._now_dt()
         self.emit(ev.TrackStart(trackId=self.id, timestamp=self.now()))
         self.emit(ev.Answer(trackId=self.id, timestamp=self.now(), sdp=sdp))
+        self.refuse_options()
         self._arm_inactivity()
+        self._start_subscribe()
+        self._start_media_pass()
         self.start_recording()
+        self._configure_barge_in()
+        from activecall.call.ambiance import attach_ambiance
+
+        attach_ambiance(self)
         if self.processor_factory is not None:
             self.processors = self.processor_factory(self)
             if self.processors is not None:
@@ -391,9 +464,52 @@ class CallSession:
 
                 TurnTiming.attach(self, self.metrics)
 
+    def _configure_barge_in(self) -> None:
+        """The ✱ ``interruption`` call option, unless a playbook configured barge-in already."""
+        option = self.option.interruption if self.option is not None else None
+        if option is None or self.barge_in.policy is not None:
+            return
+        from activecall.call.barge_in import InterruptionPolicy
+
+        try:
+            policy = InterruptionPolicy.from_mapping(option.to_dict())
+        except ValueError as e:
+            self.error("interruption", str(e), code=400)
+            return
+        self.barge_in.configure(policy, decides=True)
+
+    def _start_subscribe(self) -> None:
+        """``subscribe: true``: both sides' audio to the control WebSocket as prefixed binary frames."""
+        if self.option is None or not self.option.subscribe:
+            return
+        send_audio = getattr(getattr(self.connector, "protocol", None), "send_audio", None)
+        if send_audio is None:
+            self.error("option", "option 'subscribe' needs the call's control WebSocket (this call has "
+                                 "none; watch it on /call/subscribe)", code=501)
+            return
+        self.audio_taps.append(lambda channel, pcm: send_audio(SUBSCRIBE_PREFIX[channel] + pcm.astype("<i2").tobytes()))
+
+    def _start_media_pass(self) -> None:
+        """``mediaPass``: the caller's audio to an external WebSocket, its answer as the bot's audio."""
+        if self.option is None or self.option.mediaPass is None or self.media_pass is not None:
+            return
+        from activecall.call.media_pass import MediaPass
+
+        self.media_pass = MediaPass(self, self.option.mediaPass)
+        self.media_pass.start()
+
+    def refuse_options(self) -> None:
+        """One ``error{sender:"option"}`` per key of the call's option that will have no effect
+        (``protocol/option_keys.py``): nothing a client asked for is dropped silently."""
+        for refusal in option_keys.refusals(self.option, self.call_type):
+            log.info("call {id}: {message}", id=self.id, message=refusal.message)
+            self.error("option", refusal.message, code=refusal.code)
+
     def start_recording(self) -> None:
         """``[recording]``: ``enabled`` allows it; ``auto_start`` or the call's
-        ``recorder`` option starts it (the original ignored both settings)."""
+        ``recorder`` option starts it (the original ignored both settings).  The ``recorder``
+        option's ``recorderFile``, ``samplerate``, ``format`` and ``ptime`` win over
+        ``[recording]``'s ``filename_pattern``, ``samplerate``, ``format`` and ``ptime``."""
         if self.recorder is not None or self.config is None:
             return
         policy = self.config.recording
@@ -404,14 +520,62 @@ class CallSession:
             return
         if not (policy.auto_start or requested):
             return
-        template = self.option.recorder.recorderFile if requested else None
+        wanted = self.option.recorder if requested else cmd.RecorderOption()
+        template = wanted.recorderFile or policy.filename_pattern
+        file_format = (wanted.format or policy.format).lower()
+        if file_format not in FORMATS:
+            self.error("recorder", f"recorder.format {wanted.format!r} is not supported "
+                                   f"({', '.join(FORMATS)}); recording as {policy.format}", code=400)
+            file_format = policy.format
+        rate = wanted.samplerate or policy.samplerate
+        if rate not in SAMPLE_RATES:
+            self.error("recorder", f"recorder.samplerate {rate} is not supported "
+                                   f"({', '.join(map(str, SAMPLE_RATES))}); recording at {policy.samplerate}",
+                       code=400)
+            rate = policy.samplerate
         try:
-            path = recording_path(policy.path, self.id, template)
-            self.recorder = WavRecorder(path, ptime_ms=policy.ptime, clock=self.clock)
+            path = recording_path(policy.path, self.id, template, extension=file_format,
+                                  fields=self._file_fields())
+            self.recorder = WavRecorder(path, rate=rate, ptime_ms=wanted.ptime or policy.ptime,
+                                        clock=self.clock, file_format=file_format)
         except (OSError, ValueError) as e:
             self.error("recorder", f"cannot record: {e}")
             return
         self.audio_sinks.append(lambda pcm: self.recorder.write(CALLER, pcm))
+
+    def _file_fields(self) -> dict:
+        """The values of a recording file name's placeholders (``filenames.PATTERN_FIELDS``)."""
+        start = self.start_time
+        # a SIP call we placed is outbound; a SIP call we answered, a browser or a /call client is inbound
+        inbound = self.call_type != "sip" or getattr(self.connector, "inbound", None) is not None
+
+        def user(uri) -> str:
+            uri = str(uri or "")
+            if uri.startswith(("sip:", "sips:", "tel:")):
+                uri = uri.split(":", 1)[1]
+            return uri.split("@", 1)[0].split(";", 1)[0]
+
+        return {"caller": user(self._party("caller")), "callee": user(self._party("callee")),
+                "date": start.strftime("%Y%m%d"), "time": start.strftime("%H%M%S"),
+                "datetime": start.strftime("%Y%m%d-%H%M%S"), "timestamp": int(start.timestamp()),
+                "direction": "inbound" if inbound else "outbound", "call_type": self.call_type}
+
+    def on_pauseRecording(self, command) -> None:
+        """Silence instead of words in the recording until ``resumeRecording``; the CDR lists the span."""
+        if self.recorder is None:
+            self.error("command", "pauseRecording: the call is not being recorded")
+            return
+        if not self.recorder.paused:
+            self.recorder.paused = True
+            self._record_pauses.append({"startTime": ev.rfc3339(self._now_dt())})
+
+    def on_resumeRecording(self, command) -> None:
+        if self.recorder is None:
+            self.error("command", "resumeRecording: the call is not being recorded")
+            return
+        if self.recorder.paused:
+            self.recorder.paused = False
+            self._record_pauses[-1]["endTime"] = ev.rfc3339(self._now_dt())
 
     def audio_in(self, pcm) -> None:
         """Caller audio (16 kHz mono int16) from the leg, to the processors."""
@@ -424,6 +588,16 @@ class CallSession:
             except Exception:
                 log.failure("an audio processor of {id} failed; removed", id=self.id)
                 self.audio_sinks.remove(sink)
+        if self.audio_taps:
+            self._tap(CALLER, pcm)
+
+    def _tap(self, channel: int, pcm) -> None:
+        for tap in list(self.audio_taps):
+            try:
+                tap(channel, pcm)
+            except Exception:
+                log.failure("an audio tap of {id} failed; removed", id=self.id)
+                self.audio_taps.remove(tap)
 
     def audio_received(self) -> None:
         """The leg got caller audio: the call is not inactive."""
@@ -435,12 +609,20 @@ class CallSession:
         if self.state is CallState.ENDED:
             return None
         frame = self.playback.tick()
+        if self.media_pass is not None:
+            frame = self.media_pass.mix(frame)
         if frame is not None and self.muted:
             frame = frame * 0
         if frame is not None and self.turn_timing is not None and self.turn_timing.wants_frame:
-            self.turn_timing.frame_out(frame)
+            self.turn_timing.frame_out(frame)  # the bot's own audio, not the bed under it
+        if self.ambiance is not None and not self.muted:
+            frame = self.ambiance.mix(frame)
+        if self.echo_reference is not None:
+            self.echo_reference(frame)
         if frame is not None and self.recorder is not None:
             self.recorder.write(BOT, frame)
+        if frame is not None and self.audio_taps:
+            self._tap(BOT, frame)
         return frame
 
     def end(self, reason: str = "system", initiator: Optional[str] = None,
@@ -472,6 +654,8 @@ class CallSession:
     @defer.inlineCallbacks
     def _teardown(self, initiator):
         self.playback.stop_current(interrupted=True)
+        if self.media_pass is not None:
+            self.media_pass.close()
         for timer in (self._inactivity, self._wait_input):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -496,8 +680,13 @@ class CallSession:
                 log.failure("closing the speech processors of {id} failed", id=self.id)
         if self.recorder is not None:
             self.recorder.close()
+            pauses = [dict(p) for p in self._record_pauses]
+            if pauses and "endTime" not in pauses[-1]:
+                pauses[-1]["endTime"] = ev.rfc3339(self.end_time)
             self._recorders.append(RecorderFile(trackId=self.id, path=self.recorder.path,
-                                                size=self.recorder.size))
+                                                size=self.recorder.size, format=self.recorder.format,
+                                                samplerate=self.recorder.file_rate,
+                                                pauses=tuple(pauses) or None))
         if previous is CallState.ANSWERED:
             self.emit(ev.TrackEnd(trackId=self.id, timestamp=self.now(),
                                   duration=self._answered_ms(), ssrc=0))

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from activecall.call import handlers
 from activecall.call.interfaces import (
-    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, ITransferConnector,
+    ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, IMessageConnector, ITransferConnector,
 )
 from activecall.call.manager import start_playbook
 from activecall.media.rtp import PortsExhausted
@@ -31,10 +31,29 @@ from activecall.protocol import commands as cmd
 from activecall.protocol import events as ev
 from activecall.sip import sdp as sdp_mod
 from activecall.sip.call_events import (
-    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, Provisional, SdpUpdated,
+    CallFailed, CallStateError, Dtmf, Ended, HoldChanged, MessageReceived, Provisional, SdpUpdated,
+    TransferRequested,
 )
 
 log = Logger(namespace="activecall.call.sip")
+
+
+def offer_codecs(preferred, configured) -> tuple:
+    """The configured ``codecs`` with ``option.codec`` first: one name or a comma-separated list,
+    in that order, then the rest as configured.  It orders the offer and does not restrict it, so
+    a peer without the preferred codec still answers with another.  A name that is not configured
+    raises ValueError naming the ones that are."""
+    if not preferred:
+        return tuple(configured)
+    audio = [c for c in configured if c != "telephone_event"]
+    wanted = []
+    for name in str(preferred).split(","):
+        key = name.strip().lower().replace("-", "_")
+        if key not in audio:
+            raise ValueError(f"codec {name.strip()!r} is not one of the configured codecs ({', '.join(audio)})")
+        if key not in wanted:
+            wanted.append(key)
+    return tuple(wanted) + tuple(c for c in configured if c not in wanted)
 
 
 def delayed_offer(call) -> bool:
@@ -76,7 +95,8 @@ class SipLeg:
         if self.sip_call is not None and not self.sip_call.is_ended:
             headers = list(self.session.hangup_headers.items())
             try:
-                if self.sip_call.state in ("pending", "ringing"):
+                if self.sip_call.state in ("pending", "ringing") and hasattr(self.sip_call, "reject"):
+                    # an inbound call not answered yet; an outbound one ringing is CANCELled by hangup()
                     self.sip_call.reject(487 if self.session.end_reason == "canceled" else 480,
                                          self.session.end_reason)
                 else:
@@ -100,10 +120,10 @@ class SipCalls:
         self.pending: dict[str, object] = {}  # dialog id -> InboundCall awaiting /call/sip
         self.handler = handlers.handler_for(config.handler, config.playbook_dir, reactor)
 
-    def new_rtp_leg(self, session) -> RtpLeg:
+    def new_rtp_leg(self, session, codecs=None) -> RtpLeg:
         leg = RtpLeg(session, self.media_clock, self.reactor,
                      host=self.config.rtp_bind_ip or self.ua.transport.advertised_host,
-                     external_ip=self.config.external_ip, codecs=self.config.codecs,
+                     external_ip=self.config.external_ip, codecs=codecs or self.config.codecs,
                      latching=self.config.enable_rtp_latching, metrics=self.metrics)
         leg.allocate(self.pool)
         return leg
@@ -117,6 +137,14 @@ class SipCalls:
         return self.config.enable_srtp if value is None else bool(value)
 
     # -- inbound ------------------------------------------------------------------------------
+
+    def on_message(self, message):
+        """The UserAgent's out-of-dialog MESSAGE handler: the webhook handler posts it (2xx -> 200);
+        other handlers take no messages (405)."""
+        on_message = getattr(self.handler, "on_message", None)
+        if on_message is None:
+            return 405
+        return on_message(message)
 
     def on_invite(self, call) -> None:
         """The UserAgent's invite handler."""
@@ -161,6 +189,16 @@ class SipCalls:
         connector.answer_inbound(call, session.option or cmd.CallOption())
 
     # -- originate (POST /api/calls) -------------------------------------------------------------
+
+    def open_session(self, session_id: str, command: str = "invite"):
+        """A SIP session with no WebSocket (``POST /command/{id}``) for its first ``command``: ``invite``
+        dials; ``accept``/``ringing``/``reject`` act on the inbound call pending under that dialog id
+        (LookupError when there is none: no session is left behind).  Events go to the journal and watchers."""
+        if command != "invite" and session_id not in self.pending:
+            raise LookupError(f"no active or pending call {session_id!r}")
+        session = self.manager.open_session(session_id, "sip", emit=_log_event)
+        session.connector = SipConnector(session, None, self)
+        return session
 
     def originate(self, session_id: str, option: cmd.CallOption):
         """An outbound call with no WebSocket: its events go to the journal and the log."""
@@ -223,7 +261,7 @@ class _AsJson:
     __str__ = __repr__ = lambda self: self.event.to_json()
 
 
-@implementer(ICallConnector, IInboundConnector, ITransferConnector, IDtmfConnector)
+@implementer(ICallConnector, IInboundConnector, ITransferConnector, IDtmfConnector, IMessageConnector)
 class SipConnector:
     """The call-type glue for ``/call/sip`` sessions (and playbook-routed inbound calls)."""
 
@@ -283,6 +321,9 @@ class SipConnector:
             return
         option = command.option.merged_over(self.session.option)
         self.session.option = option
+        if option.codec:
+            self.session.error("option", "option 'codec' is not supported on an accept: the answer keeps "
+                                         "the caller's offer order (RFC 3264); the call goes on without it", code=501)
         self.answer_inbound(call, option)
         if option.playbook:
             start_playbook(self.session, option.playbook)
@@ -319,6 +360,8 @@ class SipConnector:
         s.option = option
         s.extras.setdefault("caller", call.caller)
         s.extras.setdefault("callee", call.callee)
+        if option.sip is not None and option.sip.hangup_headers:
+            s.hangup_headers.update(option.sip.hangup_headers)
         if delayed_offer(call):
             self._answer_delayed_offer(call, option)
             return
@@ -381,7 +424,13 @@ class SipConnector:
             return
         callee = option.callee if option.callee.startswith(("sip:", "sips:")) else "sip:" + option.callee
         try:
-            rtp = self.calls.new_rtp_leg(s)
+            codecs = offer_codecs(option.codec, self.calls.config.codecs)
+        except ValueError as e:
+            s.error("invite", str(e), code=400)
+            s.end("failed", initiator="system", status_code=400)
+            return
+        try:
+            rtp = self.calls.new_rtp_leg(s, codecs)
         except PortsExhausted as e:
             s.error("invite", str(e), code=503)
             s.end("failed", initiator="system", status_code=503)
@@ -418,6 +467,12 @@ class SipConnector:
             self.session.end("failed", initiator="system", status_code=488)
             return
         leg.rtp.start()
+        option = self.session.option
+        if option is not None and option.amd is not None:
+            from activecall.call import amd
+
+            if amd.enabled(option.amd):
+                amd.start_amd(self.session, option.amd)
         self.session.answered(sdp=leg.sip_call.remote_sdp.decode("utf-8", "replace"))
 
     def _outbound_failed(self, failure):
@@ -450,8 +505,15 @@ class SipConnector:
             s.emit(ev.Hold(trackId=s.id, timestamp=s.now(), onHold=event.on_hold))
         elif isinstance(event, Dtmf):
             s.emit(ev.Dtmf(trackId=s.id, timestamp=s.now(), digit=event.digit))
+        elif isinstance(event, MessageReceived):
+            s.emit(ev.Message(trackId=s.id, timestamp=s.now(), body=event.body.decode("utf-8", "replace"),
+                              contentType=event.content_type))
         elif isinstance(event, SdpUpdated):
             pass  # the answer to our offer is applied when the call is answered
+        elif isinstance(event, TransferRequested):
+            from activecall.call.transfer import transfer_requested
+
+            transfer_requested(s, event.refer, self)
         elif isinstance(event, Ended):
             if s.leg is not None and s.leg.closing:
                 return
@@ -475,6 +537,22 @@ class SipConnector:
             leg.rtp.send_dtmf(command.digits, command.duration)
         except ValueError as e:
             self.session.error("command", str(e))
+
+    def sendMessage(self, command: cmd.SendMessage) -> None:
+        """An in-dialog MESSAGE; a refusal or timeout is ``error{sender:"sendMessage"}`` with its status."""
+        leg = self.session.leg
+        if not isinstance(leg, SipLeg) or leg.sip_call is None:
+            self.session.error("command", "sendMessage needs an answered SIP call")
+            return None
+        try:
+            body = command.body.encode("utf-8")
+        except UnicodeEncodeError:
+            body = command.body.encode("utf-8", "backslashreplace")
+        d = leg.sip_call.send_message(body, command.contentType or cmd.SendMessage.DEFAULT_CONTENT_TYPE,
+                                      headers=list((command.headers or {}).items()))
+        d.addErrback(lambda f: self.session.error(
+            "sendMessage", f"MESSAGE failed: {f.getErrorMessage()}", code=getattr(f.value, "status", None)))
+        return None
 
     def refer(self, command: cmd.Refer) -> None:
         """The original's B2BUA transfer; ``options.mode = "sip"`` sends a real SIP REFER instead."""

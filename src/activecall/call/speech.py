@@ -58,7 +58,13 @@ def synthesizer_factory(media_cache_path: str, reactor=None):
 
 class SpeechProcessors:
     """The VAD and recogniser of one call, fed the caller's 16 kHz frames (and the recogniser's
-    end-of-turn ``endpointer``, when the call has one)."""
+    end-of-turn ``endpointer``, when the call has one).
+
+    Before them, in this order: the echo canceller and its guard (``speech/echo.py``, on unless the
+    ``interruption`` options say ``echoCancel: false``; its reference is every frame the session
+    sends, ``session.echo_reference``) and, with ``denoise: true``, the noise suppressor and gain
+    controller (``speech/denoise.py``).  The recorder and other audio sinks get the caller's audio
+    as it came."""
 
     def __init__(self, session, vad=None, recognizer=None, asr_provider: str = ""):
         self.session = session
@@ -66,8 +72,18 @@ class SpeechProcessors:
         self.recognizer = recognizer
         self.asr_provider = asr_provider
         self.endpointer = None
+        self.echo = None  # speech.echo.EchoControl
+        self.denoiser = None  # speech.denoise.Denoiser
+        #: what the VAD and the recogniser were fed last (tests: what the recogniser hears)
+        self.heard = None
 
     def feed(self, pcm) -> None:
+        if self.echo is not None:
+            pcm, _ = self.echo.process(pcm)
+        if self.denoiser is not None:
+            pcm = self.denoiser.process(pcm)
+        if self.heard is not None:
+            self.heard(pcm)
         if self.vad is not None:
             self.vad.feed(pcm)
         if self.recognizer is not None:
@@ -176,6 +192,7 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
         processors.close()
         s.error("processor", str(e), code=400)
         return None
+    _attach_front_end(s, processors, option)
     s.audio_sinks.append(processors.feed)
     _report_providers(s, processors, option)
     return processors
@@ -193,3 +210,22 @@ def _report_providers(session, processors: SpeechProcessors, option) -> None:
         "language": asr.get("language") or tts.get("language"),
     }
     session.emit(ev.Metrics(timestamp=session.now(), key="speech.providers", duration=0, data=data))
+
+
+def _attach_front_end(session, processors: SpeechProcessors, option) -> None:
+    """Echo control, denoise and the barge-in controller's voice onset (module docstring)."""
+    from activecall.speech import echo as echo_control
+    from activecall.speech.denoise import Denoiser
+
+    policy = getattr(getattr(session, "barge_in", None), "policy", None)
+    echo_on = policy.echo_cancel if policy is not None else True
+    if echo_on and echo_control.available():
+        processors.echo = echo_control.EchoControl()
+        session.echo_reference = processors.echo.reference
+    elif echo_on:
+        log.warn("call {id}: speexaec is not installed; no echo cancellation", id=session.id)
+    if option.denoise:
+        processors.denoiser = Denoiser()
+    controller = getattr(session, "barge_in", None)
+    if controller is not None and processors.vad is not None and hasattr(processors.vad, "on_window"):
+        processors.vad.on_window = controller.voice_window

@@ -1,4 +1,5 @@
-"""Call recording: a stereo 16-bit WAV at 16 kHz, caller left, bot right.
+"""Call recording: stereo 16-bit, caller left, bot right, as a WAV (or headerless ``pcm``) at 16 kHz
+(or the configured ``samplerate``: the 16 kHz audio is resampled as it is written).
 
 Audio is collected per channel and written every ``ptime`` ms as one
 interleaved block, a channel with nothing to say zero-padded, so the channels
@@ -18,11 +19,16 @@ import numpy as np
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from activecall.filenames import safe_file_part
+from activecall.audio import SAMPLE_RATE, Resampler
+from activecall.filenames import expand_pattern, safe_file_part
 
 log = Logger(namespace="activecall.recorder")
 
 CALLER, BOT = 0, 1
+#: file formats: ``wav`` (RIFF header rewritten after every flush) or ``pcm`` (raw interleaved s16le)
+FORMATS = ("wav", "pcm")
+#: rates a recording may be written at
+SAMPLE_RATES = (8000, 16000, 24000, 32000, 48000)
 
 
 class IRecorder(Interface):
@@ -46,16 +52,18 @@ def wav_header(data_bytes: int, rate: int = 16000, channels: int = 2) -> bytes:
             + b"data" + struct.pack("<I", data_bytes))
 
 
-def recording_path(directory: str, session_id: str, template: Optional[str] = None) -> str:
-    """``<dir>/<session>.wav``, or the ``recorderFile`` template (``{id}`` replaced;
-    relative names go under ``dir``; ``.wav`` appended when missing).  The session id goes
-    through ``safe_file_part`` in both (a long or odd Call-ID still gets a file; see
-    activecall/filenames.py); a template that leaves the directory or names a file too long
-    for the file system raises ValueError."""
+def recording_path(directory: str, session_id: str, template: Optional[str] = None,
+                   extension: str = "wav", fields: Optional[dict] = None) -> str:
+    """``<dir>/<session>.wav``, or the ``recorderFile`` / ``filename_pattern`` template (``{id}`` and
+    the ``fields`` placeholders replaced, see ``expand_pattern``; relative names go under ``dir``;
+    ``.<extension>`` appended when missing).  The session id goes through ``safe_file_part`` in both
+    (a long or odd Call-ID still gets a file; see activecall/filenames.py); a template that leaves the
+    directory or names a file too long for the file system raises ValueError."""
+    suffix = "." + extension
     if template:
-        name = template.replace("{id}", safe_file_part(session_id))
-        if not name.endswith(".wav"):
-            name += ".wav"
+        name = expand_pattern(template, session_id, fields)
+        if not name.endswith(suffix):
+            name += suffix
         path = name if os.path.isabs(name) else os.path.join(directory, name)
         real_dir = os.path.realpath(directory)
         if not os.path.isabs(name) and not os.path.realpath(path).startswith(real_dir + os.sep):
@@ -63,7 +71,7 @@ def recording_path(directory: str, session_id: str, template: Optional[str] = No
         if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in path.split(os.sep)):
             raise ValueError("recorderFile names a file too long for the file system")
         return path
-    return os.path.join(directory, safe_file_part(session_id) + ".wav")
+    return os.path.join(directory, safe_file_part(session_id) + suffix)
 
 
 class _Channel:
@@ -91,10 +99,22 @@ class WavRecorder:
     the longer one at every flush.
     """
 
-    def __init__(self, path: str, rate: int = 16000, ptime_ms: int = 200, clock=None,
-                 lag_ms: int = 600, gap_ms: int = 300):
+    def __init__(self, path: str, rate: int = SAMPLE_RATE, ptime_ms: int = 200, clock=None,
+                 lag_ms: int = 600, gap_ms: int = 300, file_format: str = "wav"):
+        if file_format not in FORMATS:
+            raise ValueError(f"format {file_format!r} is not one of {', '.join(FORMATS)}")
+        if rate not in SAMPLE_RATES:
+            raise ValueError(f"samplerate {rate} is not one of {', '.join(map(str, SAMPLE_RATES))}")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
+        self.format = file_format
+        #: the file's rate; positions below count 16 kHz samples (what ``write`` is given)
+        self.file_rate = rate
+        self._resamplers = (None, None) if rate == SAMPLE_RATE else (
+            Resampler(SAMPLE_RATE, rate), Resampler(SAMPLE_RATE, rate))
+        #: while paused (``pauseRecording``) both channels are written as silence
+        self.paused = False
+        rate = SAMPLE_RATE
         self.rate = rate
         self.block_samples = max(1, rate * ptime_ms // 1000)
         self.clock = clock
@@ -105,7 +125,8 @@ class WavRecorder:
         self.written = 0  # samples per channel already in the file
         self.data_bytes = 0
         self._file = open(path, "wb")
-        self._file.write(wav_header(0, rate))
+        if self.format == "wav":
+            self._file.write(wav_header(0, self.file_rate))
         self._file.flush()
 
     @property
@@ -114,7 +135,7 @@ class WavRecorder:
 
     @property
     def size(self) -> int:
-        return 44 + self.data_bytes
+        return (44 if self.format == "wav" else 0) + self.data_bytes
 
     def _now(self) -> int:
         return int((self.clock.seconds() - self.start) * self.rate)
@@ -125,6 +146,8 @@ class WavRecorder:
         pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
         if not pcm.size:
             return
+        if self.paused:
+            pcm = np.zeros_like(pcm)  # the time goes on in the file, the words do not
         ch = self._channels[channel]
         position = ch.cursor
         if self.clock is not None:
@@ -162,12 +185,16 @@ class WavRecorder:
                     keep.append((rest, pcm[rest - position:]))
             ch.chunks = keep
         self.written = upto
+        if self._resamplers[0] is not None:
+            left, right = (r(block[:, i]) for i, r in enumerate(self._resamplers))
+            block = np.stack((left, right), axis=1).astype("<i2")
         raw = block.tobytes()
         self._file.seek(0, os.SEEK_END)
         self._file.write(raw)
         self.data_bytes += len(raw)
-        self._file.seek(0)
-        self._file.write(wav_header(self.data_bytes, self.rate))
+        if self.format == "wav":
+            self._file.seek(0)
+            self._file.write(wav_header(self.data_bytes, self.file_rate))
         self._file.flush()
 
     def close(self) -> None:

@@ -122,11 +122,24 @@ class PcmBuffer:
         self._size = 0
 
 
+#: synthesised lead-in: samples quieter than this (about -54 dBFS) before the first louder one
+LEAD_IN_LEVEL = 64
+#: how much of the lead-in is kept before the first louder sample (10 ms: a consonant's attack)
+LEAD_IN_KEEP = SAMPLE_RATE // 100
+#: at most this much lead-in is dropped (0.5 s)
+LEAD_IN_MAX = SAMPLE_RATE // 2
+
+
 class TtsTrack(Track):
     """Synthesised speech, appended as the synthesiser streams it.
 
     The track ends only after ``end_of_stream()`` and once every queued sample
     has been played (docs/api.md, "Tracks and playId").
+
+    ``feed(pcm, trim_lead_in=True)`` drops the near-silence a synthesiser puts before
+    the first word of the track (flite: ~120 ms at -60 dBFS), keeping 10 ms of it: the
+    caller hears the reply that much sooner.  Only the track's start is trimmed; the
+    pauses between its sentences stay as synthesised.
     """
 
     kind = "tts"
@@ -136,12 +149,36 @@ class TtsTrack(Track):
         self.buffer = PcmBuffer()
         self.eos = False
         self.segments: list[str] = []  # texts queued on this track, for interruption events
+        self._lead_in = True  # nothing louder than LEAD_IN_LEVEL fed yet
+        self._held = np.zeros(0, dtype=np.int16)  # the lead-in's last LEAD_IN_KEEP samples
+        self.lead_in_trimmed = 0  # samples dropped
 
-    def feed(self, pcm: np.ndarray) -> None:
-        if not self.stopped:
-            self.buffer.push(pcm)
+    def feed(self, pcm: np.ndarray, trim_lead_in: bool = False) -> None:
+        if self.stopped:
+            return
+        pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+        if self._lead_in and trim_lead_in:
+            pcm = np.concatenate([self._held, pcm]) if self._held.size else pcm
+            loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) >= LEAD_IN_LEVEL)
+            onset = int(loud[0]) if loud.size else pcm.size
+            cut = min(max(0, onset - LEAD_IN_KEEP), LEAD_IN_MAX - self.lead_in_trimmed)
+            self.lead_in_trimmed += cut
+            pcm = pcm[cut:]
+            if not loud.size and self.lead_in_trimmed < LEAD_IN_MAX:
+                self._held = pcm  # still silent: hold the kept part until speech starts
+                return
+            self._held = np.zeros(0, dtype=np.int16)
+        if self._lead_in and (pcm.size or not trim_lead_in):
+            self._lead_in = False
+            if self._held.size:
+                pcm = np.concatenate([self._held, pcm])
+                self._held = np.zeros(0, dtype=np.int16)
+        self.buffer.push(pcm)
 
     def end_of_stream(self) -> None:
+        if self._held.size:  # a track that never got louder: what was kept still plays
+            self.buffer.push(self._held)
+            self._held = np.zeros(0, dtype=np.int16)
         self.eos = True
 
     def drop_pending(self) -> None:

@@ -246,10 +246,38 @@ class InterruptionConfig:
     """Barge-in.  ``strategy`` defaults to ``both`` (the original requires it inside the block)."""
 
     strategy: str = _key("strategy", default="both", parse=_strategy)
+    #: voice this long over the bot pauses it (call/barge_in.py; the original read but never used it)
     min_speech_ms: Optional[int] = _key("minSpeechMs")
     filler_word_filter: bool = _key("fillerWordFilter", default=False)
     volume_fade_ms: Optional[int] = _key("volumeFadeMs")
     ignore_first_ms: int = _key("ignoreFirstMs", default=800)
+    # ✱ pause, then decide (docs/playbooks.md, "Interruption")
+    pause_on_voice: bool = _key("pauseOnVoice", default=True)
+    false_interruption_ms: Optional[int] = _key("falseInterruptionMs", "resumeAfterMs")
+    min_words: int = _key("minWords", default=1)
+    backchannel: bool = _key("backchannel", default=False)
+    echo_cancel: bool = _key("echoCancel", default=True)
+
+    def policy(self):
+        """The call layer's ``InterruptionPolicy`` for these settings."""
+        from activecall.call.barge_in import InterruptionPolicy
+
+        values = {"strategy": self.strategy, "pause_on_voice": self.pause_on_voice,
+                  "filler_word_filter": self.filler_word_filter, "ignore_first_ms": self.ignore_first_ms,
+                  "min_words": self.min_words, "backchannel": self.backchannel, "echo_cancel": self.echo_cancel}
+        for name in ("min_speech_ms", "volume_fade_ms", "false_interruption_ms"):
+            if getattr(self, name) is not None:
+                values[name] = max(0, int(getattr(self, name)))
+        return InterruptionPolicy(**values)
+
+
+@dataclass(frozen=True)
+class WaitFillerConfig:
+    """✱ Something short to say when the reply is slow to come (docs/playbooks.md, "Wait filler")."""
+
+    after_ms: int = _key("afterMs", default=700)
+    phrases: tuple[str, ...] = _key("phrases", default=("One moment.",))
+    enabled: bool = _key("enabled", default=True)
 
 
 @dataclass(frozen=True)
@@ -366,6 +394,27 @@ def _header_map(value, path, ctx):
 
 
 @dataclass(frozen=True)
+class AmdConfig:
+    """``amd``: answering-machine detection on outbound calls (call/amd.py has the timers' meaning).
+
+    ``voicemail``: what to say after the beep when a machine answers (then hang up); without it a
+    machine (or a fax) is hung up on with reason ``answerMachine``."""
+
+    voicemail: Optional[str] = _key("voicemail")
+    initialSilence: Optional[int] = _key("initialSilence")
+    greeting: Optional[int] = _key("greeting")
+    afterGreetingSilence: Optional[int] = _key("afterGreetingSilence")
+    totalAnalysisTime: Optional[int] = _key("totalAnalysisTime")
+    maximumWords: Optional[int] = _key("maximumWords")
+    silenceThreshold: Optional[int] = _key("silenceThreshold")
+    beepTimeout: Optional[int] = _key("beepTimeout")
+
+    def timers(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "voicemail" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
 class SipConfig:
     """snake_case inside, as in the original; camelCase is accepted too."""
 
@@ -378,6 +427,10 @@ class SipConfig:
     extract_headers: Optional[tuple[str, ...]] = _key("extract_headers", parse=_header_list)
     #: header name -> regex the value must match (documented ``{name, pattern}`` form).
     extract_patterns: Mapping[str, str] = field(default_factory=_frozen_map)
+    #: what the playbook answers a REFER from the far end (``transferRequest``): accept or refuse; unset:
+    #: the WebSocket client decides when there is one, else refuse
+    transfer_requests: Optional[str] = _key("transfer_requests", "transferRequests", default=None,
+                                  parse=lambda v, path, ctx: _transfer_policy(v, path, ctx))
 
     @classmethod
     def __post_load__(cls, values: dict, path: str, ctx) -> dict:
@@ -386,6 +439,13 @@ class SipConfig:
             values["extract_headers"], patterns = values["extract_headers"]
             values["extract_patterns"] = _frozen_map(patterns)
         return values
+
+
+def _transfer_policy(value, path, ctx):
+    value = ctx.convert(str, value, path).lower()
+    if value not in ("accept", "refuse"):
+        raise ctx.error(path, f"must be accept or refuse, not {value!r}")
+    return value
 
 
 def _dtmf_map(value, path, ctx):
@@ -444,12 +504,14 @@ class FrontMatter:
     eou: Optional[EouConfig] = _key("eou")
     greeting: Optional[str] = _key("greeting")
     interruption: InterruptionConfig = _key("interruption", default_factory=InterruptionConfig)
+    wait_filler: Optional[WaitFillerConfig] = _key("waitFiller")
     dtmf: Mapping[str, DtmfAction] = _key("dtmf", default_factory=_frozen_map, parse=_dtmf_map)
     dtmf_collectors: Mapping[str, CollectorConfig] = _key("dtmfCollectors", default_factory=_frozen_map, parse=_collectors)
     realtime: Optional[RealtimeConfig] = _key("realtime")
     posthook: Optional[PosthookConfig] = _key("posthook")
     follow_up: Optional[FollowUpConfig] = _key("followUp", "followup")
     sip: SipConfig = _key("sip", default_factory=SipConfig)
+    amd: Optional[AmdConfig] = _key("amd")
 
 
 

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.call.barge_in import takes_the_turn
 from activecall.playbook import prompts, tags
 from activecall.playbook.strategy import ITurnStrategy
 from activecall.playbook.templates import set_var
@@ -36,6 +37,9 @@ MAX_TOOL_ROUNDS = 3
 REPAIR_MAX_CHARS = 15
 #: rolling summary keeps this many recent messages
 SUMMARY_KEEP = 6
+#: a reply's first clause of at least this many characters goes to the TTS on its own (tags.ReplyParser):
+#: the caller hears "Sure, Alice," while the rest is synthesised (docs/playbooks.md, "Replies")
+FIRST_CLAUSE_CHARS = 12
 
 #: what ``_ask`` gives when the model did not answer (cancelled, or failed and handled)
 _NO_ANSWER = object()
@@ -73,7 +77,7 @@ class Reply:
 
     number: int
     play_id: str
-    parser: tags.ReplyParser = field(default_factory=tags.ReplyParser)
+    parser: tags.ReplyParser = field(default_factory=lambda: tags.ReplyParser(first_clause_chars=FIRST_CLAUSE_CHARS))
     started_ms: int = 0
     first_delta_ms: Optional[int] = None
     spoken: list = field(default_factory=list)  # sentences sent to the TTS
@@ -98,6 +102,9 @@ class LlmTurns:
         self.summary: Optional[str] = None  # rolling summary, kept across scene switches
         self.preemptive: Optional[Preemptive] = None  # a reply started on a stable partial
         self._stable = None  # DelayedCall: the partial has not changed for ``preemptive_stable_ms``
+        self._filler = None  # DelayedCall: the reply is slow, say the wait filler
+        self._filler_last = False  # the bot's last words were a filler (never two in a row)
+        self._filler_index = 0
 
     # -- what the runner asks -------------------------------------------------------------------------
 
@@ -145,8 +152,13 @@ class LlmTurns:
         text = (event.text or "").strip()
         if not text or runner.hanging_up:
             return
-        if (runner.config.interruption.filler_word_filter and runner.is_speaking
+        interruption = runner.config.interruption
+        if (interruption.filler_word_filter and runner.is_speaking
                 and (event.isFiller or tags.is_filler(text, runner.fillers))):
+            return
+        if runner.is_speaking and interruption.strategy in ("both", "asr") \
+                and not takes_the_turn(interruption.policy(), text, runner.fillers):
+            # a backchannel ("uh-huh") or fewer than minWords: the bot goes on (call/barge_in.py resumes it)
             return
         runner.last_final_ms = runner.now()
         runner.last_interaction_ms = runner.now()
@@ -168,8 +180,12 @@ class LlmTurns:
         strategy = interruption.strategy
         if isinstance(event, ev.Speaking) and strategy not in ("both", "vad"):
             return
+        if isinstance(event, ev.Speaking) and strategy == "both" and interruption.pause_on_voice:
+            return  # voice alone paused the bot (call/barge_in.py); words decide
         if isinstance(event, ev.AsrDelta):
             if strategy not in ("both", "asr") or not (event.text or "").strip():
+                return
+            if not takes_the_turn(interruption.policy(), event.text, runner.fillers):
                 return
         if not runner.is_speaking or runner.hanging_up:
             return
@@ -200,6 +216,7 @@ class LlmTurns:
         d.addErrback(lambda f: log.failure("call {id}: LLM turn failed", f, id=runner.session.id))
 
     def cancel(self, keep_partial: bool) -> None:
+        self._cancel_filler()
         reply, self.reply = self.reply, None
         if reply is None or reply.done:
             return
@@ -302,9 +319,40 @@ class LlmTurns:
 
     # -- one reply --------------------------------------------------------------------------------------
 
+    # -- wait filler (docs/playbooks.md, "Wait filler") ---------------------------------------------------
+
+    def _arm_filler(self, reply: Reply) -> None:
+        config = self.runner.config.wait_filler
+        self._cancel_filler()
+        if config is None or not config.enabled or not config.phrases or self._filler_last:
+            return
+        self._filler = self.runner.clock.callLater(config.after_ms / 1000.0, self._say_filler, reply)
+
+    def _cancel_filler(self) -> None:
+        if self._filler is not None and self._filler.active():
+            self._filler.cancel()
+        self._filler = None
+
+    def _say_filler(self, reply: Reply) -> None:
+        """The tool call or the model's first token is late: a short filler, on the reply's playId (its
+        sentences follow on the same track); not kept in the history."""
+        self._filler = None
+        runner = self.runner
+        if (reply is not self.reply or reply.cancelled or reply.first_delta_ms is not None or runner.stopped
+                or runner.hanging_up or self._filler_last):
+            return
+        phrases = runner.config.wait_filler.phrases
+        text = runner.render(phrases[self._filler_index % len(phrases)])
+        self._filler_index += 1
+        self._filler_last = True
+        reply.spoke_on_play_id = True
+        runner.metrics("wait_filler", runner.now() - reply.started_ms, {"playId": reply.play_id, "text": text})
+        runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True))
+
     @defer.inlineCallbacks
     def _run(self, reply: Reply, preempted: Optional[Preemptive] = None):
         runner = self.runner
+        self._arm_filler(reply)
         if preempted is None:
             settled = runner.tools.settled()
             if settled is not None:  # an <http> result belongs in the context of the next turn
@@ -366,6 +414,7 @@ class LlmTurns:
             return
         if reply.first_delta_ms is None:
             reply.first_delta_ms = self.runner.now()
+            self._cancel_filler()
         self._apply(reply, reply.parser.feed(delta))
 
     def _apply(self, reply: Reply, events) -> None:
@@ -379,6 +428,8 @@ class LlmTurns:
                 reply.hangup = True  # acted on at the end of the reply, so a later set_var still counts
             elif isinstance(event, tags.Refer):
                 runner.refer(event.to, reply)
+            elif isinstance(event, tags.WarmTransfer):
+                runner.warm_transfer(event.to, event.summary, event.moh)
             elif isinstance(event, tags.Play):
                 self._play_in_reply(reply, event.file)
             elif isinstance(event, tags.Goto):
@@ -393,6 +444,7 @@ class LlmTurns:
                                        reply_spoke=bool(reply.spoken))
 
     def _say(self, reply: Reply, text: str) -> None:
+        self._filler_last = False
         reply.spoken.append(text)
         reply.spoke_on_play_id = True
         self.runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True,
@@ -427,6 +479,9 @@ class LlmTurns:
         reply.done = True
         if reply is self.reply:
             self.reply = None
+            self._cancel_filler()
+        if text.strip():
+            self._filler_last = False
         if reply.hangup:
             runner.hanging_up = True
             runner.refresh_hangup_headers()

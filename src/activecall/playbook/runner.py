@@ -130,6 +130,10 @@ class PlaybookRunner:
         for key, value in (self.config.extra or {}).items():
             self.variables.setdefault(key, value)
         self.strategy.attach()
+        controller = getattr(self.session, "barge_in", None)
+        if controller is not None and self.strategy.name == "llm":
+            # pause on the caller's voice here (fast, acoustic); the strategy decides on words
+            controller.configure(self.config.interruption.policy(), decides=False, fillers=self.fillers)
         if self.session.state is CallState.ANSWERED:
             self.start()
         return self
@@ -149,6 +153,9 @@ class PlaybookRunner:
         if self.stopped:
             return
         self.stopped = True
+        timer = getattr(self, "_voicemail_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
         self.strategy.stop()
         self.collector.end()
         self._outbox.clear()
@@ -167,10 +174,19 @@ class PlaybookRunner:
             self.strategy.observe(event)
         if isinstance(event, ev.Answer):
             if event.trackId == self.session.id:
+                detector = self.session.amd
+                if detector is not None and detector.verdict is None:
+                    return  # answering-machine detection first: the verdict starts (or replaces) the dialogue
                 self.start()
+            return
+        if isinstance(event, ev.AnswerMachineDetection):
+            self._amd_verdict(event)
             return
         if isinstance(event, ev.Hangup):
             self._stop()
+            return
+        if isinstance(event, ev.TransferRequest):
+            self._transfer_requested(event)
             return
         if not self.started:
             return
@@ -184,6 +200,8 @@ class PlaybookRunner:
             self._on_dtmf(event.digit)
         elif self.collection is not None and not self.collection.config.interruptible:
             return  # collecting: speech is not for us (docs/playbooks.md, collectors)
+        elif self.transferring:
+            return  # on hold, consulting or bridged to a human: the caller is not talking to us
         elif isinstance(event, ev.AsrFinal):
             self.strategy.caller_said(event)
         elif isinstance(event, (ev.AsrDelta, ev.Speaking)):
@@ -193,6 +211,77 @@ class PlaybookRunner:
             self._on_silence()
         # ev.Eou starts no turn here (the original started one with no user message, then another on
         # the asrFinal): a completed turn finalises the recogniser, and that asrFinal starts the turn
+
+    def _amd_verdict(self, event: ev.AnswerMachineDetection) -> None:
+        """human / unknown: the dialogue starts; machine: wait for the beep and leave ``amd.voicemail``
+        (or hang up without one); fax: hang up."""
+        config = self.playbook.config.amd
+        self.variables["amd"] = event.result if event.result != "beep" else "machine"
+        if event.result in ("human", "unknown"):
+            self.start()
+        elif event.result == "fax" or (event.result == "machine" and (config is None or not config.voicemail)):
+            if not self.started or event.result == "fax":
+                self.end_call("answerMachine")
+        elif event.result == "machine":
+            if self.started:
+                return  # the dialogue had begun (amd set by the client, not the playbook): leave it be
+            self._voicemail_due = True
+            timeout = (self.session.amd.s.beepTimeout if self.session.amd is not None else 30000) / 1000
+            self._voicemail_timer = self.session.clock.callLater(timeout, self._leave_voicemail)
+        elif event.result == "beep" and getattr(self, "_voicemail_due", False):
+            self._leave_voicemail()
+
+    def _leave_voicemail(self) -> None:
+        """After the beep (or when none came in time): say ``amd.voicemail`` and hang up."""
+        if not getattr(self, "_voicemail_due", False) or self.stopped:
+            return
+        self._voicemail_due = False
+        timer = getattr(self, "_voicemail_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        text = self.render(self.playbook.config.amd.voicemail)
+        log.info("call {id}: leaving the voicemail message", id=self.session.id)
+        self.dispatch(cmd.Tts(text=text, playId="voicemail", autoHangup=True, endOfStream=True))
+
+    @property
+    def transferring(self) -> bool:
+        """A warm transfer holds the call, or the call is bridged to another one."""
+        wt = self.session.warm_transfer
+        return self.session.bridge is not None or (wt is not None and wt.state in ("dialing", "consulting"))
+
+    def warm_transfer(self, target: str, summary: Optional[str] = None, moh: Optional[str] = None) -> None:
+        """``<warm_transfer>``: hold the caller, brief the human, connect; on failure the dialogue resumes
+        with a system note saying so."""
+        from activecall.call.warm_transfer import start_warm_transfer
+
+        self.strategy.cancel(keep_partial=True)
+        self.flush_queue()
+        command = cmd.WarmTransfer(callee=self.render(target), summary=self.render(summary) if summary else None,
+                                   moh=moh)
+
+        def done(outcome, code):
+            self.variables["transfer_result"] = outcome
+            if outcome == "failed" and not self.stopped and self.session.state.value == "answered":
+                self.history.append({"role": "system", "content":
+                                     f"The transfer to {command.callee} did not happen (SIP {code}). "
+                                     "Tell the caller and offer to help otherwise."})
+                self.start_turn()
+
+        start_warm_transfer(self.session, command, on_done=done)
+
+    def _transfer_requested(self, event: ev.TransferRequest) -> None:
+        """A REFER from the far end: the front matter's ``sip.transfer_requests`` answers it."""
+        policy = self.playbook.config.sip.transfer_requests
+        self.variables["transfer_to"] = event.referTo
+        if policy is None and getattr(self.session.connector, "protocol", None) is not None:
+            return  # a /call/sip client is attached: it answers (acceptTransfer / rejectTransfer)
+        policy = policy or "refuse"
+        log.info("call {id}: the far end asks for a transfer to {to}; {policy}", id=self.session.id,
+                 to=event.referTo, policy=policy)
+        if policy == "accept":
+            self.session.handle(cmd.AcceptTransfer())
+        else:
+            self.session.handle(cmd.RejectTransfer(code=603))
 
     def _track_ended(self, event: ev.TrackEnd) -> None:
         self.is_speaking = False

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from activecall.call.handlers import (
     PlaybookFile, PlaybookNameError, resolve_configured_playbook, resolve_playbook)
 from activecall.call.session import CallState
-from activecall.playbook import tags
+from activecall.playbook import front_matter_keys, tags
 from activecall.playbook.parser import Playbook, PlaybookError, load_playbook, parse_playbook
 from activecall.playbook.runner import PlaybookRunner
 from activecall.protocol import commands as cmd
@@ -55,6 +55,8 @@ def playbook_call_option(playbook: Playbook) -> cmd.CallOption:
         data["denoise"] = config.denoise
     if config.extra:
         data["extra"] = dict(config.extra)
+    if config.amd is not None:
+        data["amd"] = config.amd.timers() or True
     return cmd.CallOption.from_dict(data)
 
 
@@ -143,6 +145,9 @@ def start_playbook(session, playbook_or_name, *, extras: Optional[dict] = None, 
         return None
     if extras:
         session.extras.update(extras)
+    for key, reason in front_matter_keys.refusals(playbook.config):
+        # no silent keys: the playbook's author learns which settings did nothing
+        session.error("playbook", f"front matter key '{key}' is not supported: {reason}; ignored", code=501)
     if session.state is not CallState.ANSWERED:
         option = playbook_call_option(playbook)
         session.option = session.option.merged_over(option) if session.option is not None else option

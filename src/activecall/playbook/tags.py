@@ -2,7 +2,8 @@
 
 ``ReplyParser.feed(delta)`` returns the events that became certain with that delta; ``finish()`` returns
 the rest.  Sentences end at ``. ! ?`` followed by white space, at ``。！？`` and at a newline; a sentence
-shorter than ``min_sentence_chars`` waits to be joined with the next one.  Tags may be split across deltas
+shorter than ``min_sentence_chars`` waits to be joined with the next one; with ``first_clause_chars`` the
+reply's first sentence also ends at its first clause boundary, so speech starts sooner.  Tags may be split across deltas
 and never reach the TTS: text before a tag is flushed first, then the tag's event.  Any ``<name …>`` markup
 is taken out of the spoken text; a malformed or unknown tag is logged and dropped, never spoken.
 
@@ -27,6 +28,8 @@ _ATTRIBUTE = re.compile(r"([A-Za-z_][\w-]*)\s*=\s*(?:\"([^\"]*)\"|'([^']*)')")
 _NAME = re.compile(r"/?\s*([A-Za-z_][\w-]*)")
 _ASCII_ENDS = ".!?"
 _HARD_ENDS = "。！？\n"
+_ASCII_CLAUSE_ENDS = ",;:"
+_CLAUSE_ENDS = ",;:，、；："
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_HTTP_TIMEOUT = 10.0
 
@@ -47,6 +50,15 @@ class Hangup:
 @dataclass(frozen=True)
 class Refer:
     to: str
+
+
+@dataclass(frozen=True)
+class WarmTransfer:
+    """``<warm_transfer to="sip:…" summary="…" moh="hold.wav"/>``: hold, consult, then connect."""
+
+    to: str
+    summary: Optional[str] = None
+    moh: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,7 @@ class Collect:
     prompt: Optional[str] = None
 
 
-TagEvent = Union[Hangup, Refer, Play, Goto, SetVar, Http, Collect]
+TagEvent = Union[Hangup, Refer, Play, Goto, SetVar, Http, Collect, WarmTransfer]
 
 
 class MalformedTag(ValueError):
@@ -131,6 +143,7 @@ _BUILDERS = {
     "set_var": lambda a: SetVar(_required(a, "key"), a["value"] if "value" in a else _required(a, "value")),
     "http": _http,
     "collect": lambda a: Collect(_required(a, "type"), _required(a, "var"), a.get("prompt") or None),
+    "warm_transfer": lambda a: WarmTransfer(_required(a, "to"), a.get("summary") or None, a.get("moh") or None),
 }
 TAG_NAMES = tuple(_BUILDERS)
 
@@ -172,12 +185,16 @@ class ReplyParser:
     """Incremental parser for one LLM reply."""
 
     min_sentence_chars: int = 3
+    #: > 0: the reply's first sentence is cut at its first clause (``, ; :`` then a space, or ``，、；：``)
+    #: once that clause has this many characters, so the TTS starts on a shorter text (0: off)
+    first_clause_chars: int = 0
     max_tag_chars: int = 4096
     raw: str = ""
     mode: Optional[str] = None  # None until the first non-blank character, then "xml" or "json"
     _buf: str = ""
     _pending: str = ""
     _finished: bool = field(default=False, repr=False)
+    _spoke: bool = field(default=False, repr=False)  # a Sentence was emitted
 
     def feed(self, delta: str) -> list:
         """Events made certain by ``delta``."""
@@ -214,7 +231,10 @@ class ReplyParser:
             self._pending = combined
             return []
         self._pending = ""
-        return [Sentence(combined.strip())] if combined.strip() else []
+        if not combined.strip():
+            return []
+        self._spoke = True
+        return [Sentence(combined.strip())]
 
     def _scan(self, final: bool) -> list:
         events: list = []
@@ -239,6 +259,15 @@ class ReplyParser:
                 buf, pos = buf[end:], 0
             elif ch in _ASCII_ENDS and pos + 1 == len(buf) and not final:
                 break  # is it "3.5" or "end. Next"? wait for the next character
+            elif ch in _CLAUSE_ENDS and self.first_clause_chars and not self._spoke:
+                if ch in _ASCII_CLAUSE_ENDS and pos + 1 == len(buf) and not final:
+                    break  # "1,000" or "yes, and"? wait for the next character
+                if (ch not in _ASCII_CLAUSE_ENDS or (pos + 1 < len(buf) and buf[pos + 1].isspace())) and \
+                        len((self._pending + buf[:pos]).strip()) + 1 >= self.first_clause_chars:
+                    events += self._sentence(buf[: pos + 1], force=True)
+                    buf, pos = buf[pos + 1:], 0
+                else:
+                    pos += 1
             else:
                 pos += 1
         self._buf = buf

@@ -175,6 +175,24 @@ class AmbianceOption(_Option):
 
 
 @_option
+class InterruptionOption(_Option):
+    """✱ Server-side barge-in for a ``/call`` client (docs/api.md, "Barge-in"); a playbook's
+    ``interruption`` block has the same keys."""
+
+    strategy: Optional[str] = None
+    pauseOnVoice: Optional[bool] = None
+    minSpeechMs: Optional[int] = _checked(_non_negative, default=None)
+    falseInterruptionMs: Optional[int] = _checked(_non_negative, default=None)
+    minWords: Optional[int] = _checked(_non_negative, default=None)
+    backchannel: Optional[bool] = None
+    fillerWordFilter: Optional[bool] = None
+    volumeFadeMs: Optional[int] = _checked(_non_negative, default=None)
+    ignoreFirstMs: Optional[int] = _checked(_non_negative, default=None)
+    echoCancel: Optional[bool] = None
+    other_keys: Optional[dict] = _others()
+
+
+@_option
 class EouOption(_Option):
     ALIASES: ClassVar[dict] = {"apiKey": "secretKey"}
     type: Optional[str] = None
@@ -228,8 +246,11 @@ class CallOption(_Option):
     extra: Optional[dict[str, Any]] = None
     ambiance: Optional[AmbianceOption] = None
     eou: Optional[EouOption] = None
+    interruption: Optional[InterruptionOption] = None  # ✱ server-side barge-in
     realtime: Optional[RealtimeOption] = None
     subscribe: Optional[bool] = None
+    #: answering-machine detection on an outbound call: true, or the timers (call/amd.py)
+    amd: Optional[Union[bool, dict[str, Any]]] = None
     other_keys: Optional[dict] = _others()
 
     @property
@@ -237,7 +258,7 @@ class CallOption(_Option):
         return self.offer if self.offer is not None else self.sdp
 
     #: what a later invite/accept inherits from an earlier option when it leaves them out
-    INHERITED: ClassVar[tuple] = ("asr", "tts", "vad", "denoise", "recorder", "eou", "extra", "ambiance")
+    INHERITED: ClassVar[tuple] = ("asr", "tts", "vad", "denoise", "recorder", "eou", "extra", "ambiance", "amd")
 
     def merged_over(self, earlier: Optional["CallOption"]) -> "CallOption":
         """This option, taking INHERITED fields it leaves out from ``earlier`` (e.g. a playbook's)."""
@@ -363,6 +384,18 @@ class Resume(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PauseRecording(Command):
+    """✱ Stop recording words (card numbers): the recording goes on as silence until ``resumeRecording``."""
+
+    TAG: ClassVar[str] = "pauseRecording"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeRecording(Command):
+    TAG: ClassVar[str] = "resumeRecording"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Hangup(Command):
     TAG: ClassVar[str] = "hangup"
     reason: Optional[str] = None
@@ -417,11 +450,71 @@ class SendDtmf(Command):
     DEFAULT_INTERVAL: ClassVar[int] = 50
 
 
+@dataclass(frozen=True, kw_only=True)
+class AcceptTransfer(Command):
+    """Carry out the far end's REFER (the last ``transferRequest``)."""
+
+    TAG: ClassVar[str] = "acceptTransfer"
+    headers: Optional[dict[str, str]] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectTransfer(Command):
+    """Refuse the far end's REFER (603 unless ``code`` says otherwise)."""
+
+    TAG: ClassVar[str] = "rejectTransfer"
+    code: Optional[int] = _checked(_sip_code, default=None)
+    reason: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bridge(Command):
+    """Connect this call's audio both ways with the live call ``target`` (its session id)."""
+
+    TAG: ClassVar[str] = "bridge"
+    target: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmTransfer(Command):
+    """Hold the caller (``moh``), call ``callee``, say ``summary`` to them only, then bridge the two
+    (call/warm_transfer.py); ``timeout`` seconds to answer (30)."""
+
+    TAG: ClassVar[str] = "warmTransfer"
+    callee: str
+    caller: Optional[str] = None
+    summary: Optional[str] = None
+    moh: Optional[str] = None
+    timeout: Optional[int] = _checked(_non_negative, default=None)
+    sip: Optional[SipOption] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unbridge(Command):
+    """Part this call from the call it is bridged to."""
+
+    TAG: ClassVar[str] = "unbridge"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendMessage(Command):
+    """✱ A SIP MESSAGE (RFC 3428) in the call's dialog: ``body`` as text, ``contentType`` default
+    ``text/plain;charset=UTF-8``, extra ``headers``."""
+
+    TAG: ClassVar[str] = "sendMessage"
+    body: str
+    contentType: Optional[str] = None
+    headers: Optional[dict[str, str]] = None
+
+    DEFAULT_CONTENT_TYPE: ClassVar[str] = "text/plain;charset=UTF-8"
+
+
 #: ``command`` tag -> class
 COMMANDS: dict[str, type] = {
     cls.TAG: cls
     for cls in (Invite, Accept, Reject, Ringing, Tts, Play, Interrupt, Pause, Resume, Hangup, Refer,
-                Mute, Unmute, History, SendDtmf)
+                Mute, Unmute, History, SendDtmf, PauseRecording, ResumeRecording, SendMessage,
+                AcceptTransfer, RejectTransfer, Bridge, Unbridge, WarmTransfer)
 }
 #: other names accepted for a command
 COMMAND_ALIASES = {"start": "invite"}

@@ -184,6 +184,7 @@ class HangupReason(str, enum.Enum):
     REJECTED = "rejected"
     FAILED = "failed"
     SERVER_UNAVAILABLE = "serverUnavailable"
+    ANSWER_MACHINE = "answerMachine"  # amd: a machine (without a voicemail to leave) or a fax answered
 
 
 _REASON_WORDS = {r.value.lower(): r for r in HangupReason}
@@ -447,6 +448,17 @@ class Interrupt(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Message(Event):
+    """✱ A SIP MESSAGE (RFC 3428) the other party sent in the call's dialog; ``body`` as UTF-8 text."""
+
+    TAG: ClassVar[str] = "message"
+    trackId: str
+    timestamp: int
+    body: str
+    contentType: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class End(Event):
     """The last event of every call: the configuration guide's listeners wait for it."""
 
@@ -456,13 +468,51 @@ class End(Event):
     reason: Optional[str] = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class TransferRequest(Event):
+    """The far end sent a SIP REFER (RFC 3515): answer with ``acceptTransfer`` or ``rejectTransfer``."""
+
+    TAG: ClassVar[str] = "transferRequest"
+    trackId: str
+    timestamp: int
+    referTo: str
+    referredBy: Optional[str] = None
+    replaces: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnswerMachineDetection(Event):
+    """The ``amd`` verdict on an outbound call (the original's event, with ``result`` added)."""
+
+    TAG: ClassVar[str] = "answerMachineDetection"
+    trackId: str
+    timestamp: int
+    startTime: int
+    endTime: int
+    text: str = ""
+    result: str = ""
+    beep: Optional[bool] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bridged(Event):
+    """This call's audio is now connected to (``peer`` set) or parted from (``active`` false) another call."""
+
+    TAG: ClassVar[str] = "bridged"
+    trackId: str
+    timestamp: int
+    peer: str
+    active: bool = True
+
+
 #: ``event`` tag -> class
 EVENTS: dict[str, type] = {
     cls.TAG: cls
     for cls in (
         Answer, Reject, Ringing, Hangup, TrackStart, TrackEnd, Interruption, Speaking, Silence,
         AsrDelta, AsrFinal, Transcript, Eou, Dtmf, Hold, Inactivity, Metrics, Error, AddHistory,
-        FunctionCall, Interrupt, End,
+        FunctionCall, Interrupt, Message, End,
+        TransferRequest, AnswerMachineDetection, Bridged,
     )
 }
 

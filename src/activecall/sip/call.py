@@ -26,6 +26,7 @@ from activecall.sip.call_events import (
     CallStateError,
     Ended,
     HoldChanged,
+    MessageReceived,
     SdpUpdated,
     TransferProgress,
     TransferRequested,
@@ -45,6 +46,7 @@ from activecall.sip.message import (
     parse_uri,
     quote,
 )
+from activecall.sip.policy import apply_trunk_rules
 from activecall.sip.sdp_offer import SDP, mirror_direction, sdp_direction, with_direction
 from activecall.sip.server_transaction import InviteServerTransaction, ServerTransaction
 from activecall.sip.transaction_base import TransactionTimeout, TransportError
@@ -168,6 +170,8 @@ class SipCall:
             return defer.fail(CallStateError(f"{method}: no dialog yet"))
         request = self.dialog.create_request(method, headers=list(self.ua.common_headers()) + list(headers),
                                              body=body, content_type=content_type)
+        if method == "REFER":
+            apply_trunk_rules(request, getattr(self.ua.config, "trunk_rules", ()))
         return self._send_in_dialog(request)
 
     def _send_in_dialog(self, request: Request, retried: bool = False) -> defer.Deferred:
@@ -206,6 +210,21 @@ class SipCall:
 
         d.addCallbacks(answered, failed)
         return done
+
+    def send_message(self, body: bytes, content_type: str = "text/plain;charset=UTF-8",
+                     headers: Iterable[tuple[str, str]] = ()) -> defer.Deferred:
+        """An in-dialog MESSAGE (RFC 3428); fires with the final response, fails with ``CallFailed`` on
+        a non-2xx answer."""
+        if self.state != "confirmed":
+            return defer.fail(CallStateError(f"MESSAGE in state {self.state}"))
+        d = self.send_request("MESSAGE", headers=headers, body=body, content_type=content_type)
+
+        def answered(response):
+            if not 200 <= response.status < 300:
+                raise CallFailed(response.status, response.reason)
+            return response
+
+        return d.addCallback(answered)
 
     def send_dtmf_info(self, digit: str, duration: int = 160) -> defer.Deferred:
         """DTMF as SIP INFO (application/dtmf-relay)."""
@@ -371,7 +390,8 @@ class SipCall:
         elif method == "PRACK":
             self._prack(request, txn)
         elif method == "MESSAGE":
-            self.ua.respond(txn, 200)
+            self.ua.respond(txn, 200)  # RFC 3428 §7: the 200 says it was delivered to the call
+            self._emit(MessageReceived(request.body or b"", request.headers.get("Content-Type") or "text/plain"))
         else:
             self.ua.respond(txn, 501)
 
@@ -464,7 +484,7 @@ class SipCall:
             return
         refer = IncomingRefer(self, request, txn)
         self._emit(TransferRequested(refer))
-        if not refer.decided:
+        if not refer.decided and not refer.waiting:
             refer.decline()  # nobody took it: a transfer we will not carry out is declined
 
     def _notify(self, request: Request, txn: ServerTransaction) -> None:
@@ -523,20 +543,48 @@ def _as_call_failed(failure: Failure):
 class IncomingRefer:
     """A REFER the peer sent: ``accept()`` (202 + NOTIFY 100) or ``decline(code)``.
 
-    After accepting, ``progress(status, reason)`` sends NOTIFY sipfrag updates;
-    a final status (>= 200) ends the implicit subscription.
+    A listener that decides later (it asks a client or a playbook) calls ``wait(timeout)`` while the
+    ``TransferRequested`` event is delivered; nobody deciding within ``timeout`` declines it (603).
+    Otherwise an undecided REFER is declined at once.  After accepting, ``progress(status, reason)``
+    sends NOTIFY sipfrag updates; a final status (>= 200) ends the implicit subscription.
+
+    ``target`` is the Refer-To URI without its header part; ``replaces`` is the unescaped
+    ``Replaces`` header carried in it (attended transfer, RFC 3891), ``referred_by`` the Referred-By value.
     """
 
+    #: how long a REFER may wait for a decision (below the referrer's 32 s transaction timeout)
+    DEFAULT_DECISION_TIMEOUT = 10.0
+
     def __init__(self, call: SipCall, request: Request, txn: ServerTransaction):
+        from urllib.parse import unquote
+
         self.call = call
         self.request = request
         self.txn = txn
         self.refer_to = parse_address(request.headers.get("Refer-To")).uri
-        referred = request.headers.get("Referred-By")
-        self.referred_by = referred
+        self.referred_by = request.headers.get("Referred-By")
+        headers = {k.lower(): unquote(v) for k, v in (self.refer_to.headers or {}).items()}
+        self.replaces: Optional[str] = headers.get("replaces")
+        self.target = str(self.refer_to.copy(headers={}))
         self.decided = False
         self.accepted = False
+        self.waiting = False
         self._finished = False
+        self._timer = None
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Keep the REFER unanswered for up to ``timeout`` seconds (the default when None) for a decision."""
+        if self.decided or self.waiting:
+            return
+        self.waiting = True
+        delay = self.DEFAULT_DECISION_TIMEOUT if timeout is None else timeout
+        self._timer = self.call.ua.reactor.callLater(delay, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if not self.decided:
+            log.info("nobody decided on the REFER to {target} in time; declining", target=self.target)
+            self.decline(603, "no decision on the transfer request")
 
     def accept(self) -> None:
         self._decide()
@@ -552,6 +600,14 @@ class IncomingRefer:
         if self.decided:
             raise CallStateError("the REFER was already answered")
         self.decided = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    @property
+    def finished(self) -> bool:
+        """True once a final NOTIFY was sent (or the REFER was declined)."""
+        return self._finished or (self.decided and not self.accepted)
 
     def progress(self, status: int, reason: Optional[str] = None) -> defer.Deferred:
         """NOTIFY the referrer with ``SIP/2.0 <status> <reason>``."""
@@ -559,6 +615,9 @@ class IncomingRefer:
 
         if not self.accepted or self._finished:
             return defer.fail(CallStateError("no active REFER subscription"))
+        if self.call.is_ended:
+            self._finished = True
+            return defer.fail(CallStateError("the REFER's dialog has ended"))
         final = status >= 200
         self._finished = final
         state = "terminated;reason=noresource" if final else "active;expires=60"

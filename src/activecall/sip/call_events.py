@@ -2,7 +2,8 @@
 ``CallStateError`` / ``CallFailed``, and the request bodies that become events (INFO DTMF, NOTIFY sipfrag).
 
 Events (frozen dataclasses): ``Provisional``, ``Established``, ``SdpUpdated``, ``HoldChanged``, ``Dtmf``,
-``TransferRequested``, ``TransferProgress``, ``ForkEnded``, ``Ended``.
+``TransferRequested``, ``TransferProgress``, ``ForkEnded``, ``Ended``, ``MessageReceived``; and
+``IncomingMessage``, an out-of-dialog MESSAGE for the user agent's ``message_handler``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,30 @@ class Dtmf:
 
 
 @dataclass(frozen=True)
+class MessageReceived:
+    """A SIP MESSAGE (RFC 3428) the peer sent in the call's dialog (answered 200 already)."""
+
+    body: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A SIP MESSAGE outside any dialog (RFC 3428 pager mode), for the user agent's ``message_handler``."""
+
+    from_uri: str
+    to_uri: str
+    call_id: str
+    body: bytes
+    content_type: str
+    headers: tuple = ()
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
 class TransferRequested:
     """The peer sent REFER: call ``refer.accept()`` or ``refer.decline()`` in the listener."""
 
@@ -88,7 +113,7 @@ class Ended:
 
 
 CallEvent = Union[Provisional, Established, SdpUpdated, HoldChanged, Dtmf, TransferRequested,
-                  TransferProgress, ForkEnded, Ended]
+                  TransferProgress, ForkEnded, Ended, MessageReceived]
 
 
 class CallStateError(Exception):

@@ -33,6 +33,51 @@ def apply_rewrites(uri: str, rewrites: Sequence) -> str:
     return uri
 
 
+def trunk_rule_for(request_uri: str, method: str, rules: Sequence):
+    """The first ``[[trunk_rules]]`` entry for ``method`` whose ``match`` is found in ``request_uri``,
+    with its match object; (None, None) when none is."""
+    for rule in rules:
+        if method not in rule.methods:
+            continue
+        try:
+            found = re.search(rule.match, request_uri)
+        except re.error:
+            continue
+        if found:
+            return rule, found
+    return None, None
+
+
+def apply_trunk_rules(request, rules: Sequence) -> bool:
+    """Rewrite ``request``'s From / To / Contact by the first matching ``[[trunk_rules]]`` entry
+    (tags kept).  True when a rule applied."""
+    from activecall.sip.message import Address, parse_address
+
+    rule, found = trunk_rule_for(str(request.uri), request.method, rules)
+    if rule is None:
+        return False
+
+    def address(template: str) -> Address:
+        return parse_address(found.expand(_python_template(template))).copy()
+
+    if rule.from_:
+        new = address(rule.from_)
+        tag = request.from_.params.get("tag")
+        if tag:
+            new.params["tag"] = tag
+        request.headers.set("From", str(new))
+    if rule.to:
+        new = address(rule.to)
+        tag = request.to.params.get("tag")
+        if tag:
+            new.params["tag"] = tag
+        request.headers.set("To", str(new))
+    if rule.contact:
+        request.headers.set("Contact", str(address(rule.contact)))
+    log.debug("trunk rule {match!r} applied to the {method}", match=rule.match, method=request.method)
+    return True
+
+
 def server_host(server: str) -> str:
     """``sip:pbx.example.com:5060;transport=udp`` -> ``pbx.example.com`` (lower case)."""
     rest = re.sub(r"^sips?:", "", server.strip(), flags=re.IGNORECASE).split(";", 1)[0]
@@ -54,5 +99,5 @@ def credentials_for(target: URI, register_users: Sequence):
 
 
 __all__ = [
-    "apply_rewrites", "server_host", "credentials_for",
+    "apply_rewrites", "apply_trunk_rules", "trunk_rule_for", "server_host", "credentials_for",
 ]

@@ -111,6 +111,8 @@ class Registration:
         self.digest = (DigestClient(self.auth_user, credential.password, credential.realm or None)
                        if credential is not None and credential.password else None)
         self.expires = account.expires
+        #: ``display_name``: the name in the REGISTER's From and To (how the PBX labels the extension)
+        self.display_name = getattr(account, "display_name", None) or None
         self.call_id = generate_call_id()
         self.from_tag = generate_tag()
         self.cseq = 0
@@ -206,7 +208,8 @@ class Registration:
             headers.insert(0, ("Contact", str(Address(unbind.uri, params={"expires": "0"}))))
         request = make_request(
             "REGISTER", self.uri.copy(), via=self.ua.transport.local_via(self._transport()),
-            from_=Address(aor, params={"tag": self.from_tag}), to=Address(aor.copy()), call_id=self.call_id,
+            from_=Address(aor, self.display_name, params={"tag": self.from_tag}),
+            to=Address(aor.copy(), self.display_name), call_id=self.call_id,
             cseq=self.cseq, contact=self._contact(), headers=headers,
         )
         return request
@@ -375,9 +378,14 @@ class RegistrationService(service.Service):
             self.registrations.append(registration)
             registration.start()
 
+    def unregister(self) -> defer.Deferred:
+        """Remove every binding (``Expires: 0``) and stop refreshing, the service still running: a
+        draining node tells its PBXs to send it no more calls.  Fires when done (bounded, never fails)."""
+        return defer.gatherResults([r.stop() for r in self.registrations]).addCallback(lambda _: None)
+
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        return defer.gatherResults([r.stop() for r in self.registrations]).addCallback(lambda _: None)
+        return self.unregister()
 
 
 __all__ = ["Registration", "RegistrationService", "registrar_uri", "account_key", "granted_expiry"]

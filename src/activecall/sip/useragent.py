@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from activecall.sip import session_timer
 from activecall.sip.auth import DigestClient
 from activecall.sip.call import ACCEPT, ALLOW, SUPPORTED, SipCall
+from activecall.sip.call_events import IncomingMessage
 from activecall.sip.dialog import Dialog, DialogId, DialogTable, response_dialog_id
 from activecall.sip.message import (
     BRANCH_MAGIC,
@@ -39,7 +40,7 @@ from activecall.sip.message import (
     parse_address,
     parse_uri,
 )
-from activecall.sip.policy import apply_rewrites, credentials_for
+from activecall.sip.policy import apply_rewrites, apply_trunk_rules, credentials_for
 from activecall.sip.sdp_offer import SDP
 from activecall.sip.server_transaction import InviteServerTransaction, ServerTransaction
 from activecall.sip.transaction import ExpiryQueue, TransactionLayer, TransactionUser
@@ -49,6 +50,8 @@ from activecall.sip.uas import InboundCall
 log = Logger(namespace="activecall.sip.useragent")  # one namespace for the user agent and its calls
 
 _ALLOWED = frozenset(m.strip() for m in ALLOW.split(","))
+#: what a 405 to an out-of-dialog MESSAGE lists (MESSAGE works only in a call's dialog then)
+ALLOW_OUTSIDE_DIALOG = ", ".join(m.strip() for m in ALLOW.split(",") if m.strip() != "MESSAGE")
 #: Request-URI schemes we serve; any other is answered 416 (RFC 3261 §8.2.2.1)
 URI_SCHEMES = ("sip", "sips", "tel")
 
@@ -162,6 +165,13 @@ class UserAgent(service.Service, TransactionUser):
         self.layer = layer or TransactionLayer(transport, self, reactor=reactor)
         self.layer.tu = self
         self.invite_handler = invite_handler or reject_without_handler
+        #: ``admit(request)`` -> None or a refusal (``activecall.admission.Refusal``: ``retry_after``,
+        #: ``text``) for a new INVITE (``"invite"``) or an out-of-dialog OPTIONS (``"options"``): a
+        #: draining, full or overloaded daemon answers both 503 before any call exists
+        self.admit: Callable[[str], Any] = lambda request: None
+        #: ``message_handler(IncomingMessage) -> status or Deferred[status]`` answers out-of-dialog MESSAGEs
+        #: (RFC 3428); None: 405, nobody here takes messages
+        self.message_handler: Optional[Callable[[IncomingMessage], object]] = None
         self.shutdown_timeout = shutdown_timeout
         self.dialogs = DialogTable()
         self._owners: dict[DialogId, SipCall] = {}
@@ -288,12 +298,44 @@ class UserAgent(service.Service, TransactionUser):
         if method == "INVITE":
             self._new_invite(request, txn)
         elif method == "OPTIONS":
-            # the original dropped these; PBXs use them as keep-alives
-            self.respond(txn, 200, headers=self.capabilities())
-        elif method in ("NOTIFY", "MESSAGE"):
+            # the original dropped these; PBXs use them as keep-alives, proxies (kamailio's
+            # dispatcher) as the probe that tells them whether to send this node calls
+            refusal = self.admit("options")
+            if refusal is not None:
+                self._refuse(txn, refusal)
+            else:
+                self.respond(txn, 200, headers=self.capabilities())
+        elif method == "NOTIFY":
             self.respond(txn, 200)  # e.g. Asterisk's out-of-dialog keep-alive NOTIFY
+        elif method == "MESSAGE":
+            self._message(request, txn)
         else:  # BYE, INFO, UPDATE, PRACK, REFER outside any dialog
             self.respond(txn, 481)
+
+    def _message(self, request: Request, txn: ServerTransaction) -> None:
+        """An out-of-dialog MESSAGE: ``message_handler`` decides the status (RFC 3428 §7: 200 delivered,
+        202 accepted for later); without one, 405 (the original answered 200 and dropped it)."""
+        handler = self.message_handler
+        if handler is None:
+            self.respond(txn, 405, "No Message Handler", headers=[("Allow", ALLOW_OUTSIDE_DIALOG)])
+            return
+        message = IncomingMessage(
+            from_uri=str(request.from_.uri), to_uri=str(request.to.uri), call_id=request.call_id,
+            body=request.body or b"", content_type=request.headers.get("Content-Type") or "text/plain",
+            headers=tuple(request.headers))
+        d = defer.maybeDeferred(handler, message)
+
+        def failed(failure):
+            log.failure("the MESSAGE handler failed", failure)
+            return 500
+
+        def answer(status):
+            status = int(status or 200)
+            headers = [("Allow", ALLOW_OUTSIDE_DIALOG)] if status == 405 else []
+            self.respond(txn, status, "No Message Handler" if status == 405 else None, headers=headers)
+
+        d.addErrback(failed)
+        d.addCallback(answer)
 
     def _in_dialog(self, request: Request, txn: ServerTransaction) -> None:
         dialog = self.dialogs.for_request(request)
@@ -327,6 +369,10 @@ class UserAgent(service.Service, TransactionUser):
         if refusal is not None:
             self.respond(txn, refusal[0], headers=refusal[1])
             return
+        refused = self.admit("invite")  # draining, full or overloaded: before any call state exists
+        if refused is not None:
+            self._refuse(txn, refused)
+            return
         try:
             terms = session_timer.negotiate_as_uas(request)
             call = InboundCall(self, request, txn)
@@ -352,6 +398,10 @@ class UserAgent(service.Service, TransactionUser):
         if isinstance(result, defer.Deferred):
             result.addErrback(lambda f: (log.failure("invite handler failed", f),
                                          self._handler_failed(call, f.value)))
+
+    def _refuse(self, txn: ServerTransaction, refusal) -> None:
+        """503 with ``Retry-After`` (RFC 3261 §21.5.4): a proxy tries the next node."""
+        self.respond(txn, 503, refusal.text, headers=[("Retry-After", str(refusal.retry_after))])
 
     def _handler_failed(self, call: InboundCall, error: Exception) -> None:
         if call.state in ("pending", "ringing"):
@@ -436,6 +486,7 @@ class UserAgent(service.Service, TransactionUser):
             headers=self.common_headers() + self.capabilities() + extra,
             body=sdp_offer, content_type=SDP if sdp_offer else None,
         )
+        apply_trunk_rules(invite, getattr(self.config, "trunk_rules", ()))
         call = OutboundCall(self, invite, target, digest)
         self.calls.append(call)
         return call.start()

@@ -155,7 +155,7 @@ class AsrOptions:
     """``asr`` options (CallOption ``asr``, docs/api.md).
 
     ``model`` (the guide's spelling, e.g. ``model: whisper-1``) and ``modelType`` (the original's) name
-    the same thing; ``model`` wins when both are given."""
+    the same thing; ``modelType`` wins when both are given."""
 
     provider: str = "pocketsphinx"
     language: Optional[str] = None
@@ -173,7 +173,8 @@ class AsrOptions:
         return cls(
             provider=_get(o, "provider", str, cls.provider, w) or cls.provider,
             language=_get(o, "language", str, None, w),
-            modelType=_get(o, "model", str, None, w) or _get(o, "modelType", str, None, w),
+            # ``model`` is the configuration guide's spelling (``asr: {provider: openai, model: whisper-1}``)
+            modelType=_get(o, "modelType", str, None, w) or _get(o, "model", str, None, w),
             secretKey=_get(o, "secretKey", str, None, w),
             appId=_get(o, "appId", str, None, w),
             secretId=_get(o, "secretId", str, None, w),
@@ -187,7 +188,7 @@ class TtsOptions:
     """``tts`` options (CallOption ``tts``, docs/api.md).
 
     ``voice`` (the guide's spelling, e.g. ``voice: alloy``) and ``speaker`` (the original's) name the same
-    thing; ``voice`` wins when both are given."""
+    thing; ``speaker`` wins when both are given."""
 
     provider: str = "flite"
     speaker: Optional[str] = None
@@ -206,7 +207,8 @@ class TtsOptions:
         w = "tts"
         result = cls(
             provider=_get(o, "provider", str, cls.provider, w) or cls.provider,
-            speaker=_get(o, "voice", str, None, w) or _get(o, "speaker", str, None, w),
+            # ``voice`` is the configuration guide's spelling (``tts: {provider: openai, voice: alloy}``)
+            speaker=_get(o, "speaker", str, None, w) or _get(o, "voice", str, None, w),
             speed=float(_get(o, "speed", (int, float), cls.speed, w)),
             volume=_get(o, "volume", int, cls.volume, w),
             model=_get(o, "model", str, None, w),

@@ -216,6 +216,24 @@ class CallRoutes(resource.Resource):
         return self.websocket.render(request)
 
 
+# -- drain ----------------------------------------------------------------------------------------------------
+
+
+class Drain(resource.Resource):
+    """``POST /api/drain``: take the node out of service the way SIGTERM does (docs/scale-out.md): new
+    calls are refused, live ones go on until they end (at most ``graceful_shutdown_timeout``), then the
+    daemon stops and exits 0.  Answers 202 with the node's state; again while draining, the same."""
+
+    isLeaf = True
+
+    def __init__(self, drain: Callable[[str], dict]):
+        super().__init__()
+        self.drain = drain
+
+    def render_POST(self, request):
+        return send_json(request, self.drain("POST /api/drain"), 202)
+
+
 # -- ICE servers -------------------------------------------------------------------------------------------
 
 

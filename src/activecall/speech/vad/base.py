@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from twisted.internet import defer
@@ -31,6 +31,9 @@ class WindowedVad:
         self.options = options
         self.on_event = on_event
         self.segmenter = Segmenter(options)
+        #: told ``(start_ms, length_ms, probability, threshold)`` for every classified window (the
+        #: barge-in controller's fast voice onset, call/barge_in.py)
+        self.on_window: Optional[Callable[[int, int, float, float], None]] = None
         self._pending = np.zeros(0, dtype=np.int16)
         self._next_window = 0  # index of the next window to cut (stream time = index * window)
         self._delivered = 0  # windows classified so far
@@ -65,6 +68,11 @@ class WindowedVad:
         for i, p in enumerate(probabilities):
             start = (first + i) * self.window * 1000 // SAMPLE_RATE
             end = (first + i + 1) * self.window * 1000 // SAMPLE_RATE
+            if self.on_window is not None:
+                try:
+                    self.on_window(start, end - start, float(p), self.options.voiceThreshold)
+                except Exception:
+                    log.failure("VAD window observer failed")
             for event in self.segmenter.push(start, end - start, float(p)):
                 self._emit(event)
         self._delivered = first + len(probabilities)

@@ -1,0 +1,259 @@
+"""Echo control on the caller's audio: the bot's own voice must never count as the caller's.
+
+A phone line sends part of what we play back to us (a speakerphone, a 2-/4-wire hybrid): 20–200 ms
+late, 6–20 dB quieter, coloured.  Two stages, both fed the audio we actually sent (``reference``):
+
+1. **SpeexDSP's echo canceller** (MDF, through the ``speexaec`` package; docs/speech.md, "Echo"
+   has the measurements that chose it over WebRTC's AEC3): a linear adaptive filter over a 300 ms
+   tail.  It never touches the caller when there is no echo, but needs about a second of the bot's
+   speech to converge.
+   It is fed a continuous stream of what was sent, kept about the line's echo delay less 100 ms behind
+   (so a long delay still falls inside its tail), and jumps to that place when the inbound audio's
+   bursts pull it more than 60 ms away.
+2. **A guard** for that first second and for what the filter leaves: a frame counts as echo when
+   the filter removed most of its energy (the echo path is known), when the last 100 ms of the
+   raw input correlate with the sent audio at some delay up to 300 ms (telephone band), or when it
+   is no louder than the bot's echo can be (Geigel's double-talk test, with the line's coupling
+   learned on the correlated frames).  The line's delay is tracked on 400 ms windows (up to 1 s);
+   once known, each frame is compared around it only, which keeps chance likeness with a caller's
+   voice rare.  Echo frames are passed on as silence, so the VAD and the recogniser hear nothing of them.
+   A caller talking over the bot makes the input unlike the reference (and the filter removes
+   little): those frames pass.
+
+``process`` is called once per inbound frame and ``reference`` once per outbound one, both on the
+reactor thread (a few hundred microseconds a frame, measured in bench/bench_echo.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import numpy as np
+
+from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
+
+#: echo tail the filter covers (ms); the goal is echo up to 200 ms late, plus jitter
+TAIL_MS = 300
+#: the canceller's reference may lag its target position (the echo's delay less a margin) by this
+#: much before it jumps there (the inbound audio comes in bursts on a real network)
+RESYNC_FRAMES = 3
+#: the guard's analysis window (ms of inbound audio) and the delays it searches (ms) before it knows
+#: the line's delay
+WINDOW_MS = 100
+MAX_DELAY_MS = 300
+#: the line's echo delay is tracked: every TRACK_EVERY frames while the bot sounds, the last TRACK_MS
+#: of inbound audio are correlated with up to FAR_MS of what was sent; a peak of TRACK_MIN or more
+#: sets the delay (a 400 ms window makes chance peaks rare).  Then each frame searches NARROW_MS
+#: around it only.  The canceller is fed what was sent DELAY_MARGIN_MS less than the delay ago.
+FAR_MS = 1000
+TRACK_MS = 400
+TRACK_EVERY = 5
+TRACK_MIN = 0.5
+NARROW_MS = 100
+DELAY_MARGIN_MS = 100
+#: normalised correlation at or above which the window is the bot's echo (flite speech, docs/speech.md:
+#: band-limited, 95% of echo frames score 0.7-0.94, another voice at most 0.62)
+CORRELATION = 0.7
+#: the guard compares the telephone band only (a G.711 line returns nothing above 4 kHz)
+BAND_HZ = (250.0, 3600.0)
+BAND_TAPS = 63
+DECIMATE = 2
+GUARD_RATE = SAMPLE_RATE // DECIMATE
+#: the filter removing this much (dB) means the frame is mostly echo
+CANCELLED_DB = 6.0
+#: Geigel's double-talk test: the inbound peak must exceed the learned coupling times the sent peak
+#: (over the searched delays) by this factor to count as the caller's
+GEIGEL_MARGIN = 1.25
+#: frames of correlated echo needed before the coupling is trusted, and its per-frame forgetting
+COUPLING_FRAMES = 5
+#: the correlation a frame needs to teach the coupling
+LEARN_CORRELATION = 0.85
+#: ... and the frame must correlate at least this much with the sent audio (a caller's frames rarely do)
+GEIGEL_SCORE = 0.3
+COUPLING_DECAY = 0.9995
+#: the reference counts as sounding (bot speaking) above this mean square, int16 units (-60 dBFS)
+ACTIVE_POWER = (32768 * 10 ** (-60 / 20)) ** 2
+#: inbound frames quieter than this (-55 dBFS) while the bot sounds are passed on as silence
+QUIET_POWER = (32768 * 10 ** (-55 / 20)) ** 2
+
+
+def available() -> bool:
+    try:
+        import speexaec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class EchoControl:
+    """One call's echo canceller and guard (16 kHz, 20 ms frames)."""
+
+    def __init__(self, tail_ms: int = TAIL_MS, correlation: float = CORRELATION,
+                 cancelled_db: float = CANCELLED_DB):
+        from speexaec import EchoCanceller
+        self._aec = EchoCanceller(FRAME_SAMPLES, tail_ms * SAMPLE_RATE // 1000, SAMPLE_RATE)
+        self.correlation = correlation
+        self._cancel_ratio = 10 ** (-cancelled_db / 10)
+        self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+        # what was sent, by time (newest last): raw for the canceller, and for the guard the telephone
+        # band at 8 kHz (band-passed, every other sample: half the work)
+        self._raw = np.zeros(FAR_MS * SAMPLE_RATE // 1000, dtype=np.int16)
+        self._sent = 0  # samples sent so far (the stream position of self._raw's end)
+        self._aec_pos: Optional[int] = None  # stream position of the next frame the canceller gets
+        window = WINDOW_MS * GUARD_RATE // 1000
+        self._window = window
+        self._near = np.zeros(TRACK_MS * GUARD_RATE // 1000, dtype=np.float64)  # inbound (band-passed)
+        self._far = np.zeros(window + FAR_MS * GUARD_RATE // 1000, dtype=np.float64)  # sent (band-passed)
+        #: the line's echo delay in ms, once the tracker found it
+        self.delay_ms: Optional[int] = None
+        self._far_power = deque(maxlen=MAX_DELAY_MS // 20 + WINDOW_MS // 20)  # mean square per sent frame
+        self._far_peaks: deque = deque(maxlen=MAX_DELAY_MS // 20 + 1)  # peak of each frame sent
+        #: the line's echo coupling (peak of the returned echo / peak of what was sent), learned on
+        #: frames the correlation found to be echo
+        self.coupling = 0.0
+        self._coupled = 0
+        self._band = _bandpass(*BAND_HZ, BAND_TAPS)
+        self._near_tail = np.zeros(BAND_TAPS - 1)
+        self._far_tail = np.zeros(BAND_TAPS - 1)
+        #: counters for metrics and tests
+        self.frames = 0
+        self.echo_frames = 0
+        self.last_score = 0.0
+
+    # -- the two streams --------------------------------------------------------------------------
+
+    def reference(self, frame: Optional[np.ndarray]) -> None:
+        """An outbound 20 ms frame as sent (None: nothing was sent this tick)."""
+        if frame is None or frame.size != FRAME_SAMPLES:
+            frame = self._silence
+        r = self._raw
+        r[:-FRAME_SAMPLES] = r[FRAME_SAMPLES:]
+        r[-FRAME_SAMPLES:] = frame
+        self._sent += FRAME_SAMPLES
+        # the guard's view of what was sent is kept by time (as sent), not paired frame by frame with the
+        # inbound ones: inbound audio comes in bursts on a real network, and the echo's delay then only
+        # moves within the searched range
+        self._far_peaks.append(int(np.abs(frame).max()))
+        self._far_power.append(float(np.dot(frame, frame.astype(np.float64))) / FRAME_SAMPLES)
+        step = FRAME_SAMPLES // DECIMATE
+        f = self._far
+        f[:-step] = f[step:]
+        f[-step:], self._far_tail = self._filter(frame, self._far_tail)
+
+    @property
+    def bot_active(self) -> bool:
+        """The bot sounded within the searched delay."""
+        return bool(self._far_power) and max(self._far_power) > ACTIVE_POWER
+
+    def process(self, near: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Cancel the echo in one inbound frame; returns (the frame to hear, whether it was echo)."""
+        near = np.asarray(near, dtype=np.int16).reshape(-1)
+        if near.size != FRAME_SAMPLES:
+            return near, False
+        far = self._aec_reference()
+        step = FRAME_SAMPLES // DECIMATE
+        n = self._near
+        n[:-step] = n[step:]
+        n[-step:], self._near_tail = self._filter(near, self._near_tail)
+        self.frames += 1
+        if self.bot_active and self.frames % TRACK_EVERY == 0:
+            self._track()
+        if not self.bot_active:
+            self.last_score = 0.0
+            # keep the filter's state in step (it adapts nothing on a silent reference)
+            return self._aec.process(near, far), False
+        out = self._aec.process(near, far)
+        p_in = float(np.dot(near, near.astype(np.float64))) / FRAME_SAMPLES
+        if p_in < QUIET_POWER:
+            # an echo's faint tail between the bot's words: silero hears speech in it at any level
+            return self._silence.copy(), False
+        p_out = float(np.dot(out, out.astype(np.float64))) / FRAME_SAMPLES
+        near_peak = float(np.abs(near).max())
+        far_peak = float(max(self._far_peaks))
+        echo = p_out < p_in * self._cancel_ratio
+        if not echo:
+            self.last_score = self._score()
+            echo = self.last_score >= self.correlation
+            if self.last_score >= LEARN_CORRELATION and 0 < near_peak < far_peak:
+                # learn how loud the line returns the bot (a slowly forgetting maximum), on frames that
+                # are surely echo (a line returns less than was sent)
+                self._coupled += 1
+                self.coupling = max(self.coupling * COUPLING_DECAY, near_peak / far_peak)
+        if not echo and self._coupled >= COUPLING_FRAMES and self.last_score >= GEIGEL_SCORE:
+            # Geigel's test with the learned coupling: no louder than the bot's echo can be, and
+            # somewhat like it -> echo
+            echo = near_peak < GEIGEL_MARGIN * self.coupling * far_peak
+        if echo:
+            self.echo_frames += 1
+            return self._silence.copy(), True
+        return out, False
+
+    def _filter(self, frame: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([tail, frame.astype(np.float64)])
+        return np.convolve(x, self._band, mode="valid")[::DECIMATE], x[-(BAND_TAPS - 1):]
+
+    def _aec_reference(self) -> np.ndarray:
+        """The sent frame the canceller gets with this inbound frame: the next one of a continuous
+        stream, kept near what was sent (the line's delay - DELAY_MARGIN_MS) ago."""
+        offset = max(0, (self.delay_ms or 0) - DELAY_MARGIN_MS) * SAMPLE_RATE // 1000
+        target = self._sent - FRAME_SAMPLES - offset
+        if self._aec_pos is None or abs(self._aec_pos - target) > RESYNC_FRAMES * FRAME_SAMPLES:
+            self._aec_pos = target
+        start = self._aec_pos - (self._sent - self._raw.size)
+        self._aec_pos += FRAME_SAMPLES
+        if start < 0 or start + FRAME_SAMPLES > self._raw.size:
+            return self._silence
+        return self._raw[start:start + FRAME_SAMPLES].copy()
+
+    def _track(self) -> None:
+        """Find the line's echo delay on a long window (module constants)."""
+        n = self._near
+        if float(np.dot(n, n)) / n.size < QUIET_POWER / 4:
+            return
+        score = _correlations(n, self._far)
+        best = int(np.argmax(score))
+        if score[best] >= TRACK_MIN:
+            lag = self._far.size - n.size - best  # samples between the window's end and the newest sent
+            self.delay_ms = int(lag * 1000 // GUARD_RATE)
+
+    def _score(self) -> float:
+        """Highest normalised correlation of the last inbound window with the sent audio at the delays
+        searched: around the tracked delay, or 0 to MAX_DELAY_MS before it is known."""
+        w = self._window
+        n, f = self._near[-w:], self._far
+        per_ms = GUARD_RATE // 1000
+        if self.delay_ms is None:
+            low, high = 0, MAX_DELAY_MS
+        else:
+            low = max(0, self.delay_ms - NARROW_MS)
+            high = min(FAR_MS, self.delay_ms + NARROW_MS)
+        segment = f[f.size - w - high * per_ms: f.size - low * per_ms]
+        if float(np.dot(n, n)) <= 0.0 or segment.size < w:
+            return 0.0
+        return float(_correlations(n, segment).max())
+
+
+def _correlations(n: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Normalised |correlation| of ``n`` with every window of ``f`` of its length (FFT
+    cross-correlation, window energies by cumulative sums); near-silent windows of ``f`` score 0."""
+    w = n.size
+    en = float(np.dot(n, n))
+    lags = f.size - w + 1
+    size = 1 << int(np.ceil(np.log2(f.size + w)))
+    xc = np.fft.irfft(np.fft.rfft(f, size) * np.conj(np.fft.rfft(n, size)), size)[:lags]
+    c = np.concatenate(([0.0], np.cumsum(f * f)))
+    ef = c[w:w + lags] - c[:lags]
+    score = np.abs(xc) / np.sqrt(np.maximum(ef, 1e-9) * max(en, 1e-9))
+    score[ef < en * 1e-4] = 0.0  # a near-silent stretch of the reference explains nothing
+    return score
+
+
+def _bandpass(low: float, high: float, taps: int) -> np.ndarray:
+    """A windowed-sinc band-pass FIR at 16 kHz."""
+    n = np.arange(taps) - (taps - 1) / 2
+
+    def lowpass(cut):
+        return 2 * cut / SAMPLE_RATE * np.sinc(2 * cut / SAMPLE_RATE * n)
+
+    return (lowpass(high) - lowpass(low)) * np.hamming(taps)
