@@ -24,8 +24,9 @@ stage from the end of speech as the daemon's VAD saw it): end-of-turn wait (→ 
 samples), and the daemon's overhead = voice to voice − those four (dispatch from ``asrFinal`` to the
 LLM request, from TTS samples to the wire, the socket both ways).
 
-Configurations (``--config``): ``offline`` (silero VAD, pocketsphinx, Smart Turn, flite: the
-defaults); ``openai`` (the ``openai`` ASR provider against a local OpenAI-compatible
+Configurations (``--config``): ``defaults`` (the playbook names no speech providers, so it runs
+what a fresh install ships for English: silero VAD, whisper, Smart Turn, piper; docs/speech.md);
+``offline`` (silero VAD, pocketsphinx, Smart Turn, flite: the defaults before issue 22); ``openai`` (the ``openai`` ASR provider against a local OpenAI-compatible
 ``/v1/audio/transcriptions`` here answering the sentence after ``--asr-delay-ms``); ``cloud`` (the
 same, and the ``openai`` TTS provider against a local ``/v1/audio/speech`` streaming 24 kHz PCM, its
 first chunk after ``--tts-delay-ms``: every provider speaks its cloud protocol, served here).
@@ -260,6 +261,8 @@ class WsLine:
 def write_setup(root, llm_port, asr, tts):
     playbooks = os.path.join(root, "playbooks")
     os.makedirs(playbooks)
+    # no asr/tts named: the playbook gets the shipped defaults for its language (VAD, recogniser, voice)
+    speech = "" if asr is None else f"asr: {json.dumps(asr)}\nvad: {{type: silero}}\ntts: {json.dumps(tts)}\n"
     with open(os.path.join(playbooks, "bench.md"), "w") as f:
         f.write(f"""---
 llm:
@@ -267,10 +270,7 @@ llm:
   baseUrl: http://127.0.0.1:{llm_port}/v1
   apiKey: sk-bench
   model: bench
-asr: {json.dumps(asr)}
-vad: {{type: silero}}
-tts: {json.dumps(tts)}
----
+{speech}---
 You are a bench.
 """)
     http_port = free_port()
@@ -468,14 +468,15 @@ def main(args):
     speech.pcm24k = resample(reply, 16000, 24000).astype("<i2").tobytes()
     summaries, runs = [], []
     openai_asr = {"provider": "openai", "endpoint": f"http://127.0.0.1:{port}/v1", "secretKey": "sk-bench"}
-    configs = {"offline": ({"provider": "pocketsphinx"}, {"provider": "flite"}),
+    configs = {"defaults": (None, None),
+               "offline": ({"provider": "pocketsphinx"}, {"provider": "flite"}),
                "openai": (openai_asr, {"provider": "flite"}),
                "cloud": (openai_asr, {"provider": "openai", "endpoint": f"http://127.0.0.1:{port}/v1",
                                       "secretKey": "sk-bench"})}
     loads = [int(x) for x in args.load.split(",")] if args.load else [None]
     for transport in args.transport.split(","):
         for name in args.config.split(","):
-            asr_delays = [int(x) for x in args.asr_delay_ms.split(",")] if name != "offline" else [0]
+            asr_delays = [int(x) for x in args.asr_delay_ms.split(",")] if name in ("openai", "cloud") else [0]
             tts_delays = [int(x) for x in args.tts_delay_ms.split(",")] if name == "cloud" else [0]
             for load in loads:
                 for asr_delay in asr_delays:
@@ -515,7 +516,7 @@ if __name__ == "__main__":
     parser.add_argument("--llm-delay-ms", default="0")
     parser.add_argument("--asr-delay-ms", default="0,150")
     parser.add_argument("--tts-delay-ms", default="0")
-    parser.add_argument("--config", default="offline")
+    parser.add_argument("--config", default="defaults", help="defaults, offline, openai, cloud (comma-separated)")
     parser.add_argument("--transport", default="ws", help="ws, sip or ws,sip")
     parser.add_argument("--load", default="", help="background SIP conversations per run, e.g. 0,50,100")
     parser.add_argument("--py-spy", metavar="DIR", help="sample the daemon with py-spy during the measured turns; "
