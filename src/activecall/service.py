@@ -396,10 +396,19 @@ class ActiveCallService(service.MultiService):
             # leak indicators: both return to their idle values when every call has ended
             "rtp_ports_in_use": self.rtp_ports.in_use if self.rtp_ports else 0,
             "media_clock_legs": len(self.media_clock),
+            "reactor_timers": self.reactor_timers(),
         }
+
+    def reactor_timers(self) -> int:
+        """Pending delayed calls on the reactor (a leak indicator like the two above)."""
+        delayed = getattr(self.reactor, "getDelayedCalls", None)
+        return len(delayed()) if delayed is not None else 0
 
     def _refresh_gauges(self):
         self.metrics.uptime_seconds.set(self.uptime())
+        self.metrics.media_clock_legs.set(len(self.media_clock))
+        self.metrics.rtp_ports_in_use.set(self.rtp_ports.in_use if self.rtp_ports else 0)
+        self.metrics.reactor_timers.set(self.reactor_timers())
 
 
 class CallsService(service.Service):
