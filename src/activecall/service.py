@@ -419,8 +419,17 @@ class CallsService(service.Service):
     def __init__(self, manager):
         self.manager = manager
 
+    def startService(self):
+        service.Service.startService(self)
+        resume = getattr(self.manager.cdr_writer, "resume", None)
+        if resume is not None:  # http/s3 records an earlier run left in the spool go up now
+            resume().addErrback(lambda f: log.failure("cannot read the call record spool", f))
+
     def stopService(self):
         service.Service.stopService(self)
+        stop = getattr(self.manager.cdr_writer, "stop", None)
+        if stop is not None:  # one attempt per record from now on; the rest stays spooled
+            stop()
         return self.manager.end_all("system")
 
 
