@@ -340,3 +340,98 @@ class MotoS3Tests(unittest.TestCase):
         writer.stop()
         self.flushLoggedErrors()
 
+
+
+class DaemonS3Tests(unittest.TestCase):
+    """The daemon end to end: a call's record spooled while the store is down, kept across a
+    SIGTERM, uploaded by the restarted daemon; then a call with the store up lands at once."""
+
+    timeout = 180
+
+    def setUp(self):
+        try:
+            import boto3  # noqa: F401
+            import moto.server  # noqa: F401
+        except ImportError:
+            raise unittest.SkipTest("moto[server] is not installed (requirements-test.txt)")
+
+    @defer.inlineCallbacks
+    def call(self, http_port, call_id):
+        from tests.wsclient import connect, send_json
+
+        proto, f = yield connect(self, http_port, "/call", f"id={call_id}")
+        send_json(proto, {"command": "invite", "option": {"codec": "pcm"}})
+        yield f.wait_event("answer")
+        proto.sendMessage(b"\x01\x00" * 320, isBinary=True)
+        send_json(proto, {"command": "hangup"})
+        yield f.wait_event("hangup")
+
+    @defer.inlineCallbacks
+    def wait_objects(self, port, count):
+        for _ in range(200):
+            try:
+                stored = yield threads.deferToThread(objects, port, "records")
+            except Exception:
+                stored = {}
+            if len(stored) >= count:
+                return stored
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError(f"fewer than {count} objects in the bucket: {sorted(stored)}")
+
+    @defer.inlineCallbacks
+    def test_spooled_across_a_restart_then_uploaded(self):
+        from tests.helpers import spawn_daemon, write_config
+
+        root = os.path.abspath(self.mktemp())
+        s3_port, http_port = free_port(), free_port()
+        spool_dir = os.path.join(root, "spool")
+        conf = write_config(self, f'''
+addr = "127.0.0.1"
+udp_port = {free_port()}
+tcp_port = 0
+http_addr = "127.0.0.1:{http_port}"
+media_cache_path = "{root}/cache"
+graceful_shutdown_timeout = "5s"
+[recording]
+path = "{root}/rec"
+[callrecord]
+type = "s3"
+vendor = "minio"
+bucket = "records"
+access_key = "{ACCESS}"
+secret_key = "{SECRET}"
+endpoint = "http://127.0.0.1:{s3_port}"
+root = "cdr"
+spool_dir = "{spool_dir}"
+''')
+        daemon = spawn_daemon(self, conf)
+        yield daemon.wait_for("activecall ready")
+        yield self.call(http_port, "down-1")  # the store is down
+        for _ in range(100):
+            if spooled(spool_dir):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        daemon.signal("TERM")
+        code = yield daemon.ended
+        self.assertEqual(code, 0)
+        self.assertEqual(len(spooled(spool_dir)), 1)
+        with open(os.path.join(spool_dir, spooled(spool_dir)[0])) as f:
+            self.assertEqual(json.load(f)["callId"], "down-1")
+
+        yield start_moto(self, s3_port)
+        yield threads.deferToThread(lambda: boto(s3_port).create_bucket(Bucket="records"))
+        again = spawn_daemon(self, conf)
+        yield again.wait_for("activecall ready")
+        stored = yield self.wait_objects(s3_port, 1)
+        [key] = stored
+        self.assertRegex(key, r"^cdr/\d{8}/\d{8}-\d{6}_down-1\.json$")
+        self.assertEqual(json.loads(stored[key])["callId"], "down-1")
+        yield again.wait_for("CDR of down-1 uploaded")
+        self.assertEqual(spooled(spool_dir), [])
+
+        yield self.call(http_port, "up-1")  # the store is up: the record lands at once
+        stored = yield self.wait_objects(s3_port, 2)
+        self.assertEqual(sorted(json.loads(v)["callId"] for v in stored.values()), ["down-1", "up-1"])
+        again.signal("TERM")
+        yield again.ended
+        self.assertNotIn(SECRET, daemon.output + again.output)
