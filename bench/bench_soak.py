@@ -465,6 +465,12 @@ def run(args):
                   f"fds slope {slope_per_hour(loaded, 'fds'):+.1f} /hour, "
                   f"UDP sockets slope {slope_per_hour(loaded, 'udp'):+.1f} /hour, "
                   f"timers slope {slope_per_hour(loaded, 'timers'):+.1f} /hour", flush=True)
+            late = loaded[len(loaded) // 2:]
+            if len(late) >= 2:  # past the ramp to the allocator's working set (see docs/benchmarks.md)
+                print(f"# second half ({len(late)} samples from {late[0]['t'] / 60:.1f} min): "
+                      f"RSS slope {slope_per_hour(late, 'rss_mb'):+.1f} MB/hour, "
+                      f"fds slope {slope_per_hour(late, 'fds'):+.1f} /hour, "
+                      f"UDP sockets slope {slope_per_hour(late, 'udp'):+.1f} /hour", flush=True)
             print(f"# memory per live call: ({mean_rss:.1f} - {idle1['rss_mb']:.1f}) MB / {live:.1f} calls = "
                   f"{(mean_rss - idle1['rss_mb']) / live * 1024:.0f} KB", flush=True)
         print(f"# idle RSS: {idle1['rss_mb']:.1f} MB after the warm-up, {end['rss_mb']:.1f} MB once the last "
