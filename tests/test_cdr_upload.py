@@ -216,6 +216,29 @@ class S3KeyTests(unittest.TestCase):
         self.assertEqual(writer.store.client.region, "us-east-1")
 
 
+class SpoolDirTests(unittest.TestCase):
+    def test_a_spool_dir_that_cannot_be_made_stops_start_up_naming_the_key(self):
+        import dataclasses
+
+        from activecall.config import load_config
+        from activecall.service import build_cdr_writer
+
+        blocker = os.path.abspath(self.mktemp())
+        open(blocker, "w").close()
+        cfg, _ = load_config(None)
+        section = CallRecordSection(type="s3", vendor="minio", bucket="b", access_key=ACCESS, secret_key=SECRET,
+                                    endpoint="http://127.0.0.1:9", spool_dir=os.path.join(blocker, "spool"))
+        with self.assertRaises(SystemExit) as cm:
+            build_cdr_writer(dataclasses.replace(cfg, callrecord=section), task.Clock())
+        self.assertIn("callrecord.spool_dir", str(cm.exception))
+        self.assertNotIn(SECRET, str(cm.exception))
+        good = os.path.abspath(self.mktemp())
+        writer = build_cdr_writer(dataclasses.replace(cfg, callrecord=dataclasses.replace(section, spool_dir=good)),
+                                  task.Clock())
+        self.assertTrue(os.path.isdir(good))
+        self.assertEqual(writer.spool.directory, good)
+
+
 # -- a real S3 server -------------------------------------------------------------------------------
 
 

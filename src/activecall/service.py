@@ -97,8 +97,20 @@ def build_speech(config: Config) -> Speech:
 
 
 def build_cdr_writer(config: Config, reactor):
-    """The writer of call detail records for ``[callrecord]``, or None without one."""
-    return writer_for(config.callrecord, reactor)
+    """The writer of call detail records for ``[callrecord]``, or None without one.
+
+    An upload spool (http, s3) that cannot be created or written stops start-up naming its key:
+    records would otherwise live only in memory until the store took them."""
+    section = config.callrecord
+    if section is not None and section.type in ("http", "s3"):
+        try:
+            os.makedirs(section.spool_dir, exist_ok=True)
+            if not os.access(section.spool_dir, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as e:
+            raise SystemExit(f"activecall: configuration error: {config.source}: key 'callrecord.spool_dir': "
+                             f"cannot use {section.spool_dir!r}: {e.strerror or e}")
+    return writer_for(section, reactor)
 
 
 def build_call_manager(config: Config, reactor, media_clock: MediaClock, speech: Speech, cdr_writer,
