@@ -72,10 +72,12 @@ class SpoolAndRetryTests(unittest.TestCase):
         self.assertEqual(store.attempts, [0.0, 1.0, 3.0, 7.0])  # the backoff waits, on the injected clock
         self.assertEqual(results, [False])
         self.assertEqual(len(spooled(self.dir)), 1)  # every attempt failed: the record stays
-        self.clock.advance(60.0 - 7.0)  # the re-scan: a new round (1 failure left, then success)
+        self.clock.advance(60.0 - 7.0)  # a re-scan: one attempt per spooled record (1 failure left)
         self.assertEqual(store.attempts[4:], [60.0])
+        self.clock.advance(59.0)
+        self.assertEqual(store.attempts[4:], [60.0])  # the re-scan interval is the backoff now
         self.clock.advance(1.0)
-        self.assertEqual(store.attempts[4:], [60.0, 61.0])
+        self.assertEqual(store.attempts[4:], [60.0, 120.0])
         self.assertEqual(store.uploaded, ["abc-123"])
         self.assertEqual(spooled(self.dir), [])
         writer.stop()

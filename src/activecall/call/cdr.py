@@ -433,7 +433,7 @@ class UploadingCdrWriter:
     def resume(self) -> defer.Deferred:
         """Upload what an earlier run left in the spool, and re-scan it every ``rescan_interval``."""
         if self._rescan is None and self.spool is not None and self.rescan_interval > 0:
-            self._rescan = task.LoopingCall(self.rescan)
+            self._rescan = task.LoopingCall(self._rescan_logged)
             self._rescan.clock = self.clock
             self._rescan.start(self.rescan_interval, now=False).addErrback(
                 lambda f: log.failure("spool re-scan stopped", f))
@@ -450,21 +450,32 @@ class UploadingCdrWriter:
         for d in list(self._waits):
             d.cancel()
 
+    def _rescan_logged(self) -> defer.Deferred:
+        # a failed scan (say, the directory became unreadable) is logged; the next one runs anyway
+        return self.rescan().addErrback(lambda f: log.failure("cannot scan the call record spool", f))
+
     @defer.inlineCallbacks
     def rescan(self):
-        """Start an upload round for every spooled record that has none running; fires once started."""
+        """One attempt for every spooled record that has no round running (the re-scan interval is
+        their backoff); fires with how many were started, once they are."""
         if self.spool is None:
             return 0
         items = yield self.spool.pending()
-        started = 0
+        rounds = []
         for item in items:
             # (a round that ended while the directory was read has removed its file by now)
             if item.path not in self._busy_paths and os.path.exists(item.path):
-                self._track(self._round(item))
-                started += 1
-        if started:
-            log.info("uploading {n} spooled call record(s) to {store}", n=started, store=self.store)
-        return started
+                rounds.append(self._track(self._round(item, attempts=1, quiet=True)))
+        if rounds:
+            log.info("uploading {n} spooled call record(s) to {store}", n=len(rounds), store=self.store)
+            defer.gatherResults(rounds).addCallback(self._rescan_done)
+        return len(rounds)
+
+    def _rescan_done(self, results) -> None:
+        waiting = results.count(False)
+        if waiting:
+            log.warn("{n} of {total} spooled call record(s) still not uploaded to {store}; next try in {t}s",
+                     n=waiting, total=len(results), store=self.store, t=self.rescan_interval)
 
     # -- ICdrWriter --------------------------------------------------------------------------------
 
@@ -504,19 +515,20 @@ class UploadingCdrWriter:
         return ok
 
     @defer.inlineCallbacks
-    def _round(self, item: SpoolItem):
-        """Up to ``len(backoff) + 1`` attempts; True once uploaded, False if the record stays spooled."""
+    def _round(self, item: SpoolItem, attempts: Optional[int] = None, quiet: bool = False):
+        """Up to ``len(backoff) + 1`` attempts (or ``attempts``); True once uploaded, False if the
+        record stays spooled.  ``quiet``: a failure is logged at debug level (a re-scan sums them up)."""
         if item.path is not None:
             self._busy_paths.add(item.path)
         try:
-            attempts = len(self.backoff) + 1
+            attempts = attempts or len(self.backoff) + 1
             for attempt in range(1, attempts + 1):
                 try:
                     yield self._limit.run(self.store.upload, item)
                 except Exception as e:
                     if attempt == attempts:
                         where = f"kept in {item.path}" if item.path else "not spooled: lost"
-                        log.error("CDR upload of {call_id} to {store} failed after {n} attempts ({err}); {where}",
+                        (log.debug if quiet else log.error)("CDR upload of {call_id} to {store} failed after {n} attempts ({err}); {where}",
                                   call_id=item.call_id, store=self.store, n=attempts, err=_reason(e), where=where)
                         return False
                     wait = self.backoff[attempt - 1]
