@@ -5,6 +5,7 @@ the same spool."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -216,6 +217,12 @@ class S3KeyTests(unittest.TestCase):
         writer = cdr.S3CdrWriter(section, reactor=task.Clock(), http_client=object())
         self.assertEqual(writer.store.client.url_for("a.json"), "http://127.0.0.1:9000/bkt/a.json")
         self.assertEqual(writer.store.client.region, "us-east-1")
+        # keep_media_copy unset: removed after an s3 upload (the original's default), kept after an http one
+        self.assertFalse(writer.keep_media_copy)
+        self.assertTrue(cdr.writer_for(CallRecordSection(type="http", url="http://127.0.0.1:9/x"),
+                                       task.Clock()).keep_media_copy)
+        self.assertTrue(cdr.S3CdrWriter(dataclasses.replace(section, keep_media_copy=True), reactor=task.Clock(),
+                                        http_client=object()).keep_media_copy)
 
 
 class SpoolDirTests(unittest.TestCase):

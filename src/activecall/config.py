@@ -413,7 +413,8 @@ class CallRecord:
     url: Optional[str] = _checked(check_http_url, default=None)
     headers: tuple[tuple[str, str], ...] = _headers_field()
     with_media: bool = False
-    keep_media_copy: bool = True
+    #: unset: kept after an http upload, removed after an s3 one (each as the original behaves by default)
+    keep_media_copy: Optional[bool] = None
     # s3 (the original's keys)
     vendor: str = _checked(check_s3_vendor, default="aws")
     bucket: str = ""

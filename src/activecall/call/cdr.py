@@ -614,7 +614,8 @@ def S3CdrWriter(section, reactor=None, clock=None, spool: Optional[RecordSpool] 
     client = S3Client(section.bucket, section.access_key, section.secret_key, region=region, endpoint=endpoint,
                       reactor=reactor, clock=clock, http_client=http_client, **extra)
     store = S3Store(client, section.root, section.with_media, tz)
-    return UploadingCdrWriter(store, spool, section.keep_media_copy, None, clock, backoff, **kw)
+    keep = section.keep_media_copy if section.keep_media_copy is not None else False  # the original's default
+    return UploadingCdrWriter(store, spool, keep, None, clock, backoff, **kw)
 
 
 def writer_for(section, reactor=None):
@@ -623,7 +624,7 @@ def writer_for(section, reactor=None):
         return None
     if section.type == "http":
         return HttpCdrWriter(section.url, headers=section.headers, with_media=section.with_media,
-                             keep_media_copy=section.keep_media_copy, spool=RecordSpool(section.spool_dir),
+                             keep_media_copy=section.keep_media_copy is not False, spool=RecordSpool(section.spool_dir),
                              local_copy=LocalCdrWriter(section.root), reactor=reactor)
     if section.type == "s3":
         return S3CdrWriter(section, reactor=reactor, spool=RecordSpool(section.spool_dir))
