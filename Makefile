@@ -32,7 +32,9 @@ test: setup
 	$(BIN)/python tools/run-tests $(TESTS)
 
 bench: setup
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/bench_*.py; do echo "== $$b"; \
+	  args=""; [ "$$b" = bench/bench_soak.py ] && args="--duration 120 --interval 20"; \
+	  $(BIN)/python $$b $$args || exit 1; done
 
 clean:
 	rm -rf $(VENV) _trial_temp* build src/*.egg-info src/activecall/media/_rtpcore*.so

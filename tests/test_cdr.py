@@ -241,10 +241,12 @@ class LocalWriterTests(unittest.TestCase):
         self.assertIsInstance(local, cdr.LocalCdrWriter)
         http = cdr.writer_for(CallRecordSection(type="http", root=self.root, url="http://127.0.0.1:9/x",
                                                 with_media=True, keep_media_copy=False), reactor)
-        self.assertIsInstance(http, cdr.HttpCdrWriter)
-        self.assertEqual(http.spool.root, self.root)
+        self.assertIsInstance(http, cdr.UploadingCdrWriter)
+        self.assertIsInstance(http.store, cdr.HttpStore)
+        self.assertEqual(http.local_copy.root, self.root)
+        self.assertEqual(http.spool.directory, "./config/cdr-spool")
         self.assertFalse(http.keep_media_copy)
-        self.assertTrue(http.with_media)
+        self.assertTrue(http.store.with_media)
 
 
 class UploadSink(resource.Resource):
@@ -291,8 +293,10 @@ class HttpWriterTests(unittest.TestCase):
 
     def writer(self, url, **kw):
         kw.setdefault("backoff", (0.01, 0.02))
-        return cdr.HttpCdrWriter(url, spool=cdr.LocalCdrWriter(os.path.join(self.root, "cdr"), tz=timezone.utc,
-                                                               run=sync_run), reactor=reactor, **kw)
+        return cdr.HttpCdrWriter(url, local_copy=cdr.LocalCdrWriter(os.path.join(self.root, "cdr"), tz=timezone.utc,
+                                                                    run=sync_run),
+                                 spool=cdr.RecordSpool(os.path.join(self.root, "spool"), run=sync_run),
+                                 reactor=reactor, **kw)
 
     def record(self):
         return make_record(recorder=(cdr.RecorderFile(trackId="abc-123", path=self.media, size=1028),),

@@ -331,13 +331,54 @@ class BadInputTests(ConfigFileMixin, unittest.TestCase):
                        "register_users[0].credential.pasword", "did you mean 'password'")
         self.assertBad("completely_unrelated = 1", "completely_unrelated", r"^unknown key$")
 
+    def test_callrecord_s3(self):
+        cfg, _ = load_config(self.write('''
+[callrecord]
+type = "s3"
+vendor = "a_w_s"
+bucket = "calls"
+region = "eu-west-1"
+access_key = "AKIDEXAMPLE"
+secret_key = "very-secret-key"
+root = "cdr"
+with_media = true
+keep_media_copy = false
+spool_dir = "/var/spool/activecall"
+'''))
+        section = cfg.callrecord
+        self.assertEqual((section.type, section.vendor, section.bucket, section.region), ("s3", "aws", "calls", "eu-west-1"))
+        self.assertEqual((section.root, section.with_media, section.keep_media_copy), ("cdr", True, False))
+        self.assertEqual(section.spool_dir, "/var/spool/activecall")
+        self.assertIsNone(section.endpoint)
+        shown = str(C.redacted(cfg))
+        self.assertNotIn("very-secret-key", shown)
+        self.assertNotIn("AKIDEXAMPLE", shown)
+        cfg, _ = load_config(self.write('''
+[callrecord]
+type = "s3"
+vendor = "minio"
+bucket = "calls"
+access_key = "a"
+secret_key = "s"
+endpoint = "http://127.0.0.1:9000"
+'''))
+        self.assertEqual(cfg.callrecord.endpoint, "http://127.0.0.1:9000")
+        self.assertEqual(cfg.callrecord.spool_dir, "./config/cdr-spool")
+
     def test_other_bad_values(self):
         self.assertBad('log_level = "loud"', "log_level", "not one of")
         self.assertBad('accept_timeout = "soon"', "accept_timeout", "not a duration")
         self.assertBad('codecs = ["pcmu", "speex"]', "codecs", "unknown codec 'speex'")
         self.assertBad('codecs = ["dtmf"]', "codecs", "audio codec")
         self.assertBad('[[ice_servers]]\nurls = ["http://x"]', "ice_servers[0].urls", "stun")
-        self.assertBad('[callrecord]\ntype = "s3"', "callrecord.type", "not one of")
+        self.assertBad('[callrecord]\ntype = "ftp"', "callrecord.type", "not one of")
+        self.assertBad('[callrecord]\ntype = "s3"', "callrecord.bucket", "required")
+        self.assertBad('[callrecord]\ntype = "s3"\nbucket = "b"\naccess_key = "a"', "callrecord.secret_key", "required")
+        self.assertBad('[callrecord]\ntype = "s3"\nvendor = "minio"\nbucket = "b"\naccess_key = "a"\nsecret_key = "s"',
+                       "callrecord.endpoint", "required for vendor 'minio'")
+        self.assertBad('[callrecord]\ntype = "s3"\nvendor = "azure"', "callrecord.vendor", "not S3-compatible")
+        self.assertBad('[callrecord]\ntype = "s3"\nvendor = "ibm"', "callrecord.vendor", "not one of")
+        self.assertBad('[callrecord]\ntype = "s3"\nendpoint = "minio:9000"', "callrecord.endpoint", "http")
         self.assertBad('[callrecord]\ntype = "http"', "callrecord.url", "required")
         self.assertBad('[[register_users]]\nusername = "1"', "register_users[0].server", "required")
         self.assertBad('[[register_users]]\nserver = "a b"', "register_users[0].server", "host:port")

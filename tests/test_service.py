@@ -237,6 +237,11 @@ class HTTPResourceTests(unittest.TestCase):
         text = body.decode()
         self.assertIn('activecall_calls_total{call_type="sip",reason="caller"} 1.0', text)
         self.assertIn("activecall_uptime_seconds", text)
+        # the leak indicators of /health, also as gauges (bench/bench_soak.py)
+        for gauge in ("activecall_media_clock_legs 0.0", "activecall_rtp_ports_in_use 0.0"):
+            self.assertIn(gauge, text)
+        self.assertRegex(text, r"activecall_reactor_timers \d+\.0")
+        self.assertEqual(svc.health()["reactor_timers"], len(svc.reactor.getDelayedCalls()))
 
     def test_api_children_are_behind_the_token(self):
         from twisted.web import resource

@@ -143,3 +143,11 @@ class TurnTimingTests(unittest.TestCase):
         self.emit(ev.Silence(trackId="c1", timestamp=self.now(), startTime=0, duration=5000))
         self.emit(ev.Eou(trackId="c1", timestamp=self.now(), completed=True))
         self.assertIsNone(self.timing.turn.speech_end)
+
+    def test_the_frame_history_goes_with_the_calls_end(self):
+        self.frames(400)
+        self.assertEqual(len(self.timing._frames), 20)
+        self.emit(ev.Hangup(timestamp=self.now(), reason="caller", initiator="caller", startTime="", hangupTime=""))
+        self.assertEqual(len(self.timing._frames), 20)  # a late VAD segment end may still need it
+        self.emit(ev.End(trackId="c1", timestamp=self.now()))
+        self.assertEqual(len(self.timing._frames), 0)

@@ -423,18 +423,40 @@ class Ambiance:
     normalLevel: float = _checked(_level, default=0.3)
     transitionSpeed: float = _checked(_speed, default=0.01)
     enabled: bool = True
+#: ``[callrecord] vendor`` for ``type = "s3"``: the original's names (``a_w_s``/``g_c_p`` are its
+#: spellings of aws/gcp, accepted too); azure is not S3-compatible and is refused by name
+S3_VENDORS = ("aws", "gcp", "aliyun", "tencent", "minio", "digital_ocean")
+_S3_VENDOR_ALIASES = {"a_w_s": "aws", "g_c_p": "gcp"}
+
+
+def check_s3_vendor(value: str) -> str:
+    value = _S3_VENDOR_ALIASES.get(value, value)
+    if value == "azure":
+        raise ValueError("'azure' is not S3-compatible (Azure Blob Storage has its own API); not supported")
+    return _one_of(value, S3_VENDORS)
 
 
 @dataclass(frozen=True)
 class CallRecord:
-    """``[callrecord]``: where CDRs go (``local`` directory or ``http`` upload)."""
+    """``[callrecord]``: where CDRs go (``local`` directory, ``http`` upload or ``s3`` bucket)."""
 
-    type: str = _checked(lambda v: _one_of(v, ("local", "http")), default="local")
+    type: str = _checked(lambda v: _one_of(v, ("local", "http", "s3")), default="local")
+    #: local: the directory; s3: the key prefix in the bucket
     root: str = "./config/cdr"
     url: Optional[str] = _checked(check_http_url, default=None)
     headers: tuple[tuple[str, str], ...] = _headers_field()
     with_media: bool = False
-    keep_media_copy: bool = True
+    #: unset: kept after an http upload, removed after an s3 one (each as the original behaves by default)
+    keep_media_copy: Optional[bool] = None
+    # s3 (the original's keys)
+    vendor: str = _checked(check_s3_vendor, default="aws")
+    bucket: str = ""
+    region: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    endpoint: Optional[str] = _checked(check_http_url, default=None)
+    #: http and s3: records waiting for upload, kept across restarts (✱ not in the original)
+    spool_dir: str = "./config/cdr-spool"
 
 
 @dataclass(frozen=True)
@@ -568,6 +590,13 @@ def _validate(cfg: Config) -> list[str]:
         raise ConfigError("handler.url", "a webhook handler needs url or urls")
     if cfg.callrecord and cfg.callrecord.type == "http" and not cfg.callrecord.url:
         raise ConfigError("callrecord.url", "is required when type = \"http\"")
+    if cfg.callrecord and cfg.callrecord.type == "s3":
+        for key in ("bucket", "access_key", "secret_key"):
+            if not getattr(cfg.callrecord, key).strip():
+                raise ConfigError(f"callrecord.{key}", "is required when type = \"s3\"")
+        if not cfg.callrecord.endpoint and cfg.callrecord.vendor not in ("aws", "gcp"):
+            raise ConfigError("callrecord.endpoint",
+                              f"is required for vendor {cfg.callrecord.vendor!r} (the store's http(s) URL)")
     for i, user in enumerate(cfg.register_users):
         if not user.server:
             raise ConfigError(f"register_users[{i}].server", "is required")
@@ -706,7 +735,7 @@ def redacted(cfg: Config) -> dict:
             out = {}
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
-                if f.name in ("password", "credential", "http_token", "secret_key") and isinstance(v, str) and v:
+                if f.name in ("password", "credential", "http_token", "secret_key", "access_key") and isinstance(v, str) and v:
                     v = "***"
                 out[f.name] = walk(v)
             return out

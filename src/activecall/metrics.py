@@ -80,6 +80,16 @@ class Metrics:
         self.uptime_seconds = Gauge(
             "activecall_uptime_seconds", "Seconds since the daemon started", registry=r
         )
+        # leak indicators (bench/bench_soak.py): each returns to its idle value once every call ended
+        self.media_clock_legs = Gauge(
+            "activecall_media_clock_legs", "Legs the media clock ticks (RTP legs count one each)", registry=r
+        )
+        self.rtp_ports_in_use = Gauge(
+            "activecall_rtp_ports_in_use", "RTP port pairs bound for calls", registry=r
+        )
+        self.reactor_timers = Gauge(
+            "activecall_reactor_timers", "Pending reactor timers (Twisted delayed calls)", registry=r
+        )
 
         # per-turn latency from the end of the caller's speech (call/turn_timing.py, issue 20)
         buckets = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)

@@ -98,8 +98,20 @@ def build_speech(config: Config) -> Speech:
 
 
 def build_cdr_writer(config: Config, reactor):
-    """The writer of call detail records for ``[callrecord]``, or None without one."""
-    return writer_for(config.callrecord, reactor)
+    """The writer of call detail records for ``[callrecord]``, or None without one.
+
+    An upload spool (http, s3) that cannot be created or written stops start-up naming its key:
+    records would otherwise live only in memory until the store took them."""
+    section = config.callrecord
+    if section is not None and section.type in ("http", "s3"):
+        try:
+            os.makedirs(section.spool_dir, exist_ok=True)
+            if not os.access(section.spool_dir, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as e:
+            raise SystemExit(f"activecall: configuration error: {config.source}: key 'callrecord.spool_dir': "
+                             f"cannot use {section.spool_dir!r}: {e.strerror or e}")
+    return writer_for(section, reactor)
 
 
 def build_call_manager(config: Config, reactor, media_clock: MediaClock, speech: Speech, cdr_writer,
@@ -539,11 +551,20 @@ class ActiveCallService(service.MultiService):
             # leak indicators: both return to their idle values when every call has ended
             "rtp_ports_in_use": self.rtp_ports.in_use if self.rtp_ports else 0,
             "media_clock_legs": len(self.media_clock),
+            "reactor_timers": self.reactor_timers(),
         }
+
+    def reactor_timers(self) -> int:
+        """Pending delayed calls on the reactor (a leak indicator like the two above)."""
+        delayed = getattr(self.reactor, "getDelayedCalls", None)
+        return len(delayed()) if delayed is not None else 0
 
     def _refresh_gauges(self):
         self.metrics.uptime_seconds.set(self.uptime())
         self.metrics.event_loop_lag_seconds.set(self.admission.lag_monitor.lag)
+        self.metrics.media_clock_legs.set(len(self.media_clock))
+        self.metrics.rtp_ports_in_use.set(self.rtp_ports.in_use if self.rtp_ports else 0)
+        self.metrics.reactor_timers.set(self.reactor_timers())
 
 
 class CallsService(service.Service):
@@ -554,8 +575,17 @@ class CallsService(service.Service):
     def __init__(self, manager):
         self.manager = manager
 
+    def startService(self):
+        service.Service.startService(self)
+        resume = getattr(self.manager.cdr_writer, "resume", None)
+        if resume is not None:  # http/s3 records an earlier run left in the spool go up now
+            resume().addErrback(lambda f: log.failure("cannot read the call record spool", f))
+
     def stopService(self):
         service.Service.stopService(self)
+        stop = getattr(self.manager.cdr_writer, "stop", None)
+        if stop is not None:  # one attempt per record from now on; the rest stays spooled
+            stop()
         return self.manager.end_all("system")
 
 

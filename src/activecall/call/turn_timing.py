@@ -157,6 +157,10 @@ class TurnTiming:
             if self.turn is not None:
                 self._report(self.turn)
             self.wants_frame = False
+            if isinstance(event, ev.End):
+                # the call's last event: its frame history (up to _HISTORY tuples) goes now, by
+                # reference count, not with the session's reference cycles at the next full GC
+                self._frames.clear()
 
     # -- turns ---------------------------------------------------------------------------------
 
