@@ -130,10 +130,11 @@ class SipLine:
     def poll_events(self):
         """New events from the call's dump since the last poll (the dump is found by its Call-ID)."""
         if self._journal is None:
-            call_id = self.call.call_id
+            # this call's dump only (the background calls have theirs): its name holds our Call-ID
+            token = self.call.call_id.split("@")[0]
             paths = glob.glob(os.path.join(self.rec_dir, "*.events.jsonl"))
-            match = [p for p in paths if call_id and call_id.split("@")[0] in os.path.basename(p)] or paths
-            if not match:
+            match = [p for p in paths if token and token in os.path.basename(p)]
+            if not match:  # not written yet
                 return []
             self._journal = match[0]
         with open(self._journal, "rb") as f:
