@@ -47,8 +47,11 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 
-from activecall.audio import FRAME_BYTES, resample, ulaw_encode  # noqa: E402
+from activecall.audio import FRAME_BYTES  # noqa: E402
 from activecall.speech.testing import synthesize_pcm  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from turn_sip import write_ulaw_wav  # noqa: E402
 
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -58,90 +61,23 @@ SENTENCE = "Hello, I would like to know when my parcel will arrive, please."
 PLAYBOOK = """---
 vad:
   type: silero
+asr:
+  provider: none
 llm:
   provider: echo
 ---
 Soak playbook: listen (VAD) and answer nothing.
 """
 
-# one call: INVITE, the sentence looped as PCMU until the pause ends, BYE
-SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="soak caller">
-  <send retrans="500">
-    <![CDATA[
-      INVITE sip:soak@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:caller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:soak@[remote_ip]:[remote_port]>
-      Call-ID: [call_id]
-      CSeq: 1 INVITE
-      Contact: sip:sipp@[local_ip]:[local_port]
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=user1 1 1 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-      a=sendrecv
-    ]]>
-  </send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="183" optional="true"/>
-  <recv response="200" rrs="true"/>
-  <send>
-    <![CDATA[
-      ACK [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:caller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:soak@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <nop><action><exec rtp_stream="{WAV},-1,0"/></action></nop>
-  <pause milliseconds="{CALL_MS}"/>
-  <nop><action><exec rtp_stream="pause"/></action></nop>
-  <send retrans="500">
-    <![CDATA[
-      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:caller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:soak@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 2 BYE
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv response="200"/>
-</scenario>
-"""
+# one call: INVITE, the sentence looped as PCMU until the pause ends, BYE (shared with turn_sip.py)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp_looping_caller.xml")) as _f:
+    SCENARIO = _f.read()
 
 
 def free_port(kind=socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((LOCAL, 0))
         return s.getsockname()[1]
-
-
-def write_ulaw_wav(path: str, pcm8k: np.ndarray) -> None:
-    """A G.711 µ-law WAV (format 7): what sipp's rtp_stream plays as PT 0."""
-    data = bytes(ulaw_encode(pcm8k))
-    fmt = (b"fmt " + (18).to_bytes(4, "little") + (7).to_bytes(2, "little") + (1).to_bytes(2, "little")
-           + (8000).to_bytes(4, "little") + (8000).to_bytes(4, "little") + (1).to_bytes(2, "little")
-           + (8).to_bytes(2, "little") + (0).to_bytes(2, "little"))
-    body = b"WAVE" + fmt + b"data" + len(data).to_bytes(4, "little") + data
-    with open(path, "wb") as f:
-        f.write(b"RIFF" + len(body).to_bytes(4, "little") + body)
 
 
 def sleep(seconds: float) -> defer.Deferred:
@@ -393,7 +329,7 @@ def run(args):
         # the sentence, 1.5 s of silence: the VAD sees speech start and end every few seconds
         looped = np.concatenate([speech, np.zeros(24000, np.int16)])
         wav = os.path.join(work, "speech.wav")
-        write_ulaw_wav(wav, resample(looped, 16000, 8000))
+        write_ulaw_wav(wav, looped)
         scenario = os.path.join(work, "soak.xml")
         with open(scenario, "w") as f:
             f.write(SCENARIO.replace("{WAV}", wav).replace("{CALL_MS}", str(int(args.call_seconds * 1000))))

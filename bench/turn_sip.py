@@ -162,59 +162,9 @@ class SipLine:
         yield self.transport.stopService()
 
 
-LOAD_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="background conversation">
-  <send retrans="500"><![CDATA[
-INVITE sip:bench@[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: sipp <sip:load@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-To: <sip:bench@[remote_ip]:[remote_port]>
-Call-ID: [call_id]
-CSeq: 1 INVITE
-Contact: sip:sipp@[local_ip]:[local_port]
-Max-Forwards: 70
-Content-Type: application/sdp
-Content-Length: [len]
-
-v=0
-o=user1 1 1 IN IP[local_ip_type] [local_ip]
-s=-
-c=IN IP[media_ip_type] [media_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
-a=sendrecv
-]]></send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="183" optional="true"/>
-  <recv response="200" rrs="true"/>
-  <send><![CDATA[
-ACK [next_url] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: sipp <sip:load@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-To: <sip:bench@[remote_ip]:[remote_port]>[peer_tag_param]
-Call-ID: [call_id]
-CSeq: 1 ACK
-Max-Forwards: 70
-Content-Length: 0
-]]></send>
-  <nop><action><exec rtp_stream="{WAV},-1,0"/></action></nop>
-  <pause milliseconds="{HOLD_MS}"/>
-  <send retrans="500"><![CDATA[
-BYE [next_url] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: sipp <sip:load@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-To: <sip:bench@[remote_ip]:[remote_port]>[peer_tag_param]
-Call-ID: [call_id]
-CSeq: 2 BYE
-Max-Forwards: 70
-Content-Length: 0
-]]></send>
-  <recv response="200" crlf="true"/>
-</scenario>
-"""
+#: the looping caller bench_soak.py uses too: {WAV} in a loop for {CALL_MS} ms, then BYE
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp_looping_caller.xml")) as _f:
+    LOAD_SCENARIO = _f.read()
 
 
 def write_ulaw_wav(path: str, pcm16k: np.ndarray) -> None:
@@ -256,7 +206,7 @@ class SippLoad:
     def start(self, n: int, hold_s: float, rate: float = 20.0, sip_port: int = 0, media_port: int = 0):
         scenario = os.path.join(self.workdir, "load.xml")
         with open(scenario, "w") as f:
-            f.write(LOAD_SCENARIO.replace("{WAV}", self.wav).replace("{HOLD_MS}", str(int(hold_s * 1000))))
+            f.write(LOAD_SCENARIO.replace("{WAV}", self.wav).replace("{CALL_MS}", str(int(hold_s * 1000))))
         argv = ["sipp", f"127.0.0.1:{self.port}", "-sf", scenario, "-i", "127.0.0.1", "-p", str(sip_port),
                 "-mp", str(media_port), "-l", str(n), "-m", str(n), "-r", str(rate), "-nostdin",
                 "-trace_err", "-timeout", f"{int(hold_s + 120)}s"]
