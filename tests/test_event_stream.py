@@ -123,3 +123,13 @@ class CommandPostTests(unittest.TestCase):
         self.assertEqual(self.opened, [])
         code, body = self.post("x", b'{"command":"invite","option":{}}')
         self.assertEqual((code, self.opened), (202, [("x", "invite")]))
+
+    def test_an_invite_is_refused_while_the_node_does_not_admit_calls(self):
+        """``invite`` for a new id goes through the admission check, as ``POST /api/calls`` does."""
+        from activecall.admission import Refusal
+
+        refusals = {"originate": Refusal("draining", 10, "Draining")}
+        self.route.admit = refusals.get
+        code, body = self.post("x", b'{"command":"invite","option":{}}')
+        self.assertEqual((code, body["reason"], self.opened), (503, "draining", []))
+        self.assertEqual(self.post("c1", b'{"command":"history","speaker":"user","text":"hi"}')[0], 202)

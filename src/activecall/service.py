@@ -255,7 +255,8 @@ def build_web(config: Config, health: Callable[[], dict], metrics: Metrics, on_m
     if clock is None:
         from twisted.internet import reactor as clock
     site.root.putChild(b"events", TokenGuard(EventStream(sessions, clock), config.http_token))
-    site.root.putChild(b"command", TokenGuard(CommandPost(sessions, open_sip_session), config.http_token))
+    admit = admission.check if admission is not None else None
+    site.root.putChild(b"command", TokenGuard(CommandPost(sessions, open_sip_session, admit), config.http_token))
     install_console(site.root)
     return site, api
 

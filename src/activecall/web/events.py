@@ -28,6 +28,7 @@ from twisted.web import resource, server
 from activecall.call.session import SUBSCRIBE_PREFIX as AUDIO_PREFIX
 from activecall.protocol import commands as cmd
 from activecall.web.rest import _segment, send_json
+from activecall.web.site import send_refusal
 
 log = Logger(namespace="activecall.events")
 
@@ -121,10 +122,14 @@ class CommandPost(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, sessions: dict, open_sip_session: Optional[Callable] = None):
+    def __init__(self, sessions: dict, open_sip_session: Optional[Callable] = None,
+                 admit: Optional[Callable[[str], object]] = None):
         super().__init__()
         self.sessions = sessions
         self.open_sip_session = open_sip_session
+        #: the daemon's admission check (activecall.admission): an ``invite`` that would place a new call
+        #: is refused with 503 while the node drains, is full or overloaded, as ``POST /api/calls`` is
+        self.admit = admit
 
     def render_POST(self, request):
         call_id = _call_id(request)
@@ -137,6 +142,9 @@ class CommandPost(resource.Resource):
             opening = not isinstance(parsed, cmd.CommandError) and parsed.TAG in OPENING_COMMANDS
             if not opening or self.open_sip_session is None:
                 return send_json(request, {"error": f"no active call {call_id!r}"}, 404)
+            refusal = self.admit("originate") if self.admit is not None and parsed.TAG == "invite" else None
+            if refusal is not None:
+                return send_refusal(request, refusal)
             try:
                 session = self.open_sip_session(call_id, parsed.TAG)
             except LookupError as e:  # accept/ringing/reject with nothing pending under that id
