@@ -77,7 +77,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 from activecall.audio import resample  # noqa: E402
 
 sys.path.insert(0, HERE)
-from turn_sip import SipLine, SippLoad, read_cpu_seconds  # noqa: E402
+from turn_sip import Pacer, SipLine, SippLoad, read_cpu_seconds  # noqa: E402
 
 SENTENCES = [
     "I would like to check the status of my order.",
@@ -92,8 +92,7 @@ REPLY = "Sure, one moment."
 NAMES = ["Alice", "Bruno", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira",
          "Liam", "Maya", "Nico", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wendy",
          "Xavier", "Yara", "Zoltan"]
-FRAME = 320
-VOICED = 300
+VOICED = Pacer.VOICED  # the same level for the caller's speech end and the reply's first sample
 
 
 class FakeLLM(resource.Resource):
@@ -165,53 +164,6 @@ class FakeSpeech(resource.Resource):
         return server.NOT_DONE_YET
 
 
-class Pacer:
-    """One 20 ms frame per absolute deadline from one clock; speech queued, silence otherwise."""
-
-    def __init__(self, proto):
-        self.proto = proto
-        self.queue = np.zeros(0, dtype=np.int16)
-        self.last_voiced_left = None  # samples of the queue after which the clip's last voiced one lies
-        self.speech_end = None
-        self.start = reactor.seconds()
-        self.n = 0
-        self.late = []
-        self.running = True
-        self._next()
-
-    def say(self, pcm):
-        loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > VOICED)
-        self.queue = pcm.copy()
-        self.last_voiced_left = int(loud[-1]) if loud.size else None
-        self.speech_end = None
-
-    def _next(self):
-        if not self.running:
-            return
-        deadline = self.start + self.n * 0.02
-        reactor.callLater(max(0.0, deadline - reactor.seconds()), self._send)
-
-    def _send(self):
-        if not self.running:
-            return
-        now = reactor.seconds()
-        self.late.append(now - (self.start + self.n * 0.02))
-        frame = self.queue[:FRAME]
-        self.queue = self.queue[FRAME:]
-        if frame.size < FRAME:
-            frame = np.concatenate([frame, np.zeros(FRAME - frame.size, dtype=np.int16)])
-        if self.last_voiced_left is not None:
-            if self.last_voiced_left < FRAME:
-                self.speech_end = now
-                self.last_voiced_left = None
-            else:
-                self.last_voiced_left -= FRAME
-        if self.proto.transport is not None and self.proto.transport.connected:
-            self.proto.sendMessage(frame.astype("<i2").tobytes(), isBinary=True)
-        self.n += 1
-        self._next()
-
-
 class WsLine:
     """One ``/call`` session: the pacer sends, every binary frame received is looked at for audio."""
 
@@ -237,7 +189,12 @@ class WsLine:
         self.proto.sendMessage(json.dumps({"command": "invite",
                                            "option": {"codec": "pcm", "playbook": "bench.md"}}).encode())
         yield self.factory.wait_event("answer", timeout=30)
-        self.pacer = Pacer(self.proto)
+
+        def send(frame):
+            if self.proto.transport is not None and self.proto.transport.connected:
+                self.proto.sendMessage(frame.astype("<i2").tobytes(), isBinary=True)
+
+        self.pacer = Pacer(send)
 
     # the pacer's view, as SipLine has it
     queue = property(lambda self: self.pacer.queue)

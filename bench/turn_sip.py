@@ -32,64 +32,28 @@ from activecall.sip.useragent import UserAgent
 FRAME = 320  # 20 ms at 16 kHz: PcmuCodec codes 16 kHz PCM to and from 8 kHz mu-law
 
 
-class _Rtp(protocol.DatagramProtocol):
-    def __init__(self, line):
-        self.line = line
-
-    def datagramReceived(self, data, addr):
-        self.line.received(data)
-
-
-class SipLine:
-    """One call to the daemon; ``queue``/``say``/``speech_end``/``late`` like the WebSocket pacer."""
+class Pacer:
+    """One 20 ms frame of 16 kHz PCM per absolute deadline from the reactor's clock, handed to ``send``:
+    the speech ``say`` queued, silence otherwise.  ``speech_end`` is when the frame holding the clip's last
+    voiced sample (|x| > ``VOICED``) went out; ``late`` how late each frame was."""
 
     VOICED = 300
 
-    def __init__(self, daemon_sip_port: int, rec_dir: str):
-        import dataclasses
-        cfg, _ = load_config(None, None)
-        self.config = dataclasses.replace(cfg, addr="127.0.0.1", udp_port=0, tcp_port=0)
-        self.transport = TransportManager(self.config)
-        self.ua = UserAgent(self.config, self.transport, shutdown_timeout=2.0)
-        self.transport.on_message = self.ua.layer.message_received
-        self.daemon_port = daemon_sip_port
-        self.rec_dir = rec_dir
-        self.codec = PcmuCodec()
-        self.queue = np.zeros(0, dtype=np.int16)  # 16 kHz
-        self.last_voiced_left = None
+    def __init__(self, send):
+        self.send = send
+        self.queue = np.zeros(0, dtype=np.int16)
+        self.last_voiced_left = None  # samples of the queue after which the clip's last voiced one lies
         self.speech_end = None
-        self.on_audio = None  # called with the arrival time of each audible packet
         self.late = []
-        self.running = False
-        self.remote = None
-        self.seq = random.randrange(1 << 16)
-        self.ts = random.randrange(1 << 32)
-        self.ssrc = random.randrange(1 << 32)
-        self.events = []
-        self._journal = None
-        self._journal_pos = 0
-
-    @defer.inlineCallbacks
-    def connect(self):
-        self.transport.startService()
-        self.ua.startService()
-        self.rtp = reactor.listenUDP(0, _Rtp(self), interface="127.0.0.1")
-        port = self.rtp.getHost().port
-        self.call = self.ua.place_call(f"sip:bench@127.0.0.1:{self.daemon_port}", minimal_offer("127.0.0.1", port))
-        yield self.call.when_answered()
-        sdp = self.call.remote_sdp.decode()
-        host = next(line[len("c=IN IP4 "):].strip() for line in sdp.splitlines() if line.startswith("c="))
-        mport = next(int(line.split()[1]) for line in sdp.splitlines() if line.startswith("m=audio"))
-        self.remote = (host, mport)
-        self.running = True
         self.start = reactor.seconds()
         self.n = 0
+        self.running = True
         self._next()
 
     def say(self, pcm16k):
         pcm = np.asarray(pcm16k, dtype=np.int16)
         loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > self.VOICED)
-        self.queue = pcm
+        self.queue = pcm.copy()
         self.last_voiced_left = int(loud[-1]) if loud.size else None
         self.speech_end = None
 
@@ -112,12 +76,70 @@ class SipLine:
                 self.last_voiced_left = None
             else:
                 self.last_voiced_left -= FRAME
+        self.send(frame)
+        self.n += 1
+        self._next()
+
+
+class _Rtp(protocol.DatagramProtocol):
+    def __init__(self, line):
+        self.line = line
+
+    def datagramReceived(self, data, addr):
+        self.line.received(data)
+
+
+class SipLine:
+    """One call to the daemon; ``say``/``queue``/``speech_end``/``late`` are its pacer's, as on ``WsLine``."""
+
+    VOICED = Pacer.VOICED
+
+    def __init__(self, daemon_sip_port: int, rec_dir: str):
+        import dataclasses
+        cfg, _ = load_config(None, None)
+        self.config = dataclasses.replace(cfg, addr="127.0.0.1", udp_port=0, tcp_port=0)
+        self.transport = TransportManager(self.config)
+        self.ua = UserAgent(self.config, self.transport, shutdown_timeout=2.0)
+        self.transport.on_message = self.ua.layer.message_received
+        self.daemon_port = daemon_sip_port
+        self.rec_dir = rec_dir
+        self.codec = PcmuCodec()
+        self.on_audio = None  # called with the arrival time of each audible packet
+        self.pacer = None
+        self.remote = None
+        self.seq = random.randrange(1 << 16)
+        self.ts = random.randrange(1 << 32)
+        self.ssrc = random.randrange(1 << 32)
+        self.events = []
+        self._journal = None
+        self._journal_pos = 0
+
+    @defer.inlineCallbacks
+    def connect(self):
+        self.transport.startService()
+        self.ua.startService()
+        self.rtp = reactor.listenUDP(0, _Rtp(self), interface="127.0.0.1")
+        port = self.rtp.getHost().port
+        self.call = self.ua.place_call(f"sip:bench@127.0.0.1:{self.daemon_port}", minimal_offer("127.0.0.1", port))
+        yield self.call.when_answered()
+        sdp = self.call.remote_sdp.decode()
+        host = next(line[len("c=IN IP4 "):].strip() for line in sdp.splitlines() if line.startswith("c="))
+        mport = next(int(line.split()[1]) for line in sdp.splitlines() if line.startswith("m=audio"))
+        self.remote = (host, mport)
+        self.pacer = Pacer(self._send_rtp)
+
+    queue = property(lambda self: self.pacer.queue)
+    speech_end = property(lambda self: self.pacer.speech_end)
+    late = property(lambda self: self.pacer.late)
+
+    def say(self, pcm16k):
+        self.pacer.say(pcm16k)
+
+    def _send_rtp(self, frame):
         header = struct.pack("!BBHII", 0x80, 0, self.seq, self.ts, self.ssrc)
         self.seq = (self.seq + 1) & 0xFFFF
         self.ts = (self.ts + 160) & 0xFFFFFFFF
         self.rtp.write(header + self.codec.encode(frame), self.remote)
-        self.n += 1
-        self._next()
 
     def received(self, data):
         if len(data) < 12 or (data[1] & 0x7F) != 0 or self.on_audio is None:
@@ -152,7 +174,7 @@ class SipLine:
 
     @defer.inlineCallbacks
     def close(self):
-        self.running = False
+        self.pacer.running = False
         try:
             yield self.call.hangup()
         except Exception:
