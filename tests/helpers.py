@@ -168,3 +168,21 @@ def write_config(testcase, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def loopback_config(testcase, root: str, http_port: int, rtp_ports: int = 20, sip_port: int = 0) -> str:
+    """The usual daemon for an end-to-end test: SIP on a free loopback UDP port (``sip_port`` if given), no
+    TCP, HTTP on ``http_port``, ``rtp_ports`` RTP ports from a free even one, cache and recordings under
+    ``root``.  Returns the config's path."""
+    base = free_port() // 2 * 2
+    return write_config(testcase, f'''
+addr = "127.0.0.1"
+udp_port = {sip_port or free_port(socket.SOCK_DGRAM)}
+tcp_port = 0
+http_addr = "127.0.0.1:{http_port}"
+rtp_start_port = {base}
+rtp_end_port = {base + rtp_ports}
+media_cache_path = "{root}/cache"
+[recording]
+path = "{root}/rec"
+''')

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from activecall.audio import resample
 from activecall.call.amd import AmdSettings, AnsweringMachineDetector, ToneDetector, start_amd
 from activecall.speech.testing import synthesize_pcm
-from tests.helpers import free_port, spawn_daemon, write_config
+from tests.helpers import free_port, spawn_daemon, loopback_config
 from tests.test_sip_calls import write_ulaw_wav
 from tests.test_sip_integration import SCENARIOS, port_bound, sipp, sipp_result, udp_port, when
 from tests.wsclient import connect, send_json
@@ -168,18 +168,7 @@ class SipEndToEndTests(unittest.TestCase):
         with open(scenario, "w") as f:
             f.write(text.replace("{GREETING_WAV}", wav))
         http_port = free_port()
-        base = free_port() // 2 * 2
-        conf = write_config(self, f'''
-addr = "127.0.0.1"
-udp_port = {udp_port()}
-tcp_port = 0
-http_addr = "127.0.0.1:{http_port}"
-rtp_start_port = {base}
-rtp_end_port = {base + 20}
-media_cache_path = "{root}/cache"
-[recording]
-path = "{root}/rec"
-''')
+        conf = loopback_config(self, root, http_port)
         daemon = spawn_daemon(self, conf)
         uas_port = udp_port()
         uas = sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), scenario=scenario)

@@ -12,7 +12,7 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests.helpers import MIN_WAIT, free_port, spawn_daemon, write_config
+from tests.helpers import MIN_WAIT, free_port, spawn_daemon, loopback_config
 from tests.test_sip_integration import LOCAL, port_bound, sipp, udp_port, when
 from tests.wsclient import connect, send_json
 
@@ -38,18 +38,7 @@ class ChurnTests(unittest.TestCase):
         sipp(self, "-p", str(uas_port), "-mp", str(udp_port() // 2 * 2), "-m", "100000", "-timeout", "90s", builtin="uas")
         yield when(port_bound(uas_port), 15, "sipp uas")
         http_port = free_port()
-        base = free_port() // 2 * 2
-        conf = write_config(self, f'''
-addr = "127.0.0.1"
-udp_port = {udp_port()}
-tcp_port = 0
-http_addr = "127.0.0.1:{http_port}"
-rtp_start_port = {base}
-rtp_end_port = {base + 99}
-media_cache_path = "{root}/cache"
-[recording]
-path = "{root}/rec"
-''')
+        conf = loopback_config(self, root, http_port, rtp_ports=99)
         daemon = spawn_daemon(self, conf)
         yield daemon.wait_for("activecall ready")
         stats = {"ws": 0, "sip": 0}

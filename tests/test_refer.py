@@ -8,7 +8,7 @@ import numpy as np
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests.helpers import MIN_WAIT, free_port, spawn_daemon, write_config
+from tests.helpers import MIN_WAIT, free_port, spawn_daemon, loopback_config
 from tests.test_sip_integration import LOCAL, LoopbackUA, port_bound, sipp, sipp_result, udp_port, when
 from tests.wsclient import connect, send_json
 
@@ -20,18 +20,7 @@ class ReferTests(unittest.TestCase):
     def start(self):
         root = os.path.abspath(self.mktemp())
         self.http_port = free_port()
-        base = free_port() // 2 * 2
-        conf = write_config(self, f'''
-addr = "127.0.0.1"
-udp_port = {udp_port()}
-tcp_port = 0
-http_addr = "127.0.0.1:{self.http_port}"
-rtp_start_port = {base}
-rtp_end_port = {base + 20}
-media_cache_path = "{root}/cache"
-[recording]
-path = "{root}/rec"
-''')
+        conf = loopback_config(self, root, self.http_port)
         self.daemon = spawn_daemon(self, conf)
         yield self.daemon.wait_for("activecall ready")
         proto, client = yield connect(self, self.http_port, "/call", "id=r1&ping=0")

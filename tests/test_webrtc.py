@@ -24,7 +24,7 @@ from activecall.webrtc.leg import (FrameChunker, PeerConnections, as_deferred, c
 from activecall.protocol import commands as cmd
 from activecall.media.dtmf import build_payload
 from activecall.testing import FakeLeg
-from tests.helpers import MIN_WAIT, free_port, spawn_daemon, write_config
+from tests.helpers import MIN_WAIT, free_port, spawn_daemon, loopback_config, write_config
 from tests.wsclient import connect, send_json
 
 OFFER_TAIL = (
@@ -336,18 +336,7 @@ class WebRTCReferTests(unittest.TestCase):
 
         root = os.path.abspath(self.mktemp())
         http_port = free_port()
-        base = free_port() // 2 * 2
-        conf = write_config(self, f'''
-addr = "127.0.0.1"
-udp_port = {udp_port()}
-tcp_port = 0
-http_addr = "127.0.0.1:{http_port}"
-rtp_start_port = {base}
-rtp_end_port = {base + 20}
-media_cache_path = "{root}/cache"
-[recording]
-path = "{root}/rec"
-''')
+        conf = loopback_config(self, root, http_port)
         daemon = spawn_daemon(self, conf)
         uas_port = udp_port()
         # the built-in uas pauses 4 s after the BYE: leave room for a slow browser leg before it
