@@ -21,6 +21,7 @@ from activecall.protocol import events as ev
 from activecall.call.speech import SpeechProcessors, attach_end_of_turn
 from activecall.playbook.parser import parse_playbook
 from activecall.playbook.start import playbook_call_option
+from activecall.audio import resample
 from activecall.speech import registry
 from activecall.speech.asr.base import StreamingRecognizer
 from activecall.speech.base import AsrOptions, OptionError, ProviderNotFound
@@ -416,7 +417,7 @@ class SmartTurnModelTests(unittest.TestCase):
         model = shared_model()
         for text in ("我想查询一下我的订单状态。", "我的电话号码是一三八"):
             data = yield utils.getProcessOutput("espeak-ng", ["-v", "cmn", "--stdout", text], errortoo=False)
-            pcm = _fft_resample(*_wav(data), 16000)
+            pcm = resample(*_wav(data), 16000)
             self.assertGreater(pcm.size, 8000, text)
             mel = features.log_mel(features.last_window(_turn(pcm).astype(np.float32) / 32768))
             self.assertTrue(np.isfinite(mel).all())
@@ -427,13 +428,6 @@ class SmartTurnModelTests(unittest.TestCase):
 def _wav(data: bytes) -> tuple[np.ndarray, int]:
     with wave.open(io.BytesIO(data)) as w:  # espeak-ng's stdout WAV has a streaming (huge) length
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2"), w.getframerate()
-
-
-def _fft_resample(pcm: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Band-limited resampling of a whole clip (22050 -> 16000 Hz) by truncating its spectrum."""
-    n = int(round(pcm.size * target / rate))
-    y = np.fft.irfft(np.fft.rfft(pcm.astype(np.float64))[: n // 2 + 1], n) * (n / pcm.size)
-    return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
 
 
 class OffTheReactorTests(unittest.TestCase):

@@ -144,10 +144,22 @@ def resample(pcm, src_rate: int, dst_rate: int) -> np.ndarray:
     up, down = dst_rate // g, src_rate // g
     taps_per_phase = 24
     h = _lowpass(1.0 / max(up, down), taps_per_phase * max(up, down) | 1) * up
-    x = np.zeros(pcm.size * up, dtype=np.float64)
-    x[::up] = pcm
-    y = np.convolve(x, h, mode="same")[::down]
-    return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
+    # The upsampled signal is zero but at every up-th sample, and only every down-th output is kept, so
+    # each output is one phase of the filter (about taps_per_phase taps) against as many input samples:
+    # output m is sample t = m*down + (len(h)-1)//2 of the full convolution ("same", as np.convolve gives).
+    # Computing only those keeps 22.05 -> 16 kHz (up 320, down 441) as cheap as 16 -> 8 kHz.
+    x = pcm.astype(np.float64)
+    n_out = -(-pcm.size * up // down)
+    taps = np.arange(-(-h.size // up))
+    out = np.empty(n_out, dtype=np.float64)
+    for start in range(0, n_out, 1 << 15):  # bounded memory on long files
+        t = np.arange(start, min(n_out, start + (1 << 15))) * down + (h.size - 1) // 2
+        k = (t % up)[:, None] + taps * up  # filter taps that meet an input sample
+        n = (t // up)[:, None] - taps  # and those samples
+        valid = (k < h.size) & (n >= 0) & (n < x.size)
+        out[start:start + t.size] = np.where(valid, h[np.minimum(k, h.size - 1)] * x[np.clip(n, 0, x.size - 1)],
+                                             0.0).sum(axis=1)
+    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
 
 
 # -- G.711 tables (ITU-T G.711) ---------------------------------------------------------------

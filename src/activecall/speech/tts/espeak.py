@@ -47,11 +47,9 @@ class EspeakSynthesizer(FliteSynthesizer):
         self.processes_spawned = 0
 
     def _to_16k(self, pcm, rate: int):
-        """espeak-ng writes 22.05 kHz: ``audio.resample`` is far too slow for 320/441 (minutes a sentence)."""
-        import numpy as np
-        from activecall.speech.tts.piper import fft_resample
-        out = fft_resample(pcm.astype(np.float64), rate, 16000)
-        return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+        """espeak-ng writes 22.05 kHz."""
+        from activecall.audio import resample
+        return resample(pcm, rate, 16000)
 
     @property
     def cache_identity(self) -> tuple:

@@ -26,7 +26,7 @@ import numpy as np
 from twisted.internet import defer, utils
 from zope.interface import implementer
 
-from activecall.audio import SAMPLE_RATE
+from activecall.audio import SAMPLE_RATE, resample
 from activecall.speech.base import ISynthesizer, SpeechError, TtsOptions, synthesis
 from activecall.speech.tts.flite import _which
 from activecall.speech.tts.sentences import split_sentences
@@ -91,19 +91,8 @@ class PiperVoice:
                 "scales": np.array([self.noise_scale, self.length_scale / speed, self.noise_w], dtype=np.float32)}
         if self.speakers > 1:
             args["sid"] = np.array([0], dtype=np.int64)
-        audio = self.session.run(None, args)[0].reshape(-1).astype(np.float64)
-        audio = fft_resample(audio, self.sample_rate, SAMPLE_RATE)
-        return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
-
-
-def fft_resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """A whole sentence resampled in the frequency domain (band-limited, zero-phase).  ``audio.resample``
-    is a direct convolution: fine for 8/16/24 kHz, but 22.05 -> 16 kHz (up 320, down 441) takes minutes."""
-    if src_rate == dst_rate or x.size == 0:
-        return x
-    n_out = int(round(x.size * dst_rate / src_rate))
-    spectrum = np.fft.rfft(x)[: n_out // 2 + 1]
-    return np.fft.irfft(spectrum, n_out) * (n_out / x.size)
+        audio = self.session.run(None, args)[0].reshape(-1)
+        return resample((np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16), self.sample_rate, SAMPLE_RATE)
 
 
 _voices: dict = {}
