@@ -46,11 +46,14 @@ MAX_DELAY_MS = 300
 #: of inbound audio are correlated with up to FAR_MS of what was sent; a peak of TRACK_MIN or more
 #: sets the delay (a 400 ms window makes chance peaks rare).  Then each frame searches NARROW_MS
 #: around it only.  The canceller is fed what was sent DELAY_MARGIN_MS less than the delay ago.
-FAR_MS = 1000
+FAR_MS = 1500
 TRACK_MS = 400
 TRACK_EVERY = 5
 TRACK_MIN = 0.5
 NARROW_MS = 100
+#: a frame unlike the sent audio around the offset but this like it at another lag is echo, and the
+#: offset moves there (the far end's playout skipped)
+WIDE_CORRELATION = 0.8
 DELAY_MARGIN_MS = 100
 #: normalised correlation at or above which the window is the bot's echo (flite speech, docs/speech.md:
 #: band-limited, 95% of echo frames score 0.7-0.94, another voice at most 0.62)
@@ -96,19 +99,25 @@ class EchoControl:
         self.correlation = correlation
         self._cancel_ratio = 10 ** (-cancelled_db / 10)
         self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
-        # what was sent, by time (newest last): raw for the canceller, and for the guard the telephone
-        # band at 8 kHz (band-passed, every other sample: half the work)
+        # what was sent (newest last): raw for the canceller, and for the guard the telephone band at
+        # 8 kHz (band-passed, every other sample: half the work), with each sent frame's power and peak
         self._raw = np.zeros(FAR_MS * SAMPLE_RATE // 1000, dtype=np.int16)
         self._sent = 0  # samples sent so far (the stream position of self._raw's end)
+        self._recv = 0  # inbound samples processed so far
         self._aec_pos: Optional[int] = None  # stream position of the next frame the canceller gets
         window = WINDOW_MS * GUARD_RATE // 1000
         self._window = window
         self._near = np.zeros(TRACK_MS * GUARD_RATE // 1000, dtype=np.float64)  # inbound (band-passed)
         self._far = np.zeros(window + FAR_MS * GUARD_RATE // 1000, dtype=np.float64)  # sent (band-passed)
-        #: the line's echo delay in ms, once the tracker found it
+        self._far_power = np.zeros(FAR_MS // 20)  # mean square per sent frame, newest last
+        self._far_peaks = np.zeros(FAR_MS // 20)  # peak of each sent frame, newest last
+        #: where the echo is: the inbound stream at sample r returns the sent stream at r - offset
+        #: (samples), once the tracker found it.  Kept by stream position, not by when frames are
+        #: handled: a busy reactor or a bursty network moves the latter by hundreds of ms, the former only
+        #: when the far end's playout skips or repeats
+        self.offset: Optional[int] = None
+        #: the echo's delay (ms) behind what was sent, as found by the tracker's last hit
         self.delay_ms: Optional[int] = None
-        self._far_power = deque(maxlen=MAX_DELAY_MS // 20 + WINDOW_MS // 20)  # mean square per sent frame
-        self._far_peaks: deque = deque(maxlen=MAX_DELAY_MS // 20 + 1)  # peak of each frame sent
         #: the line's echo coupling (peak of the returned echo / peak of what was sent), learned on
         #: frames the correlation found to be echo
         self.coupling = 0.0
@@ -116,9 +125,13 @@ class EchoControl:
         self._band = _bandpass(*BAND_HZ, BAND_TAPS)
         self._near_tail = np.zeros(BAND_TAPS - 1)
         self._far_tail = np.zeros(BAND_TAPS - 1)
+        self._lags = (0, MAX_DELAY_MS * SAMPLE_RATE // 1000)  # this frame's searched lags (samples)
         #: counters for metrics and tests
         self.frames = 0
         self.echo_frames = 0
+        self.resyncs = 0
+        self.jumps = 0
+        self.last_wide = 0.0
         self.last_score = 0.0
 
     # -- the two streams --------------------------------------------------------------------------
@@ -131,62 +144,101 @@ class EchoControl:
         r[:-FRAME_SAMPLES] = r[FRAME_SAMPLES:]
         r[-FRAME_SAMPLES:] = frame
         self._sent += FRAME_SAMPLES
-        # the guard's view of what was sent is kept by time (as sent), not paired frame by frame with the
-        # inbound ones: inbound audio comes in bursts on a real network, and the echo's delay then only
-        # moves within the searched range
-        self._far_peaks.append(int(np.abs(frame).max()))
-        self._far_power.append(float(np.dot(frame, frame.astype(np.float64))) / FRAME_SAMPLES)
+        for a, v in ((self._far_peaks, float(np.abs(frame).max())),
+                     (self._far_power, float(np.dot(frame, frame.astype(np.float64))) / FRAME_SAMPLES)):
+            a[:-1] = a[1:]
+            a[-1] = v
         step = FRAME_SAMPLES // DECIMATE
         f = self._far
         f[:-step] = f[step:]
         f[-step:], self._far_tail = self._filter(frame, self._far_tail)
 
+    def _sent_frames(self) -> slice:
+        """The sent frames this inbound frame's window may hold the echo of (a slice of the per-frame
+        power and peak arrays)."""
+        low, high = self._lags
+        n = self._far_power.size
+        first = max(0, n - 1 - (high + WINDOW_MS * SAMPLE_RATE // 1000) // FRAME_SAMPLES)
+        last = max(first + 1, n - low // FRAME_SAMPLES)
+        return slice(first, last)
+
     @property
     def bot_active(self) -> bool:
-        """The bot sounded within the searched delay."""
-        return bool(self._far_power) and max(self._far_power) > ACTIVE_POWER
+        """The bot sounded where this inbound frame's echo can come from."""
+        return float(self._far_power[self._sent_frames()].max()) > ACTIVE_POWER
+
+    def _search_lags(self) -> tuple[int, int]:
+        """The lags (samples behind the newest sent) at which the current inbound frame's echo may be:
+        around the tracked offset, or 0 to MAX_DELAY_MS before it is known."""
+        per_ms = SAMPLE_RATE // 1000
+        if self.offset is None:
+            return 0, MAX_DELAY_MS * per_ms
+        centre = self._sent - (self._recv - self.offset)
+        top = (FAR_MS - WINDOW_MS) * per_ms
+        low = min(max(0, centre - NARROW_MS * per_ms), top)
+        high = min(max(low, centre + NARROW_MS * per_ms), top)
+        return low, high
 
     def process(self, near: np.ndarray) -> tuple[np.ndarray, bool]:
         """Cancel the echo in one inbound frame; returns (the frame to hear, whether it was echo)."""
         near = np.asarray(near, dtype=np.int16).reshape(-1)
         if near.size != FRAME_SAMPLES:
             return near, False
-        far = self._aec_reference()
+        self._recv += FRAME_SAMPLES
         step = FRAME_SAMPLES // DECIMATE
         n = self._near
         n[:-step] = n[step:]
         n[-step:], self._near_tail = self._filter(near, self._near_tail)
         self.frames += 1
-        if self.bot_active and self.frames % TRACK_EVERY == 0:
+        self._lags = self._search_lags()
+        if self.frames % TRACK_EVERY == 0 and float(self._far_power.max()) > ACTIVE_POWER:
             self._track()
-        if not self.bot_active:
-            self.last_score = 0.0
-            # keep the filter's state in step (it adapts nothing on a silent reference)
-            return self._aec.process(near, far), False
+            self._lags = self._search_lags()
+        far = self._aec_reference()
         out = self._aec.process(near, far)
+        self.last_score = self.last_wide = 0.0
+        if float(self._far_power.max()) <= ACTIVE_POWER:
+            return out, False  # the bot was silent for FAR_MS: nothing to guard
         p_in = float(np.dot(near, near.astype(np.float64))) / FRAME_SAMPLES
         if p_in < QUIET_POWER:
             # an echo's faint tail between the bot's words: silero hears speech in it at any level
             return self._silence.copy(), False
-        p_out = float(np.dot(out, out.astype(np.float64))) / FRAME_SAMPLES
-        near_peak = float(np.abs(near).max())
-        far_peak = float(max(self._far_peaks))
-        echo = p_out < p_in * self._cancel_ratio
+        echo = False
+        if self.bot_active:
+            p_out = float(np.dot(out, out.astype(np.float64))) / FRAME_SAMPLES
+            near_peak = float(np.abs(near).max())
+            far_peak = float(self._far_peaks[self._sent_frames()].max())
+            echo = p_out < p_in * self._cancel_ratio
+            if not echo:
+                self.last_score = self._score()
+                echo = self.last_score >= self.correlation
+                if self.last_score >= LEARN_CORRELATION and 0 < near_peak < far_peak:
+                    # learn how loud the line returns the bot (a slowly forgetting maximum), on frames
+                    # that are surely echo (a line returns less than was sent)
+                    self._coupled += 1
+                    self.coupling = max(self.coupling * COUPLING_DECAY, near_peak / far_peak)
+            if not echo and self._coupled >= COUPLING_FRAMES and self.last_score >= GEIGEL_SCORE:
+                # Geigel's test with the learned coupling: no louder than the bot's echo can be, and
+                # somewhat like it -> echo
+                echo = near_peak < GEIGEL_MARGIN * self.coupling * far_peak
         if not echo:
-            self.last_score = self._score()
-            echo = self.last_score >= self.correlation
-            if self.last_score >= LEARN_CORRELATION and 0 < near_peak < far_peak:
-                # learn how loud the line returns the bot (a slowly forgetting maximum), on frames that
-                # are surely echo (a line returns less than was sent)
-                self._coupled += 1
-                self.coupling = max(self.coupling * COUPLING_DECAY, near_peak / far_peak)
-        if not echo and self._coupled >= COUPLING_FRAMES and self.last_score >= GEIGEL_SCORE:
-            # Geigel's test with the learned coupling: no louder than the bot's echo can be, and
-            # somewhat like it -> echo
-            echo = near_peak < GEIGEL_MARGIN * self.coupling * far_peak
+            # the far end's playout may have skipped (a gap, a burst), so the echo is no longer where
+            # the offset says: look at every lag; a strong likeness is echo and moves the offset there
+            lag, self.last_wide = self._wide_score()
+            if self.last_wide >= WIDE_CORRELATION:
+                echo = True
+                self.offset = self._recv - (self._sent - lag)
+                self.jumps += 1
+            elif self._coupled >= COUPLING_FRAMES and self.last_wide >= GEIGEL_SCORE:
+                # Geigel's test against the loudest the bot was anywhere in the searched time
+                echo = float(np.abs(near).max()) < GEIGEL_MARGIN * self.coupling * float(self._far_peaks.max())
         if echo:
             self.echo_frames += 1
             return self._silence.copy(), True
+        if float(np.dot(out, out.astype(np.float64))) > FRAME_SAMPLES * p_in:
+            # a canceller that adds energy is subtracting an echo that is not there (its filter is
+            # misaligned after a skip): it would put the bot's voice into the caller's audio
+            return near, False
         return out, False
 
     def _filter(self, frame: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -195,10 +247,15 @@ class EchoControl:
 
     def _aec_reference(self) -> np.ndarray:
         """The sent frame the canceller gets with this inbound frame: the next one of a continuous
-        stream, kept near what was sent (the line's delay - DELAY_MARGIN_MS) ago."""
-        offset = max(0, (self.delay_ms or 0) - DELAY_MARGIN_MS) * SAMPLE_RATE // 1000
-        target = self._sent - FRAME_SAMPLES - offset
+        stream, kept DELAY_MARGIN_MS ahead of where the echo is (the tracked offset), or the newest
+        sent frame before the offset is known."""
+        if self.offset is None:
+            target = self._sent - FRAME_SAMPLES
+        else:
+            target = self._recv - self.offset - FRAME_SAMPLES - DELAY_MARGIN_MS * SAMPLE_RATE // 1000
         if self._aec_pos is None or abs(self._aec_pos - target) > RESYNC_FRAMES * FRAME_SAMPLES:
+            if self._aec_pos is not None:
+                self.resyncs += 1
             self._aec_pos = target
         start = self._aec_pos - (self._sent - self._raw.size)
         self._aec_pos += FRAME_SAMPLES
@@ -207,28 +264,34 @@ class EchoControl:
         return self._raw[start:start + FRAME_SAMPLES].copy()
 
     def _track(self) -> None:
-        """Find the line's echo delay on a long window (module constants)."""
+        """Find where the echo is on a long window (module constants)."""
         n = self._near
         if float(np.dot(n, n)) / n.size < QUIET_POWER / 4:
             return
         score = _correlations(n, self._far)
         best = int(np.argmax(score))
         if score[best] >= TRACK_MIN:
-            lag = self._far.size - n.size - best  # samples between the window's end and the newest sent
-            self.delay_ms = int(lag * 1000 // GUARD_RATE)
+            lag = (self._far.size - n.size - best) * DECIMATE  # samples between the window's end and the newest sent
+            self.offset = self._recv - (self._sent - lag)
+            self.delay_ms = int(lag * 1000 // SAMPLE_RATE)
+
+    def _wide_score(self) -> tuple[int, float]:
+        """(lag in samples, score) of the best match of the last inbound window anywhere in what was sent."""
+        w = self._window
+        n = self._near[-w:]
+        if float(np.dot(n, n)) <= 0.0:
+            return 0, 0.0
+        score = _correlations(n, self._far)
+        best = int(np.argmax(score))
+        return (self._far.size - w - best) * DECIMATE, float(score[best])
 
     def _score(self) -> float:
-        """Highest normalised correlation of the last inbound window with the sent audio at the delays
-        searched: around the tracked delay, or 0 to MAX_DELAY_MS before it is known."""
+        """Highest normalised correlation of the last inbound window with the sent audio at the lags
+        searched (``_search_lags``)."""
         w = self._window
         n, f = self._near[-w:], self._far
-        per_ms = GUARD_RATE // 1000
-        if self.delay_ms is None:
-            low, high = 0, MAX_DELAY_MS
-        else:
-            low = max(0, self.delay_ms - NARROW_MS)
-            high = min(FAR_MS, self.delay_ms + NARROW_MS)
-        segment = f[f.size - w - high * per_ms: f.size - low * per_ms]
+        low, high = (lag // DECIMATE for lag in self._lags)
+        segment = f[max(0, f.size - w - high): f.size - low]
         if float(np.dot(n, n)) <= 0.0 or segment.size < w:
             return 0.0
         return float(_correlations(n, segment).max())
