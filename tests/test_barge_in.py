@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
 from activecall.call import speech as call_speech
 from activecall.call.ambiance import Ambiance, AmbianceSettings, room_tone
-from activecall.call.barge_in import InterruptionPolicy, takes_the_turn, word_count
+from activecall.call.barge_in import InterruptionPolicy, echoes_the_bot, takes_the_turn, word_count
 from activecall.call.session import CallSession
 from activecall.call.websocket_call import WebSocketConnector, codec_for
 from activecall.protocol import commands as cmd
@@ -65,13 +65,14 @@ class WordsRecognizer:
         self.loud_ms = 0
         self.said = False
         self.on_error = None
+        self.text = "I would like"
 
     def feed(self, pcm):
         if np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > 32768 * 10 ** (-40 / 20):
             self.loud_ms += len(pcm) * 1000 // SAMPLE_RATE
         if self.after_ms is not None and not self.said and self.loud_ms >= self.after_ms:
             self.said = True
-            self.on_result(AsrResult(index=0, text="I would like", final=False))
+            self.on_result(AsrResult(index=0, text=self.text, final=False))
 
     def close(self):
         return defer.succeed(None)
@@ -312,6 +313,31 @@ class PolicyTests(unittest.TestCase):
                          ("vad", 80, 900, False))
         for bad in ({"strategy": "loud"}, {"minWords": -1}, {"backchannel": "yes"}):
             self.assertRaises(ValueError, InterruptionPolicy.from_mapping, bad)
+
+    def test_the_bots_own_words_are_not_the_callers(self):
+        bot = "Thank you for calling the city library. Our opening hours are".split()
+        for echo in ("the city library", "city libraries", "opening", "our hours are nine", "thank you"):
+            self.assertTrue(echoes_the_bot(echo, bot), echo)
+            self.assertFalse(takes_the_turn(InterruptionPolicy(), echo, bot_words=bot), echo)
+        for caller in ("I would like to renew my books please", "can you tell me when you open tomorrow",
+                       "wait", "wait a second"):
+            self.assertFalse(echoes_the_bot(caller, bot), caller)
+            self.assertTrue(takes_the_turn(InterruptionPolicy(), caller, bot_words=bot), caller)
+        self.assertTrue(echoes_the_bot("我想问", ["我想", "问一下"]))
+        self.assertFalse(echoes_the_bot("anything", []))
+
+    def test_words_around_the_playout_point(self):
+        from activecall.media.tracks import TtsTrack
+        track = TtsTrack("c1", "p")
+        track.spans.append((0, "one two three four"))
+        track.feed(np.ones(4 * SAMPLE_RATE, dtype=np.int16))  # a word a second
+        track.spans.append((track.fed, "five six"))
+        track.feed(np.ones(2 * SAMPLE_RATE, dtype=np.int16))
+        self.assertEqual(track.words_around(1000, 0), [])
+        track.frames_played = 150  # 3 s: "three" is at 2.5 s, "four" at 3.5 s
+        self.assertEqual(track.words_around(1000, 600), ["three", "four"])
+        track.frames_played = 300
+        self.assertEqual(track.words_around(2600, 500), ["four", "five", "six"])
 
 
 class AmbianceUnitTests(unittest.TestCase):

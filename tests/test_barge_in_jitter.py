@@ -30,7 +30,8 @@ from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
 from activecall.protocol import events as ev
 from activecall.speech import echo as echo_control
 
-from tests.test_barge_in import _audio, BargeInTests, GREETING, Line, echo_path
+from tests import test_barge_in as base
+from tests.test_barge_in import _audio, Line, echo_path
 
 
 class JitterLine(Line):
@@ -55,6 +56,9 @@ class JitterLine(Line):
         self.ticks = 0
         self.phone_codec = self.__class__._codec(self)
         self.gaps = 0
+        self.phone_frames = 0  # frames the phone sent
+        self._voice_frame = None
+        self.voice_in_ms = self.paused_ms = None  # the daemon got the caller's first voice; it paused
 
     def _codec(self):
         from activecall.call.websocket_call import codec_for
@@ -63,10 +67,20 @@ class JitterLine(Line):
     def _packet_delay(self):
         return 5 + self.rng.uniform(0, self.jitter_ms)
 
+    def mark_voice(self, frames_in):
+        """The caller's first voiced sample is in the ``frames_in``-th frame of what ``say`` queued."""
+        self._voice_frame = self.phone_frames + frames_in
+
     def _take_inbound(self, now):
         while self.up_queue and self.up_queue[0][0] <= now:
-            _, payload = self.up_queue.pop(0)
+            _, payload, n = self.up_queue.pop(0)
             self.session.connector.binary_received(payload)
+            if n == self._voice_frame and self.voice_in_ms is None:
+                self.voice_in_ms = now
+            if self.paused_ms is None and self.metrics("interruption.paused"):
+                self.paused_ms = now
+        if self.paused_ms is None and self.metrics("interruption.paused"):
+            self.paused_ms = now
 
     def run(self, ms):
         dec, enc = self.phone_codec
@@ -118,28 +132,94 @@ class JitterLine(Line):
                     self.extra = self.extra[FRAME_SAMPLES:]
                 up = np.clip(np.rint(back), -32768, 32767).astype(np.int16)
                 self.last_up = max(self.last_up, now + self._packet_delay())
-                self.up_queue.append((self.last_up, enc.encode(up)))
+                self.up_queue.append((self.last_up, enc.encode(up), self.phone_frames))
+                self.phone_frames += 1
 
 
-class JitterTests(BargeInTests):
-    """The goal's echo levels and delays over the jittery line: never an interruption (nor a pause)."""
+class JitterTests(unittest.TestCase):
+    """The goal's echo levels and delays over the jittery line: never a pause nor an interruption; a caller
+    talking over the bot still stops it fast; a cough still pauses and resumes."""
 
-    def test_echo_never_interrupts(self):
-        pass  # test_barge_in's lock-step version; here the jittery one below
-
-    test_real_speech_over_the_bot_stops_it = test_cough_pauses_then_resumes = test_echo_never_interrupts
-    test_backchannel_does_not_stop = test_ambiance_in_the_outbound_audio_not_in_what_asr_hears = test_echo_never_interrupts
+    timeout = 900
+    setUp = base.BargeInTests.setUp
+    assert_not_interrupted = base.BargeInTests.assert_not_interrupted
 
     def test_jittered_echo_never_interrupts(self):
-        seconds = len(_audio["greeting"]) // SAMPLE_RATE + 2
+        """-6 dB 200 ms (two seeds), -10 dB 60 ms, -20 dB 20 ms, -14 dB 120 ms on PCMU and 16 kHz PCM, with the
+        daemon stalling 40-400 ms every half second or so: the greeting plays to its end, unpaused, and
+        the recogniser hears (nearly) nothing of the bot."""
+        seconds = len(_audio["greeting"]) // SAMPLE_RATE + 3
         for codec in ("pcmu", "pcm"):
-            for delay_ms, gain_db, seed in ((200, -6.0, 1), (200, -6.0, 2), (60, -10.0, 3), (20, -20.0, 4)):
+            for delay_ms, gain_db, seed in ((200, -6.0, 1), (200, -6.0, 2), (60, -10.0, 3), (20, -20.0, 4),
+                                            (120, -14.0, 5)):
                 where = f"{codec} {delay_ms} ms {gain_db} dB seed {seed}"
-                line = JitterLine(self, codec, delay_ms, gain_db, seed=seed, stall_ms=(40, 400), stall_every_ms=500)
+                line = JitterLine(self, codec, delay_ms, gain_db, seed=seed, stall_ms=(40, 400),
+                                  stall_every_ms=500)
                 line.speak_greeting()
                 line.run(seconds * 1000)
+                self.assert_not_interrupted(line, where)
                 echo = line.session.processors.echo
-                print(where, "gaps", line.gaps, "paused", len(line.metrics("interruption.paused")),
-                      "interrupted", len(line.of(ev.Interruption)), "loud_ms", line.recognizer.loud_ms,
-                      "echo frames", echo.echo_frames, "of", echo.frames, "delay", echo.delay_ms, "jumps", echo.jumps, "resyncs", echo.resyncs)
+                self.assertGreater(echo.echo_frames, 300, where)
+                self.assertLess(line.recognizer.loud_ms, 300, where)
                 line.close()
+
+    def test_real_speech_over_the_bot_stops_it(self):
+        """Another voice over the echoing bot (-6 dB 200 ms and -10 dB 60 ms, jittered): the playout pauses
+        within 250 ms of the daemon receiving the caller's first voiced sample, then the words stop it."""
+        for codec, delay_ms, gain_db, seed, stall in (("pcmu", 200, -6.0, 11, 0), ("pcm", 200, -6.0, 12, 0),
+                                                      ("pcm", 60, -10.0, 13, 0), ("pcmu", 200, -6.0, 14, 700),
+                                                      ("pcm", 200, -6.0, 15, 700), ("pcmu", 120, -14.0, 16, 0)):
+            where = f"{codec} {delay_ms} ms {gain_db} dB seed {seed}"
+            line = JitterLine(self, codec, delay_ms, gain_db, seed=seed, stall_every_ms=stall)
+            line.speak_greeting()
+            line.run(3000)
+            line.say(_audio["caller"])
+            lead = int(np.flatnonzero(np.abs(_audio["caller"]) > 300)[0]) // FRAME_SAMPLES
+            line.mark_voice(lead)
+            line.run(2500)
+            paused = line.metrics("interruption.paused")
+            self.assertEqual(len(paused), 1, where)
+            took = line.paused_ms - line.voice_in_ms
+            self.assertGreaterEqual(took, 0, where)
+            self.assertLessEqual(took, 250, where)
+            stops = line.of(ev.Interruption)
+            self.assertEqual(len(stops), 1, where)
+            self.assertEqual(stops[0].playId, "greeting", where)
+            line.close()
+
+    def test_cough_pauses_then_resumes(self):
+        """An "ahem" and no words on the jittery -6 dB 200 ms line: a pause, then the bot resumes and plays
+        to its end."""
+        line = JitterLine(self, "pcmu", 200, -6.0, seed=21, words_after_ms=None,
+                          interruption={"strategy": "both", "falseInterruptionMs": 600})
+        line.speak_greeting()
+        line.run(3000)
+        line.say(_audio["ahem"])
+        line.run(3000)
+        self.assertEqual(len(line.metrics("interruption.paused")), 1)
+        self.assertEqual(len(line.metrics("interruption.resumed")), 1)
+        line.run(12000)
+        self.assertEqual(line.of(ev.Interruption), [])
+        end = line.of(ev.TrackEnd)[-1]
+        self.assertGreater(end.duration, len(_audio["greeting"]) // 16 * 0.95)
+        line.close()
+
+    def test_words_made_of_leaked_echo_do_not_stop_the_bot(self):
+        """With the echo guard off the -6 dB echo reaches the VAD and the recogniser, which makes the bot's
+        own words of it ("thank you"): the bot pauses but is not stopped; it resumes and goes on."""
+        line = JitterLine(self, "pcmu", 200, -6.0, seed=31,
+                          interruption={"strategy": "both", "falseInterruptionMs": 500, "echoCancel": False})
+        self.assertIsNone(line.session.processors.echo)
+        line.recognizer.text = "thank you"
+        line.speak_greeting()
+        line.run(12000)
+        self.assertTrue(line.recognizer.said)
+        self.assertGreaterEqual(len(line.metrics("interruption.paused")), 1)
+        self.assertGreaterEqual(len(line.metrics("interruption.resumed")), 1)
+        self.assertEqual(line.of(ev.Interruption), [])
+        # paused again and again by its unguarded echo, but never stopped: it went on speaking
+        track = line.session.playback.current
+        self.assertEqual(track.play_id, "greeting")
+        self.assertFalse(track.stopped)
+        self.assertGreater(track.played_ms, 3000)
+        line.close()

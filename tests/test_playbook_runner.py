@@ -1101,6 +1101,19 @@ class PauseThenDecideTests(RunnerTestBase):
         self.delta("stop talking")
         self.assertEqual(self.sent()[-1], ("interrupt",))
 
+    def test_the_bots_own_words_do_not_stop_it(self):
+        """Words the recogniser made of the bot's echo (what it is saying, mangled) are not the caller's:
+        no interrupt, no new turn; the caller's own words still stop it."""
+        self.start_speaking()
+        self.assertIn("answer.", self.session.playback.current.words_around())
+        self.delta("a long answer")
+        self.delta("it goes on")
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text="long answers"))
+        self.assertNotIn(("interrupt",), self.sent())
+        self.assertEqual(len(self.llm.calls), 1)
+        self.delta("hold on please")
+        self.assertEqual(self.sent()[-1], ("interrupt",))
+
 
 class WaitFillerTests(RunnerTestBase):
     def test_slow_first_token_gets_one_filler(self):

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from difflib import SequenceMatcher
 from typing import Any, Mapping, Optional
 
+import numpy as np
 from twisted.logger import Logger
 
 from activecall.media.tracks import TtsTrack
@@ -34,6 +36,12 @@ STRATEGIES = ("both", "vad", "asr", "none")
 #: short acknowledgements that do not take the turn (``backchannel: true``)
 BACKCHANNELS = ("uh-huh", "uh huh", "uhhuh", "mm-hmm", "mhm", "mm", "hmm", "uh", "um", "yeah", "yep", "yes",
                 "right", "okay", "ok", "sure", "i see", "嗯", "嗯嗯", "哦", "对", "对对", "好", "好的", "是")
+
+#: recognised words over the bot that are this share of its own recent words are its echo
+ECHO_SHARE = 0.6
+#: a recognised word this like one of the bot's (difflib ratio) counts as that word (pocketsphinx
+#: mangles echo: "library" -> "liberty")
+ECHO_WORD_LIKENESS = 0.75
 
 _NOT_WORD = re.compile(r"[^\w\u4e00-\u9fff]+")
 
@@ -110,10 +118,41 @@ def only_words_from(text: str, words) -> bool:
     return re.fullmatch("(?:%s)+" % "|".join(map(re.escape, vocabulary)), squeezed) is not None
 
 
-def takes_the_turn(policy: InterruptionPolicy, text: str, fillers=()) -> bool:
-    """Whether recognised ``text`` spoken over the bot stops it (minWords, backchannel, filler filter)."""
+def _words(text: str) -> list[str]:
+    """Lower-case words of ``text``; each CJK character is one."""
+    text = re.sub(r"([\u4e00-\u9fff])", r" \1 ", (text or "").lower())
+    return re.findall(r"[^\W_]+(?:'[^\W_]+)?", text)
+
+
+def _like(word: str, others: set) -> bool:
+    if word in others:
+        return True
+    if len(word) < 3:
+        return False
+    return any(len(o) >= 3 and SequenceMatcher(None, word, o).ratio() >= ECHO_WORD_LIKENESS for o in others)
+
+
+def echoes_the_bot(text: str, bot_words) -> bool:
+    """Recognised ``text`` is the bot's own voice coming back: at least ``ECHO_SHARE`` of its words (all
+    of them when there are one or two) are, or sound like, words the bot was saying around then.  A
+    recogniser given leaked echo makes words of the bot's sentence (often mangled); a caller talking
+    over the bot says their own."""
+    heard = _words(text)
+    said = set(_words(" ".join(bot_words)))
+    if not heard or not said:
+        return False
+    matched = sum(1 for w in heard if _like(w, said))
+    need = len(heard) if len(heard) <= 2 else int(np.ceil(ECHO_SHARE * len(heard)))
+    return matched >= need
+
+
+def takes_the_turn(policy: InterruptionPolicy, text: str, fillers=(), bot_words=()) -> bool:
+    """Whether recognised ``text`` spoken over the bot stops it (minWords, backchannel, filler filter;
+    never the bot's own words: ``bot_words`` are what it was saying, ``echoes_the_bot``)."""
     text = (text or "").strip()
     if word_count(text) < max(policy.min_words, 1):
+        return False
+    if bot_words and echoes_the_bot(text, bot_words):
         return False
     ignored: tuple = ()
     if policy.backchannel:
@@ -123,6 +162,13 @@ def takes_the_turn(policy: InterruptionPolicy, text: str, fillers=()) -> bool:
     if ignored and only_words_from(text, ignored):
         return False
     return True
+
+
+def bot_words(track) -> list[str]:
+    """What the bot was saying around the playout point of ``track`` (a TTS track), for
+    ``takes_the_turn``'s echo test; nothing for other tracks."""
+    words_around = getattr(track, "words_around", None)
+    return words_around() if words_around is not None else []
 
 
 class BargeIn:
@@ -197,7 +243,7 @@ class BargeIn:
         elif isinstance(event, (ev.AsrDelta, ev.AsrFinal)):
             if self.holding and self.decides and self.policy is not None \
                     and self.policy.strategy in ("both", "asr") \
-                    and takes_the_turn(self.policy, event.text, self.fillers):
+                    and takes_the_turn(self.policy, event.text, self.fillers, bot_words(self._track)):
                 self._stop("words")
         elif isinstance(event, (ev.TrackEnd, ev.Interruption, ev.Hangup, ev.End)):
             if self.holding and (self.session.playback.current is not self._track

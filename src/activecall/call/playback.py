@@ -235,6 +235,7 @@ class Playback:
             return
         started = self.clock.seconds()
         observer = self.audio_observer
+        track.spans.append((track.fed, text))
 
         def feed(pcm, track=track):  # synthesised: the track's lead-in silence is trimmed
             if observer is not None:

@@ -149,6 +149,10 @@ class TtsTrack(Track):
         self.buffer = PcmBuffer()
         self.eos = False
         self.segments: list[str] = []  # texts queued on this track, for interruption events
+        #: (sample of the track where its audio starts, text) per synthesised text: what the bot is
+        #: saying at a given point (``words_around``; the barge-in's echo test of recognised words)
+        self.spans: list[tuple[int, str]] = []
+        self.fed = 0  # samples pushed so far
         self._lead_in = True  # nothing louder than LEAD_IN_LEVEL fed yet
         self._held = np.zeros(0, dtype=np.int16)  # the lead-in's last LEAD_IN_KEEP samples
         self.lead_in_trimmed = 0  # samples dropped
@@ -173,10 +177,29 @@ class TtsTrack(Track):
             if self._held.size:
                 pcm = np.concatenate([self._held, pcm])
                 self._held = np.zeros(0, dtype=np.int16)
+        self.fed += pcm.size
         self.buffer.push(pcm)
+
+    def words_around(self, before_ms: int = 4000, after_ms: int = 500) -> list[str]:
+        """The words of the texts spoken from ``before_ms`` before the playout point to ``after_ms``
+        after it, each word placed evenly within its text's audio (a guess, good to a word or two)."""
+        now = self.frames_played * FRAME_SAMPLES
+        low, high = now - before_ms * SAMPLE_RATE // 1000, now + after_ms * SAMPLE_RATE // 1000
+        out: list[str] = []
+        for i, (start, text) in enumerate(self.spans):
+            end = self.spans[i + 1][0] if i + 1 < len(self.spans) else max(self.fed, start + 1)
+            if end < low or start > high:
+                continue
+            words = text.split()
+            for j, word in enumerate(words):
+                at = start + (end - start) * (j + 0.5) / max(len(words), 1)
+                if low <= at <= high:
+                    out.append(word)
+        return out
 
     def end_of_stream(self) -> None:
         if self._held.size:  # a track that never got louder: what was kept still plays
+            self.fed += self._held.size
             self.buffer.push(self._held)
             self._held = np.zeros(0, dtype=np.int16)
         self.eos = True

@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from activecall.call.barge_in import takes_the_turn
+from activecall.call.barge_in import bot_words, takes_the_turn
 from activecall.playbook import prompts, tags
 from activecall.playbook.strategy import ITurnStrategy
 from activecall.playbook.templates import set_var
@@ -157,7 +157,7 @@ class LlmTurns:
                 and (event.isFiller or tags.is_filler(text, runner.fillers))):
             return
         if runner.is_speaking and interruption.strategy in ("both", "asr") \
-                and not takes_the_turn(interruption.policy(), text, runner.fillers):
+                and not takes_the_turn(interruption.policy(), text, runner.fillers, self._bot_words()):
             # a backchannel ("uh-huh") or fewer than minWords: the bot goes on (call/barge_in.py resumes it)
             return
         runner.last_final_ms = runner.now()
@@ -170,6 +170,11 @@ class LlmTurns:
         runner.emit_history("user", text)
         runner.followup_count = 0
         self.start_turn(preempted=self._confirm_preemptive())
+
+    def _bot_words(self) -> list:
+        """What the bot is saying now (its echo is not the caller's words: call/barge_in.py)."""
+        playback = getattr(self.runner.session, "playback", None)
+        return bot_words(playback.current) if playback is not None else []
 
     def caller_speaking(self, event) -> None:
         """Interrupt the bot when the caller talks over it (docs/playbooks.md, interruption)."""
@@ -185,7 +190,7 @@ class LlmTurns:
         if isinstance(event, ev.AsrDelta):
             if strategy not in ("both", "asr") or not (event.text or "").strip():
                 return
-            if not takes_the_turn(interruption.policy(), event.text, runner.fillers):
+            if not takes_the_turn(interruption.policy(), event.text, runner.fillers, self._bot_words()):
                 return
         if not runner.is_speaking or runner.hanging_up:
             return
