@@ -23,12 +23,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from twisted.internet import defer
 from twisted.trial import unittest
 
 from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
+from activecall.call.websocket_call import codec_for
 from activecall.protocol import events as ev
-from activecall.speech import echo as echo_control
 
 from tests import test_barge_in as base
 from tests.test_barge_in import _audio, Line, echo_path
@@ -54,15 +53,12 @@ class JitterLine(Line):
         self.played: list = []  # the phone's received frames, not yet played
         self.sent_seen = 0
         self.ticks = 0
-        self.phone_codec = self.__class__._codec(self)
+        # the caller's phone: decodes what it receives, encodes what it sends back
+        self.phone_codec = codec_for(self.session.option), codec_for(self.session.option)
         self.gaps = 0
         self.phone_frames = 0  # frames the phone sent
         self._voice_frame = None
         self.voice_in_ms = self.paused_ms = None  # the daemon got the caller's first voice; it paused
-
-    def _codec(self):
-        from activecall.call.websocket_call import codec_for
-        return codec_for(self.session.option), codec_for(self.session.option)
 
     def _packet_delay(self):
         return 5 + self.rng.uniform(0, self.jitter_ms)

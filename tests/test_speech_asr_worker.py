@@ -234,11 +234,24 @@ class WorkerProcessTests(unittest.TestCase):
         yield svc.stopService()
         self.assertTrue(gone(pid))
 
+    def test_the_stream_opens_when_the_recogniser_is_made(self):
+        """A call's decoder is taken (its worker spawned) before the caller says anything: the first words,
+        often a barge-in over the greeting, do not wait for a worker to start and a model to load."""
+        pool = WorkerPool(size=1)
+        self.addCleanup(pool.stop)
+        asr = registry.create_recognizer({"provider": "pocketsphinx"}, list.append, pool=pool)
+        self.assertEqual(len(pool.workers), 1)
+        self.assertIs(asr._stream.worker, pool.workers[0])
+        self.assertIn(asr._stream, pool.workers[0].streams)
+        return asr.close()
+
     def test_open_options_are_json(self):
         """What the recogniser asks the worker to load (model paths, the cepstral start)."""
+        pool = WorkerPool(size=1)
+        self.addCleanup(pool.stop)  # the recogniser opened its stream (a worker) when made
         asr = registry.create_recognizer(
             {"provider": "pocketsphinx", "extra": {"cmninit": "narrowband", "hmm": "/m/hmm", "endpointing": "external"}},
-            list.append, pool=WorkerPool(size=1))
+            list.append, pool=pool)
         options = json.loads(json.dumps(asr._stream.options))
         self.assertEqual(options["hmm"], "/m/hmm")
         self.assertEqual(len(options["cmninit"].split(",")), 13)

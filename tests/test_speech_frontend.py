@@ -78,6 +78,25 @@ class EchoControlTests(SpeechAudio):
         self.assertEqual(int(flags.sum()), 0)
         self.assertGreater(np.corrcoef(out.astype(float), caller[: out.size].astype(float))[0, 1], 0.8)
 
+    def test_other_chunk_sizes_are_reframed_and_guarded(self):
+        """A client sending 10 ms chunks: the processors re-frame them to 20 ms, so the guard still sees
+        every frame and the VAD and recogniser hear none of the echo."""
+        bot = _audio["bot"]
+        echo = np.rint(np.concatenate([np.zeros(60 * 16), bot])[: bot.size] * 10 ** (-10 / 20)).astype(np.int16)
+        processors = call_speech.SpeechProcessors(None)
+        processors.echo = echo_control.EchoControl()
+        heard = []
+        processors.heard = heard.append
+        for i, f in enumerate(frames(bot)):
+            processors.echo.reference(f)
+            piece = echo[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]
+            processors.feed(piece[:160])
+            processors.feed(piece[160:])
+        self.assertEqual({h.size for h in heard}, {FRAME_SAMPLES})
+        self.assertEqual(len(heard), bot.size // FRAME_SAMPLES)
+        self.assertEqual(processors.echo.frames, len(heard))
+        self.assertLess(rms(np.concatenate(heard)), rms(echo) / 10)
+
     def test_odd_frames_pass_unchanged(self):
         ec = echo_control.EchoControl()
         odd = np.arange(100, dtype=np.int16)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from activecall.audio import FRAME_SAMPLES
 from activecall.call.playback import SynthesisUnavailable
 from activecall.call.realtime_session import attach_realtime, realtime_controller
 from activecall.protocol import events as ev
@@ -76,10 +78,24 @@ class SpeechProcessors:
         self.denoiser = None  # speech.denoise.Denoiser
         #: what the VAD and the recogniser were fed last (tests: what the recogniser hears)
         self.heard = None
+        self._pending = np.zeros(0, dtype=np.int16)  # the caller's audio short of a 20 ms frame
 
     def feed(self, pcm) -> None:
         if self.echo is not None:
+            pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+            if pcm.size != FRAME_SAMPLES or self._pending.size:
+                # the guard works on 20 ms frames: a client sending other chunk sizes is re-framed
+                # (at most 20 ms later), not passed on unguarded
+                self._pending = np.concatenate([self._pending, pcm])
+                whole = self._pending.size // FRAME_SAMPLES * FRAME_SAMPLES
+                frames, self._pending = self._pending[:whole], self._pending[whole:]
+                for i in range(0, whole, FRAME_SAMPLES):
+                    self._feed(self.echo.process(frames[i:i + FRAME_SAMPLES])[0])
+                return
             pcm, _ = self.echo.process(pcm)
+        self._feed(pcm)
+
+    def _feed(self, pcm) -> None:
         if self.denoiser is not None:
             pcm = self.denoiser.process(pcm)
         if self.heard is not None:
@@ -91,6 +107,13 @@ class SpeechProcessors:
 
     def close(self) -> defer.Deferred:
         """Finish open segments/utterances (their last events still reach the client)."""
+        echo = self.echo
+        if echo is not None and echo.frames:
+            log.info("call {id}: echo control: {echo} of {frames} frames echo, offset {offset}, delay {delay} ms, "
+                     "coupling {coupling:.2f}, {jumps} jumps, {resyncs} canceller re-placements",
+                     id=getattr(self.session, "id", "?"), echo=echo.echo_frames, frames=echo.frames,
+                     offset=echo.offset, delay=echo.delay_ms, coupling=echo.coupling, jumps=echo.jumps,
+                     resyncs=echo.resyncs)
         ds = [defer.maybeDeferred(part.close) for part in (self.vad, self.recognizer) if part is not None]
         return defer.DeferredList(ds, consumeErrors=True)
 

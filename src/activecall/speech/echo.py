@@ -7,18 +7,27 @@ late, 6–20 dB quieter, coloured.  Two stages, both fed the audio we actually s
    has the measurements that chose it over WebRTC's AEC3): a linear adaptive filter over a 300 ms
    tail.  It never touches the caller when there is no echo, but needs about a second of the bot's
    speech to converge.
-   It is fed a continuous stream of what was sent, kept about the line's echo delay less 100 ms behind
-   (so a long delay still falls inside its tail), and jumps to that place when the inbound audio's
-   bursts pull it more than 60 ms away.
+   It is fed a continuous stream of what was sent, kept 100 ms ahead of where the echo is (below), so
+   the echo falls inside its tail however late it comes; it jumps there when the offset moves.
 2. **A guard** for that first second and for what the filter leaves: a frame counts as echo when
    the filter removed most of its energy (the echo path is known), when the last 100 ms of the
-   raw input correlate with the sent audio at some delay up to 300 ms (telephone band), or when it
+   raw input correlate with the sent audio where the echo is expected (telephone band), or when it
    is no louder than the bot's echo can be (Geigel's double-talk test, with the line's coupling
-   learned on the correlated frames).  The line's delay is tracked on 400 ms windows (up to 1 s);
-   once known, each frame is compared around it only, which keeps chance likeness with a caller's
-   voice rare.  Echo frames are passed on as silence, so the VAD and the recogniser hear nothing of them.
-   A caller talking over the bot makes the input unlike the reference (and the filter removes
-   little): those frames pass.
+   learned on the correlated frames).  Echo frames are passed on as silence, so the VAD and the
+   recogniser hear nothing of them.  A caller talking over the bot makes the input unlike the
+   reference (and the filter removes little): those frames pass.
+
+**Where the echo is** is kept by *stream position*, not by when frames are handled: inbound sample r
+returns sent sample r - ``offset``.  On a real socket the time between sending a frame and handling
+its echo moves by hundreds of ms (a busy reactor handles a bunch of inbound packets at once, the media
+clock catches up in bursts), but the two streams' positions move only when the far end's playout
+skips (a late packet played as a gap, a jitter buffer growing).  The tracker finds the offset on 400 ms
+windows against up to 1.5 s of sent audio; each frame is then compared around it only (chance likeness
+with a caller's voice stays rare), and the canceller is fed a continuous stream kept 100 ms ahead of
+it.  When the far end skipped, the echo is no longer near the offset: a frame unlike the audio there
+is compared with every lag, and a strong likeness (``WIDE_CORRELATION``) counts as echo and moves the
+offset at once.  A canceller output louder than its input (a filter misaligned by a skip, subtracting
+an echo that is not there) is never passed on: the input is.
 
 ``process`` is called once per inbound frame and ``reference`` once per outbound one, both on the
 reactor thread (a few hundred microseconds a frame, measured in bench/bench_echo.py).
@@ -26,7 +35,6 @@ reactor thread (a few hundred microseconds a frame, measured in bench/bench_echo
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -35,17 +43,17 @@ from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
 
 #: echo tail the filter covers (ms); the goal is echo up to 200 ms late, plus jitter
 TAIL_MS = 300
-#: the canceller's reference may lag its target position (the echo's delay less a margin) by this
-#: much before it jumps there (the inbound audio comes in bursts on a real network)
+#: the canceller's reference may be this many frames from its target position (where the echo is,
+#: less a margin) before it jumps there
 RESYNC_FRAMES = 3
 #: the guard's analysis window (ms of inbound audio) and the delays it searches (ms) before it knows
 #: the line's delay
 WINDOW_MS = 100
 MAX_DELAY_MS = 300
-#: the line's echo delay is tracked: every TRACK_EVERY frames while the bot sounds, the last TRACK_MS
+#: where the echo is, is tracked: every TRACK_EVERY frames while the bot sounds, the last TRACK_MS
 #: of inbound audio are correlated with up to FAR_MS of what was sent; a peak of TRACK_MIN or more
-#: sets the delay (a 400 ms window makes chance peaks rare).  Then each frame searches NARROW_MS
-#: around it only.  The canceller is fed what was sent DELAY_MARGIN_MS less than the delay ago.
+#: sets the offset (a 400 ms window makes chance peaks rare).  Then each frame searches NARROW_MS
+#: around it only.  The canceller is fed the sent stream DELAY_MARGIN_MS ahead of the echo.
 FAR_MS = 1500
 TRACK_MS = 400
 TRACK_EVERY = 5

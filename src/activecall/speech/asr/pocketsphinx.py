@@ -69,6 +69,7 @@ class PocketsphinxRecognizer(StreamingRecognizer):
         self._stream = self.pool.stream(config, self.name)
         self._stream.on_error = lambda message: report_error(self, message)
         self._utterance = 0
+        self._stream.open()  # the decoder is ready before the caller's first words
 
     def close(self):
         """Finalise an open utterance, then give the worker its decoder back."""

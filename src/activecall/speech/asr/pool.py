@@ -148,12 +148,19 @@ class WorkerStream:
         self._broken = False  # a request of the current utterance failed (already logged)
         self.on_error = None  # callable(message): the recogniser's owner hears of a lost utterance
 
+    def open(self) -> None:
+        """Take a worker and a decoder now (spawning or loading one if need be), not at the first utterance:
+        a call opens its stream when its recogniser is made, so the caller's first words (often a barge-in
+        over the greeting) do not wait for a worker process to start or a model to load."""
+        if self.worker is None or self.worker.dead:
+            self._broken = False
+            self.worker = self.pool._assign(self)
+            self._send(fr.OPEN, json.dumps(self.options).encode())
+
     def begin(self, utterance: int) -> defer.Deferred:
         self.utterance = utterance
         self._broken = False
-        if self.worker is None or self.worker.dead:
-            self.worker = self.pool._assign(self)
-            self._send(fr.OPEN, json.dumps(self.options).encode())
+        self.open()
         return self._send(fr.BEGIN)
 
     def audio(self, pcm: bytes) -> defer.Deferred:
