@@ -59,9 +59,14 @@ TRACK_MS = 400
 TRACK_EVERY = 5
 TRACK_MIN = 0.5
 NARROW_MS = 100
-#: a frame unlike the sent audio around the offset but this like it at another lag is echo, and the
-#: offset moves there (the far end's playout skipped)
-WIDE_CORRELATION = 0.8
+#: a frame unlike the sent audio around the offset but this like it at another lag (its last
+#: WIDE_WINDOW_MS: short, as the window must not straddle the skip) is echo, and the offset moves there
+#: (the far end's playout skipped); before the offset is known, the last WINDOW_MS and this correlation
+WIDE_CORRELATION = 0.85
+WIDE_WINDOW_MS = 60
+UNKNOWN_WIDE_CORRELATION = 0.8
+#: ... and a frame quieter than this (-40 dBFS) with some likeness anywhere gets Geigel's test there
+FAINT_POWER = (32768 * 10 ** (-40 / 20)) ** 2
 DELAY_MARGIN_MS = 100
 #: normalised correlation at or above which the window is the bot's echo (flite speech, docs/speech.md:
 #: band-limited, 95% of echo frames score 0.7-0.94, another voice at most 0.62)
@@ -230,15 +235,22 @@ class EchoControl:
                 # somewhat like it -> echo
                 echo = near_peak < GEIGEL_MARGIN * self.coupling * far_peak
         if not echo:
-            # the far end's playout may have skipped (a gap, a burst), so the echo is no longer where
-            # the offset says: look at every lag; a strong likeness is echo and moves the offset there
-            lag, self.last_wide = self._wide_score()
-            if self.last_wide >= WIDE_CORRELATION:
+            # the echo is not where the offset says (the far end's playout skipped: a gap, a burst) or
+            # the offset is not known yet and a stall put the echo beyond MAX_DELAY_MS: look at every
+            # lag; a strong likeness is echo and moves the offset there.  Stricter before the line is
+            # known to echo (a caller on a line without echo must not be taken for the bot)
+            window, needed = (WIDE_WINDOW_MS, WIDE_CORRELATION) if self.offset is not None \
+                else (WINDOW_MS, UNKNOWN_WIDE_CORRELATION)
+            lag, self.last_wide = self._wide_score(window)
+            if self.last_wide >= needed:
                 echo = True
                 self.offset = self._recv - (self._sent - lag)
                 self.jumps += 1
-            elif self._coupled >= COUPLING_FRAMES and self.last_wide >= GEIGEL_SCORE:
-                # Geigel's test against the loudest the bot was anywhere in the searched time
+            elif p_in < FAINT_POWER and self._coupled >= COUPLING_FRAMES and self.last_wide >= GEIGEL_SCORE:
+                # a faint frame somewhat like the sent audio somewhere, no louder than the bot's echo can
+                # be (Geigel against the loudest the bot was): the onset of echo chopped by the far end's
+                # playout gaps, which the correlation cannot place.  Only faint ones: a caller's louder
+                # frames are never taken this way (barge-in speed)
                 echo = float(np.abs(near).max()) < GEIGEL_MARGIN * self.coupling * float(self._far_peaks.max())
         if echo:
             self.echo_frames += 1
@@ -283,9 +295,10 @@ class EchoControl:
             self.offset = self._recv - (self._sent - lag)
             self.delay_ms = int(lag * 1000 // SAMPLE_RATE)
 
-    def _wide_score(self) -> tuple[int, float]:
-        """(lag in samples, score) of the best match of the last inbound window anywhere in what was sent."""
-        w = self._window
+    def _wide_score(self, window_ms: int) -> tuple[int, float]:
+        """(lag in samples, score) of the best match of the last ``window_ms`` of inbound audio anywhere in
+        what was sent."""
+        w = window_ms * GUARD_RATE // 1000
         n = self._near[-w:]
         if float(np.dot(n, n)) <= 0.0:
             return 0, 0.0
