@@ -4,15 +4,17 @@
 socket does not.  Here the daemon, the network and the caller's phone each keep their own time on one
 ``task.Clock`` (1 ms steps), as the barge-in bench meets them over a real daemon:
 
-- the daemon's media clock ticks every 20 ms but now and then stalls (a busy reactor) for 40–120 ms and
-  then catches up, sending the frames it owes at once — and the caller's audio that came meanwhile is
-  handled in one bunch;
+- the daemon's media clock ticks every 20 ms but now and then stalls (a busy reactor: 40–120 ms every
+  0.7 s or so, or 40–400 ms every 0.5 s in the echo test) and then catches up, sending the frames it owes
+  at once (re-anchoring past 10, as ``media/clock.py`` does) — and the caller's audio that came meanwhile
+  is handled in one bunch, before or after those ticks;
 - every packet, each way, takes 5 ms plus a random 0–``jitter_ms`` (in order, like TCP);
 - the phone plays what it received on its own 20 ms deadlines, one frame a deadline (a frame that is not
   there yet is a gap of silence: the echo's delay steps up by 20 ms), and returns it as echo
   (``delay_ms`` late, ``gain_db``, with a second reflection) with the caller's voice mixed in.
 
-So the echo reaches the guard ``delay_ms`` plus 10–100 ms late, moving from packet to packet, with gaps.
+So the echo reaches the guard ``delay_ms`` plus tens to hundreds of ms late, the lateness moving from packet
+to packet, with gaps that shift it for good.
 Seeded random numbers: every run is the same.  The recogniser is the scripted one of test_barge_in
 (words once it was fed 300 ms of loud audio), and can also say what the bot was saying (pocketsphinx
 making words of leaked echo).
@@ -48,7 +50,7 @@ class JitterLine(Line):
         self.next_tick = 20
         self.next_deadline = 7  # the phone's 20 ms deadlines, out of phase with the daemon's
         self.down: list = []  # (arrival ms, payload) towards the phone
-        self.up_queue: list = []  # (arrival ms, payload) towards the daemon
+        self.up_queue: list = []  # (arrival ms, payload, phone frame number) towards the daemon
         self.last_down = self.last_up = 0
         self.played: list = []  # the phone's received frames, not yet played
         self.sent_seen = 0
