@@ -31,7 +31,7 @@ import time
 from typing import Callable, Optional
 
 import numpy as np
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -65,6 +65,17 @@ def available() -> bool:
         return False
 
 
+def _one_blas_thread() -> None:
+    """The features' matrix product ((80, 201) x (201, 801)) on one BLAS thread: OpenBLAS would wake a
+    second, spinning thread for it and take ~3x the CPU time (19 against 6 ms a run measured, the same
+    result).  Process-wide, as the RTP ticker's limit (media/rtp_ticker.py) is."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; the limit is an optimisation
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class SmartTurnModel:
     """One onnxruntime session; ``predict`` is blocking and meant for a worker thread."""
 
@@ -80,16 +91,19 @@ class SmartTurnModel:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = model_path(path)
         self.session = ort.InferenceSession(self.path, sess_options=so, providers=["CPUExecutionProvider"])
+        _one_blas_thread()
 
     def predict(self, pcm) -> float:
         """P(the turn is complete) for the 16 kHz audio ``pcm`` (int16 samples, or floats in -1..1)."""
         x = np.asarray(pcm)
         if x.dtype == np.int16:
             x = x.astype(np.float32) / 32768.0
-        mel = features.log_mel(features.last_window(x))
+        mel = features.turn_log_mel(x)
         (out,) = self.session.run(None, {"input_features": mel[None, :, :]})
         return float(np.asarray(out).reshape(-1)[0])
 
+
+_SKIPPED = object()  # what a withdrawn job returns
 
 _models: dict[Optional[str], SmartTurnModel] = {}
 _models_lock = threading.Lock()
@@ -148,6 +162,7 @@ class SmartTurnDetector:
 
     def __init__(self, options: EouOptions, run_in_thread: Callable = in_eou_thread, model=None):
         self.options = options
+        self.skipped = 0  # runs withdrawn before a worker took them
         self.run_in_thread = run_in_thread
         self._path = options.extra.get("model") or None
         self._model = model
@@ -164,4 +179,26 @@ class SmartTurnDetector:
         return TurnPrediction(probability, (time.perf_counter() - started) * 1000.0)
 
     def analyze(self, pcm):
-        return self.run_in_thread(self._predict, np.asarray(pcm))
+        """A Deferred of the ``TurnPrediction``; cancelling it before a worker took the job skips the run
+        (the endpointer withdraws a question whose answer can no longer count: the caller spoke again,
+        the ceiling passed), so a backlog under load does not grow with runs nobody waits for."""
+        withdrawn = threading.Event()
+
+        def run(pcm):
+            if withdrawn.is_set():
+                return _SKIPPED
+            return self._predict(pcm)
+
+        def answered(result):
+            if result is _SKIPPED:
+                self.skipped += 1
+            elif not outer.called:
+                outer.callback(result)
+
+        def failed(failure):
+            if not outer.called:
+                outer.errback(failure)
+
+        outer = defer.Deferred(lambda _: withdrawn.set())
+        self.run_in_thread(run, np.asarray(pcm)).addCallbacks(answered, failed)
+        return outer
