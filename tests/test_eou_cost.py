@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from activecall.speech.eou import features
 from activecall.speech.eou.base import EouOptions, TurnPrediction
 from activecall.speech.eou.endpointer import TurnDecision, TurnEndpointer
-from activecall.speech.eou.smart_turn import SmartTurnDetector, shared_model
+from activecall.speech.eou.smart_turn import SmartTurnDetector, SmartTurnModel, shared_model
 from activecall.speech.testing import speech_extent, synthesize_pcm
 
 #: complete and trailing-off turns (tests/test_speech_eou.py's), in two flite voices
@@ -205,3 +205,27 @@ class DetectorSkipTests(unittest.TestCase):
         self.pool.run(0)  # the current one: answered
         self.assertEqual((self.model.runs, self.detector.skipped, ends), (1, 1, [1]))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_a_run_under_way_is_stopped(self):
+        """Withdrawn after the worker took the job: onnxruntime's terminate flag stops the real model's run,
+        which ends as a skip, not as a detector failure."""
+        real = shared_model()
+
+        class Withdrawn(SmartTurnModel):
+            def __init__(inner):
+                inner.session, inner.path = real.session, real.path
+
+            def predict(inner, pcm, run_options=None):
+                d.cancel()  # the caller spoke again while the worker was starting the run
+                return SmartTurnModel.predict(inner, pcm, run_options)
+
+        detector = SmartTurnDetector(EouOptions(), run_in_thread=self.pool, model=Withdrawn())
+        d = detector.analyze(np.zeros(16000, dtype=np.int16))
+        self.pool.run()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(detector.skipped, 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # the shared session is not left terminated: the next question is answered
+        d2 = SmartTurnDetector(EouOptions(), run_in_thread=self.pool, model=real).analyze(np.zeros(16000, dtype=np.int16))
+        self.pool.run()
+        self.assertTrue(0.0 <= self.successResultOf(d2).probability <= 1.0)

@@ -93,13 +93,16 @@ class SmartTurnModel:
         self.session = ort.InferenceSession(self.path, sess_options=so, providers=["CPUExecutionProvider"])
         _one_blas_thread()
 
-    def predict(self, pcm) -> float:
-        """P(the turn is complete) for the 16 kHz audio ``pcm`` (int16 samples, or floats in -1..1)."""
+    def predict(self, pcm, run_options=None) -> float:
+        """P(the turn is complete) for the 16 kHz audio ``pcm`` (int16 samples, or floats in -1..1).
+
+        ``run_options``: an ``onnxruntime.RunOptions`` whose ``terminate`` another thread may set to stop
+        the run early (it then raises)."""
         x = np.asarray(pcm)
         if x.dtype == np.int16:
             x = x.astype(np.float32) / 32768.0
         mel = features.turn_log_mel(x)
-        (out,) = self.session.run(None, {"input_features": mel[None, :, :]})
+        (out,) = self.session.run(None, {"input_features": mel[None, :, :]}, run_options)
         return float(np.asarray(out).reshape(-1)[0])
 
 
@@ -162,7 +165,7 @@ class SmartTurnDetector:
 
     def __init__(self, options: EouOptions, run_in_thread: Callable = in_eou_thread, model=None):
         self.options = options
-        self.skipped = 0  # runs withdrawn before a worker took them
+        self.skipped = 0  # runs withdrawn before a worker took them, or stopped under way
         self.run_in_thread = run_in_thread
         self._path = options.extra.get("model") or None
         self._model = model
@@ -172,22 +175,33 @@ class SmartTurnDetector:
                 _warming[self._path] = self.run_in_thread(warm, self._path).addErrback(
                     lambda f: log.failure("loading the Smart Turn model failed", f))
 
-    def _predict(self, pcm: np.ndarray) -> TurnPrediction:
+    def _predict(self, pcm: np.ndarray, run_options=None) -> TurnPrediction:
         started = time.perf_counter()
         model = self._model if self._model is not None else shared_model(self._path)
-        probability = model.predict(pcm)
+        if isinstance(model, SmartTurnModel):
+            probability = model.predict(pcm, run_options)
+        else:  # a stand-in (tests)
+            probability = model.predict(pcm)
         return TurnPrediction(probability, (time.perf_counter() - started) * 1000.0)
 
     def analyze(self, pcm):
-        """A Deferred of the ``TurnPrediction``; cancelling it before a worker took the job skips the run
-        (the endpointer withdraws a question whose answer can no longer count: the caller spoke again,
-        the ceiling passed), so a backlog under load does not grow with runs nobody waits for."""
+        """A Deferred of the ``TurnPrediction``.  Cancelling it withdraws the question (the endpointer does
+        when its answer can no longer count: the caller spoke again, the ceiling passed): a job no worker
+        took yet is skipped, and a run under way is told to stop (onnxruntime's ``RunOptions.terminate``,
+        checked between the graph's nodes), so a backlog under load does not grow with runs nobody
+        waits for."""
         withdrawn = threading.Event()
+        run_options = _run_options()
 
         def run(pcm):
             if withdrawn.is_set():
                 return _SKIPPED
-            return self._predict(pcm)
+            try:
+                return self._predict(pcm, run_options)
+            except Exception:
+                if withdrawn.is_set():
+                    return _SKIPPED  # terminated
+                raise
 
         def answered(result):
             if result is _SKIPPED:
@@ -199,6 +213,19 @@ class SmartTurnDetector:
             if not outer.called:
                 outer.errback(failure)
 
-        outer = defer.Deferred(lambda _: withdrawn.set())
+        def withdraw(_):
+            withdrawn.set()
+            if run_options is not None:
+                run_options.terminate = True
+
+        outer = defer.Deferred(withdraw)
         self.run_in_thread(run, np.asarray(pcm)).addCallbacks(answered, failed)
         return outer
+
+
+def _run_options():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    return ort.RunOptions()
