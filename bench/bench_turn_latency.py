@@ -362,7 +362,8 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
         cpu0, wall0 = read_cpu_seconds(daemon.transport.pid), reactor.seconds()
         if profile_dir:  # py-spy samples the daemon while the measured turns run
             out = os.path.join(profile_dir, f"{transport}-{name}-load{load or 0}.txt")
-            spy = spawn(["py-spy", "record", "--nonblocking", "--format", "raw", "-o", out, "-p",
+            py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            spy = spawn([py_spy, "record", "--nonblocking", "--format", "raw", "-o", out, "-p",
                          str(daemon.transport.pid)])
         results = yield converse(line, turns, clips, transcriptions)
         if profile_dir:
@@ -487,7 +488,7 @@ if __name__ == "__main__":
 
     def run():
         d = main(args)
-        d.addErrback(lambda f: (f.printTraceback(), None))
+        d.addErrback(lambda f: (f.printTraceback(file=sys.stderr), None))  # not to twisted's log: nobody reads it
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(run)
