@@ -316,7 +316,9 @@ def converse(line, turns, clips, transcriptions):
         line.poll_events()
         lat = [e for e in line.events[seen:] if e.get("event") == "metrics" and e.get("key") == "turn.latency"]
         row = {"turn": i, "v2v_ms": round(v2v, 1)}
-        if lat:
+        if lat and lat[0]["data"].get("asr_final_ms") is None:
+            row["daemon"] = lat[0]["data"]  # a turn with no final (an overloaded daemon): no breakdown
+        elif lat:
             d = lat[0]["data"]
             row["daemon"] = d
             eou = d["eou_ms"] if d["eou_ms"] is not None else d["asr_final_ms"]
