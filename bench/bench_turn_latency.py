@@ -316,8 +316,10 @@ def converse(line, turns, clips, transcriptions):
         line.poll_events()
         lat = [e for e in line.events[seen:] if e.get("event") == "metrics" and e.get("key") == "turn.latency"]
         row = {"turn": i, "v2v_ms": round(v2v, 1)}
-        if lat and lat[0]["data"].get("asr_final_ms") is None:
-            row["daemon"] = lat[0]["data"]  # a turn with no final (an overloaded daemon): no breakdown
+        if lat and (lat[0]["data"].get("asr_final_ms") is None or (
+                lat[0]["data"].get("llm_first_token_ms") is not None
+                and lat[0]["data"].get("tts_first_audio_ms") is None)):
+            row["daemon"] = lat[0]["data"]  # a stage missing (an overloaded daemon mixes turns up): no breakdown
         elif lat:
             d = lat[0]["data"]
             row["daemon"] = d
