@@ -94,7 +94,7 @@ def turn_log_mel(audio: np.ndarray) -> np.ndarray:
     spectrum is computed once and copied (a 2 s turn leaves ~3/4 of the 801 FFTs,
     the products and the logarithms undone).  The normalisation and the
     dynamic-range clamp still see the whole window, so the values are the
-    reference's (tests/test_speech_eou.py compares them).
+    reference's (tests/test_eou_cost.py compares them).
     """
     x = last_window(audio)
     n_pad = WINDOW_SAMPLES - np.asarray(audio).size
