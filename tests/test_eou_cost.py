@@ -226,6 +226,7 @@ class DetectorSkipTests(unittest.TestCase):
         self.assertEqual(detector.skipped, 1)
         self.assertEqual(self.flushLoggedErrors(), [])
         # the shared session is not left terminated: the next question is answered
-        d2 = SmartTurnDetector(EouOptions(), run_in_thread=self.pool, model=real).analyze(np.zeros(16000, dtype=np.int16))
+        again = SmartTurnDetector(EouOptions(), run_in_thread=self.pool, model=real)
+        d2 = again.analyze(np.zeros(16000, dtype=np.int16))
         self.pool.run()
         self.assertTrue(0.0 <= self.successResultOf(d2).probability <= 1.0)
