@@ -21,8 +21,12 @@ time (20 ms frames on the reactor, decoding during speech on its pool) and calli
 after the speech (what the end-of-turn model does at a pause); first partial = wall time from the first
 speech frame to the first ``asrDelta``.  Memory: RSS growth when the engine is loaded.
 
-Voices: first audio (wall time from ``synthesize`` to the first chunk), RTF, and intelligibility = WER of
-``whisper 12s`` on the voice's audio through PCMU.
+Voices: first audio (wall time from ``synthesize`` to the first chunk handed to the sink on the reactor:
+the moment a call's track has audio to send), RTF, and intelligibility = WER of ``whisper 12s`` on the
+voice's audio through PCMU.
+
+``--tts-only [--repeat N]``: the voices' first audio only (p50 / p95 / max over N rounds of the ten
+sentences), no recognisers: the quick A/B for synthesis changes.
 """
 
 from __future__ import annotations
@@ -168,6 +172,9 @@ def main(reactor, args):
     if piper.available():
         voices.insert(0, ("piper", None))
     sentences = SENTENCES[:4] if args.quick else SENTENCES
+    if args.tts_only:
+        yield tts_only(voices[:2], sentences, args.repeat)
+        return
 
     # -- the voices: synthesis cost and audio ---------------------------------------------------------
     print(f"# evaluation set: {len(sentences)} sentences x {len(voices)} voices; lines: clean, pcmu, "
@@ -271,10 +278,30 @@ def main(reactor, args):
     print(f"\nload average at the end: {os.getloadavg()}; max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
 
 
+@defer.inlineCallbacks
+def tts_only(voices, sentences, repeat):
+    print(f"# first audio: {len(sentences)} sentences x {repeat} rounds; load average {os.getloadavg()}")
+    print("| voice | first audio p50 / p95 / max | RTF |")
+    print("|---|---|---|")
+    for provider, voice in voices:
+        firsts, rtfs = [], []
+        yield synthesize(provider, voice, "Warm up.")
+        for _ in range(repeat):
+            for s in sentences:
+                pcm, first, total = yield synthesize(provider, voice, s)
+                firsts.append(first * 1000)
+                rtfs.append(total / max(pcm.size / 16000, 1e-3))
+        print(f"| {provider} {voice or 'joe'} | {pct(firsts, 50):.0f} / {pct(firsts, 95):.0f} / {max(firsts):.0f} ms "
+              f"| {float(np.mean(rtfs)):.3f} |", flush=True)
+    print(f"load average at the end: {os.getloadavg()}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--snr", default="10", help="comma-separated SNRs (dB) of added white noise")
     parser.add_argument("--quick", action="store_true", help="4 sentences instead of 10")
     parser.add_argument("--stream", type=int, default=12, help="utterances streamed in real time")
+    parser.add_argument("--tts-only", action="store_true", help="the voices' first audio only (piper, flite rms)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the sentences with --tts-only")
     args = parser.parse_args()
     task.react(main, (args,))
