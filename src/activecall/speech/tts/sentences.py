@@ -1,10 +1,21 @@
-"""Sentence splitting, so long texts start playing after the first sentence is synthesised."""
+"""Sentence splitting, so long texts start playing after the first sentence is synthesised, and the
+first-chunk cut of synthesisers whose cost grows with the audio (piper), so the first audio comes sooner."""
 
 from __future__ import annotations
 
 import re
 
 _SPLIT = re.compile(r"(?<=[.!?;:。！？；])\s+|(?<=[。！？；])")
+_CLAUSE_END = re.compile(r"[,;:，、；：]$")
+
+#: the first chunk is cut at a clause end or a phrase break once it has this many words
+FIRST_CHUNK_MIN_WORDS = 3
+#: a first chunk longer than this (in words) is cut at a phrase break when there is one
+FIRST_CHUNK_MAX_WORDS = 5
+#: where an English phrase may break: before these words (prepositions, conjunctions, copulas, determiners)
+BREAK_BEFORE = frozenset("""to and or but for with about in on at from of by into after before until while as than
+    because so if when that which who is are was were will would can could should the a an my your our their
+    his her its this these those""".split())
 
 
 def split_sentences(text: str, max_chars: int = 400) -> list[str]:
@@ -20,3 +31,35 @@ def split_sentences(text: str, max_chars: int = 400) -> list[str]:
         if part:
             out.append(part)
     return out
+
+
+def first_chunk_split(sentence: str) -> list[str]:
+    """``sentence`` as [first chunk, rest] (or [sentence] when no cut is worth it): after its first clause
+    end (``, ; :``) that closes at least FIRST_CHUNK_MIN_WORDS words; then, if that first chunk has more
+    than FIRST_CHUNK_MAX_WORDS words, before the first word of BREAK_BEFORE from word FIRST_CHUNK_MIN_WORDS
+    on (leaving two words or more after it), marked with a comma so the voice pauses there as at a clause.
+
+    "Please send the invoice to Maria Johnson." -> ["Please send the invoice,", "to Maria Johnson."].
+    The text a call sends in one ``tts`` command is cut here, for every call type; a playbook's LLM reply
+    is already cut at its first clause while it streams (``playbook/tags.py``, ``first_clause_chars``)."""
+    words = sentence.split()
+    first = len(words)
+    for i, word in enumerate(words[:-1]):
+        if _CLAUSE_END.search(word) and i + 1 >= FIRST_CHUNK_MIN_WORDS:
+            first = i + 1
+            break
+    if first > FIRST_CHUNK_MAX_WORDS:
+        for i in range(FIRST_CHUNK_MIN_WORDS, min(first, len(words) - 1)):  # two words or more after it
+            if words[i].lower().strip("\"'(") in BREAK_BEFORE and not _CLAUSE_END.search(words[i - 1]):
+                return [" ".join(words[:i]) + ",", " ".join(words[i:])]
+    if first < len(words):
+        return [" ".join(words[:first]), " ".join(words[first:])]
+    return [sentence]
+
+
+def speech_chunks(text: str, max_chars: int = 400) -> list[str]:
+    """The sentences of ``text``, the first one cut by ``first_chunk_split``."""
+    sentences = split_sentences(text, max_chars)
+    if sentences:
+        sentences[0:1] = first_chunk_split(sentences[0])
+    return sentences
