@@ -142,6 +142,22 @@ class PiperTests(unittest.TestCase):
                          ["Thank you for calling us,", "how can I help?", "Bye."])
 
     @defer.inlineCallbacks
+    def test_library_phonemes_are_the_programs(self):
+        """The in-process phonemiser (libespeak-ng) gives what ``espeak-ng -q --ipa`` prints."""
+        library = piper.espeak_library()
+        if library is None:
+            raise unittest.SkipTest("libespeak-ng.so.1 cannot be loaded")
+        tts = registry.create_synthesizer({"provider": "piper"})
+        for text in ("My phone number is five five five, one two three four.", "It costs $5.50, Mr. Smith; ok?",
+                     "Could you repeat the last four digits, please?"):
+            from_program = yield tts.phonemes(text)
+            self.assertEqual(piper.phoneme_clauses(library.ipa_lines(text, "en-us"), text), from_program)
+
+    def test_warm_loads_the_shipped_voice(self):
+        piper.warm()
+        self.assertIn(piper.shipped_voice(), piper._voices)
+
+    @defer.inlineCallbacks
     def test_speaks_and_is_understood(self):
         out = []
         tts = registry.create_synthesizer({"provider": "piper"})
