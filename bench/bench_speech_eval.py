@@ -25,6 +25,8 @@ Voices: first audio (wall time from ``synthesize`` to the first chunk handed to 
 the moment a call's track has audio to send), RTF, and intelligibility = WER of ``whisper 12s`` on the
 voice's audio through PCMU.
 
+``--stream-only [--stream N] [--tail-ms MS] [--trim]``: only the streamed whisper line, the end of turn
+``MS`` after the audio (after the speech itself with ``--trim``).
 ``--tts-only [--repeat N]``: the voices' first audio only (p50 / p95 / max over N rounds of the ten
 sentences), no recognisers: the quick A/B for synthesis changes.
 """
@@ -138,12 +140,17 @@ def pocketsphinx_decode(decoder, pcm: np.ndarray) -> tuple[str, float, float]:
 
 
 @defer.inlineCallbacks
-def stream_whisper(reactor, pcm: np.ndarray):
-    """Real-time streaming through WhisperRecognizer: (final text, first partial s, final after end s)."""
+def stream_whisper(reactor, pcm: np.ndarray, tail_ms: int = 300, trim: bool = False):
+    """Real-time streaming through WhisperRecognizer: (final text, first partial s, final after end s).
+    The end of turn comes ``tail_ms`` after the audio (after its last sample above -40 dBFS with ``trim``:
+    the voices pad their output with up to a few hundred ms of near-silence)."""
     results = []
     asr = registry.create_recognizer({"provider": "whisper", "extra": {"endpointing": "external"}},
                                      lambda r: results.append((time.perf_counter(), r)))
-    audio = np.concatenate([pcm, np.zeros(4800, dtype=np.int16)])  # the speech, then 300 ms of pause
+    if trim:
+        loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 328)
+        pcm = pcm[:loud[-1] + 1] if loud.size else pcm
+    audio = np.concatenate([pcm, np.zeros(tail_ms * 16, dtype=np.int16)])  # the speech, then the pause
     start = time.perf_counter()
     for i in range(0, audio.size, 320):
         asr.feed(audio[i:i + 320])
@@ -198,6 +205,10 @@ def main(reactor, args):
     for k, ((provider, voice, s), pcm) in enumerate(audio.items()):
         for name, make in lines.items():
             utterances.append((name, f"{provider} {voice or 'joe'}", s, make(pcm, k)))
+
+    if args.stream_only:
+        yield stream_only(reactor, args, [(s, pcm) for line, voice, s, pcm in utterances if line == "pcmu"])
+        return
 
     # -- the recognisers ---------------------------------------------------------------------------
     asr_rows = []
@@ -279,6 +290,25 @@ def main(reactor, args):
 
 
 @defer.inlineCallbacks
+def stream_only(reactor, args, pcmu):
+    """Only the streamed whisper line (the quick A/B for recogniser scheduling changes)."""
+    stream = pcmu[:args.stream]
+    firsts, finals, e_sum, n_sum = [], [], 0, 0
+    load = os.getloadavg()
+    for s, pcm in stream:
+        text, first, final = yield stream_whisper(reactor, pcm, args.tail_ms, args.trim)
+        e, n = wer(s, text)
+        e_sum += e
+        n_sum += n
+        firsts.append(first * 1000)
+        finals.append(final * 1000)
+    print(f"whisper 12s streamed in real time ({len(stream)} PCMU utterances, end of turn {args.tail_ms} ms after "
+          f"the {'speech (trimmed)' if args.trim else 'audio'}): WER {e_sum / max(n_sum, 1):.3f}; first partial p50 "
+          f"{pct(firsts, 50):.0f} ms; final after end of turn p50 {pct(finals, 50):.0f} ms, p95 "
+          f"{pct(finals, 95):.0f} ms, max {max(finals):.0f} ms; load average {load} -> {os.getloadavg()}")
+
+
+@defer.inlineCallbacks
 def tts_only(voices, sentences, repeat):
     print(f"# first audio: {len(sentences)} sentences x {repeat} rounds; load average {os.getloadavg()}")
     print("| voice | first audio p50 / p95 / max | RTF |")
@@ -301,6 +331,9 @@ if __name__ == "__main__":
     parser.add_argument("--snr", default="10", help="comma-separated SNRs (dB) of added white noise")
     parser.add_argument("--quick", action="store_true", help="4 sentences instead of 10")
     parser.add_argument("--stream", type=int, default=12, help="utterances streamed in real time")
+    parser.add_argument("--stream-only", action="store_true", help="only the streamed whisper line")
+    parser.add_argument("--tail-ms", type=int, default=300, help="pause between the audio and the end of turn")
+    parser.add_argument("--trim", action="store_true", help="cut the voices' trailing near-silence first")
     parser.add_argument("--tts-only", action="store_true", help="the voices' first audio only (piper, flite rms)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the sentences with --tts-only")
     args = parser.parse_args()
