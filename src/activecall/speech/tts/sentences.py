@@ -12,10 +12,10 @@ _CLAUSE_END = re.compile(r"[,;:，、；：]$")
 FIRST_CHUNK_MIN_WORDS = 3
 #: a first chunk longer than this (in words) is cut at a phrase break when there is one
 FIRST_CHUNK_MAX_WORDS = 5
-#: where an English phrase may break: before these words (prepositions, conjunctions, copulas, determiners)
-BREAK_BEFORE = frozenset("""to and or but for with about in on at from of by into after before until while as than
-    because so if when that which who is are was were will would can could should the a an my your our their
-    his her its this these those""".split())
+#: where an English phrase may break with a short pause that still sounds natural: before a conjunction, a
+#: preposition, an infinitive's "to" or a copula (after a long subject); not before a determiner
+BREAK_BEFORE = frozenset("""to and or but for with about in on at from by into after before until while because
+    so if when that which who is are was were""".split())
 
 
 def split_sentences(text: str, max_chars: int = 400) -> list[str]:
