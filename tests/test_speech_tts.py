@@ -133,6 +133,9 @@ class SentenceTests(unittest.TestCase):
                          ["Yes, that is correct,", "thank you very much."])
         self.assertEqual(first_chunk_split("My name is David Smith and I live in Boston."),
                          ["My name is David Smith,", "and I live in Boston."])
+        # no conjunction or preposition early enough: before a determiner
+        self.assertEqual(first_chunk_split("Could you repeat the last four digits, please?"),
+                         ["Could you repeat,", "the last four digits, please?"])
         for short in ("Hi.", "Thank you.", "Sure, Alice, your order has shipped.", "Your order has shipped."):
             self.assertEqual(first_chunk_split(short), [short])  # a cut would not be worth it
         self.assertEqual(speech_chunks("Thank you for calling us, how can I help? Bye."),

@@ -10,12 +10,15 @@ _CLAUSE_END = re.compile(r"[,;:，、；：]$")
 
 #: the first chunk is cut at a clause end or a phrase break once it has this many words
 FIRST_CHUNK_MIN_WORDS = 3
-#: a first chunk longer than this (in words) is cut at a phrase break when there is one
-FIRST_CHUNK_MAX_WORDS = 5
+#: a first chunk longer than this (characters) is cut at a phrase break when there is one: for the piper
+#: voice ~1.5 s of speech, ~0.15 s of one core to synthesise here (docs/speech.md, "Piper first audio")
+FIRST_CHUNK_MAX_CHARS = 24
 #: where an English phrase may break with a short pause that still sounds natural: before a conjunction, a
-#: preposition, an infinitive's "to" or a copula (after a long subject); not before a determiner
+#: preposition, an infinitive's "to" or a copula (after a subject of three words or more)
 BREAK_BEFORE = frozenset("""to and or but for with about in on at from by into after before until while because
     so if when that which who is are was were""".split())
+#: where it may break when there is no such word early enough: before a determiner (a verb and its object)
+WEAK_BREAK_BEFORE = frozenset("the a an my your our their his her its this these those".split())
 
 
 def split_sentences(text: str, max_chars: int = 400) -> list[str]:
@@ -35,9 +38,10 @@ def split_sentences(text: str, max_chars: int = 400) -> list[str]:
 
 def first_chunk_split(sentence: str) -> list[str]:
     """``sentence`` as [first chunk, rest] (or [sentence] when no cut is worth it): after its first clause
-    end (``, ; :``) that closes at least FIRST_CHUNK_MIN_WORDS words; then, if that first chunk has more
-    than FIRST_CHUNK_MAX_WORDS words, before the first word of BREAK_BEFORE from word FIRST_CHUNK_MIN_WORDS
-    on (leaving two words or more after it), marked with a comma so the voice pauses there as at a clause.
+    end (``, ; :``) that closes at least FIRST_CHUNK_MIN_WORDS words; then, if that first chunk is longer than
+    FIRST_CHUNK_MAX_CHARS, before the first word of BREAK_BEFORE (else WEAK_BREAK_BEFORE) that leaves at least
+    FIRST_CHUNK_MIN_WORDS words and at most FIRST_CHUNK_MAX_CHARS before it and two words or more after it,
+    marked with a comma so the voice pauses there as at a clause.
 
     "Please send the invoice to Maria Johnson." -> ["Please send the invoice,", "to Maria Johnson."].
     The text a call sends in one ``tts`` command is cut here, for every call type; a playbook's LLM reply
@@ -48,10 +52,17 @@ def first_chunk_split(sentence: str) -> list[str]:
         if _CLAUSE_END.search(word) and i + 1 >= FIRST_CHUNK_MIN_WORDS:
             first = i + 1
             break
-    if first > FIRST_CHUNK_MAX_WORDS:
-        for i in range(FIRST_CHUNK_MIN_WORDS, min(first, len(words) - 1)):  # two words or more after it
-            if words[i].lower().strip("\"'(") in BREAK_BEFORE and not _CLAUSE_END.search(words[i - 1]):
-                return [" ".join(words[:i]) + ",", " ".join(words[i:])]
+    if len(" ".join(words[:first])) > FIRST_CHUNK_MAX_CHARS:
+        for breaks in (BREAK_BEFORE, WEAK_BREAK_BEFORE):
+            cut = None
+            for i in range(FIRST_CHUNK_MIN_WORDS, min(first, len(words) - 1)):  # two words or more after it
+                if len(" ".join(words[:i])) > FIRST_CHUNK_MAX_CHARS:
+                    break
+                if words[i].lower().strip("\"'(") in breaks and not _CLAUSE_END.search(words[i - 1]):
+                    cut = i
+                    break
+            if cut is not None:
+                return [" ".join(words[:cut]) + ",", " ".join(words[cut:])]
     if first < len(words):
         return [" ".join(words[:first]), " ".join(words[first:])]
     return [sentence]
