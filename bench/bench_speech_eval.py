@@ -157,8 +157,10 @@ def stream_whisper(reactor, pcm: np.ndarray, tail_ms: int = 300, trim: bool = Fa
         due = start + (i + 320) / 16000
         yield task.deferLater(reactor, max(0.0, due - time.perf_counter()), lambda: None)
     ended = time.perf_counter()
+    _DECODES.clear()
     asr.end_utterance()
     yield asr.close()
+    _LATE.append(len(_DECODES))  # decodes that began after the end of turn (the final waited for them)
     partials = [t for t, r in results if not r.final]
     finals = [(t, r.text) for t, r in results if r.final]
     text = finals[-1][1] if finals else ""
@@ -289,9 +291,26 @@ def main(reactor, args):
     print(f"\nload average at the end: {os.getloadavg()}; max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
 
 
+_DECODES: list = []  # start times of whisper decodes (traced by stream_only)
+_LATE: list = []  # per streamed utterance: decodes that began after its end of turn
+
+
+def _trace_decodes() -> None:
+    from activecall.speech.asr import whisper
+    engine = whisper.shared_engine(whisper.shipped_model_dir())
+    transcribe = engine.transcribe
+
+    def traced(*a, **kw):
+        _DECODES.append(time.perf_counter())
+        return transcribe(*a, **kw)
+    engine.transcribe = traced
+
+
 @defer.inlineCallbacks
 def stream_only(reactor, args, pcmu):
-    """Only the streamed whisper line (the quick A/B for recogniser scheduling changes)."""
+    """Only the streamed whisper line (the quick A/B for recogniser scheduling changes), and how many
+    utterances' finals waited for a decode that began after the end of turn (less load-bound than times)."""
+    _trace_decodes()
     stream = pcmu[:args.stream]
     firsts, finals, e_sum, n_sum = [], [], 0, 0
     load = os.getloadavg()
@@ -305,7 +324,8 @@ def stream_only(reactor, args, pcmu):
     print(f"whisper 12s streamed in real time ({len(stream)} PCMU utterances, end of turn {args.tail_ms} ms after "
           f"the {'speech (trimmed)' if args.trim else 'audio'}): WER {e_sum / max(n_sum, 1):.3f}; first partial p50 "
           f"{pct(firsts, 50):.0f} ms; final after end of turn p50 {pct(finals, 50):.0f} ms, p95 "
-          f"{pct(finals, 95):.0f} ms, max {max(finals):.0f} ms; load average {load} -> {os.getloadavg()}")
+          f"{pct(finals, 95):.0f} ms, max {max(finals):.0f} ms; finals that waited for a decode begun after the "
+          f"end of turn: {sum(1 for n in _LATE if n)} of {len(_LATE)}; load average {load} -> {os.getloadavg()}")
 
 
 @defer.inlineCallbacks

@@ -70,23 +70,20 @@ class SchedulingTests(unittest.TestCase):
         self.assertTrue(results[-1].final)
 
     @defer.inlineCallbacks
-    def test_going_quiet_decodes_at_once_so_the_final_needs_no_decode(self):
-        """Speech that ends between two steps: 100 ms of quiet later the utterance so far is decoded, and the
-        end of the turn (here 200 ms after the speech) finds only quiet after that decode: its text is the
-        final, with no decode left to wait for.  More quiet costs no decode either."""
+    def test_steps_over_quiet_decode_nothing(self):
+        """A long pause before the end of the turn: the step that covers the end of the speech decodes, the
+        steps after it hear only quiet and decode nothing (a pause costs no CPU), and the final is the text
+        of the last decode."""
         engine = FakeEngine()
         asr, results = self.make(engine, step_ms="500")
         speech = (np.sin(np.arange(11200) / 5.0) * 8000).astype(np.int16)
-        for f in frames(np.concatenate([speech, np.zeros(3200, dtype=np.int16)])):
-            asr.feed(f)
-        self.assertEqual(engine.calls, [8000, 12800])  # the step at 0.5 s, then 100 ms into the quiet
-        for f in frames(np.zeros(9600, dtype=np.int16)):  # a long pause: the steps in it decode nothing
+        for f in frames(np.concatenate([speech, np.zeros(24000, dtype=np.int16)])):
             asr.feed(f)
         asr.end_utterance()
         yield asr.close()
-        self.assertEqual(engine.calls, [8000, 12800])
+        self.assertEqual(engine.calls, [8000, 16000])  # not 24000, 32000 too
         self.assertEqual([(r.final, r.text) for r in results],
-                         [(False, "heard 8000"), (False, "heard 12800"), (True, "heard 12800")])
+                         [(False, "heard 8000"), (False, "heard 16000"), (True, "heard 16000")])
 
     def test_stale_steps_are_skipped(self):
         engine = FakeEngine()

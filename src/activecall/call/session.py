@@ -394,7 +394,9 @@ class CallSession:
 
             def section(name):
                 value = getattr(option, name, None) if option is not None else None
-                return value.to_dict() if value is not None else None
+                if value is None:
+                    return None
+                return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
             plan = speech_defaults.for_call(
                 section("vad"), section("asr"), section("tts"),

@@ -51,10 +51,6 @@ from activecall.speech.workers import pool_size
 NO_SPEECH_PROB = 0.6  # Whisper's own rule: no speech when this likely and the text unlikely
 LOGPROB_FLOOR = -1.0
 QUIET_TAIL_DBFS = -40.0
-#: quiet after speech (ms) before the utterance so far is decoded: by the time the turn is declared over
-#: (a pause of ``eou.pauseMs`` and the end-of-turn model, or the recogniser's own silence), that decode has
-#: run, and the final is its text (``_finish``: only quiet after the last decode)
-QUIET_FLUSH_MS = 100
 DEFAULT_WINDOW = 12.0  # seconds of encoder input at least (bench: shorter windows lose accuracy)  # a tail this quiet (per 20 ms frame) after the last decode holds no words
 
 
@@ -209,8 +205,6 @@ class WhisperRecognizer(StreamingRecognizer):
         self._decoded_text = ""
         self._queued = 0  # decode steps waiting or running (read on the worker to skip stale ones)
         self._lock = threading.Lock()
-        self._quiet_ms = 0  # on the reactor: quiet fed since the last voiced frame of the utterance
-        self._quiet_flushed = True  # the current quiet stretch was decoded already (or nothing voiced yet)
 
     def _check_language(self, engine) -> None:
         if not engine.multilingual and self.language not in (None, "en"):
@@ -228,25 +222,6 @@ class WhisperRecognizer(StreamingRecognizer):
             with self._lock:
                 self._queued += 1
         return super()._run(fn, *args)
-
-    # -- on the reactor: decode as soon as the caller goes quiet ------------------------------------
-
-    def _start(self, start_sample: int, pcm: np.ndarray) -> None:
-        self._quiet_ms, self._quiet_flushed = 0, True
-        super()._start(start_sample, pcm)
-
-    def _add(self, pcm: np.ndarray) -> None:
-        super()._add(pcm)
-        utt = self._utt
-        if utt is None:
-            return
-        if not _quiet(pcm):
-            self._quiet_ms, self._quiet_flushed = 0, False
-            return
-        self._quiet_ms += pcm.size * 1000 // SAMPLE_RATE
-        if self._quiet_ms >= QUIET_FLUSH_MS and not self._quiet_flushed:
-            self._quiet_flushed = True
-            self._flush(utt)  # the words so far, decoded while the end of the turn is being decided
 
     # -- hooks, on the worker thread, one at a time ------------------------------------------------
 
