@@ -155,7 +155,8 @@ class CallDefaultsTests(unittest.TestCase):
                          ("silero", "whisper", "piper", "en"))
         self.assertEqual(plan.defaulted, ("asr", "vad", "tts"))
         plan = self.plan(language="zh-CN", tts={"provider": "flite"})
-        self.assertEqual((plan.asr["provider"], plan.asr["language"], plan.tts), ("aliyun", "zh", {"provider": "flite"}))
+        self.assertEqual((plan.asr["provider"], plan.asr["language"], plan.tts),
+                         ("aliyun", "zh", {"provider": "flite"}))
 
     def test_false_switches_a_section_off(self):
         plan = self.plan(language="en", asr=False)
