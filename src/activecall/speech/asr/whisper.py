@@ -241,6 +241,8 @@ class WhisperRecognizer(StreamingRecognizer):
         self._audio = np.concatenate([self._audio, pcm])
         if newer:
             return None  # a newer step is waiting: it decodes this audio too
+        if self._decoded and _quiet(self._audio[self._decoded:]):
+            return None  # only quiet since the last decode: nothing new to hear (a pause costs no decode)
         return self._transcribe() or None
 
     def _finish(self, pcm: np.ndarray) -> Optional[str]:
