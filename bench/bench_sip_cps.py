@@ -2,10 +2,12 @@
 media, zero pause) against the daemon at rising rates, and the same load against sipp's own
 built-in ``uas`` in the same run as the reference.
 
-The daemon answers with a playbook route to a minimal playbook (``llm: {provider: echo}``, no
-greeting, no ASR/TTS/VAD), so each call is the real path: SIP transaction + dialog, handler,
-session, RTP leg (ports bound, SDP answer, joined to the media clock), playbook runner, BYE,
-teardown, CDR written to a local directory.  The daemon runs pinned to one core (``taskset``),
+The daemon answers with a playbook route to a minimal playbook (``llm: {provider: echo}``, which
+names no speech providers and so gets the defaults by language: a VAD, a recogniser, an end-of-turn
+detector and a voice, docs/speech.md), so each call is the real path: SIP transaction + dialog,
+handler, session, RTP leg (ports bound, SDP answer, joined to the media clock), speech processors,
+playbook runner and its spoken opening line (from the TTS cache), BYE, teardown, CDR written to a
+local directory.  The daemon runs pinned to one core (``taskset``),
 sipp and this driver on the other.
 
 Figures per rate: calls attempted, answered, failed (sipp), achieved rate (answered calls /
