@@ -64,12 +64,14 @@ def set_autogroup_nice(nice: int) -> None:
         print(f"# autogroup nice not set ({e}): other sessions share the daemon's core equally", flush=True)
 
 
-def warm_tts_cache(work: str, core: int, daemon_port: int, tries: int = 5) -> int:
+def warm_tts_cache(work: str, core: int, daemon_port: int, tries: int = 6) -> int:
     """Calls of 3 s until the greeting is in the TTS cache (``cache/tts``); returns the entries.
 
     The first synthesis loads the voice (piper: seconds on a busy machine); a call that ends before it
-    finishes stores nothing, and every later (zero-length) call would then synthesise again."""
+    finishes stores nothing (or only its first sentence), and every later (zero-length) call would then
+    synthesise again.  So calls are made until one adds no entry."""
     cache = os.path.join(work, "cache", "tts")
+    entries = 0
     for attempt in range(tries):
         warm = os.path.join(work, f"warm-up-{attempt}")
         os.makedirs(warm)
@@ -77,10 +79,10 @@ def warm_tts_cache(work: str, core: int, daemon_port: int, tries: int = 5) -> in
                          "-i", LOCAL, "-p", str(free_udp_port()), "-mp", str(free_udp_port()), "-m", "1",
                          "-d", "3000", "-nostdin", "-timeout", "20s"]), cwd=warm,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        entries = len(glob.glob(os.path.join(cache, "*.pcm")))
-        if entries:
+        before, entries = entries, len(glob.glob(os.path.join(cache, "*.pcm")))
+        if entries and entries == before:
             return entries
-    return 0
+    return entries
 
 
 def pinned(core: int, argv):
@@ -315,7 +317,7 @@ def main():
         if not args.cold_tts:
             entries = warm_tts_cache(work, args.sipp_core, daemon_port)
             print(f"# TTS cache warmed: {entries} prompt(s)" if entries else
-                  "# the TTS cache stayed empty after 5 warm-up calls: every call synthesises (cold)", flush=True)
+                  "# the TTS cache stayed empty after 6 warm-up calls: every call synthesises (cold)", flush=True)
         try:
             from sip_sniffer import SipSniffer
         except ImportError:
