@@ -175,3 +175,47 @@ class CallDefaultsTests(unittest.TestCase):
         from activecall.protocol.events import WireError
         with self.assertRaises(WireError):
             cmd.CallOption.from_dict({"asr": "yes"})
+class InstalledTests(unittest.TestCase):
+    """``speech/installed.py``: what is installed is looked up once per RECHECK seconds, not per call."""
+
+    def test_answers_are_kept_for_recheck_seconds(self):
+        from activecall.speech import installed
+        now = [1000.0]
+        looked = []
+
+        @installed.remembered
+        def present(name):
+            looked.append(name)
+            return len(looked)
+
+        with mock.patch.object(installed.time, "monotonic", lambda: now[0]):
+            self.assertEqual((present("a"), present("a"), present("b")), (1, 1, 2))
+            now[0] += installed.RECHECK - 0.1
+            self.assertEqual(present("a"), 1)
+            now[0] += 0.2  # an install or removal is noticed after RECHECK seconds
+            self.assertEqual(present("a"), 3)
+            present.forget()
+            self.assertEqual(present("b"), 4)
+        self.assertEqual(looked, ["a", "b", "a", "b"])
+
+    def test_module_found(self):
+        from activecall.speech import installed
+        self.assertTrue(installed.module_found("json"))
+        self.assertFalse(installed.module_found("no_such_module_anywhere_xyz"))
+        self.assertFalse(installed.module_found("json.no_such_submodule_xyz"))
+
+    def test_a_shared_playbook_builds_its_call_option_once(self):
+        from activecall.playbook import start
+        from activecall.speech import installed
+        book = parse_playbook("---\nllm: {provider: echo}\n---\nHello.\n", "<test>")
+        other = parse_playbook("---\nllm: {provider: echo}\nasr: {provider: none}\n---\nHello.\n", "<test>")
+        now = [5000.0]
+        with mock.patch.object(start.time, "monotonic", lambda: now[0]), \
+                mock.patch.object(start, "playbook_call_option", wraps=start.playbook_call_option) as built:
+            first = start._call_option_for(book)
+            self.assertIs(start._call_option_for(book), first)
+            self.assertEqual(built.call_count, 1)
+            self.assertEqual(start._call_option_for(other).asr.provider, "none")  # another playbook: its own
+            now[0] += installed.RECHECK + 1  # the defaults may have changed: built again
+            self.assertEqual(start._call_option_for(book), first)
+            self.assertEqual(built.call_count, 3)

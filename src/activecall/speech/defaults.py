@@ -14,14 +14,16 @@ A cloud choice still needs its key; the recogniser or synthesiser then refuses w
 is a call that must not listen; ``vad: {type: nop}`` likewise for the VAD.
 
 Nothing here imports a model or a heavy package: availability is looked up with ``find_spec`` and
-``which`` (one call per call set-up).
+``which``, the answers remembered for a few seconds (``speech/installed.py``: looking them up on every
+call set-up cost a fifth of a call's CPU).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any, Mapping, Optional
+
+from activecall.speech.installed import module_found
 
 DEFAULT_LANGUAGE = "en"
 NO_PROVIDER = "none"  # asr.provider / tts.provider of a call that must not listen / speak
@@ -38,10 +40,7 @@ def primary_language(*tags: Optional[str]) -> str:
 
 
 def _module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    return module_found(name)
 
 
 def _program(name: str) -> bool:

@@ -39,6 +39,7 @@ from activecall.audio import SAMPLE_RATE
 from activecall.speech.base import SpeechError
 from activecall.speech.eou import features
 from activecall.speech.eou.base import EouOptions, IEndOfTurnDetector, TurnPrediction
+from activecall.speech.installed import module_found, remembered
 
 log = Logger(namespace="activecall.speech.eou")
 
@@ -56,13 +57,14 @@ def model_path(path: Optional[str] = None) -> str:
 
 
 def available() -> bool:
-    """The shipped model and onnxruntime are installed (what makes playbooks turn it on by default)."""
-    try:
-        import importlib.util
-        return os.path.isfile(os.path.join(DATA_DIR, MODEL_FILE)) and \
-            importlib.util.find_spec("onnxruntime") is not None
-    except (ImportError, ValueError):
-        return False
+    """The shipped model and onnxruntime are installed (what makes playbooks turn it on by default;
+    remembered for a few seconds, speech/installed.py)."""
+    return _model_file_present() and module_found("onnxruntime")
+
+
+@remembered
+def _model_file_present() -> bool:
+    return os.path.isfile(os.path.join(DATA_DIR, MODEL_FILE))
 
 
 def _one_blas_thread() -> None:

