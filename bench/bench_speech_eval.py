@@ -21,8 +21,14 @@ time (20 ms frames on the reactor, decoding during speech on its pool) and calli
 after the speech (what the end-of-turn model does at a pause); first partial = wall time from the first
 speech frame to the first ``asrDelta``.  Memory: RSS growth when the engine is loaded.
 
-Voices: first audio (wall time from ``synthesize`` to the first chunk), RTF, and intelligibility = WER of
-``whisper 12s`` on the voice's audio through PCMU.
+Voices: first audio (wall time from ``synthesize`` to the first chunk handed to the sink on the reactor:
+the moment a call's track has audio to send), RTF, and intelligibility = WER of ``whisper 12s`` on the
+voice's audio through PCMU.
+
+``--stream-only [--stream N] [--tail-ms MS] [--trim]``: only the streamed whisper line, the end of turn
+``MS`` after the audio (after the speech itself with ``--trim``).
+``--tts-only [--repeat N]``: the voices' first audio only (p50 / p95 / max over N rounds of the ten
+sentences), no recognisers: the quick A/B for synthesis changes.
 """
 
 from __future__ import annotations
@@ -134,20 +140,27 @@ def pocketsphinx_decode(decoder, pcm: np.ndarray) -> tuple[str, float, float]:
 
 
 @defer.inlineCallbacks
-def stream_whisper(reactor, pcm: np.ndarray):
-    """Real-time streaming through WhisperRecognizer: (final text, first partial s, final after end s)."""
+def stream_whisper(reactor, pcm: np.ndarray, tail_ms: int = 300, trim: bool = False):
+    """Real-time streaming through WhisperRecognizer: (final text, first partial s, final after end s).
+    The end of turn comes ``tail_ms`` after the audio (after its last sample above -40 dBFS with ``trim``:
+    the voices pad their output with up to a few hundred ms of near-silence)."""
     results = []
     asr = registry.create_recognizer({"provider": "whisper", "extra": {"endpointing": "external"}},
                                      lambda r: results.append((time.perf_counter(), r)))
-    audio = np.concatenate([pcm, np.zeros(4800, dtype=np.int16)])  # the speech, then 300 ms of pause
+    if trim:
+        loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 328)
+        pcm = pcm[:loud[-1] + 1] if loud.size else pcm
+    audio = np.concatenate([pcm, np.zeros(tail_ms * 16, dtype=np.int16)])  # the speech, then the pause
     start = time.perf_counter()
     for i in range(0, audio.size, 320):
         asr.feed(audio[i:i + 320])
         due = start + (i + 320) / 16000
         yield task.deferLater(reactor, max(0.0, due - time.perf_counter()), lambda: None)
     ended = time.perf_counter()
+    _DECODES.clear()
     asr.end_utterance()
     yield asr.close()
+    _LATE.append(len(_DECODES))  # decodes that began after the end of turn (the final waited for them)
     partials = [t for t, r in results if not r.final]
     finals = [(t, r.text) for t, r in results if r.final]
     text = finals[-1][1] if finals else ""
@@ -168,6 +181,9 @@ def main(reactor, args):
     if piper.available():
         voices.insert(0, ("piper", None))
     sentences = SENTENCES[:4] if args.quick else SENTENCES
+    if args.tts_only:
+        yield tts_only(voices[:2], sentences, args.repeat)
+        return
 
     # -- the voices: synthesis cost and audio ---------------------------------------------------------
     print(f"# evaluation set: {len(sentences)} sentences x {len(voices)} voices; lines: clean, pcmu, "
@@ -191,6 +207,10 @@ def main(reactor, args):
     for k, ((provider, voice, s), pcm) in enumerate(audio.items()):
         for name, make in lines.items():
             utterances.append((name, f"{provider} {voice or 'joe'}", s, make(pcm, k)))
+
+    if args.stream_only:
+        yield stream_only(reactor, args, [(s, pcm) for line, voice, s, pcm in utterances if line == "pcmu"])
+        return
 
     # -- the recognisers ---------------------------------------------------------------------------
     asr_rows = []
@@ -271,10 +291,70 @@ def main(reactor, args):
     print(f"\nload average at the end: {os.getloadavg()}; max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
 
 
+_DECODES: list = []  # start times of whisper decodes (traced by stream_only)
+_LATE: list = []  # per streamed utterance: decodes that began after its end of turn
+
+
+def _trace_decodes() -> None:
+    from activecall.speech.asr import whisper
+    engine = whisper.shared_engine(whisper.shipped_model_dir())
+    transcribe = engine.transcribe
+
+    def traced(*a, **kw):
+        _DECODES.append(time.perf_counter())
+        return transcribe(*a, **kw)
+    engine.transcribe = traced
+
+
+@defer.inlineCallbacks
+def stream_only(reactor, args, pcmu):
+    """Only the streamed whisper line (the quick A/B for recogniser scheduling changes), and how many
+    utterances' finals waited for a decode that began after the end of turn (less load-bound than times)."""
+    _trace_decodes()
+    stream = pcmu[:args.stream]
+    firsts, finals, e_sum, n_sum = [], [], 0, 0
+    load = os.getloadavg()
+    for s, pcm in stream:
+        text, first, final = yield stream_whisper(reactor, pcm, args.tail_ms, args.trim)
+        e, n = wer(s, text)
+        e_sum += e
+        n_sum += n
+        firsts.append(first * 1000)
+        finals.append(final * 1000)
+    print(f"whisper 12s streamed in real time ({len(stream)} PCMU utterances, end of turn {args.tail_ms} ms after "
+          f"the {'speech (trimmed)' if args.trim else 'audio'}): WER {e_sum / max(n_sum, 1):.3f}; first partial p50 "
+          f"{pct(firsts, 50):.0f} ms; final after end of turn p50 {pct(finals, 50):.0f} ms, p95 "
+          f"{pct(finals, 95):.0f} ms, max {max(finals):.0f} ms; finals that waited for a decode begun after the "
+          f"end of turn: {sum(1 for n in _LATE if n)} of {len(_LATE)}; load average {load} -> {os.getloadavg()}")
+
+
+@defer.inlineCallbacks
+def tts_only(voices, sentences, repeat):
+    print(f"# first audio: {len(sentences)} sentences x {repeat} rounds; load average {os.getloadavg()}")
+    print("| voice | first audio p50 / p95 / max | RTF |")
+    print("|---|---|---|")
+    for provider, voice in voices:
+        firsts, rtfs = [], []
+        yield synthesize(provider, voice, "Warm up.")
+        for _ in range(repeat):
+            for s in sentences:
+                pcm, first, total = yield synthesize(provider, voice, s)
+                firsts.append(first * 1000)
+                rtfs.append(total / max(pcm.size / 16000, 1e-3))
+        print(f"| {provider} {voice or 'joe'} | {pct(firsts, 50):.0f} / {pct(firsts, 95):.0f} / {max(firsts):.0f} ms "
+              f"| {float(np.mean(rtfs)):.3f} |", flush=True)
+    print(f"load average at the end: {os.getloadavg()}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--snr", default="10", help="comma-separated SNRs (dB) of added white noise")
     parser.add_argument("--quick", action="store_true", help="4 sentences instead of 10")
     parser.add_argument("--stream", type=int, default=12, help="utterances streamed in real time")
+    parser.add_argument("--stream-only", action="store_true", help="only the streamed whisper line")
+    parser.add_argument("--tail-ms", type=int, default=300, help="pause between the audio and the end of turn")
+    parser.add_argument("--trim", action="store_true", help="cut the voices' trailing near-silence first")
+    parser.add_argument("--tts-only", action="store_true", help="the voices' first audio only (piper, flite rms)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the sentences with --tts-only")
     args = parser.parse_args()
     task.react(main, (args,))

@@ -316,7 +316,11 @@ def converse(line, turns, clips, transcriptions):
         line.poll_events()
         lat = [e for e in line.events[seen:] if e.get("event") == "metrics" and e.get("key") == "turn.latency"]
         row = {"turn": i, "v2v_ms": round(v2v, 1)}
-        if lat:
+        if lat and (lat[0]["data"].get("asr_final_ms") is None or (
+                lat[0]["data"].get("llm_first_token_ms") is not None
+                and lat[0]["data"].get("tts_first_audio_ms") is None)):
+            row["daemon"] = lat[0]["data"]  # a stage missing (an overloaded daemon mixes turns up): no breakdown
+        elif lat:
             d = lat[0]["data"]
             row["daemon"] = d
             eou = d["eou_ms"] if d["eou_ms"] is not None else d["asr_final_ms"]
@@ -362,7 +366,8 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
         cpu0, wall0 = read_cpu_seconds(daemon.transport.pid), reactor.seconds()
         if profile_dir:  # py-spy samples the daemon while the measured turns run
             out = os.path.join(profile_dir, f"{transport}-{name}-load{load or 0}.txt")
-            spy = spawn(["py-spy", "record", "--nonblocking", "--format", "raw", "-o", out, "-p",
+            py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            spy = spawn([py_spy, "record", "--nonblocking", "--format", "raw", "-o", out, "-p",
                          str(daemon.transport.pid)])
         results = yield converse(line, turns, clips, transcriptions)
         if profile_dir:
@@ -487,7 +492,7 @@ if __name__ == "__main__":
 
     def run():
         d = main(args)
-        d.addErrback(lambda f: (f.printTraceback(), None))
+        d.addErrback(lambda f: (f.printTraceback(file=sys.stderr), None))  # not to twisted's log: nobody reads it
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(run)

@@ -169,6 +169,32 @@ class ResamplerTests(unittest.TestCase):
         self.assertLess(np.abs(y[200:]).max(), 300)
 
 
+class WholeBufferResampleTests(unittest.TestCase):
+    """``audio.resample`` (TTS output, fixtures): one matrix product per buffer, equal to its definition:
+    upsample by zero stuffing, the low-pass filter ("same" convolution), keep every down-th sample."""
+
+    def test_equals_upsample_filter_decimate(self):
+        from math import gcd
+
+        from activecall import audio
+        rng = np.random.default_rng(7)
+        for src, dst in ((22050, 16000), (16000, 8000), (8000, 16000), (24000, 16000), (16000, 22050)):
+            g = gcd(src, dst)
+            up, down = dst // g, src // g
+            h = audio._lowpass(1.0 / max(up, down), 24 * max(up, down) | 1) * up
+            for n in (1, 3, 441, 2000):
+                x = rng.normal(0, 6000, n).astype(np.int16)
+                # output m = the kept sample m*down + (len(h)-1)//2 of the full convolution, where the
+                # zero-stuffed input is x[j] at position j*up
+                t = np.arange(-(-n * up // down)) * down + (h.size - 1) // 2
+                k = t[:, None] - np.arange(n)[None, :] * up
+                taps = np.where((k >= 0) & (k < h.size), h[np.clip(k, 0, h.size - 1)], 0.0)
+                want = np.clip(np.rint(taps @ x.astype(np.float64)), -32768, 32767).astype(np.int16)
+                got = audio.resample(x, src, dst)
+                self.assertEqual(got.shape, want.shape, f"{src}->{dst}, {n}")
+                self.assertLessEqual(np.abs(got.astype(int) - want.astype(int)).max(), 1, f"{src}->{dst}, {n}")
+
+
 class BatchTests(unittest.TestCase):
     """encode_frames/decode_payloads: many legs' G.711 in one matrix product, same result as one by one."""
 

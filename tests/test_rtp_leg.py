@@ -100,6 +100,27 @@ class RtpLegTests(unittest.TestCase):
         self.assertGreater(a.packets_out, 20)
         self.assertEqual(b.strangers, 0)
 
+    def test_close_gives_the_g711_history_rows_back_without_the_garbage_collector(self):
+        """A closed leg's G.711 resampler rows are free again at once (the session holding the leg is
+        in reference cycles until the collector runs: its rows would stay taken, and the shared bank
+        grow, until then)."""
+        import gc
+        from activecall.media import codecs as codec_mod
+        gc.disable()
+        self.addCleanup(gc.enable)
+        a, b = self.call()
+        self.assertEqual(a.encoder.name, "pcmu")
+        rows = {(codec_mod._DOWN_BANK, c.downsampler.row) for c in (a.encoder, *a._decoders.values())}
+        rows |= {(codec_mod._UP_BANK, c.upsampler.row) for c in (a.encoder, *a._decoders.values())}
+        a.close()
+        for bank, row in rows:
+            self.assertIn(row, bank._free)
+            self.assertFalse(np.any(bank.matrix[row] != 0))
+        a.close()  # idempotent: no row is given back twice
+        for bank, row in rows:
+            self.assertEqual(bank._free.count(row), 1)
+        a.encoder.encode(np.zeros(320, np.int16))  # a late frame codes from silence, touching no row
+
     def test_answer_keeps_offer_order_and_g722(self):
         a, b = self.call(a_kw={"codecs": ("g722", "pcmu", "telephone_event")})
         self.assertEqual(b.encoder.name, "g722")

@@ -107,3 +107,115 @@ class PlaybookDefaultsTests(unittest.TestCase):
         option = _option("asr: {provider: none}")
         self.assertEqual(option.asr.provider, "none")
         self.assertIsNone(option.vad)
+
+
+class CallDefaultsTests(unittest.TestCase):
+    """An API call's option (``/call``, ``/call/webrtc``, ``/call/sip``): ``defaults.for_call`` and the
+    ``asr: false`` / ``asr: true`` spellings (docs/api.md, "Speech defaults")."""
+
+    def setUp(self):
+        for patch in (mock.patch.object(whisper, "available", return_value=True),
+                      mock.patch.object(piper, "available", return_value=True)):
+            patch.start()
+            self.addCleanup(patch.stop)
+
+    def plan(self, **option):
+        from activecall.protocol import commands as cmd
+        parsed = cmd.CallOption.from_dict(option)
+
+        def section(name):
+            value = getattr(parsed, name)
+            return value.to_dict() if value is not None else None
+        return defaults.for_call(section("vad"), section("asr"), section("tts"), parsed.language)
+
+    def test_a_bare_invite_gets_nothing(self):
+        plan = self.plan(codec="pcm")
+        self.assertEqual((plan.vad, plan.asr, plan.tts, plan.defaulted), (None, None, None, ()))
+        self.assertFalse(plan.listens)
+
+    def test_named_providers_are_kept_unchanged(self):
+        plan = self.plan(asr={"provider": "pocketsphinx"}, vad={"type": "webrtcvad"},
+                         tts={"provider": "flite", "speaker": "slt"})
+        self.assertEqual((plan.asr, plan.vad, plan.tts),
+                         ({"provider": "pocketsphinx"}, {"type": "webrtcvad"}, {"provider": "flite", "speaker": "slt"}))
+        self.assertEqual(plan.defaulted, ())
+
+    def test_sections_without_provider_get_the_language_defaults(self):
+        plan = self.plan(asr={"extra": {"step_ms": 400}}, tts={"speed": 1.2})
+        self.assertEqual(plan.asr, {"provider": "whisper", "extra": {"step_ms": 400}, "language": "en"})
+        self.assertEqual(plan.tts, {"provider": "piper", "speed": 1.2, "language": "en"})
+        self.assertIsNone(plan.vad)  # asked for a recogniser only: no VAD events it did not ask for
+        self.assertEqual(plan.defaulted, ("asr", "tts"))
+        self.assertEqual(self.plan(asr=True).asr["provider"], "whisper")
+        self.assertEqual(self.plan(vad={}).vad, {"type": "silero"})
+
+    def test_language_asks_for_the_whole_set(self):
+        plan = self.plan(language="en-US")
+        self.assertEqual((plan.vad["type"], plan.asr["provider"], plan.tts["provider"], plan.language),
+                         ("silero", "whisper", "piper", "en"))
+        self.assertEqual(plan.defaulted, ("asr", "vad", "tts"))
+        plan = self.plan(language="zh-CN", tts={"provider": "flite"})
+        self.assertEqual((plan.asr["provider"], plan.asr["language"], plan.tts),
+                         ("aliyun", "zh", {"provider": "flite"}))
+
+    def test_false_switches_a_section_off(self):
+        plan = self.plan(language="en", asr=False)
+        self.assertEqual((plan.vad, plan.asr, plan.tts["provider"]), (None, None, "piper"))
+        self.assertFalse(plan.listens)
+        plan = self.plan(language="en", vad=False)
+        self.assertEqual((plan.vad, plan.asr["provider"]), (None, "whisper"))
+        plan = self.plan(asr={"provider": "none"}, language="en")
+        self.assertIsNone(plan.asr)
+
+    def test_false_and_true_on_the_wire(self):
+        from activecall.protocol import commands as cmd
+        option = cmd.CallOption.from_dict({"asr": False, "vad": False, "language": "zh-CN"})
+        self.assertEqual((option.asr.provider, option.vad.type, option.language), ("none", "none", "zh-CN"))
+        self.assertEqual(cmd.CallOption.from_dict({"asr": True}).asr, cmd.TranscriptionOption())
+        from activecall.protocol.events import WireError
+        with self.assertRaises(WireError):
+            cmd.CallOption.from_dict({"asr": "yes"})
+class InstalledTests(unittest.TestCase):
+    """``speech/installed.py``: what is installed is looked up once per RECHECK seconds, not per call."""
+
+    def test_answers_are_kept_for_recheck_seconds(self):
+        from activecall.speech import installed
+        now = [1000.0]
+        looked = []
+
+        @installed.remembered
+        def present(name):
+            looked.append(name)
+            return len(looked)
+
+        with mock.patch.object(installed.time, "monotonic", lambda: now[0]):
+            self.assertEqual((present("a"), present("a"), present("b")), (1, 1, 2))
+            now[0] += installed.RECHECK - 0.1
+            self.assertEqual(present("a"), 1)
+            now[0] += 0.2  # an install or removal is noticed after RECHECK seconds
+            self.assertEqual(present("a"), 3)
+            present.forget()
+            self.assertEqual(present("b"), 4)
+        self.assertEqual(looked, ["a", "b", "a", "b"])
+
+    def test_module_found(self):
+        from activecall.speech import installed
+        self.assertTrue(installed.module_found("json"))
+        self.assertFalse(installed.module_found("no_such_module_anywhere_xyz"))
+        self.assertFalse(installed.module_found("json.no_such_submodule_xyz"))
+
+    def test_a_shared_playbook_builds_its_call_option_once(self):
+        from activecall.playbook import start
+        from activecall.speech import installed
+        book = parse_playbook("---\nllm: {provider: echo}\n---\nHello.\n", "<test>")
+        other = parse_playbook("---\nllm: {provider: echo}\nasr: {provider: none}\n---\nHello.\n", "<test>")
+        now = [5000.0]
+        with mock.patch.object(start.time, "monotonic", lambda: now[0]), \
+                mock.patch.object(start, "playbook_call_option", wraps=start.playbook_call_option) as built:
+            first = start._call_option_for(book)
+            self.assertIs(start._call_option_for(book), first)
+            self.assertEqual(built.call_count, 1)
+            self.assertEqual(start._call_option_for(other).asr.provider, "none")  # another playbook: its own
+            now[0] += installed.RECHECK + 1  # the defaults may have changed: built again
+            self.assertEqual(start._call_option_for(book), first)
+            self.assertEqual(built.call_count, 3)

@@ -124,6 +124,24 @@ class SentenceTests(unittest.TestCase):
         self.assertEqual(split_sentences("Hi. How are you?  Fine!"), ["Hi.", "How are you?", "Fine!"])
         self.assertEqual(split_sentences("你好。再见！"), ["你好。", "再见！"])
         self.assertEqual(split_sentences("  "), [])
+
+    def test_first_chunk_is_a_short_clause_or_phrase(self):
+        from activecall.speech.tts.sentences import first_chunk_split, speech_chunks
+        self.assertEqual(first_chunk_split("Please send the invoice to Maria Johnson."),
+                         ["Please send the invoice,", "to Maria Johnson."])
+        self.assertEqual(first_chunk_split("Yes, that is correct, thank you very much."),
+                         ["Yes, that is correct,", "thank you very much."])
+        self.assertEqual(first_chunk_split("My name is David Smith and I live in Boston."),
+                         ["My name is David Smith,", "and I live in Boston."])
+        # no conjunction or preposition early enough: before a determiner
+        self.assertEqual(first_chunk_split("Could you repeat the last four digits, please?"),
+                         ["Could you repeat,", "the last four digits, please?"])
+        for short in ("Hi.", "Thank you.", "Sure, Alice, your order has shipped.", "Your order has shipped."):
+            self.assertEqual(first_chunk_split(short), [short])  # a cut would not be worth it
+        self.assertEqual(speech_chunks("Thank you for calling us, how can I help? Bye."),
+                         ["Thank you for calling us,", "how can I help?", "Bye."])
+        self.assertEqual(speech_chunks("The order number is seven eight two nine. It ships today."),
+                         ["The order number,", "is seven eight two nine.", "It ships today."])
         parts = split_sentences("word " * 200, max_chars=100)
         self.assertTrue(all(len(p) <= 100 for p in parts))
         self.assertEqual(" ".join(parts).split(), ["word"] * 200)

@@ -69,6 +69,22 @@ class SchedulingTests(unittest.TestCase):
         self.assertEqual(results[-1].text, "heard 11200")
         self.assertTrue(results[-1].final)
 
+    @defer.inlineCallbacks
+    def test_steps_over_quiet_decode_nothing(self):
+        """A long pause before the end of the turn: the step that covers the end of the speech decodes, the
+        steps after it hear only quiet and decode nothing (a pause costs no CPU), and the final is the text
+        of the last decode."""
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(11200) / 5.0) * 8000).astype(np.int16)
+        for f in frames(np.concatenate([speech, np.zeros(24000, dtype=np.int16)])):
+            asr.feed(f)
+        asr.end_utterance()
+        yield asr.close()
+        self.assertEqual(engine.calls, [8000, 16000])  # not 24000, 32000 too
+        self.assertEqual([(r.final, r.text) for r in results],
+                         [(False, "heard 8000"), (False, "heard 16000"), (True, "heard 16000")])
+
     def test_stale_steps_are_skipped(self):
         engine = FakeEngine()
         asr, results = self.make(engine, step_ms="500")
@@ -81,6 +97,33 @@ class SchedulingTests(unittest.TestCase):
         self.assertIsNone(asr._decode(np.ones(8000, dtype=np.int16)))  # a newer step waits: skipped
         self.assertEqual(engine.calls, [])
         self.assertEqual(asr._decode(np.ones(8000, dtype=np.int16)), "heard 16000")
+
+    def test_a_loaded_engine_is_taken_without_a_trip_to_the_pool(self):
+        """Once an earlier call loaded the shared engine, a new recogniser takes it at once (a pool trip
+        per call set-up showed in the calls-per-second profile); with none loaded it asks the pool to
+        load it; one whose language the engine lacks is left to the first decode, as before."""
+        trips = []
+
+        def pool(f, *args):
+            trips.append(f)
+            return defer.Deferred()
+
+        model_dir = whisper.shipped_model_dir()
+        key = (model_dir, "int8", 1)
+        saved = whisper._engines.pop(key, None)
+        self.addCleanup(lambda: whisper._engines.pop(key, None) if saved is None
+                        else whisper._engines.__setitem__(key, saved))
+        registry.create_recognizer({"provider": "whisper"}, lambda r: None, run_in_thread=pool)
+        self.assertEqual(len(trips), 1)  # nothing loaded yet: the pool loads it
+        engine = FakeEngine()
+        whisper._engines[key] = engine
+        asr = registry.create_recognizer({"provider": "whisper"}, lambda r: None, run_in_thread=pool)
+        self.assertEqual(len(trips), 1)
+        self.assertIs(asr.engine(), engine)
+        zh = registry.create_recognizer({"provider": "whisper", "language": "fr"}, lambda r: None,
+                                        run_in_thread=pool)
+        self.assertEqual(len(trips), 2)  # English-only engine, French call: not taken here
+        self.assertIsNone(zh._engine)
 
     def test_english_only_model_refuses_chinese_and_bad_options(self):
         with self.assertRaises(SpeechError) as e:
@@ -140,6 +183,22 @@ class PiperTests(unittest.TestCase):
         self.assertEqual(piper.phoneme_clauses("a\nb\n", "No marks here"), "a. b.")
         self.assertEqual(piper.chunks_of("Thank you for calling us, how can I help? Bye."),
                          ["Thank you for calling us,", "how can I help?", "Bye."])
+
+    @defer.inlineCallbacks
+    def test_library_phonemes_are_the_programs(self):
+        """The in-process phonemiser (libespeak-ng) gives what ``espeak-ng -q --ipa`` prints."""
+        library = piper.espeak_library()
+        if library is None:
+            raise unittest.SkipTest("libespeak-ng.so.1 cannot be loaded")
+        tts = registry.create_synthesizer({"provider": "piper"})
+        for text in ("My phone number is five five five, one two three four.", "It costs $5.50, Mr. Smith; ok?",
+                     "Could you repeat the last four digits, please?"):
+            from_program = yield tts.phonemes(text)
+            self.assertEqual(piper.phoneme_clauses(library.ipa_lines(text, "en-us"), text), from_program)
+
+    def test_warm_loads_the_shipped_voice(self):
+        piper.warm()
+        self.assertIn(piper.shipped_voice(), piper._voices)
 
     @defer.inlineCallbacks
     def test_speaks_and_is_understood(self):

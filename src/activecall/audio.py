@@ -140,26 +140,49 @@ def resample(pcm, src_rate: int, dst_rate: int) -> np.ndarray:
     pcm = as_int16(pcm)
     if src_rate == dst_rate or pcm.size == 0:
         return pcm.copy()
+    up, down, base, matrix = _polyphase(src_rate, dst_rate)
+    # The upsampled signal is zero but at every up-th sample, and only every down-th output is kept, so
+    # each output is one phase of the filter (about 24 taps) against as many input samples: output m is
+    # sample m*down + (len(h)-1)//2 of the full convolution ("same", as np.convolve gives).  Outputs
+    # q*up .. q*up+up-1 read the inputs q*down+base .. q*down+base+width-1 through the same phases, so a
+    # block of ``up`` outputs is one row of input samples times ``matrix`` (up x width): one matrix
+    # product for the whole buffer (22.05 -> 16 kHz, 2.5 s: ~13 ms, was ~100 ms gathering taps per output).
+    width = matrix.shape[1]
+    n_out = -(-pcm.size * up // down)
+    blocks = -(-n_out // up)
+    left = max(0, -base)
+    padded = np.zeros(left + max((blocks - 1) * down + base + width, pcm.size) + 1)
+    padded[left:left + pcm.size] = pcm
+    rows = np.lib.stride_tricks.as_strided(padded[left + base:], shape=(blocks, width),
+                                           strides=(down * padded.itemsize, padded.itemsize), writeable=False)
+    out = (rows @ matrix.T).reshape(-1)[:n_out]
+    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+
+
+_POLYPHASE: dict = {}
+
+
+def _polyphase(src_rate: int, dst_rate: int):
+    """(up, down, base, matrix) of ``resample``: row r of ``matrix`` holds output phase r's taps at the
+    input offsets base .. base+width-1 of its block (zero where no tap meets a sample)."""
+    key = (src_rate, dst_rate)
+    cached = _POLYPHASE.get(key)
+    if cached is not None:
+        return cached
     g = gcd(src_rate, dst_rate)
     up, down = dst_rate // g, src_rate // g
     taps_per_phase = 24
     h = _lowpass(1.0 / max(up, down), taps_per_phase * max(up, down) | 1) * up
-    # The upsampled signal is zero but at every up-th sample, and only every down-th output is kept, so
-    # each output is one phase of the filter (about taps_per_phase taps) against as many input samples:
-    # output m is sample t = m*down + (len(h)-1)//2 of the full convolution ("same", as np.convolve gives).
-    # Computing only those keeps 22.05 -> 16 kHz (up 320, down 441) as cheap as 16 -> 8 kHz.
-    x = pcm.astype(np.float64)
-    n_out = -(-pcm.size * up // down)
     taps = np.arange(-(-h.size // up))
-    out = np.empty(n_out, dtype=np.float64)
-    for start in range(0, n_out, 1 << 15):  # bounded memory on long files
-        t = np.arange(start, min(n_out, start + (1 << 15))) * down + (h.size - 1) // 2
-        k = (t % up)[:, None] + taps * up  # filter taps that meet an input sample
-        n = (t // up)[:, None] - taps  # and those samples
-        valid = (k < h.size) & (n >= 0) & (n < x.size)
-        out[start:start + t.size] = np.where(valid, h[np.minimum(k, h.size - 1)] * x[np.clip(n, 0, x.size - 1)],
-                                             0.0).sum(axis=1)
-    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+    t = np.arange(up) * down + (h.size - 1) // 2
+    k = (t % up)[:, None] + taps * up  # filter taps that meet an input sample
+    n = (t // up)[:, None] - taps  # and those samples, relative to the block's first input
+    base = int(n.min())
+    matrix = np.zeros((up, int(n.max()) - base + 1))
+    rows, cols = np.nonzero(k < h.size)
+    matrix[rows, n[rows, cols] - base] = h[k[rows, cols]]
+    cached = _POLYPHASE[key] = (up, down, base, matrix)
+    return cached
 
 
 # -- G.711 tables (ITU-T G.711) ---------------------------------------------------------------

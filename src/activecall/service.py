@@ -295,6 +295,8 @@ class ActiveCallService(service.MultiService):
         self.media_clock = MediaClock(reactor)
         #: install our SIGTERM handler once running (the daemon only: not in a test process)
         self.handle_signals = False
+        #: load the default voice once running, on its worker thread (the daemon only: not in a test process)
+        self.warm_speech = False
         #: how a finished drain stops the daemon (tests replace it)
         self.stop_reactor: Callable[[], None] = self._stop_reactor
         self._drained: Optional[defer.Deferred] = None
@@ -386,8 +388,19 @@ class ActiveCallService(service.MultiService):
             tune_gc_for_daemon()
         if self.handle_signals:
             self._install_sigterm_handler()
+        if self.warm_speech:
+            self._warm_speech()
         self.admission.start()
         log.info("activecall ready")
+
+    @staticmethod
+    def _warm_speech():
+        """The offline English voice (piper) loaded and run once on its worker thread, in the background:
+        the first call's first audio does not pay the ~0.7 s of loading (docs/speech.md, TTS).  Skipped
+        when the voice is not installed; a failure is logged and the voice loads on first use."""
+        from activecall.speech.tts import piper
+        if piper.available():
+            piper.in_tts_thread(piper.warm).addErrback(lambda f: log.failure("warming the piper voice failed", f))
 
     # -- drain ------------------------------------------------------------------------------------
 
@@ -596,4 +609,5 @@ def build_service(config: Config, warnings=()) -> ActiveCallService:
     daemon = ActiveCallService(config, warnings, observer=observer)
     daemon.freeze_gc = True
     daemon.handle_signals = True
+    daemon.warm_speech = True
     return daemon

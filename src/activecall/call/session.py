@@ -227,6 +227,7 @@ class CallSession:
         #: builds VAD/ASR for the call from its option when it is answered
         self.processor_factory = processor_factory
         self.processors = None
+        self._speech = (None, None, None)  # (option, CallSpeech, SynthesisOption): see ``speech``
         #: the per-turn latency breakdown (call/turn_timing.py), with the speech processors
         self.turn_timing = None
         cache = config.media_cache_path if config is not None else "./config/mediacache"
@@ -379,8 +380,34 @@ class CallSession:
         """The call's type can carry out ``refer`` (its connector provides ``ITransferConnector``)."""
         return ITransferConnector.providedBy(self.connector)
 
+    @property
+    def speech(self):
+        """The call's VAD, recogniser and voice with the defaults for its language filled in where its
+        option asks for speech without naming a provider (``speech.defaults.CallSpeech``; docs/api.md,
+        "Speech defaults").  Worked out once per option (a second invite may change it)."""
+        return self._speech_for_option()[0]
+
+    def _speech_for_option(self):
+        option = self.option
+        if self._speech[0] is not option or self._speech[1] is None:
+            from activecall.speech import defaults as speech_defaults
+
+            def section(name):
+                value = getattr(option, name, None) if option is not None else None
+                if value is None:
+                    return None
+                return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+            plan = speech_defaults.for_call(
+                section("vad"), section("asr"), section("tts"),
+                getattr(option, "language", None) if option is not None else None,
+                speech_defaults.models_dir_from_env())
+            tts = cmd.SynthesisOption.from_dict(plan.tts) if plan.tts is not None else None
+            self._speech = (option, plan, tts)
+        return self._speech[1], self._speech[2]
+
     def on_tts(self, command: cmd.Tts):
-        base = self.option.tts if self.option is not None else None
+        base = self._speech_for_option()[1]
         option = command.option.layered_over(base) if command.option is not None else base
         try:
             self.playback.tts(

@@ -4,7 +4,9 @@
   synthesiser (with the TTS cache).  With no option at all the offline
   default (flite) speaks — the original answered ``no tts option available``;
   a fresh install should talk without configuration.
-- ``attach_processors``: VAD and ASR on the caller's audio, their results sent
+- ``attach_processors``: VAD and ASR on the caller's audio (what ``session.speech`` says: the option's
+  sections with the defaults for the call's language where it asks for speech without naming a
+  provider, ``speech/defaults.py`` ``for_call``), their results sent
   as ``speaking`` / ``silence`` / ``asrDelta`` / ``asrFinal`` / ``metrics``
   events.  An unknown provider gives an ``error`` event naming the available
   ones (the original silently disabled every processor of the call).
@@ -167,7 +169,14 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
         if option is not None and (option.vad is not None or option.asr is not None):
             log.info("call {id}: realtime mode; the vad/asr options are not used", id=session.id)
         return attach_realtime(session)
-    if option is None or (option.vad is None and option.asr is None):
+    if option is None:
+        return None
+    # what the call asked for, with the defaults for its language where it named no provider
+    # (docs/api.md, "Speech defaults"): a call that did not ask to listen gets no VAD and no recogniser
+    plan = session.speech
+    if not plan.listens:
+        if plan.defaulted:  # a voice chosen by the defaults (tts: {} or language, asr: false)
+            _report_providers(session, None, plan)
         return None
     processors = SpeechProcessors(session)
     s = session
@@ -193,11 +202,11 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
             s.emit(ev.Transcript(trackId=s.id, timestamp=s.now(), text=result.text, index=result.index))
 
     try:
-        if option.vad is not None:
+        if plan.vad is not None:
             deps = {"batcher": vad_batcher} if vad_batcher is not None else {}
-            processors.vad = registry.create_vad(_option_dict(option.vad), on_vad, **deps)
-        if option.asr is not None:
-            asr_options = _option_dict(option.asr)
+            processors.vad = registry.create_vad(dict(plan.vad), on_vad, **deps)
+        if plan.asr is not None:
+            asr_options = dict(plan.asr)
             if _narrowband(s) and (asr_options.get("provider") or "pocketsphinx") == "pocketsphinx":
                 # telephone audio: start pocketsphinx's cepstral mean where G.711 speech lies
                 # (the first utterance of a call: WER 0.55 -> 0.05, docs/speech.md)
@@ -217,21 +226,25 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
         return None
     _attach_front_end(s, processors, option)
     s.audio_sinks.append(processors.feed)
-    _report_providers(s, processors, option)
+    _report_providers(s, processors, plan)
     return processors
 
 
-def _report_providers(session, processors: SpeechProcessors, option) -> None:
+def _report_providers(session, processors, plan) -> None:
     """One ``metrics`` event ``speech.providers`` saying which VAD, recogniser and voice this call runs
-    (the defaults by language when the playbook named none: docs/speech.md, "Defaults")."""
-    tts = _option_dict(option.tts) if option.tts is not None else {}
-    asr = _option_dict(option.asr) if option.asr is not None else {}
+    (docs/speech.md, "Defaults"): ``data`` ``{vad, asr, tts, language}``, and ✱ ``defaults``, the
+    sections whose provider the defaults for the language chose, when any did on this call (a playbook's
+    defaults are chosen when it loads: its call lists none)."""
+    tts = plan.tts or {}
     data = {
-        "vad": processors.vad.name if processors.vad is not None else None,
-        "asr": processors.asr_provider if processors.recognizer is not None else None,
+        "vad": processors.vad.name if processors is not None and processors.vad is not None else None,
+        "asr": (processors.asr_provider
+                if processors is not None and processors.recognizer is not None else None),
         "tts": tts.get("provider") or "flite",
-        "language": asr.get("language") or tts.get("language"),
+        "language": (plan.asr or {}).get("language") or tts.get("language"),
     }
+    if plan.defaulted:
+        data["defaults"] = list(plan.defaulted)
     session.emit(ev.Metrics(timestamp=session.now(), key="speech.providers", duration=0, data=data))
 
 

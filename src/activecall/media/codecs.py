@@ -85,10 +85,19 @@ class _BankedResampler(Resampler):
         self._bank = bank
         #: this resampler's row of the bank's matrix (the batched path reads and writes it)
         self.row = bank.allocate()
-        weakref.finalize(self, bank.release, self.row)
+        self._release_row = weakref.finalize(self, bank.release, self.row)
+
+    def release(self) -> None:
+        """Give the row back now (a closed leg's codec), not when the garbage collector gets to the
+        resampler; idempotent.  A released resampler starts again from silence if used."""
+        if self._bank is not None:
+            self._bank = None
+            self._release_row()
 
     @property
     def _history(self) -> np.ndarray:
+        if self._bank is None:
+            return np.zeros(len(self._taps) - 1, dtype=np.float32)
         return self._bank.matrix[self.row]
 
     @_history.setter
@@ -146,6 +155,9 @@ class Codec:
         """A frame for a lost packet: silence unless the codec can do better (Opus PLC)."""
         return np.zeros(FRAME_SAMPLES, dtype=np.int16)
 
+    def close(self) -> None:
+        """Release shared state now, when the leg closes (idempotent)."""
+
 
 class _G711Codec(Codec):
     """G.711, coded one frame at a time here or many legs at once by ``encode_frames``/``decode_payloads``,
@@ -167,6 +179,11 @@ class _G711Codec(Codec):
 
     def decode(self, payload: bytes) -> np.ndarray:
         return self.upsampler(self._decode_table[np.frombuffer(payload, dtype=np.uint8)])
+
+    def close(self) -> None:
+        """The resamplers' rows of the shared history banks go back at once."""
+        self.downsampler.release()
+        self.upsampler.release()
 
 
 class PcmuCodec(_G711Codec):

@@ -606,6 +606,14 @@ class RtpLeg(RtpLegCore):
 
     # -- teardown --------------------------------------------------------------------------------
 
+    def _close_codecs(self) -> None:
+        """Codec state shared between legs (the G.711 resamplers' history rows) goes back now, not when
+        the garbage collector finds the leg (a session is in reference cycles until then)."""
+        for codec in (self.encoder, *self._decoders.values()):
+            if codec is not None:
+                codec.close()
+        self._decoders.clear()
+
     def close(self) -> defer.Deferred:
         """Leave the clock, send RTCP BYE, release the ports (idempotent)."""
         if self.running:
@@ -618,6 +626,7 @@ class RtpLeg(RtpLegCore):
                                      Bye((self.ssrc,), b"call ended")])
                 except Exception:
                     log.failure("RTCP BYE failed")
+        self._close_codecs()
         if self.ports is not None:
             ports, self.ports = self.ports, None
             self._rtp_fd = -1  # before the descriptor is closed (and could be reused)

@@ -11,6 +11,7 @@ table covers every field of ``front_matter.FrontMatter``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 
 from activecall.playbook import front_matter as fm
@@ -50,19 +51,26 @@ def field_paths(cls=fm.FrontMatter, prefix: str = "") -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _field_name(cls, key: str):
+    """The attribute of dataclass ``cls`` documented as ``key`` (None: no such key); the classes are
+    fixed, so each answer is worked out once (``refusals`` runs on every playbook call)."""
+    return next((f.name for f in dataclasses.fields(cls) if (f.metadata.get("keys") or (None,))[0] == key), None)
+
+
 def _value(config, path: str):
     value = config
     for part in path.split("."):
         if value is None:
             return None
-        name = next((f.name for f in dataclasses.fields(value) if (f.metadata.get("keys") or (None,))[0] == part),
-                    None)
+        name = _field_name(type(value), part)
         if name is None:
             return None
         value = getattr(value, name)
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def _default(cls, path: str):
     *parents, last = path.split(".")
     section = cls()

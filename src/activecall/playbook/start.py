@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Optional
 
 from twisted.logger import Logger
@@ -21,7 +22,7 @@ from activecall.playbook import front_matter_keys, tags
 from activecall.playbook.parser import Playbook, PlaybookError, load_playbook, parse_playbook
 from activecall.playbook.runner import PlaybookRunner
 from activecall.protocol import commands as cmd
-from activecall.speech import defaults as speech_defaults
+from activecall.speech import defaults as speech_defaults, installed
 from activecall.speech.eou.smart_turn import available as smart_turn_available
 
 log = Logger(namespace="activecall.playbook")
@@ -149,9 +150,29 @@ def start_playbook(session, playbook_or_name, *, extras: Optional[dict] = None, 
         # no silent keys: the playbook's author learns which settings did nothing
         session.error("playbook", f"front matter key '{key}' is not supported: {reason}; ignored", code=501)
     if session.state is not CallState.ANSWERED:
-        option = playbook_call_option(playbook)
+        option = _call_option_for(playbook)
         session.option = session.option.merged_over(option) if session.option is not None else option
     return runner.attach()
+
+
+_OPTION_CACHE: dict = {}
+
+
+def _call_option_for(playbook: Playbook) -> cmd.CallOption:
+    """``playbook_call_option`` of a playbook that many calls share (``_load_cached``), worked out
+    again after ``installed.RECHECK`` seconds (the speech defaults follow what is installed) or when
+    ``ACTIVECALL_MODELS_DIR`` changes: building it per call was ~3 % of a call's CPU.  The option is
+    a frozen dataclass; every session merges it into its own."""
+    key = (id(playbook), speech_defaults.models_dir_from_env())
+    now = time.monotonic()
+    known = _OPTION_CACHE.get(key)
+    if known is not None and known[0] is playbook and now - known[1] < installed.RECHECK:
+        return known[2]
+    option = playbook_call_option(playbook)
+    if len(_OPTION_CACHE) > 256:
+        _OPTION_CACHE.clear()
+    _OPTION_CACHE[key] = (playbook, now, option)  # the playbook itself is kept, so its id is not reused
+    return option
 
 
 def _fillers_for(session) -> tuple[str, ...]:
@@ -159,6 +180,12 @@ def _fillers_for(session) -> tuple[str, ...]:
     if session.config is None:
         return tags.DEFAULT_FILLERS
     path = os.path.join(os.path.dirname(os.path.abspath(session.config.playbook_dir)), "fillers.txt")
+    return _fillers_at(path)
+
+
+@installed.remembered
+def _fillers_at(path: str) -> tuple[str, ...]:
+    """``tags.load_fillers``, read again after a few seconds (an edited file is picked up) rather than per call."""
     return tags.load_fillers(path)
 
 

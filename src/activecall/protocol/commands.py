@@ -220,6 +220,20 @@ class RealtimeOption(_Option):
     other_keys: Optional[dict] = _others()
 
 
+def _switch(cls, off: dict):
+    """A section that may also be ``false`` (✱ the call does without it: ``off``) or ``true`` (✱ the
+    section with every key left out: the defaults for the call's language, docs/api.md)."""
+
+    def parse(value, where, loader):
+        if value is False:
+            return cls(**off)
+        if value is True:
+            return cls()
+        return loader.convert(cls, value, where)
+
+    return field(default=None, metadata={"parse": parse})
+
+
 @_option
 class CallOption(_Option):
     """``option`` of invite/accept.  ``sdp`` is the guide's spelling of ``offer``;
@@ -234,9 +248,11 @@ class CallOption(_Option):
     playbook: Optional[str] = None
     denoise: Optional[bool] = None
     recorder: Optional[RecorderOption] = None
-    vad: Optional[VadOption] = None
-    asr: Optional[TranscriptionOption] = None
+    vad: Optional[VadOption] = _switch(VadOption, {"type": "none"})
+    asr: Optional[TranscriptionOption] = _switch(TranscriptionOption, {"provider": "none"})
     tts: Optional[SynthesisOption] = None
+    #: ✱ the call's language: with no provider named, VAD, recogniser and voice for it (docs/api.md)
+    language: Optional[str] = None
     mediaPass: Optional[MediaPassOption] = None
     #: seconds, or a duration string such as "30s" (the original's docs)
     handshakeTimeout: Optional[Union[int, float, str]] = None
@@ -258,7 +274,8 @@ class CallOption(_Option):
         return self.offer if self.offer is not None else self.sdp
 
     #: what a later invite/accept inherits from an earlier option when it leaves them out
-    INHERITED: ClassVar[tuple] = ("asr", "tts", "vad", "denoise", "recorder", "eou", "extra", "ambiance", "amd")
+    INHERITED: ClassVar[tuple] = ("asr", "tts", "vad", "denoise", "recorder", "eou", "extra", "ambiance", "amd",
+                                  "language")
 
     def merged_over(self, earlier: Optional["CallOption"]) -> "CallOption":
         """This option, taking INHERITED fields it leaves out from ``earlier`` (e.g. a playbook's)."""

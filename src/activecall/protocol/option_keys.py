@@ -86,6 +86,7 @@ OPTION_KEYS: dict[str, OptionKey] = dict([
     _k("tts.subtitle", refused="no subtitles are produced", harmless=(False,)),
     _k("tts.emotion", refused=_NOT_USED), _k("tts.maxConcurrentTasks", refused=_NOT_USED),
     _k("tts.sessionId", refused=_NOT_USED), _k("tts.cacheKey", refused="give cacheKey on the tts command"),
+    _k("language"),  # ✱ the defaults by language (docs/api.md, "Speech defaults")
     _k("mediaPass"), _k("mediaPass.url"), _k("mediaPass.inputSampleRate"), _k("mediaPass.outputSampleRate"),
     _k("mediaPass.packetSize"), _k("mediaPass.ptime"),
     _k("handshakeTimeout", call_types=("webrtc",)),

@@ -9,6 +9,7 @@ request was understood to answer it with a 400.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -281,7 +282,14 @@ def format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_hostport(text: str) -> tuple[str, Optional[int]]:
+    """``(host, port)`` of ``host[:port]``; remembered (a few peers' addresses come in every message:
+    the checks below showed in a call's profile); bad text raises each time (errors are not kept)."""
+    return _parse_hostport_uncached(text)
+
+
+def _parse_hostport_uncached(text: str) -> tuple[str, Optional[int]]:
     text = text.strip()
     if text.startswith("["):
         end = text.find("]")

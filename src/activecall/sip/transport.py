@@ -18,6 +18,7 @@ per minute, never a line per datagram (docs/sip.md, "Hostile input").
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import Callable, Optional
@@ -81,7 +82,9 @@ class SendError(Exception):
 # -- pure helpers ----------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def is_ip(host: str) -> bool:
+    """An IP literal (no name to resolve); remembered: asked for every message sent."""
     try:
         ipaddress.ip_address(host)
         return True

@@ -14,14 +14,16 @@ A cloud choice still needs its key; the recogniser or synthesiser then refuses w
 is a call that must not listen; ``vad: {type: nop}`` likewise for the VAD.
 
 Nothing here imports a model or a heavy package: availability is looked up with ``find_spec`` and
-``which`` (one call per call set-up).
+``which``, the answers remembered for a few seconds (``speech/installed.py``: looking them up on every
+call set-up cost a fifth of a call's CPU).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any, Mapping, Optional
+
+from activecall.speech.installed import module_found
 
 DEFAULT_LANGUAGE = "en"
 NO_PROVIDER = "none"  # asr.provider / tts.provider of a call that must not listen / speak
@@ -38,10 +40,7 @@ def primary_language(*tags: Optional[str]) -> str:
 
 
 def _module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    return module_found(name)
 
 
 def _program(name: str) -> bool:
@@ -117,3 +116,71 @@ def choose(section: str, given: Optional[Mapping[str, Any]], language: str,
 
 def models_dir_from_env(env: Mapping[str, str] = os.environ) -> Optional[str]:
     return env.get("ACTIVECALL_MODELS_DIR") or None
+
+
+OFF = (NO_PROVIDER, "false")  # provider / vad type values of a section that is switched off
+
+
+def _off(section: Optional[Mapping[str, Any]], key: str = "provider") -> bool:
+    return section is not None and str(section.get(key) or "").lower() in OFF
+
+
+class CallSpeech:
+    """What one API call (``/call``, ``/call/webrtc``, ``/call/sip``, a SIP handler's option) runs: the
+    ``vad``/``asr``/``tts`` option dicts with their providers filled in (None: the call does without),
+    its ``language``, and ``defaulted``, the sections whose provider the defaults chose.
+
+    The rule (docs/api.md, "Speech defaults"), chosen for wire compatibility with the original, whose
+    calls listen only when the option has ``asr``/``vad``:
+
+    - the call **listens only when it asks to**: an ``asr`` section (``asr: {}``, ``asr: true``, or one with
+      a ``language``) or ✱ ``language`` on the option; a client that sends neither (it streams its own audio
+      or runs its own recogniser) gets no recogniser and no VAD, as before;
+    - a section without a provider gets the one for the call's language (``speech/defaults.py``); one that
+      names its provider is used as it is; ``asr: false`` / ``provider: none`` (``vad: false`` /
+      ``type: none``) switch it off;
+    - ``language`` alone asks for the whole set: VAD (silero), recogniser and voice of that language;
+    - the voice of a ``tts`` command: the call's ``tts`` section, filled in by language when it names no
+      provider or ``language`` is given; with neither, ``tts`` stays None and the synthesiser's own
+      fallback (flite) speaks, as before.
+    """
+
+    __slots__ = ("vad", "asr", "tts", "language", "defaulted")
+
+    def __init__(self, vad, asr, tts, language, defaulted):
+        self.vad, self.asr, self.tts, self.language, self.defaulted = vad, asr, tts, language, defaulted
+
+    @property
+    def listens(self) -> bool:
+        return self.vad is not None or self.asr is not None
+
+    def __repr__(self) -> str:  # tests
+        return f"CallSpeech(vad={self.vad!r}, asr={self.asr!r}, tts={self.tts!r}, language={self.language!r})"
+
+
+def for_call(vad: Optional[Mapping[str, Any]], asr: Optional[Mapping[str, Any]],
+             tts: Optional[Mapping[str, Any]], language: Optional[str] = None,
+             models_dir: Optional[str] = None) -> CallSpeech:
+    """The ``CallSpeech`` of an API call's option sections (dicts, None when left out); see its docstring."""
+    lang = primary_language(language, (asr or {}).get("language"), (tts or {}).get("language"))
+    defaulted = []
+    asr_out = None
+    if asr is not None or language:
+        if not _off(asr):
+            asr_out = choose("asr", asr, lang, models_dir)
+            if not (asr or {}).get("provider"):
+                defaulted.append("asr")
+    vad_out = None
+    if vad is not None:
+        if not (_off(vad, "type") or _off(vad)):
+            vad_out = choose("vad", vad, lang)
+            if not vad.get("type"):
+                defaulted.append("vad")
+    elif language and asr_out is not None:
+        vad_out = choose("vad", None, lang)
+        defaulted.append("vad")
+    tts_out = dict(tts) if tts is not None else None
+    if (tts is not None or language) and not (tts or {}).get("provider"):
+        tts_out = choose("tts", tts, lang, models_dir)
+        defaulted.append("tts")
+    return CallSpeech(vad_out, asr_out, tts_out, lang, tuple(defaulted))

@@ -35,6 +35,7 @@ reactor thread (a few hundred microseconds a frame, measured in bench/bench_echo
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -333,11 +334,14 @@ def _correlations(n: np.ndarray, f: np.ndarray) -> np.ndarray:
     return score
 
 
+@functools.lru_cache(maxsize=8)
 def _bandpass(low: float, high: float, taps: int) -> np.ndarray:
-    """A windowed-sinc band-pass FIR at 16 kHz."""
+    """A windowed-sinc band-pass FIR at 16 kHz (read-only: one per process, shared by every call)."""
     n = np.arange(taps) - (taps - 1) / 2
 
     def lowpass(cut):
         return 2 * cut / SAMPLE_RATE * np.sinc(2 * cut / SAMPLE_RATE * n)
 
-    return (lowpass(high) - lowpass(low)) * np.hamming(taps)
+    band = (lowpass(high) - lowpass(low)) * np.hamming(taps)
+    band.flags.writeable = False
+    return band

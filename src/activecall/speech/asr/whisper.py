@@ -46,6 +46,7 @@ from activecall.audio import SAMPLE_RATE
 from activecall.speech.asr.base import StreamingRecognizer
 from activecall.speech.base import OptionError, SpeechError
 from activecall.speech.eou.features import whisper_log_mel
+from activecall.speech.installed import module_found, remembered
 from activecall.speech.workers import pool_size
 
 NO_SPEECH_PROB = 0.6  # Whisper's own rule: no speech when this likely and the text unlikely
@@ -54,6 +55,7 @@ QUIET_TAIL_DBFS = -40.0
 DEFAULT_WINDOW = 12.0  # seconds of encoder input at least (bench: shorter windows lose accuracy)  # a tail this quiet (per 20 ms frame) after the last decode holds no words
 
 
+@remembered
 def shipped_model_dir() -> Optional[str]:
     """The model directory a registry package ships, or None when none is installed."""
     try:
@@ -68,10 +70,9 @@ def shipped_model_dir() -> Optional[str]:
 
 
 def available() -> bool:
-    """ctranslate2 and tokenizers importable and a shipped model present (without importing them)."""
-    import importlib.util
-    return all(importlib.util.find_spec(m) is not None for m in ("ctranslate2", "tokenizers")) \
-        and shipped_model_dir() is not None
+    """ctranslate2 and tokenizers importable and a shipped model present (without importing them;
+    remembered for a few seconds, speech/installed.py)."""
+    return module_found("ctranslate2") and module_found("tokenizers") and shipped_model_dir() is not None
 
 
 def language_code(language: Optional[str]) -> Optional[str]:
@@ -196,7 +197,7 @@ class WhisperRecognizer(StreamingRecognizer):
         self._engine = engine
         if engine is not None:
             self._check_language(engine)
-        else:
+        elif not self._take_loaded_engine():
             # load the shared model now, on the pool, while the call is set up and its greeting plays:
             # not on the caller's first utterance (a failure shows again, and is reported, at the first decode)
             self.run_in_thread(self.engine).addErrback(lambda failure: None)
@@ -210,6 +211,17 @@ class WhisperRecognizer(StreamingRecognizer):
         if not engine.multilingual and self.language not in (None, "en"):
             raise SpeechError(f"asr provider 'whisper': the model {self.model_dir} is English-only; "
                               f"language {self.options.language!r} needs a multilingual model (asr.model)")
+
+    def _take_loaded_engine(self) -> bool:
+        """Use the shared engine when an earlier call loaded it: no trip to the pool per call set-up
+        (one showed in the calls-per-second profile).  One that fails ``_check_language`` is left
+        to the first decode, which reports it, as when the pool loads it."""
+        with _engines_lock:
+            engine = _engines.get((self.model_dir, self.compute_type, self.threads))
+        if engine is None or (not engine.multilingual and self.language not in (None, "en")):
+            return False
+        self._engine = engine
+        return True
 
     def engine(self) -> WhisperEngine:
         if self._engine is None:
@@ -241,6 +253,8 @@ class WhisperRecognizer(StreamingRecognizer):
         self._audio = np.concatenate([self._audio, pcm])
         if newer:
             return None  # a newer step is waiting: it decodes this audio too
+        if self._decoded and _quiet(self._audio[self._decoded:]):
+            return None  # only quiet since the last decode: nothing new to hear (a pause costs no decode)
         return self._transcribe() or None
 
     def _finish(self, pcm: np.ndarray) -> Optional[str]:

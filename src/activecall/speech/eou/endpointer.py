@@ -15,7 +15,9 @@ turn's audio so far, and:
   is dropped and the next pause asks again, about the longer turn;
 - a detector that fails, or is still thinking at the ceiling, leaves the
   ceiling to end the turn; an answer that comes after the turn moved on
-  (speech resumed, the ceiling passed, the utterance was closed) is ignored.
+  (speech resumed, the ceiling passed, the utterance was closed) is ignored,
+  and a question still waiting for the detector then is withdrawn (its
+  Deferred is cancelled: a busy detector skips the run that could not count).
 
 ``on_decision(TurnDecision)`` reports each verdict that counted (for the
 ``eou`` and ``metrics`` events).  Nothing here blocks or reads a wall clock:
@@ -67,6 +69,7 @@ class TurnEndpointer:
         self.on_end: Optional[Callable[[], None]] = None
         self._generation = 0  # bumped whenever the pending decision stops counting
         self._timer = None
+        self._asked: Optional[defer.Deferred] = None  # the detector's pending answer
         self.waiting = False  # a pause is being judged (or waits for the ceiling)
         self.inferences = 0  # detector runs started, for tests and logs
 
@@ -85,6 +88,8 @@ class TurnEndpointer:
         self._timer = self.clock.callLater(remaining, self._ceiling, generation)
         self.inferences += 1
         d = defer.maybeDeferred(self.detector.analyze, pcm)
+        if not d.called:
+            self._asked = d
         d.addCallbacks(self._answered, self._failed, callbackArgs=(generation,), errbackArgs=(generation,))
 
     def resumed(self) -> None:
@@ -108,6 +113,8 @@ class TurnEndpointer:
             self._end()
 
     def _failed(self, failure, generation: int) -> None:
+        if failure.check(defer.CancelledError) and generation != self._generation:
+            return  # withdrawn by _drop
         log.failure("end-of-turn detector {name} failed; the silence ceiling ends this turn", failure,
                     name=getattr(self.detector, "name", "?"))
 
@@ -134,6 +141,9 @@ class TurnEndpointer:
     def _drop(self) -> None:
         self._generation += 1
         self.waiting = False
+        asked, self._asked = self._asked, None
+        if asked is not None and not asked.called:
+            asked.cancel()  # its answer could no longer count
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()

@@ -85,6 +85,36 @@ def log_mel(audio: np.ndarray) -> np.ndarray:
     return ((mel + 4.0) / 4.0).astype(np.float32)
 
 
+def turn_log_mel(audio: np.ndarray) -> np.ndarray:
+    """``log_mel(last_window(audio))``, without the work on the zero padding: the same ``(80, 800)`` features.
+
+    A turn shorter than 8 s is zero-padded at the start; after the waveform's
+    normalisation that padding is one constant value, so every STFT frame lying
+    wholly inside it (with its reflected edge) has the same spectrum.  That
+    spectrum is computed once and copied (a 2 s turn leaves ~3/4 of the 801 FFTs,
+    the products and the logarithms undone).  The normalisation and the
+    dynamic-range clamp still see the whole window, so the values are the
+    reference's (tests/test_eou_cost.py compares them).
+    """
+    x = last_window(audio)
+    n_pad = WINDOW_SAMPLES - np.asarray(audio).size
+    x = (x - x.mean()) / np.sqrt(x.var() + _VARIANCE_EPS)
+    padded = np.pad(x.astype(np.float64), N_FFT // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]  # (801, 400), a view
+    # frames 0..same-1 lie in the constant stretch padded[: N_FFT // 2 + n_pad] (n_pad > N_FFT // 2: the
+    # reflected edge is padding too); frame same - 1 stands for them all
+    same = (n_pad + N_FFT // 2 - N_FFT) // HOP + 1 if n_pad > N_FFT // 2 else 0
+    first = max(0, same - 1)
+    power = np.abs(np.fft.rfft(frames[first:] * _WINDOW, axis=-1)) ** 2
+    computed = np.log10(np.maximum(_MEL_FLOOR, _FILTERS_T @ power.T))
+    mel = np.empty((N_MELS, frames.shape[0]), dtype=np.float64)
+    mel[:, first:] = computed
+    mel[:, :first] = computed[:, :1]
+    mel = mel[:, :-1]
+    mel = np.maximum(mel, mel.max() - 8.0)
+    return ((mel + 4.0) / 4.0).astype(np.float32)
+
+
 def whisper_log_mel(audio: np.ndarray) -> np.ndarray:
     """``(80, n // 160)`` float32 Whisper features of any length of 16 kHz audio (floats in [-1, 1]), as
     Whisper's own extractor computes them (no normalisation of the waveform: that is Smart Turn's), for the

