@@ -47,6 +47,7 @@ from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint  # noqa: E402
 from twisted.web import resource, server  # noqa: E402
 
+from activecall.audio import resample, ulaw_decode, ulaw_encode  # noqa: E402
 from activecall.speech.testing import synthesize_pcm  # noqa: E402
 from tests.helpers import TWISTD, free_port, spawn  # noqa: E402
 from tests.wsclient import ClientFactory  # noqa: E402
@@ -107,12 +108,16 @@ path = "{root}/rec"
 class Line:
     """The caller's phone: on absolute 20 ms deadlines, the echo of what it received plus its own voice."""
 
-    def __init__(self, proto, echo_db, echo_ms):
+    def __init__(self, proto, echo_db, echo_ms, codec="pcm"):
         self.proto = proto
+        self.ulaw = codec == "pcmu"  # a G.711 phone: the whole line at 8 kHz, mu-law both ways
+        self.rate = 8000 if self.ulaw else 16000
+        self.frame = FRAME * self.rate // 16000
         self.gain = 10 ** (echo_db / 20) if echo_db is not None else 0.0  # None: a line with no echo
-        self.delay = echo_ms * 16
+        self.delay = echo_ms * self.rate // 1000
+        self.second = self.rate * 25 // 10000  # the second reflection, 2.5 ms later
         self.heard = np.zeros(0, dtype=np.float64)  # bot audio received, not yet echoed
-        self.history = np.zeros(self.delay + 80)
+        self.history = np.zeros(self.delay + 2 * self.second)
         self.voice = np.zeros(0, dtype=np.float64)
         self.voice_start = None  # when the frame with the first voiced sample was sent
         self._first_voiced = None
@@ -123,11 +128,13 @@ class Line:
         self._next()
 
     def received(self, payload):
-        pcm = np.frombuffer(payload, dtype="<i2")
+        pcm = ulaw_decode(payload) if self.ulaw else np.frombuffer(payload, dtype="<i2")
         self.bot_frames.append((reactor.seconds(), bool(np.abs(pcm).max(initial=0) > 0)))
         self.heard = np.concatenate([self.heard, pcm.astype(np.float64)])
 
     def say(self, pcm):
+        if self.ulaw:
+            pcm = resample(pcm, 16000, 8000)
         loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > VOICED)
         self._first_voiced = int(loud[0]) if loud.size else 0
         self.voice = pcm.astype(np.float64)
@@ -139,34 +146,46 @@ class Line:
             reactor.callLater(max(0.0, deadline - reactor.seconds()), self._send)
 
     def _send(self):
-        far = self.heard[:FRAME]
-        self.heard = self.heard[FRAME:]
-        if far.size < FRAME:
-            far = np.concatenate([far, np.zeros(FRAME - far.size)])
+        n, d, r2 = self.frame, self.delay, self.second
+        far = self.heard[:n]
+        self.heard = self.heard[n:]
+        if far.size < n:
+            far = np.concatenate([far, np.zeros(n - far.size)])
         self.history = np.concatenate([self.history, far])
-        d = self.delay
-        echo = self.history[-FRAME - d: len(self.history) - d] * self.gain
-        echo = echo + 0.3 * self.history[-FRAME - d - 40: len(self.history) - d - 40] * self.gain
-        self.history = self.history[-(d + 80 + FRAME):]
+        echo = self.history[-n - d: len(self.history) - d] * self.gain
+        echo = echo + 0.3 * self.history[-n - d - r2: len(self.history) - d - r2] * self.gain
+        self.history = self.history[-(d + 2 * r2 + n):]
         out = echo
         if self.voice.size:
-            part = self.voice[:FRAME]
-            self.voice = self.voice[FRAME:]
+            part = self.voice[:n]
+            self.voice = self.voice[n:]
             if self._first_voiced is not None:
-                if self._first_voiced < FRAME:
+                if self._first_voiced < n:
                     self.voice_start = reactor.seconds()
                     self._first_voiced = None
                 else:
-                    self._first_voiced -= FRAME
+                    self._first_voiced -= n
             out = out.copy()
             out[: part.size] += part
         if self.running and self.proto.transport is not None and self.proto.transport.connected:
             try:
-                self.proto.sendMessage(np.clip(np.rint(out), -32768, 32767).astype("<i2").tobytes(), isBinary=True)
+                samples = np.clip(np.rint(out), -32768, 32767).astype("<i2")
+                self.proto.sendMessage(ulaw_encode(samples) if self.ulaw else samples.tobytes(), isBinary=True)
             except Exception:  # the call is closing
                 self.running = False
         self.n += 1
         self._next()
+
+
+def cough(seed):
+    """A cough-like burst, 16 kHz: 250 ms of noise, band-limited (300-3000 Hz), a sharp onset and a decay."""
+    rng = np.random.default_rng(1000 + seed)
+    n = 4000
+    noise = rng.standard_normal(n + 64)
+    band = np.convolve(noise, np.hanning(9), mode="same")[:n] - np.convolve(noise, np.hanning(53), mode="same")[:n]
+    envelope = np.minimum(1.0, np.arange(n) / 160.0) * np.exp(-np.arange(n) / 1400.0)
+    burst = band / np.abs(band).max() * envelope * 12000
+    return np.concatenate([burst, np.zeros(1600)]).astype(np.int16)
 
 
 def pct(values, q):
@@ -194,9 +213,9 @@ def one_call(http_port, kind, clip, args, i):
         original(payload, isBinary)
 
     proto.onMessage = on_message
-    proto.sendMessage(json.dumps({"command": "invite", "option": {"codec": "pcm", "playbook": "bench.md"}}).encode())
+    proto.sendMessage(json.dumps({"command": "invite", "option": {"codec": args.codec, "playbook": "bench.md"}}).encode())
     yield factory.wait_event("answer", timeout=30)
-    line = Line(proto, args.echo_db, args.echo_ms)
+    line = Line(proto, args.echo_db, args.echo_ms, args.codec)
     yield factory.wait_event("trackStart", timeout=30, playId="greeting")
     row = {"kind": kind}
     try:
@@ -209,7 +228,7 @@ def one_call(http_port, kind, clip, args, i):
             row["paused"] = sum(1 for e in factory.events if e["event"] == "metrics"
                                 and e.get("key") == "interruption.paused")
             return row
-        # speech: wait until the greeting really sounds, then talk over it
+        # speech or cough: wait until the greeting really sounds, then make the sound over it
         while not any(loud for _, loud in line.bot_frames):
             yield task.deferLater(reactor, 0.02, lambda: None)
         yield task.deferLater(reactor, args.speak_after, lambda: None)
@@ -231,6 +250,7 @@ def one_call(http_port, kind, clip, args, i):
                 row["silent_already"] = True  # the caller started in a pause of the greeting
         later = factory.events[seen:] if not args.dump_events else factory.events
         row["interrupted"] = any(e["event"] == "interruption" for e in later)
+        row["paused"] = sum(1 for e in later if e["event"] == "metrics" and e.get("key") == "interruption.paused")
         row["resumed"] = any(e["event"] == "metrics" and e.get("key") == "interruption.resumed" for e in later)
         if args.dump_events:
             print("events", json.dumps(later), file=sys.stderr)
@@ -259,10 +279,15 @@ def run_mode(mode, args, llm_port, clips):
             row = yield one_call(http_port, "speech", clips[i % len(clips)], args, i)
             rows.append(row)
             print(f"  {mode} speech {i}: {row}", file=sys.stderr)
+        for i in range(args.cough_trials):
+            row = yield one_call(http_port, "cough", cough(i), args, i)
+            rows.append(row)
+            print(f"  {mode} cough {i}: {row}", file=sys.stderr)
     finally:
         daemon.kill()
         shutil.rmtree(root, ignore_errors=True)
     speech = [r for r in rows if r["kind"] == "speech"]
+    coughs = [r for r in rows if r["kind"] == "cough"]
     stops = [r["stop_ms"] for r in speech if r.get("stop_ms") is not None]
     echo = [r for r in rows if r["kind"] == "echo"]
     return {"mode": mode, "echo_db": args.echo_db, "echo_ms": args.echo_ms,
@@ -272,7 +297,10 @@ def run_mode(mode, args, llm_port, clips):
             "interrupted_by_words": sum(1 for r in speech if r.get("interrupted")),
             "resumed": sum(1 for r in speech if r.get("resumed")),
             "echo_trials": len(echo), "echo_interruptions": sum(1 for r in echo if r["interrupted"]),
-            "echo_pauses": sum(r["paused"] for r in echo)}
+            "echo_pauses": sum(r["paused"] for r in echo),
+            "cough_trials": len(coughs), "cough_paused": sum(1 for r in coughs if r["paused"]),
+            "cough_resumed": sum(1 for r in coughs if r["resumed"]),
+            "cough_interrupted": sum(1 for r in coughs if r["interrupted"])}
 
 
 @defer.inlineCallbacks
@@ -298,7 +326,11 @@ def main(args):
         print(json.dumps(report, indent=1))
     else:
         print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs; "
-              f"echo {args.echo_db} dB, {args.echo_ms} ms late")
+              f"{args.codec}; echo {args.echo_db} dB, {args.echo_ms} ms late")
+        for r in results:
+            if r["cough_trials"]:
+                print(f"{r['mode']}: coughs {r['cough_trials']}, paused {r['cough_paused']}, resumed "
+                      f"{r['cough_resumed']}, interrupted {r['cough_interrupted']}")
         print(f"{'mode':8} {'trials':>6} {'stop p50/p95/max ms':>22} {'by words':>8} {'resumed':>7} "
               f"{'echo calls':>10} {'echo interruptions':>18} {'echo pauses':>11}")
         for r in results:
@@ -313,8 +345,12 @@ if __name__ == "__main__":
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--echo-trials", type=int, default=3)
     parser.add_argument("--mode", default="pause,legacy")
+    parser.add_argument("--cough-trials", type=int, default=0,
+                        help="calls with a 250 ms cough-like burst over the greeting: pause, then resume")
     parser.add_argument("--echo-db", default="-10", help="dB, or 'off' for a line without echo")
     parser.add_argument("--echo-ms", type=int, default=60)
+    parser.add_argument("--codec", default="pcm", choices=("pcm", "pcmu"),
+                        help="the /call codec: 16 kHz PCM, or a G.711 phone (mu-law, the line at 8 kHz)")
     parser.add_argument("--speak-after", type=float, default=2.5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dump-events", action="store_true")
