@@ -222,6 +222,8 @@ class LlmConfig:
     #: start the reply on a partial transcript that stopped changing, before the end of turn (docs/playbooks.md)
     preemptive: bool = _key("preemptive", default=False)
     preemptive_stable_ms: int = _key("preemptiveStableMs", default=150)
+    #: ✱ a preemptive reply's first sentence is synthesised too (held, never played, until the turn is confirmed)
+    preemptive_tts: bool = _key("preemptiveTts", default=True)
 
     @property
     def effective_provider(self) -> str:
