@@ -1045,6 +1045,24 @@ class PreemptiveTests(RunnerTestBase):
         self.assertEqual(len(self.llm.calls), 2)
         self.assertEqual(self.count("hit"), 1)
 
+    def test_a_partial_after_the_vads_speech_end_starts_at_once(self):
+        """The recogniser decodes the words so far when the caller pauses: that partial, arriving while the
+        VAD says silence, needs no stable window; speech again restores the wait."""
+        self.start()
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=0))
+        self.delta("what time")
+        self.assertEqual(self.llm.calls, [])
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=0, duration=900))
+        self.delta("what time do you open")
+        self.assertEqual(len(self.llm.calls), 1)  # no clock advance needed
+        self.assertEqual(self.llm.calls[0].messages[-1], {"role": "user", "content": "what time do you open"})
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=1000))
+        self.delta("what time do you open on sunday")
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.assertEqual(len(self.llm.calls), 1)
+        self.clock.advance(0.2)
+        self.assertEqual(len(self.llm.calls), 2)
+
     def test_a_partial_still_changing_starts_nothing(self):
         self.start()
         self.delta("what")

@@ -82,6 +82,43 @@ class SchedulingTests(unittest.TestCase):
         self.assertEqual(engine.calls, [])
         self.assertEqual(asr._decode(np.ones(8000, dtype=np.int16)), "heard 16000")
 
+    @defer.inlineCallbacks
+    def test_the_vads_pause_decodes_once_and_that_decode_is_the_final(self):
+        """``speech_paused`` (the call's VAD saw the speech end) decodes the words so far at once; the
+        recogniser's own pause later finds only quiet since: no second decode queued before the final."""
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(4800) / 5.0) * 8000).astype(np.int16)  # 0.3 s: no step decode yet
+        for f in frames(speech):
+            asr.feed(f)
+        asr.speech_paused()
+        self.assertEqual(engine.calls, [4800])
+        self.assertEqual([(r.final, r.text) for r in results], [(False, "heard 4800")])
+        for f in frames(np.zeros(3200, dtype=np.int16)):
+            asr.feed(f)
+        asr.speech_paused()  # the recogniser's own pause, 200 ms later: quiet, kept without decoding
+        asr.end_utterance()
+        yield asr.close()
+        self.assertEqual(engine.calls, [4800])
+        self.assertEqual([(r.final, r.text) for r in results], [(False, "heard 4800"), (True, "heard 4800")])
+
+    @defer.inlineCallbacks
+    def test_speech_after_the_vads_pause_is_decoded_again(self):
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(3200) / 5.0) * 8000).astype(np.int16)
+        for f in frames(speech):
+            asr.feed(f)
+        asr.speech_paused()
+        for f in frames(np.concatenate([np.zeros(1600, dtype=np.int16), speech])):  # the caller goes on
+            asr.feed(f)
+        asr.speech_paused()
+        asr.end_utterance()
+        yield asr.close()
+        self.assertEqual(engine.calls, [3200, 8000])
+        self.assertEqual(results[-1].text, "heard 8000")
+        self.assertTrue(results[-1].final)
+
     def test_english_only_model_refuses_chinese_and_bad_options(self):
         with self.assertRaises(SpeechError) as e:
             registry.create_recognizer({"provider": "whisper", "language": "zh-CN"}, lambda r: None,

@@ -128,6 +128,7 @@ class LlmTurns:
         self.summary: Optional[str] = None  # rolling summary, kept across scene switches
         self.preemptive: Optional[Preemptive] = None  # a reply started on a stable partial
         self._speech = None  # the adopted preemptive reply's prepared first sentence, until it plays
+        self._caller_quiet = False  # the VAD's last word on the caller: silence (no speech since)
         self._stable = None  # DelayedCall: the partial has not changed for ``preemptive_stable_ms``
         self._filler = None  # DelayedCall: the reply is slow, say the wait filler
         self._filler_last = False  # the bot's last words were a filler (never two in a row)
@@ -165,7 +166,12 @@ class LlmTurns:
             self.start_turn()
 
     def observe(self, event) -> None:
-        pass
+        # the VAD's view of the caller: a partial that arrives after its speech end covers the words up to a
+        # pause (the recogniser decodes them there), so a preemptive reply need not wait for it to stay stable
+        if isinstance(event, ev.Speaking):
+            self._caller_quiet = False
+        elif isinstance(event, ev.Silence):
+            self._caller_quiet = True
 
     def scene_changed(self) -> None:
         pass
@@ -260,7 +266,8 @@ class LlmTurns:
 
     def _partial(self, text: Optional[str]) -> None:
         """A partial transcript: a preemptive request on other words is dropped; one that stays unchanged
-        for ``preemptive_stable_ms`` starts one."""
+        for ``preemptive_stable_ms``, or that comes while the VAD says the caller is silent (the pause-time
+        decode), starts one."""
         if not self.llm_config.preemptive:
             return
         text = (text or "").strip()
@@ -270,6 +277,9 @@ class LlmTurns:
             self._stable.cancel()
         self._stable = None
         if text and self.preemptive is None:
+            if self._caller_quiet:
+                self._preempt(text)  # the words up to the caller's pause: nothing more is coming for now
+                return
             self._stable = self.runner.clock.callLater(self.llm_config.preemptive_stable_ms / 1000.0,
                                                        self._preempt, text)
 

@@ -59,6 +59,7 @@ class _Utterance:
         self.pending: list[np.ndarray] = []
         self.pending_samples = 0
         self.last_text = ""
+        self.flushed = False  # a pause-time decode was queued (whisper: a later quiet flush only keeps audio)
         self.recent: list[np.ndarray] = []  # the last seconds of its audio, for an end-of-turn detector
         self.recent_samples = 0
 
@@ -152,6 +153,15 @@ class StreamingRecognizer:
             else:
                 self._flush(self._utt)
                 self._endpointer.paused(self._utt.audio(self._turn_samples))
+
+    def speech_paused(self) -> None:
+        """The call's own VAD (silero, on its windows) says the caller stopped speaking: decode what is
+        pending now.  Silero sees a word's end before this recogniser's webrtcvad does, so the words so far
+        (an ``asrDelta``, a speculative reply's input) and, if only quiet follows, the final are ready
+        earlier than at the recogniser's own pause; nothing else changes (the end of turn is decided as
+        before)."""
+        if self._utt is not None and not self.closed:
+            self._flush(self._utt)
 
     def end_utterance(self) -> None:
         if self._utt is not None:
