@@ -129,6 +129,7 @@ class LlmTurns:
         self.preemptive: Optional[Preemptive] = None  # a reply started on a stable partial
         self._speech = None  # the adopted preemptive reply's prepared first sentence, until it plays
         self._caller_quiet = False  # the VAD's last word on the caller: silence (no speech since)
+        self._caller_speaking = False  # ... or speech (no silence since)
         self._stable = None  # DelayedCall: the partial has not changed for ``preemptive_stable_ms``
         self._filler = None  # DelayedCall: the reply is slow, say the wait filler
         self._filler_last = False  # the bot's last words were a filler (never two in a row)
@@ -170,8 +171,10 @@ class LlmTurns:
         # pause (the recogniser decodes them there), so a preemptive reply need not wait for it to stay stable
         if isinstance(event, ev.Speaking):
             self._caller_quiet = False
+            self._caller_speaking = True
         elif isinstance(event, ev.Silence):
             self._caller_quiet = True
+            self._caller_speaking = False
 
     def scene_changed(self) -> None:
         pass
@@ -265,9 +268,10 @@ class LlmTurns:
     # -- preemptive generation (docs/playbooks.md, "Preemptive replies") --------------------------------
 
     def _partial(self, text: Optional[str]) -> None:
-        """A partial transcript: a preemptive request on other words is dropped; one that stays unchanged
-        for ``preemptive_stable_ms``, or that comes while the VAD says the caller is silent (the pause-time
-        decode), starts one."""
+        """A partial transcript: a preemptive request on other words is dropped.  One that comes while the
+        VAD says the caller is silent (the pause-time decode) starts one at once; while the VAD hears speech,
+        none starts (its words are still growing); on a call without VAD events, one that stays unchanged
+        for ``preemptive_stable_ms`` starts one."""
         if not self.llm_config.preemptive:
             return
         text = (text or "").strip()
@@ -280,6 +284,8 @@ class LlmTurns:
             if self._caller_quiet:
                 self._preempt(text)  # the words up to the caller's pause: nothing more is coming for now
                 return
+            if self._caller_speaking:
+                return  # the VAD hears the caller still talking: more words are coming (no request to waste)
             self._stable = self.runner.clock.callLater(self.llm_config.preemptive_stable_ms / 1000.0,
                                                        self._preempt, text)
 
