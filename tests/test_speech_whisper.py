@@ -119,6 +119,34 @@ class SchedulingTests(unittest.TestCase):
         self.assertEqual(results[-1].text, "heard 8000")
         self.assertTrue(results[-1].final)
 
+    def test_a_steps_partial_is_not_delivered_once_a_newer_step_is_queued(self):
+        """The pause's decode queued behind a running step: the step's (shorter) words would only start a
+        preemptive reply the pause's words cancel at once, so they are not delivered."""
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        held = []
+
+        def worker(f, *a):
+            d = defer.Deferred()
+            held.append((f, a, d))
+            return d
+
+        asr.run_in_thread = worker
+        speech = (np.sin(np.arange(9600) / 5.0) * 8000).astype(np.int16)
+        for f in frames(speech):  # 0.6 s: a step queued at 0.5 s, 0.1 s pending
+            asr.feed(f)
+        f, a, d = held.pop(0)
+        d.callback(f(*a))  # the utterance's begin
+        f, a, d = held.pop(0)
+        running = f(*a)  # the step is decoding ...
+        asr.speech_paused()  # ... when the pause's step is queued behind it
+        d.callback(running)
+        while held:  # the worker runs the rest one after another
+            f, a, d = held.pop(0)
+            d.callback(f(*a))
+        self.assertEqual(engine.calls, [8000, 9600])
+        self.assertEqual([r.text for r in results], ["heard 9600"])
+
     def test_english_only_model_refuses_chinese_and_bad_options(self):
         with self.assertRaises(SpeechError) as e:
             registry.create_recognizer({"provider": "whisper", "language": "zh-CN"}, lambda r: None,
