@@ -1073,12 +1073,12 @@ class PreemptiveTests(RunnerTestBase):
         self.clock.advance(0.1)
         self.assertEqual(self.llm.calls, [])
 
-    def test_off_by_default_and_when_set_off(self):
-        for extra in ("", "  preemptive: false"):
+    def test_on_by_default_off_when_set_off(self):
+        for extra, calls in (("", 1), ("  preemptive: false", 0)):
             self.start(extra=extra)
             self.delta("what time do you open")
             self.clock.advance(1)
-            self.assertEqual(self.llm.calls, [], extra)
+            self.assertEqual(len(self.llm.calls), calls, extra)
 
     def test_off(self):
         self.start(extra="  preemptive: false")
