@@ -594,6 +594,7 @@ class LlmTurns:
         })
 
     def _close_quietly(self, reply: Reply) -> None:
+        self._check_speech(done=True)
         reply.done = True
         if reply is self.reply:
             self.reply = None
