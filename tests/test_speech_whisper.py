@@ -147,6 +147,20 @@ class SchedulingTests(unittest.TestCase):
         self.assertEqual(engine.calls, [8000, 9600])
         self.assertEqual([r.text for r in results], ["heard 9600"])
 
+    def test_the_pauses_words_are_sent_even_if_unchanged(self):
+        """The last step already had every word: the pause's decode says the same, and is still sent (the
+        sign a preemptive reply waits for); a step with unchanged words is not."""
+        engine = FakeEngine()
+        engine.transcribe = lambda pcm, language=None, window=None: (engine.calls.append(pcm.size), "hello")[1]
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(17600) / 5.0) * 8000).astype(np.int16)  # steps at 0.5 and 1.0 s
+        for f in frames(speech):
+            asr.feed(f)
+        self.assertEqual([r.text for r in results], ["hello"])
+        asr.speech_paused()
+        self.assertEqual(engine.calls, [8000, 16000, 17600])
+        self.assertEqual([(r.final, r.text) for r in results], [(False, "hello"), (False, "hello")])
+
     def test_english_only_model_refuses_chinese_and_bad_options(self):
         with self.assertRaises(SpeechError) as e:
             registry.create_recognizer({"provider": "whisper", "language": "zh-CN"}, lambda r: None,

@@ -198,13 +198,14 @@ class StreamingRecognizer:
     def _flush(self, utt: _Utterance) -> None:
         """Decode what is pending now (the caller paused): while the end of turn is being judged the decoder
         catches up, so only the pause's audio and the decoder's end-of-utterance work remain for the final,
-        and the partial for the words so far arrives at the pause (a preemptive reply can start on it)."""
+        and the partial for the words so far arrives at the pause (a preemptive reply can start on it; it is
+        sent even when its words are those of the last partial, as the sign that they are all there is)."""
         if utt.pending_samples:
-            self._decode_step(utt, self._take(utt))
+            self._decode_step(utt, self._take(utt), pause=True)
 
-    def _decode_step(self, utt: _Utterance, audio: np.ndarray) -> None:
+    def _decode_step(self, utt: _Utterance, audio: np.ndarray, pause: bool = False) -> None:
         utt.decodes += 1
-        self._enqueue(self._decode, audio).addCallback(self._partial, utt, utt.decodes)
+        self._enqueue(self._decode, audio).addCallback(self._partial, utt, utt.decodes, pause)
 
     def _take(self, utt: _Utterance) -> np.ndarray:
         audio = np.concatenate(utt.pending) if utt.pending else np.zeros(0, dtype=np.int16)
@@ -252,8 +253,9 @@ class StreamingRecognizer:
         utt.answered = True
         return int((self.reactor.seconds() - utt.started_at) * 1000)
 
-    def _partial(self, text: Optional[str], utt: _Utterance, step: Optional[int] = None) -> None:
-        if not text or text == utt.last_text:
+    def _partial(self, text: Optional[str], utt: _Utterance, step: Optional[int] = None,
+                 pause: bool = False) -> None:
+        if not text or (text == utt.last_text and not pause):
             return
         if step is not None and step < utt.decodes:
             return  # a newer step (e.g. the pause's) is queued: its words supersede these
