@@ -1065,6 +1065,26 @@ class PreemptiveTests(RunnerTestBase):
         self.delta("what time do you open on sunday please")
         self.assertEqual(len(self.llm.calls), 2)
 
+    def test_the_next_utterances_first_words_wait_for_the_vads_silence(self):
+        """After a turn the recogniser's first partial of the next utterance can come before the VAD's
+        ``speaking``: it is not the words up to a pause (no request, none wasted)."""
+        self.start()
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=0))
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=0, duration=900))
+        self.delta("what time do you open")
+        self.assertEqual(len(self.llm.calls), 1)
+        self.user("what time do you open")
+        self.llm.calls[0].reply("At nine.")
+        self.play_out()
+        self.delta("and")  # the next utterance, before its speaking event
+        self.clock.advance(1)
+        self.assertEqual(len(self.llm.calls), 1)
+        self.assertEqual(self.count("cancelled"), 0)
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=2000))
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=2000, duration=700))
+        self.delta("and on sunday")
+        self.assertEqual(len(self.llm.calls), 2)
+
     def test_a_partial_still_changing_starts_nothing(self):
         self.start()
         self.delta("what")

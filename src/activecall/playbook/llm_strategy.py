@@ -175,6 +175,11 @@ class LlmTurns:
         elif isinstance(event, ev.Silence):
             self._caller_quiet = True
             self._caller_speaking = False
+        elif isinstance(event, ev.AsrFinal) and (self._caller_quiet or self._caller_speaking):
+            # the turn is over: the next utterance's first words (the recogniser opens it before the VAD's
+            # speech start is confirmed) are not the words up to a pause; wait for the VAD's silence again
+            self._caller_quiet = False
+            self._caller_speaking = True
 
     def scene_changed(self) -> None:
         pass
