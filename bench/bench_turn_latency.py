@@ -49,6 +49,7 @@ and takes a turn every ~6.5 s) while the bench's own call measures its turns; th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -215,11 +216,14 @@ class WsLine:
         yield task.deferLater(reactor, 0.5, lambda: None)
 
 
-def write_setup(root, llm_port, asr, tts):
+def write_setup(root, llm_port, asr, tts, preemptive="default"):
     playbooks = os.path.join(root, "playbooks")
     os.makedirs(playbooks)
     # no asr/tts named: the playbook gets the shipped defaults for its language (VAD, recogniser, voice)
     speech = "" if asr is None else f"asr: {json.dumps(asr)}\nvad: {{type: silero}}\ntts: {json.dumps(tts)}\n"
+    # preemptive replies (and their speculative first sentence): the daemon's default unless named
+    preemptive_line = {"default": "", "on": "  preemptive: true\n", "off": "  preemptive: false\n",
+                       "llm": "  preemptive: true\n  preemptiveTts: false\n"}[preemptive]
     with open(os.path.join(playbooks, "bench.md"), "w") as f:
         f.write(f"""---
 llm:
@@ -227,7 +231,7 @@ llm:
   baseUrl: http://127.0.0.1:{llm_port}/v1
   apiKey: sk-bench
   model: bench
-{speech}---
+{preemptive_line}{speech}---
 You are a bench.
 """)
     http_port = free_port()
@@ -316,6 +320,10 @@ def converse(line, turns, clips, transcriptions):
         line.poll_events()
         lat = [e for e in line.events[seen:] if e.get("event") == "metrics" and e.get("key") == "turn.latency"]
         row = {"turn": i, "v2v_ms": round(v2v, 1)}
+        # preemptive replies: the LLM request's outcome (hit/miss/cancelled), its first sentence's (played/wasted)
+        window = [e for e in line.events[seen:] if e.get("event") == "metrics"]
+        row["preemptive"] = [e["data"]["outcome"] for e in window if e.get("key") == "preemptive"]
+        row["speculative_tts"] = [e["data"]["outcome"] for e in window if e.get("key") == "preemptive.tts"]
         if lat and (lat[0]["data"].get("asr_final_ms") is None or (
                 lat[0]["data"].get("llm_first_token_ms") is not None
                 and lat[0]["data"].get("tts_first_audio_ms") is None)):
@@ -339,12 +347,12 @@ def converse(line, turns, clips, transcriptions):
 
 @defer.inlineCallbacks
 def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clips, dump_events=False, load=None,
-               profile_dir=None):
+               profile_dir=None, preemptive="default"):
     """One daemon, one measured conversation (and ``load`` background ones over SIP)."""
     llm, transcriptions, speech = servers
     llm_delay, asr_delay, tts_delay = delays
     root = tempfile.mkdtemp(prefix="turnbench-")
-    conf, http_port, sip_port = write_setup(root, llm_port, asr, tts)
+    conf, http_port, sip_port = write_setup(root, llm_port, asr, tts, preemptive)
     llm.delay = llm_delay / 1000.0
     llm.count = 0
     transcriptions.delay = asr_delay / 1000.0
@@ -381,7 +389,7 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
                 print("event", json.dumps(e), file=sys.stderr)
         late = np.array(line.late) * 1000
         yield line.close()
-        return {"config": name, "transport": transport, "llm_delay_ms": llm_delay, "asr_delay_ms": asr_delay,
+        return {"config": name, "transport": transport, "preemptive": preemptive, "llm_delay_ms": llm_delay, "asr_delay_ms": asr_delay,
                 "tts_delay_ms": tts_delay, "load": load or 0, "daemon_cores": round(cpu / wall, 3),
                 "turns": results, "send_late_ms_p99": round(float(np.percentile(late, 99)), 2)}
     finally:
@@ -393,7 +401,7 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
 
 def summarise(run):
     ok = [r for r in run["turns"] if "v2v_ms" in r]
-    out = {k: run[k] for k in ("config", "transport", "llm_delay_ms", "asr_delay_ms", "tts_delay_ms", "load",
+    out = {k: run[k] for k in ("config", "transport", "preemptive", "llm_delay_ms", "asr_delay_ms", "tts_delay_ms", "load",
                                "daemon_cores")}
     out["turns"], out["missed"] = len(ok), len(run["turns"]) - len(ok)
     for key in ("v2v_ms", "eou_wait_ms", "asr_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "overhead_ms",
@@ -402,6 +410,17 @@ def summarise(run):
         out[key] = {"p50": round(pct(vals, 50), 1), "p95": round(pct(vals, 95), 1),
                     "max": round(max(vals), 1) if vals else None}
     out["send_late_ms_p99"] = run["send_late_ms_p99"]
+    outcomes = {}
+    for r in run["turns"]:
+        for o in r.get("preemptive", []):
+            outcomes[f"llm_{o}"] = outcomes.get(f"llm_{o}", 0) + 1
+        for o in r.get("speculative_tts", []):
+            outcomes[f"tts_{o}"] = outcomes.get(f"tts_{o}", 0) + 1
+    out["preemptive_outcomes"] = outcomes
+    # what the daemon adds (dispatch, the next media tick, the wire): overhead - VAD view lag, per turn
+    added = [r["overhead_ms"] - r["vad_view_lag_ms"] for r in ok if "overhead_ms" in r]
+    out["daemon_added_ms"] = {"p50": round(pct(added, 50), 1), "p95": round(pct(added, 95), 1),
+                              "max": round(max(added), 1) if added else None}
     return out
 
 
@@ -440,19 +459,20 @@ def main(args):
         for name in args.config.split(","):
             asr_delays = [int(x) for x in args.asr_delay_ms.split(",")] if name in ("openai", "cloud") else [0]
             tts_delays = [int(x) for x in args.tts_delay_ms.split(",")] if name == "cloud" else [0]
-            for load in loads:
-                for asr_delay in asr_delays:
-                    for tts_delay in tts_delays:
-                        for llm_delay in [int(x) for x in args.llm_delay_ms.split(",")]:
-                            print(f"{transport} config {name} load {load} llm {llm_delay} ms asr {asr_delay} ms "
-                                  f"tts {tts_delay} ms", file=sys.stderr)
-                            asr, tts = configs[name]
-                            run = yield run_config(name, asr, tts, transport, (llm_delay, asr_delay, tts_delay),
-                                                   args.turns, (llm, transcriptions, speech), port, clips,
-                                                   args.dump_events, load, args.py_spy)
-                            runs.append(run)
-                            summaries.append(summarise(run))
-                            print(json.dumps(summaries[-1]), file=sys.stderr)
+            llm_delays = [int(x) for x in args.llm_delay_ms.split(",")]
+            for load, asr_delay, tts_delay, llm_delay, preemptive in itertools.product(
+                    loads, asr_delays, tts_delays, llm_delays, args.preemptive.split(",")):
+                print(f"{transport} config {name} load {load} llm {llm_delay} ms asr {asr_delay} ms "
+                      f"tts {tts_delay} ms preemptive {preemptive} (load average {os.getloadavg()[0]:.2f})",
+                      file=sys.stderr)
+                asr, tts = configs[name]
+                run = yield run_config(name, asr, tts, transport, (llm_delay, asr_delay, tts_delay),
+                                       args.turns, (llm, transcriptions, speech), port, clips,
+                                       args.dump_events, load, args.py_spy, preemptive)
+                runs.append(run)
+                summaries.append(summarise(run))
+                summaries[-1]["load_avg_after"] = round(os.getloadavg()[0], 2)
+                print(json.dumps(summaries[-1]), file=sys.stderr)
     load_avg = os.getloadavg()
     report = {"load_avg": load_avg, "cpus": os.cpu_count(), "summaries": summaries}
     if args.json:
@@ -468,6 +488,8 @@ def main(args):
                 "v2v_ms", "eou_wait_ms", "asr_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "overhead_ms"))
             cells += f"   (overhead = VAD view lag {s['vad_view_lag_ms']['p50']:.0f}/{s['vad_view_lag_ms']['p95']:.0f}"
             cells += f" + in-daemon dispatch + frame to wire {s['wire_out_ms']['p50']:.0f}/{s['wire_out_ms']['p95']:.0f})"
+            cells += f"  daemon-added {s['daemon_added_ms']['p50']:.1f}/{s['daemon_added_ms']['p95']:.1f}"
+            cells += f"  preemptive {s['preemptive']}: {s['preemptive_outcomes']}"
             print(f"{s['config']:8} {s['transport']:3} {s['llm_delay_ms']:>4} {s['asr_delay_ms']:>4} "
                   f"{s['tts_delay_ms']:>4} {s['load']:>4} {s['daemon_cores']:>5.2f} {s['turns']:>3}  {cells}")
 
@@ -483,6 +505,9 @@ if __name__ == "__main__":
     parser.add_argument("--load", default="", help="background SIP conversations per run, e.g. 0,50,100")
     parser.add_argument("--py-spy", metavar="DIR", help="sample the daemon with py-spy during the measured turns; "
                         "collapsed stacks (one file per run) go to DIR")
+    parser.add_argument("--preemptive", default="default",
+                        help="preemptive replies in the playbook: default (the daemon's), on, off, llm (the LLM "
+                             "request only, no speculative TTS); comma-separated for an A/B")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dump-events", action="store_true",
                         help="print every event of each call to stderr at its end")

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 
+import numpy as np
+
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
@@ -1043,6 +1045,46 @@ class PreemptiveTests(RunnerTestBase):
         self.assertEqual(len(self.llm.calls), 2)
         self.assertEqual(self.count("hit"), 1)
 
+    def test_a_partial_after_the_vads_speech_end_starts_at_once(self):
+        """The recogniser decodes the words so far when the caller pauses: that partial, arriving while the
+        VAD says silence, needs no stable window; partials while the VAD hears speech start nothing."""
+        self.start()
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=0))
+        self.delta("what time")
+        self.assertEqual(self.llm.calls, [])
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=0, duration=900))
+        self.delta("what time do you open")
+        self.assertEqual(len(self.llm.calls), 1)  # no clock advance needed
+        self.assertEqual(self.llm.calls[0].messages[-1], {"role": "user", "content": "what time do you open"})
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=1000))
+        self.delta("what time do you open on sunday")
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.clock.advance(1)
+        self.assertEqual(len(self.llm.calls), 1)  # while the VAD hears speech, no request on a partial
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=1000, duration=900))
+        self.delta("what time do you open on sunday please")
+        self.assertEqual(len(self.llm.calls), 2)
+
+    def test_the_next_utterances_first_words_wait_for_the_vads_silence(self):
+        """After a turn the recogniser's first partial of the next utterance can come before the VAD's
+        ``speaking``: it is not the words up to a pause (no request, none wasted)."""
+        self.start()
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=0))
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=0, duration=900))
+        self.delta("what time do you open")
+        self.assertEqual(len(self.llm.calls), 1)
+        self.user("what time do you open")
+        self.llm.calls[0].reply("At nine.")
+        self.play_out()
+        self.delta("and")  # the next utterance, before its speaking event
+        self.clock.advance(1)
+        self.assertEqual(len(self.llm.calls), 1)
+        self.assertEqual(self.count("cancelled"), 0)
+        self.session.emit(ev.Speaking(trackId="s1", timestamp=self.session.now(), startTime=2000))
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=2000, duration=700))
+        self.delta("and on sunday")
+        self.assertEqual(len(self.llm.calls), 2)
+
     def test_a_partial_still_changing_starts_nothing(self):
         self.start()
         self.delta("what")
@@ -1051,12 +1093,12 @@ class PreemptiveTests(RunnerTestBase):
         self.clock.advance(0.1)
         self.assertEqual(self.llm.calls, [])
 
-    def test_off_by_default_and_when_set_off(self):
-        for extra in ("", "  preemptive: false"):
+    def test_on_by_default_off_when_set_off(self):
+        for extra, calls in (("", 1), ("  preemptive: false", 0)):
             self.start(extra=extra)
             self.delta("what time do you open")
             self.clock.advance(1)
-            self.assertEqual(self.llm.calls, [], extra)
+            self.assertEqual(len(self.llm.calls), calls, extra)
 
     def test_off(self):
         self.start(extra="  preemptive: false")
@@ -1065,6 +1107,167 @@ class PreemptiveTests(RunnerTestBase):
         self.assertEqual(self.llm.calls, [])
         self.user("what time do you open")
         self.assertEqual(len(self.llm.calls), 1)
+
+
+class SpeculativeSpeechTests(RunnerTestBase):
+    """A preemptive reply's first sentence is synthesised while the turn is judged (llm.preemptiveTts,
+    docs/playbooks.md): held, never sent, until the final confirms the words; then its buffered audio is
+    the reply's start (no second synthesis).  Dropped, cancelled and counted as wasted otherwise."""
+
+    def delta(self, text):
+        self.session.emit(ev.AsrDelta(trackId="s1", timestamp=self.session.now(), index=0, text=text))
+
+    def start(self, extra="  preemptive: true", hold=False):
+        self.synth = FakeSynth(hold=hold)
+        self.begin(None, extra=extra, greeting="Hi.")
+        self.session.metrics = Metrics()
+        if hold:  # the greeting's synthesis
+            d, sink = self.synth.pending.pop(0)
+            sink(np.full(3 * 320, 1000, dtype=np.int16))
+            d.callback(None)
+        self.play_out()
+        self.synth.texts.clear()
+        self.events.clear()
+
+    def speech_count(self, outcome):
+        return self.session.metrics.speculative_speech.labels(outcome=outcome)._value.get()
+
+    def llm_count(self, outcome):
+        return self.session.metrics.llm_preemptive.labels(outcome=outcome)._value.get()
+
+    def track_starts(self):
+        return [e.playId for e in self.of("trackStart")]
+
+    def frames(self, n):
+        out = []
+        for _ in range(n):
+            self.clock.advance(0.02)
+            out.append(self.session.tick())
+        return out
+
+    def speculate(self, partial="what time do you open", answer=("We open at nine. ", "See you")):
+        self.delta(partial)
+        self.clock.advance(0.2)
+        self.assertEqual(len(self.llm.calls), 1)
+        self.llm.calls[0].send(*answer)
+
+    def test_confirmed_turn_plays_the_buffered_audio_on_the_next_tick(self):
+        self.start()
+        self.speculate()
+        # synthesised ahead, but nothing plays and nothing is said
+        self.assertEqual(self.synth.texts, ["We open at nine."])
+        self.assertEqual(self.tts()[1:], [])
+        self.assertEqual(self.track_starts(), [])
+        self.assertIsNone(self.session.playback.current)
+        self.assertEqual(self.frames(3), [None, None, None])
+        self.assertEqual(self.history()[-1:], [("assistant", "Hi.")])
+        self.user("What time do you open?")
+        self.assertEqual(self.track_starts(), ["llm-1"])
+        first = self.frames(1)[0]
+        self.assertIsNotNone(first)
+        self.assertTrue((first == 1000).all())  # the prepared audio, from the very next tick
+        self.assertEqual(self.synth.texts, ["We open at nine."])  # not synthesised twice
+        self.assertEqual(self.speech_count("played"), 1)
+        self.assertEqual(self.speech_count("wasted"), 0)
+        self.assertEqual(self.llm_count("hit"), 1)
+        outcomes = [e.data["outcome"] for e in self.of("metrics") if e.key == "preemptive.tts"]
+        self.assertEqual(outcomes, ["played"])
+        self.llm.calls[0].send(" then.")
+        self.llm.calls[0].end()
+        self.assertEqual(self.synth.texts, ["We open at nine.", "See you then."])
+        self.play_out()
+        self.assertEqual(self.history()[-2:], [("user", "What time do you open?"),
+                                               ("assistant", "We open at nine. See you then.")])
+
+    def test_synthesis_still_running_at_the_confirmation_feeds_the_playing_track(self):
+        self.start(hold=True)
+        self.speculate()
+        self.assertEqual(len(self.synth.pending), 1)
+        self.user("what time do you open")
+        self.assertEqual(self.track_starts(), ["llm-1"])
+        self.assertEqual(self.synth.texts, ["We open at nine."])
+        self.assertEqual(self.frames(1), [None])  # nothing synthesised yet
+        d, sink = self.synth.pending.pop(0)
+        sink(np.full(2 * 320, 700, dtype=np.int16))
+        d.callback(None)
+        self.assertTrue((self.frames(1)[0] == 700).all())
+        self.assertEqual(self.speech_count("played"), 1)
+        self.llm.calls[0].reply(" then.")
+        self.assertEqual(self.synth.texts, ["We open at nine.", "See you then."])  # the next sentence follows
+
+    def test_the_caller_going_on_drops_everything(self):
+        self.start(hold=True)
+        self.speculate()
+        self.assertEqual(self.synth.texts, ["We open at nine."])
+        self.delta("what time do you open on sunday")  # the caller resumed: other words
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.assertEqual(self.synth.cancelled, ["We open at nine."])  # the TTS is cancelled
+        self.assertEqual(self.speech_count("wasted"), 1)
+        self.assertEqual(self.llm_count("cancelled"), 1)
+        self.assertIsNone(self.session.playback.prepared)
+        self.assertEqual(self.frames(3), [None, None, None])
+        self.assertEqual(self.track_starts(), [])
+        self.assertEqual(self.tts()[1:], [])
+        self.assertEqual(self.history(), [("assistant", "Hi.")])
+
+    def test_a_final_that_differs_drops_the_audio_and_asks_again(self):
+        self.start(hold=True)
+        self.speculate()
+        self.user("what time do you close")
+        self.assertTrue(self.llm.calls[0].cancelled)
+        self.assertEqual(self.synth.cancelled, ["We open at nine."])
+        self.assertEqual(self.speech_count("wasted"), 1)
+        self.assertEqual(self.speech_count("played"), 0)
+        self.assertEqual(self.llm_count("miss"), 1)
+        self.assertEqual(self.llm.calls[1].messages[-1], {"role": "user", "content": "what time do you close"})
+        self.llm.calls[1].reply("We close at six.")
+        self.assertEqual([c.text for c in self.tts()[1:]], ["We close at six."])
+        self.assertEqual(self.synth.texts, ["We open at nine.", "We close at six."])
+        d, sink = self.synth.pending.pop(-1)  # only the confirmed reply's synthesis is heard
+        sink(np.full(2 * 320, 500, dtype=np.int16))
+        d.callback(None)
+        frames = [f for f in self.frames(5) if f is not None]
+        self.assertTrue(frames and all((f == 500).all() or not f.any() for f in frames))
+        self.assertNotIn(("assistant", "We open at nine."), self.history())
+        self.assertEqual(self.history()[-2:], [("user", "what time do you close"),
+                                               ("assistant", "We close at six.")])
+
+    def test_a_hangup_of_the_call_cancels_the_prepared_speech(self):
+        self.start(hold=True)
+        self.speculate()
+        self.session.end("caller", initiator="caller")
+        self.assertTrue(self.runner.stopped)
+        self.assertEqual(self.synth.cancelled, ["We open at nine."])
+        self.assertEqual(self.speech_count("wasted"), 1)
+
+    def test_a_one_sentence_reply_finished_before_the_final_is_prepared_too(self):
+        self.start()
+        self.delta("are you open")
+        self.clock.advance(0.2)
+        self.llm.calls[0].reply("Yes.")
+        self.assertEqual(self.synth.texts, ["Yes."])
+        self.assertEqual(self.track_starts(), [])
+        self.user("Are you open?")
+        self.assertEqual(self.track_starts(), ["llm-1"])
+        self.assertEqual(self.synth.texts, ["Yes."])
+        self.assertEqual(self.speech_count("played"), 1)
+        self.assertEqual([(c.text, c.endOfStream) for c in self.tts()[1:]], [("Yes.", True)])
+
+    def test_a_reply_starting_with_a_tag_is_not_spoken_ahead(self):
+        self.start()
+        self.speculate(answer=('<set_var key="x" value="1"/>We open at nine. ',))
+        self.assertEqual(self.synth.texts, [])
+        self.user("what time do you open")
+        self.assertEqual(self.synth.texts, ["We open at nine."])
+        self.assertEqual(self.speech_count("played") + self.speech_count("wasted"), 0)
+
+    def test_preemptive_tts_off_synthesises_only_after_the_final(self):
+        self.start(extra="  preemptive: true\n  preemptiveTts: false")
+        self.speculate()
+        self.assertEqual(self.synth.texts, [])
+        self.user("what time do you open")
+        self.assertEqual(self.synth.texts, ["We open at nine."])
+        self.assertEqual(self.llm_count("hit"), 1)
 
 
 class PauseThenDecideTests(RunnerTestBase):

@@ -315,6 +315,68 @@ class FakeSession:
         self.events.append(event)
 
 
+class VadPauseTests(unittest.TestCase):
+    """The call's VAD (silero) hears the speech end before the recogniser's own pause: with an end-of-turn
+    endpointer, its ``SpeechEnded`` has the recogniser decode the words so far at once
+    (``speech_paused``); without one (the recogniser ends utterances itself) nothing changes."""
+
+    def attach(self, eou):
+        from activecall.call import speech as call_speech
+        from activecall.speech import registry
+        from activecall.speech.base import SpeechEnded, SpeechStarted
+
+        s = FakeSession()
+        s.realtime_controller = None
+        s.leg, s.audio_sinks, s.option = None, [], cmd.CallOption(
+            vad=cmd.VadOption(type="fake"), asr=cmd.TranscriptionOption(provider="echo"), eou=eou,
+            interruption=cmd.InterruptionOption(echoCancel=False))
+        s.error = lambda *a, **k: self.fail(f"error {a}")
+        vad_events = []
+
+        class Vad:
+            name = "fake"
+
+            def __init__(self, on_event):
+                vad_events.append(on_event)
+
+            def feed(self, pcm):
+                pass
+
+        paused = []
+
+        class Recognizer(EchoRecognizer):
+            def speech_paused(self):
+                paused.append(True)
+                super().speech_paused()
+
+        self.patch(registry, "create_vad", lambda options, on_event, **deps: Vad(on_event))
+        self.patch(registry, "create_recognizer", lambda options, on_result, **deps: Recognizer(
+            AsrOptions(provider="echo"), on_result, reactor=s.clock, run_in_thread=_sync))
+        self.patch(registry, "create_eou_detector", lambda options, **deps: (
+            None if (options or {}).get("type") == "none" else _FakeSmartTurn()))
+        processors = call_speech.attach_processors(s)
+        on_vad = vad_events[0]
+        on_vad(SpeechStarted(0))
+        on_vad(SpeechEnded(0, 900))
+        return s, processors, paused
+
+    def test_speech_end_decodes_the_words_so_far_with_an_endpointer(self):
+        s, processors, paused = self.attach(cmd.EouOption(type="smart_turn"))
+        self.assertIsNotNone(processors.endpointer)
+        self.assertEqual(paused, [True])
+        self.assertEqual([e.TAG for e in s.events if e.TAG in ("speaking", "silence")], ["speaking", "silence"])
+
+    def test_no_endpointer_no_early_decode(self):
+        s, processors, paused = self.attach(cmd.EouOption(type="none"))
+        self.assertIsNone(processors.endpointer)
+        self.assertEqual(paused, [])
+
+
+class _FakeSmartTurn(FakeDetector):
+    name = "smart_turn"
+    options = EouOptions()
+
+
 class CallEventTests(unittest.TestCase):
     def attach(self, option, recognizer=None):
         s = FakeSession()

@@ -124,6 +124,84 @@ class SchedulingTests(unittest.TestCase):
                                         run_in_thread=pool)
         self.assertEqual(len(trips), 2)  # English-only engine, French call: not taken here
         self.assertIsNone(zh._engine)
+    @defer.inlineCallbacks
+    def test_the_vads_pause_decodes_once_and_that_decode_is_the_final(self):
+        """``speech_paused`` (the call's VAD saw the speech end) decodes the words so far at once; the
+        recogniser's own pause later finds only quiet since: no second decode queued before the final."""
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(4800) / 5.0) * 8000).astype(np.int16)  # 0.3 s: no step decode yet
+        for f in frames(speech):
+            asr.feed(f)
+        asr.speech_paused()
+        self.assertEqual(engine.calls, [4800])
+        self.assertEqual([(r.final, r.text) for r in results], [(False, "heard 4800")])
+        for f in frames(np.zeros(3200, dtype=np.int16)):
+            asr.feed(f)
+        asr.speech_paused()  # the recogniser's own pause, 200 ms later: quiet, kept without decoding
+        asr.end_utterance()
+        yield asr.close()
+        self.assertEqual(engine.calls, [4800])
+        self.assertEqual([(r.final, r.text) for r in results], [(False, "heard 4800"), (True, "heard 4800")])
+
+    @defer.inlineCallbacks
+    def test_speech_after_the_vads_pause_is_decoded_again(self):
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(3200) / 5.0) * 8000).astype(np.int16)
+        for f in frames(speech):
+            asr.feed(f)
+        asr.speech_paused()
+        for f in frames(np.concatenate([np.zeros(1600, dtype=np.int16), speech])):  # the caller goes on
+            asr.feed(f)
+        asr.speech_paused()
+        asr.end_utterance()
+        yield asr.close()
+        self.assertEqual(engine.calls, [3200, 8000])
+        self.assertEqual(results[-1].text, "heard 8000")
+        self.assertTrue(results[-1].final)
+
+    def test_a_steps_partial_is_not_delivered_once_a_newer_step_is_queued(self):
+        """The pause's decode queued behind a running step: the step's (shorter) words would only start a
+        preemptive reply the pause's words cancel at once, so they are not delivered."""
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        held = []
+
+        def worker(f, *a):
+            d = defer.Deferred()
+            held.append((f, a, d))
+            return d
+
+        asr.run_in_thread = worker
+        speech = (np.sin(np.arange(9600) / 5.0) * 8000).astype(np.int16)
+        for f in frames(speech):  # 0.6 s: a step queued at 0.5 s, 0.1 s pending
+            asr.feed(f)
+        f, a, d = held.pop(0)
+        d.callback(f(*a))  # the utterance's begin
+        f, a, d = held.pop(0)
+        running = f(*a)  # the step is decoding ...
+        asr.speech_paused()  # ... when the pause's step is queued behind it
+        d.callback(running)
+        while held:  # the worker runs the rest one after another
+            f, a, d = held.pop(0)
+            d.callback(f(*a))
+        self.assertEqual(engine.calls, [8000, 9600])
+        self.assertEqual([r.text for r in results], ["heard 9600"])
+
+    def test_the_pauses_words_are_sent_even_if_unchanged(self):
+        """The last step already had every word: the pause's decode says the same, and is still sent (the
+        sign a preemptive reply waits for); a step with unchanged words is not."""
+        engine = FakeEngine()
+        engine.transcribe = lambda pcm, language=None, window=None: (engine.calls.append(pcm.size), "hello")[1]
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(17600) / 5.0) * 8000).astype(np.int16)  # steps at 0.5 and 1.0 s
+        for f in frames(speech):
+            asr.feed(f)
+        self.assertEqual([r.text for r in results], ["hello"])
+        asr.speech_paused()
+        self.assertEqual(engine.calls, [8000, 16000, 17600])
+        self.assertEqual([(r.final, r.text) for r in results], [(False, "hello"), (False, "hello")])
 
     def test_english_only_model_refuses_chinese_and_bad_options(self):
         with self.assertRaises(SpeechError) as e:

@@ -56,6 +56,13 @@ class Metrics:
             "changed or the call moved on before the final)",
             ["outcome"], registry=r,
         )
+        self.speculative_speech = Counter(
+            "activecall_speculative_speech",
+            "A preemptive reply's first sentence synthesised before the end of turn was confirmed, by outcome: "
+            "played (the turn was confirmed with the same words: its buffered audio was the reply's start), "
+            "wasted (dropped unheard: the caller went on, the final differed, the call moved on)",
+            ["outcome"], registry=r,
+        )
         self.sip_registration_up = Gauge(
             "activecall_sip_registration_up",
             "1 when the account is registered with its PBX, else 0",

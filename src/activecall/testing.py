@@ -78,7 +78,7 @@ class ManualMediaClock:
 class FakeSynthesizer:
     """Text to speech without an engine: ``frames`` 20 ms frames of a constant tone per text, all at
     once; or, with ``hold``, nothing until the test answers from ``pending`` (``(deferred, sink)``
-    pairs).  Every text asked for is kept in ``texts``."""
+    pairs).  Every text asked for is kept in ``texts``; a held synthesis that was cancelled, in ``cancelled``."""
 
     name = "fake"
 
@@ -88,11 +88,12 @@ class FakeSynthesizer:
         self.level = level
         self.texts: list[str] = []
         self.pending: list = []
+        self.cancelled: list[str] = []
 
     def synthesize(self, text, sink) -> defer.Deferred:
         self.texts.append(text)
         if self.hold:
-            d = defer.Deferred(lambda _: None)
+            d = defer.Deferred(lambda _, text=text: self.cancelled.append(text))
             self.pending.append((d, sink))
             return d
         sink(np.full(self.frames * FRAME_SAMPLES, self.level, dtype=np.int16))

@@ -13,6 +13,13 @@ One active track at a time, with active-call's playId rules (docs/api.md, "Track
 
 Synthesis is serial per track: texts are synthesised one after another and
 their audio appended, so sentences play in order.
+
+Speech can also be synthesised ahead of its turn (``prepare``: a speculative
+reply's first sentence while the end of turn is still being judged).  A
+``PreparedSpeech`` is a track that is not the current one: nothing of it is
+sent and no event names it until a ``tts`` command with the play id it was
+``claim``-ed for and the same text adopts it (its buffered audio plays from the
+next tick); ``cancel`` drops it and cancels its synthesis.
 """
 
 from __future__ import annotations
@@ -34,6 +41,42 @@ log = Logger(namespace="activecall.playback")
 
 class SynthesisUnavailable(Exception):
     """No TTS option/provider for a ``tts`` command."""
+
+
+class PreparedSpeech:
+    """One text synthesised into a track that is not playing (``Playback.prepare``).
+
+    ``claim(play_id)`` says which ``tts`` command may adopt it (the turn was confirmed); until then
+    it can only be dropped (``cancel``).  ``done``/``failed``: its synthesis finished / failed."""
+
+    def __init__(self, text: str, track: TtsTrack, provider, started: float):
+        self.text = text
+        self.track = track
+        self.provider = provider
+        self.started = started
+        self.d: Optional[defer.Deferred] = None
+        self.play_id: Optional[str] = None  # claimed for this play id
+        self.done = False
+        self.failed = False
+        self.cancelled = False
+        self.adopted = False
+        self.observer: Optional[Callable[[Track], None]] = None  # set on adoption (call/turn_timing.py)
+
+    @property
+    def samples(self) -> int:
+        return len(self.track.buffer)
+
+    def claim(self, play_id: str) -> None:
+        self.play_id = play_id
+
+    def cancel(self) -> None:
+        """Drop it: its synthesis is cancelled, its audio forgotten (never sent)."""
+        if self.adopted or self.cancelled:
+            return
+        self.cancelled = True
+        self.track.stop()
+        if self.d is not None and not self.d.called:
+            self.d.cancel()
 
 
 class Playback:
@@ -60,6 +103,8 @@ class Playback:
         self._eos_requested = False
         #: told ``(track)`` each time a synthesiser hands a TTS track samples (call/turn_timing.py)
         self.audio_observer: Optional[Callable[[Track], None]] = None
+        #: speech synthesised ahead of its turn, waiting to be adopted or dropped (``prepare``)
+        self.prepared: Optional[PreparedSpeech] = None
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -71,6 +116,12 @@ class Playback:
         track = self.current
         if not (isinstance(track, TtsTrack) and not track.stopped and track.play_id == play_id
                 and not track.eos):
+            prepared = self.prepared
+            if (prepared is not None and not is_base64 and prepared.play_id is not None
+                    and prepared.play_id == play_id and prepared.text == text
+                    and not prepared.cancelled and not prepared.failed):
+                self._adopt(prepared, auto_hangup, wait_input_timeout, end_of_stream)
+                return
             self.stop_current(interrupted=True)
             track = TtsTrack(self.track_id, play_id)
             self._eos_requested = False
@@ -83,6 +134,67 @@ class Playback:
         if end_of_stream:
             self._eos_requested = True
         self._pump()
+
+    def prepare(self, text: str, option) -> PreparedSpeech:
+        """Synthesise ``text`` now into a track that does not play (see the module docstring); it
+        replaces (cancels) any earlier prepared speech.  Raises ``SynthesisUnavailable``."""
+        provider = self.synthesizer_for(option)  # may raise
+        if self.prepared is not None:
+            self.prepared.cancel()
+        prepared = PreparedSpeech(text, TtsTrack(self.track_id, None), provider, self.clock.seconds())
+        self.prepared = prepared
+
+        def feed(pcm):
+            if prepared.observer is not None:
+                prepared.observer(prepared.track)
+            prepared.track.feed(pcm, trim_lead_in=True)
+
+        def done(result):
+            prepared.done = True
+            return result
+
+        def failed(failure):
+            if prepared.adopted:
+                return failure  # the playing track's synthesis: reported like any other (_synthesis_failed)
+            if not failure.check(defer.CancelledError):
+                prepared.failed = True
+                log.warn("speculative synthesis failed: {e}", e=failure.getErrorMessage())
+            if self.prepared is prepared:
+                self.prepared = None
+            return None
+
+        prepared.d = defer.maybeDeferred(provider.synthesize, text, feed)
+        prepared.d.addCallbacks(done, failed)
+        return prepared
+
+    def _adopt(self, prepared: PreparedSpeech, auto_hangup, wait_input_timeout, end_of_stream) -> None:
+        """A confirmed ``tts`` whose first text was prepared: its track becomes the current one (the
+        audio already synthesised plays from the next tick), the synthesis still running feeds it."""
+        self.prepared = None
+        self.stop_current(interrupted=True)
+        prepared.adopted = True
+        track = prepared.track
+        track.play_id = prepared.play_id
+        self._eos_requested = False
+        self._start(track)
+        track.auto_hangup = bool(auto_hangup)
+        track.wait_input_timeout = wait_input_timeout
+        track.segments.append(prepared.text)
+        if end_of_stream:
+            self._eos_requested = True
+        observer = self.audio_observer
+        prepared.observer = observer
+        if observer is not None and (prepared.samples or track.lead_in_trimmed):
+            observer(track)
+        if prepared.done:
+            self._completed(prepared.provider, track, prepared.text, prepared.started)
+            self._pump()
+            return
+        d = prepared.d
+        self._synthesis = d
+        d.addCallbacks(self._synthesised, self._synthesis_failed,
+                       callbackArgs=(d, prepared.provider, track, prepared.text, prepared.started),
+                       errbackArgs=(d,))
 
     @defer.inlineCallbacks
     def play(self, url: str, play_id: str, auto_hangup: Optional[bool] = None,
@@ -244,26 +356,29 @@ class Playback:
 
         d = defer.maybeDeferred(provider.synthesize, text, feed)
         self._synthesis = d
+        d.addCallbacks(self._synthesised, self._synthesis_failed,
+                       callbackArgs=(d, provider, track, text, started), errbackArgs=(d,))
 
-        def done(result):
-            if self._synthesis is d:
-                self._synthesis = None
-                self.emit(ev.Metrics(
-                    timestamp=ev.now_ms(self.clock), key=f"completed.tts.{provider.name}",
-                    duration=int((self.clock.seconds() - started) * 1000),
-                    data={"playId": track.play_id, "length": len(text)},
-                ))
-                self._pump()
+    def _synthesised(self, result, d, provider, track, text, started) -> None:
+        if self._synthesis is d:
+            self._synthesis = None
+            self._completed(provider, track, text, started)
+            self._pump()
 
-        def failed(failure):
-            if failure.check(defer.CancelledError):
-                return None
-            if self._synthesis is d:
-                self._synthesis = None
-                self._report_tts_error(str(failure.value))
-                self._pump()
+    def _completed(self, provider, track, text, started) -> None:
+        self.emit(ev.Metrics(
+            timestamp=ev.now_ms(self.clock), key=f"completed.tts.{provider.name}",
+            duration=int((self.clock.seconds() - started) * 1000),
+            data={"playId": track.play_id, "length": len(text)},
+        ))
 
-        d.addCallbacks(done, failed)
+    def _synthesis_failed(self, failure, d) -> None:
+        if failure.check(defer.CancelledError):
+            return None
+        if self._synthesis is d:
+            self._synthesis = None
+            self._report_tts_error(str(failure.value))
+            self._pump()
 
     def _report_tts_error(self, message: str) -> None:
         self.emit(ev.Error(trackId=self.track_id, timestamp=ev.now_ms(self.clock), sender="tts",

@@ -418,6 +418,15 @@ class CallSession:
         except SynthesisUnavailable as e:
             self.error("command", str(e))
 
+    def prepare_speech(self, text: str):
+        """Synthesise ``text`` with the call's voice ahead of its turn, without playing it
+        (``Playback.prepare``: a speculative reply); None when the call has no voice."""
+        option = self.option.tts if self.option is not None else None
+        try:
+            return self.playback.prepare(text, option)
+        except SynthesisUnavailable:
+            return None
+
     def on_play(self, command: cmd.Play):
         return self.playback.play(command.url, command.effective_play_id, command.autoHangup,
                                   command.waitInputTimeout)

@@ -187,6 +187,9 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
         elif isinstance(event, SpeechEnded):
             s.emit(ev.Silence(trackId=s.id, timestamp=s.now(), startTime=event.start_ms,
                               duration=event.duration_ms))
+            paused = getattr(processors.recognizer, "speech_paused", None)
+            if paused is not None and processors.endpointer is not None:
+                paused()  # the words so far decoded now, not at the recogniser's own later pause
         elif isinstance(event, SilenceTimeout):
             s.emit(ev.Silence(trackId=s.id, timestamp=s.now(), startTime=event.start_ms,
                               duration=event.duration_ms))

@@ -220,8 +220,10 @@ class LlmConfig:
     connect_timeout_ms: int = _key("connectTimeoutMs", default=10000)
     idle_timeout_ms: int = _key("idleTimeoutMs", "timeoutMs", default=30000)
     #: start the reply on a partial transcript that stopped changing, before the end of turn (docs/playbooks.md)
-    preemptive: bool = _key("preemptive", default=False)
+    preemptive: bool = _key("preemptive", default=True)
     preemptive_stable_ms: int = _key("preemptiveStableMs", default=150)
+    #: ✱ a preemptive reply's first sentence is synthesised too (held, never played, until the turn is confirmed)
+    preemptive_tts: bool = _key("preemptiveTts", default=True)
 
     @property
     def effective_provider(self) -> str:

@@ -55,7 +55,12 @@ def normalise(text: str) -> str:
 @dataclass
 class Preemptive:
     """An LLM request started on a partial transcript before the end of turn; nothing of it is spoken until
-    the final confirms it (its deltas wait in ``deltas``, then go to ``sink``)."""
+    the final confirms it (its deltas wait in ``deltas``, then go to ``sink``).
+
+    With ``speak_ahead`` (``llm.preemptiveTts``) its first sentence is also synthesised while the turn is
+    judged: ``parser`` finds it in the buffered deltas, ``prepare(text)`` (the session's
+    ``prepare_speech``) makes ``speech``, a ``call.playback.PreparedSpeech`` that plays only if the reply
+    is adopted and its first ``tts`` says exactly that text."""
 
     text: str
     messages: list
@@ -63,12 +68,33 @@ class Preemptive:
     deltas: list = field(default_factory=list)
     sink: Optional[Callable[[str], None]] = None
     failed: bool = False
+    speak_ahead: bool = False
+    prepare: Optional[Callable[[str], object]] = None
+    parser: Optional[tags.ReplyParser] = None
+    speech: object = None  # call.playback.PreparedSpeech
+    looked: bool = False  # the reply's first event was seen (a sentence to prepare, or something else)
 
     def on_delta(self, delta: str) -> None:
         if self.sink is not None:
             self.sink(delta)
-        else:
-            self.deltas.append(delta)
+            return
+        self.deltas.append(delta)
+        if self.speak_ahead and not self.looked:
+            self._look(self.parser.feed(delta))
+
+    def stream_done(self) -> None:
+        """The model finished before the turn was confirmed: a reply of one short sentence is prepared too."""
+        if self.speak_ahead and not self.looked and self.sink is None and not self.failed:
+            self._look(self.parser.finish())
+
+    def _look(self, events) -> None:
+        """Only a reply that starts with a sentence is spoken ahead (a tag first, JSON: nothing prepared)."""
+        if not events:
+            return
+        self.looked = True
+        first = events[0]
+        if isinstance(first, tags.Sentence) and first.text.strip() and self.prepare is not None:
+            self.speech = self.prepare(first.text)
 
 
 @dataclass
@@ -101,6 +127,9 @@ class LlmTurns:
         self.reply: Optional[Reply] = None
         self.summary: Optional[str] = None  # rolling summary, kept across scene switches
         self.preemptive: Optional[Preemptive] = None  # a reply started on a stable partial
+        self._speech = None  # the adopted preemptive reply's prepared first sentence, until it plays
+        self._caller_quiet = False  # the VAD's last word on the caller: silence (no speech since)
+        self._caller_speaking = False  # ... or speech (no silence since)
         self._stable = None  # DelayedCall: the partial has not changed for ``preemptive_stable_ms``
         self._filler = None  # DelayedCall: the reply is slow, say the wait filler
         self._filler_last = False  # the bot's last words were a filler (never two in a row)
@@ -138,7 +167,19 @@ class LlmTurns:
             self.start_turn()
 
     def observe(self, event) -> None:
-        pass
+        # the VAD's view of the caller: a partial that arrives after its speech end covers the words up to a
+        # pause (the recogniser decodes them there), so a preemptive reply need not wait for it to stay stable
+        if isinstance(event, ev.Speaking):
+            self._caller_quiet = False
+            self._caller_speaking = True
+        elif isinstance(event, ev.Silence):
+            self._caller_quiet = True
+            self._caller_speaking = False
+        elif isinstance(event, ev.AsrFinal) and (self._caller_quiet or self._caller_speaking):
+            # the turn is over: the next utterance's first words (the recogniser opens it before the VAD's
+            # speech start is confirmed) are not the words up to a pause; wait for the VAD's silence again
+            self._caller_quiet = False
+            self._caller_speaking = True
 
     def scene_changed(self) -> None:
         pass
@@ -222,6 +263,7 @@ class LlmTurns:
 
     def cancel(self, keep_partial: bool) -> None:
         self._cancel_filler()
+        self._check_speech(done=True)
         reply, self.reply = self.reply, None
         if reply is None or reply.done:
             return
@@ -236,7 +278,9 @@ class LlmTurns:
     # -- preemptive generation (docs/playbooks.md, "Preemptive replies") --------------------------------
 
     def _partial(self, text: Optional[str]) -> None:
-        """A partial transcript: a preemptive request on other words is dropped; one that stays unchanged
+        """A partial transcript: a preemptive request on other words is dropped.  One that comes while the
+        VAD says the caller is silent (the pause-time decode) starts one at once; while the VAD hears speech,
+        none starts (its words are still growing); on a call without VAD events, one that stays unchanged
         for ``preemptive_stable_ms`` starts one."""
         if not self.llm_config.preemptive:
             return
@@ -247,6 +291,11 @@ class LlmTurns:
             self._stable.cancel()
         self._stable = None
         if text and self.preemptive is None:
+            if self._caller_quiet:
+                self._preempt(text)  # the words up to the caller's pause: nothing more is coming for now
+                return
+            if self._caller_speaking:
+                return  # the VAD hears the caller still talking: more words are coming (no request to waste)
             self._stable = self.runner.clock.callLater(self.llm_config.preemptive_stable_ms / 1000.0,
                                                        self._preempt, text)
 
@@ -256,7 +305,14 @@ class LlmTurns:
         if runner.stopped or runner.hanging_up or self.preemptive is not None or not self._can_preempt():
             return
         messages = [dict(m) for m in runner.history] + [{"role": "user", "content": text}]
-        p = Preemptive(text, messages)
+        prepare = getattr(runner.session, "prepare_speech", None)
+        speak_ahead = self.llm_config.preemptive_tts and prepare is not None
+        p = Preemptive(text, messages, speak_ahead=speak_ahead, prepare=prepare,
+                       parser=tags.ReplyParser(first_clause_chars=FIRST_CLAUSE_CHARS) if speak_ahead else None)
+
+        def done(result):
+            p.stream_done()
+            return result
 
         def failed(f):
             p.failed = True
@@ -264,7 +320,7 @@ class LlmTurns:
 
         self.preemptive = p
         p.d = runner.llm.stream([dict(m) for m in messages], p.on_delta)
-        p.d.addErrback(failed)
+        p.d.addCallbacks(done, failed)
         log.debug("call {id}: preemptive LLM request on {text!r}", id=runner.session.id, text=text)
 
     def _can_preempt(self) -> bool:
@@ -306,6 +362,7 @@ class LlmTurns:
         if p is None:
             return
         self._count(outcome)
+        self._drop_speech(p.speech)
         p.d.addErrback(lambda _: None)  # cancelled, or it failed: either way nobody hears it
         p.d.cancel()
 
@@ -313,14 +370,51 @@ class LlmTurns:
         metrics = getattr(self.runner.session, "metrics", None)
         if metrics is not None:
             metrics.llm_preemptive.labels(outcome=outcome).inc()
+        self.runner.metrics("preemptive", 0, {"outcome": outcome})
+
+    def _speech_outcome(self, speech, outcome: str) -> None:
+        """``played`` or ``wasted``: counted, and a ``metrics`` event ``preemptive.tts`` (how long it had
+        been synthesising, how much audio it held)."""
+        metrics = getattr(self.runner.session, "metrics", None)
+        if metrics is not None:
+            metrics.speculative_speech.labels(outcome=outcome).inc()
+        age = int((self.runner.clock.seconds() - speech.started) * 1000)
+        self.runner.metrics("preemptive.tts", age, {"outcome": outcome, "text": speech.text,
+                                                    "bufferedMs": speech.samples // 16, "done": speech.done})
+
+    def _drop_speech(self, speech) -> None:
+        """Speech prepared for a reply that will not say it: cancelled, never heard, counted as wasted."""
+        if speech is None or speech.adopted or speech.cancelled:
+            return
+        speech.cancel()
+        self._speech_outcome(speech, "wasted")
 
     def _adopt(self, reply: Reply, p: Preemptive) -> defer.Deferred:
-        """The confirmed preemptive request becomes ``reply``'s: what it said so far is replayed, then it streams."""
+        """The confirmed preemptive request becomes ``reply``'s: what it said so far is replayed, then it streams.
+        Its prepared first sentence is claimed for the reply's play id: the ``tts`` the replay sends with that
+        text adopts the buffered audio (``call/playback.py``)."""
         p.sink = lambda delta: self._delta(reply, delta)
+        speech = p.speech
+        if speech is not None:
+            speech.claim(reply.play_id)
+            self._speech = speech
         buffered, p.deltas = p.deltas, []
         for delta in buffered:
             self._delta(reply, delta)
+        self._check_speech()
         return p.d
+
+    def _check_speech(self, done: bool = False) -> None:
+        """The claimed speech played (counted), or, once the reply can no longer say it (``done``), wasted."""
+        speech = self._speech
+        if speech is None:
+            return
+        if speech.adopted:
+            self._speech = None
+            self._speech_outcome(speech, "played")
+        elif done or speech.cancelled or speech.failed:
+            self._speech = None
+            self._drop_speech(speech)
 
     # -- one reply --------------------------------------------------------------------------------------
 
@@ -454,6 +548,7 @@ class LlmTurns:
         reply.spoke_on_play_id = True
         self.runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True,
                                  waitInputTimeout=self.runner.wait_input_ms()))
+        self._check_speech(done=True)  # the reply's first sentence went out: the prepared one played or not
 
     def _play_in_reply(self, reply: Reply, file: str) -> None:
         """``<play>`` mid-reply: the speech so far ends, the file plays, the rest of the reply follows."""
@@ -493,6 +588,7 @@ class LlmTurns:
         runner.send(cmd.Tts(text=text, playId=reply.play_id, streaming=True, endOfStream=True,
                             autoHangup=True if reply.hangup else None,
                             waitInputTimeout=wait_input_ms or runner.wait_input_ms()))
+        self._check_speech(done=True)
         if reply.end_reason and not reply.hangup:
             runner.end_after(reply.play_id, reply.end_reason)
         if history_text:
@@ -508,6 +604,7 @@ class LlmTurns:
         })
 
     def _close_quietly(self, reply: Reply) -> None:
+        self._check_speech(done=True)
         reply.done = True
         if reply is self.reply:
             self.reply = None

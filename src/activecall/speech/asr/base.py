@@ -59,6 +59,8 @@ class _Utterance:
         self.pending: list[np.ndarray] = []
         self.pending_samples = 0
         self.last_text = ""
+        self.flushed = False  # a pause-time decode was queued (whisper: a later quiet flush only keeps audio)
+        self.decodes = 0  # decode steps queued; a step's partial is delivered only if no newer one was queued
         self.recent: list[np.ndarray] = []  # the last seconds of its audio, for an end-of-turn detector
         self.recent_samples = 0
 
@@ -153,6 +155,15 @@ class StreamingRecognizer:
                 self._flush(self._utt)
                 self._endpointer.paused(self._utt.audio(self._turn_samples))
 
+    def speech_paused(self) -> None:
+        """The call's own VAD (silero, on its windows) says the caller stopped speaking: decode what is
+        pending now.  Silero sees a word's end before this recogniser's webrtcvad does, so the words so far
+        (an ``asrDelta``, a speculative reply's input) and, if only quiet follows, the final are ready
+        earlier than at the recogniser's own pause; nothing else changes (the end of turn is decided as
+        before)."""
+        if self._utt is not None and not self.closed:
+            self._flush(self._utt)
+
     def end_utterance(self) -> None:
         if self._utt is not None:
             self._end()
@@ -182,15 +193,19 @@ class StreamingRecognizer:
         utt.pending.append(pcm)
         utt.pending_samples += pcm.size
         if utt.pending_samples * 1000 >= self.partial_every_ms * SAMPLE_RATE:
-            audio = self._take(utt)
-            self._enqueue(self._decode, audio).addCallback(self._partial, utt)
+            self._decode_step(utt, self._take(utt))
 
     def _flush(self, utt: _Utterance) -> None:
         """Decode what is pending now (the caller paused): while the end of turn is being judged the decoder
         catches up, so only the pause's audio and the decoder's end-of-utterance work remain for the final,
-        and the partial for the words so far arrives at the pause (a preemptive reply can start on it)."""
+        and the partial for the words so far arrives at the pause (a preemptive reply can start on it; it is
+        sent even when its words are those of the last partial, as the sign that they are all there is)."""
         if utt.pending_samples:
-            self._enqueue(self._decode, self._take(utt)).addCallback(self._partial, utt)
+            self._decode_step(utt, self._take(utt), pause=True)
+
+    def _decode_step(self, utt: _Utterance, audio: np.ndarray, pause: bool = False) -> None:
+        utt.decodes += 1
+        self._enqueue(self._decode, audio).addCallback(self._partial, utt, utt.decodes, pause)
 
     def _take(self, utt: _Utterance) -> np.ndarray:
         audio = np.concatenate(utt.pending) if utt.pending else np.zeros(0, dtype=np.int16)
@@ -238,9 +253,12 @@ class StreamingRecognizer:
         utt.answered = True
         return int((self.reactor.seconds() - utt.started_at) * 1000)
 
-    def _partial(self, text: Optional[str], utt: _Utterance) -> None:
-        if not text or text == utt.last_text:
+    def _partial(self, text: Optional[str], utt: _Utterance, step: Optional[int] = None,
+                 pause: bool = False) -> None:
+        if not text or (text == utt.last_text and not pause):
             return
+        if step is not None and step < utt.decodes:
+            return  # a newer step (e.g. the pause's) is queued: its words supersede these
         utt.last_text = text
         self._deliver(AsrResult(index=utt.index, text=text, final=False, start_ms=self._ms(utt.start_sample),
                                 end_ms=self._ms(self._fed), ttfb_ms=self._ttfb(utt)))

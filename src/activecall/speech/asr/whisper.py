@@ -235,7 +235,20 @@ class WhisperRecognizer(StreamingRecognizer):
                 self._queued += 1
         return super()._run(fn, *args)
 
+    def _flush(self, utt) -> None:
+        """At a pause: decode the words so far, unless all that came since the last pause-time decode is
+        quiet (the call's VAD flushed first, then this recogniser's own pause): that audio is only kept,
+        so the final is not queued behind a decode that cannot add words."""
+        if utt.pending_samples and utt.flushed and _quiet(np.concatenate(utt.pending)):
+            self._enqueue(self._hold, self._take(utt))
+            return
+        utt.flushed = True
+        super()._flush(utt)
+
     # -- hooks, on the worker thread, one at a time ------------------------------------------------
+
+    def _hold(self, pcm: np.ndarray) -> None:
+        self._audio = np.concatenate([self._audio, pcm])
 
     def _begin(self) -> None:
         self._audio = np.zeros(0, dtype=np.int16)
