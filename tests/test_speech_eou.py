@@ -322,7 +322,7 @@ class VadPauseTests(unittest.TestCase):
 
     def attach(self, eou):
         from activecall.call import speech as call_speech
-        from activecall.speech import registry
+        from activecall.speech import defaults as speech_defaults, registry
         from activecall.speech.base import SpeechEnded, SpeechStarted
 
         s = FakeSession()
@@ -330,6 +330,7 @@ class VadPauseTests(unittest.TestCase):
         s.leg, s.audio_sinks, s.option = None, [], cmd.CallOption(
             vad=cmd.VadOption(type="fake"), asr=cmd.TranscriptionOption(provider="echo"), eou=eou,
             interruption=cmd.InterruptionOption(echoCancel=False))
+        s.speech = speech_defaults.for_call(s.option.vad.to_dict(), s.option.asr.to_dict(), None, None)
         s.error = lambda *a, **k: self.fail(f"error {a}")
         vad_events = []
 
