@@ -5,6 +5,7 @@ server for the LLM path (docs/playbooks.md §6)."""
 import dataclasses
 import json
 import os
+from unittest import mock
 
 import numpy as np
 
@@ -1316,6 +1317,29 @@ class PauseThenDecideTests(RunnerTestBase):
         self.assertEqual(len(self.llm.calls), 1)
         self.delta("hold on please")
         self.assertEqual(self.sent()[-1], ("interrupt",))
+
+    def test_words_without_a_voice_do_not_stop_it(self):
+        """With a VAD on the call, words the recogniser made of a sound the VAD never took for a voice (a
+        cough, a knock, a trace of echo) neither stop the bot nor start a turn; after the VAD's speech start
+        the same words do, and a final soon after the VAD's silence is the caller's turn."""
+        self.start_speaking()
+        self.session.processors = mock.Mock(vad=object())
+        self.delta("hold on")
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text="hold on"))
+        self.assertNotIn(("interrupt",), self.sent())
+        self.assertEqual(len(self.llm.calls), 1)
+        self.speaking()
+        self.delta("hold on")
+        self.assertEqual(self.sent()[-1], ("interrupt",))
+
+    def test_a_final_soon_after_the_voice_is_a_turn(self):
+        self.start_speaking()
+        self.session.processors = mock.Mock(vad=object())
+        self.speaking()
+        self.session.emit(ev.Silence(trackId="s1", timestamp=self.session.now(), startTime=0, duration=800))
+        self.clock.advance(1.0)
+        self.session.emit(ev.AsrFinal(trackId="s1", timestamp=self.session.now(), index=0, text="what about today"))
+        self.assertEqual(len(self.llm.calls), 2)
 
 
 class WaitFillerTests(RunnerTestBase):

@@ -130,6 +130,7 @@ class LlmTurns:
         self._speech = None  # the adopted preemptive reply's prepared first sentence, until it plays
         self._caller_quiet = False  # the VAD's last word on the caller: silence (no speech since)
         self._caller_speaking = False  # ... or speech (no silence since)
+        self._voice_ended_ms: Optional[int] = None  # when the VAD's last speech segment ended
         self._stable = None  # DelayedCall: the partial has not changed for ``preemptive_stable_ms``
         self._filler = None  # DelayedCall: the reply is slow, say the wait filler
         self._filler_last = False  # the bot's last words were a filler (never two in a row)
@@ -175,6 +176,7 @@ class LlmTurns:
         elif isinstance(event, ev.Silence):
             self._caller_quiet = True
             self._caller_speaking = False
+            self._voice_ended_ms = self.runner.now()
         elif isinstance(event, ev.AsrFinal) and (self._caller_quiet or self._caller_speaking):
             # the turn is over: the next utterance's first words (the recogniser opens it before the VAD's
             # speech start is confirmed) are not the words up to a pause; wait for the VAD's silence again
@@ -197,9 +199,11 @@ class LlmTurns:
         if (interruption.filler_word_filter and runner.is_speaking
                 and (event.isFiller or tags.is_filler(text, runner.fillers))):
             return
-        if runner.is_speaking and interruption.strategy in ("both", "asr") \
-                and not takes_the_turn(interruption.policy(), text, runner.fillers, self._bot_words()):
-            # a backchannel ("uh-huh") or fewer than minWords: the bot goes on (call/barge_in.py resumes it)
+        if runner.is_speaking and interruption.strategy in ("both", "asr") and (
+                self._words_without_voice()
+                or not takes_the_turn(interruption.policy(), text, runner.fillers, self._bot_words())):
+            # a backchannel ("uh-huh"), fewer than minWords, or words of a sound the VAD never took for a
+            # voice: the bot goes on (call/barge_in.py resumes it if it paused)
             return
         runner.last_final_ms = runner.now()
         runner.last_interaction_ms = runner.now()
@@ -211,6 +215,29 @@ class LlmTurns:
         runner.emit_history("user", text)
         runner.followup_count = 0
         self.start_turn(preempted=self._confirm_preemptive())
+
+    #: words the recogniser gives this long after the VAD's last speech segment ended still have a voice
+    #: (or the end-of-turn ceiling + 1 s, when longer: a turn's final comes at its end)
+    VOICE_RECENT_MS = 2500
+
+    def _words_without_voice(self) -> bool:
+        """Words over the bot that come with no voice: the call's (echo-guarded) VAD heard no speech in
+        the last ``VOICE_RECENT_MS``.  The recogniser's own segmenter (webrtcvad, pocketsphinx) makes words
+        of a cough, a knock or a leaked trace of the bot's echo that silero never took for a voice; with
+        ``pauseOnVoice`` and strategy ``both`` (voice pauses, words decide) those never stop the bot.  A
+        call without a VAD (words alone decide) is not affected."""
+        runner = self.runner
+        interruption = runner.config.interruption
+        if not interruption.pause_on_voice or interruption.strategy != "both":
+            return False
+        processors = getattr(runner.session, "processors", None)
+        if processors is None or getattr(processors, "vad", None) is None:
+            return False
+        if self._caller_speaking:
+            return False
+        eou = getattr(getattr(runner.session, "option", None), "eou", None)
+        recent = max(self.VOICE_RECENT_MS, (getattr(eou, "timeout", None) or 0) + 1000)  # a turn's final
+        return self._voice_ended_ms is None or runner.now() - self._voice_ended_ms > recent
 
     def _bot_words(self) -> list:
         """What the bot is saying now (its echo is not the caller's words: call/barge_in.py)."""
@@ -231,7 +258,8 @@ class LlmTurns:
         if isinstance(event, ev.AsrDelta):
             if strategy not in ("both", "asr") or not (event.text or "").strip():
                 return
-            if not takes_the_turn(interruption.policy(), event.text, runner.fillers, self._bot_words()):
+            if self._words_without_voice() \
+                    or not takes_the_turn(interruption.policy(), event.text, runner.fillers, self._bot_words()):
                 return
         if not runner.is_speaking or runner.hanging_up:
             return
