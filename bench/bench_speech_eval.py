@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from activecall.audio import resample, ulaw_decode, ulaw_encode  # noqa: E402
 from activecall.speech import registry  # noqa: E402
+from activecall.speech.testing import word_edits  # noqa: E402
 
 SENTENCES = [
     "My phone number is five five five, one two three four.",
@@ -71,14 +72,8 @@ def normalise(text: str) -> list[str]:
 
 def wer(reference: str, hypothesis: str) -> tuple[int, int]:
     """(edit distance, reference words)."""
-    ref, hyp = normalise(reference), normalise(hypothesis)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1], len(ref)
+    ref = normalise(reference)
+    return word_edits(ref, normalise(hypothesis)), len(ref)
 
 
 def rss_mb() -> float:

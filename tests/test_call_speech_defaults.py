@@ -13,8 +13,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from activecall.speech import defaults
-from activecall.speech.testing import synthesize_pcm
-from tests.helpers import free_port, loopback_config, spawn_daemon
+from tests.helpers import free_port, loopback_config, spawn_daemon, speak_into_call
 from tests.wsclient import connect, send_json
 
 SENTENCE = "I would like to check the status of my order."
@@ -30,14 +29,6 @@ class CallSpeechDefaultsTests(unittest.TestCase):
         self.port = free_port()
         self.daemon = spawn_daemon(self, loopback_config(self, self.root, self.port))
         return self.daemon.wait_for("activecall ready")
-
-    @defer.inlineCallbacks
-    def speak(self, proto, text=SENTENCE):
-        speech = yield synthesize_pcm(text)
-        silence = np.zeros(16000, dtype=np.int16)
-        audio = np.concatenate([silence[:8000], speech, silence, silence])
-        for i in range(0, audio.size, 320):
-            proto.sendMessage(audio[i:i + 320].astype("<i2").tobytes(), isBinary=True)
 
     @defer.inlineCallbacks
     def say_and_hang_up(self, proto, client, text="Thank you for calling."):
@@ -65,7 +56,7 @@ class CallSpeechDefaultsTests(unittest.TestCase):
         self.assertEqual(providers["data"], {"vad": "silero", "asr": asr, "tts": tts, "language": "en",
                                              "defaults": ["asr", "vad", "tts"]})
         self.assertFalse([e for e in client.events if e["event"] == "error"])
-        yield self.speak(proto)
+        yield speak_into_call(proto, SENTENCE)
         final = yield client.wait_event("asrFinal", timeout=60)
         self.assertIn("order", final["text"].lower())
         yield client.wait_event("speaking")
@@ -83,7 +74,7 @@ class CallSpeechDefaultsTests(unittest.TestCase):
         providers = yield client.wait_event("metrics", key="speech.providers")
         self.assertEqual((providers["data"]["vad"], providers["data"]["asr"], providers["data"]["defaults"]),
                          (None, defaults.offline_asr("en")["provider"], ["asr"]))
-        yield self.speak(proto)
+        yield speak_into_call(proto, SENTENCE)
         final = yield client.wait_event("asrFinal", timeout=60)
         self.assertIn("order", final["text"].lower())
         completed, _ = yield self.say_and_hang_up(proto, client)
@@ -97,7 +88,7 @@ class CallSpeechDefaultsTests(unittest.TestCase):
         proto, client = yield connect(self, self.port, "/call", "id=defaults-bare")
         send_json(proto, {"command": "invite", "option": {"codec": "pcm"}})
         yield client.wait_event("answer")
-        yield self.speak(proto)
+        yield speak_into_call(proto, SENTENCE)
         completed, _ = yield self.say_and_hang_up(proto, client)
         self.assertEqual(completed, ["completed.tts.flite"])
         names = [e["event"] for e in client.events]
@@ -114,7 +105,7 @@ class CallSpeechDefaultsTests(unittest.TestCase):
         tts = defaults.offline_tts("en")["provider"]
         self.assertEqual(providers["data"], {"vad": None, "asr": None, "tts": tts, "language": "en",
                                              "defaults": ["tts"]})
-        yield self.speak(proto)
+        yield speak_into_call(proto, SENTENCE)
         completed, _ = yield self.say_and_hang_up(proto, client)
         self.assertEqual(completed, [f"completed.tts.{tts}"])
         names = [e["event"] for e in client.events]

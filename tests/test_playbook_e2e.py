@@ -13,8 +13,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool
 
-from activecall.speech.testing import synthesize_pcm
-from tests.helpers import free_port, spawn_daemon, write_config
+from tests.helpers import free_port, spawn_daemon, speak_into_call, write_config
 from tests.wsclient import connect, send_json
 
 SENTENCE = "I would like to check the status of my order."
@@ -86,14 +85,6 @@ path = "{self.root}/rec"
         return self.daemon.wait_for("activecall ready")
 
     @defer.inlineCallbacks
-    def speak(self, proto, text):
-        speech = yield synthesize_pcm(text)
-        silence = np.zeros(16000, dtype=np.int16)
-        audio = np.concatenate([silence[:8000], speech, silence, silence])
-        for i in range(0, audio.size, 320):
-            proto.sendMessage(audio[i:i + 320].astype("<i2").tobytes(), isBinary=True)
-
-    @defer.inlineCallbacks
     def test_llm_playbook_greets_hears_and_answers(self):
         llm = FakeOpenAI("Your order has shipped and arrives tomorrow. Goodbye! <hangup/>")
         listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(llm))
@@ -121,7 +112,7 @@ You are the shop's phone assistant.
         self.assertGreaterEqual(greeting_frames, greeting_end["duration"] // 20 - 1)
         self.assertEqual(llm.requests, [])  # a greeting, not an LLM turn
 
-        yield self.speak(proto, SENTENCE)
+        yield speak_into_call(proto, SENTENCE)
         final = yield client.wait_event("asrFinal")
         reply_end = yield wait_until(client, is_event("trackEnd", playId="llm-1"))
         # preemptive replies (on by default): requests started on partials that changed were cancelled;
@@ -174,7 +165,7 @@ Diagnostics line.
         proto, client = yield connect(self, self.port, "/call", f"id={session_id}")
         send_json(proto, {"command": "invite", "option": {"codec": "pcm"}})
         yield wait_until(client, is_event("trackEnd", playId="greeting"))
-        yield self.speak(proto, SENTENCE)
+        yield speak_into_call(proto, SENTENCE)
         final = yield client.wait_event("asrFinal")
         said = yield wait_until(client, lambda e: e["event"] == "addHistory" and e["text"].startswith("You said"))
         self.assertIn(final["text"].rstrip("."), said["text"])
@@ -196,7 +187,7 @@ Diagnostics line.
         self.assertEqual(providers["data"], {"vad": "silero", "asr": defaults.offline_asr("en")["provider"],
                                              "tts": defaults.offline_tts("en")["provider"], "language": "en"})
         yield wait_until(client, is_event("trackEnd", playId="greeting"))
-        yield self.speak(proto, SENTENCE)
+        yield speak_into_call(proto, SENTENCE)
         final = yield client.wait_event("asrFinal")
         self.assertIn("order", final["text"].lower())
         yield wait_until(client, lambda e: e["event"] == "addHistory" and e["text"].startswith("You said"))
@@ -236,7 +227,7 @@ Diagnostics line.
         providers = yield wait_until(client, is_event("metrics", key="speech.providers"))
         self.assertEqual(providers["data"], {"vad": "silero", "asr": "aliyun", "tts": "espeak", "language": "zh"})
         yield wait_until(client, is_event("trackEnd"))  # the echo's own greeting, spoken in Mandarin
-        yield self.speak(proto, SENTENCE)
+        yield speak_into_call(proto, SENTENCE)
         final = yield client.wait_event("asrFinal")
         self.assertEqual(final["text"], "我想查询订单")
         [conn] = srv.connections

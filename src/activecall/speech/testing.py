@@ -60,16 +60,21 @@ def _words(text: str) -> list[str]:
     return [w for w in "".join(c.lower() if c.isalnum() or c in "' " else " " for c in text).split()]
 
 
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Levenshtein distance over words divided by the reference's word count."""
-    ref, hyp = _words(reference), _words(hypothesis)
+def word_edits(ref: list, hyp: list) -> int:
+    """Levenshtein distance between two word lists (substitutions, insertions, deletions)."""
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
         prev = cur
-    return prev[-1] / max(len(ref), 1)
+    return prev[-1]
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Levenshtein distance over words divided by the reference's word count."""
+    ref = _words(reference)
+    return word_edits(ref, _words(hypothesis)) / max(len(ref), 1)
 
 
 def frames(pcm: np.ndarray, size: int = 320):
