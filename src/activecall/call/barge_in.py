@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from twisted.logger import Logger
 
+from activecall.backlink import back_link
 from activecall.media.tracks import TtsTrack
 from activecall.protocol import events as ev
 
@@ -173,6 +174,9 @@ def bot_words(track) -> list[str]:
 
 class BargeIn:
     """One call's pause-then-decide controller (see the module docstring)."""
+
+    #: the call's session; weak once the call has ended (activecall/backlink.py)
+    session = back_link()
 
     #: while the caller is still voiced at the end of the wait, look again this much later (s)
     RECHECK = 0.2

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.backlink import BackLink, LinkedCall
 from activecall.call.cdr import CallDetailRecord, ICdrWriter, RecorderFile
 from activecall.call.interfaces import (
     ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, IMessageConnector, ITransferConnector,
@@ -167,6 +168,9 @@ class CallSession:
                  processor_factory: Optional[Callable] = None):
         self.id = session_id
         self.call_type = call_type
+        #: how the call's parts point back at it: strong while it runs, weak once it has ended, so
+        #: reference counting frees a finished call (activecall/backlink.py, ``_release``)
+        self.back_link = BackLink(self)
         self.clock = clock
         self._emit = emit
         self.config = config
@@ -232,10 +236,10 @@ class CallSession:
         self.turn_timing = None
         cache = config.media_cache_path if config is not None else "./config/mediacache"
         self.playback = Playback(
-            server_track_id, self.emit, clock,
+            server_track_id, LinkedCall(self.back_link, "emit"), clock,
             synthesizer_for=synthesizer_for or _no_synthesizer,
             loader=media_loader or MediaLoader(cache),
-            on_track_done=self._track_done,
+            on_track_done=LinkedCall(self.back_link, "_track_done"),
         )
         #: pause-then-decide on the caller's voice over the bot (call/barge_in.py); configured by a
         #: playbook or the ✱ ``interruption`` call option, idle otherwise
@@ -686,6 +690,17 @@ class CallSession:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(self)
+        self._release()
+
+    def _release(self) -> None:
+        """The call is over (teardown done, waiters told): its parts' links back to it turn weak, so
+        it is freed by reference counting as soon as nobody else (the API, a watcher, a test) holds
+        it, not at the garbage collector's next pass.  Everything stays readable while it is held."""
+        self.back_link.weaken()
+        for part in (self.playbook_runner,):  # parts with links of their own
+            link = getattr(part, "back_link", None)
+            if isinstance(link, BackLink):
+                link.weaken()
 
     @defer.inlineCallbacks
     def _teardown(self, initiator):

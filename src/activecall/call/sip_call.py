@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.backlink import WeakMethod, back_link
 from activecall.call import handlers
 from activecall.call.interfaces import (
     ICallConnector, ICallLeg, IDtmfConnector, IInboundConnector, IMessageConnector, ITransferConnector,
@@ -66,13 +67,16 @@ class SipLeg:
     """The session's leg for a SIP call: the signalling dialog plus its RTP leg.
     Closing it hangs up (BYE/CANCEL with the call's hangup headers) and frees the ports."""
 
+    #: the call's session; weak once the call has ended (activecall/backlink.py)
+    session = back_link()
+
     def __init__(self, session, sip_call, rtp: RtpLeg):
         self.session = session
         self.sip_call = sip_call
         self.rtp = rtp
         self.closing = False
         if sip_call is not None:
-            sip_call.offer_answerer = self._answer_offer
+            sip_call.offer_answerer = WeakMethod(self._answer_offer)  # the call's dialog is ours: no cycle
 
     @property
     def codec(self):
@@ -265,6 +269,9 @@ class _AsJson:
 class SipConnector:
     """The call-type glue for ``/call/sip`` sessions (and playbook-routed inbound calls)."""
 
+    #: the call's session; weak once the call has ended (activecall/backlink.py)
+    session = back_link()
+
     def __init__(self, session, protocol, calls: SipCalls):
         self.session = session
         self.protocol = protocol
@@ -350,7 +357,7 @@ class SipConnector:
             s.end("failed", initiator="system", status_code=503)
             raise MediaNegotiationError(str(e)) from None
         s.leg = SipLeg(s, call, rtp)
-        call.add_listener(self._sip_event)
+        call.add_listener(WeakMethod(self._sip_event))  # no cycle: the session holds the connector
         return s.leg
 
     def answer_inbound(self, call, option) -> None:
@@ -455,7 +462,7 @@ class SipConnector:
             return
         s.extras.setdefault("callee", callee)
         s.leg = SipLeg(s, call, rtp)
-        call.add_listener(self._sip_event)
+        call.add_listener(WeakMethod(self._sip_event))  # no cycle: the session holds the connector
         call.when_answered().addCallbacks(self._outbound_answered, self._outbound_failed)
 
     def _outbound_answered(self, _):

@@ -21,11 +21,14 @@
 from __future__ import annotations
 
 import os
+import weakref
+from functools import partial
 
 import numpy as np
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from activecall.backlink import back_link, link_to
 from activecall.audio import FRAME_SAMPLES
 from activecall.call.playback import SynthesisUnavailable
 from activecall.call.realtime_session import attach_realtime, realtime_controller
@@ -69,6 +72,9 @@ class SpeechProcessors:
     sends, ``session.echo_reference``) and, with ``denoise: true``, the noise suppressor and gain
     controller (``speech/denoise.py``).  The recorder and other audio sinks get the caller's audio
     as it came."""
+
+    #: the call's session; weak once the call has ended (activecall/backlink.py)
+    session = back_link()
 
     def __init__(self, session, vad=None, recognizer=None, asr_provider: str = ""):
         self.session = session
@@ -139,8 +145,12 @@ def attach_end_of_turn(session, processors: SpeechProcessors, eou_option, **deps
     if detector is None:
         return None
     s = session
+    link = link_to(session)  # not a cell: the endpointer is the session's (activecall/backlink.py)
 
     def on_decision(decision: TurnDecision) -> None:
+        s = link()
+        if s is None:
+            return
         inference_ms = None if decision.inference_ms is None else int(round(decision.inference_ms))
         s.emit(ev.Eou(trackId=s.id, timestamp=s.now(), completed=decision.completed,
                       probability=None if decision.probability is None else round(decision.probability, 4),
@@ -180,8 +190,14 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
         return None
     processors = SpeechProcessors(session)
     s = session
+    # the callbacks reach the session and the processors through links, not cells: the VAD and the
+    # recogniser are the processors' own, so a cell would be a reference cycle (activecall/backlink.py)
+    link, processors_ref = link_to(session), weakref.ref(processors)
 
     def on_vad(event):
+        s, processors = link(), processors_ref()
+        if s is None or processors is None:
+            return
         if isinstance(event, SpeechStarted):
             s.emit(ev.Speaking(trackId=s.id, timestamp=s.now(), startTime=event.start_ms, confidence=1.0))
         elif isinstance(event, SpeechEnded):
@@ -195,6 +211,9 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
                               duration=event.duration_ms))
 
     def on_asr(result: AsrResult):
+        s, processors = link(), processors_ref()
+        if s is None or processors is None:
+            return
         cls = ev.AsrFinal if result.final else ev.AsrDelta
         s.emit(cls(trackId=s.id, timestamp=s.now(), index=result.index, startTime=result.start_ms,
                    endTime=result.end_ms, text=result.text, confidence=result.confidence))
@@ -221,7 +240,7 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
             if processors.recognizer is not None:  # None: asr.provider "none", a call that must not listen
                 # a recogniser that fails mid-call (service down, key refused, a lost utterance) is
                 # reported to the client like a failed TTS: error{sender:"asr", code:500}; the call goes on
-                processors.recognizer.on_error = lambda message: s.error("asr", message, code=500)
+                processors.recognizer.on_error = partial(_asr_failed, link)
                 attach_end_of_turn(s, processors, option.eou)
     except SpeechError as e:
         processors.close()
@@ -231,6 +250,12 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
     s.audio_sinks.append(processors.feed)
     _report_providers(s, processors, plan)
     return processors
+
+
+def _asr_failed(link, message: str) -> None:
+    session = link()
+    if session is not None:
+        session.error("asr", message, code=500)
 
 
 def _report_providers(session, processors, plan) -> None:

@@ -20,6 +20,7 @@ from typing import Optional
 
 from twisted.logger import Logger
 
+from activecall.backlink import WeakMethod
 from activecall.media.rtp import PortsExhausted
 from activecall.media.rtp_leg import MediaNegotiationError
 from activecall.protocol import events as ev
@@ -160,7 +161,7 @@ class InboundTransfer:
             d.addErrback(lambda f: log.debug("BYE of the transferred dialog: {e}", e=f.getErrorMessage()))
         s.leg = type(old)(s, self.call, self.rtp)  # a SipLeg, like the one it replaces
         self.rtp.start()
-        self.call.add_listener(self.connector._sip_event)
+        self.call.add_listener(WeakMethod(self.connector._sip_event))
         self.connector.inbound = None  # we placed the new dialog: its BYE is the callee's
         self.done = True
         s.extras["transferred_to"] = self.refer.target

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
+from activecall.backlink import back_link
 from activecall.protocol import events as ev
 
 SAMPLES_PER_MS = 16
@@ -61,6 +62,9 @@ class _Turn:
 
 class TurnTiming:
     """The per-turn latency breakdown of one call (see the module docstring)."""
+
+    #: the call's session; weak once the call has ended (activecall/backlink.py)
+    session = back_link()
 
     def __init__(self, session, metrics=None):
         self.session = session

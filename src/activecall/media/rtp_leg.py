@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
+from activecall.backlink import back_link
 from activecall.audio import FRAME_SAMPLES
 from activecall.media import codecs as codec_mod
 from activecall.media._rtpcore import RtpLegCore
@@ -97,6 +98,9 @@ class RtpLeg(RtpLegCore):
     descriptor, the flags and counters, the stream, statistics and jitter
     buffer) lives in the C base ``RtpLegCore``, whose loops do the steady
     state of sending and receiving (``_rtpcore.c``); everything else is here."""
+
+    #: the call's session; weak once the call has ended (activecall/backlink.py)
+    session = back_link()
 
     def __init__(self, session, media_clock, reactor, *, host: str, external_ip: Optional[str] = None,
                  codecs=("pcmu", "pcma", "g722", "opus", "telephone_event"), latching: bool = True,

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
+from activecall.backlink import back_link
 from activecall.playbook import tags
 from activecall.protocol import commands as cmd
 
@@ -36,6 +37,9 @@ class Collection:
 
 class DigitCollector:
     """The collections of one ``PlaybookRunner`` (at most one at a time: ``current``)."""
+
+    #: the playbook runner; weak once the call has ended (activecall/backlink.py)
+    runner = back_link()
 
     def __init__(self, runner):
         self.runner = runner

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.backlink import back_link
 from activecall.call.barge_in import bot_words, takes_the_turn
 from activecall.playbook import prompts, tags
 from activecall.playbook.strategy import ITurnStrategy
@@ -120,6 +121,9 @@ class LlmTurns:
     """The bot's turns are LLM replies; ``runner.llm`` is the model client."""
 
     name = "llm"
+
+    #: the playbook runner; weak once the call has ended (activecall/backlink.py)
+    runner = back_link()
 
     def __init__(self, runner):
         self.runner = runner

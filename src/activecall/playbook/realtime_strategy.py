@@ -33,6 +33,7 @@ from typing import Optional
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.backlink import back_link
 from activecall.call.realtime_session import IRealtimeController, goto_scene_tool
 from activecall.playbook.strategy import ITurnStrategy
 from activecall.protocol import commands as cmd
@@ -47,6 +48,9 @@ class RealtimeTurns:
 
     name = "realtime"
     reply = None  # the model's responses are the realtime processor's, never the runner's
+
+    #: the playbook runner; weak once the call has ended (activecall/backlink.py)
+    runner = back_link()
 
     def __init__(self, runner):
         self.runner = runner

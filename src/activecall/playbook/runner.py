@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from activecall.backlink import BackLink, back_link
 from activecall.call.session import CallState
 from activecall.playbook import tags
 from activecall.playbook.collectors import DigitCollector
@@ -68,9 +69,12 @@ class PlaybookRunner:
     """Runs ``playbook`` on ``session``; ``attach()`` once, it starts when the call is answered.
 
     ``llm_client_factory(llm_config)`` builds the model client (``stream``/``complete``/``LLMReply``);
-    ``http`` is a treq-like client for ``<http>``, the http tool and the posthook.  ``done`` fires when the
+    ``http`` is a treq-like client for ``<http>``, the http tool and the posthook.  ``done`` fires (with None) when the
     call has ended and the posthook is delivered (or given up).  ``strategy`` takes the bot's turns.
     """
+
+    #: the call's session; weak once the call has ended (activecall/backlink.py)
+    session = back_link()
 
     def __init__(self, session, playbook: Playbook, clock=None, llm_client_factory=None, http=None,
                  fillers=tags.DEFAULT_FILLERS):
@@ -81,6 +85,9 @@ class PlaybookRunner:
             # realtime: only llm's fallback/apiKey are read, and the posthook's summary asks the echo model
             playbook = dataclasses.replace(
                 playbook, config=dataclasses.replace(playbook.config, llm=LlmConfig(provider=ECHO_PROVIDER)))
+        #: how the runner's parts (strategy, tools, collector) point back at it: weak once the call has
+        #: ended (the session's ``_release``; activecall/backlink.py)
+        self.back_link = BackLink(self)
         self.session = session
         self.playbook = playbook
         self.config = playbook.config
@@ -161,9 +168,11 @@ class PlaybookRunner:
         self._outbox.clear()
         if self._on_event in self.session.listeners:
             self.session.listeners.remove(self._on_event)
+        session_id = self.session.id  # the session may be gone by the time the posthook is done
         d = deliver_posthook(self) if self.started else defer.succeed(None)
-        d.addErrback(lambda f: log.failure("posthook of {id} failed", f, id=self.session.id))
-        d.addBoth(lambda _: self.done.callback(self))
+        d.addErrback(lambda f: log.failure("posthook of {id} failed", f, id=session_id))
+        # fires with None, not the runner: a fired Deferred keeps its result (runner -> done -> runner)
+        d.addBoth(lambda _: self.done.callback(None))
 
     # -- events -------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from activecall.backlink import back_link
 from activecall.call.session import CallState
 from activecall.playbook import tags
 from activecall.playbook.templates import set_var
@@ -44,6 +45,9 @@ def failure_text(error) -> str:
 
 class HttpTools:
     """The HTTP of one ``PlaybookRunner``; ``http`` is a treq-like client (default: the shared one)."""
+
+    #: the playbook runner; weak once the call has ended (activecall/backlink.py)
+    runner = back_link()
 
     def __init__(self, runner, http=None):
         self.runner = runner

@@ -152,25 +152,26 @@ def refusals(option: Optional[cmd.CallOption], call_type: str) -> list[Refusal]:
 
     A refused block's own keys are not listed again (``ambiance`` says it for ``ambiance.path``)."""
     out: list[Refusal] = []
-    if option is None:
-        return out
-
-    def walk(obj, prefix):
-        for name, value in _items(obj):
-            path = prefix + name
-            entry = OPTION_KEYS.get(path)
-            if entry is None:
-                out.append(Refusal(path, "not documented", unknown=True))
-                continue
-            reason = entry.refusal(value, call_type)
-            if reason is not None:
-                out.append(Refusal(path, reason))
-                continue
-            if isinstance(value, WireObject) and not entry.free_form:
-                walk(value, path + ".")
-
-    walk(option, "")
+    if option is not None:
+        _walk(option, "", call_type, out)
     return out
+
+
+def _walk(obj, prefix: str, call_type: str, out: list) -> None:
+    """``refusals``' recursion (a module function: a nested one that calls itself is a reference cycle
+    per call, left for the garbage collector)."""
+    for name, value in _items(obj):
+        path = prefix + name
+        entry = OPTION_KEYS.get(path)
+        if entry is None:
+            out.append(Refusal(path, "not documented", unknown=True))
+            continue
+        reason = entry.refusal(value, call_type)
+        if reason is not None:
+            out.append(Refusal(path, reason))
+            continue
+        if isinstance(value, WireObject) and not entry.free_form:
+            _walk(value, path + ".", call_type, out)
 
 
 #: the option blocks whose keys the table lists (name -> dataclass), for the consistency test

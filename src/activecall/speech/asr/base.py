@@ -25,6 +25,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.backlink import WeakMethod
 from activecall.audio import SAMPLE_RATE
 from activecall.speech.base import (
     AsrOptions, AsrResult, IStreamingRecognizer, OptionError, SpeechEnded, SpeechStarted, VadOptions,
@@ -107,7 +108,7 @@ class StreamingRecognizer:
     def _make_vad(self, silence_ms: int):
         from activecall.speech.vad.webrtc import WebRtcVad
         return WebRtcVad(VadOptions(type="webrtcvad", speechPadding=150, silencePadding=silence_ms, mode=2),
-                         self._on_vad)
+                         WeakMethod(self._on_vad))  # the VAD is ours: no reference cycle
 
     def endpoint_with(self, endpointer) -> bool:
         """Let ``endpointer`` (``speech.eou.endpointer.TurnEndpointer``) end the utterances: the VAD now
@@ -118,7 +119,7 @@ class StreamingRecognizer:
         self._vad = self._make_vad(endpointer.pause_ms)
         self._endpointer = endpointer
         self._turn_samples = endpointer.audio_ms * SAMPLE_RATE // 1000
-        endpointer.on_end = self.end_utterance
+        endpointer.on_end = WeakMethod(self.end_utterance)  # no cycle: the endpointer is ours
         return True
 
     # -- feeding -----------------------------------------------------------------------------
