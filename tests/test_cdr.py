@@ -221,6 +221,47 @@ class LocalWriterTests(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(os.path.join(self.root, "20250304"))),
                          ["20250304-050607_a.json", "20250304-050607_b.json", "20250304-050607_c.json"])
 
+    def test_with_a_clock_batches_start_at_most_every_gather_seconds(self):
+        """An idle writer writes at once; a record within ``gather`` of the last batch's start waits for the
+        rest of it and goes with whatever else came meanwhile (one worker-thread job for them all)."""
+        from twisted.internet import task
+
+        clock = task.Clock()
+        clock.advance(1000)
+        runs = []
+
+        def counted(f, *args):
+            runs.append([os.path.basename(p) for p, _ in args[0]])
+            return defer.succeed(f(*args))
+
+        writer = cdr.LocalCdrWriter(self.root, tz=timezone.utc, run=counted, clock=clock, gather=0.05)
+        self.assertTrue(self.successResultOf(writer.write(make_record(callId="a"))).endswith("_a.json"))
+        self.assertEqual(runs, [["20250304-050607_a.json"]])  # at once
+        clock.advance(0.02)
+        later = [writer.write(make_record(callId=c)) for c in ("b", "c")]
+        flushed = writer.flush()
+        for d in later + [flushed]:
+            self.assertNoResult(d)
+        self.assertEqual(len(runs), 1)
+        clock.advance(0.029)
+        self.assertEqual(len(runs), 1)
+        clock.advance(0.002)  # 50 ms after a's batch started
+        self.assertEqual(runs[1], ["20250304-050607_b.json", "20250304-050607_c.json"])
+        self.assertEqual([os.path.basename(self.successResultOf(d)) for d in later],
+                         ["20250304-050607_b.json", "20250304-050607_c.json"])
+        self.successResultOf(flushed)
+        clock.advance(1)
+        self.successResultOf(writer.write(make_record(callId="d")))  # idle again: at once
+        self.assertEqual(len(runs), 3)
+
+    def test_the_daemons_local_writer_gathers(self):
+        from twisted.internet import task
+
+        clock = task.Clock()
+        writer = cdr.writer_for(CallRecordSection(type="local", root=self.root), clock)
+        self.assertEqual((writer.clock, writer.gather), (clock, cdr.LOCAL_GATHER))
+        self.assertEqual(cdr.writer_for(CallRecordSection(type="local", root=self.root)).gather, 0.0)
+
     def test_one_failed_file_in_a_batch_fails_only_its_own_write(self):
         os.makedirs(self.root)
         with open(os.path.join(self.root, "20250304"), "w"):
