@@ -769,6 +769,30 @@ class PosthookTests(RunnerTestBase):
         self.assertEqual(body["history"], [{"role": "assistant", "content": "Hi."}])
         self.assertIn("one or two sentences", self.llm.completed[0][-1]["content"])
 
+    def test_a_posthook_in_flight_keeps_the_ended_session_then_lets_it_go(self):
+        """The session's links turn weak when the call ends; the runner holds its session until the
+        posthook is done (it may read ``runner.session``), then reference counting frees the call."""
+        import gc
+        import weakref
+
+        gc.disable()
+        self.addCleanup(gc.enable)
+        http = FakeHttp(ConnectionError("refused"), (200, b"ok"))
+        self.begin(None, "Hi.", extra="posthook: {url: 'http://hooks/x'}", http=http)
+        del self.session.handle  # the fixture's wrapper closes over the session's own method: a cycle of its own
+        ref = weakref.ref(self.session)
+        self.session.end("caller", initiator="caller")
+        del self.session
+        self.assertFalse(self.runner.done.called)  # the first attempt failed; the retry waits a second
+        self.assertIs(self.runner.session, ref())
+        self.assertIsNotNone(ref())
+        self.clock.advance(1)
+        self.assertEqual(len(http.requests), 2)
+        self.assertTrue(self.runner.done.called)
+        self.assertIsNone(ref())
+        self.assertIsNone(self.runner.session)
+        self.runner.refresh_hangup_headers()  # e.g. an <http> answering now: nothing to update, no error
+
     def test_posthook_gives_up_after_three_attempts(self):
         http = FakeHttp((503, b""), (503, b""), (503, b""), (200, b""))
         self.begin(None, "Hi.", extra="posthook: {url: 'http://hooks/x', includeHistory: false}", http=http)

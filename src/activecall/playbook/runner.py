@@ -89,6 +89,9 @@ class PlaybookRunner:
         #: ended (the session's ``_release``; activecall/backlink.py)
         self.back_link = BackLink(self)
         self.session = session
+        #: the session, held until ``done``: the posthook (and whatever else the runner still awaits after
+        #: the end) may read ``runner.session``, whose link turns weak when the call ends
+        self._session_until_done = session
         self.playbook = playbook
         self.config = playbook.config
         self.llm_config: LlmConfig = playbook.config.llm
@@ -171,8 +174,12 @@ class PlaybookRunner:
         session_id = self.session.id  # the session may be gone by the time the posthook is done
         d = deliver_posthook(self) if self.started else defer.succeed(None)
         d.addErrback(lambda f: log.failure("posthook of {id} failed", f, id=session_id))
+        d.addBoth(self._done)
+
+    def _done(self, _) -> None:
+        self._session_until_done = None  # from now on only the session's holders keep it
         # fires with None, not the runner: a fired Deferred keeps its result (runner -> done -> runner)
-        d.addBoth(lambda _: self.done.callback(None))
+        self.done.callback(None)
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -403,6 +410,8 @@ class PlaybookRunner:
 
     def refresh_hangup_headers(self) -> None:
         """``sip.hangup_headers`` (and ``_hangup_headers`` set in bulk) rendered for the BYE."""
+        if self.session is None:  # an <http> that answered after the call ended and was freed
+            return
         try:
             headers = bye_headers(self.config.sip.hangup_headers, self.variables, self._call_info())
         except Exception:
