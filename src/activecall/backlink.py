@@ -43,10 +43,6 @@ class BackLink:
             self._weak = weakref.ref(target)
             self._strong = None
 
-    @property
-    def weak(self) -> bool:
-        return self._strong is None
-
 
 def link_to(target: Any) -> BackLink:
     """``target``'s own link (its ``back_link`` attribute) when it has one, else a strong one of its own
@@ -89,10 +85,6 @@ class LinkedCall:
         if target is None:
             return None
         return getattr(target, self.name)(*args, **kwargs)
-
-
-def linked(target: Any, name: str) -> LinkedCall:
-    return LinkedCall(link_to(target), name)
 
 
 class WeakMethod:
