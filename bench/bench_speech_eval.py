@@ -15,7 +15,7 @@ Recognisers (each on every (voice, line) utterance, decoded as a call would deco
 - ``moonshine base-en``: the Moonshine model the ``moonshine-cpp`` package ships, through our
   ``MoonshineEngine`` (the model rewritten at load so its weights are dequantised once, one thread).
 
-Per engine (CPU per decode: the decoding thread's CPU time for one whole utterance): WER over all words (text normalised: lower case, no punctuation, every digit as its word,
+Per engine (CPU per decode: the process CPU time of one whole-utterance decode, all its threads): WER over all words (text normalised: lower case, no punctuation, every digit as its word,
 so "555-1234" and "five five five one two three four" agree), RTF (decode wall time / audio), final
 latency = wall time from the end of the turn to the final.  For pocketsphinx that is the last step plus
 ``end_utt``; for whisper and moonshine it is measured by streaming each utterance through the recogniser in real
@@ -224,9 +224,9 @@ def main(reactor, args):
         errs: dict = {}
         lat, cpu, dec, dur = [], [], 0.0, 0.0
         for line, voice, s, pcm in utterances:
-            c = time.thread_time()
+            c = time.process_time()
             text, wall, final = pocketsphinx_decode(decoder, pcm)
-            cpu.append((time.thread_time() - c) * 1000)
+            cpu.append((time.process_time() - c) * 1000)
             e, n = wer(s, text)
             errs.setdefault(line, [0, 0])
             errs[line][0] += e
@@ -258,10 +258,10 @@ def main(reactor, args):
     for label, transcribe, mem in engines:
         errs, lat, cpu, dec, dur = {}, [], [], 0.0, 0.0
         for line, voice, s, pcm in utterances:
-            t, c = time.perf_counter(), time.thread_time()
+            t, c = time.perf_counter(), time.process_time()
             text = transcribe(pcm)
             wall = time.perf_counter() - t
-            cpu.append((time.thread_time() - c) * 1000)
+            cpu.append((time.process_time() - c) * 1000)
             e, n = wer(s, text)
             errs.setdefault(line, [0, 0])
             errs[line][0] += e
