@@ -31,6 +31,8 @@ voice's audio through PCMU.
 ``--stream-only [--stream N] [--tail-ms MS] [--trim] [--asr moonshine]``: only the streamed whisper (or
 moonshine) line, the end of turn ``MS`` after the audio (after the speech itself with ``--trim``).
 ``--asr pocketsphinx,whisper,moonshine``: the recognisers to evaluate (default all three).
+``--ab N``: only the cost of one whole-utterance decode (CPU and wall), whisper 12s and moonshine
+alternating utterance by utterance on the PCMU line, N rounds: the A/B that a loaded machine allows.
 ``--tts-only [--repeat N]``: the voices' first audio only (p50 / p95 / max over N rounds of the ten
 sentences), no recognisers: the quick A/B for synthesis changes.
 """
@@ -211,6 +213,9 @@ def main(reactor, args):
     if args.stream_only:
         yield stream_only(reactor, args, [(s, pcm) for line, voice, s, pcm in utterances if line == "pcmu"])
         return
+    if args.ab:
+        ab_decode_cost([(s, pcm) for line, voice, s, pcm in utterances if line == "pcmu"], args.ab)
+        return
 
     # -- the recognisers ---------------------------------------------------------------------------
     wanted = set(args.asr.split(","))
@@ -357,6 +362,42 @@ def stream_only(reactor, args, pcmu):
           f"end of turn: {sum(1 for n in _LATE if n)} of {len(_LATE)}; load average {load} -> {os.getloadavg()}")
 
 
+def ab_decode_cost(pcmu, rounds: int) -> None:
+    """whisper 12s and moonshine base-en alternately on each PCMU utterance (the same minutes, the same load):
+    CPU and wall time of one whole-utterance decode, i.e. what remains after the end of turn when the speech
+    runs right up to it (one intra-op thread each)."""
+    from activecall.speech.asr import moonshine
+    from activecall.speech.asr.whisper import WhisperEngine, shipped_model_dir
+    engines = {"whisper 12s": (lambda w: lambda pcm: w.transcribe(pcm, "en", 12.0))(
+        WhisperEngine(shipped_model_dir(), "int8", threads=1)),
+        "moonshine base-en": moonshine.MoonshineEngine(moonshine.shipped_model_dir(), threads=1).transcribe}
+    for transcribe in engines.values():
+        transcribe(np.zeros(16000, dtype=np.int16))
+    cpu = {k: [] for k in engines}
+    wall = {k: [] for k in engines}
+    errs = {k: [0, 0] for k in engines}
+    load = os.getloadavg()
+    seconds = [pcm.size / 16000 for s, pcm in pcmu]
+    for _ in range(rounds):
+        for s, pcm in pcmu:
+            for label, transcribe in engines.items():
+                t, c = time.perf_counter(), time.process_time()
+                text = transcribe(pcm)
+                wall[label].append((time.perf_counter() - t) * 1000)
+                cpu[label].append((time.process_time() - c) * 1000)
+                e, n = wer(s, text)
+                errs[label][0] += e
+                errs[label][1] += n
+    print(f"# {len(pcmu)} PCMU utterances ({min(seconds):.1f}-{max(seconds):.1f} s, p50 {pct(seconds, 50):.1f} s) x "
+          f"{rounds} rounds, alternating; load average {load} -> {os.getloadavg()}")
+    print("| recogniser | WER PCMU | CPU per decode p50 / p95 / max | wall p50 / p95 | decodes within 150 ms of CPU |")
+    print("|---|---|---|---|---|")
+    for label in engines:
+        c, w = cpu[label], wall[label]
+        print(f"| {label} | {errs[label][0] / errs[label][1]:.3f} | {pct(c, 50):.0f} / {pct(c, 95):.0f} / {max(c):.0f} ms"
+              f" | {pct(w, 50):.0f} / {pct(w, 95):.0f} ms | {sum(1 for x in c if x <= 150)} of {len(c)} |")
+
+
 @defer.inlineCallbacks
 def tts_only(voices, sentences, repeat):
     print(f"# first audio: {len(sentences)} sentences x {repeat} rounds; load average {os.getloadavg()}")
@@ -380,6 +421,8 @@ if __name__ == "__main__":
     parser.add_argument("--snr", default="10", help="comma-separated SNRs (dB) of added white noise")
     parser.add_argument("--quick", action="store_true", help="4 sentences instead of 10")
     parser.add_argument("--stream", type=int, default=12, help="utterances streamed in real time")
+    parser.add_argument("--ab", type=int, default=0,
+                        help="only the whole-decode cost, whisper and moonshine alternating, N rounds (PCMU)")
     parser.add_argument("--asr", default="pocketsphinx,whisper,moonshine",
                         help="comma-separated recognisers to evaluate (pocketsphinx, whisper, moonshine)")
     parser.add_argument("--stream-only", action="store_true", help="only the streamed whisper line")
