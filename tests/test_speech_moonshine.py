@@ -24,12 +24,19 @@ def _sync(f, *args):
 
 
 class FakeEngine:
+    """Ids = [samples decoded]; records each decode's size and the draft it was given."""
+
     def __init__(self):
         self.calls = []
+        self.drafts = []
 
-    def transcribe(self, pcm):
+    def decode(self, pcm, draft=()):
         self.calls.append(pcm.size)
-        return f"heard {pcm.size}"
+        self.drafts.append(list(draft))
+        return [pcm.size]
+
+    def text(self, ids):
+        return f"heard {ids[0]}"
 
 
 def _graph_names(model: bytes) -> list:
@@ -169,6 +176,7 @@ class SchedulingAndErrorTests(unittest.TestCase):
         asr.end_utterance()
         yield asr.close()
         self.assertEqual(engine.calls, [8000, 16000, 19200])
+        self.assertEqual(engine.drafts, [[], [8000], [16000]])  # each decode checks the one before
         self.assertEqual(results[-1].text, "heard 19200")
         self.assertTrue(results[-1].final)
 
@@ -235,6 +243,17 @@ class MoonshineModelTests(unittest.TestCase):
         self.assertIs(engine, moonshine.shared_engine(moonshine.shipped_model_dir()))
         self.assertEqual(engine.transcribe(np.zeros(16000, dtype=np.int16)), "")
         self.assertEqual(engine.transcribe(np.full(800, 3000, dtype=np.int16)), "")
+
+    @defer.inlineCallbacks
+    def test_a_draft_saves_steps_not_words(self):
+        """An earlier decode's tokens as the draft (right, partly right, or wrong) give the plain decode."""
+        speech = yield synthesize_pcm("Please send the invoice to Maria Johnson.", "rms")
+        engine = moonshine.shared_engine(moonshine.shipped_model_dir())
+        plain = engine.decode(speech)
+        self.assertIn("invoice", engine.text(plain).lower())
+        partial = engine.decode(speech[:speech.size * 2 // 3])
+        for draft in (partial, plain, plain + [500, 600], [500, 600, 700], list(range(1000, 1400))):
+            self.assertEqual(engine.decode(speech, draft), plain)
 
     @defer.inlineCallbacks
     def test_flite_speech_through_g711_is_recognised(self):

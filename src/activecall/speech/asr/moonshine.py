@@ -467,26 +467,45 @@ class MoonshineEngine:
 
     def transcribe(self, pcm: np.ndarray) -> str:
         """Text of ``pcm`` (16 kHz int16; longer than 30 s keeps its last 30 s)."""
+        return detokenize(self.tokens, self.decode(pcm))
+
+    def text(self, ids: list) -> str:
+        return detokenize(self.tokens, ids)
+
+    def decode(self, pcm: np.ndarray, draft=()) -> list:
+        """Greedy token ids of ``pcm``.  ``draft`` (the ids of an earlier decode of the same utterance's
+        beginning) is checked in one decoder pass: the longest prefix the model itself would have chosen
+        is kept as it is, so only the tokens after it cost a step each.  The result is the plain greedy
+        decode's (a draft only saves steps), up to floating-point ties."""
         audio = pcm.astype(np.float32)[-MAX_SECONDS * SAMPLE_RATE:] / 32768.0
         if audio.size < MIN_SAMPLES:
-            return ""
+            return []
+        limit = int(audio.size / SAMPLE_RATE * TOKENS_PER_SECOND) + 4
+        draft = [int(t) for t in draft][:limit - 1]
         [hidden] = self.encoder.run(None, {"input_values": audio[None, :]})
         feeds = dict(self.empty)
         feeds["encoder_hidden_states"] = hidden
-        ids: list[int] = []
-        token = START
-        for step in range(int(audio.size / SAMPLE_RATE * TOKENS_PER_SECOND) + 4):
+        feeds["input_ids"] = np.array([[START] + draft], dtype=np.int64)
+        feeds["use_cache_branch"] = np.array([False])
+        out = self.decoder.run(None, feeds)
+        predicted = out[0][0].argmax(-1)  # the token after each position
+        kept = 0
+        while kept < len(draft) and predicted[kept] == draft[kept]:
+            kept += 1
+        ids = draft[:kept]
+        token = int(predicted[kept])
+        for k, name, cross in self.presents:  # the self-attention cache up to the kept prefix
+            feeds[name] = out[k] if cross or kept == len(draft) else np.ascontiguousarray(out[k][:, :, :kept + 1])
+        feeds["use_cache_branch"] = np.array([True])
+        while token != END and len(ids) < limit:
+            ids.append(token)
             feeds["input_ids"] = np.array([[token]], dtype=np.int64)
-            feeds["use_cache_branch"] = np.array([step > 0])
             out = self.decoder.run(None, feeds)
             token = int(out[0][0, -1].argmax())
-            if token == END:
-                break
-            ids.append(token)
             for k, name, cross in self.presents:
-                if not (cross and step):  # the cross-attention cache is made at the first step only
+                if not cross:  # the cross-attention cache is made at the first pass only
                     feeds[name] = out[k]
-        return detokenize(self.tokens, ids)
+        return ids
 
 
 _engines: dict = {}
@@ -556,7 +575,15 @@ class MoonshineRecognizer(WhisperRecognizer):
             self._engine = shared_engine(self.model_dir, self.threads)
         return self._engine
 
+    def _begin(self) -> None:
+        super()._begin()
+        self._draft: list = []
+
     def _transcribe(self) -> str:
-        text = self.engine().transcribe(self._audio)
+        """The utterance so far, the last decode's tokens as the draft (a partial's words are mostly the
+        next decode's first words, so the final costs the encoder, one decoder pass and a few steps)."""
+        engine = self.engine()
+        self._draft = engine.decode(self._audio, getattr(self, "_draft", []))
+        text = engine.text(self._draft)
         self._decoded, self._decoded_text = self._audio.size, text
         return text
