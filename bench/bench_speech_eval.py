@@ -331,12 +331,13 @@ def _trace_decodes(provider: str) -> None:
     from activecall.speech.asr import moonshine, whisper
     module = moonshine if provider == "moonshine" else whisper
     engine = module.shared_engine(module.shipped_model_dir())
-    transcribe = engine.transcribe
+    method = "decode" if provider == "moonshine" else "transcribe"  # what the recogniser calls
+    transcribe = getattr(engine, method)
 
     def traced(*a, **kw):
         _DECODES.append(time.perf_counter())
         return transcribe(*a, **kw)
-    engine.transcribe = traced
+    setattr(engine, method, traced)
 
 
 @defer.inlineCallbacks

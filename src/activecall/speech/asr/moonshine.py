@@ -522,6 +522,13 @@ def shared_engine(path: str, threads: int = 1) -> MoonshineEngine:
         return engine
 
 
+def warm() -> None:
+    """Load the shipped model as the recogniser's default options will use it (daemon start-up, on the pool)."""
+    path = shipped_model_dir()
+    if path is not None:
+        shared_engine(path, 1).decode(np.zeros(SAMPLE_RATE, dtype=np.int16))
+
+
 class MoonshineRecognizer(WhisperRecognizer):
     """Whisper's streaming (re-decode the utterance so far every ``step_ms``; a quiet tail reuses the last
     decode as the final) over the Moonshine engine."""
