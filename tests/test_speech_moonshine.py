@@ -180,6 +180,20 @@ class SchedulingAndErrorTests(unittest.TestCase):
         self.assertEqual(results[-1].text, "heard 19200")
         self.assertTrue(results[-1].final)
 
+    @defer.inlineCallbacks
+    def test_a_new_utterance_starts_without_a_draft(self):
+        engine = FakeEngine()
+        asr, results = self.make(engine, step_ms="500")
+        speech = (np.sin(np.arange(9600) / 5.0) * 8000).astype(np.int16)
+        for _ in range(2):
+            for f in frames(speech):
+                asr.feed(f)
+            asr.end_utterance()
+        yield asr.close()
+        self.assertEqual(engine.calls, [8000, 9600, 8000, 9600])
+        self.assertEqual(engine.drafts, [[], [8000], [], [8000]])
+        self.assertEqual([r.text for r in results if r.final], ["heard 9600", "heard 9600"])
+
     def test_refuses_other_languages_and_bad_options(self):
         for language in ("zh-CN", "de"):
             with self.assertRaises(SpeechError) as e:
