@@ -16,11 +16,16 @@ dequantise them *inside the graph* (Cast → Mul → Add before every MatMul), a
 constant-fold an ORT-format model, so every run dequantised all the weights again: ~60 ms per decoder
 step (~40 M weights), 0.6 s for a 3 s utterance, in onnxruntime 1.32 and in the wheel's own
 ``libmoonshine.so`` alike.  At load the graph is written back out as ONNX by onnxruntime itself
-(``optimized_model_filepath``, to a temporary file that is removed at once), its subgraphs given the names
-ONNX requires (a few lines of protobuf wire format below; no ``onnx`` package), and loaded again as
-ONNX, which onnxruntime optimises: the dequantisation is folded into float weights once, and a decoder
-step costs ~12 ms.  The price is memory: the float weights (~250 MB resident for both graphs) instead
-of 62 MB of int8.
+(``optimized_model_filepath``, to a temporary file that is removed at once), its If branches given the
+names ONNX requires, and every int8 weight fed to an int8 operator instead of being dequantised
+(``_Rewrite``: ``DynamicQuantizeMatMul`` in the encoder, 8-bit ``MatMulNBits`` in the decoder, the
+token embedding gathered as int8 rows) — protobuf wire format, no ``onnx`` package.  A decoder step then
+costs ~6.5 ms, a 3 s utterance ~90 ms (~12 ms and ~150 ms with the weights folded to float32, tried
+first, at +770 MB).  Memory: ~+220 MB resident for the loaded model, growing by onnxruntime's arena with
+the longest utterance decoded (~+100 MB after a 10 s one).
+
+A decode starts from a **draft**: the previous decode of the same utterance, checked in one decoder pass;
+the tokens the model agrees with are kept without a step each (``MoonshineEngine.decode``).
 
 Decoding is greedy (start token 1, end token 2), the decoder's key/value cache fed back each step
 (``use_cache_branch``); the cross-attention keys and values are computed at the first step only.  The
@@ -246,8 +251,9 @@ class _Rewrite:
     """Weights stored as int8 with an in-graph dequantisation (``W = Cast(q) * scale + zero``, a Cast, a Mul
     and an Add per weight, run at every inference) feed their MatMuls as int8 instead:
     ``DynamicQuantizeMatMul`` (the encoder: long inputs, int8 GEMM) or 8-bit ``MatMulNBits`` (the
-    decoder: one token a step, the weights read once a step).  A weight used otherwise (the embedding's
-    Gather) keeps its dequantisation, which onnxruntime folds into a float constant once."""
+    decoder: one token a step, the weights read once a step); the token embedding's Gather takes its rows
+    from the int8 table and dequantises only them.  A weight used otherwise (the encoder's convolutions)
+    keeps its dequantisation, which onnxruntime folds into a float constant once."""
 
     def __init__(self, graph: bytes, kind: str):
         self.kind = kind
@@ -274,6 +280,9 @@ class _Rewrite:
         self.matmul = {w for w, uses in self.uses.items() if w in self.weights and uses == {("MatMul", 1)}}
         if kind == "nbits":
             self.matmul |= {t for t, uses in self.uses.items() if t in self.transposed and uses == {("MatMul", 1)}}
+        # a weight only gathered (and transposed into MatMuls above): rows gathered as int8, then dequantised
+        self.gathered = {w for w in self.weights if kind == "nbits" and ("Gather", 0) in self.uses.get(w, set())
+                         and self.uses[w] <= {("Gather", 0), ("Transpose", 0)}}
         self.new_tensors: dict[str, bytes] = {}
 
     def _usable(self, base: str) -> bool:
@@ -300,8 +309,8 @@ class _Rewrite:
     def _base(self, name: str) -> tuple[str, bool]:
         return (self.transposed[name], True) if name in self.transposed else (self.weights[name], False)
 
-    def node(self, node: _Node, name: str) -> Optional[bytes]:
-        """The replacement of ``node`` (b"" = drop it), or None to keep it."""
+    def node(self, node: _Node, name: str):
+        """The replacement of ``node``: its bytes, a list of nodes' bytes, b"" (drop it), or None (keep it)."""
         if node.op == "MatMul" and len(node.inputs) == 2 and node.inputs[1] in self.matmul:
             base, transposed = self._base(node.inputs[1])
             q = self.tensors[base + "_quantized"]
@@ -325,6 +334,12 @@ class _Rewrite:
             return _node_bytes("MatMulNBits", [node.inputs[0], base + "_nb", base + "_nbs", base + "_nbz"],
                                node.outputs, name, "com.microsoft", K=k, N=n, bits=8, block_size=BLOCK,
                                accuracy_level=4)
+        if node.op == "Gather" and len(node.inputs) == 2 and node.inputs[0] in self.gathered:
+            base, out = self.weights[node.inputs[0]], node.outputs[0]
+            return [_node_bytes("Gather", [base + "_quantized", node.inputs[1]], [out + "_q"], name, axis=0),
+                    _node_bytes("Cast", [out + "_q"], [out + "_c"], name + "_cast", to=FLOAT),
+                    _node_bytes("Mul", [out + "_c", base + "_scale"], [out + "_m"], name + "_mul"),
+                    _node_bytes("Add", [out + "_m", base + "_zero_point"], [out], name + "_add")]
         if node.op == "Transpose" and node.outputs and node.outputs[0] in self.matmul:
             return b""
         if node.outputs and node.outputs[0].endswith(("_cast_tensor", "_mul_tensor", "_add_tensor")):
@@ -338,13 +353,16 @@ class _Rewrite:
         if weight in self.matmul:
             return True
         transposes = [t for t, b in self.transposed.items() if b == self.weights[weight]]
-        return uses == {("Transpose", 0)} and all(t in self.matmul for t in transposes)
+        if weight in self.gathered:
+            uses = uses - {("Gather", 0)}
+        return uses <= {("Transpose", 0)} and all(t in self.matmul for t in transposes)
 
     def dropped_tensor(self, name: str) -> bool:
         for suffix in ("_quantized", "_scale", "_zero_point"):
             if name.endswith(suffix):
                 base = name[:-len(suffix)]
-                if base + "_add_tensor" in self.weights and self._all_rewritten(base + "_add_tensor"):
+                weight = base + "_add_tensor"
+                if weight in self.weights and self._all_rewritten(weight) and weight not in self.gathered:
                     return suffix != "_quantized" or self.kind == "nbits"
         return False
 
@@ -359,6 +377,8 @@ def _graph(buf: bytes, name: str, rewrite: Optional[_Rewrite] = None, top: bool 
             if new is None:
                 new = _subgraphs(payload, f"{name}_{k}", rewrite)
                 out.append(raw if new is payload else _field(1, new))
+            elif isinstance(new, list):
+                out.extend(_field(1, n) for n in new)
             elif new:
                 out.append(_field(1, new))
         elif field == 5 and wire == 2 and top and rewrite is not None and rewrite.dropped_tensor(_tensor_name(payload)):
@@ -428,6 +448,16 @@ def ort_as_onnx(path: str, kind: Optional[str] = None) -> bytes:
 
 # -- the engine -------------------------------------------------------------------------------------
 
+def _release_freed_memory() -> None:
+    """Give the rewrite's freed buffers (the ONNX bytes, read twice) back to the system: glibc keeps them
+    otherwise (~70 MB of RSS here).  Elsewhere than glibc: nothing to do."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class MoonshineEngine:
     """One loaded model (encoder, merged decoder, tokens); thread-safe (onnxruntime sessions take
     concurrent runs)."""
@@ -464,6 +494,7 @@ class MoonshineEngine:
         self.outputs = [o.name for o in self.decoder.get_outputs()]
         self.presents = [(k, n.replace("present.", "past_key_values.", 1), ".encoder." in n)
                          for k, n in enumerate(self.outputs) if n.startswith("present.")]
+        _release_freed_memory()
 
     def transcribe(self, pcm: np.ndarray) -> str:
         """Text of ``pcm`` (16 kHz int16; longer than 30 s keeps its last 30 s)."""
