@@ -13,16 +13,17 @@ Recognisers (each on every (voice, line) utterance, decoded as a call would deco
 - ``whisper fit``: the encoder window fitted tightly to the utterance (length + 1 s);
 - ``whisper 30s``: the same model with faster-whisper's usual 30 s window (for comparison);
 - ``moonshine base-en``: the Moonshine model the ``moonshine-cpp`` package ships, through our
-  ``MoonshineEngine`` (the model rewritten at load so its weights are dequantised once, one thread).
+  ``MoonshineEngine`` (the model rewritten at load so its int8 weights feed int8 operators; one thread).
 
-Per engine (CPU per decode: the process CPU time of one whole-utterance decode, all its threads): WER over all words (text normalised: lower case, no punctuation, every digit as its word,
-so "555-1234" and "five five five one two three four" agree), RTF (decode wall time / audio), final
-latency = wall time from the end of the turn to the final.  For pocketsphinx that is the last step plus
-``end_utt``; for whisper and moonshine it is measured by streaming each utterance through the recogniser in real
-time (20 ms frames on the reactor, decoding during speech on its pool) and calling ``end_utterance`` 300 ms
-after the audio (what the end-of-turn model does at a pause), and again with the end of turn right where the
-speech ends (trimmed, 0 ms: then a whole decode remains after the end of turn); first partial = wall time from the first
-speech frame to the first ``asrDelta``.  Memory: RSS growth when the engine is loaded.
+Per engine: WER over all words (text normalised: lower case, no punctuation, every digit as its word,
+so "555-1234" and "five five five one two three four" agree), RTF (decode wall time / audio), CPU per
+decode (the process CPU time of one whole-utterance decode, all its threads), final latency = wall time
+from the end of the turn to the final.  For pocketsphinx that is the last step plus ``end_utt``; for
+whisper and moonshine it is measured by streaming each utterance through the recogniser in real time
+(20 ms frames on the reactor, decoding during speech on its pool) and calling ``end_utterance`` 300 ms
+after the audio (what the end-of-turn model does at a pause), and again with the end of turn right where
+the speech ends (trimmed, 0 ms: then a whole decode remains after the end of turn); first partial = wall
+time from the first speech frame to the first ``asrDelta``.  Memory: RSS growth when the engine is loaded.
 
 Voices: first audio (wall time from ``synthesize`` to the first chunk handed to the sink on the reactor:
 the moment a call's track has audio to send), RTF, and intelligibility = WER of ``whisper 12s`` on the
@@ -395,8 +396,8 @@ def ab_decode_cost(pcmu, rounds: int) -> None:
     print("|---|---|---|---|---|")
     for label in engines:
         c, w = cpu[label], wall[label]
-        print(f"| {label} | {errs[label][0] / errs[label][1]:.3f} | {pct(c, 50):.0f} / {pct(c, 95):.0f} / {max(c):.0f} ms"
-              f" | {pct(w, 50):.0f} / {pct(w, 95):.0f} ms | {sum(1 for x in c if x <= 150)} of {len(c)} |")
+        print(f"| {label} | {errs[label][0] / errs[label][1]:.3f} | {pct(c, 50):.0f} / {pct(c, 95):.0f} / "
+              f"{max(c):.0f} ms | {pct(w, 50):.0f} / {pct(w, 95):.0f} ms | {sum(1 for x in c if x <= 150)} of {len(c)} |")
 
 
 @defer.inlineCallbacks
