@@ -396,8 +396,9 @@ def ab_decode_cost(pcmu, rounds: int) -> None:
     print("|---|---|---|---|---|")
     for label in engines:
         c, w = cpu[label], wall[label]
+        fast = sum(1 for x in c if x <= 150)
         print(f"| {label} | {errs[label][0] / errs[label][1]:.3f} | {pct(c, 50):.0f} / {pct(c, 95):.0f} / "
-              f"{max(c):.0f} ms | {pct(w, 50):.0f} / {pct(w, 95):.0f} ms | {sum(1 for x in c if x <= 150)} of {len(c)} |")
+              f"{max(c):.0f} ms | {pct(w, 50):.0f} / {pct(w, 95):.0f} ms | {fast} of {len(c)} |")
 
 
 @defer.inlineCallbacks
