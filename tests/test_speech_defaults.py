@@ -10,7 +10,7 @@ from twisted.trial import unittest
 from activecall.playbook.parser import parse_playbook
 from activecall.playbook.start import playbook_call_option
 from activecall.speech import defaults, registry
-from activecall.speech.asr import whisper
+from activecall.speech.asr import moonshine, whisper
 from activecall.speech.tts import piper
 
 
@@ -35,12 +35,17 @@ class ChoiceTests(unittest.TestCase):
         self.assertEqual(defaults.choose("vad", {"type": "webrtcvad"}, "en"), {"type": "webrtcvad"})
 
     def test_english_offline_order(self):
-        with mock.patch.object(whisper, "available", return_value=True):
+        with mock.patch.object(moonshine, "available", return_value=True):
+            self.assertEqual(defaults.choose("asr", None, "en"), {"provider": "moonshine", "language": "en"})
+        with mock.patch.object(moonshine, "available", return_value=False), \
+                mock.patch.object(whisper, "available", return_value=True):
             self.assertEqual(defaults.choose("asr", None, "en"), {"provider": "whisper", "language": "en"})
-        with mock.patch.object(whisper, "available", return_value=False), \
+        with mock.patch.object(moonshine, "available", return_value=False), \
+                mock.patch.object(whisper, "available", return_value=False), \
                 mock.patch.object(defaults, "_module", lambda name: name == "pocketsphinx"):
             self.assertEqual(defaults.choose("asr", None, "en")["provider"], "pocketsphinx")
-        with mock.patch.object(whisper, "available", return_value=False), \
+        with mock.patch.object(moonshine, "available", return_value=False), \
+                mock.patch.object(whisper, "available", return_value=False), \
                 mock.patch.object(defaults, "_module", lambda name: False):
             self.assertEqual(defaults.choose("asr", None, "en")["provider"], "openai")
         with mock.patch.object(piper, "available", return_value=True):
@@ -114,7 +119,7 @@ class CallDefaultsTests(unittest.TestCase):
     ``asr: false`` / ``asr: true`` spellings (docs/api.md, "Speech defaults")."""
 
     def setUp(self):
-        for patch in (mock.patch.object(whisper, "available", return_value=True),
+        for patch in (mock.patch.object(moonshine, "available", return_value=True),
                       mock.patch.object(piper, "available", return_value=True)):
             patch.start()
             self.addCleanup(patch.stop)
@@ -142,17 +147,17 @@ class CallDefaultsTests(unittest.TestCase):
 
     def test_sections_without_provider_get_the_language_defaults(self):
         plan = self.plan(asr={"extra": {"step_ms": 400}}, tts={"speed": 1.2})
-        self.assertEqual(plan.asr, {"provider": "whisper", "extra": {"step_ms": 400}, "language": "en"})
+        self.assertEqual(plan.asr, {"provider": "moonshine", "extra": {"step_ms": 400}, "language": "en"})
         self.assertEqual(plan.tts, {"provider": "piper", "speed": 1.2, "language": "en"})
         self.assertIsNone(plan.vad)  # asked for a recogniser only: no VAD events it did not ask for
         self.assertEqual(plan.defaulted, ("asr", "tts"))
-        self.assertEqual(self.plan(asr=True).asr["provider"], "whisper")
+        self.assertEqual(self.plan(asr=True).asr["provider"], "moonshine")
         self.assertEqual(self.plan(vad={}).vad, {"type": "silero"})
 
     def test_language_asks_for_the_whole_set(self):
         plan = self.plan(language="en-US")
         self.assertEqual((plan.vad["type"], plan.asr["provider"], plan.tts["provider"], plan.language),
-                         ("silero", "whisper", "piper", "en"))
+                         ("silero", "moonshine", "piper", "en"))
         self.assertEqual(plan.defaulted, ("asr", "vad", "tts"))
         plan = self.plan(language="zh-CN", tts={"provider": "flite"})
         self.assertEqual((plan.asr["provider"], plan.asr["language"], plan.tts),
@@ -163,7 +168,7 @@ class CallDefaultsTests(unittest.TestCase):
         self.assertEqual((plan.vad, plan.asr, plan.tts["provider"]), (None, None, "piper"))
         self.assertFalse(plan.listens)
         plan = self.plan(language="en", vad=False)
-        self.assertEqual((plan.vad, plan.asr["provider"]), (None, "whisper"))
+        self.assertEqual((plan.vad, plan.asr["provider"]), (None, "moonshine"))
         plan = self.plan(asr={"provider": "none"}, language="en")
         self.assertIsNone(plan.asr)
 

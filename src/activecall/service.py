@@ -396,11 +396,18 @@ class ActiveCallService(service.MultiService):
     @staticmethod
     def _warm_speech():
         """The offline English voice (piper) loaded and run once on its worker thread, in the background:
-        the first call's first audio does not pay the ~0.7 s of loading (docs/speech.md, TTS).  Skipped
-        when the voice is not installed; a failure is logged and the voice loads on first use."""
+        the first call's first audio does not pay the ~0.7 s of loading (docs/speech.md, TTS); likewise the
+        offline English recogniser (moonshine).  Skipped when not installed; a failure is logged and the
+        model loads on first use."""
         from activecall.speech.tts import piper
         if piper.available():
             piper.in_tts_thread(piper.warm).addErrback(lambda f: log.failure("warming the piper voice failed", f))
+        # the offline English recogniser: Moonshine's model is rewritten at load (~2 s of CPU, more under
+        # load), which the first caller's first words would otherwise wait for
+        from activecall.speech.asr import moonshine
+        if moonshine.available():
+            moonshine.in_asr_thread(moonshine.warm).addErrback(
+                lambda f: log.failure("loading the moonshine model failed", f))
 
     # -- drain ------------------------------------------------------------------------------------
 

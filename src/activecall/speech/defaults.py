@@ -6,7 +6,7 @@ install can actually run offline, chosen by measurement (docs/speech.md, "Evalua
 
 | language | recogniser | voice |
 |---|---|---|
-| en (and anything not zh) | ``whisper`` (CTranslate2 + the shipped tiny.en model), else ``pocketsphinx``, else ``openai`` | ``piper`` (shipped en_US joe voice), else ``flite``, else ``openai`` |
+| en (and anything not zh) | ``moonshine`` (onnxruntime + the base-en model ``moonshine-cpp`` ships), else ``whisper`` (CTranslate2 + the shipped tiny.en model), else ``pocketsphinx``, else ``openai`` | ``piper`` (shipped en_US joe voice), else ``flite``, else ``openai`` |
 | zh | ``sensevoice`` when a model is under the models directory, else ``aliyun`` | ``espeak`` (``cmn``), else ``aliyun`` |
 
 A cloud choice still needs its key; the recogniser or synthesiser then refuses with a message naming it
@@ -62,7 +62,10 @@ def offline_asr(language: str, models_dir: Optional[str] = None) -> Optional[dic
     if language == "zh":
         return {"provider": "sensevoice", "extra": {"model_dir": sensevoice}} if sensevoice else None
     if language == "en":
+        from activecall.speech.asr.moonshine import available as moonshine_available
         from activecall.speech.asr.whisper import available as whisper_available
+        if moonshine_available():
+            return {"provider": "moonshine"}
         if whisper_available():
             return {"provider": "whisper"}
         if _module("pocketsphinx"):

@@ -128,6 +128,12 @@ def _whisper(opts, on_result, **deps):
     return WhisperRecognizer(opts, on_result, **deps)
 
 
+@register(ASR_PROVIDERS, "moonshine")
+def _moonshine(opts, on_result, **deps):
+    from activecall.speech.asr.moonshine import MoonshineRecognizer
+    return MoonshineRecognizer(opts, on_result, **deps)
+
+
 @register(ASR_PROVIDERS, "sensevoice")
 def _sensevoice(opts, on_result, **deps):
     from activecall.speech.asr.sensevoice import SenseVoiceRecognizer
