@@ -2,10 +2,15 @@
 
 Silence alone is a poor end-of-turn signal: people pause inside sentences
 ("my number is five five five … and then one two three"), so a short silence
-cuts them off and a long one makes every answer late.  The recogniser's VAD
-reports a *short* pause (``pauseMs``, 200 ms); the endpointer then asks an
-end-of-turn detector (``IEndOfTurnDetector``, e.g. Smart Turn) about the
-turn's audio so far, and:
+cuts them off and a long one makes every answer late.  After a *short* pause
+(``pauseMs``, 200 ms) the endpointer asks an end-of-turn detector
+(``IEndOfTurnDetector``, e.g. Smart Turn) about the turn's audio so far.
+The pause is timed from the call's VAD (silero) when the call has one
+(``speech_ended``: its speech end says where the voice stopped and how long
+ago, so the question comes ``pauseMs`` after the caller's last voiced audio
+as silero hears it, what silero already waited included); the recogniser's
+own webrtcvad pause (``paused``) is the fallback, and whichever comes first
+asks, once per pause.  Then:
 
 - the detector says **complete** (P ≥ ``threshold``): the turn ends at once
   (``on_end()``: the recogniser finalises the utterance);
@@ -69,6 +74,7 @@ class TurnEndpointer:
         self.on_end: Optional[Callable[[], None]] = None
         self._generation = 0  # bumped whenever the pending decision stops counting
         self._timer = None
+        self._due = None  # the question timed from the call VAD's speech end, not asked yet
         self._asked: Optional[defer.Deferred] = None  # the detector's pending answer
         self.waiting = False  # a pause is being judged (or waits for the ceiling)
         self.inferences = 0  # detector runs started, for tests and logs
@@ -79,18 +85,54 @@ class TurnEndpointer:
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def paused(self, pcm) -> None:
-        """The VAD heard ``pauseMs`` of quiet after speech; ``pcm`` is the turn's audio up to now."""
+    def paused(self, pcm, quiet_ms: Optional[int] = None) -> None:
+        """The VAD heard ``pauseMs`` (or ``quiet_ms``) of quiet after speech; ``pcm`` is the turn's audio up to now.
+
+        Ignored while this pause was already asked about (the call's VAD saw it first): a pause is
+        judged once, until the caller speaks again."""
+        if self.waiting:
+            return
         self._drop()
         self.waiting = True
         generation = self._generation
-        remaining = max(0, self.options.timeout - self.options.pauseMs) / 1000.0
+        quiet = self.options.pauseMs if quiet_ms is None else max(quiet_ms, self.options.pauseMs)
+        remaining = max(0, self.options.timeout - quiet) / 1000.0
         self._timer = self.clock.callLater(remaining, self._ceiling, generation)
         self.inferences += 1
         d = defer.maybeDeferred(self.detector.analyze, pcm)
         if not d.called:
             self._asked = d
         d.addCallbacks(self._answered, self._failed, callbackArgs=(generation,), errbackArgs=(generation,))
+
+    def speech_ended(self, quiet_ms: int, audio: Callable[[], object],
+                     still_quiet: Optional[Callable[[], bool]] = None) -> None:
+        """The call's VAD says the voice stopped ``quiet_ms`` ago (its own end detection waited that long:
+        silero's ``silencePadding``, its window and batch): ask ``pauseMs`` after the voice stopped, i.e.
+        ``pauseMs - quiet_ms`` from now (at once if the VAD already waited as long), about ``audio()``, the
+        turn's audio at that moment.  ``still_quiet()`` is checked then: if the VAD heard voice again
+        meanwhile (a word shorter than its ``speechPadding``, which starts no segment) the question is not
+        asked and the recogniser's own pause decides.  Ignored while the pause is already being judged."""
+        if self.waiting:
+            return
+        self._drop()
+        delay = max(0, self.options.pauseMs - max(0, quiet_ms))
+        generation = self._generation
+        if delay == 0:
+            self._pause_due(generation, audio, still_quiet, quiet_ms)
+        else:
+            self._due = self.clock.callLater(delay / 1000.0, self._pause_due, generation, audio, still_quiet,
+                                             self.options.pauseMs)
+
+    def _pause_due(self, generation: int, audio, still_quiet, quiet_ms: int) -> None:
+        self._due = None
+        if generation != self._generation or self.waiting:
+            return
+        if still_quiet is not None and not still_quiet():
+            log.debug("voice again before the pause was due; the recogniser's pause decides")
+            return
+        pcm = audio()
+        if pcm is not None:
+            self.paused(pcm, quiet_ms)
 
     def resumed(self) -> None:
         """The caller speaks again: whatever was pending no longer counts."""
@@ -144,7 +186,9 @@ class TurnEndpointer:
         asked, self._asked = self._asked, None
         if asked is not None and not asked.called:
             asked.cancel()  # its answer could no longer count
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        for name in ("_timer", "_due"):
+            timer = getattr(self, name)
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                setattr(self, name, None)
