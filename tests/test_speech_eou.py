@@ -185,20 +185,52 @@ class EndpointerTests(unittest.TestCase):
         self.e.paused(np.ones(20, dtype=np.int16))  # the recogniser's own pause, later
         self.assertEqual(len(self.detector.calls), 1)
 
-    def test_one_question_per_pause_whichever_vad_comes_first(self):
+    def test_incomplete_early_gets_a_second_look_at_the_recognisers_pause(self):
+        """Smart Turn scores finished sentences low after only ~200-300 ms of quiet: an "incomplete" from the
+        call VAD's early question is looked at again when the recogniser's own pause comes, and only then;
+        the ceiling still counts from the quiet's start."""
         self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
         self.clock.advance(0.08)
-        self.e.paused(np.ones(20, dtype=np.int16))  # the recogniser's pause, same silence: already asked
+        self.detector.answer(0.2)
+        self.clock.advance(0.1)
+        self.e.paused(np.ones(30, dtype=np.int16))  # the recogniser's pause: the second look
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [10, 30])
+        self.detector.answer(0.3)
+        self.e.paused(np.ones(40, dtype=np.int16))  # no third look at the same pause
+        self.e.speech_ended(400, lambda: np.ones(50, dtype=np.int16))
+        self.assertEqual(len(self.detector.calls), 2)
+        self.clock.advance(1.19)  # at 1.37 s: the voice stopped 1.49 s ago
+        self.assertEqual(self.ends, [])
+        self.clock.advance(0.02)  # the ceiling came at 1.38 s: 1500 ms after the voice stopped
+        self.assertEqual(len(self.ends), 1)
+        self.assertEqual([(d.completed, d.reason) for d in self.decisions],
+                         [(False, "model"), (False, "model"), (True, "timeout")])
+
+    def test_a_second_look_waits_for_the_early_answer(self):
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.e.paused(np.ones(30, dtype=np.int16))  # the early question is still being answered
         self.assertEqual(len(self.detector.calls), 1)
-        self.detector.answer(0.1)
-        self.e.speech_ended(300, lambda: np.ones(10, dtype=np.int16))  # still the same pause
-        self.assertEqual(len(self.detector.calls), 1)
-        self.e.resumed()
-        # the recogniser's pause first, then the call VAD's late report: one question, the first one's
+        self.detector.answer(0.2, index=0)
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [10, 30])
+        self.detector.answer(0.9)
+        self.assertEqual(len(self.ends), 1)
+        self.assertEqual([d.probability for d in self.decisions], [0.2, 0.9])
+
+    def test_complete_early_needs_no_second_look(self):
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
         self.e.paused(np.ones(30, dtype=np.int16))
+        self.detector.answer(0.8)
+        self.assertEqual((len(self.detector.calls), len(self.ends)), (1, 1))
+
+    def test_the_recognisers_pause_first_then_the_call_vads_report(self):
+        self.e.paused(np.ones(30, dtype=np.int16))  # no early question (late silero batch): one question
         self.e.speech_ended(100, lambda: np.ones(10, dtype=np.int16))
         self.clock.advance(0.2)
-        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [10, 30])
+        self.detector.answer(0.1)
+        self.e.paused(np.ones(40, dtype=np.int16))
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [30])
 
     def test_a_synchronous_detector(self):
         class Instant:
@@ -466,7 +498,7 @@ class CallVadPauseTests(unittest.TestCase):
                                             s.option.asr.to_dict(), None, None)
         s.error = lambda *a, **k: self.fail(f"error {a}")
         results, asked, box = [], [], {}
-        verdicts = iter(verdicts)
+        verdicts = iter(list(verdicts) + [verdicts[-1]] * 10)
         detector = _FakeSmartTurn()
 
         def analyze(pcm):
@@ -494,23 +526,34 @@ class CallVadPauseTests(unittest.TestCase):
         return [r for r in results if r.final], asked, s
 
     def test_mid_sentence_pause_held_open_asked_at_the_vads_end_plus_pause(self):
-        finals, asked, s = self.run_call(800, [0.1, 0.9])
+        # the mid-sentence pause: early question and second look both "incomplete"; the turn's end: "complete"
+        finals, asked, s = self.run_call(800, [0.1, 0.1, 0.9])
         self.assertEqual(len(finals), 1)  # "... five five five" [800 ms] "and then ...": one turn
-        self.assertEqual(len(asked), 2)  # once per pause: the recogniser's later pause asked nothing more
+        self.assertEqual(len(asked), 3)
         first_end, second_end = self.segments[0][1], self.segments[1][1]
         # 200 ms after the voice stopped (the call VAD's 100 ms padding counted in), within a 20 ms frame
         self.assertTrue(180 <= asked[0]["heard_ms"] - first_end <= 220, asked[0])
-        self.assertTrue(180 <= asked[1]["heard_ms"] - second_end <= 220, asked[1])
-        self.assertTrue(asked[1]["asr_vad_speaking"])  # before the recogniser's own pause
+        self.assertTrue(asked[0]["asr_vad_speaking"])  # before the recogniser's own pause ...
+        self.assertFalse(asked[1]["asr_vad_speaking"])  # ... which takes the second look
+        self.assertGreater(asked[1]["heard_ms"], asked[0]["heard_ms"])
+        self.assertTrue(180 <= asked[2]["heard_ms"] - second_end <= 220, asked[2])
         eous = [e for e in s.events if e.TAG == "eou"]
         self.assertEqual([(e.completed, e.probability, e.inferenceMs) for e in eous],
-                         [(False, 0.1, 7), (True, 0.9, 7)])
+                         [(False, 0.1, 7), (False, 0.1, 7), (True, 0.9, 7)])
         # the same call without a call VAD: the recogniser's pause asks, later
         finals_fallback, asked_fallback, _ = self.run_call(800, [0.1, 0.9], call_vad=False)
         self.assertEqual(len(finals_fallback), 1)
         self.assertEqual(len(asked_fallback), 2)
-        self.assertGreater(asked_fallback[1]["heard_ms"], asked[1]["heard_ms"])
+        self.assertGreater(asked_fallback[1]["heard_ms"], asked[2]["heard_ms"])
         self.assertGreater(finals_fallback[0].end_ms, finals[0].end_ms)
+
+    def test_the_recognisers_pause_is_the_second_look(self):
+        """An early "incomplete" at the turn's end is looked at again at the recogniser's pause, which ends
+        the turn as it would have without the early question."""
+        finals, asked, _ = self.run_call(800, [0.1, 0.1, 0.3, 0.9])
+        self.assertEqual(len(finals), 1)
+        self.assertEqual(len(asked), 4)
+        self.assertFalse(asked[3]["asr_vad_speaking"])
 
     def test_a_short_word_before_the_pause_is_due_is_no_pause(self):
         """The voice comes back 150 ms after it stopped: the call VAD reported the end (100 ms padding), its
@@ -533,11 +576,11 @@ class CallVadPauseTests(unittest.TestCase):
         self.assertEqual(len(asked), 2)
 
     def test_always_incomplete_ends_at_the_ceiling_from_the_vads_end(self):
-        finals, asked, s = self.run_call(800, [0.05, 0.05], eou=cmd.EouOption(type="smart_turn", timeout=1500))
+        finals, asked, s = self.run_call(800, [0.05], eou=cmd.EouOption(type="smart_turn", timeout=1500))
         self.assertEqual(len(finals), 1)
-        self.assertEqual(len(asked), 2)
+        self.assertEqual(len(asked), 4)  # two looks at each pause
         eous = [e for e in s.events if e.TAG == "eou"]
-        self.assertEqual([e.completed for e in eous], [False, False, True])
+        self.assertEqual([e.completed for e in eous], [False, False, False, False, True])
         self.assertIsNone(eous[-1].probability)  # the ceiling's verdict
         # 1500 ms after the voice stopped, within two frames (a synchronous VAD's event comes before the
         # recogniser is fed that frame, so the pause it reports is a frame short)

@@ -151,8 +151,9 @@ class StreamingRecognizer:
         elif isinstance(event, SpeechEnded) and self._utt is not None:
             if self._endpointer is None:
                 self._end()
-            elif not self._endpointer.waiting:  # else: the call's VAD saw this pause first, it is being judged
-                self._flush(self._utt)
+            else:
+                if not self._endpointer.waiting:  # else the call's VAD saw this pause first: decoded then
+                    self._flush(self._utt)
                 self._endpointer.paused(self._utt.audio(self._turn_samples))
 
     def speech_paused(self) -> None:

@@ -7,10 +7,15 @@ cuts them off and a long one makes every answer late.  After a *short* pause
 (``IEndOfTurnDetector``, e.g. Smart Turn) about the turn's audio so far.
 The pause is timed from the call's VAD (silero) when the call has one
 (``speech_ended``: its speech end says where the voice stopped and how long
-ago, so the question comes ``pauseMs`` after the caller's last voiced audio
-as silero hears it, what silero already waited included); the recogniser's
-own webrtcvad pause (``paused``) is the fallback, and whichever comes first
-asks, once per pause.  Then:
+ago, so the *early* question comes ``pauseMs`` after the caller's last voiced
+audio as silero hears it, what silero already waited included).  The
+recogniser's own webrtcvad pause (``paused``, ~100 ms later: it hears a
+word's tail longer) asks when there was no early question (no call VAD), and
+takes a *second look* when the early answer was "incomplete": Smart Turn
+often scores a finished sentence low after only ~200–300 ms of quiet and
+high after ~400 ms (docs/benchmarks.md), so the early question only ever
+ends turns sooner, never later than the recogniser's pause alone did.  A
+pause is judged at most twice.  Then:
 
 - the detector says **complete** (P ≥ ``threshold``): the turn ends at once
   (``on_end()``: the recogniser finalises the utterance);
@@ -75,6 +80,8 @@ class TurnEndpointer:
         self._generation = 0  # bumped whenever the pending decision stops counting
         self._timer = None
         self._due = None  # the question timed from the call VAD's speech end, not asked yet
+        self._stage: Optional[str] = None  # "early" (the call VAD's question) or "late" (the recogniser's)
+        self._second_look = None  # the recogniser's pause came while the early question was pending
         self._asked: Optional[defer.Deferred] = None  # the detector's pending answer
         self.waiting = False  # a pause is being judged (or waits for the ceiling)
         self.inferences = 0  # detector runs started, for tests and logs
@@ -86,23 +93,22 @@ class TurnEndpointer:
     # -- inputs ---------------------------------------------------------------------------------
 
     def paused(self, pcm, quiet_ms: Optional[int] = None) -> None:
-        """The VAD heard ``pauseMs`` (or ``quiet_ms``) of quiet after speech; ``pcm`` is the turn's audio up to now.
+        """The recogniser's VAD heard ``pauseMs`` (or ``quiet_ms``) of quiet after speech; ``pcm`` is the
+        turn's audio up to now.
 
-        Ignored while this pause was already asked about (the call's VAD saw it first): a pause is
-        judged once, until the caller speaks again."""
+        If the call VAD's question for this pause came first: it is asked again now (the *second look*)
+        only if that question's answer was "incomplete" (or, still pending, once it says so); otherwise
+        ignored.  So a pause is judged at most twice, until the caller speaks again."""
         if self.waiting:
+            if self._stage == "early":
+                if self._asked is not None:
+                    self._second_look = lambda: pcm  # asked once the early answer says "incomplete"
+                else:  # it said "incomplete" (or failed): look again, with the longer quiet
+                    self._ask("late", pcm, self._generation)
             return
         self._drop()
-        self.waiting = True
-        generation = self._generation
-        quiet = self.options.pauseMs if quiet_ms is None else max(quiet_ms, self.options.pauseMs)
-        remaining = max(0, self.options.timeout - quiet) / 1000.0
-        self._timer = self.clock.callLater(remaining, self._ceiling, generation)
-        self.inferences += 1
-        d = defer.maybeDeferred(self.detector.analyze, pcm)
-        if not d.called:
-            self._asked = d
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(generation,), errbackArgs=(generation,))
+        self._start_pause(quiet_ms)
+        self._ask("late", pcm, self._generation)
 
     def speech_ended(self, quiet_ms: int, audio: Callable[[], object],
                      still_quiet: Optional[Callable[[], bool]] = None) -> None:
@@ -131,8 +137,25 @@ class TurnEndpointer:
             log.debug("voice again before the pause was due; the recogniser's pause decides")
             return
         pcm = audio()
-        if pcm is not None:
-            self.paused(pcm, quiet_ms)
+        if pcm is None:
+            return
+        self._start_pause(quiet_ms)
+        self._ask("early", pcm, self._generation)
+
+    def _start_pause(self, quiet_ms: Optional[int]) -> None:
+        """A pause is judged from now: arm the ceiling, counted from where the quiet began."""
+        self.waiting = True
+        quiet = self.options.pauseMs if quiet_ms is None else max(quiet_ms, self.options.pauseMs)
+        remaining = max(0, self.options.timeout - quiet) / 1000.0
+        self._timer = self.clock.callLater(remaining, self._ceiling, self._generation)
+
+    def _ask(self, stage: str, pcm, generation: int) -> None:
+        self._stage = stage
+        self.inferences += 1
+        d = defer.maybeDeferred(self.detector.analyze, pcm)
+        if not d.called:
+            self._asked = d
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(generation,), errbackArgs=(generation,))
 
     def resumed(self) -> None:
         """The caller speaks again: whatever was pending no longer counts."""
@@ -149,14 +172,20 @@ class TurnEndpointer:
             log.debug("end-of-turn answer {p:.3f} came after the turn moved on; ignored",
                       p=prediction.probability)
             return
+        self._asked = None
         completed = prediction.probability >= self.options.threshold
         self._decided(TurnDecision(completed, "model", prediction.probability, prediction.inference_ms))
         if completed:
             self._end()
+        elif self._second_look is not None:  # the recogniser's pause came while this was being asked
+            audio, self._second_look = self._second_look, None
+            self._ask("late", audio(), generation)
 
     def _failed(self, failure, generation: int) -> None:
         if failure.check(defer.CancelledError) and generation != self._generation:
             return  # withdrawn by _drop
+        if generation == self._generation:
+            self._asked, self._second_look = None, None
         log.failure("end-of-turn detector {name} failed; the silence ceiling ends this turn", failure,
                     name=getattr(self.detector, "name", "?"))
 
@@ -183,6 +212,8 @@ class TurnEndpointer:
     def _drop(self) -> None:
         self._generation += 1
         self.waiting = False
+        self._stage = None
+        self._second_look = None
         asked, self._asked = self._asked, None
         if asked is not None and not asked.called:
             asked.cancel()  # its answer could no longer count
