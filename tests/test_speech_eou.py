@@ -224,6 +224,23 @@ class EndpointerTests(unittest.TestCase):
         self.detector.answer(0.8)
         self.assertEqual((len(self.detector.calls), len(self.ends)), (1, 1))
 
+    def test_the_early_look_must_be_surer(self):
+        """``earlyThreshold`` (0.8): after only ``pauseMs`` of quiet a 0.7 does not end the turn (Smart Turn
+        scored a flite "my number is five five five and" 0.70 there); the second look's 0.6 does."""
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.detector.answer(0.7)
+        self.assertEqual(self.ends, [])
+        self.e.paused(np.ones(30, dtype=np.int16))
+        self.detector.answer(0.6)
+        self.assertEqual(len(self.ends), 1)
+        self.assertEqual([(d.completed, d.probability) for d in self.decisions], [(False, 0.7), (True, 0.6)])
+        e = TurnEndpointer(self.clock, self.detector, EouOptions(threshold=0.5, earlyThreshold=0.6))
+        e.on_end = lambda: self.ends.append("custom")
+        e.speech_ended(200, lambda: np.ones(10, dtype=np.int16))
+        self.detector.answer(0.65)
+        self.assertEqual(self.ends[-1], "custom")
+
     def test_the_recognisers_pause_first_then_the_call_vads_report(self):
         self.e.paused(np.ones(30, dtype=np.int16))  # no early question (late silero batch): one question
         self.e.speech_ended(100, lambda: np.ones(10, dtype=np.int16))
@@ -250,16 +267,19 @@ class OptionTests(unittest.TestCase):
     def test_defaults(self):
         o = EouOptions.from_dict({})
         self.assertEqual((o.type, o.threshold, o.pauseMs, o.timeout), ("smart_turn", 0.5, 200, 1500))
+        self.assertEqual(o.earlyThreshold, 0.8)
 
     def test_wire_option_round_trip(self):
         option = cmd.CallOption.from_dict({"eou": {"type": "smart_turn", "threshold": 0.6, "pauseMs": 250,
-                                                   "timeout": 2000}}).eou
+                                                   "timeout": 2000, "earlyThreshold": 0.9}}).eou
         o = EouOptions.from_dict(option.to_dict())
-        self.assertEqual((o.threshold, o.pauseMs, o.timeout), (0.6, 250, 2000))
+        self.assertEqual((o.threshold, o.pauseMs, o.timeout, o.earlyThreshold), (0.6, 250, 2000, 0.9))
 
     def test_bad_values_name_the_key(self):
         for bad, key in (({"threshold": 1.5}, "eou.threshold"), ({"threshold": "high"}, "eou.threshold"),
-                         ({"pauseMs": 10}, "eou.pauseMs"), ({"pauseMs": 300, "timeout": 200}, "eou.timeout")):
+                         ({"pauseMs": 10}, "eou.pauseMs"), ({"pauseMs": 300, "timeout": 200}, "eou.timeout"),
+                         ({"earlyThreshold": 0}, "eou.earlyThreshold"),
+                         ({"earlyThreshold": "sure"}, "eou.earlyThreshold")):
             e = self.assertRaises(OptionError, EouOptions.from_dict, bad)
             self.assertIn(key, str(e))
 

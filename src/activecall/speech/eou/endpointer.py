@@ -173,7 +173,10 @@ class TurnEndpointer:
                       p=prediction.probability)
             return
         self._asked = None
-        completed = prediction.probability >= self.options.threshold
+        threshold = self.options.threshold
+        if self._stage == "early":  # after less quiet the model must be surer (module docstring)
+            threshold = max(threshold, getattr(self.options, "earlyThreshold", threshold))
+        completed = prediction.probability >= threshold
         self._decided(TurnDecision(completed, "model", prediction.probability, prediction.inference_ms))
         if completed:
             self._end()
