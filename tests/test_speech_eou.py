@@ -217,6 +217,16 @@ class EndpointerTests(unittest.TestCase):
         self.assertEqual(len(self.ends), 1)
         self.assertEqual([d.probability for d in self.decisions], [0.2, 0.9])
 
+    def test_a_failed_early_look_leaves_the_second(self):
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.e.paused(np.ones(30, dtype=np.int16))
+        self.detector.calls[0][1].errback(RuntimeError("model broke"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [10, 30])
+        self.detector.answer(0.9)
+        self.assertEqual(len(self.ends), 1)
+
     def test_complete_early_needs_no_second_look(self):
         self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
         self.clock.advance(0.08)

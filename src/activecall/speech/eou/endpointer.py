@@ -11,11 +11,12 @@ ago, so the *early* question comes ``pauseMs`` after the caller's last voiced
 audio as silero hears it, what silero already waited included).  The
 recogniser's own webrtcvad pause (``paused``, ~100 ms later: it hears a
 word's tail longer) asks when there was no early question (no call VAD), and
-takes a *second look* when the early answer was "incomplete": Smart Turn
-often scores a finished sentence low after only ~200–300 ms of quiet and
-high after ~400 ms (docs/benchmarks.md), so the early question only ever
-ends turns sooner, never later than the recogniser's pause alone did.  A
-pause is judged at most twice.  Then:
+takes a *second look* when the early answer was "incomplete": Smart Turn is
+less sure after ~200 ms of quiet than after ~300 ms, both ways, so the early
+look ends the turn only at P ≥ ``earlyThreshold`` (0.8) and otherwise leaves
+the turn to the look the recogniser's pause alone would have taken
+(docs/benchmarks.md, "End of turn from silero's speech end").  A pause is
+judged at most twice.  Then:
 
 - the detector says **complete** (P ≥ ``threshold``): the turn ends at once
   (``on_end()``: the recogniser finalises the utterance);
@@ -188,7 +189,10 @@ class TurnEndpointer:
         if failure.check(defer.CancelledError) and generation != self._generation:
             return  # withdrawn by _drop
         if generation == self._generation:
-            self._asked, self._second_look = None, None
+            self._asked = None
+            if self._second_look is not None:  # the early look failed: the recogniser's pause still asks
+                audio, self._second_look = self._second_look, None
+                self._ask("late", audio(), generation)
         log.failure("end-of-turn detector {name} failed; the silence ceiling ends this turn", failure,
                     name=getattr(self.detector, "name", "?"))
 
