@@ -22,22 +22,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 from twisted.internet import defer, task
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from activecall.speech import defaults as speech_defaults, registry  # noqa: E402
-from activecall.speech.asr.base import StreamingRecognizer  # noqa: E402
-from activecall.speech.base import AsrOptions, SpeechEnded, SpeechStarted  # noqa: E402
-from activecall.speech.eou.base import EouOptions  # noqa: E402
-from activecall.speech.eou.endpointer import TurnEndpointer  # noqa: E402
-from activecall.speech.eou.smart_turn import SmartTurnDetector  # noqa: E402
-from activecall.speech.testing import frames, speech_extent, synthesize_pcm  # noqa: E402
-from activecall.speech.vad.silero import SileroBatcher  # noqa: E402
+from activecall.speech import defaults as speech_defaults, registry
+from activecall.speech.asr.base import StreamingRecognizer
+from activecall.speech.base import AsrOptions, SpeechEnded, SpeechStarted
+from activecall.speech.eou.base import EouOptions
+from activecall.speech.eou.endpointer import TurnEndpointer
+from activecall.speech.eou.smart_turn import SmartTurnDetector
+from activecall.speech.testing import frames, speech_extent, synthesize_pcm
+from activecall.speech.vad.silero import SileroBatcher
 
 #: bench_turn_latency.py's sentences, then mid-sentence pauses
 SENTENCES = [
