@@ -97,15 +97,15 @@ class TurnEndpointer:
         """The recogniser's VAD heard ``pauseMs`` (or ``quiet_ms``) of quiet after speech; ``pcm`` is the
         turn's audio up to now.
 
-        If the call VAD's question for this pause came first: it is asked again now (the *second look*)
-        only if that question's answer was "incomplete" (or, still pending, once it says so); otherwise
-        ignored.  So a pause is judged at most twice, until the caller speaks again."""
-        if self.waiting:
-            if self._stage == "early":
-                if self._asked is not None:
-                    self._second_look = lambda: pcm  # asked once the early answer says "incomplete"
-                else:  # it said "incomplete" (or failed): look again, with the longer quiet
-                    self._ask("late", pcm, self._generation)
+        If the call VAD's question for this pause came first, this is the *second look*: asked now if that
+        question's answer was "incomplete", or once it says so if still pending.  Otherwise a new pause:
+        whatever was pending is withdrawn and the detector is asked about this one (the recogniser reports
+        a start between two of its pauses, so that is the older contract, kept)."""
+        if self.waiting and self._stage == "early":
+            if self._asked is not None:
+                self._second_look = lambda: pcm  # asked once the early answer says "incomplete"
+            else:  # it said "incomplete" (or failed): look again, with the longer quiet
+                self._ask("late", pcm, self._generation)
             return
         self._drop()
         self._start_pause(quiet_ms)
