@@ -568,6 +568,10 @@ class CallVadPauseTests(unittest.TestCase):
         eous = [e for e in s.events if e.TAG == "eou"]
         self.assertEqual([(e.completed, e.probability, e.inferenceMs) for e in eous],
                          [(False, 0.1, 7), (False, 0.1, 7), (True, 0.9, 7)])
+        metrics = [e.data for e in s.events if e.TAG == "metrics" and e.key == "eou.smart_turn"]
+        self.assertEqual(metrics, [{"probability": 0.1, "completed": False, "early": True},
+                                   {"probability": 0.1, "completed": False},
+                                   {"probability": 0.9, "completed": True, "early": True}])
         # the same call without a call VAD: the recogniser's pause asks, later
         finals_fallback, asked_fallback, _ = self.run_call(800, [0.1, 0.9], call_vad=False)
         self.assertEqual(len(finals_fallback), 1)

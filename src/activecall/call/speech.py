@@ -146,9 +146,10 @@ def attach_end_of_turn(session, processors: SpeechProcessors, eou_option, **deps
                       probability=None if decision.probability is None else round(decision.probability, 4),
                       inferenceMs=inference_ms))
         if inference_ms is not None:
-            s.emit(ev.Metrics(timestamp=s.now(), key=f"eou.{detector.name}", duration=inference_ms,
-                              data={"probability": round(decision.probability, 4),
-                                    "completed": decision.completed}))
+            data = {"probability": round(decision.probability, 4), "completed": decision.completed}
+            if decision.early:
+                data["early"] = True  # the look timed from the call VAD's speech end (docs/speech.md)
+            s.emit(ev.Metrics(timestamp=s.now(), key=f"eou.{detector.name}", duration=inference_ms, data=data))
 
     endpointer = TurnEndpointer(s.clock, detector, detector.options, on_decision=on_decision)
     endpoint_with = getattr(processors.recognizer, "endpoint_with", None)

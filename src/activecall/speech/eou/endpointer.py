@@ -55,12 +55,14 @@ TURN_AUDIO_MS = 8000
 @dataclass(frozen=True)
 class TurnDecision:
     """``completed``: the turn ends now.  ``reason``: ``"model"`` (the detector's verdict, with its
-    ``probability`` and ``inference_ms``) or ``"timeout"`` (the silence ceiling ended the turn)."""
+    ``probability`` and ``inference_ms``) or ``"timeout"`` (the silence ceiling ended the turn).
+    ``early``: the verdict of the early look (timed from the call VAD's speech end, ``earlyThreshold``)."""
 
     completed: bool
     reason: str
     probability: Optional[float] = None
     inference_ms: Optional[float] = None
+    early: bool = False
 
 
 class TurnEndpointer:
@@ -178,7 +180,8 @@ class TurnEndpointer:
         if self._stage == "early":  # after less quiet the model must be surer (module docstring)
             threshold = max(threshold, getattr(self.options, "earlyThreshold", threshold))
         completed = prediction.probability >= threshold
-        self._decided(TurnDecision(completed, "model", prediction.probability, prediction.inference_ms))
+        self._decided(TurnDecision(completed, "model", prediction.probability, prediction.inference_ms,
+                                   early=self._stage == "early"))
         if completed:
             self._end()
         elif self._second_look is not None:  # the recogniser's pause came while this was being asked
