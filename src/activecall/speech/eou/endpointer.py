@@ -11,7 +11,8 @@ ago, so the *early* question comes ``pauseMs`` after the caller's last voiced
 audio as silero hears it, what silero already waited included).  The
 recogniser's own webrtcvad pause (``paused``, ~100 ms later: it hears a
 word's tail longer) asks when there was no early question (no call VAD), and
-takes a *second look* when the early answer was "incomplete": Smart Turn is
+takes a *second look* unless the early answer already ended the turn (at
+once, beside a still-running early look): Smart Turn is
 less sure after ~200 ms of quiet than after ~300 ms, both ways, so the early
 look ends the turn only at P ≥ ``earlyThreshold`` (0.8) and otherwise leaves
 the turn to the look the recogniser's pause alone would have taken
@@ -83,9 +84,9 @@ class TurnEndpointer:
         self._generation = 0  # bumped whenever the pending decision stops counting
         self._timer = None
         self._due = None  # the question timed from the call VAD's speech end, not asked yet
-        self._stage: Optional[str] = None  # "early" (the call VAD's question) or "late" (the recogniser's)
-        self._second_look = None  # the recogniser's pause came while the early question was pending
-        self._asked: Optional[defer.Deferred] = None  # the detector's pending answer
+        self._stage: Optional[str] = None  # the last look asked: "early" (the call VAD's) or "late" (the recogniser's)
+        self._late_answered = False  # the second look answered: a slower early answer no longer counts
+        self._asked: dict = {}  # look -> the detector's pending answer (Deferred)
         self.waiting = False  # a pause is being judged (or waits for the ceiling)
         self.inferences = 0  # detector runs started, for tests and logs
 
@@ -99,15 +100,15 @@ class TurnEndpointer:
         """The recogniser's VAD heard ``pauseMs`` (or ``quiet_ms``) of quiet after speech; ``pcm`` is the
         turn's audio up to now.
 
-        If the call VAD's question for this pause came first, this is the *second look*: asked now if that
-        question's answer was "incomplete", or once it says so if still pending.  Otherwise a new pause:
-        whatever was pending is withdrawn and the detector is asked about this one (the recogniser reports
-        a start between two of its pauses, so that is the older contract, kept)."""
+        If the call VAD's question for this pause came first (and did not end the turn), this is the *second
+        look*, asked now, with the longer quiet, even while the early answer is still being computed (a
+        loaded machine must not make the turn later than the recogniser's pause alone would: the two run
+        side by side; the first "complete" ends the turn; once the second look answered, a late early
+        answer no longer counts).  Otherwise a new pause: whatever was pending is withdrawn and the
+        detector is asked about this one (the recogniser reports a start between two of its pauses, so
+        that is the older contract, kept)."""
         if self.waiting and self._stage == "early":
-            if self._asked is not None:
-                self._second_look = lambda: pcm  # asked once the early answer says "incomplete"
-            else:  # it said "incomplete" (or failed): look again, with the longer quiet
-                self._ask("late", pcm, self._generation)
+            self._ask("late", pcm, self._generation)
             return
         self._drop()
         self._start_pause(quiet_ms)
@@ -157,8 +158,9 @@ class TurnEndpointer:
         self.inferences += 1
         d = defer.maybeDeferred(self.detector.analyze, pcm)
         if not d.called:
-            self._asked = d
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(generation,), errbackArgs=(generation,))
+            self._asked[stage] = d
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(generation, stage),
+                       errbackArgs=(generation, stage))
 
     def resumed(self) -> None:
         """The caller speaks again: whatever was pending no longer counts."""
@@ -170,32 +172,32 @@ class TurnEndpointer:
 
     # -- outcomes -------------------------------------------------------------------------------
 
-    def _answered(self, prediction: TurnPrediction, generation: int) -> None:
+    def _answered(self, prediction: TurnPrediction, generation: int, stage: str = "late") -> None:
         if generation != self._generation:
             log.debug("end-of-turn answer {p:.3f} came after the turn moved on; ignored",
                       p=prediction.probability)
             return
-        self._asked = None
+        self._asked.pop(stage, None)
+        if stage == "early" and self._late_answered:
+            log.debug("early end-of-turn answer {p:.3f} came after the second look's; ignored",
+                      p=prediction.probability)
+            return
+        if stage == "late":
+            self._late_answered = True
         threshold = self.options.threshold
-        if self._stage == "early":  # after less quiet the model must be surer (module docstring)
+        if stage == "early":  # after less quiet the model must be surer (module docstring)
             threshold = max(threshold, getattr(self.options, "earlyThreshold", threshold))
         completed = prediction.probability >= threshold
         self._decided(TurnDecision(completed, "model", prediction.probability, prediction.inference_ms,
-                                   early=self._stage == "early"))
+                                   early=stage == "early"))
         if completed:
             self._end()
-        elif self._second_look is not None:  # the recogniser's pause came while this was being asked
-            audio, self._second_look = self._second_look, None
-            self._ask("late", audio(), generation)
 
-    def _failed(self, failure, generation: int) -> None:
+    def _failed(self, failure, generation: int, stage: str = "late") -> None:
         if failure.check(defer.CancelledError) and generation != self._generation:
             return  # withdrawn by _drop
         if generation == self._generation:
-            self._asked = None
-            if self._second_look is not None:  # the early look failed: the recogniser's pause still asks
-                audio, self._second_look = self._second_look, None
-                self._ask("late", audio(), generation)
+            self._asked.pop(stage, None)
         log.failure("end-of-turn detector {name} failed; the silence ceiling ends this turn", failure,
                     name=getattr(self.detector, "name", "?"))
 
@@ -223,10 +225,11 @@ class TurnEndpointer:
         self._generation += 1
         self.waiting = False
         self._stage = None
-        self._second_look = None
-        asked, self._asked = self._asked, None
-        if asked is not None and not asked.called:
-            asked.cancel()  # its answer could no longer count
+        self._late_answered = False
+        asked, self._asked = self._asked, {}
+        for d in asked.values():
+            if not d.called:
+                d.cancel()  # its answer could no longer count
         for name in ("_timer", "_due"):
             timer = getattr(self, name)
             if timer is not None:
