@@ -61,7 +61,8 @@ class EndpointerTests(unittest.TestCase):
         self.detector = FakeDetector()
         self.decisions: list[TurnDecision] = []
         self.ends = []
-        self.e = TurnEndpointer(self.clock, self.detector, EouOptions(pauseMs=200, timeout=1500, threshold=0.5),
+        self.e = TurnEndpointer(self.clock, self.detector, EouOptions(pauseMs=200, timeout=1500, threshold=0.5,
+                                                                      earlyLook=True),
                                 on_decision=self.decisions.append)
         self.e.on_end = lambda: self.ends.append(self.clock.seconds())
 
@@ -266,7 +267,7 @@ class EndpointerTests(unittest.TestCase):
         self.detector.answer(0.6)
         self.assertEqual(len(self.ends), 1)
         self.assertEqual([(d.completed, d.probability) for d in self.decisions], [(False, 0.7), (True, 0.6)])
-        e = TurnEndpointer(self.clock, self.detector, EouOptions(threshold=0.5, earlyThreshold=0.6))
+        e = TurnEndpointer(self.clock, self.detector, EouOptions(threshold=0.5, earlyThreshold=0.6, earlyLook=True))
         e.on_end = lambda: self.ends.append("custom")
         e.speech_ended(200, lambda: np.ones(10, dtype=np.int16))
         self.detector.answer(0.65)
@@ -297,19 +298,19 @@ class OptionTests(unittest.TestCase):
     def test_defaults(self):
         o = EouOptions.from_dict({})
         self.assertEqual((o.type, o.threshold, o.pauseMs, o.timeout), ("smart_turn", 0.5, 200, 1500))
-        self.assertEqual(o.earlyThreshold, 0.8)
+        self.assertEqual((o.earlyLook, o.earlyThreshold), (False, 0.8))
 
     def test_wire_option_round_trip(self):
         option = cmd.CallOption.from_dict({"eou": {"type": "smart_turn", "threshold": 0.6, "pauseMs": 250,
-                                                   "timeout": 2000, "earlyThreshold": 0.9}}).eou
+                                                   "timeout": 2000, "earlyThreshold": 0.9, "earlyLook": True}}).eou
         o = EouOptions.from_dict(option.to_dict())
-        self.assertEqual((o.threshold, o.pauseMs, o.timeout, o.earlyThreshold), (0.6, 250, 2000, 0.9))
+        self.assertEqual((o.threshold, o.pauseMs, o.timeout, o.earlyThreshold, o.earlyLook), (0.6, 250, 2000, 0.9, True))
 
     def test_bad_values_name_the_key(self):
         for bad, key in (({"threshold": 1.5}, "eou.threshold"), ({"threshold": "high"}, "eou.threshold"),
                          ({"pauseMs": 10}, "eou.pauseMs"), ({"pauseMs": 300, "timeout": 200}, "eou.timeout"),
                          ({"earlyThreshold": 0}, "eou.earlyThreshold"),
-                         ({"earlyThreshold": "sure"}, "eou.earlyThreshold")):
+                         ({"earlyThreshold": "sure"}, "eou.earlyThreshold"), ({"earlyLook": "yes"}, "eou.earlyLook")):
             e = self.assertRaises(OptionError, EouOptions.from_dict, bad)
             self.assertIn(key, str(e))
 
@@ -558,7 +559,7 @@ class CallVadPauseTests(unittest.TestCase):
             return defer.succeed(TurnPrediction(next(verdicts), 7.0))
 
         detector.analyze = analyze
-        detector.options = EouOptions.from_dict(eou.to_dict() if eou is not None else {})
+        detector.options = EouOptions.from_dict({"earlyLook": True, **(eou.to_dict() if eou is not None else {})})
 
         def recognizer(options, on_result, **deps):
             box["asr"] = EchoRecognizer(AsrOptions(provider="echo"), lambda r: (results.append(r), on_result(r)),
@@ -600,6 +601,17 @@ class CallVadPauseTests(unittest.TestCase):
         self.assertEqual(len(asked_fallback), 2)
         self.assertGreater(asked_fallback[1]["heard_ms"], asked[2]["heard_ms"])
         self.assertGreater(finals_fallback[0].end_ms, finals[0].end_ms)
+
+    def test_off_by_default_the_recognisers_pause_asks_as_before(self):
+        """Without ``eou.earlyLook`` (the default) a call VAD changes nothing: the same questions, at the same
+        stream times, as without one."""
+        finals, asked, _ = self.run_call(800, [0.1, 0.9], eou=cmd.EouOption(type="smart_turn", earlyLook=False))
+        self.assertEqual(len(finals), 1)
+        self.assertEqual(len(asked), 2)
+        self.assertFalse(any(a["asr_vad_speaking"] for a in asked))
+        _, asked_without_vad, _ = self.run_call(800, [0.1, 0.9], call_vad=False)
+        self.assertEqual([a["heard_ms"] for a in asked], [a["heard_ms"] for a in asked_without_vad])
+        self.assertFalse(EouOptions().earlyLook)
 
     def test_the_recognisers_pause_is_the_second_look(self):
         """An early "incomplete" at the turn's end is looked at again at the recogniser's pause, which ends

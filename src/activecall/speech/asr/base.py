@@ -187,12 +187,11 @@ class StreamingRecognizer:
         end-of-turn question no longer counts; and if the turn was ended meanwhile while this recogniser's
         webrtcvad was still inside its segment (so it will not report a start), the new utterance opens
         here, with its pre-roll, rather than losing the words."""
-        if self.closed:
+        if self.closed or self._endpointer is None or not self._endpointer.early_look:
             return
         if self._utt is not None:
-            if self._endpointer is not None:
-                self._endpointer.resumed()
-        elif self._vad is not None and self._endpointer is not None and self._vad.segmenter.speaking:
+            self._endpointer.resumed()
+        elif self._vad is not None and self._vad.segmenter.speaking:
             self._on_vad(SpeechStarted(start_ms))
 
     def end_utterance(self) -> None:

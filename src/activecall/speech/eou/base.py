@@ -34,8 +34,9 @@ class EouOptions:
 
     ``type``: ``smart_turn`` (default) or ``none`` (off).  ``threshold``,
     ``pauseMs``, ``earlyThreshold`` and ``timeout`` (ms, the silence ceiling) are ours (✱).
-    ``earlyThreshold``: the early look (timed from the call VAD's speech end) ends the turn only at
-    P ≥ max(it, ``threshold``); below, the recogniser's pause looks again with ``threshold``.
+    ``earlyLook`` (off by default: on the shipped defaults it made voice to voice later, docs/benchmarks.md):
+    also ask ``pauseMs`` after the call VAD's speech end; that look ends the turn only at
+    P ≥ max(``earlyThreshold``, ``threshold``); below, the recogniser's pause looks again with ``threshold``.
     ``extra.model``: the path of another Smart Turn v3 ONNX file.
     """
 
@@ -43,6 +44,7 @@ class EouOptions:
     threshold: float = DEFAULT_THRESHOLD
     pauseMs: int = DEFAULT_PAUSE_MS
     timeout: int = DEFAULT_TIMEOUT_MS
+    earlyLook: bool = False
     earlyThreshold: float = DEFAULT_EARLY_THRESHOLD
     extra: dict = field(default_factory=dict)
 
@@ -55,6 +57,7 @@ class EouOptions:
             threshold=float(_get(o, "threshold", (int, float), cls.threshold, w)),
             pauseMs=_get(o, "pauseMs", int, cls.pauseMs, w),
             timeout=_get(o, "timeout", int, cls.timeout, w),
+            earlyLook=_get(o, "earlyLook", bool, cls.earlyLook, w),
             earlyThreshold=float(_get(o, "earlyThreshold", (int, float), cls.earlyThreshold, w)),
             extra=_extra(o, w),
         )

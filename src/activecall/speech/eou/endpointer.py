@@ -5,8 +5,9 @@ Silence alone is a poor end-of-turn signal: people pause inside sentences
 cuts them off and a long one makes every answer late.  After a *short* pause
 (``pauseMs``, 200 ms) the endpointer asks an end-of-turn detector
 (``IEndOfTurnDetector``, e.g. Smart Turn) about the turn's audio so far.
-The pause is timed from the call's VAD (silero) when the call has one
-(``speech_ended``: its speech end says where the voice stopped and how long
+With ``earlyLook`` (off by default, docs/benchmarks.md: on the shipped
+defaults it made voice to voice later) the pause is also timed from the
+call's VAD (silero) when the call has one (``speech_ended``: its speech end says where the voice stopped and how long
 ago, so the *early* question comes ``pauseMs`` after the caller's last voiced
 audio as silero hears it, what silero already waited included).  The
 recogniser's own webrtcvad pause (``paused``, ~100 ms later: it hears a
@@ -94,6 +95,11 @@ class TurnEndpointer:
     def pause_ms(self) -> int:
         return self.options.pauseMs
 
+    @property
+    def early_look(self) -> bool:
+        """``eou.earlyLook``: the call VAD's speech end times a first look (off by default)."""
+        return bool(getattr(self.options, "earlyLook", False))
+
     # -- inputs ---------------------------------------------------------------------------------
 
     def paused(self, pcm, quiet_ms: Optional[int] = None) -> None:
@@ -121,8 +127,9 @@ class TurnEndpointer:
         ``pauseMs - quiet_ms`` from now (at once if the VAD already waited as long), about ``audio()``, the
         turn's audio at that moment.  ``still_quiet()`` is checked then: if the VAD heard voice again
         meanwhile (a word shorter than its ``speechPadding``, which starts no segment) the question is not
-        asked and the recogniser's own pause decides.  Ignored while the pause is already being judged."""
-        if self.waiting:
+        asked and the recogniser's own pause decides.  Ignored while the pause is already being judged,
+        and without ``eou.earlyLook``."""
+        if self.waiting or not self.early_look:
             return
         self._drop()
         delay = max(0, self.options.pauseMs - max(0, quiet_ms))
