@@ -11,8 +11,8 @@ audio, so every figure is in *stream time* and does not depend on the machine's 
 Each clip is 1 s of quiet, flite's clip (its lead-in and tail included), 2.5 s of quiet (``--pcmu``: through a G.711 μ-law round trip, as
 SIP callers are heard).  For each it prints where the voice ends (the last sample with |x| > 300), silero's
 speech end, every question asked (stream ms after the voice's end, which one, P) and when the turn ended.
-``--early off`` feeds only the words-so-far decode at silero's end, as before the early question (the
-recogniser's own pause alone asks): run it against ``--early on`` to compare.  Mid-sentence clips ("…" in
+``--early on`` turns ``eou.earlyLook`` on; ``--early off`` (the default since) feeds only the words-so-far
+decode at silero's end (the recogniser's own pause alone asks): run it against ``--early on`` to compare.  Mid-sentence clips ("…" in
 the name: the first part, 800 ms of quiet, the rest) must end once, after the second part.
 
     PYTHONPATH=src .venv/bin/python bench/bench_eou_pause.py [--pause-ms 200,150] [--early on,off] [--pcmu] [--voice rms]
@@ -87,7 +87,11 @@ def run_clip(pcm: np.ndarray, pause_ms: int, early: bool):
     clock = task.Clock()
     plan = speech_defaults.for_call({}, {"language": "en"}, None, "en")
     asked, finals, silero_ends = [], [], []
-    detector = SmartTurnDetector(EouOptions(pauseMs=pause_ms), run_in_thread=_sync)
+    try:
+        options = EouOptions(pauseMs=pause_ms, earlyLook=early)
+    except TypeError:  # main before eou.earlyLook: no early look
+        options = EouOptions(pauseMs=pause_ms)
+    detector = SmartTurnDetector(options, run_in_thread=_sync)
     inference = []
 
     def analyze(audio, _real=detector.analyze):
