@@ -61,7 +61,8 @@ class EndpointerTests(unittest.TestCase):
         self.detector = FakeDetector()
         self.decisions: list[TurnDecision] = []
         self.ends = []
-        self.e = TurnEndpointer(self.clock, self.detector, EouOptions(pauseMs=200, timeout=1500, threshold=0.5),
+        self.e = TurnEndpointer(self.clock, self.detector, EouOptions(pauseMs=200, timeout=1500, threshold=0.5,
+                                                                      earlyLook=True),
                                 on_decision=self.decisions.append)
         self.e.on_end = lambda: self.ends.append(self.clock.seconds())
 
@@ -141,6 +142,144 @@ class EndpointerTests(unittest.TestCase):
         self.clock.advance(5)
         self.assertEqual(self.ends, [])
 
+    def test_a_pause_timed_from_the_call_vads_speech_end(self):
+        """The call's VAD reports the end 130 ms after the voice stopped: the question comes 70 ms later (200 ms
+        after the voice), about the audio then; the ceiling still counts from where the quiet began."""
+        audio = []
+        self.e.speech_ended(130, lambda: audio.append(self.clock.seconds()) or np.ones(1600, dtype=np.int16))
+        self.clock.advance(0.069)
+        self.assertEqual(self.detector.calls, [])
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.detector.calls), 1)
+        self.assertAlmostEqual(audio[0], 0.07)
+        self.detector.answer(0.1)
+        self.clock.advance(1.5 - 0.2 - 0.001)  # ceiling 1500 ms after the voice stopped = 1370 ms from now
+        self.assertEqual(self.ends, [])
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.ends), 1)
+        self.assertAlmostEqual(self.ends[0], 1.37)
+        self.assertEqual([d.reason for d in self.decisions], ["model", "timeout"])
+
+    def test_a_vad_that_waited_longer_than_the_pause_asks_at_once(self):
+        self.e.speech_ended(300, lambda: np.ones(10, dtype=np.int16))
+        self.assertEqual(len(self.detector.calls), 1)
+        self.detector.answer(0.2)
+        self.clock.advance(1.2 - 0.001)  # the quiet was 300 ms already: 1200 ms to the ceiling
+        self.assertEqual(self.ends, [])
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.ends), 1)
+
+    def test_speech_before_the_pause_is_due_cancels_it(self):
+        self.e.speech_ended(100, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.05)
+        self.e.resumed()
+        self.clock.advance(5)
+        self.assertEqual((self.detector.calls, self.ends, self.decisions), ([], [], []))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_voice_heard_meanwhile_leaves_the_recognisers_pause(self):
+        quiet = [False]
+        self.e.speech_ended(100, lambda: np.ones(10, dtype=np.int16), still_quiet=lambda: quiet[0])
+        self.clock.advance(0.1)
+        self.assertEqual(self.detector.calls, [])  # a short word came: not a pause
+        self.assertFalse(self.e.waiting)
+        self.e.paused(np.ones(20, dtype=np.int16))  # the recogniser's own pause, later
+        self.assertEqual(len(self.detector.calls), 1)
+
+    def test_incomplete_early_gets_a_second_look_at_the_recognisers_pause(self):
+        """Smart Turn scores finished sentences low after only ~200-300 ms of quiet: an "incomplete" from the
+        call VAD's early question is looked at again when the recogniser's own pause comes, and only then;
+        the ceiling still counts from the quiet's start."""
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.detector.answer(0.2)
+        self.clock.advance(0.1)
+        self.e.paused(np.ones(30, dtype=np.int16))  # the recogniser's pause: the second look
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [10, 30])
+        self.detector.answer(0.3)
+        self.e.speech_ended(400, lambda: np.ones(50, dtype=np.int16))  # no third look at the same pause
+        self.assertEqual(len(self.detector.calls), 2)
+        self.clock.advance(1.19)  # at 1.37 s: the voice stopped 1.49 s ago
+        self.assertEqual(self.ends, [])
+        self.clock.advance(0.02)  # the ceiling came at 1.38 s: 1500 ms after the voice stopped
+        self.assertEqual(len(self.ends), 1)
+        self.assertEqual([(d.completed, d.reason) for d in self.decisions],
+                         [(False, "model"), (False, "model"), (True, "timeout")])
+
+    def test_a_second_look_does_not_wait_for_a_slow_early_answer(self):
+        """On a loaded machine the early look may still be running at the recogniser's pause: the second look
+        starts beside it, so the turn ends no later than with the recogniser's pause alone."""
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.e.paused(np.ones(30, dtype=np.int16))  # the early question is still being answered
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [10, 30])
+        self.detector.answer(0.2, index=0)
+        self.assertEqual(self.ends, [])
+        self.detector.answer(0.9, index=1)
+        self.assertEqual(len(self.ends), 1)
+        self.assertEqual([(d.probability, d.early) for d in self.decisions], [(0.2, True), (0.9, False)])
+
+    def test_the_first_complete_of_two_running_looks_ends_the_turn(self):
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.e.paused(np.ones(30, dtype=np.int16))
+        self.detector.answer(0.95, index=0)  # the early look, surer than earlyThreshold
+        self.assertEqual(len(self.ends), 1)
+        self.assertTrue(self.detector.calls[1][1].called)  # the second look was withdrawn
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_an_early_answer_after_the_second_looks_does_not_count(self):
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.e.paused(np.ones(30, dtype=np.int16))
+        self.detector.answer(0.3, index=1)  # the second look: not finished
+        self.detector.answer(0.95, index=0)  # the early look, about less quiet, comes later: ignored
+        self.assertEqual(self.ends, [])
+        self.assertEqual([d.probability for d in self.decisions], [0.3])
+        self.clock.advance(1.5)
+        self.assertEqual(len(self.ends), 1)  # the ceiling
+
+    def test_a_failed_early_look_leaves_the_second(self):
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.e.paused(np.ones(30, dtype=np.int16))
+        self.detector.calls[0][1].errback(RuntimeError("model broke"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [10, 30])
+        self.detector.answer(0.9)
+        self.assertEqual(len(self.ends), 1)
+
+    def test_complete_early_needs_no_second_look(self):
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.detector.answer(0.8)  # at earlyThreshold: the turn ends before the recogniser's pause
+        self.assertEqual((len(self.detector.calls), len(self.ends)), (1, 1))
+        self.assertFalse(self.e.waiting)
+
+    def test_the_early_look_must_be_surer(self):
+        """``earlyThreshold`` (0.8): after only ``pauseMs`` of quiet a 0.7 does not end the turn (Smart Turn
+        scored a flite "my number is five five five and" 0.70 there); the second look's 0.6 does."""
+        self.e.speech_ended(120, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.08)
+        self.detector.answer(0.7)
+        self.assertEqual(self.ends, [])
+        self.e.paused(np.ones(30, dtype=np.int16))
+        self.detector.answer(0.6)
+        self.assertEqual(len(self.ends), 1)
+        self.assertEqual([(d.completed, d.probability) for d in self.decisions], [(False, 0.7), (True, 0.6)])
+        e = TurnEndpointer(self.clock, self.detector, EouOptions(threshold=0.5, earlyThreshold=0.6, earlyLook=True))
+        e.on_end = lambda: self.ends.append("custom")
+        e.speech_ended(200, lambda: np.ones(10, dtype=np.int16))
+        self.detector.answer(0.65)
+        self.assertEqual(self.ends[-1], "custom")
+
+    def test_the_recognisers_pause_first_then_the_call_vads_report(self):
+        self.e.paused(np.ones(30, dtype=np.int16))  # no early question (late silero batch): one question
+        self.e.speech_ended(100, lambda: np.ones(10, dtype=np.int16))
+        self.clock.advance(0.2)
+        self.detector.answer(0.1)
+        self.assertEqual([pcm.size for pcm, _ in self.detector.calls], [30])
+
     def test_a_synchronous_detector(self):
         class Instant:
             name = "instant"
@@ -159,16 +298,19 @@ class OptionTests(unittest.TestCase):
     def test_defaults(self):
         o = EouOptions.from_dict({})
         self.assertEqual((o.type, o.threshold, o.pauseMs, o.timeout), ("smart_turn", 0.5, 200, 1500))
+        self.assertEqual((o.earlyLook, o.earlyThreshold), (False, 0.8))
 
     def test_wire_option_round_trip(self):
         option = cmd.CallOption.from_dict({"eou": {"type": "smart_turn", "threshold": 0.6, "pauseMs": 250,
-                                                   "timeout": 2000}}).eou
+                                                   "timeout": 2000, "earlyThreshold": 0.9, "earlyLook": True}}).eou
         o = EouOptions.from_dict(option.to_dict())
-        self.assertEqual((o.threshold, o.pauseMs, o.timeout), (0.6, 250, 2000))
+        self.assertEqual((o.threshold, o.pauseMs, o.timeout, o.earlyThreshold, o.earlyLook), (0.6, 250, 2000, 0.9, True))
 
     def test_bad_values_name_the_key(self):
         for bad, key in (({"threshold": 1.5}, "eou.threshold"), ({"threshold": "high"}, "eou.threshold"),
-                         ({"pauseMs": 10}, "eou.pauseMs"), ({"pauseMs": 300, "timeout": 200}, "eou.timeout")):
+                         ({"pauseMs": 10}, "eou.pauseMs"), ({"pauseMs": 300, "timeout": 200}, "eou.timeout"),
+                         ({"earlyThreshold": 0}, "eou.earlyThreshold"),
+                         ({"earlyThreshold": "sure"}, "eou.earlyThreshold"), ({"earlyLook": "yes"}, "eou.earlyLook")):
             e = self.assertRaises(OptionError, EouOptions.from_dict, bad)
             self.assertIn(key, str(e))
 
@@ -373,6 +515,144 @@ class VadPauseTests(unittest.TestCase):
         self.assertEqual(paused, [])
 
 
+class CallVadPauseTests(unittest.TestCase):
+    """The call's VAD (here ``ScriptedVad``: it knows where flite's voice is and reports it with silero's
+    padding) times the end-of-turn pause; the recogniser's webrtcvad (it hears each clip's tail ~100 ms
+    longer) is the fallback.  Frames and the clock go in step; stream times are counted in samples."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        first = yield synthesize_pcm("My number is five five five")
+        second = yield synthesize_pcm("and then one two three.")
+        a, b = speech_extent(first)
+        c, d = speech_extent(second)
+        self.first, self.second = first[a:b], second[c:d]
+
+    def run_call(self, gap_ms, verdicts, eou=None, call_vad=True):
+        from activecall.call import speech as call_speech
+        from activecall.speech import defaults as speech_defaults
+        from activecall.testing import ScriptedVad
+
+        first_ms = self.first.size * 1000 // 16000
+        second_start = first_ms + gap_ms
+        self.segments = [(0, first_ms), (second_start, second_start + self.second.size * 1000 // 16000)]
+        pcm = np.concatenate([self.first, np.zeros(gap_ms * 16, dtype=np.int16), self.second,
+                              np.zeros(2 * 16000, dtype=np.int16)])
+        s = FakeSession()
+        s.realtime_controller = None
+        s.leg, s.audio_sinks = None, []
+        s.option = cmd.CallOption(vad=cmd.VadOption(type="silero") if call_vad else None,
+                                  asr=cmd.TranscriptionOption(provider="echo"),
+                                  eou=eou or cmd.EouOption(type="smart_turn"),
+                                  interruption=cmd.InterruptionOption(echoCancel=False))
+        s.speech = speech_defaults.for_call(s.option.vad.to_dict() if call_vad else None,
+                                            s.option.asr.to_dict(), None, None)
+        s.error = lambda *a, **k: self.fail(f"error {a}")
+        results, asked, box = [], [], {}
+        verdicts = iter(list(verdicts) + [verdicts[-1]] * 10)
+        detector = _FakeSmartTurn()
+
+        def analyze(pcm):
+            asr = box["asr"]
+            asked.append({"heard_ms": asr._fed * 1000 // 16000, "samples": pcm.size,
+                          "asr_vad_speaking": asr._vad.segmenter.speaking})
+            return defer.succeed(TurnPrediction(next(verdicts), 7.0))
+
+        detector.analyze = analyze
+        detector.options = EouOptions.from_dict({"earlyLook": True, **(eou.to_dict() if eou is not None else {})})
+
+        def recognizer(options, on_result, **deps):
+            box["asr"] = EchoRecognizer(AsrOptions(provider="echo"), lambda r: (results.append(r), on_result(r)),
+                                        reactor=s.clock, run_in_thread=_sync)
+            return box["asr"]
+
+        self.patch(registry, "create_vad", lambda options, on_event, **deps: ScriptedVad(self.segments, on_event))
+        self.patch(registry, "create_recognizer", recognizer)
+        self.patch(registry, "create_eou_detector", lambda options, **deps: detector)
+        processors = call_speech.attach_processors(s)
+        self.assertIsNotNone(processors.endpointer)
+        for frame in frames(pcm):
+            processors.feed(frame)
+            s.clock.advance(0.02)
+        return [r for r in results if r.final], asked, s
+
+    def test_mid_sentence_pause_held_open_asked_at_the_vads_end_plus_pause(self):
+        # the mid-sentence pause: early question and second look both "incomplete"; the turn's end: "complete"
+        finals, asked, s = self.run_call(800, [0.1, 0.1, 0.9])
+        self.assertEqual(len(finals), 1)  # "... five five five" [800 ms] "and then ...": one turn
+        self.assertEqual(len(asked), 3)
+        first_end, second_end = self.segments[0][1], self.segments[1][1]
+        # 200 ms after the voice stopped (the call VAD's 100 ms padding counted in), within a 20 ms frame
+        self.assertTrue(180 <= asked[0]["heard_ms"] - first_end <= 220, asked[0])
+        self.assertTrue(asked[0]["asr_vad_speaking"])  # before the recogniser's own pause ...
+        self.assertFalse(asked[1]["asr_vad_speaking"])  # ... which takes the second look
+        self.assertGreater(asked[1]["heard_ms"], asked[0]["heard_ms"])
+        self.assertTrue(180 <= asked[2]["heard_ms"] - second_end <= 220, asked[2])
+        eous = [e for e in s.events if e.TAG == "eou"]
+        self.assertEqual([(e.completed, e.probability, e.inferenceMs) for e in eous],
+                         [(False, 0.1, 7), (False, 0.1, 7), (True, 0.9, 7)])
+        metrics = [e.data for e in s.events if e.TAG == "metrics" and e.key == "eou.smart_turn"]
+        self.assertEqual(metrics, [{"probability": 0.1, "completed": False, "early": True},
+                                   {"probability": 0.1, "completed": False},
+                                   {"probability": 0.9, "completed": True, "early": True}])
+        # the same call without a call VAD: the recogniser's pause asks, later
+        finals_fallback, asked_fallback, _ = self.run_call(800, [0.1, 0.9], call_vad=False)
+        self.assertEqual(len(finals_fallback), 1)
+        self.assertEqual(len(asked_fallback), 2)
+        self.assertGreater(asked_fallback[1]["heard_ms"], asked[2]["heard_ms"])
+        self.assertGreater(finals_fallback[0].end_ms, finals[0].end_ms)
+
+    def test_off_by_default_the_recognisers_pause_asks_as_before(self):
+        """Without ``eou.earlyLook`` (the default) a call VAD changes nothing: the same questions, at the same
+        stream times, as without one."""
+        finals, asked, _ = self.run_call(800, [0.1, 0.9], eou=cmd.EouOption(type="smart_turn", earlyLook=False))
+        self.assertEqual(len(finals), 1)
+        self.assertEqual(len(asked), 2)
+        self.assertFalse(any(a["asr_vad_speaking"] for a in asked))
+        _, asked_without_vad, _ = self.run_call(800, [0.1, 0.9], call_vad=False)
+        self.assertEqual([a["heard_ms"] for a in asked], [a["heard_ms"] for a in asked_without_vad])
+        self.assertFalse(EouOptions().earlyLook)
+
+    def test_the_recognisers_pause_is_the_second_look(self):
+        """An early "incomplete" at the turn's end is looked at again at the recogniser's pause, which ends
+        the turn as it would have without the early question."""
+        finals, asked, _ = self.run_call(800, [0.1, 0.1, 0.3, 0.9])
+        self.assertEqual(len(finals), 1)
+        self.assertEqual(len(asked), 4)
+        self.assertFalse(asked[3]["asr_vad_speaking"])
+
+    def test_a_short_word_before_the_pause_is_due_is_no_pause(self):
+        """The voice comes back 150 ms after it stopped: the call VAD reported the end (100 ms padding), its
+        next start comes only 250 ms into the words, but the question due at 200 ms sees the voice and is not
+        asked; the recogniser's webrtcvad never paused there, so the turn is judged once, at its end."""
+        finals, asked, _ = self.run_call(150, [0.9])
+        self.assertEqual(len(asked), 1)
+        self.assertEqual(len(finals), 1)
+        self.assertGreater(asked[0]["heard_ms"], self.segments[1][1])
+
+    def test_a_turn_ended_while_the_recognisers_vad_hears_on_loses_no_words(self):
+        """The model says complete 200 ms after "five five five"; the recogniser's webrtcvad still hears the
+        tail (its segment is open) when the caller goes on 250 ms after the pause began: no start from it,
+        so the call VAD's start opens the next utterance, with its pre-roll."""
+        finals, asked, _ = self.run_call(250, [0.9, 0.9])
+        self.assertTrue(asked[0]["asr_vad_speaking"])
+        self.assertEqual(len(finals), 2)
+        second_samples = int(finals[1].text.split()[2])
+        self.assertGreaterEqual(second_samples, self.second.size)
+        self.assertEqual(len(asked), 2)
+
+    def test_always_incomplete_ends_at_the_ceiling_from_the_vads_end(self):
+        finals, asked, s = self.run_call(800, [0.05], eou=cmd.EouOption(type="smart_turn", timeout=1500))
+        self.assertEqual(len(finals), 1)
+        self.assertEqual(len(asked), 4)  # two looks at each pause
+        eous = [e for e in s.events if e.TAG == "eou"]
+        self.assertEqual([e.completed for e in eous], [False, False, False, False, True])
+        self.assertIsNone(eous[-1].probability)  # the ceiling's verdict
+        # 1500 ms after the voice stopped, within two frames (a synchronous VAD's event comes before the
+        # recogniser is fed that frame, so the pause it reports is a frame short)
+        self.assertTrue(1500 <= finals[0].end_ms - self.segments[1][1] <= 1540, finals[0].end_ms)
+
+
 class _FakeSmartTurn(FakeDetector):
     name = "smart_turn"
     options = EouOptions()
@@ -512,3 +792,4 @@ class OffTheReactorTests(unittest.TestCase):
         self.assertIsInstance(prediction, TurnPrediction)
         self.assertTrue(0.0 <= prediction.probability <= 1.0)
         self.assertGreaterEqual(prediction.inference_ms, 0.0)
+

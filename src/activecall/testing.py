@@ -6,7 +6,8 @@ test drives it with ``twisted.internet.task.Clock`` and reads what it recorded.
 - media clock: ``advance_frames`` (a ``task.Clock`` in 20 ms media ticks),
   ``ManualMediaClock`` (the shared media clock's interface, ticked by hand);
 - speech: ``FakeSynthesizer`` (``ISynthesizer``), ``FakeRecognizer``
-  (``IStreamingRecognizer``);
+  (``IStreamingRecognizer``), ``ScriptedVad`` (a call VAD that knows where the
+  voice is, with silero's padding);
 - calls: ``FakeLeg`` (``ICallLeg``: what a session needs of its network leg),
   ``FakeConnector`` (``ITransferConnector``: a call type that can transfer),
   ``FakeMediaSession`` (``IMediaSession``: what an ``RtpLeg`` needs of its call);
@@ -34,7 +35,9 @@ from activecall.audio import FRAME_SAMPLES, SAMPLE_RATE
 from activecall.call.interfaces import ICallLeg, ITransferConnector
 from activecall.media.rtp import PortPool
 from activecall.media.rtp_leg import IMediaSession
-from activecall.speech.base import AsrResult, IStreamingRecognizer, ISynthesizer
+from activecall.speech.base import (
+    AsrResult, IStreamingRecognizer, ISynthesizer, IVoiceActivityDetector, SpeechEnded, SpeechStarted,
+)
 
 #: one media tick, in seconds
 FRAME_SECONDS = 0.02
@@ -133,6 +136,46 @@ class FakeRecognizer:
         if self.on_result is not None:
             self.on_result(result)
         return result
+
+
+@implementer(IVoiceActivityDetector)
+class ScriptedVad:
+    """A call VAD told where the voice is: ``segments`` ``[(start_ms, end_ms)]`` in stream time.  Fed audio,
+    it reports ``SpeechStarted(start)`` once the stream passes ``start + speech_padding`` and
+    ``SpeechEnded(start, end)`` once it passes ``end + silence_padding`` (silero's defaults: 250 / 100 ms),
+    as the segmenter would on perfect windows; ``voiced_after(ms)`` says whether voice was heard after
+    ``ms`` so far (``WindowedVad.voiced_after``)."""
+
+    name = "scripted"
+
+    def __init__(self, segments, on_event: Callable[[object], None], speech_padding: int = 250,
+                 silence_padding: int = 100):
+        self.segments = list(segments)
+        self.on_event = on_event
+        self.speech_padding = speech_padding
+        self.silence_padding = silence_padding
+        self.fed_ms = 0.0
+        self._due = sorted([(start + speech_padding, 0, SpeechStarted(start)) for start, end in self.segments]
+                           + [(end + silence_padding, 1, SpeechEnded(start, end)) for start, end in self.segments],
+                           key=lambda item: (item[0], item[1]))
+        self.closed = False
+
+    def feed(self, pcm) -> None:
+        if self.closed:
+            return
+        self.fed_ms += len(pcm) * 1000 / SAMPLE_RATE
+        while self._due and self._due[0][0] <= self.fed_ms:
+            self.on_event(self._due.pop(0)[2])
+
+    def voiced_after(self, ms: int) -> bool:
+        return any(start < self.fed_ms and min(end, self.fed_ms) > ms for start, end in self.segments)
+
+    def drain(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred:
+        self.closed = True
+        return defer.succeed(None)
 
 
 # -- calls ----------------------------------------------------------------------------------------

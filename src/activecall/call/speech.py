@@ -12,8 +12,8 @@
   ones (the original silently disabled every processor of the call).
   With ``option.eou`` (on by default for playbooks) the recogniser's utterance
   ends come from a ``TurnEndpointer`` and an end-of-turn model (Smart Turn) on
-  short pauses, reported as ``eou`` and ``metrics`` events (docs/speech.md,
-  "End of turn").
+  short pauses, timed from the call VAD's speech end when there is one,
+  reported as ``eou`` and ``metrics`` events (docs/speech.md, "End of turn").
   With ``option.realtime`` (or a playbook in realtime mode) the call runs in
   realtime mode instead (``call/realtime_session.py``): VAD and ASR are not built.
 """
@@ -156,9 +156,10 @@ def attach_end_of_turn(session, processors: SpeechProcessors, eou_option, **deps
                       probability=None if decision.probability is None else round(decision.probability, 4),
                       inferenceMs=inference_ms))
         if inference_ms is not None:
-            s.emit(ev.Metrics(timestamp=s.now(), key=f"eou.{detector.name}", duration=inference_ms,
-                              data={"probability": round(decision.probability, 4),
-                                    "completed": decision.completed}))
+            data = {"probability": round(decision.probability, 4), "completed": decision.completed}
+            if decision.early:
+                data["early"] = True  # the look timed from the call VAD's speech end (docs/speech.md)
+            s.emit(ev.Metrics(timestamp=s.now(), key=f"eou.{detector.name}", duration=inference_ms, data=data))
 
     endpointer = TurnEndpointer(s.clock, detector, detector.options, on_decision=on_decision)
     endpoint_with = getattr(processors.recognizer, "endpoint_with", None)
@@ -168,6 +169,21 @@ def attach_end_of_turn(session, processors: SpeechProcessors, eou_option, **deps
         return None
     processors.endpointer = endpointer
     return endpointer
+
+
+def _speech_ended(processors: SpeechProcessors, end_ms: int) -> None:
+    """The call's VAD heard the voice end at ``end_ms``: the recogniser decodes the words so far now and
+    its end-of-turn pause is timed from ``end_ms`` (``speech_ended``), not from its own webrtcvad's later
+    pause (docs/speech.md, "End of turn")."""
+    recognizer, vad = processors.recognizer, processors.vad
+    ended = getattr(recognizer, "speech_ended", None)
+    if ended is None:
+        paused = getattr(recognizer, "speech_paused", None)
+        if paused is not None:
+            paused()
+        return
+    voiced_after = getattr(vad, "voiced_after", None)
+    ended(end_ms, None if voiced_after is None else (lambda: not voiced_after(end_ms)))
 
 
 def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
@@ -200,12 +216,14 @@ def attach_processors(session, vad_batcher=None) -> SpeechProcessors | None:
             return
         if isinstance(event, SpeechStarted):
             s.emit(ev.Speaking(trackId=s.id, timestamp=s.now(), startTime=event.start_ms, confidence=1.0))
+            resumed = getattr(processors.recognizer, "speech_resumed", None)
+            if resumed is not None and processors.endpointer is not None:
+                resumed(event.start_ms)  # a pending end-of-turn question no longer counts
         elif isinstance(event, SpeechEnded):
             s.emit(ev.Silence(trackId=s.id, timestamp=s.now(), startTime=event.start_ms,
                               duration=event.duration_ms))
-            paused = getattr(processors.recognizer, "speech_paused", None)
-            if paused is not None and processors.endpointer is not None:
-                paused()  # the words so far decoded now, not at the recogniser's own later pause
+            if processors.endpointer is not None:
+                _speech_ended(processors, event.end_ms)
         elif isinstance(event, SilenceTimeout):
             s.emit(ev.Silence(trackId=s.id, timestamp=s.now(), startTime=event.start_ms,
                               duration=event.duration_ms))

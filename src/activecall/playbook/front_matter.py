@@ -167,6 +167,8 @@ class EouConfig:
     extra: Mapping[str, str] = _key("extra", default_factory=_frozen_map)
     threshold: Optional[float] = _key("threshold")
     pause_ms: Optional[int] = _key("pauseMs")
+    early_look: Optional[bool] = _key("earlyLook")
+    early_threshold: Optional[float] = _key("earlyThreshold")
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,8 @@ class EouOption(_Option):
     extra: Optional[dict[str, Any]] = None
     threshold: Optional[float] = None  # ✱ with pauseMs: semantic end of turn (docs/speech.md)
     pauseMs: Optional[int] = _checked(_non_negative, default=None)
+    earlyLook: Optional[bool] = None  # ✱ time the pause from the call VAD's speech end (docs/speech.md)
+    earlyThreshold: Optional[float] = None  # ✱ the early look's bar (docs/speech.md, "End of turn")
     other_keys: Optional[dict] = _others()
 
 

@@ -108,6 +108,7 @@ OPTION_KEYS: dict[str, OptionKey] = dict([
     _k("interruption.ignoreFirstMs"), _k("interruption.echoCancel"),
     _k("eou"), _k("eou.type"), _k("eou.endpoint"), _k("eou.secretKey"), _k("eou.secretId"), _k("eou.timeout"),
     _k("eou.extra", free_form=True), _k("eou.threshold"), _k("eou.pauseMs"),
+    _k("eou.earlyLook"), _k("eou.earlyThreshold"),
     _k("realtime"), _k("realtime.provider"), _k("realtime.model"), _k("realtime.secretKey"),
     _k("realtime.secretId"), _k("realtime.endpoint"), _k("realtime.turnDetection", free_form=True),
     _k("realtime.tools", free_form=True), _k("realtime.extra", free_form=True),

@@ -153,7 +153,8 @@ class StreamingRecognizer:
             if self._endpointer is None:
                 self._end()
             else:
-                self._flush(self._utt)
+                if not self._endpointer.waiting:  # else the call's VAD saw this pause first: decoded then
+                    self._flush(self._utt)
                 self._endpointer.paused(self._utt.audio(self._turn_samples))
 
     def speech_paused(self) -> None:
@@ -164,6 +165,35 @@ class StreamingRecognizer:
         before)."""
         if self._utt is not None and not self.closed:
             self._flush(self._utt)
+
+    def speech_ended(self, end_ms: int, still_quiet: Optional[Callable[[], bool]] = None) -> None:
+        """The call's VAD says the voice stopped at ``end_ms`` (stream time; the VAD is fed the same audio):
+        decode the words so far now (``speech_paused``) and, with an endpointer, time its pause from there
+        (``TurnEndpointer.speech_ended``): the end-of-turn question comes ``pauseMs`` after ``end_ms``
+        instead of ``pauseMs`` after this recogniser's webrtcvad stops hearing voice (~100 ms later: it
+        hears a word's tail longer).  ``still_quiet()``: no voice since ``end_ms`` (the VAD's view)."""
+        self.speech_paused()
+        utt = self._utt
+        if utt is None or self._endpointer is None or self.closed:
+            return
+        turn_samples = self._turn_samples
+
+        def audio():
+            return utt.audio(turn_samples) if self._utt is utt else None
+
+        self._endpointer.speech_ended(self._ms(self._fed) - end_ms, audio, still_quiet)
+
+    def speech_resumed(self, start_ms: int) -> None:
+        """The call's VAD hears the caller again (its ``SpeechStarted``, voice since ``start_ms``): a pending
+        end-of-turn question no longer counts; and if the turn was ended meanwhile while this recogniser's
+        webrtcvad was still inside its segment (so it will not report a start), the new utterance opens
+        here, with its pre-roll, rather than losing the words."""
+        if self.closed or self._endpointer is None or not self._endpointer.early_look:
+            return
+        if self._utt is not None:
+            self._endpointer.resumed()
+        elif self._vad is not None and self._vad.segmenter.speaking:
+            self._on_vad(SpeechStarted(start_ms))
 
     def end_utterance(self) -> None:
         if self._utt is not None:

@@ -23,6 +23,9 @@ DEFAULT_PAUSE_MS = 200
 DEFAULT_TIMEOUT_MS = 1500
 #: P(complete) at or above which the turn ends at once
 DEFAULT_THRESHOLD = 0.5
+#: the bar for the early look (``pauseMs`` after the call VAD's speech end, before the recogniser's own
+#: pause): Smart Turn is less sure after less quiet (docs/benchmarks.md, "End of turn from silero's speech end")
+DEFAULT_EARLY_THRESHOLD = 0.8
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,10 @@ class EouOptions:
     """``eou`` options (CallOption ``eou`` and the playbook's ``eou``, docs/api.md).
 
     ``type``: ``smart_turn`` (default) or ``none`` (off).  ``threshold``,
-    ``pauseMs`` and ``timeout`` (ms, the silence ceiling) are ours (✱).
+    ``pauseMs``, ``earlyThreshold`` and ``timeout`` (ms, the silence ceiling) are ours (✱).
+    ``earlyLook`` (off by default: on the shipped defaults it made voice to voice later, docs/benchmarks.md):
+    also ask ``pauseMs`` after the call VAD's speech end; that look ends the turn only at
+    P ≥ max(``earlyThreshold``, ``threshold``); below, the recogniser's pause looks again with ``threshold``.
     ``extra.model``: the path of another Smart Turn v3 ONNX file.
     """
 
@@ -38,6 +44,8 @@ class EouOptions:
     threshold: float = DEFAULT_THRESHOLD
     pauseMs: int = DEFAULT_PAUSE_MS
     timeout: int = DEFAULT_TIMEOUT_MS
+    earlyLook: bool = False
+    earlyThreshold: float = DEFAULT_EARLY_THRESHOLD
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -49,10 +57,14 @@ class EouOptions:
             threshold=float(_get(o, "threshold", (int, float), cls.threshold, w)),
             pauseMs=_get(o, "pauseMs", int, cls.pauseMs, w),
             timeout=_get(o, "timeout", int, cls.timeout, w),
+            earlyLook=_get(o, "earlyLook", bool, cls.earlyLook, w),
+            earlyThreshold=float(_get(o, "earlyThreshold", (int, float), cls.earlyThreshold, w)),
             extra=_extra(o, w),
         )
         if not 0.0 < result.threshold < 1.0:
             raise OptionError(f"eou.threshold: must be between 0 and 1, got {result.threshold}")
+        if not 0.0 < result.earlyThreshold <= 1.0:
+            raise OptionError(f"eou.earlyThreshold: must be above 0 and at most 1, got {result.earlyThreshold}")
         if result.pauseMs < 30:
             raise OptionError(f"eou.pauseMs: at least 30 ms (one VAD frame), got {result.pauseMs}")
         if result.timeout < result.pauseMs:

@@ -87,6 +87,11 @@ class WindowedVad:
         except Exception:
             log.failure("VAD event handler failed on {event!r}", event=event)
 
+    def voiced_after(self, ms: int) -> bool:
+        """Whether a window classified so far after stream time ``ms`` was voiced (the end-of-turn
+        endpointer's check that a pause still holds; windows still in a batch are not seen yet)."""
+        return self.segmenter.voiced_after(ms)
+
     def drain(self) -> defer.Deferred:
         if self._delivered >= self._next_window:
             return defer.succeed(None)

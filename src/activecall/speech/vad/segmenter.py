@@ -66,6 +66,11 @@ class Segmenter:
                     events.append(SilenceTimeout(self._quiet_since, self._silence_reported))
         return events
 
+    def voiced_after(self, ms: int) -> bool:
+        """A window ending after ``ms`` was voiced (a speech end at ``ms`` was followed by voice, even one
+        too short to start a segment)."""
+        return self._last_voiced_end is not None and self._last_voiced_end > ms
+
     def finish(self, now_ms: int) -> list:
         """End of stream: close an open segment at the last voiced instant."""
         if self.speaking and self._last_voiced_end is not None:
