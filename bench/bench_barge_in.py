@@ -2,7 +2,7 @@
 and whether its own echo ever interrupts it.
 
 The daemon (``twistd -n activecall``, a temporary config) runs a playbook with a long flite greeting, the
-offline providers (silero VAD, pocketsphinx, Smart Turn, flite) and a local OpenAI-compatible LLM here.
+offline providers (silero VAD, pocketsphinx unless ``--asr`` names another, Smart Turn, flite) and a local OpenAI-compatible LLM here.
 Each trial is one ``/call`` (16 kHz PCM): a client on absolute 20 ms deadlines sends back the bot's own
 audio as echo (``--echo-db`` dB, ``--echo-ms`` late, with a second reflection 2.5 ms later, as a hybrid
 does) and, in ``speech`` trials, starts speaking a flite sentence (another voice) ``--speak-after`` seconds
@@ -77,6 +77,8 @@ class FakeLLM(resource.Resource):
 def write_setup(root, llm_port, mode, args):
     playbooks = os.path.join(root, "playbooks")
     os.makedirs(playbooks)
+    # --asr default: no asr block, so the shipped default recogniser for English (docs/speech.md)
+    asr_line = "" if args.asr == "default" else f"asr: {{provider: {args.asr}}}\n"
     with open(os.path.join(playbooks, "bench.md"), "w") as f:
         f.write(f"""---
 llm:
@@ -85,8 +87,7 @@ llm:
   apiKey: sk-bench
   model: bench
 greeting: {json.dumps(GREETING)}
-asr: {{provider: pocketsphinx}}
-vad: {{type: silero}}
+{asr_line}vad: {{type: silero}}
 tts: {{provider: flite}}{MODES[mode]}{args.extra_front_matter}
 ---
 You are a bench.
@@ -352,6 +353,9 @@ if __name__ == "__main__":
     parser.add_argument("--codec", default="pcm", choices=("pcm", "pcmu"),
                         help="the /call codec: 16 kHz PCM, or a G.711 phone (mu-law, the line at 8 kHz)")
     parser.add_argument("--speak-after", type=float, default=2.5)
+    parser.add_argument("--asr", default="pocketsphinx",
+                        help="the recogniser: pocketsphinx (the published tables), moonshine, whisper, or default "
+                             "(no asr block: the shipped default for English)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dump-events", action="store_true")
     parser.add_argument("--extra-front-matter", default="", help="more playbook front matter (a YAML line)")

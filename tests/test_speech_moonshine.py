@@ -208,6 +208,26 @@ class SchedulingAndErrorTests(unittest.TestCase):
             registry.create_recognizer({"provider": "moonshine", "model": "/nonexistent"}, lambda r: None)
         self.assertIn("asr.model", str(e.exception))
 
+    def test_set_up_never_waits_for_a_model_load_in_progress(self):
+        """The recogniser is made on the reactor at call set-up; the shared model may be loading on a worker
+        meanwhile (the daemon's start-up warm-up holds the engines' lock for seconds): set-up must not wait
+        for that lock (it did: a call in the first seconds of the daemon held the reactor until the load
+        ended, and a REFER got its 202 only after sipp's retransmissions)."""
+
+        class LoadInProgress:
+            def __enter__(self):
+                raise AssertionError("call set-up waited for the engines' lock")
+
+            def __exit__(self, *exc):
+                return False
+
+        self.patch(moonshine, "_engines_lock", LoadInProgress())
+        started = []
+        registry.create_recognizer({"provider": "moonshine", "model": self.model_dir(),
+                                    "extra": {"endpointing": "external"}},
+                                   lambda r: None, run_in_thread=lambda f, *a: started.append(f) or defer.Deferred())
+        self.assertEqual(len(started), 1, "the model is loaded on the pool, not on the reactor")
+
     def test_no_model_installed_says_what_to_install(self):
         self.patch(moonshine, "shipped_model_dir", lambda: None)
         with self.assertRaises(SpeechError) as e:

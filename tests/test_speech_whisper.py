@@ -113,6 +113,15 @@ class SchedulingTests(unittest.TestCase):
         saved = whisper._engines.pop(key, None)
         self.addCleanup(lambda: whisper._engines.pop(key, None) if saved is None
                         else whisper._engines.__setitem__(key, saved))
+
+        class LoadInProgress:  # another call's load holds the lock for seconds on a worker
+            def __enter__(self):
+                raise AssertionError("call set-up (on the reactor) waited for the engines' lock")
+
+            def __exit__(self, *exc):
+                return False
+
+        self.patch(whisper, "_engines_lock", LoadInProgress())
         registry.create_recognizer({"provider": "whisper"}, lambda r: None, run_in_thread=pool)
         self.assertEqual(len(trips), 1)  # nothing loaded yet: the pool loads it
         engine = FakeEngine()

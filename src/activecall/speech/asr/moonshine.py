@@ -603,8 +603,9 @@ class MoonshineRecognizer(WhisperRecognizer):
         self._lock = threading.Lock()
 
     def _take_loaded_engine(self) -> bool:
-        with _engines_lock:
-            engine = _engines.get((self.model_dir, self.threads))
+        # no lock: ``shared_engine`` holds it for the whole load (seconds, on a worker) and this runs on the
+        # reactor at call set-up; an engine is put in the dict only once it is built
+        engine = _engines.get((self.model_dir, self.threads))
         self._engine = engine
         return engine is not None
 

@@ -216,8 +216,9 @@ class WhisperRecognizer(StreamingRecognizer):
         """Use the shared engine when an earlier call loaded it: no trip to the pool per call set-up
         (one showed in the calls-per-second profile).  One that fails ``_check_language`` is left
         to the first decode, which reports it, as when the pool loads it."""
-        with _engines_lock:
-            engine = _engines.get((self.model_dir, self.compute_type, self.threads))
+        # no lock: ``shared_engine`` holds it for the whole load (seconds, on a worker) and this runs on the
+        # reactor at call set-up; an engine is put in the dict only once it is built
+        engine = _engines.get((self.model_dir, self.compute_type, self.threads))
         if engine is None or (not engine.multilingual and self.language not in (None, "en")):
             return False
         self._engine = engine
