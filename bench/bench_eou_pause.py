@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -36,14 +37,10 @@ from activecall.speech.eou.smart_turn import SmartTurnDetector
 from activecall.speech.testing import frames, speech_extent, synthesize_pcm
 from activecall.speech.vad.silero import SileroBatcher
 
-#: bench_turn_latency.py's sentences, then mid-sentence pauses
-SENTENCES = [
-    "I would like to check the status of my order.",
-    "Can you tell me when the store opens tomorrow?",
-    "My package has not arrived yet.",
-    "Please send me a new invoice by email.",
-    "I want to change my delivery address.",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_turn_latency import SENTENCES  # noqa: E402  (the wall-clock bench's sentences)
+
+#: sentences with a pause in the middle
 MID = [("My number is five five five", "and then one two three."),
        ("I want to check the status of my", "order number four two."),
        ("my number is five five five and", "then one two three."),

@@ -39,48 +39,41 @@ class FakeEngine:
         return f"heard {ids[0]}"
 
 
-def _graph_names(model: bytes) -> list:
-    """Names of every graph in a serialised ModelProto (the top graph and its nodes' subgraphs)."""
-    names = []
+def _graphs(model: bytes):
+    """Every graph of a serialised ModelProto (the top graph, then its nodes' subgraphs), as bytes."""
 
-    def graph(buf):
+    def walk(buf):
+        yield buf
         for field, wire, payload, _ in moonshine._fields(buf):
-            if field == 2 and wire == 2:
-                names.append(payload.decode())
-            elif field == 1 and wire == 2:
+            if field == 1 and wire == 2:  # a node: its attributes' graphs (If branches)
                 for f, w, p, _ in moonshine._fields(payload):
                     if f == 5 and w == 2:
                         for f2, w2, p2, _ in moonshine._fields(p):
                             if f2 == 6 and w2 == 2:
-                                graph(p2)
+                                yield from walk(p2)
 
     for field, wire, payload, _ in moonshine._fields(model):
         if field == 7 and wire == 2:
-            graph(payload)
-    return names
+            yield from walk(payload)
+
+
+def _graph_names(model: bytes) -> list:
+    """Names of every graph in a serialised ModelProto (the top graph and its nodes' subgraphs)."""
+    return [payload.decode() for buf in _graphs(model)
+            for field, wire, payload, _ in moonshine._fields(buf) if field == 2 and wire == 2]
 
 
 def _ops(model: bytes) -> dict:
     """op type -> count over every graph of a serialised ModelProto; "dequantise" counts the Casts of
     int8 weights (``*_quantized``)."""
     counts: dict = {}
-
-    def graph(buf):
+    for buf in _graphs(model):
         for field, wire, payload, _ in moonshine._fields(buf):
             if field == 1 and wire == 2:
                 node = moonshine._Node(payload)
                 counts[node.op] = counts.get(node.op, 0) + 1
                 if node.op == "Cast" and node.inputs[0].endswith("_quantized"):
                     counts["dequantise"] = counts.get("dequantise", 0) + 1
-                for f, w, p, _ in moonshine._fields(payload):
-                    if f == 5 and w == 2:
-                        for f2, w2, p2, _ in moonshine._fields(p):
-                            if f2 == 6 and w2 == 2:
-                                graph(p2)
-
-    for field, wire, payload, _ in moonshine._fields(model):
-        if field == 7 and wire == 2:
-            graph(payload)
     return counts
 
 
